@@ -1,0 +1,2956 @@
+#!/usr/bin/env python3
+"""hadaemon: watch a master / hot-standby pair and run ordered actions on a role change.
+
+One self-contained file, the standard library only, Python 3.8 or newer.  Copy the
+folder that holds it to a host and run ``python3 hadaemon.py --start``.
+
+Process model
+-------------
+master      one thread, one ``selectors`` loop over the UNIX socket, its client
+            connections and a self-pipe fed by ``signal.set_wakeup_fd``.  It owns
+            the state db alone, schedules checks, applies reports (SPEC §4) and
+            queues action runs.  Every pass of the loop reaps children, fires due
+            timers and keeps the worker pool full, so a lost signal never matters.
+worker      ``workers`` processes forked up front.  Each connects to the socket,
+            says hello, then runs one check at a time as the master hands them out:
+            the check gets its own session (process group), its output is parsed
+            into a dict and sent back as one JSON line.
+action run  one forked child per action sequence, at most one at a time.  It runs
+            the (already expanded) commands serially and reports each start and
+            end over the socket; the master records them.
+
+Signals (master)
+----------------
+SIGHUP      re-read both config files; an invalid config is refused, the old kept
+SIGTERM     graceful stop (SIGINT too): no new checks, the running sequence may
+            finish within its timeout, workers end, pid file and socket removed
+SIGUSR1     reopen the log file (logrotate)
+SIGCHLD     only wakes the loop; reaping is level-triggered
+
+Files (in the state dir, default CONFIGDIR/var, mode 0700)
+-----------------------------------------------------------
+hadaemon.pid       pid of the master; its flock is the one-daemon-per-state-dir lock
+hadaemon.sock      the UNIX socket (mode 0600; peers of another uid are refused)
+state.db.dat/.dir  the state db (``dbm.dumb``; values are JSON)
+state.db.journal   the write-ahead journal that makes the db survive kill -9
+hadaemon.log       the log, when daemonized with no ``log`` setting
+
+Exit codes
+----------
+0 ok   1 failure or invalid config   2 usage   3 not running (``--status``)
+"""
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import dbm.dumb
+import errno
+import fcntl
+import heapq
+import itertools
+import json
+import logging
+import logging.handlers
+import os
+import re
+import select
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+import typing
+
+__version__ = "0.1.0"
+
+
+# ============================================================================
+# Constants and exit codes
+# ============================================================================
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+PID_FILE = "hadaemon.pid"
+SOCK_FILE = "hadaemon.sock"
+DB_NAME = "state.db"
+LOG_FILE = "hadaemon.log"
+
+OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
+MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
+CLIENT_IDLE = 10.0              # seconds a connection may sit on half a message
+ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
+CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
+MAX_WORKERS = 256
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+EXIT_STATES = {0: "up", 1: "warning", 2: "down"}
+
+DAEMON_DEFAULTS = {
+    "interval": 10.0,
+    "timeout": 5.0,
+    "confirm": 1,
+    "workers": 2,
+    "action_timeout": 60.0,
+    "log": None,          # None: stderr in the foreground, var/hadaemon.log daemonized
+    "history": 1000,
+    "ssh_identity": None,
+    "ssh_options": (),
+    "connect_timeout": 5.0,
+}
+GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
+SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
+DAEMON_KEYS = set(DAEMON_DEFAULTS)
+SECTION_KEYS = {"timeout"}
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class HadaemonError(Exception):
+    """The root of every error hadaemon raises on purpose."""
+
+
+class ConfigError(HadaemonError):
+    """A configuration with one or more problems; ``errors`` holds every FILE:LINE line."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class ProtocolError(HadaemonError):
+    """A peer broke the wire protocol; the connection is closed, nothing else."""
+
+
+# ============================================================================
+# Small utilities: durations, names, fds, lock, logging
+# ============================================================================
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text):
+    """``250ms``, ``5s``, ``1.5s``, ``2m``, ``1h`` or bare seconds -> float seconds > 0."""
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ValueError("not a duration: %r (say 250ms, 5s, 2m, 1h)" % (text,))
+    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if value <= 0:
+        raise ValueError("duration must be more than zero: %r" % (text,))
+    return value
+
+
+def format_duration(seconds):
+    """A short human form: 250ms, 5s, 1.5s, 2m, 1h."""
+    if seconds < 1:
+        return "%dms" % round(seconds * 1000)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return ("%.3f" % seconds).rstrip("0").rstrip(".") + "s"
+
+
+def format_ago(then, now=None):
+    """``3s ago`` / ``in 4s`` for a wall-clock time."""
+    if not then:
+        return "-"
+    delta = (time.time() if now is None else now) - then
+    word = "ago" if delta >= 0 else ""
+    delta = abs(delta)
+    if delta < 1:
+        text = "%dms" % (delta * 1000)
+    elif delta < 120:
+        text = "%ds" % delta
+    elif delta < 7200:
+        text = "%dm" % (delta // 60)
+    elif delta < 172800:
+        text = "%dh" % (delta // 3600)
+    else:
+        text = "%dd" % (delta // 86400)
+    return ("%s %s" % (text, word)) if word else ("in " + text)
+
+
+def format_time(then):
+    if not then:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(then))
+
+
+def valid_name(name):
+    """A host or state name as SPEC §3 allows it."""
+    return isinstance(name, str) and NAME_RE.match(name) is not None
+
+
+def valid_state(state):
+    return valid_name(state) and "_to_" not in state.lower()
+
+
+def open_fds():
+    """The fds this process holds (from /proc, so it costs nothing with a huge ulimit)."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(0, 1024))
+
+
+def close_inherited(keep=()):
+    """In a fresh child: close every fd above stderr except ``keep``."""
+    for fd in open_fds():
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def reset_child_signals():
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+
+
+def decode_wait_status(status):
+    """(exit code or None, signal number or None) from a waitpid status."""
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    return None, None
+
+
+def signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
+
+
+def killpg_quietly(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process at the other end of a UNIX socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def ensure_state_dir(path):
+    """Create the state dir 0700, or refuse one that others can write into."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise HadaemonError("cannot create state dir %s: %s" % (path, exc.strerror))
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise HadaemonError("state dir %s belongs to uid %d, not to us (uid %d)"
+                            % (path, st.st_uid, os.getuid()))
+    if st.st_mode & 0o077:
+        raise HadaemonError("state dir %s has mode %04o: it must not be open to group or "
+                            "others (chmod 700 %s)" % (path, stat.S_IMODE(st.st_mode), path))
+
+
+class PidLock:
+    """The pid file with an flock on it: the lock, not the file, says a daemon runs."""
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, PID_FILE)
+        self.fd = None
+
+    def acquire(self):
+        """Take the lock; False when another process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def write_pid(self):
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % os.getpid(), 0)
+
+    def release(self, remove=True):
+        if self.fd is None:
+            return
+        if remove:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self.fd)
+        self.fd = None
+
+    @staticmethod
+    def holder(state_dir):
+        """The pid of the daemon holding the lock on ``state_dir``, or None."""
+        path = os.path.join(state_dir, PID_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+log = logging.getLogger("hadaemon")
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, with_time=True):
+        fmt = "%(asctime)s %(levelname)s %(message)s" if with_time else "%(levelname)s %(message)s"
+        super().__init__(fmt, "%Y-%m-%d %H:%M:%S")
+
+
+def setup_logging(target, state_dir, debug=False):
+    """Point the ``hadaemon`` logger at stderr, syslog or a file (reopened on demand)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if target in (None, "stderr"):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Formatter())
+    elif target == "syslog":
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        handler = logging.handlers.SysLogHandler(address, facility="daemon")
+        handler.ident = "hadaemon[%d]: " % os.getpid()
+        handler.setFormatter(_Formatter(with_time=False))
+    else:
+        path = target if os.path.isabs(target) else os.path.join(state_dir, target)
+        handler = logging.handlers.WatchedFileHandler(path)
+        handler.setFormatter(_Formatter())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def reopen_log():
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+
+
+# ============================================================================
+# Configuration: checks.conf and actions.conf
+# ============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Where a group's checks run: ``local`` or ``ssh:[USER@]HOST[:PORT]``."""
+    name: str
+    kind: str = "local"
+    user: typing.Optional[str] = None
+    host: typing.Optional[str] = None
+    port: typing.Optional[int] = None
+
+
+@dataclasses.dataclass
+class DaemonSettings:
+    interval: float = DAEMON_DEFAULTS["interval"]
+    timeout: float = DAEMON_DEFAULTS["timeout"]
+    confirm: int = DAEMON_DEFAULTS["confirm"]
+    workers: int = DAEMON_DEFAULTS["workers"]
+    action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
+    log: typing.Optional[str] = None
+    history: int = DAEMON_DEFAULTS["history"]
+    ssh_identity: typing.Optional[str] = None
+    ssh_options: tuple = ()
+    connect_timeout: float = DAEMON_DEFAULTS["connect_timeout"]
+
+
+@dataclasses.dataclass
+class Group:
+    scope: Scope
+    where: str
+    interval: float
+    cron: typing.Optional["CronSpec"]
+    timeout: float
+    confirm: int
+    host: typing.Optional[str]
+    ssh_identity: typing.Optional[str] = None
+    ssh_options: tuple = ()
+    connect_timeout: float = 5.0
+
+
+@dataclasses.dataclass
+class Check:
+    key: str            # "scope|host|name": unique, stable across reloads
+    name: str           # the line, whitespace-normalised
+    argv: tuple         # argv[0] resolved to a path
+    host: str           # the host a report is about unless it says otherwise
+    group: Group
+    where: str          # FILE:LINE
+
+
+@dataclasses.dataclass
+class Command:
+    argv: tuple         # words as written, argv[0] resolved; variables expanded at run time
+    ignore: bool        # a leading "-": its failure does not stop the sequence
+    where: str
+
+
+@dataclasses.dataclass
+class Section:
+    host: typing.Optional[str]
+    from_state: str
+    to_state: str
+    commands: list
+    timeout: float
+    where: str
+
+    @property
+    def name(self):
+        tr = "%s_to_%s" % (self.from_state, self.to_state)
+        return "%s: %s" % (self.host, tr) if self.host else tr
+
+
+@dataclasses.dataclass
+class Config:
+    config_dir: str
+    daemon: DaemonSettings
+    groups: list
+    checks: list
+    sections: dict      # (host or None, from, to) -> Section
+
+    def section_for(self, host, from_state, to_state):
+        """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
+        for h in (host, None):
+            for f, t in ((from_state, to_state), ("any", to_state),
+                         (from_state, "any"), ("any", "any")):
+                section = self.sections.get((h, f, t))
+                if section is not None:
+                    return section
+        return None
+
+
+def split_words(text):
+    """Split a line as a shell would (quotes and backslashes honoured, nothing run).
+
+    Returns (words, end) where ``end`` is where a trailing comment starts: a ``#``
+    or ``;`` at the start of a word, outside quotes.  Raises ValueError on an
+    unterminated quote.
+    """
+    words, word, i, n = [], None, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n\f\v":
+            if word is not None:
+                words.append(word)
+                word = None
+            i += 1
+            continue
+        if word is None and c in "#;":
+            return words, i
+        word = word or ""
+        if c == "'":
+            j = text.find("'", i + 1)
+            if j < 0:
+                raise ValueError("unterminated ' quote")
+            word += text[i + 1:j]
+            i = j + 1
+        elif c == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    raise ValueError('unterminated " quote')
+                c = text[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\" and i + 1 < n and text[i + 1] in '"\\$`':
+                    c = text[i + 1]
+                    i += 1
+                word += c
+                i += 1
+        elif c == "\\":
+            word += text[i + 1:i + 2]
+            i += 2
+        else:
+            word += c
+            i += 1
+    if word is not None:
+        words.append(word)
+    return words, n
+
+
+_SETTING_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)\Z")
+_SECTION_RE = re.compile(r"\s*\[(.*)\]\s*\Z")
+
+
+def read_ini(path, errors):
+    """Yield (where, kind, name_or_key, words, text) for each meaningful line of a file.
+
+    kind is ``section`` (name), ``setting`` (key, value words) or ``line`` (words,
+    text without its comment).  Lexical errors go to ``errors``.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        errors.append("%s: cannot read: %s" % (path, exc.strerror))
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = raw[:exc.start].count(b"\n") + 1
+        errors.append("%s:%d: not UTF-8 text" % (path, lineno))
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        where = "%s:%d" % (path, lineno)
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        m = _SECTION_RE.match(line)
+        if m:
+            yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        m = _SETTING_RE.match(line)
+        try:
+            if m:
+                words, _ = split_words(m.group(2))
+                yield where, "setting", m.group(1), words, stripped
+            else:
+                words, end = split_words(line)
+                yield where, "line", None, words, " ".join(line[:end].split())
+        except ValueError as exc:
+            errors.append("%s: %s" % (where, exc))
+
+
+def parse_scope(name):
+    """``local`` or ``ssh:[USER@]HOST[:PORT]`` -> Scope; ValueError otherwise."""
+    if name == "local":
+        return Scope(name)
+    if name.startswith("ssh:"):
+        m = re.match(r"(?:([A-Za-z0-9_.][A-Za-z0-9_.-]*)@)?"
+                     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d{1,5}))?\Z", name[4:])
+        if m and (m.group(3) is None or 0 < int(m.group(3)) < 65536):
+            return Scope(name, "ssh", m.group(1), m.group(2).strip("[]"),
+                         int(m.group(3)) if m.group(3) else None)
+        raise ValueError("bad ssh scope %r: write ssh:[USER@]HOST[:PORT]" % name)
+    raise ValueError("unknown scope [%s]: a group is [local] or [ssh:[USER@]HOST[:PORT]]" % name)
+
+
+def resolve_command(word, subdir, config_dir):
+    """SUBDIR/word, then a path relative to the config dir (or absolute), then PATH."""
+    candidates = []
+    if "/" not in word:
+        candidates.append(os.path.join(config_dir, subdir, word))
+    candidates.append(os.path.join(config_dir, word))
+    for path in candidates:
+        if os.path.isfile(path):
+            if os.access(path, os.X_OK):
+                return os.path.abspath(path), None
+            return None, "%s is not executable (chmod +x %s)" % (path, path)
+    if "/" not in word:
+        found = shutil.which(word)
+        if found:
+            return os.path.abspath(found), None
+    return None, "command not found: %s (looked in %s/, the config dir and PATH)" % (word, subdir)
+
+
+def _setting_value(key, words, where, errors):
+    """Convert one KEY = VALUE setting; append an error and return None when bad."""
+    try:
+        if key == "ssh_options":
+            return tuple(words)
+        if len(words) != 1 and key != "cron":
+            raise ValueError("%s takes one value, got %d" % (key, len(words)))
+        value = " ".join(words)
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+            return parse_duration(value)
+        if key in ("confirm", "workers", "history"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
+            if key == "workers" and int(value) > MAX_WORKERS:
+                raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
+            return int(value)
+        if key == "cron":
+            return CronSpec(value)
+        if key == "host" and not valid_name(value):
+            raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
+        return value
+    except ValueError as exc:
+        errors.append("%s: %s" % (where, exc))
+        return None
+
+
+def _parse_checks(path, config_dir, errors):
+    daemon = {}
+    groups = []          # [(scope, where, settings, lines)]
+    current = None
+    for where, kind, name, words, text in read_ini(path, errors):
+        if kind == "section":
+            if name == "daemon":
+                current = ("daemon", daemon)
+                continue
+            try:
+                scope = parse_scope(name)
+            except ValueError as exc:
+                errors.append("%s: %s" % (where, exc))
+                current = ("bad", {})
+                continue
+            group = (scope, where, {}, [])
+            groups.append(group)
+            current = ("group", group)
+        elif current is None:
+            errors.append("%s: %s before any [section]" % (where, text))
+        elif current[0] == "bad":
+            continue
+        elif kind == "setting":
+            if current[0] == "daemon":
+                settings, allowed, what = daemon, DAEMON_KEYS, "[daemon]"
+            else:
+                scope, _, settings, _ = current[1]
+                allowed = GROUP_KEYS | (SSH_KEYS if scope.kind == "ssh" else set())
+                what = "[%s]" % scope.name
+            if name not in allowed:
+                hint = " (ssh settings only go in [ssh:...] groups or [daemon])" if name in SSH_KEYS else ""
+                errors.append("%s: unknown key %r in %s%s; known: %s"
+                              % (where, name, what, hint, ", ".join(sorted(allowed))))
+            elif name in settings:
+                errors.append("%s: %s is set twice in this section (first at %s)"
+                              % (where, name, settings[name][0]))
+            else:
+                value = _setting_value(name, words, where, errors)
+                if value is not None:
+                    settings[name] = (where, value)
+        elif current[0] == "daemon":
+            errors.append("%s: [daemon] holds only KEY = VALUE settings, not %r" % (where, text))
+        elif words:
+            current[1][3].append((where, words, text))
+
+    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    checks, seen = [], {}
+    group_list = []
+    for scope, gwhere, gset, lines in groups:
+        get = lambda key, default: gset[key][1] if key in gset else default  # noqa: E731
+        if "interval" in gset and "cron" in gset:
+            errors.append("%s: interval and cron both set; a group has one or the other"
+                          % gset["cron"][0])
+        group = Group(scope, gwhere, get("interval", settings.interval), get("cron", None),
+                      get("timeout", settings.timeout), get("confirm", settings.confirm),
+                      get("host", None), get("ssh_identity", settings.ssh_identity),
+                      get("ssh_options", settings.ssh_options),
+                      get("connect_timeout", settings.connect_timeout))
+        group_list.append(group)
+        for where, words, name in lines:
+            path_, problem = resolve_command(words[0], "checks", config_dir)
+            if problem:
+                errors.append("%s: %s" % (where, problem))
+                continue
+            host = group.host or os.path.basename(words[0])
+            if not valid_name(host):
+                errors.append("%s: the check's host %r (from its file name) is not a valid host "
+                              "name; set host = NAME in the group" % (where, host))
+                continue
+            key = "%s|%s|%s" % (scope.name, host, name)
+            if key in seen:
+                errors.append("%s: the same check for host %s in [%s] is already at %s"
+                              % (where, host, scope.name, seen[key]))
+                continue
+            seen[key] = where
+            checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
+    return settings, group_list, checks
+
+
+def _parse_transition(text):
+    """``FROM_to_TO`` -> (from, to), lower-cased; ValueError when malformed."""
+    parts = text.split("_to_")
+    if len(parts) != 2:
+        raise ValueError("%r is not FROM_to_TO" % text)
+    result = []
+    for part in parts:
+        if part != "any" and not valid_name(part):
+            raise ValueError("bad state %r in %r (a state word or any)" % (part, text))
+        result.append(part.lower())
+    return tuple(result)
+
+
+def _parse_actions(path, config_dir, default_timeout, errors):
+    sections = {}
+    current = None
+    for where, kind, name, words, text in read_ini(path, errors):
+        if kind == "section":
+            current = None
+            host, _, tr = name.rpartition(":")
+            host = host.strip() or None
+            try:
+                if host is not None and not valid_name(host):
+                    raise ValueError("bad host name %r" % host)
+                from_state, to_state = _parse_transition(tr.strip())
+            except ValueError as exc:
+                errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
+                              % (where, name, exc))
+                current = "bad"
+                continue
+            key = (host, from_state, to_state)
+            if key in sections:
+                errors.append("%s: section [%s] already at %s" % (where, name, sections[key].where))
+                current = "bad"
+                continue
+            current = sections[key] = Section(host, from_state, to_state, [], default_timeout, where)
+            current.explicit = set()
+        elif current is None:
+            errors.append("%s: %s before any [FROM_to_TO] section" % (where, text))
+        elif current == "bad":
+            continue
+        elif kind == "setting":
+            if name not in SECTION_KEYS:
+                errors.append("%s: unknown key %r in [%s]; known: %s"
+                              % (where, name, current.name, ", ".join(sorted(SECTION_KEYS))))
+            elif name in current.explicit:
+                errors.append("%s: %s is set twice in [%s]" % (where, name, current.name))
+            else:
+                value = _setting_value(name, words, where, errors)
+                current.explicit.add(name)
+                if value is not None:
+                    current.timeout = value
+        elif words:
+            ignore = words[0].startswith("-")
+            words = list(words)
+            if ignore:
+                words[0] = words[0][1:]
+                if not words[0]:
+                    words.pop(0)
+            if not words:
+                errors.append("%s: a lone '-' is not a command" % where)
+                continue
+            path_, problem = resolve_command(words[0], "actions", config_dir)
+            if problem:
+                errors.append("%s: %s" % (where, problem))
+                continue
+            current.commands.append(Command((path_,) + tuple(words[1:]), ignore, where))
+    for section in sections.values():
+        del section.explicit
+    return sections
+
+
+def load_config(config_dir):
+    """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
+    config_dir = os.path.abspath(config_dir)
+    errors = []
+    settings, groups, checks = _parse_checks(os.path.join(config_dir, "checks.conf"),
+                                             config_dir, errors)
+    sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
+                              settings.action_timeout, errors)
+    if settings.log not in (None, "stderr", "syslog"):
+        parent = os.path.dirname(os.path.join(config_dir, settings.log)) or "."
+        if os.path.isabs(settings.log) and not os.path.isdir(parent):
+            errors.append("checks.conf: log = %s: directory %s does not exist" % (settings.log, parent))
+    if errors:
+        raise ConfigError(errors)
+    return Config(config_dir, settings, groups, checks, sections)
+
+
+# ============================================================================
+# Scheduling: cron fields and the timer heap
+# ============================================================================
+
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+class CronSpec:
+    """Five cron fields (minute hour day-of-month month day-of-week), read as cron(8) does.
+
+    As in cron, when both day fields are restricted a day matches if either does.
+    """
+
+    _FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
+               ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
+
+    def __init__(self, text):
+        self.text = " ".join(str(text).split())
+        fields = self.text.split(" ")
+        if len(fields) != 5:
+            raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
+                             % (len(fields), text))
+        sets = []
+        for field, (what, low, high, names) in zip(fields, self._FIELDS):
+            sets.append(self._parse_field(field, what, low, high, names))
+        self.minutes, self.hours, self.days, self.months, weekdays = sets
+        self.weekdays = {d % 7 for d in weekdays}
+        self.days_star = fields[2].startswith("*")
+        self.weekdays_star = fields[4].startswith("*")
+        if self.next_after(datetime.datetime(2000, 1, 1)) is None:
+            raise ValueError("cron %r never matches a real date" % self.text)
+
+    @staticmethod
+    def _parse_field(field, what, low, high, names):
+        def number(token):
+            token = token.lower()
+            if names and token[:3] in names and token.isalpha():
+                return names.index(token[:3]) + (1 if what == "month" else 0)
+            if not token.isdigit():
+                raise ValueError("bad %s %r in cron" % (what, token))
+            value = int(token)
+            if not low <= value <= high:
+                raise ValueError("%s %d out of range %d-%d in cron" % (what, value, low, high))
+            return value
+
+        values = set()
+        for part in field.split(","):
+            rng, _, step = part.partition("/")
+            if step:
+                if not step.isdigit() or int(step) < 1:
+                    raise ValueError("bad step %r in cron %s field" % (step, what))
+            if rng == "*":
+                start, end = low, high
+            elif "-" in rng:
+                a, _, b = rng.partition("-")
+                start, end = number(a), number(b)
+                if start > end:
+                    raise ValueError("backwards range %r in cron %s field" % (rng, what))
+            else:
+                start = number(rng)
+                end = high if step else start
+            values.update(range(start, end + 1, int(step) if step else 1))
+        return values
+
+    def _day_matches(self, dt):
+        dom = dt.day in self.days
+        dow = (dt.isoweekday() % 7) in self.weekdays
+        if self.days_star or self.weekdays_star:
+            return dom and dow
+        return dom or dow
+
+    def matches(self, dt):
+        return (dt.minute in self.minutes and dt.hour in self.hours
+                and dt.month in self.months and self._day_matches(dt))
+
+    def next_after(self, dt):
+        """The first matching minute strictly after ``dt`` (naive local time), or None."""
+        dt = dt.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        limit = dt + datetime.timedelta(days=366 * 8)
+        while dt < limit:
+            if dt.month not in self.months:
+                dt = (dt.replace(day=1) + datetime.timedelta(days=32)).replace(day=1, hour=0, minute=0)
+            elif not self._day_matches(dt):
+                dt = (dt + datetime.timedelta(days=1)).replace(hour=0, minute=0)
+            elif dt.hour not in self.hours:
+                dt = (dt + datetime.timedelta(hours=1)).replace(minute=0)
+            elif dt.minute not in self.minutes:
+                dt += datetime.timedelta(minutes=1)
+            else:
+                return dt
+        return None
+
+    def __repr__(self):
+        return "CronSpec(%r)" % self.text
+
+
+# ============================================================================
+# Wire protocol: one JSON object per line over the UNIX socket
+# ============================================================================
+
+def encode_message(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def decode_message(line):
+    """One line -> dict; ProtocolError for anything else (never evaluates what it reads)."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError("not a JSON line: %s" % str(exc)[:80])
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object, got %s" % type(obj).__name__)
+    return obj
+
+
+class LineReader:
+    """Split a byte stream into messages, refusing lines longer than ``limit``."""
+
+    def __init__(self, limit=MAX_MESSAGE):
+        self.buf = bytearray()
+        self.limit = limit
+
+    def feed(self, data):
+        self.buf += data
+        messages = []
+        while True:
+            end = self.buf.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self.buf[:end])
+            del self.buf[:end + 1]
+            if line.strip():
+                messages.append(decode_message(line))
+        if len(self.buf) > self.limit:
+            raise ProtocolError("message longer than %d bytes" % self.limit)
+        return messages
+
+
+class Channel:
+    """A blocking connection to the master, as workers and action runs use it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = LineReader()
+        self.pending = collections.deque()
+
+    @classmethod
+    def connect(cls, path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return cls(sock)
+
+    def send(self, obj):
+        self.sock.sendall(encode_message(obj))
+
+    def receive(self):
+        """The next message, or None at EOF."""
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.pending.extend(self.reader.feed(data))
+        return self.pending.popleft()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+
+def request(state_dir, message, timeout=30.0):
+    """Send one control message to the running daemon and return its answer."""
+    chan = Channel.connect(os.path.join(state_dir, SOCK_FILE))
+    try:
+        chan.sock.settimeout(timeout)
+        chan.send(message)
+        answer = chan.receive()
+        if answer is None:
+            raise HadaemonError("the daemon closed the connection without answering")
+        return answer
+    finally:
+        chan.close()
+
+
+# ============================================================================
+# Check output: the serialized hash (SPEC §3)
+# ============================================================================
+
+_KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
+
+
+def parse_check_output(data):
+    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``."""
+    text = data.decode("utf-8", "replace").replace("\x00", "")
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            obj = json.loads(stripped)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+    result, other = {}, []
+    for line in text.splitlines():
+        m = _KV_RE.match(line)
+        if m:
+            result[m.group(1)] = m.group(2)
+        elif line.strip():
+            other.append(line.strip())
+    if other and "message" not in result:
+        result["message"] = "\n".join(other)
+    return result
+
+
+def _shorten(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def reports_from_result(data, exit_code, default_host):
+    """The (host, state) pairs a check result reports, and why any were rejected.
+
+    Without ``state`` (or ``states``) the exit code decides, as for Nagios plugins.
+    """
+    if "states" in data:
+        states = data["states"]
+        if not isinstance(states, dict):
+            return [], ["'states' must be an object of host -> state, got %s" % _shorten(states)]
+        pairs = list(states.items())
+    else:
+        state = data.get("state")
+        if state is None:
+            state = EXIT_STATES.get(exit_code, "unknown")
+        pairs = [(data.get("host", default_host), state)]
+    reports, problems = [], []
+    for host, state in pairs:
+        if not valid_name(host):
+            problems.append("rejected report: bad host name %s" % _shorten(host))
+        elif not valid_state(state):
+            problems.append("rejected report for %s: bad state %s" % (host, _shorten(state)))
+        else:
+            reports.append((host, state.lower()))
+    return reports, problems
+
+
+# ============================================================================
+# State store: dbm.dumb with a write-ahead journal
+# ============================================================================
+#
+# dbm.dumb is the one dbm backend every Python has, but it is not crash-safe by
+# itself: values change in place and its index (.dir) is rewritten whole on
+# sync().  The discipline that makes it safe against kill -9 at any moment:
+#
+#   commit      every change is first appended to state.db.journal as one JSON
+#               line in one write(2); from then on it is acknowledged.
+#   checkpoint  every few seconds the dirty keys go into the dumb db, a fixed-size
+#               "meta:checkpoint" records how many keys the index holds, sync()
+#               rewrites the index (old one kept as .bak), and only then is the
+#               journal truncated.
+#   recovery    the index is taken from .dir if it parses and holds at least the
+#               recorded number of keys, else from .bak (complete by construction);
+#               values that no longer decode were changed since the last
+#               checkpoint and come back from the journal, replayed on top.
+#
+# Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
+
+_META_KEY = "meta:checkpoint"
+_META_WIDTH = 64
+
+
+class Store:
+    """Every durable thing the master knows, as key -> JSON value."""
+
+    def __init__(self, state_dir):
+        self.base = os.path.join(state_dir, DB_NAME)
+        self.journal_path = self.base + ".journal"
+        self.data = {}
+        self.dirty = set()
+        self.db = None
+        self.jfd = None
+        self.notes = []         # what recovery did, for the log
+
+    # -- reading ---------------------------------------------------------------
+
+    def _read_index(self, path):
+        """key -> (pos, size) from a dumb index file, or None when it does not parse."""
+        import ast
+        try:
+            with open(path, "r", encoding="latin-1") as f:
+                lines = f.read()
+        except FileNotFoundError:
+            return None
+        index = {}
+        for line in lines.splitlines():
+            try:
+                key, (pos, size) = ast.literal_eval(line)
+                index[key] = (int(pos), int(size))
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return None
+        return index
+
+    def _read_values(self, index):
+        values, bad = {}, []
+        try:
+            with open(self.base + ".dat", "rb") as f:
+                for key, (pos, size) in index.items():
+                    f.seek(pos)
+                    raw = f.read(size)
+                    try:
+                        if len(raw) != size:
+                            raise ValueError("short")
+                        values[key] = json.loads(raw.decode("utf-8"))
+                    except (ValueError, UnicodeDecodeError, RecursionError):
+                        bad.append(key)
+        except FileNotFoundError:
+            return {}, list(index)
+        return values, bad
+
+    def _load_db(self):
+        """(values, undecodable keys, index file used or None); damage leaves values empty."""
+        for suffix in (".dir", ".bak"):
+            index = self._read_index(self.base + suffix)
+            if index is None:
+                continue
+            values, bad = self._read_values(index)
+            meta = values.get(_META_KEY)
+            if index and not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
+                continue        # a .dir cut short while sync() rewrote it
+            return values, [key for key in bad if key != _META_KEY], suffix
+        return {}, [], None
+
+    def _read_journal(self):
+        try:
+            with open(self.journal_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return [], 0
+        entries, torn = [], 0
+        lines = raw.split(b"\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line.decode("utf-8"))
+                entries.append(entry["s"])
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
+                torn += 1
+                if i != len(lines) - 1:
+                    self.notes.append("journal line %d is damaged and was skipped" % (i + 1))
+        return entries, torn
+
+    def load(self):
+        """Read db and journal into ``data``; returns the index suffix used (or None)."""
+        values, bad, suffix = self._load_db()
+        entries, _ = self._read_journal()
+        for entry in entries:
+            if isinstance(entry, dict):
+                values.update(entry)
+        lost = [key for key in bad if key not in values]
+        if lost:
+            self.notes.append("values of %d keys could not be read and are lost: %s"
+                              % (len(lost), ", ".join(sorted(lost)[:10])))
+        values.pop(_META_KEY, None)
+        self.data = values
+        return suffix, entries, lost
+
+    @classmethod
+    def read(cls, state_dir):
+        """A read-only snapshot of the db (for --status when no daemon runs)."""
+        store = cls(state_dir)
+        store.load()
+        return store.data
+
+    # -- opening for writing ---------------------------------------------------
+
+    def _db_files(self):
+        return [self.base + s for s in (".dat", ".dir", ".bak")]
+
+    def _move_aside(self, why):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for path in self._db_files():
+            if os.path.exists(path):
+                target = "%s.corrupt-%s%s" % (self.base, stamp, path[len(self.base):])
+                os.rename(path, target)
+                moved.append(target)
+        self.notes.append("state db is damaged (%s); moved aside as %s and recreated"
+                          % (why, ", ".join(moved) or "nothing"))
+
+    def open(self):
+        """Recover (see above), then open for writing and checkpoint what the journal held."""
+        exists = any(os.path.exists(p) for p in self._db_files())
+        suffix, entries, lost = self.load()
+        if exists and suffix is None:
+            self._move_aside("its index does not parse")
+        elif suffix == ".bak":
+            self.notes.append("state db index was cut short by a crash; using its backup")
+            shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
+            os.replace(self.base + ".dir.tmp", self.base + ".dir")
+        elif lost:
+            self._move_aside("unreadable values")
+        self.db = dbm.dumb.open(self.base, "c", 0o600)
+        if _META_KEY not in self.db:
+            # First key of a new index, so an index cut short always lacks it or
+            # carries a count that shows it is short.
+            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+        self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+        if entries or suffix != ".dir" or lost:
+            self.dirty = set(self.data) if suffix != ".dir" or lost else \
+                {k for e in entries if isinstance(e, dict) for k in e}
+            self.checkpoint()
+
+    def commit(self, changes):
+        """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
+        line = json.dumps({"s": changes}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        view = memoryview(line + b"\n")
+        self.data.update(changes)
+        self.dirty.update(changes)
+        while view:
+            written = os.write(self.jfd, view)
+            view = view[written:]
+
+    def soft(self, key, value):
+        """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
+        self.data[key] = value
+        self.dirty.add(key)
+
+    def checkpoint(self):
+        """Write dirty keys into the dumb db, sync its index, then empty the journal."""
+        if not self.dirty:
+            return
+        for key in sorted(self.dirty):
+            self.db[key] = json.dumps(self.data[key], separators=(",", ":"),
+                                      ensure_ascii=False).encode("utf-8")
+        meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
+        self.db[_META_KEY] = meta.ljust(_META_WIDTH)
+        self.db.sync()
+        os.ftruncate(self.jfd, 0)
+        self.dirty.clear()
+
+    def close(self):
+        if self.db is not None:
+            try:
+                self.checkpoint()
+            finally:
+                self.db.close()
+                os.close(self.jfd)
+                self.db = self.jfd = None
+
+
+# ============================================================================
+# Running a process: its own session, bounded output, deadline, group kill
+# ============================================================================
+
+class _Terminate(BaseException):
+    """Raised in a worker or action run by SIGTERM, so cleanup runs on the way out."""
+
+
+class _Orphaned(BaseException):
+    """The master went away: stop what we run and leave."""
+
+
+@dataclasses.dataclass
+class ProcResult:
+    exit_code: typing.Optional[int] = None
+    signal: typing.Optional[int] = None
+    output: bytes = b""
+    stderr: bytes = b""
+    truncated: bool = False
+    timed_out: bool = False
+    error: typing.Optional[str] = None
+    duration: float = 0.0
+
+    def failure(self, timeout):
+        """Why this run failed, or None when it exited 0."""
+        if self.error:
+            return self.error
+        if self.timed_out:
+            return "timed out after %s" % format_duration(timeout)
+        if self.signal:
+            return "killed by %s" % signal_name(self.signal)
+        if self.exit_code:
+            return "exit %d" % self.exit_code
+        return None
+
+
+class ChildWatch:
+    """SIGCHLD turned into a readable pipe, so a wait on output also wakes on exit."""
+
+    def __init__(self):
+        self.rfd, wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(wfd, False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+
+    def drain(self):
+        try:
+            while os.read(self.rfd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _select_read(fds, timeout):
+    try:
+        readable, _, _ = select.select(fds, [], [], timeout)
+    except InterruptedError:
+        return []
+    return readable
+
+
+def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
+                master=None):
+    """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
+
+    At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
+    SIGKILL ``grace`` seconds later.  When the process exits, whatever is left of
+    its group is killed, so nothing it forked outlives it.  If the ``master``
+    socket reads EOF the master is gone: the group is killed and _Orphaned raised.
+    """
+    started = time.monotonic()
+    out_r, out_w = os.pipe()
+    err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
+    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    try:
+        pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
+                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
+    except OSError as exc:
+        for fd in {out_r, out_w, err_r, err_w} - {None}:
+            os.close(fd)
+        return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
+                          duration=time.monotonic() - started)
+    for fd in {out_w, err_w}:
+        os.close(fd)
+    result = ProcResult()
+    collected = {out_r: bytearray()}
+    if err_r is not None:
+        collected[err_r] = bytearray()
+    reading = set(collected)
+    status = None
+    deadline = started + timeout
+    kill_at = drain_until = None
+    watch_master = master is not None
+    try:
+        while True:
+            if status is None:
+                wpid, wstatus = os.waitpid(pid, os.WNOHANG)
+                if wpid:
+                    status = wstatus
+                    result.duration = time.monotonic() - started
+                    killpg_quietly(pid, signal.SIGKILL)     # leftovers of its group
+                    drain_until = time.monotonic() + 0.5
+            now = time.monotonic()
+            if status is not None and (not reading or now >= drain_until):
+                break
+            if status is None and not result.timed_out and now >= deadline:
+                result.timed_out = True
+                killpg_quietly(pid, signal.SIGTERM if grace else signal.SIGKILL)
+                kill_at = now + grace if grace else None
+            if kill_at is not None and now >= kill_at:
+                killpg_quietly(pid, signal.SIGKILL)
+                kill_at = None
+            if status is not None:
+                wait = drain_until - now
+            elif kill_at is not None:
+                wait = kill_at - now
+            elif result.timed_out:
+                wait = 1.0
+            else:
+                wait = deadline - now
+            fds = list(reading) + [watch.rfd] + ([master] if watch_master else [])
+            for fd in _select_read(fds, max(0.0, wait)):
+                if fd is master:
+                    if not master.recv(1, socket.MSG_PEEK):
+                        raise _Orphaned()
+                    watch_master = False        # a message waits; it is read later
+                elif fd == watch.rfd:
+                    watch.drain()
+                else:
+                    data = os.read(fd, 65536)
+                    if not data:
+                        reading.discard(fd)
+                        continue
+                    buf = collected[fd]
+                    room = OUTPUT_CAP - len(buf)
+                    if len(data) > room:
+                        result.truncated = True
+                    buf += data[:max(0, room)]
+    except BaseException:
+        killpg_quietly(pid, signal.SIGKILL)
+        if status is None:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        raise
+    finally:
+        for fd in collected:
+            os.close(fd)
+    result.exit_code, result.signal = decode_wait_status(status)
+    result.output = bytes(collected[out_r])
+    if err_r is not None:
+        result.stderr = bytes(collected[err_r])
+    return result
+
+
+# ============================================================================
+# Check worker
+# ============================================================================
+
+def _raise_terminate(signum, frame):
+    raise _Terminate()
+
+
+def child_setup():
+    """What every forked child does first: default signals, a clean slate of fds."""
+    reset_child_signals()
+    signal.signal(signal.SIGTERM, _raise_terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # a ^C in the foreground is the master's
+    close_inherited()
+
+
+def run_check(job, watch, master=None):
+    """Run one check job and return the result message for the master."""
+    env = dict(os.environ)
+    env.update(job["env"])
+    started = time.time()
+    res = run_process(job["argv"], env, job["timeout"], 0, watch,
+                      stdin_path=job.get("stdin"), master=master)
+    if res.error or res.timed_out or res.signal:
+        data = {"state": "unknown", "message": res.failure(job["timeout"])}
+    elif job.get("ssh") and res.exit_code == 255:
+        lines = res.stderr.decode("utf-8", "replace").strip().splitlines()
+        data = {"state": "unknown", "message": "ssh failed: %s" % (lines[-1] if lines else "exit 255")}
+    else:
+        data = parse_check_output(res.output)
+    if res.truncated:
+        data.setdefault("truncated", True)
+    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data,
+               "exit": res.exit_code, "signal": res.signal, "started": started,
+               "duration": round(res.duration, 6)}
+    if res.stderr:
+        message["stderr"] = res.stderr[:2048].decode("utf-8", "replace")
+    return message
+
+
+def worker_main(sock_path, config_dir):
+    """A pre-forked check worker: hello, then one job at a time until told to go."""
+    child_setup()
+    os.chdir(config_dir)
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "worker", "pid": os.getpid()})
+    while True:
+        job = chan.receive()
+        if job is None or job.get("t") == "exit":
+            return 0
+        if job.get("t") == "job":
+            chan.send(run_check(job, watch, master=chan.sock))
+
+
+# ============================================================================
+# Action runner
+# ============================================================================
+
+_VAR_RE = re.compile(r"%%|%([A-Z0-9][A-Z0-9_.:-]*)%")
+
+
+def expand_argument(text, variables):
+    """Expand %VAR% in one argument; returns (text, names of empty variables)."""
+    empty = []
+
+    def replace(m):
+        if m.group(0) == "%%":
+            return "%"
+        name = m.group(1)
+        value = variables.get(name, "")
+        if not value:
+            empty.append(name)
+        return value
+    return _VAR_RE.sub(replace, text), empty
+
+
+def action_variables(host, from_state, to_state, states):
+    """%HOST%, %FROM%, %TO% and one %STATE% per state word: hosts in it, sorted, comma-joined."""
+    variables = {"HOST": host, "FROM": from_state, "TO": to_state}
+    by_state = collections.defaultdict(list)
+    for name, state in states.items():
+        by_state[state].append(name)
+    for state, hosts in by_state.items():
+        if state.upper() not in ("HOST", "FROM", "TO"):
+            variables[state.upper()] = ",".join(sorted(hosts))
+    return variables
+
+
+def expand_commands(section, variables):
+    """The section's commands with variables expanded; ValueError names an empty one."""
+    commands = []
+    for cmd in section.commands:
+        argv = [cmd.argv[0]]
+        for word in cmd.argv[1:]:
+            text, empty = expand_argument(word, variables)
+            if empty:
+                raise ValueError("%%%s%% is empty (no host is %s) at %s"
+                                 % (empty[0], empty[0].lower(), cmd.where))
+            argv.append(text)
+        commands.append({"argv": argv, "ignore": cmd.ignore, "timeout": section.timeout,
+                         "where": cmd.where})
+    return commands
+
+
+def action_main(sock_path, run):
+    """Run one action sequence, command after command, reporting each to the master."""
+    child_setup()
+    os.chdir(run["env"]["HA_CONFIG_DIR"])
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "action", "pid": os.getpid(), "run": run["id"]})
+    env = dict(os.environ)
+    env.update(run["env"])
+    outcome, reason = "ok", None
+    for index, cmd in enumerate(run["commands"]):
+        chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+        res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
+                          merge_stderr=True, master=chan.sock)
+        failure = res.failure(cmd["timeout"])
+        chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
+                   "signal": res.signal, "error": failure, "timed_out": res.timed_out,
+                   "duration": round(res.duration, 6), "truncated": res.truncated,
+                   "output": res.output.decode("utf-8", "replace")})
+        if failure and not cmd["ignore"]:
+            outcome = "failed"
+            reason = "%s: %s (%s)" % (cmd["where"], failure, os.path.basename(cmd["argv"][0]))
+            break
+    chan.send({"t": "done", "run": run["id"], "result": outcome, "reason": reason})
+    return 0
+
+
+# ============================================================================
+# Remote checks: the ssh: scope
+# ============================================================================
+
+_SHELLS = {"sh", "bash", "dash", "ksh", "zsh", "ash", "mksh", "busybox"}
+
+
+def remote_interpreter(path):
+    """The words of a script's #! line (``sh`` when it has none)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        first = b""
+    if first.startswith(b"#!"):
+        words = first[2:].decode("utf-8", "replace").split()
+        if words:
+            return words
+    return ["sh"]
+
+
+def ssh_command(check, env, state_dir):
+    """(argv, stdin path) that run ``check`` on its group's host through ssh.
+
+    The script is read locally and fed to the remote interpreter on stdin; its
+    arguments and the HA_* variables are quoted into the remote command line.
+    """
+    import shlex
+    group, scope = check.group, check.group.scope
+    argv = ["ssh", "-o", "BatchMode=yes"]
+    argv += list(group.ssh_options)
+    argv += ["-o", "StrictHostKeyChecking=yes",
+             "-o", "ConnectTimeout=%d" % max(1, round(group.connect_timeout)),
+             "-o", "ControlMaster=auto",
+             "-o", "ControlPath=%s" % os.path.join(state_dir, "ssh-%C"),
+             "-o", "ControlPersist=300"]
+    if group.ssh_identity:
+        argv += ["-i", group.ssh_identity, "-o", "IdentitiesOnly=yes"]
+    if scope.port:
+        argv += ["-p", str(scope.port)]
+    if scope.user:
+        argv += ["-l", scope.user]
+    interp = remote_interpreter(check.argv[0])
+    if os.path.basename(interp[-1]) in _SHELLS:
+        run = interp + ["-s", "--"]
+    else:
+        run = interp + ["-"]
+    assignments = ["%s=%s" % (k, shlex.quote(v)) for k, v in sorted(env.items())]
+    remote = "cd && exec env %s %s" % (" ".join(assignments),
+                                       " ".join(shlex.quote(w) for w in run + list(check.argv[1:])))
+    argv += [scope.host, remote]
+    found = shutil.which("ssh") or "/usr/bin/ssh"
+    argv[0] = found
+    return argv, check.argv[0]
+
+
+# ============================================================================
+# Master: lifecycles, the pool, the state machine, the loop
+# ============================================================================
+
+# A worker: starting -> idle <-> busy -> exiting.
+WORKER_EDGES = {
+    "starting": {"idle", "exiting"},
+    "idle": {"busy", "exiting"},
+    "busy": {"idle", "exiting"},
+    "exiting": set(),
+}
+# An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
+# without running (paused, an empty variable).
+RUN_EDGES = {
+    None: {"queued", "skipped", "failed"},
+    "queued": {"running", "skipped", "failed"},
+    "running": {"ok", "failed", "interrupted"},
+}
+RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
+
+
+@dataclasses.dataclass
+class Child:
+    """A forked process of the master: a check worker or an action run."""
+    pid: int
+    kind: str                           # "worker" | "action"
+    state: str
+    started: float                      # monotonic
+    conn: typing.Any = None
+    job: typing.Optional[dict] = None   # the check job a busy worker runs
+    run_id: typing.Optional[int] = None
+    kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
+    signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+
+
+@dataclasses.dataclass
+class CheckRuntime:
+    """What the master knows of one configured check between reloads."""
+    check: Check
+    next_due: float = 0.0
+    token: int = 0                      # heap entries with an older token are stale
+    busy: bool = False                  # queued or running: a check never overlaps itself
+    runs: int = 0
+    skipped: int = 0
+    last: typing.Optional[dict] = None
+
+
+class Conn:
+    """One accepted connection: a worker, an action run, or a control client."""
+
+    def __init__(self, sock, pid, uid):
+        self.sock = sock
+        self.pid, self.uid = pid, uid
+        self.reader = LineReader()
+        self.out = bytearray()
+        self.role = None
+        self.child = None
+        self.opened = time.monotonic()
+        self.closing = False            # close once ``out`` is flushed
+
+
+class Notifier:
+    """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
+
+    def __init__(self):
+        self.address = os.environ.get("NOTIFY_SOCKET")
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+        if self.address and self.address.startswith("@"):
+            self.address = "\0" + self.address[1:]
+
+    def send(self, text):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(text.encode(), self.address)
+        except OSError as exc:
+            log.warning("systemd notify %r failed: %s", text, exc)
+
+
+class Master:
+    """The daemon: process flow is ``setup(); spawn; loop(); shutdown()`` in ``run()``."""
+
+    def __init__(self, config, state_dir, once=False, log_target=None, ready_fd=None):
+        self.config = config
+        self.state_dir = state_dir
+        self.once = once
+        self.log_target = log_target
+        self.ready_fd = ready_fd
+        self.sock_path = os.path.join(state_dir, SOCK_FILE)
+        self.lock = PidLock(state_dir)
+        self.store = Store(state_dir)
+        self.notifier = Notifier()
+        self.sel = selectors.DefaultSelector()
+        self.children = {}              # pid -> Child
+        self.conns = {}                 # fd -> Conn
+        self.runtimes = {}              # check key -> CheckRuntime
+        self.heap = []                  # (due, seq, key, token)
+        self.ready = collections.deque()
+        self.signals = []
+        self.job_ids = itertools.count(1)
+        self.heap_seq = itertools.count()
+        self.stopping = False
+        self.stop_deadline = None
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.spawn_after = 0.0
+        self.quick_deaths = 0
+        self.next_checkpoint = self.started + CHECKPOINT_EVERY
+        self.next_watchdog = self.started
+        self.lags = collections.deque(maxlen=10000)
+        self.failed_runs = 0            # in --once: runs that failed in this pass
+        self.hosts = {}
+        self.reports = {}
+        self.meta = {}
+        self.transitions = collections.deque()
+        self.runs = collections.OrderedDict()
+        self.queue = []
+
+    # -- setup -------------------------------------------------------------------
+
+    def setup(self):
+        ensure_state_dir(self.state_dir)
+        if not self.lock.acquire():
+            pid = PidLock.holder(self.state_dir)
+            raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
+        self.lock.write_pid()
+        self.open_store()
+        self.listen()
+        self.install_signals()
+        self.schedule_all()
+
+    def open_store(self):
+        self.store.open()
+        for note in self.store.notes:
+            log.error("state db: %s", note)
+        data = self.store.data
+        self.meta = dict(data.get("meta") or {})
+        self.meta.setdefault("next_transition", 1)
+        self.meta.setdefault("next_run", 1)
+        self.meta.setdefault("paused", False)
+        self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+        self.reports = dict(data.get("reports") or {})
+        cap = self.config.daemon.history
+        trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
+                     key=lambda r: r.get("id", 0))
+        self.transitions = collections.deque(trs[-cap:], maxlen=cap)
+        runs = sorted((v for k, v in data.items() if k.startswith("run:") and isinstance(v, dict)),
+                      key=lambda r: r.get("id", 0))
+        self.runs = collections.OrderedDict((r["id"], r) for r in runs[-cap:])
+        self.queue = [rid for rid in data.get("queue") or [] if rid in self.runs]
+        changes = {}
+        for run in self.runs.values():
+            if run.get("state") == "running":
+                self.set_run_state(run, "interrupted", "the daemon died while it ran", changes)
+                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                changes["queue"] = self.queue
+        if changes:
+            self.store.commit(changes)
+        if self.meta.get("paused"):
+            log.warning("actions are paused (hadaemon --resume to run them again)")
+        if self.queue:
+            log.info("%d queued action runs from before the restart", len(self.queue))
+
+    def listen(self):
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        os.chmod(self.sock_path, 0o600)
+        sock.listen(256)
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, self.accept)
+
+    def install_signals(self):
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_w = wake_w
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, self.record_signal)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self.drain_wakeup)
+
+    def record_signal(self, signum, frame):
+        self.signals.append(signum)     # only record: the loop does the work
+
+    def drain_wakeup(self, mask):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- scheduling ----------------------------------------------------------------
+
+    def schedule_all(self):
+        """(Re)build the schedule from the config; keep what is known of unchanged checks."""
+        now = time.monotonic()
+        old = self.runtimes
+        self.runtimes = {}
+        self.heap = []
+        fresh = [c for c in self.config.checks if c.key not in old]
+        for check in self.config.checks:
+            rt = old.get(check.key)
+            if rt is not None and self.same_schedule(rt.check, check):
+                rt.check = check
+                rt.token += 1
+            else:
+                rt = CheckRuntime(check, token=(rt.token + 1) if rt else 0,
+                                  busy=rt.busy if rt else False)
+                if self.once:
+                    rt.next_due = now
+                elif check.group.cron:
+                    rt.next_due = self.cron_due(check.group.cron)
+                else:
+                    # Spread the first runs over the first interval.
+                    index = fresh.index(check) if check in fresh else 0
+                    rt.next_due = now + check.group.interval * index / max(1, len(fresh))
+            self.runtimes[check.key] = rt
+            self.push(rt)
+        self.ready = collections.deque(rt for rt in self.ready if rt.check.key in self.runtimes)
+
+    @staticmethod
+    def same_schedule(a, b):
+        return (a.group.interval, a.group.cron and a.group.cron.text) == \
+               (b.group.interval, b.group.cron and b.group.cron.text)
+
+    @staticmethod
+    def cron_due(cron, now_wall=None):
+        now_wall = time.time() if now_wall is None else now_wall
+        nxt = cron.next_after(datetime.datetime.fromtimestamp(now_wall))
+        return time.monotonic() + max(0.0, time.mktime(nxt.timetuple()) - now_wall)
+
+    def push(self, rt):
+        heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
+
+    def fire_due_checks(self, now):
+        while self.heap and self.heap[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.heap)
+            rt = self.runtimes.get(key)
+            if rt is None or rt.token != token:
+                continue
+            if rt.busy:
+                rt.skipped += 1
+                log.debug("check %s: still running at its next run; skipped", rt.check.name)
+            else:
+                rt.busy = True
+                self.ready.append((rt, due))
+            if self.once:
+                continue
+            group = rt.check.group
+            if group.cron:
+                rt.next_due = self.cron_due(group.cron)
+            else:
+                rt.next_due = due + group.interval
+                if rt.next_due <= now:          # we fell behind: skip, never burst
+                    missed = int((now - rt.next_due) // group.interval) + 1
+                    rt.skipped += missed
+                    rt.next_due += missed * group.interval
+            self.push(rt)
+
+    # -- the worker pool -------------------------------------------------------------
+
+    def fork(self, kind, target, *args):
+        """The one fork shape: the parent registers the child, the child never returns."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                log.error("cannot fork a %s: too many processes (EAGAIN); retrying", kind)
+            else:
+                log.error("cannot fork a %s: %s", kind, exc)
+            return None
+        if pid:
+            child = Child(pid, kind, "starting", time.monotonic())
+            self.children[pid] = child
+            return child
+        code = 1
+        try:
+            code = target(*args)
+        except (_Terminate, _Orphaned, BrokenPipeError, ConnectionError):
+            code = 0
+        except BaseException:           # noqa: B036 - the child must reach os._exit
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code or 0)         # this must never return
+
+    def workers(self, *states):
+        return [c for c in self.children.values() if c.kind == "worker"
+                and (not states or c.state in states)]
+
+    def action_child(self):
+        for child in self.children.values():
+            if child.kind == "action":
+                return child
+        return None
+
+    def set_worker_state(self, child, state):
+        if state not in WORKER_EDGES[child.state]:
+            raise AssertionError("worker %d: %s -> %s" % (child.pid, child.state, state))
+        child.state = state
+
+    def manage_workers(self, now):
+        if self.stopping:
+            return
+        live = self.workers("starting", "idle", "busy")
+        missing = self.config.daemon.workers - len(live)
+        if missing > 0 and now >= self.spawn_after:
+            for _ in range(missing):
+                if self.fork("worker", worker_main, self.sock_path, self.config.config_dir) is None:
+                    self.spawn_after = now + 1.0
+                    break
+        for child in sorted(live, key=lambda c: c.state != "idle")[:max(0, -missing)]:
+            self.retire(child)
+        for child in self.workers("starting"):
+            if now - child.started > 10:
+                log.error("worker %d did not connect within 10s; killing it", child.pid)
+                self.retire(child, signal.SIGKILL)
+
+    def retire(self, child, sig=signal.SIGTERM):
+        if child.state != "exiting":
+            self.set_worker_state(child, "exiting")
+        child.kill_at = time.monotonic() + 5.0
+        child.signalled = True
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self):
+        """Collect every exited child (level-triggered: a coalesced SIGCHLD loses nothing)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code, sig = decode_wait_status(status)
+            how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
+            if child.conn is not None:
+                self.close(child.conn)
+            if child.kind == "worker":
+                self.worker_died(child, how)
+            else:
+                self.action_died(child, how)
+
+    def worker_died(self, child, how):
+        if child.state != "exiting":
+            log.error("worker %d died (%s); replacing it", child.pid, how)
+            if time.monotonic() - child.started < 1.0:
+                self.quick_deaths += 1
+                self.spawn_after = time.monotonic() + min(30.0, 0.25 * 2 ** self.quick_deaths)
+            else:
+                self.quick_deaths = 0
+        if child.job is not None:
+            job = child.job
+            child.job = None
+            self.check_finished(job, {"data": {"state": "unknown",
+                                               "message": "worker died (%s) while running the check" % how},
+                                      "exit": None, "signal": None, "started": job["sent_wall"],
+                                      "duration": time.monotonic() - job["sent"]})
+
+    def dispatch(self, now):
+        if self.stopping or not self.ready:
+            return
+        for child in self.workers("idle"):
+            if not self.ready:
+                break
+            rt, due = self.ready.popleft()
+            job = self.make_job(rt.check)
+            job["sent"], job["sent_wall"] = now, time.time()
+            self.lags.append(now - due)
+            child.job = job
+            self.set_worker_state(child, "busy")
+            wire = {k: v for k, v in job.items() if k not in ("sent", "sent_wall")}
+            self.send(child.conn, wire)
+
+    def make_job(self, check):
+        state = self.hosts.get(check.host, {}).get("state", "unknown")
+        env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
+               "HA_STATE": state, "HA_CONFIG_DIR": self.config.config_dir,
+               "HA_STATE_DIR": self.state_dir}
+        if check.group.host:
+            env["HA_HOST"] = check.group.host
+        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
+               "env": env, "argv": list(check.argv)}
+        if check.group.scope.kind == "ssh":
+            job["argv"], job["stdin"] = ssh_command(check, env, self.state_dir)
+            job["ssh"] = True
+        return job
+
+    # -- reports and transitions (SPEC §4) -------------------------------------------
+
+    def check_finished(self, job, msg):
+        rt = self.runtimes.get(job["key"])
+        if rt is None:
+            return                      # removed by a reload while it ran
+        rt.busy = False
+        rt.runs += 1
+        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
+        reports, problems = reports_from_result(data, exit_code, rt.check.host)
+        for problem in problems:
+            log.warning("check %s: %s", rt.check.name, problem)
+        message = data.get("message")
+        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
+                   "exit": exit_code, "signal": msg.get("signal"),
+                   "reports": {h: s for h, s in reports},
+                   "message": message[:500] if isinstance(message, str) else None,
+                   "attributes": {k: v for k, v in data.items()
+                                  if k not in ("state", "states", "host", "message")},
+                   "rejected": problems}
+        if msg.get("stderr"):
+            rt.last["stderr"] = msg["stderr"][:500]
+        for host, state in reports:
+            self.apply_report(host, state, rt.check)
+
+    def apply_report(self, host, state, check):
+        now = time.time()
+        record = self.hosts.get(host)
+        if record is None:
+            record = {"state": "unknown", "since": None, "pending": None, "count": 0}
+        self.reports[host] = {"time": now, "check": check.name, "state": state}
+        if state == record["state"]:
+            if record["pending"] is not None:
+                log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
+                record = dict(record, pending=None, count=0)
+                self.hosts[host] = record
+                self.store.commit({"host:" + host: record})
+            return
+        record = dict(record)
+        if record["pending"] == state:
+            record["count"] += 1
+        else:
+            record["pending"], record["count"] = state, 1
+        confirm = check.group.confirm
+        if record["count"] < confirm:
+            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name,
+                     record["count"], confirm)
+            self.hosts[host] = record
+            self.store.commit({"host:" + host: record})
+            return
+        self.transition(host, record, state, check, now)
+
+    def transition(self, host, record, state, check, now):
+        old = record["state"]
+        record.update(state=state, since=now, pending=None, count=0)
+        self.hosts[host] = record
+        cap = self.config.daemon.history
+        tr_id = self.meta["next_transition"]
+        self.meta["next_transition"] = tr_id + 1
+        tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
+              "check": check.name, "run": None}
+        changes = {"host:" + host: record, "meta": self.meta}
+        section = self.config.section_for(host, old, state)
+        if section is not None:
+            tr["run"] = self.new_run(tr, section, changes)["id"]
+        self.transitions.append(tr)
+        while len(self.transitions) > cap:
+            self.transitions.popleft()
+        changes["tr:%d" % (tr_id % cap)] = tr
+        self.store.commit(changes)
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, check.name,
+                 "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
+                 "; no action section matches")
+
+    def new_run(self, tr, section, changes):
+        cap = self.config.daemon.history
+        run_id = self.meta["next_run"]
+        self.meta["next_run"] = run_id + 1
+        states = {h: r["state"] for h, r in self.hosts.items()}
+        variables = action_variables(tr["host"], tr["from"], tr["to"], states)
+        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
+               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
+               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
+               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
+               "HA_STATE_DIR": self.state_dir}
+        run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
+               "to": tr["to"], "section": section.name, "state": None, "reason": None,
+               "queued": tr["time"], "started": None, "ended": None, "env": env, "commands": []}
+        try:
+            run["commands"] = expand_commands(section, variables)
+        except ValueError as exc:
+            self.set_run_state(run, "failed", str(exc), changes)
+        else:
+            if self.meta.get("paused"):
+                self.set_run_state(run, "skipped", "paused", changes)
+            else:
+                self.set_run_state(run, "queued", None, changes)
+                self.queue.append(run_id)
+                changes["queue"] = self.queue
+        self.runs[run_id] = run
+        while len(self.runs) > cap:
+            self.runs.popitem(last=False)
+        return run
+
+    def set_run_state(self, run, state, reason, changes):
+        """Every run state change passes here: checks the edge, logs, records."""
+        if state not in RUN_EDGES.get(run["state"], ()):
+            raise AssertionError("run %s: %s -> %s" % (run["id"], run["state"], state))
+        run["state"] = state
+        if reason:
+            run["reason"] = reason
+        if state in RUN_FINAL:
+            run["ended"] = time.time()
+            if state == "failed" and self.once:
+                self.failed_runs += 1
+        if state != "queued":
+            level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
+            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
+                    run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
+        changes["run:%d" % (run["id"] % self.config.daemon.history)] = run
+
+    # -- action runs -----------------------------------------------------------------
+
+    def start_next_run(self):
+        if self.stopping or not self.queue or self.action_child() is not None:
+            return
+        run = self.runs.get(self.queue[0])
+        changes = {}
+        self.queue.pop(0)
+        changes["queue"] = self.queue
+        if run is None:
+            self.store.commit(changes)
+            return
+        if self.meta.get("paused"):
+            self.set_run_state(run, "skipped", "paused", changes)
+            self.store.commit(changes)
+            return
+        run["started"] = time.time()
+        self.set_run_state(run, "running", None, changes)
+        self.store.commit(changes)
+        child = self.fork("action", action_main, self.sock_path, run)
+        if child is None:
+            changes = {}
+            self.set_run_state(run, "failed", "cannot fork the action run", changes)
+            self.store.commit(changes)
+            return
+        child.run_id = run["id"]
+
+    def action_event(self, child, msg):
+        run = self.runs.get(child.run_id)
+        if run is None or msg.get("run") != run["id"]:
+            raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
+        kind = msg.get("t")
+        index = msg.get("index")
+        if kind in ("start", "end"):
+            if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
+                raise ProtocolError("bad command index %r" % (index,))
+            cmd = run["commands"][index]
+        if kind == "start":
+            cmd["started"] = msg.get("time")
+            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
+                     " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
+            self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
+        elif kind == "end":
+            output = msg.get("output") if isinstance(msg.get("output"), str) else ""
+            cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
+                             "error": msg.get("error"), "duration": msg.get("duration"),
+                             "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
+            level = logging.WARNING if msg.get("error") else logging.INFO
+            log.log(level, "run %d: command %d/%d %s in %.3fs%s", run["id"], index + 1,
+                    len(run["commands"]), msg.get("error") or "ok", msg.get("duration") or 0,
+                    " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
+            for line in output.splitlines()[:20]:
+                log.info("run %d:   | %s", run["id"], line)
+            self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
+        elif kind == "done":
+            changes = {}
+            state = "ok" if msg.get("result") == "ok" else "failed"
+            self.set_run_state(run, state, msg.get("reason"), changes)
+            self.store.commit(changes)
+        else:
+            raise ProtocolError("unknown action event %r" % (kind,))
+
+    def action_died(self, child, how):
+        run = self.runs.get(child.run_id)
+        if run is None or run["state"] != "running":
+            return
+        changes = {}
+        if self.stopping:
+            self.set_run_state(run, "interrupted", "the daemon stopped while it ran (%s)" % how, changes)
+        else:
+            self.set_run_state(run, "failed", "the action run died (%s)" % how, changes)
+        self.store.commit(changes)
+
+    # -- the socket ------------------------------------------------------------------
+
+    def accept(self, mask):
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("cannot accept a connection: too many open files")
+                    return
+                raise
+            pid, uid, _ = peer_credentials(sock)
+            if uid not in (0, os.getuid()):
+                log.warning("refused a connection from pid %d: uid %d is not ours", pid, uid)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock, pid, uid)
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+
+    def on_io(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self.flush(conn)
+        if not mask & selectors.EVENT_READ or conn.sock.fileno() < 0:
+            return
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        try:
+            for msg in conn.reader.feed(data):
+                self.on_message(conn, msg)
+                if conn.sock.fileno() < 0:
+                    return
+        except ProtocolError as exc:
+            log.warning("connection from pid %d (%s): %s; closed", conn.pid, conn.role or "client", exc)
+            self.close(conn)
+
+    def on_message(self, conn, msg):
+        if conn.role is None:
+            self.identify(conn, msg)
+        elif conn.role == "worker":
+            child = conn.child
+            if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
+                raise ProtocolError("unexpected message from worker %d" % child.pid)
+            job = child.job
+            child.job = None
+            if child.state == "busy":
+                self.set_worker_state(child, "idle")
+            self.check_finished(job, msg)
+        elif conn.role == "action":
+            self.action_event(conn.child, msg)
+        else:
+            self.control(conn, msg)
+
+    def identify(self, conn, msg):
+        if msg.get("t") == "hello":
+            child = self.children.get(conn.pid)
+            if child is None or msg.get("pid") != conn.pid or msg.get("role") != child.kind \
+                    or child.conn is not None:
+                raise ProtocolError("hello from pid %d that is not a child of ours" % conn.pid)
+            conn.role, conn.child, child.conn = child.kind, child, conn
+            if child.kind == "worker" and child.state == "starting":
+                self.set_worker_state(child, "idle")
+            return
+        conn.role = "control"
+        self.control(conn, msg)
+
+    def control(self, conn, msg):
+        cmd = msg.get("cmd")
+        if cmd == "status":
+            answer = self.status_document()
+        elif cmd == "reload":
+            errors = self.reload()
+            answer = {"ok": not errors, "errors": errors}
+        elif cmd in ("pause", "resume"):
+            self.meta["paused"] = cmd == "pause"
+            self.store.commit({"meta": self.meta})
+            log.warning("actions %s by request", "paused" if cmd == "pause" else "resumed")
+            answer = {"ok": True, "paused": self.meta["paused"]}
+        elif cmd == "history":
+            answer = {"ok": True, "history": history_entries(
+                list(self.transitions), self.runs, msg.get("n") if isinstance(msg.get("n"), int) else 20)}
+        elif cmd == "ping":
+            answer = {"ok": True, "pid": os.getpid()}
+        else:
+            answer = {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
+        self.send(conn, answer)
+
+    def send(self, conn, obj):
+        if conn is None or conn.sock.fileno() < 0:
+            return
+        conn.out += encode_message(obj)
+        self.flush(conn)
+
+    def flush(self, conn):
+        try:
+            while conn.out:
+                sent = conn.sock.send(conn.out)
+                del conn.out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close(conn)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+
+    def close(self, conn):
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        self.sel.unregister(conn.sock)
+        del self.conns[fd]
+        conn.sock.close()
+        if conn.child is not None:
+            conn.child.conn = None
+
+    def close_idle_clients(self, now):
+        for conn in list(self.conns.values()):
+            if conn.role in (None, "control") and now - conn.opened > CLIENT_IDLE:
+                log.warning("connection from pid %d idle for %ds; closed", conn.pid, CLIENT_IDLE)
+                self.close(conn)
+
+    # -- signals, reload, stop -------------------------------------------------------
+
+    def handle_signals(self):
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self.begin_stop("%s received" % signal_name(sig))
+            elif sig == signal.SIGUSR1:
+                reopen_log()
+                log.info("log reopened")
+
+    def reload(self):
+        """Re-read both files; a bad config is refused whole.  Returns the errors."""
+        log.info("reloading the configuration")
+        try:
+            config = load_config(self.config.config_dir)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload refused: %s", line)
+            return exc.errors
+        self.notifier.send("RELOADING=1")
+        log_changed = config.daemon.log != self.config.daemon.log
+        self.config = config
+        self.schedule_all()
+        if log_changed and self.log_target != "stderr-forced":
+            self.log_target = config.daemon.log or self.log_target
+            setup_logging(self.log_target, self.state_dir, log.level == logging.DEBUG)
+        else:
+            reopen_log()
+        log.info("configuration reloaded: %d checks, %d action sections",
+                 len(config.checks), len(config.sections))
+        self.notifier.send("READY=1")
+        return []
+
+    def begin_stop(self, why):
+        if self.stopping:
+            return
+        log.info("stopping: %s", why)
+        self.notifier.send("STOPPING=1")
+        self.stopping = True
+        self.ready.clear()
+        now = time.monotonic()
+        for child in self.workers():
+            self.retire(child)
+        action = self.action_child()
+        budget = 10.0
+        if action is not None:
+            run = self.runs.get(action.run_id) or {}
+            pending = [c for c in run.get("commands", []) if "result" not in c]
+            budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
+            log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
+            action.kill_at = now + budget
+        self.stop_deadline = now + budget + 10.0
+
+    def enforce_kills(self, now):
+        """A child past its deadline gets SIGTERM, then SIGKILL on a later pass."""
+        for child in list(self.children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                sig = signal.SIGKILL if child.signalled else signal.SIGTERM
+                log.warning("%s %d did not exit in time; sending %s", child.kind, child.pid,
+                            signal_name(sig))
+                child.signalled = True
+                child.kill_at = now + 5.0
+                try:
+                    os.kill(child.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def once_done(self):
+        return (all(rt.runs >= 1 for rt in self.runtimes.values()) and not self.queue
+                and self.action_child() is None)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def timeout(self, now):
+        deadlines = [self.next_checkpoint, now + 1.0]
+        if self.heap and not self.stopping:
+            deadlines.append(self.heap[0][0])
+        if self.notifier.watchdog:
+            deadlines.append(self.next_watchdog)
+        return max(0.0, min(deadlines) - now)
+
+    def loop(self):
+        while True:
+            now = time.monotonic()
+            for key, mask in self.sel.select(self.timeout(now)):
+                key.data(mask)
+            now = time.monotonic()
+            self.handle_signals()
+            self.reap()
+            self.enforce_kills(now)
+            if self.stopping:
+                if not self.children or now >= self.stop_deadline:
+                    return
+                continue
+            self.manage_workers(now)
+            self.fire_due_checks(now)
+            self.dispatch(now)
+            self.start_next_run()
+            self.close_idle_clients(now)
+            if now >= self.next_checkpoint:
+                self.checkpoint(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
+            if self.once and self.once_done():
+                self.begin_stop("--once pass complete")
+
+    def checkpoint(self, now):
+        self.next_checkpoint = now + CHECKPOINT_EVERY
+        self.store.soft("reports", self.reports)
+        self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
+        try:
+            self.store.checkpoint()
+        except OSError as exc:
+            log.error("state db checkpoint failed: %s (kept in the journal; retrying)", exc)
+
+    def run(self):
+        """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
+        try:
+            self.setup()
+        except (HadaemonError, OSError) as exc:
+            self.signal_ready("error: %s" % exc)
+            raise
+        log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
+                 "state in %s", __version__, os.getpid(), len(self.config.checks),
+                 self.config.daemon.workers, len(self.config.sections), self.state_dir)
+        self.signal_ready("ok %d" % os.getpid())
+        self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+        return EXIT_FAIL if self.failed_runs else EXIT_OK
+
+    def signal_ready(self, text):
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, text.encode() + b"\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def shutdown(self):
+        for child in list(self.children.values()):
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            child = self.children.pop(pid, None)
+            if child is not None and child.kind == "action":
+                self.action_died(child, "killed at stop")
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        if getattr(self, "listener", None) is not None:
+            try:
+                os.unlink(self.sock_path)
+            except FileNotFoundError:
+                pass
+            self.listener.close()
+        try:
+            self.checkpoint(time.monotonic())
+            self.store.close()
+        except OSError as exc:
+            log.error("closing the state db: %s", exc)
+        self.lock.release()
+        log.info("stopped")
+
+    # -- status ----------------------------------------------------------------------
+
+    def status_document(self):
+        now_m, now = time.monotonic(), time.time()
+        checks = []
+        for key, rt in self.runtimes.items():
+            c = rt.check
+            checks.append({"key": key, "name": c.name, "scope": c.group.scope.name, "host": c.host,
+                           "where": c.where,
+                           "schedule": ("cron " + c.group.cron.text) if c.group.cron
+                           else "every " + format_duration(c.group.interval),
+                           "next_run": now + max(0.0, rt.next_due - now_m),
+                           "running": rt.busy, "runs": rt.runs, "skipped": rt.skipped,
+                           "last": rt.last})
+        lags = sorted(self.lags)
+        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
+                  "started": self.started_wall, "uptime": now_m - self.started,
+                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
+                  "paused": bool(self.meta.get("paused")), "queue": list(self.queue),
+                  "workers": [{"pid": w.pid, "state": w.state} for w in self.workers()],
+                  "action_pid": getattr(self.action_child(), "pid", None),
+                  "lag_ms": {"p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+                             "max": percentile(lags, 1.0), "samples": len(lags)}}
+        return status_from_data(daemon, self.hosts, self.reports, checks,
+                                list(self.transitions), self.runs)
+
+
+def percentile(ordered, q):
+    """The q-quantile of an ascending list of seconds, in milliseconds (None when empty)."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+
+def status_from_data(daemon, hosts, reports, checks, transitions, runs, last=20):
+    """The --status --json document (same shape whether the daemon answers or the db does)."""
+    host_doc = {}
+    for name, record in sorted(hosts.items()):
+        pending = None
+        if record.get("pending"):
+            pending = {"state": record["pending"], "count": record.get("count", 0)}
+        host_doc[name] = {"state": record.get("state"), "since": record.get("since"),
+                          "pending": pending, "last_report": reports.get(name)}
+    run_list = [summarize_run(r) for r in list(runs.values())[-last:]][::-1]
+    return {"daemon": daemon, "hosts": host_doc, "checks": checks,
+            "transitions": transitions[-last:][::-1], "runs": run_list}
+
+
+def summarize_run(run):
+    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
+                                       "state", "reason", "queued", "started", "ended")}
+    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
+                            "started": c.get("started"), "result": c.get("result")}
+                           for c in run.get("commands", [])]
+    return summary
+
+
+def history_entries(transitions, runs, n):
+    out = []
+    for tr in transitions[-n:][::-1] if n > 0 else []:
+        run = runs.get(tr.get("run")) if tr.get("run") is not None else None
+        out.append(dict(tr, run=summarize_run(run) if run else None))
+    return out
+
+
+# ============================================================================
+# Control client: --status, --stop, --reload, --history, --pause, --resume
+# ============================================================================
+
+def offline_status(state_dir, config=None):
+    """The status document from the state db, for when no daemon answers."""
+    data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
+    meta = data.get("meta") or {}
+    hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+    trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
+                 key=lambda r: r.get("id", 0))
+    runs = collections.OrderedDict(
+        (r["id"], r) for r in sorted((v for k, v in data.items()
+                                      if k.startswith("run:") and isinstance(v, dict)),
+                                     key=lambda r: r.get("id", 0)))
+    last = data.get("checks") or {}
+    checks = []
+    if config is not None:
+        for c in config.checks:
+            checks.append({"key": c.key, "name": c.name, "scope": c.group.scope.name,
+                           "host": c.host, "where": c.where,
+                           "schedule": ("cron " + c.group.cron.text) if c.group.cron
+                           else "every " + format_duration(c.group.interval),
+                           "next_run": None, "running": False, "runs": None, "skipped": None,
+                           "last": last.get(c.key)})
+    daemon = {"running": False, "pid": None, "version": __version__, "started": None,
+              "uptime": None, "config_dir": config.config_dir if config else None,
+              "state_dir": state_dir, "paused": bool(meta.get("paused")),
+              "queue": list(data.get("queue") or []), "workers": [], "action_pid": None,
+              "lag_ms": None}
+    return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs), runs
+
+
+def _clip(text, width):
+    text = str(text)
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
+def _table(rows, widths):
+    lines = []
+    for row in rows:
+        cells = [_clip(cell, width).ljust(width) for cell, width in zip(row, widths)]
+        lines.append(" ".join(cells).rstrip())
+    return lines
+
+
+def _clock(then):
+    if not then:
+        return "-"
+    if time.time() - then < 86400:
+        return time.strftime("%H:%M:%S", time.localtime(then))
+    return time.strftime("%m-%d %H:%M", time.localtime(then))
+
+
+def render_status(doc):
+    """The status document for a person, in 80 columns."""
+    d = doc["daemon"]
+    out = []
+    if d["running"]:
+        head = "hadaemon %s: running, pid %d, up %s" % (
+            d["version"], d["pid"], format_ago(time.time() - d["uptime"]).replace(" ago", ""))
+    else:
+        head = "hadaemon: not running (last known state from %s)" % d["state_dir"]
+    if d["paused"]:
+        head += ", ACTIONS PAUSED"
+    out.append(head)
+    if d.get("config_dir"):
+        out.append("config %s, state %s" % (d["config_dir"], d["state_dir"]))
+    if d.get("workers"):
+        out.append("workers: %s; queued runs: %d" % (
+            " ".join("%d:%s" % (w["pid"], w["state"]) for w in d["workers"]), len(d["queue"])))
+    out.append("")
+    rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
+    for name, h in doc["hosts"].items():
+        pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
+        last = h.get("last_report") or {}
+        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+                     pending, format_ago(last.get("time")) if last else "-"))
+    out += _table(rows, (14, 10, 22, 12, 16)) if len(rows) > 1 else ["no hosts reported yet"]
+    out.append("")
+    rows = [("CHECK", "HOST", "LAST", "EXIT", "TOOK", "WHEN", "NEXT", "SKIP")]
+    for c in doc["checks"]:
+        last = c.get("last") or {}
+        reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
+            ("rejected" if last.get("rejected") else "-")
+        took = format_duration(last["duration"]) if last.get("duration") else "-"
+        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
+        rows.append((c["name"], hosts, reported,
+                     "-" if last.get("exit") is None else last["exit"], took,
+                     format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
+                     "-" if c.get("skipped") is None else c["skipped"]))
+    if len(rows) > 1:
+        out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5))
+        out.append("")
+    out.append("LAST TRANSITIONS")
+    rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
+    for tr in doc["transitions"][:8]:
+        rows.append((tr["id"], _clock(tr["time"]), tr["host"], "%s -> %s" % (tr["from"], tr["to"]),
+                     "-" if tr.get("run") is None else "#%s" % tr["run"]))
+    out += _table(rows, (5, 9, 14, 26, 8)) if len(rows) > 1 else ["  none"]
+    out.append("")
+    out.append("LAST ACTION RUNS")
+    rows = [("#", "SECTION", "HOST", "RESULT", "CMDS", "TOOK")]
+    for run in doc["runs"][:8]:
+        done = sum(1 for c in run["commands"] if c.get("result"))
+        took = format_duration(run["ended"] - run["started"]) if run.get("ended") and run.get("started") \
+            and run["ended"] > run["started"] else "-"
+        result = run["state"] + (": " + run["reason"] if run.get("reason") else "")
+        rows.append((run["id"], "[%s]" % run["section"], run["host"], result,
+                     "%d/%d" % (done, len(run["commands"])), took))
+    out += _table(rows, (5, 22, 10, 26, 5, 6)) if len(rows) > 1 else ["  none"]
+    return "\n".join(out)
+
+
+def render_history(entries):
+    if not entries:
+        return "no transitions recorded"
+    out = []
+    for tr in entries:
+        out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
+            tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
+        run = tr.get("run")
+        if run is None:
+            out.append("      no action section")
+            continue
+        out.append("      run #%d [%s]: %s%s" % (run["id"], run["section"], run["state"],
+                                               (" (%s)" % run["reason"]) if run.get("reason") else ""))
+        for cmd in run["commands"]:
+            res = cmd.get("result")
+            what = "not run" if res is None else (res.get("error") or "ok")
+            out.append("        %s%s  -> %s" % ("-" if cmd["ignore"] else "",
+                                               " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
+                                               what))
+    return "\n".join(out)
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+def build_parser():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(
+        prog="hadaemon.py",
+        description="Watch a master / hot-standby pair and run ordered actions when a role changes.",
+        epilog="Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status).")
+    p.add_argument("--config-dir", metavar="DIR", default=here,
+                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: %(default)s)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="pid file, socket, state db and log (default: CONFIGDIR/var)")
+    cmd = p.add_mutually_exclusive_group()
+    add = cmd.add_argument
+    add("--start", dest="command", action="store_const", const="start",
+        help="start in the background (the default); prints the pid; already running is exit 0")
+    add("--foreground", "-f", dest="command", action="store_const", const="foreground",
+        help="run in the foreground, logging to stderr (systemd, containers, tests)")
+    add("--stop", dest="command", action="store_const", const="stop",
+        help="stop the daemon and wait for it to exit; not running is exit 0")
+    add("--status", dest="command", action="store_const", const="status",
+        help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
+    add("--reload", dest="command", action="store_const", const="reload",
+        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+    add("--check-config", "-t", dest="command", action="store_const", const="check",
+        help="validate both files and every command they name; exit 0 or 1")
+    add("--once", dest="command", action="store_const", const="once",
+        help="cron mode: run every check once, apply transitions, run their actions, exit")
+    add("--history", dest="history", nargs="?", type=int, const=20, metavar="N",
+        help="the N newest transitions (default 20), each with its action run")
+    add("--pause", dest="command", action="store_const", const="pause",
+        help="stop running action sequences (they are recorded as skipped); checks go on")
+    add("--resume", dest="command", action="store_const", const="resume",
+        help="run action sequences again")
+    add("--version", action="version", version="hadaemon " + __version__)
+    p.add_argument("--json", action="store_true", help="with --status or --history: print JSON")
+    p.add_argument("--connect", action="store_true",
+                   help="with --check-config: also try each ssh target once")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --stop / --start: how long to wait (default: enough for the "
+                        "running action sequence)")
+    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+    return p
+
+
+def _config_or_exit(config_dir):
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
+              file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def cmd_foreground(args, once=False):
+    config = _config_or_exit(args.config_dir)
+    target = config.daemon.log or "stderr"
+    if os.path.isdir(args.state_dir) or target not in ("stderr", "syslog"):
+        pass
+    try:
+        ensure_state_dir(args.state_dir)
+        setup_logging(target, args.state_dir, args.debug)
+        return Master(config, args.state_dir, once=once, log_target=target).run()
+    except HadaemonError as exc:
+        print("hadaemon: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+
+
+def cmd_start(args):
+    config = _config_or_exit(args.config_dir)
+    pid = PidLock.holder(args.state_dir)
+    if pid:
+        print("hadaemon already running (pid %d)" % pid)
+        return EXIT_OK
+    try:
+        ensure_state_dir(args.state_dir)
+    except HadaemonError as exc:
+        print("hadaemon: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    rfd, wfd = os.pipe()
+    first = os.fork()
+    if first == 0:                                   # the first child: a new session
+        try:
+            os.close(rfd)
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            os.umask(0o027)                          # the daemon itself
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            target = config.daemon.log or os.path.join(args.state_dir, LOG_FILE)
+            setup_logging(target, args.state_dir, args.debug)
+            code = Master(config, args.state_dir, log_target=target, ready_fd=wfd).run()
+        except BaseException:                        # noqa: B036 - logged, then _exit
+            log.exception("hadaemon failed")
+            code = EXIT_FAIL
+        finally:
+            os._exit(code if isinstance(code, int) else EXIT_FAIL)  # this must never return
+    os.close(wfd)
+    os.waitpid(first, 0)
+    answer = b""
+    deadline = time.monotonic() + (args.timeout or 30.0)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([rfd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        answer += chunk
+    os.close(rfd)
+    text = answer.decode("utf-8", "replace").strip()
+    if text.startswith("ok "):
+        print("hadaemon started (pid %s)" % text[3:])
+        return EXIT_OK
+    print("hadaemon did not start: %s" % (text[7:] if text.startswith("error: ") else
+                                          text or "no answer (see %s)" % LOG_FILE), file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_stop(args):
+    pid = PidLock.holder(args.state_dir)
+    if not pid:
+        print("hadaemon not running")
+        return EXIT_OK
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    wait = args.timeout or 300.0
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not PidLock.holder(args.state_dir):
+            print("hadaemon stopped (pid %d)" % pid)
+            return EXIT_OK
+        time.sleep(0.05)
+    print("hadaemon (pid %d) still running after %s" % (pid, format_duration(wait)), file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _ask(args, message):
+    try:
+        return request(args.state_dir, message)
+    except (OSError, HadaemonError) as exc:
+        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def cmd_status(args):
+    pid = PidLock.holder(args.state_dir)
+    if pid:
+        doc = _ask(args, {"cmd": "status"})
+    else:
+        try:
+            config = load_config(args.config_dir)
+        except ConfigError:
+            config = None
+        doc, _ = offline_status(args.state_dir, config)
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else render_status(doc))
+    return EXIT_OK if pid else EXIT_NOT_RUNNING
+
+
+def cmd_history(args):
+    if PidLock.holder(args.state_dir):
+        entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
+    else:
+        doc, runs = offline_status(args.state_dir)
+        trs = sorted((v for v in doc["transitions"]), key=lambda r: r["id"])
+        data = Store.read(args.state_dir) if os.path.isdir(args.state_dir) else {}
+        trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
+                     key=lambda r: r.get("id", 0))
+        entries = history_entries(trs, runs, args.history)
+    print(json.dumps(entries, indent=2) if args.json else render_history(entries))
+    return EXIT_OK
+
+
+def cmd_reload(args):
+    pid = PidLock.holder(args.state_dir)
+    if not pid:
+        print("hadaemon not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = _ask(args, {"cmd": "reload"})
+    if answer.get("ok"):
+        print("configuration reloaded")
+        return EXIT_OK
+    for line in answer.get("errors", []):
+        print(line, file=sys.stderr)
+    print("reload refused: the daemon keeps its old configuration", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_pause(args, paused):
+    if PidLock.holder(args.state_dir):
+        _ask(args, {"cmd": "pause" if paused else "resume"})
+    else:
+        ensure_state_dir(args.state_dir)
+        lock = PidLock(args.state_dir)
+        if not lock.acquire():
+            return cmd_pause(args, paused)
+        store = Store(args.state_dir)
+        try:
+            store.open()
+            meta = dict(store.data.get("meta") or {})
+            meta["paused"] = paused
+            store.commit({"meta": meta})
+        finally:
+            store.close()
+            lock.release()
+    print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
+    return EXIT_OK
+
+
+def cmd_check_config(args):
+    config = _config_or_exit(args.config_dir)
+    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
+          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
+    return EXIT_OK
+
+
+def cmd_once(args):
+    pid = PidLock.holder(args.state_dir)
+    if pid:
+        print("hadaemon: refusing --once: a daemon runs on %s (pid %d)" % (args.state_dir, pid),
+              file=sys.stderr)
+        return EXIT_FAIL
+    return cmd_foreground(args, once=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.config_dir = os.path.abspath(args.config_dir)
+    args.state_dir = os.path.abspath(args.state_dir or os.path.join(args.config_dir, "var"))
+    if args.history is not None:
+        return cmd_history(args)
+    command = args.command or "start"
+    if args.json and command != "status":
+        build_parser().error("--json goes with --status or --history")
+    try:
+        if command == "foreground":
+            return cmd_foreground(args)
+        if command == "start":
+            return cmd_start(args)
+        if command == "stop":
+            return cmd_stop(args)
+        if command == "status":
+            return cmd_status(args)
+        if command == "reload":
+            return cmd_reload(args)
+        if command == "check":
+            return cmd_check_config(args)
+        if command == "once":
+            return cmd_once(args)
+        if command in ("pause", "resume"):
+            return cmd_pause(args, command == "pause")
+    except HadaemonError as exc:
+        print("hadaemon: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
