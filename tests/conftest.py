@@ -1,0 +1,242 @@
+"""Fixtures that run the real daemon: a temp config dir, a subprocess, bounded waits.
+
+Every test that starts hadaemon gets a ``Daemon`` from the ``daemon`` fixture.  At
+teardown every process it started is killed by pid: the master's process group
+(master, workers, action runs) and every process whose environment names the
+test's config dir (checks and action commands run in sessions of their own).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HADAEMON = ROOT / "hadaemon.py"
+sys.path.insert(0, str(ROOT))
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="the condition"):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def pids_with_env(marker):
+    """Pids of processes whose environment contains ``marker`` (a KEY=VALUE string)."""
+    found = []
+    needle = marker.encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def alive(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Daemon:
+    """One hadaemon under test, with its own config dir and state dir."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.dir = tmp_path / "conf"
+        self.state = tmp_path / "state"
+        self.world = tmp_path / "world"        # files the test checks read and the test flips
+        for d in (self.dir / "checks", self.dir / "actions", self.world):
+            d.mkdir(parents=True, exist_ok=True)
+        self.log_path = tmp_path / "daemon.log"
+        self.proc = None
+        self._log = None
+        self.started = []                      # every master pid this Daemon started
+
+    # -- building a config --------------------------------------------------------
+
+    def write(self, name, text):
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return path
+
+    def script(self, name, body, shebang="#!/bin/sh"):
+        """An executable under the config dir (``checks/x``, ``actions/y``)."""
+        path = self.write(name, shebang + "\n" + textwrap.dedent(body).lstrip("\n"))
+        path.chmod(0o755)
+        return path
+
+    def role_check(self, name="check_role"):
+        """checks/NAME HOST: reports the state written in world/HOST (``down`` if missing)."""
+        return self.script("checks/" + name, """
+            f="%s/$1"
+            echo "host=$1"
+            if [ -f "$f" ]; then echo "state=$(cat "$f")"; else echo "state=down"; fi
+        """ % self.world)
+
+    def recorder(self, name="record"):
+        """actions/NAME ARGS...: appends one line ``ARGS | HA_*`` to world/actions.log."""
+        return self.script("actions/" + name, """
+            echo "$* | $HA_TRANSITION $HA_HOST master=$HA_MASTER slave=$HA_SLAVE run=$HA_RUN_ID" >> "%s/actions.log"
+            echo "recorded $*"
+        """ % self.world)
+
+    def set(self, host, state):
+        tmp = self.world / (".%s.tmp" % host)
+        tmp.write_text(state + "\n")
+        os.replace(tmp, self.world / host)
+
+    def actions_log(self):
+        try:
+            return (self.world / "actions.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    # -- running it -----------------------------------------------------------------
+
+    def argv(self, *args):
+        return [sys.executable, str(HADAEMON), "--config-dir", str(self.dir),
+                "--state-dir", str(self.state)] + list(args)
+
+    def cli(self, *args, timeout=60, env=None, check=False):
+        """Run one hadaemon command to completion and return the CompletedProcess."""
+        full_env = dict(os.environ, **(env or {}))
+        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
+                                env=full_env, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError("hadaemon %s exited %d:\n%s%s" % (
+                " ".join(args), result.returncode, result.stdout, result.stderr))
+        return result
+
+    def start(self, *args, env=None, wait=True):
+        """Start ``--foreground`` in the background; wait until --status answers."""
+        assert self.proc is None or self.proc.poll() is not None, "already started"
+        self._log = open(self.log_path, "ab")
+        full_env = dict(os.environ, **(env or {}))
+        self.proc = subprocess.Popen(self.argv("--foreground", *args), stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=full_env, start_new_session=True)
+        self.started.append(self.proc.pid)
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or self.running(), timeout=15,
+                     what="the daemon to answer --status")
+            if self.proc.poll() is not None:
+                raise AssertionError("daemon exited %s at start:\n%s" % (self.proc.returncode, self.log()))
+        return self.proc
+
+    def running(self):
+        return (self.state / "hadaemon.sock").exists() and self.cli("--status", "--json").returncode == 0
+
+    def status(self):
+        result = self.cli("--status", "--json")
+        assert result.returncode in (0, 3), result.stderr
+        return json.loads(result.stdout)
+
+    def host_state(self, host):
+        return self.status()["hosts"].get(host, {}).get("state")
+
+    def wait_state(self, host, state, timeout=10):
+        return wait_for(lambda: self.host_state(host) == state, timeout=timeout,
+                        what="%s to be %s (log:\n%s)" % (host, state, self.tail()))
+
+    def runs(self):
+        return self.status()["runs"]
+
+    def wait_runs(self, n, timeout=15, final=True):
+        """Wait for at least ``n`` runs (finished ones when ``final``); return them, oldest first."""
+        def done():
+            runs = self.runs()
+            if final:
+                runs = [r for r in runs if r["state"] not in ("queued", "running")]
+            return runs[::-1] if len(runs) >= n else None
+        return wait_for(done, timeout=timeout, what="%d finished action runs (log:\n%s)" % (n, self.tail()))
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, n=30):
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def wait_log(self, text, timeout=10):
+        return wait_for(lambda: text in self.log(), timeout=timeout,
+                        what="%r in the log (tail:\n%s)" % (text, self.tail()))
+
+    def signal(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout=30):
+        """SIGTERM and wait for the exit; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self):
+        """SIGKILL the master alone, as a crash would."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def descendants(self):
+        """Pids of live processes started for this daemon (by its environment marker)."""
+        return [p for p in pids_with_env("HA_CONFIG_DIR=%s" % self.dir) if alive(p)]
+
+    def cleanup(self):
+        for pid in self.started:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        pid_file = self.state / "hadaemon.pid"
+        try:
+            pid = int(pid_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid not in self.started and alive(pid):
+            try:                                # a daemon started with --start
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids_with_env("HA_CONFIG_DIR=%s" % self.dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._log:
+            self._log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    yield d
+    d.cleanup()
