@@ -1,0 +1,900 @@
+#!/usr/bin/env python3
+"""bench.py: hadaemon's speed beside the machine's limit and beside Monit.
+
+One run measures, on this machine and under its current load:
+
+1. limit       the floor: wall and CPU of a bare posix_spawn + waitpid of the trivial
+               check (``#!/bin/sh`` printing ``state=up``), and the round trip of a
+               small JSON message over an AF_UNIX socket to another process.
+2. overhead    hadaemon running trivial checks at a high rate: CPU of master + workers
+               + check processes per check execution, as a ratio to the bare spawn.
+3. throughput  100 trivial checks at 100, 200, 500, 1000 checks/s: the rate achieved,
+               skipped runs, and the schedule lag the daemon records (due -> handed
+               to a worker; ``--status --json`` daemon.lag_ms).
+4. reaction    a flag-file check at interval 100ms, confirm 1, one action: from the
+               transition (stamped when the check's result reached the master) to
+               the start of the first action command, and from flipping the file.
+5. idle        10 checks at a 10 s interval: CPU % and RSS / PSS of each process.
+6. monit       /usr/bin/monit in the foreground with the same check and action at
+               its fastest cycle (1 s): reaction latency and CPU per check.
+
+Standard library only.  Everything runs in a temp dir; every process started is
+ended by its pid; the only network is the daemon's UNIX socket.
+
+    python3 bench/bench.py                 full run (a few minutes)
+    python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
+    python3 bench/bench.py --json FILE     also write the figures as JSON
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+HADAEMON = os.path.join(ROOT, "hadaemon.py")
+MONIT = "/usr/bin/monit"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit")
+TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
+           "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0}
+
+TRIVIAL_CHECK = "#!/bin/sh\necho state=up\n"
+
+
+# ----------------------------------------------------------------------------
+# Small helpers: /proc, percentiles, files
+# ----------------------------------------------------------------------------
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def proc_times(pid):
+    """(utime+stime, cutime+cstime) of ``pid`` in seconds, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ut, st, cut, cst = (int(x) for x in fields[11:15])
+    return (ut + st) / CLK_TCK, (cut + cst) / CLK_TCK
+
+
+def proc_memory(pid):
+    """(VmRSS, Pss) of ``pid`` in MB."""
+    rss = pss = None
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024.0
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return rss, pss
+
+
+def pct(values, q):
+    """The q-quantile (nearest rank) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(seconds):
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def write_script(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def write_file(path, text, mode=0o644):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def flip(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path)
+    return time.time()
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return [line.split() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(predicate, timeout, what, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def kill_strays(marker):
+    """SIGKILL, by pid, every process whose command line or environment names ``marker``."""
+    needle = marker.encode()
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        for what in ("cmdline", "environ"):
+            try:
+                with open("/proc/%s/%s" % (name, what), "rb") as f:
+                    found = needle in f.read()
+            except OSError:
+                found = False
+            if found:
+                try:
+                    os.kill(int(name), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                break
+
+
+# ----------------------------------------------------------------------------
+# The daemons under test
+# ----------------------------------------------------------------------------
+
+class Hadaemon:
+    """One hadaemon.py --foreground in its own config dir and state dir."""
+
+    def __init__(self, root, checks_conf, actions_conf="", launcher=()):
+        self.root = root
+        self.conf = os.path.join(root, "conf")
+        self.state = os.path.join(root, "state")
+        self.world = os.path.join(root, "world")
+        for d in (os.path.join(self.conf, "checks"), os.path.join(self.conf, "actions"), self.world):
+            os.makedirs(d, exist_ok=True)
+        write_file(os.path.join(self.conf, "checks.conf"), textwrap.dedent(checks_conf))
+        write_file(os.path.join(self.conf, "actions.conf"), textwrap.dedent(actions_conf))
+        self.launcher = list(launcher)
+        self.proc = None
+        self.log_path = os.path.join(root, "daemon.log")
+
+    def script(self, name, text):
+        return write_script(os.path.join(self.conf, name), text)
+
+    def start(self):
+        argv = [sys.executable] + self.launcher + [HADAEMON, "--config-dir", self.conf,
+                                                   "--state-dir", self.state, "--foreground"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("hadaemon exited %s at start:\n%s" % (self.proc.returncode, self.tail()))
+            try:
+                if self.request({"cmd": "ping"}).get("ok"):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("hadaemon did not answer within 20s:\n%s" % self.tail())
+            time.sleep(0.02)
+        # The workers are forked in the first pass of the loop: wait until they said hello.
+        wait_for(lambda: self.worker_pids(idle_or_busy=True), 20, "the workers to connect", 0.02)
+        return self
+
+    def request(self, message, timeout=20.0):
+        """One control message over the daemon's UNIX socket (its documented protocol)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(os.path.join(self.state, "hadaemon.sock"))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+            return json.loads(buf.decode())
+        finally:
+            sock.close()
+
+    def status(self):
+        return self.request({"cmd": "status"})
+
+    def history(self, n):
+        return self.request({"cmd": "history", "n": n})["history"]
+
+    def worker_pids(self, idle_or_busy=False):
+        workers = self.status()["daemon"]["workers"]
+        if idle_or_busy:
+            workers = [w for w in workers if w["state"] in ("idle", "busy")]
+        return [w["pid"] for w in workers]
+
+    def tail(self, n=20):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)     # master's group: master, workers, runs
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_strays("HA_CONFIG_DIR=" + self.conf)      # checks and actions run in own sessions
+        self.proc = None
+
+
+class Monit:
+    """/usr/bin/monit -I with its own control file, id, state and pid files in a temp dir."""
+
+    def __init__(self, root, services):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.rc = os.path.join(root, "monitrc")
+        write_file(self.rc, textwrap.dedent("""\
+            set daemon 1
+            set logfile {root}/monit.log
+            set idfile {root}/monit.id
+            set statefile {root}/monit.state
+            set pidfile {root}/monit.pid
+            """).format(root=root) + textwrap.dedent(services), mode=0o600)
+        self.proc = None
+
+    def start(self):
+        out = open(os.path.join(self.root, "monit.out"), "ab")
+        with out:
+            self.proc = subprocess.Popen([MONIT, "-I", "-c", self.rc], stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        time.sleep(0.2)
+        if self.proc.poll() is not None:
+            with open(os.path.join(self.root, "monit.out"), errors="replace") as f:
+                raise RuntimeError("monit exited %s at start:\n%s" % (self.proc.returncode, f.read()))
+        return self
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_strays(self.root)
+        self.proc = None
+
+
+# ----------------------------------------------------------------------------
+# 1. The limit of this machine
+# ----------------------------------------------------------------------------
+
+def rusage_cpu(which):
+    r = resource.getrusage(which)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_spawn(script, n, pipe):
+    """posix_spawn + waitpid ``n`` times; with ``pipe`` stdout is a pipe read to EOF."""
+    env = dict(os.environ, HA_CHECK="check_trivial", HA_SCOPE="local", HA_STATE="up")
+    self0, kids0 = rusage_cpu(resource.RUSAGE_SELF), rusage_cpu(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if pipe:
+            r, w = os.pipe()
+            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, w, 1)]
+            pid = os.posix_spawn(script, [script], env, file_actions=actions, setsid=True)
+            os.close(w)
+            while os.read(r, 65536):
+                pass
+            os.close(r)
+        else:
+            actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+            pid = os.posix_spawn(script, [script], env, file_actions=actions)
+        os.waitpid(pid, 0)
+    wall = time.perf_counter() - t0
+    parent = rusage_cpu(resource.RUSAGE_SELF) - self0
+    child = rusage_cpu(resource.RUSAGE_CHILDREN) - kids0
+    return {"n": n, "wall_ms": ms(wall / n), "cpu_ms": ms((parent + child) / n),
+            "cpu_parent_ms": ms(parent / n), "cpu_child_ms": ms(child / n),
+            "per_s_one_core": round(n / (parent + child), 1) if parent + child else None}
+
+
+def _echo_server(sock):
+    buf = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            reply = {"t": "result", "job": msg["id"], "key": msg["key"],
+                     "data": {"state": "up"}, "exit": 0, "signal": None,
+                     "started": time.time(), "duration": 0.001}
+            sock.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+
+
+def bench_json_rtt(n):
+    """Round trips of a job-sized JSON message to another process and back."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            a.close()
+            _echo_server(b)
+        except BaseException:           # noqa: B036 - the child must reach os._exit
+            code = 1
+        finally:
+            os._exit(code)              # this must never return
+    b.close()
+    job = {"t": "job", "id": 0, "key": "local|check_trivial|check_trivial 17", "timeout": 5.0,
+           "env": {"HA_CHECK": "check_trivial 17", "HA_SCOPE": "local", "HA_STATE": "up",
+                   "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/etc/hadaemon/var"},
+           "argv": ["/etc/hadaemon/checks/check_trivial", "17"]}
+    self0 = rusage_cpu(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    buf = b""
+    for i in range(n):
+        job["id"] = i
+        a.sendall(json.dumps(job, separators=(",", ":")).encode() + b"\n")
+        while b"\n" not in buf:
+            buf += a.recv(65536)
+        line, buf = buf.split(b"\n", 1)
+        json.loads(line)
+    wall = time.perf_counter() - t0
+    parent = rusage_cpu(resource.RUSAGE_SELF) - self0
+    a.close()
+    _, _, ru = os.wait4(pid, 0)
+    child = ru.ru_utime + ru.ru_stime
+    return {"n": n, "wall_us": round(wall / n * 1e6, 1), "cpu_us": round((parent + child) / n * 1e6, 1),
+            "bytes": len(json.dumps(job, separators=(",", ":")))}
+
+
+def section_limit(tmp, quick):
+    script = write_script(os.path.join(tmp, "limit", "check_trivial"), TRIVIAL_CHECK)
+    n = 300 if quick else 2000
+    bench_spawn(script, 20, False)          # warm the page cache
+    return {"spawn": bench_spawn(script, n, False),
+            "spawn_pipe": bench_spawn(script, n, True),
+            "json_rtt": bench_json_rtt(n * 2)}
+
+
+# ----------------------------------------------------------------------------
+# 2 + 3. Overhead, throughput and schedule lag
+# ----------------------------------------------------------------------------
+
+def trivial_config(nchecks, interval, workers):
+    lines = ["[daemon]", "workers = %d" % workers, "timeout = 5s", "",
+             "[local]", "interval = %gms" % (interval * 1000)]
+    lines += ["check_trivial %d" % i for i in range(nchecks)]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_snapshot(master, workers):
+    m, _ = proc_times(master)
+    w = c = 0.0
+    for pid in workers:
+        own, kids = proc_times(pid)
+        w += own
+        c += kids                   # workers reap their checks: the checks' CPU lands here
+    return {"master": m, "workers": w, "checks": c}
+
+
+def runs_total(status):
+    checks = status["checks"]
+    return sum(c["runs"] for c in checks), sum(c["skipped"] for c in checks)
+
+
+def rate_run(tmp, rate, nchecks, workers, warmup, window, launcher=()):
+    interval = nchecks / float(rate)
+    d = Hadaemon(os.path.join(tmp, "rate-%d" % rate), trivial_config(nchecks, interval, workers),
+                 launcher=launcher)
+    d.script("checks/check_trivial", TRIVIAL_CHECK)
+    try:
+        d.start()
+        time.sleep(warmup)
+        st0 = d.status()
+        wpids = [w["pid"] for w in st0["daemon"]["workers"]]
+        c0, t0 = cpu_snapshot(d.proc.pid, wpids), time.monotonic()
+        time.sleep(window)
+        c1, t1 = cpu_snapshot(d.proc.pid, wpids), time.monotonic()
+        st1 = d.status()
+    finally:
+        d.stop()
+    runs0, skipped0 = runs_total(st0)
+    runs1, skipped1 = runs_total(st1)
+    runs = runs1 - runs0
+    cpu = {k: c1[k] - c0[k] for k in c0}
+    total = sum(cpu.values())
+    lag = st1["daemon"]["lag_ms"]
+    elapsed = t1 - t0
+    return {"rate": rate, "checks": nchecks, "interval_ms": round(interval * 1000, 3),
+            "workers": workers, "window_s": round(elapsed, 2), "runs": runs,
+            "achieved_per_s": round(runs / elapsed, 1), "skipped": skipped1 - skipped0,
+            "lag_p50_ms": lag["p50"], "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"],
+            "lag_samples": lag["samples"],
+            "cpu_per_check_ms": ms(total / runs) if runs else None,
+            "cpu_per_check_split_ms": {k: ms(v / runs) if runs else None for k, v in cpu.items()},
+            "cpu_pct": {k: round(100.0 * v / elapsed, 1) for k, v in cpu.items()},
+            "worker_pids_stable": sorted(wpids) == sorted(w["pid"] for w in st1["daemon"]["workers"])}
+
+
+def section_throughput(tmp, quick, workers, launcher=()):
+    rates = (100, 500) if quick else (100, 200, 500, 1000)
+    window = 2.0 if quick else 10.0
+    warmup = 0.5 if quick else 1.5
+    return [rate_run(tmp, r, 100, workers, warmup, window, launcher) for r in rates]
+
+
+# ----------------------------------------------------------------------------
+# 4 + 6. Reaction latency (the same flag-file check and action for both daemons)
+# ----------------------------------------------------------------------------
+# bash for its $EPOCHREALTIME (a builtin: no fork to read the clock).  The check
+# exits 0 (up) or 2 (down), as a Nagios plugin does, and appends "TIME STATE" to
+# world/checks.log as its last step; the action appends "TIME RUN STATE" to
+# world/actions.log as its first.
+
+FLAG_CHECK = """#!/bin/bash
+read -r s < {world}/role || s=down
+printf '%s %s\\n' "$EPOCHREALTIME" "$s" >> {world}/checks.log
+[ "$s" = up ] && exit 0
+exit 2
+"""
+
+REACT_ACTION = """#!/bin/bash
+printf '%s %s %s\\n' "$EPOCHREALTIME" "${{HA_RUN_ID:-monit}}" "${{HA_TO:-$1}}" >> {world}/actions.log
+"""
+
+
+def flip_until_acted(world, n, period, timeout):
+    """Flip world/role up <-> down ``n`` times; after each, wait for the action line."""
+    role, actions = os.path.join(world, "role"), os.path.join(world, "actions.log")
+    flips = []
+    state = "up"
+    for _ in range(n):
+        time.sleep(random.uniform(0, period))     # land anywhere in the check's cycle
+        state = "down" if state == "up" else "up"
+        before = len(read_lines(actions))
+        t = flip(role, state)
+        wait_for(lambda: len(read_lines(actions)) > before, timeout, "the action for %s" % state)
+        flips.append((t, state))
+    return flips
+
+
+def first_after(records, t, state):
+    """The first record (time, state...) at or after ``t`` whose last word is ``state``."""
+    for rec in records:
+        if float(rec[0]) >= t and rec[-1] == state:
+            return float(rec[0])
+    return None
+
+
+def summarize(values):
+    return {"n": len(values), "p50_ms": ms(pct(values, 0.5)), "p99_ms": ms(pct(values, 0.99)),
+            "max_ms": ms(max(values)) if values else None}
+
+
+def section_reaction(tmp, quick, workers, launcher=()):
+    n = 15 if quick else 60
+    d = Hadaemon(os.path.join(tmp, "reaction"), """\
+        [daemon]
+        workers = %d
+
+        [local]
+        interval = 100ms
+        confirm = 1
+        host = role
+        check_flag
+        """ % workers, "[any_to_any]\nreact\n", launcher=launcher)
+    d.script("checks/check_flag", FLAG_CHECK.format(world=d.world))
+    d.script("actions/react", REACT_ACTION.format(world=d.world))
+    flip(os.path.join(d.world, "role"), "up")
+    try:
+        d.start()
+        wait_for(lambda: read_lines(os.path.join(d.world, "actions.log")), 20, "the first action")
+        flips = flip_until_acted(d.world, n, 0.1, 20)
+        history = d.history(n + 10)
+    finally:
+        d.stop()
+    actions = read_lines(os.path.join(d.world, "actions.log"))
+    checks = read_lines(os.path.join(d.world, "checks.log"))
+    action_start = {int(rec[1]): float(rec[0]) for rec in actions}
+    t0 = flips[0][0]
+    reaction, spawn, from_check = [], [], []
+    for tr in history:
+        run = tr.get("run")
+        if tr["time"] < t0 - 0.001 or not run or run["id"] not in action_start:
+            continue
+        start = action_start[run["id"]]
+        reaction.append(start - tr["time"])
+        if run["commands"] and run["commands"][0].get("started"):
+            spawn.append(run["commands"][0]["started"] - tr["time"])
+        ends = [float(rec[0]) for rec in checks if float(rec[0]) <= tr["time"]]
+        if ends:
+            from_check.append(start - max(ends))
+    e2e = [first_after(actions, t, s) - t for t, s in flips if first_after(actions, t, s)]
+    return {"interval_ms": 100, "confirm": 1, "transitions": len(reaction),
+            "result_to_action": summarize(reaction),
+            "result_to_spawn": summarize(spawn),
+            "check_exit_to_action": summarize(from_check),
+            "flip_to_action": summarize(e2e)}
+
+
+# ----------------------------------------------------------------------------
+# 5. Idle cost
+# ----------------------------------------------------------------------------
+
+def section_idle(tmp, quick, workers, launcher=()):
+    window = 10.0 if quick else 60.0
+    d = Hadaemon(os.path.join(tmp, "idle"), trivial_config(10, 10.0, workers), launcher=launcher)
+    d.script("checks/check_trivial", TRIVIAL_CHECK)
+    try:
+        d.start()
+        time.sleep(1.0)
+        st0 = d.status()
+        wpids = [w["pid"] for w in st0["daemon"]["workers"]]
+        mpid = d.proc.pid
+        c0, t0 = cpu_snapshot(mpid, wpids), time.monotonic()
+        time.sleep(window)
+        c1, t1 = cpu_snapshot(mpid, wpids), time.monotonic()
+        mem = {"master": proc_memory(mpid)}
+        for i, pid in enumerate(wpids):
+            mem["worker%d" % (i + 1)] = proc_memory(pid)
+        st1 = d.status()
+    finally:
+        d.stop()
+    elapsed = t1 - t0
+    runs = runs_total(st1)[0] - runs_total(st0)[0]
+    return {"checks": 10, "interval_s": 10, "workers": len(wpids), "window_s": round(elapsed, 1),
+            "runs": runs,
+            "cpu_pct": {k: round(100.0 * (c1[k] - c0[k]) / elapsed, 3) for k in c0},
+            "rss_mb": {k: round(v[0], 1) for k, v in mem.items()},
+            "pss_mb": {k: round(v[1], 1) if v[1] is not None else None for k, v in mem.items()},
+            "rss_total_mb": round(sum(v[0] for v in mem.values()), 1),
+            "pss_total_mb": round(sum(v[1] or 0 for v in mem.values()), 1)}
+
+
+# ----------------------------------------------------------------------------
+# 6. Beside Monit
+# ----------------------------------------------------------------------------
+
+def monit_reaction(tmp, quick):
+    root = os.path.join(tmp, "monit-reaction")
+    world = os.path.join(root, "world")
+    os.makedirs(world)
+    check = write_script(os.path.join(root, "check_flag"), FLAG_CHECK.format(world=world))
+    action = write_script(os.path.join(root, "react"), REACT_ACTION.format(world=world))
+    flip(os.path.join(world, "role"), "up")
+    m = Monit(os.path.join(root, "monit"), """\
+        check program role with path "{check}"
+            if status != 0 then exec "{action} down"
+            else if succeeded then exec "{action} up"
+        """.format(check=check, action=action))
+    n = 3 if quick else 20
+    try:
+        m.start()
+        # Two evaluated cycles before the first flip: monit has seen "up".
+        wait_for(lambda: len(read_lines(os.path.join(world, "checks.log"))) >= 2, 20,
+                 "monit to run the check twice", 0.05)
+        flips = flip_until_acted(world, n, 1.0, 20)
+    finally:
+        m.stop()
+    actions = read_lines(os.path.join(world, "actions.log"))
+    checks = read_lines(os.path.join(world, "checks.log"))
+    reaction, e2e = [], []
+    for t, state in flips:
+        act = first_after(actions, t, state)
+        seen = first_after(checks, t, state)
+        if act is None:
+            continue
+        e2e.append(act - t)
+        if seen is not None:
+            reaction.append(act - seen)
+    return {"cycle_s": 1, "transitions": len(e2e), "check_exit_to_action": summarize(reaction),
+            "flip_to_action": summarize(e2e)}
+
+
+def monit_cpu(tmp, quick, nchecks=100):
+    """``nchecks`` trivial program checks per 1 s cycle, plus one that counts the cycles."""
+    root = os.path.join(tmp, "monit-cpu")
+    check = write_script(os.path.join(root, "check_trivial"), TRIVIAL_CHECK)
+    counter = os.path.join(root, "cycles.log")
+    count = write_script(os.path.join(root, "count_cycle"),
+                         "#!/bin/sh\necho state=up\necho x >> %s\n" % counter)
+    services = "".join('check program trivial%d with path "%s %d"\n    if status != 0 then alert\n'
+                       % (i, check, i) for i in range(nchecks))
+    services += 'check program counter with path "%s"\n    if status != 0 then alert\n' % count
+    m = Monit(os.path.join(root, "monit"), services)
+    window = 4.0 if quick else 15.0
+    try:
+        m.start()
+        wait_for(lambda: len(read_lines(counter)) >= 2, 20, "monit's second cycle", 0.05)
+        own0, kids0 = proc_times(m.proc.pid)
+        n0, t0 = len(read_lines(counter)), time.monotonic()
+        time.sleep(window)
+        own1, kids1 = proc_times(m.proc.pid)
+        n1, t1 = len(read_lines(counter)), time.monotonic()
+        rss, pss = proc_memory(m.proc.pid)
+    finally:
+        m.stop()
+    cycles = n1 - n0
+    runs = cycles * (nchecks + 1)
+    cpu = (own1 - own0) + (kids1 - kids0)
+    return {"checks": nchecks + 1, "window_s": round(t1 - t0, 2), "cycles": cycles, "runs": runs,
+            "achieved_per_s": round(runs / (t1 - t0), 1),
+            "cpu_per_check_ms": ms(cpu / runs) if runs else None,
+            "cpu_per_check_split_ms": {"monit": ms((own1 - own0) / runs) if runs else None,
+                                       "checks": ms((kids1 - kids0) / runs) if runs else None},
+            "rss_mb": round(rss, 1), "pss_mb": round(pss, 1) if pss is not None else None}
+
+
+def section_monit(tmp, quick):
+    if not os.access(MONIT, os.X_OK):
+        return {"skipped": "%s is not installed" % MONIT}
+    version = subprocess.run([MONIT, "-V"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {"version": version.replace("This is Monit version ", ""),
+            "reaction": monit_reaction(tmp, quick), "cpu": monit_cpu(tmp, quick)}
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def derive(result):
+    """The headline figures, the ratios and which targets are met."""
+    out = {}
+    limit = result.get("limit")
+    rates = {r["rate"]: r for r in result.get("throughput", [])}
+    if limit and rates:
+        spawn = limit["spawn"]["cpu_ms"]
+        for r in rates.values():
+            r["ratio_to_spawn"] = ratio(r["cpu_per_check_ms"], spawn)
+        head = rates.get(500) or rates[max(rates)]
+        out["overhead"] = {"rate": head["rate"], "cpu_per_check_ms": head["cpu_per_check_ms"],
+                           "split_ms": head["cpu_per_check_split_ms"], "spawn_cpu_ms": spawn,
+                           "ratio": head["ratio_to_spawn"],
+                           "met": head["ratio_to_spawn"] is not None
+                           and head["ratio_to_spawn"] <= TARGETS["overhead_ratio"]}
+    if rates:
+        for r in rates.values():
+            r["sustained"] = (r["lag_p99_ms"] is not None and r["lag_p99_ms"] <= TARGETS["lag_p99_ms"]
+                              and r["achieved_per_s"] >= 0.97 * r["rate"] and r["skipped"] == 0)
+        ok = [r["rate"] for r in rates.values() if r["sustained"]]
+        out["throughput"] = {"highest_sustained": max(ok) if ok else None,
+                             "met": TARGETS["lag_rate"] in rates and rates[TARGETS["lag_rate"]]["sustained"]}
+    reaction = result.get("reaction")
+    if reaction:
+        p99 = reaction["result_to_action"]["p99_ms"]
+        out["reaction"] = {"p99_ms": p99, "met": p99 is not None and p99 <= TARGETS["reaction_p99_ms"]}
+    idle = result.get("idle")
+    if idle:
+        out["idle"] = {"master_cpu_pct": idle["cpu_pct"]["master"], "rss_total_mb": idle["rss_total_mb"],
+                       "met_cpu": idle["cpu_pct"]["master"] < TARGETS["idle_master_cpu_pct"],
+                       "met_rss": idle["rss_total_mb"] <= TARGETS["idle_rss_mb"]}
+    monit = result.get("monit")
+    if monit and "skipped" not in monit:
+        ha_cpu = (rates.get(100) or {}).get("cpu_per_check_ms")
+        out["vs_monit"] = {
+            "check_exit_to_action_p50": ratio(reaction and reaction["check_exit_to_action"]["p50_ms"],
+                                              monit["reaction"]["check_exit_to_action"]["p50_ms"]),
+            "flip_to_action_p50": ratio(reaction and reaction["flip_to_action"]["p50_ms"],
+                                        monit["reaction"]["flip_to_action"]["p50_ms"]),
+            "cpu_per_check_at_100_per_s": ratio(ha_cpu, monit["cpu"]["cpu_per_check_ms"])}
+    return out
+
+
+def fmt(value, width=9):
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "NO"
+    elif isinstance(value, float):
+        text = "%.3f" % value if abs(value) < 10 else "%.1f" % value
+    else:
+        text = str(value)
+    return text.rjust(width)
+
+
+def render(result):
+    meta = result["meta"]
+    lines = []
+    add = lines.append
+    add("hadaemon bench  %s  %s  %d cpus  python %s  %s" % (
+        meta["date"], meta["host"], meta["cpus"], meta["python"], "quick" if meta["quick"] else "full"))
+    add("load average at start %s, at end %s   workers = %d" % (
+        " ".join("%.2f" % x for x in meta["loadavg_start"]),
+        " ".join("%.2f" % x for x in meta.get("loadavg_end", [])), meta["workers"]))
+    d = result.get("derived", {})
+    limit = result.get("limit")
+    if limit:
+        add("")
+        add("1. limit of this machine              wall        CPU")
+        add("   posix_spawn+waitpid (stdout null) %s ms %s ms" % (fmt(limit["spawn"]["wall_ms"]),
+                                                               fmt(limit["spawn"]["cpu_ms"])))
+        add("   same, stdout piped, own session   %s ms %s ms" % (fmt(limit["spawn_pipe"]["wall_ms"]),
+                                                               fmt(limit["spawn_pipe"]["cpu_ms"])))
+        add("   JSON round trip over AF_UNIX      %s us %s us  (%d-byte job)" % (
+            fmt(limit["json_rtt"]["wall_us"]), fmt(limit["json_rtt"]["cpu_us"]), limit["json_rtt"]["bytes"]))
+    if "overhead" in d:
+        o = d["overhead"]
+        add("")
+        add("2. per-check overhead at %d checks/s: %.3f ms CPU per check (master %.3f + workers %.3f"
+            " + check %.3f) = %.2fx the bare spawn (target <= %.1fx: %s)" % (
+                o["rate"], o["cpu_per_check_ms"], o["split_ms"]["master"], o["split_ms"]["workers"],
+                o["split_ms"]["checks"], o["ratio"], TARGETS["overhead_ratio"],
+                "met" if o["met"] else "NOT met"))
+    if result.get("throughput"):
+        add("")
+        add("3. throughput and schedule lag (100 checks; lag = due -> handed to a worker)")
+        add("   %s" % "".join(h.rjust(10) for h in ("rate/s", "achieved", "skipped", "lag p50",
+                                                     "lag p99", "lag max", "CPU/chk", "x spawn",
+                                                     "master%", "ok")))
+        for r in result["throughput"]:
+            add("   %s" % "".join(fmt(v, 10) for v in (
+                r["rate"], r["achieved_per_s"], r["skipped"], r["lag_p50_ms"], r["lag_p99_ms"],
+                r["lag_max_ms"], r["cpu_per_check_ms"], r.get("ratio_to_spawn"),
+                r["cpu_pct"]["master"], r.get("sustained"))))
+        add("   (lag and CPU in ms; target: 500/s with p99 lag <= 20 ms: %s)" % (
+            "met" if d.get("throughput", {}).get("met") else "NOT met"))
+    reaction = result.get("reaction")
+    if reaction:
+        add("")
+        add("4. reaction (interval 100ms, confirm 1, %d transitions)   p50 ms    p99 ms    max ms"
+            % reaction["transitions"])
+        for key, label in (("result_to_action", "result at master -> action starts"),
+                           ("result_to_spawn", "result at master -> command spawned"),
+                           ("check_exit_to_action", "check exits -> action starts"),
+                           ("flip_to_action", "file flipped -> action starts")):
+            s = reaction[key]
+            add("   %-36s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
+        add("   (target: p99 result -> action <= %.0f ms: %s)" % (
+            TARGETS["reaction_p99_ms"], "met" if d.get("reaction", {}).get("met") else "NOT met"))
+    idle = result.get("idle")
+    if idle:
+        add("")
+        add("5. idle: %d checks every %ds, %.0f s window" % (idle["checks"], idle["interval_s"],
+                                                            idle["window_s"]))
+        add("   CPU %%: master %.3f, workers %.3f, checks %.3f" % (
+            idle["cpu_pct"]["master"], idle["cpu_pct"]["workers"], idle["cpu_pct"]["checks"]))
+        add("   RSS MB: %s; total %.1f (PSS total %.1f)" % (
+            ", ".join("%s %.1f" % kv for kv in idle["rss_mb"].items()), idle["rss_total_mb"],
+            idle["pss_total_mb"]))
+        add("   (targets: master < %.1f%% CPU: %s; total RSS <= %.0f MB: %s)" % (
+            TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
+            TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
+    monit = result.get("monit")
+    if monit:
+        add("")
+        if "skipped" in monit:
+            add("6. beside Monit: skipped (%s)" % monit["skipped"])
+        else:
+            mr, mc = monit["reaction"], monit["cpu"]
+            vs = d.get("vs_monit", {})
+            ha_cpu = next((r for r in result.get("throughput", []) if r["rate"] == 100), {})
+            add("6. beside Monit %s (set daemon 1; check program, if status != 0 then exec)" % monit["version"])
+            add("                                  hadaemon      Monit   hadaemon/Monit")
+            add("   check exits -> action p50 ms %s %s %s" % (
+                fmt(reaction and reaction["check_exit_to_action"]["p50_ms"], 10),
+                fmt(mr["check_exit_to_action"]["p50_ms"], 10), fmt(vs.get("check_exit_to_action_p50"), 10)))
+            add("   file flip -> action p50 ms   %s %s %s  (interval 100ms vs cycle 1s)" % (
+                fmt(reaction and reaction["flip_to_action"]["p50_ms"], 10),
+                fmt(mr["flip_to_action"]["p50_ms"], 10), fmt(vs.get("flip_to_action_p50"), 10)))
+            add("   CPU per check ms, ~100/s     %s %s %s" % (
+                fmt(ha_cpu.get("cpu_per_check_ms"), 10), fmt(mc["cpu_per_check_ms"], 10),
+                fmt(vs.get("cpu_per_check_at_100_per_s"), 10)))
+            add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
+                mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a ~30 s smoke run (fewer, shorter runs)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--workers", type=int, default=2, help="hadaemon workers (default: %(default)s)")
+    p.add_argument("--only", metavar="LIST", help="comma-separated sections: %s" % ",".join(SECTIONS))
+    p.add_argument("--profile", metavar="DIR",
+                   help="run hadaemon under bench/profiled.py, cProfile stats into DIR")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = only - set(SECTIONS)
+    if unknown:
+        p.error("unknown section(s): %s" % ", ".join(sorted(unknown)))
+    launcher = ()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        launcher = (os.path.join(HERE, "profiled.py"), os.path.abspath(args.profile))
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+                       "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "quick": args.quick, "workers": args.workers, "loadavg_start": loadavg()}}
+    tmp = tempfile.mkdtemp(prefix="hadaemon-bench-")
+    started = time.monotonic()
+    try:
+        if "limit" in only:
+            result["limit"] = section_limit(tmp, args.quick)
+        if "throughput" in only:
+            result["throughput"] = section_throughput(tmp, args.quick, args.workers, launcher)
+        if "reaction" in only:
+            result["reaction"] = section_reaction(tmp, args.quick, args.workers, launcher)
+        if "idle" in only:
+            result["idle"] = section_idle(tmp, args.quick, args.workers, launcher)
+        if "monit" in only:
+            result["monit"] = section_monit(tmp, args.quick)
+    finally:
+        kill_strays(tmp)
+        if args.keep:
+            print("temp dir kept: %s" % tmp, file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["meta"]["loadavg_end"] = loadavg()
+    result["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    result["derived"] = derive(result)
+    print(render(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
