@@ -1439,9 +1439,13 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None):
-    """Run one check job and return the result message for the master."""
-    env = dict(os.environ)
+def run_check(job, watch, master=None, environ=None):
+    """Run one check job and return the result message for the master.
+
+    ``environ``: the environment to start from (default os.environ); a worker passes
+    one copy made at its start, as os.environ decodes every entry on every copy.
+    """
+    env = dict(os.environ if environ is None else environ)
     env.update(job["env"])
     started = time.time()
     res = run_process(job["argv"], env, job["timeout"], 0, watch,
@@ -1470,12 +1474,13 @@ def worker_main(sock_path, config_dir):
     watch = ChildWatch()
     chan = Channel.connect(sock_path)
     chan.send({"t": "hello", "role": "worker", "pid": os.getpid()})
+    environ = dict(os.environ)
     while True:
         job = chan.receive()
         if job is None or job.get("t") == "exit":
             return 0
         if job.get("t") == "job":
-            chan.send(run_check(job, watch, master=chan.sock))
+            chan.send(run_check(job, watch, master=chan.sock, environ=environ))
 
 
 # ============================================================================
