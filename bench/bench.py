@@ -64,6 +64,15 @@ def loadavg():
         return [float(x) for x in f.read().split()[:3]]
 
 
+def cpu_ticks():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]                # idle + iowait
+    total = sum(fields[:8])                     # up to steal; guest is already in user
+    return total - idle, total
+
+
 def proc_times(pid):
     """(utime+stime, cutime+cstime) of ``pid`` in seconds, from /proc/PID/stat."""
     with open("/proc/%d/stat" % pid) as f:
@@ -266,6 +275,17 @@ class Hadaemon:
         self.proc = None
 
 
+MONIT_NOFILE = 1024
+
+
+def _monit_limits():
+    # Monit's child closes every fd up to the soft RLIMIT_NOFILE before it execs a
+    # program (20000 close() calls per check with this machine's 20000).  Give it
+    # the usual default, 1024 (also systemd's default for a service), to be fair.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, MONIT_NOFILE), hard))
+
+
 class Monit:
     """/usr/bin/monit -I with its own control file, id, state and pid files in a temp dir."""
 
@@ -287,7 +307,7 @@ class Monit:
         with out:
             self.proc = subprocess.Popen([MONIT, "-I", "-c", self.rc], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_monit_limits)
         time.sleep(0.2)
         if self.proc.poll() is not None:
             with open(os.path.join(self.root, "monit.out"), errors="replace") as f:
@@ -404,13 +424,42 @@ def bench_json_rtt(n):
             "bytes": len(json.dumps(job, separators=(",", ":")))}
 
 
+def bench_action_start(root, n):
+    """posix_spawn of the bash action used in (4) and (6) -> the time it records first."""
+    world = os.path.join(root, "world")
+    os.makedirs(world, exist_ok=True)
+    action = write_script(os.path.join(root, "react"), REACT_ACTION.format(world=world))
+    log = os.path.join(world, "actions.log")
+    delays = []
+    for _ in range(n):
+        t = time.time()
+        pid = os.posix_spawn(action, [action, "up"], dict(os.environ, HA_RUN_ID="1", HA_TO="up"))
+        os.waitpid(pid, 0)
+        delays.append(float(read_lines(log)[-1][0]) - t)
+    return summarize(delays)
+
+
+def interpreter_rss():
+    """VmRSS (MB) of a bare python3, without site (-S), and with hadaemon.py imported."""
+    probe = "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
+    out = {}
+    for key, argv in (("python3", ["-c", probe]), ("python3_S", ["-S", "-c", probe]),
+                      ("hadaemon_imported", ["-c", "import sys; sys.argv = ['hadaemon']; "
+                                             "sys.path.insert(0, %r); import hadaemon; %s" % (ROOT, probe)])):
+        text = subprocess.run([sys.executable] + argv, capture_output=True, text=True).stdout
+        out[key] = round(int(text.split()[0]) / 1024.0, 1)
+    return out
+
+
 def section_limit(tmp, quick):
     script = write_script(os.path.join(tmp, "limit", "check_trivial"), TRIVIAL_CHECK)
     n = 300 if quick else 2000
     bench_spawn(script, 20, False)          # warm the page cache
     return {"spawn": bench_spawn(script, n, False),
             "spawn_pipe": bench_spawn(script, n, True),
-            "json_rtt": bench_json_rtt(n * 2)}
+            "json_rtt": bench_json_rtt(n * 2),
+            "action_start": bench_action_start(os.path.join(tmp, "limit"), 20 if quick else 100),
+            "rss_mb": interpreter_rss()}
 
 
 # ----------------------------------------------------------------------------
@@ -757,6 +806,13 @@ def render(result):
     meta = result["meta"]
     lines = []
     add = lines.append
+
+    def load(name):
+        info = result.get("load", {}).get(name)
+        if info:
+            add("   [%.0f s; load average %.2f -> %.2f; machine CPU busy %.0f%%]" % (
+                info["seconds"], info["loadavg_start"][0], info["loadavg_end"][0],
+                info["machine_busy_pct"]))
     add("hadaemon bench  %s  %s  %d cpus  python %s  %s" % (
         meta["date"], meta["host"], meta["cpus"], meta["python"], "quick" if meta["quick"] else "full"))
     add("load average at start %s, at end %s   workers = %d" % (
@@ -773,6 +829,12 @@ def render(result):
                                                                fmt(limit["spawn_pipe"]["cpu_ms"])))
         add("   JSON round trip over AF_UNIX      %s us %s us  (%d-byte job)" % (
             fmt(limit["json_rtt"]["wall_us"]), fmt(limit["json_rtt"]["cpu_us"]), limit["json_rtt"]["bytes"]))
+        a = limit["action_start"]
+        add("   spawn -> the bash action's clock  %s ms p50, %s ms p99" % (fmt(a["p50_ms"]), fmt(a["p99_ms"])))
+        r = limit["rss_mb"]
+        add("   RSS: python3 %.1f MB, python3 -S %.1f MB, python3 + import hadaemon %.1f MB" % (
+            r["python3"], r["python3_S"], r["hadaemon_imported"]))
+        load("limit")
     if "overhead" in d:
         o = d["overhead"]
         add("")
@@ -794,6 +856,7 @@ def render(result):
                 r["cpu_pct"]["master"], r.get("sustained"))))
         add("   (lag and CPU in ms; target: 500/s with p99 lag <= 20 ms: %s)" % (
             "met" if d.get("throughput", {}).get("met") else "NOT met"))
+        load("throughput")
     reaction = result.get("reaction")
     if reaction:
         add("")
@@ -807,6 +870,7 @@ def render(result):
             add("   %-36s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
         add("   (target: p99 result -> action <= %.0f ms: %s)" % (
             TARGETS["reaction_p99_ms"], "met" if d.get("reaction", {}).get("met") else "NOT met"))
+        load("reaction")
     idle = result.get("idle")
     if idle:
         add("")
@@ -820,6 +884,7 @@ def render(result):
         add("   (targets: master < %.1f%% CPU: %s; total RSS <= %.0f MB: %s)" % (
             TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
             TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
+        load("idle")
     monit = result.get("monit")
     if monit:
         add("")
@@ -842,6 +907,7 @@ def render(result):
                 fmt(vs.get("cpu_per_check_at_100_per_s"), 10)))
             add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
                 mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
+            load("monit")
     return "\n".join(lines)
 
 
@@ -868,17 +934,23 @@ def main(argv=None):
                        "quick": args.quick, "workers": args.workers, "loadavg_start": loadavg()}}
     tmp = tempfile.mkdtemp(prefix="hadaemon-bench-")
     started = time.monotonic()
+    steps = (("limit", lambda: section_limit(tmp, args.quick)),
+             ("throughput", lambda: section_throughput(tmp, args.quick, args.workers, launcher)),
+             ("reaction", lambda: section_reaction(tmp, args.quick, args.workers, launcher)),
+             ("idle", lambda: section_idle(tmp, args.quick, args.workers, launcher)),
+             ("monit", lambda: section_monit(tmp, args.quick)))
+    result["load"] = {}
     try:
-        if "limit" in only:
-            result["limit"] = section_limit(tmp, args.quick)
-        if "throughput" in only:
-            result["throughput"] = section_throughput(tmp, args.quick, args.workers, launcher)
-        if "reaction" in only:
-            result["reaction"] = section_reaction(tmp, args.quick, args.workers, launcher)
-        if "idle" in only:
-            result["idle"] = section_idle(tmp, args.quick, args.workers, launcher)
-        if "monit" in only:
-            result["monit"] = section_monit(tmp, args.quick)
+        for name, step in steps:
+            if name not in only:
+                continue
+            load0, (busy0, total0), t0 = loadavg(), cpu_ticks(), time.monotonic()
+            result[name] = step()
+            busy1, total1 = cpu_ticks()
+            # How busy the whole machine was meanwhile (us included): other load shows here.
+            result["load"][name] = {"loadavg_start": load0, "loadavg_end": loadavg(),
+                                    "machine_busy_pct": round(100.0 * (busy1 - busy0) / max(1, total1 - total0), 1),
+                                    "seconds": round(time.monotonic() - t0, 1)}
     finally:
         kill_strays(tmp)
         if args.keep:
