@@ -1827,7 +1827,10 @@ class Master:
         old = self.runtimes
         self.runtimes = {}
         self.heap = []
-        fresh = {c.key: i for i, c in enumerate(c for c in self.config.checks if c.key not in old)}
+        # New checks and checks whose schedule changed start afresh, spread out.
+        fresh = {c.key: i for i, c in enumerate(
+            c for c in self.config.checks
+            if c.key not in old or not self.same_schedule(old[c.key].check, c))}
         for check in self.config.checks:
             rt = old.get(check.key)
             if rt is not None and self.same_schedule(rt.check, check):

@@ -1,0 +1,78 @@
+"""The benchmark keeps running (bench/bench.py --quick), and what it found stays fixed.
+
+No timed assertions here: the bench prints figures, people judge them.
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SECTIONS = {
+    "limit": ["spawn.cpu_ms", "spawn.wall_ms", "spawn_pipe.cpu_ms", "json_rtt.cpu_us",
+              "json_rtt.wall_us", "action_start.p50_ms", "rss_mb.python3"],
+    "reaction": ["result_to_action.p50_ms", "result_to_action.p99_ms", "result_to_spawn.p50_ms",
+                 "check_exit_to_action.p50_ms", "flip_to_action.p50_ms", "transitions"],
+    "idle": ["cpu_pct.master", "cpu_pct.workers", "rss_mb.master", "rss_total_mb", "pss_total_mb"],
+}
+
+
+def _get(doc, dotted):
+    for part in dotted.split("."):
+        doc = doc[part]
+    return doc
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_bench_quick_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(out.read_text())
+    for section, fields in SECTIONS.items():
+        for field in fields:
+            assert _number(_get(doc[section], field)), (section, field, doc[section])
+    assert len(doc["throughput"]) >= 2
+    for run in doc["throughput"]:
+        for field in ("rate", "achieved_per_s", "runs", "lag_p50_ms", "lag_p99_ms", "cpu_per_check_ms",
+                      "ratio_to_spawn"):
+            assert _number(run[field]), (field, run)
+        assert run["runs"] > 0
+    overhead = doc["derived"]["overhead"]
+    assert _number(overhead["ratio"]) and _number(overhead["cpu_per_check_ms"])
+    assert doc["reaction"]["transitions"] >= 10
+    assert _number(doc["meta"]["loadavg_start"][0])
+    monit = doc["monit"]
+    if "skipped" not in monit:
+        assert _number(monit["reaction"]["check_exit_to_action"]["p50_ms"])
+        assert _number(monit["cpu"]["cpu_per_check_ms"])
+        assert _number(doc["derived"]["vs_monit"]["cpu_per_check_at_100_per_s"])
+    # The table names each section and the load it ran under.
+    for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
+                    "6. beside Monit", "load average"):
+        assert heading in result.stdout, heading
+
+
+def test_reload_spreads_checks_whose_interval_changed(daemon):
+    """A reload that changes a group's interval must not make all its checks due at once.
+
+    They used to be: all scheduled at the reload instant, then in lockstep forever
+    (a burst of every check each interval), which the bench saw as 40 ms of lag.
+    """
+    d = daemon
+    d.script("checks/check_up", "echo state=up\n")
+    d.write("actions.conf", "")
+    checks = "".join("check_up %d\n" % i for i in range(10))
+    d.write("checks.conf", "[daemon]\nworkers = 1\n\n[local]\ninterval = 60s\n" + checks)
+    d.start()
+    d.write("checks.conf", "[daemon]\nworkers = 1\n\n[local]\ninterval = 20s\n" + checks)
+    assert d.cli("--reload").returncode == 0
+    due = sorted(c["next_run"] for c in d.status()["checks"])
+    assert len(due) == 10
+    # Spread over the new 20 s interval (2 s apart), not all due at the reload.
+    assert due[-1] - due[0] > 10, due
