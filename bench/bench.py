@@ -24,6 +24,8 @@ ended by its pid; the only network is the daemon's UNIX socket.
     python3 bench/bench.py                 full run (a few minutes)
     python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
     python3 bench/bench.py --json FILE     also write the figures as JSON
+    python3 bench/bench.py --profile DIR   the same under cProfile (bench/profiled.py)
+    BENCH_HADAEMON=/path/hadaemon.py       bench another copy (before / after a change)
 """
 
 import argparse
@@ -473,13 +475,21 @@ def trivial_config(nchecks, interval, workers):
     return "\n".join(lines) + "\n"
 
 
+def proc_cpu(pid):
+    """CPU seconds ``pid`` ran, to the nanosecond (/proc/PID/schedstat; one thread)."""
+    try:
+        with open("/proc/%d/schedstat" % pid) as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return proc_times(pid)[0]
+
+
 def cpu_snapshot(master, workers):
-    m, _ = proc_times(master)
+    m = proc_cpu(master)
     w = c = 0.0
     for pid in workers:
-        own, kids = proc_times(pid)
-        w += own
-        c += kids                   # workers reap their checks: the checks' CPU lands here
+        w += proc_cpu(pid)
+        c += proc_times(pid)[1]     # workers reap their checks: the checks' CPU lands here
     return {"master": m, "workers": w, "checks": c}
 
 
@@ -610,7 +620,7 @@ def section_reaction(tmp, quick, workers, launcher=()):
     checks = read_lines(os.path.join(d.world, "checks.log"))
     action_start = {int(rec[1]): float(rec[0]) for rec in actions}
     t0 = flips[0][0]
-    reaction, spawn, from_check = [], [], []
+    reaction, spawn, spawn_to_clock, from_check = [], [], [], []
     for tr in history:
         run = tr.get("run")
         if tr["time"] < t0 - 0.001 or not run or run["id"] not in action_start:
@@ -619,6 +629,7 @@ def section_reaction(tmp, quick, workers, launcher=()):
         reaction.append(start - tr["time"])
         if run["commands"] and run["commands"][0].get("started"):
             spawn.append(run["commands"][0]["started"] - tr["time"])
+            spawn_to_clock.append(start - run["commands"][0]["started"])
         ends = [float(rec[0]) for rec in checks if float(rec[0]) <= tr["time"]]
         if ends:
             from_check.append(start - max(ends))
@@ -626,6 +637,7 @@ def section_reaction(tmp, quick, workers, launcher=()):
     return {"interval_ms": 100, "confirm": 1, "transitions": len(reaction),
             "result_to_action": summarize(reaction),
             "result_to_spawn": summarize(spawn),
+            "spawn_to_action": summarize(spawn_to_clock),
             "check_exit_to_action": summarize(from_check),
             "flip_to_action": summarize(e2e)}
 
@@ -655,7 +667,17 @@ def section_idle(tmp, quick, workers, launcher=()):
         d.stop()
     elapsed = t1 - t0
     runs = runs_total(st1)[0] - runs_total(st0)[0]
+    # The same daemon under python3 -S: what site-packages' .pth files add to each process.
+    bare = Hadaemon(os.path.join(tmp, "idle-S"), trivial_config(10, 10.0, workers), launcher=("-S",))
+    bare.script("checks/check_trivial", TRIVIAL_CHECK)
+    try:
+        bare.start()
+        time.sleep(1.0)
+        no_site = [proc_memory(pid)[0] for pid in [bare.proc.pid] + bare.worker_pids()]
+    finally:
+        bare.stop()
     return {"checks": 10, "interval_s": 10, "workers": len(wpids), "window_s": round(elapsed, 1),
+            "rss_total_no_site_mb": round(sum(no_site), 1),
             "runs": runs,
             "cpu_pct": {k: round(100.0 * (c1[k] - c0[k]) / elapsed, 3) for k in c0},
             "rss_mb": {k: round(v[0], 1) for k, v in mem.items()},
@@ -822,7 +844,7 @@ def render(result):
                 info["machine_busy_pct"]))
     add("hadaemon bench  %s  %s  %d cpus  python %s  %s" % (
         meta["date"], meta["host"], meta["cpus"], meta["python"], "quick" if meta["quick"] else "full"))
-    add("load average at start %s, at end %s   workers = %d" % (
+    add("load average at start %s, at end %s   workers (throughput) = %d" % (
         " ".join("%.2f" % x for x in meta["loadavg_start"]),
         " ".join("%.2f" % x for x in meta.get("loadavg_end", [])), meta["workers"]))
     d = result.get("derived", {})
@@ -870,7 +892,8 @@ def render(result):
         add("4. reaction (interval 100ms, confirm 1, %d transitions)   p50 ms    p99 ms    max ms"
             % reaction["transitions"])
         for key, label in (("result_to_action", "result at master -> action starts"),
-                           ("result_to_spawn", "result at master -> command spawned"),
+                           ("result_to_spawn", "  of which: -> command about to spawn"),
+                           ("spawn_to_action", "  and: spawn -> the action's clock"),
                            ("check_exit_to_action", "check exits -> action starts"),
                            ("flip_to_action", "file flipped -> action starts")):
             s = reaction[key]
@@ -885,9 +908,9 @@ def render(result):
                                                             idle["window_s"]))
         add("   CPU %%: master %.3f, workers %.3f, checks %.3f" % (
             idle["cpu_pct"]["master"], idle["cpu_pct"]["workers"], idle["cpu_pct"]["checks"]))
-        add("   RSS MB: %s; total %.1f (PSS total %.1f)" % (
+        add("   RSS MB: %s; total %.1f (PSS total %.1f; RSS total under python3 -S %.1f)" % (
             ", ".join("%s %.1f" % kv for kv in idle["rss_mb"].items()), idle["rss_total_mb"],
-            idle["pss_total_mb"]))
+            idle["pss_total_mb"], idle["rss_total_no_site_mb"]))
         add("   (targets: master < %.1f%% CPU: %s; total RSS <= %.0f MB: %s)" % (
             TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
             TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
@@ -922,7 +945,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a ~30 s smoke run (fewer, shorter runs)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.add_argument("--workers", type=int, default=2, help="hadaemon workers (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="hadaemon workers for the throughput runs (default: %(default)s, two per core "
+                        "here: a worker waits while its check runs)")
     p.add_argument("--only", metavar="LIST", help="comma-separated sections: %s" % ",".join(SECTIONS))
     p.add_argument("--profile", metavar="DIR",
                    help="run hadaemon under bench/profiled.py, cProfile stats into DIR")
@@ -943,8 +968,8 @@ def main(argv=None):
     started = time.monotonic()
     steps = (("limit", lambda: section_limit(tmp, args.quick)),
              ("throughput", lambda: section_throughput(tmp, args.quick, args.workers, launcher)),
-             ("reaction", lambda: section_reaction(tmp, args.quick, args.workers, launcher)),
-             ("idle", lambda: section_idle(tmp, args.quick, args.workers, launcher)),
+             ("reaction", lambda: section_reaction(tmp, args.quick, 2, launcher)),
+             ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
              ("monit", lambda: section_monit(tmp, args.quick)))
     result["load"] = {}
     try:
