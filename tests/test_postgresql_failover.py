@@ -464,3 +464,40 @@ def test_postgresql_failover(pg_pair, daemon):   # daemon torn down first
           "rows acknowledged %d (%d before, %d after), present %d, attempts %d"
           % (down["time"] - killed, promoted_at - killed, repointed_at - killed, outage,
              len(acked), len(before), len(after_), len(present), writer.attempts))
+
+
+def test_no_promotion_while_the_primary_answers(pg_pair, daemon):
+    """The check loses db1 (a cut between this host and db1, say) while db1 still runs:
+    hadaemon sees master_to_down, but promote_standby asks db1 itself and refuses."""
+    d, pair = daemon, pg_pair
+    db1, db2 = pair.primary, pair.standby
+    middleware = Middleware(d.world, db1, pair)
+    install_example(d, pair)
+    d.start(env=dict(pair.client_env, PGBOUNCER_DB_FILE=str(middleware.db_file),
+                     PGBOUNCER_PIDFILE=str(middleware.pid_file)))
+    d.wait_state(db1.host, "master", timeout=20)
+    d.wait_state(db2.host, "slave", timeout=20)
+    d.wait_runs(2, timeout=20)
+
+    # The check now asks a port nothing listens on, still reporting it as db1.
+    dead = free_ports(1)[0]
+    conf = d.dir / "checks.conf"
+    text, count = re.subn(r"(?m)^check_pg_role 127\.0\.0\.1 %d$" % db1.port,
+                          "check_pg_role 127.0.0.1 %d %s" % (dead, db1.host), conf.read_text())
+    assert count == 1
+    conf.write_text(text)
+    d.cli("--reload", check=True)
+
+    d.wait_state(db1.host, "down", timeout=30)
+    run = d.wait_runs(3, timeout=60)[-1]
+    assert run["section"] == "master_to_down" and run["state"] == "failed", run
+    promote = [c for c in run["commands"] if os.path.basename(c["argv"][0]) == "promote_standby"][0]
+    assert promote["result"]["exit"] == 1, promote
+    assert "refusing: %s is still a primary" % db1.host in promote["result"]["output"], promote
+    sync_off = [c for c in run["commands"] if os.path.basename(c["argv"][0]) == "sync_off"][0]
+    assert sync_off["result"] is None, "sync_off ran after a refused promotion"
+    # Nothing moved: one primary, one standby, clients still on db1.
+    assert db1.sql("SELECT pg_is_in_recovery()") == ["f"]
+    assert db2.sql("SELECT pg_is_in_recovery()") == ["t"]
+    assert middleware.target() == ("127.0.0.1", db1.port)
+    assert d.host_state(db2.host) == "slave"
