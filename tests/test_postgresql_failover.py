@@ -432,9 +432,15 @@ def test_postgresql_failover(pg_pair, daemon):   # daemon torn down first
     down, up = after
     assert down["run"]["section"] == "master_to_down" and down["run"]["state"] == "ok", down["run"]
     assert up["run"]["section"] == "slave_to_master" and up["run"]["state"] == "ok", up["run"]
+    runs = d.runs()
+
+    # The operator reads the same story from the state db once the daemon is stopped.
+    assert d.stop() == 0
+    offline = json.loads(d.cli("--history", "50", "--json", check=True).stdout)[::-1]
+    assert [(h["id"], h["to"], h["run"]["state"]) for h in offline] == \
+        [(h["id"], h["to"], h["run"]["state"]) for h in history]
 
     # -- promoted exactly once ------------------------------------------------------
-    runs = d.runs()
     promotions = [r for r in runs if any(os.path.basename(c["argv"][0]) == "promote_standby"
                                          for c in r["commands"])]
     assert len(promotions) == 1, promotions
