@@ -15,9 +15,11 @@ worker      ``workers`` processes forked up front.  Each connects to the socket,
             says hello, then runs one check at a time as the master hands them out:
             the check gets its own session (process group), its output is parsed
             into a dict and sent back as one JSON line.
-action run  one forked child per action sequence, at most one at a time.  It runs
-            the (already expanded) commands serially and reports each start and
-            end over the socket; the master records them.
+action run  one forked child per action sequence, at most one at a time.  It is
+            forked ahead of need and waits, connected, for its sequence (so a
+            transition's first command starts without a fork on the way); it runs
+            the (already expanded) commands serially, reports each start and end
+            over the socket, and exits.  The master records them.
 
 Signals (master)
 ----------------
@@ -1533,14 +1535,21 @@ def expand_commands(section, variables):
     return commands
 
 
-def action_main(sock_path, run):
-    """Run one action sequence, command after command, reporting each to the master."""
+def action_main(sock_path, config_dir):
+    """Wait for one action sequence, then run it command after command, reporting each.
+
+    Forked ahead of need: all a transition waits for is one message to this process.
+    """
     child_setup()
-    os.chdir(run["env"]["HA_CONFIG_DIR"])
+    os.chdir(config_dir)
     watch = ChildWatch()
     chan = Channel.connect(sock_path)
-    chan.send({"t": "hello", "role": "action", "pid": os.getpid(), "run": run["id"]})
+    chan.send({"t": "hello", "role": "action", "pid": os.getpid()})
     env = dict(os.environ)
+    msg = chan.receive()
+    if msg is None or msg.get("t") != "run":
+        return 0                        # the master stopped, or needs no more runs
+    run = msg["run"]
     env.update(run["env"])
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
@@ -1724,6 +1733,7 @@ class Master:
         self.started_wall = time.time()
         self.started = time.monotonic()
         self.spawn_after = 0.0
+        self.runner_after = 0.0         # no spare action run forked before (after a quick death)
         self.quick_deaths = 0
         self.next_checkpoint = self.started + CHECKPOINT_EVERY
         self.next_watchdog = self.started
@@ -1923,10 +1933,25 @@ class Master:
                 and (not states or c.state in states)]
 
     def action_child(self):
+        """The action run running a sequence, or None."""
         for child in self.children.values():
-            if child.kind == "action":
+            if child.kind == "action" and child.run_id is not None:
                 return child
         return None
+
+    def spare_runner(self):
+        """The action run forked ahead, waiting for a sequence, or None."""
+        for child in self.children.values():
+            if child.kind == "action" and child.run_id is None:
+                return child
+        return None
+
+    def keep_spare_runner(self, now):
+        """Keep one action run forked and waiting, so a sequence starts without a fork."""
+        if self.stopping or now < self.runner_after or self.spare_runner() is not None:
+            return
+        if self.fork("action", action_main, self.sock_path, self.config.config_dir) is None:
+            self.runner_after = now + 1.0
 
     def set_worker_state(self, child, state):
         if state not in WORKER_EDGES[child.state]:
@@ -1949,6 +1974,7 @@ class Master:
             if now - child.started > 10:
                 log.error("worker %d did not connect within 10s; killing it", child.pid)
                 self.retire(child, signal.SIGKILL)
+        self.keep_spare_runner(now)
 
     def retire(self, child, sig=signal.SIGTERM):
         if child.state != "exiting":
@@ -2155,6 +2181,9 @@ class Master:
     def start_next_run(self):
         if self.stopping or not self.queue or self.action_child() is not None:
             return
+        child = self.spare_runner()
+        if child is None or child.conn is None:
+            return                      # one is being forked or connecting: a later pass
         run = self.runs.get(self.queue[0])
         changes = {}
         self.queue.pop(0)
@@ -2169,13 +2198,8 @@ class Master:
         run["started"] = time.time()
         self.set_run_state(run, "running", None, changes)
         self.store.commit(changes)
-        child = self.fork("action", action_main, self.sock_path, run)
-        if child is None:
-            changes = {}
-            self.set_run_state(run, "failed", "cannot fork the action run", changes)
-            self.store.commit(changes)
-            return
         child.run_id = run["id"]
+        self.send(child.conn, {"t": "run", "run": run})
 
     def action_event(self, child, msg):
         run = self.runs.get(child.run_id)
@@ -2213,6 +2237,13 @@ class Master:
             raise ProtocolError("unknown action event %r" % (kind,))
 
     def action_died(self, child, how):
+        if child.run_id is None:        # the spare, before it had a sequence
+            if not self.stopping:
+                log.error("action run %d died waiting for a sequence (%s); replacing it",
+                          child.pid, how)
+                if time.monotonic() - child.started < 1.0:
+                    self.runner_after = time.monotonic() + 5.0
+            return
         run = self.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
@@ -2405,6 +2436,13 @@ class Master:
         now = time.monotonic()
         for child in self.workers():
             self.retire(child)
+        spare = self.spare_runner()
+        if spare is not None:
+            spare.kill_at, spare.signalled = now + 5.0, True
+            try:
+                os.kill(spare.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         action = self.action_child()
         budget = 10.0
         if action is not None:
