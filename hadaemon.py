@@ -1941,7 +1941,7 @@ class Master:
                 self.spawn_after = time.monotonic() + min(30.0, 0.25 * 2 ** self.quick_deaths)
             else:
                 self.quick_deaths = 0
-        if child.job is not None:
+        if child.job is not None and not self.stopping:   # a check the stop ended is no report
             job = child.job
             child.job = None
             self.check_finished(job, {"data": {"state": "unknown",
