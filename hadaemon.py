@@ -1879,7 +1879,7 @@ RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 
 @dataclasses.dataclass
 class Child:
-    """A forked process of the master: a check worker, an action run or an ssh master connection."""
+    """A forked process of the master: a check worker, an action run, an ssh master."""
     pid: int
     kind: str                           # "worker" | "action" | "ssh" (a master connection)
     state: str
