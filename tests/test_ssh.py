@@ -301,8 +301,10 @@ def test_arguments_environment_and_interpreters(daemon, sshd):
     """)
     daemon.script("checks/py_check", """
         import json, os, sys
-        print(json.dumps({"state": "up", "argv": sys.argv, "scope": os.environ.get("HA_SCOPE"),
-                          "exe": sys.executable}))
+        out = {"state": "up", "argc": str(len(sys.argv)), "scope": os.environ.get("HA_SCOPE"),
+               "exe": sys.executable}
+        out.update(("arg%d" % i, a) for i, a in enumerate(sys.argv))
+        print(json.dumps(out))
     """, shebang="#!/usr/bin/env python3")
     scope = "ssh:%s@127.0.0.1:%d" % (USER, sshd.port)
     configure(daemon, group(sshd, "interval = 1s", "host = db2",
@@ -325,7 +327,9 @@ def test_arguments_environment_and_interpreters(daemon, sshd):
     result = last(daemon, """py_check 'x y' "it's" '$PATH'""")
     assert result["reports"] == {"db2": "up"}
     # Read from stdin by the interpreter of its #! line: argv[0] is "-".
-    assert result["attributes"]["argv"] == ["-", "x y", "it's", "$PATH"]
+    attrs = result["attributes"]
+    assert attrs["argc"] == "4"
+    assert [attrs["arg%d" % i] for i in range(4)] == ["-", "x y", "it's", "$PATH"]
     assert result["attributes"]["scope"] == scope
     assert "python" in os.path.basename(result["attributes"]["exe"])
 
