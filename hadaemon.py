@@ -1644,6 +1644,7 @@ class Child:
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+    hung_up: bool = False                    # a worker whose connection closed unasked
 
 
 @dataclasses.dataclass
@@ -1973,7 +1974,7 @@ class Master:
                 self.action_died(child, how)
 
     def worker_died(self, child, how):
-        if child.state != "exiting":
+        if child.state != "exiting" or child.hung_up:
             log.error("worker %d died (%s); replacing it", child.pid, how)
             if time.monotonic() - child.started < 1.0:
                 self.quick_deaths += 1
@@ -2342,6 +2343,7 @@ class Master:
             child.conn = None
             if child.kind == "worker" and child.state != "exiting":
                 # A worker that hung up is of no use: retire it, reap it, replace it.
+                child.hung_up = True
                 self.retire(child)
 
     def close_idle_clients(self, now):
