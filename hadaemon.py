@@ -1328,13 +1328,14 @@ def _select_read(fds, timeout):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None):
+                master=None, on_spawn=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
     SIGKILL ``grace`` seconds later.  When the process exits, whatever is left of
     its group is killed, so nothing it forked outlives it.  If the ``master``
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
+    ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     """
     started = time.monotonic()
     out_r, out_w = os.pipe()
@@ -1361,6 +1362,8 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        if on_spawn is not None:
+            on_spawn(pid)
         while True:
             if status is None:
                 wpid, wstatus = os.waitpid(pid, os.WNOHANG)
@@ -1444,8 +1447,13 @@ def run_check(job, watch, master=None):
     env = dict(os.environ)
     env.update(job["env"])
     started = time.time()
+
+    def announce(pid):
+        # The master kills this group if we die before the check ends (SIGKILL, OOM).
+        if master is not None:
+            master.sendall(encode_message({"t": "spawned", "job": job["id"], "pid": pid}))
     res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                      stdin_path=job.get("stdin"), master=master)
+                      stdin_path=job.get("stdin"), master=master, on_spawn=announce)
     if res.error or res.timed_out or res.signal:
         data = {"state": "unknown", "message": res.failure(job["timeout"])}
     elif job.get("ssh") and res.exit_code == 255:
@@ -1984,6 +1992,8 @@ class Master:
         if child.job is not None:
             job = child.job
             child.job = None
+            if job.get("pgid"):
+                killpg_quietly(job["pgid"], signal.SIGKILL)     # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
@@ -2266,6 +2276,13 @@ class Master:
             self.identify(conn, msg)
         elif conn.role == "worker":
             child = conn.child
+            if msg.get("t") == "spawned" and child.job is not None \
+                    and msg.get("job") == child.job["id"]:
+                pid = msg.get("pid")
+                if not isinstance(pid, int) or pid <= 1:
+                    raise ProtocolError("bad check pid %r from worker %d" % (pid, child.pid))
+                child.job["pgid"] = pid
+                return
             if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
                 raise ProtocolError("unexpected message from worker %d" % child.pid)
             job = child.job
