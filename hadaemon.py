@@ -1652,7 +1652,7 @@ class Child:
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
-    hung_up: bool = False                    # a worker whose connection closed unasked
+    lost: bool = False                       # a worker that hung up or died unasked
 
 
 @dataclasses.dataclass
@@ -1969,9 +1969,14 @@ class Master:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
+            child = self.children.get(pid)
             if child is None:
                 continue
+            if child.kind == "worker" and child.state != "exiting":
+                child.lost = True       # and, reaped, it must not be signalled any more
+                self.set_worker_state(child, "exiting")
+            self.read_leftovers(child)
+            del self.children[pid]
             code, sig = decode_wait_status(status)
             how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
             if child.conn is not None:
@@ -1981,8 +1986,26 @@ class Master:
             else:
                 self.action_died(child, how)
 
+    def read_leftovers(self, child):
+        """Handle what an exited child sent before it went (its "done", a last result).
+
+        A quick child can send everything and exit between two passes of the loop,
+        its connection still unread, even still in the listen backlog: accept and
+        read it now, while the child is still known (its hello needs that).
+        """
+        if child.conn is None:
+            self.accept(selectors.EVENT_READ)
+            conns = [c for c in self.conns.values() if c.pid == child.pid and c.role is None]
+        else:
+            conns = [child.conn]
+        for conn in conns:
+            for _ in range(64):         # bounded; the peer is gone, so EOF comes soon
+                if conn.sock.fileno() < 0 or not _select_read([conn.sock], 0):
+                    break
+                self.on_io(conn, selectors.EVENT_READ)
+
     def worker_died(self, child, how):
-        if child.state != "exiting" or child.hung_up:
+        if child.lost:
             log.error("worker %d died (%s); replacing it", child.pid, how)
             if time.monotonic() - child.started < 1.0:
                 self.quick_deaths += 1
@@ -2360,7 +2383,7 @@ class Master:
             child.conn = None
             if child.kind == "worker" and child.state != "exiting":
                 # A worker that hung up is of no use: retire it, reap it, replace it.
-                child.hung_up = True
+                child.lost = True
                 self.retire(child)
 
     def close_idle_clients(self, now):
