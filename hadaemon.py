@@ -1831,7 +1831,7 @@ class Master:
         old = self.runtimes
         self.runtimes = {}
         self.heap = []
-        fresh = [c for c in self.config.checks if c.key not in old]
+        fresh = {c.key: i for i, c in enumerate(c for c in self.config.checks if c.key not in old)}
         for check in self.config.checks:
             rt = old.get(check.key)
             if rt is not None and self.same_schedule(rt.check, check):
@@ -1846,11 +1846,12 @@ class Master:
                     rt.next_due = self.cron_due(check.group.cron)
                 else:
                     # Spread the first runs over the first interval.
-                    index = fresh.index(check) if check in fresh else 0
+                    index = fresh.get(check.key, 0)
                     rt.next_due = now + check.group.interval * index / max(1, len(fresh))
             self.runtimes[check.key] = rt
             self.push(rt)
-        self.ready = collections.deque(rt for rt in self.ready if rt.check.key in self.runtimes)
+        self.ready = collections.deque((self.runtimes[rt.check.key], due) for rt, due in self.ready
+                                       if rt.check.key in self.runtimes)
 
     @staticmethod
     def same_schedule(a, b):
