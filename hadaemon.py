@@ -1548,8 +1548,12 @@ def action_main(sock_path, run):
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+
+        def announce(pid, index=index):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce)
         failure = res.failure(cmd["timeout"])
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
@@ -1653,6 +1657,15 @@ class Child:
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
     lost: bool = False                       # a worker that hung up or died unasked
+    pgid: typing.Optional[int] = None        # group of the check / command it runs now
+
+
+def _spawned_pid(msg):
+    """The pid of a {t: spawned} message: a child's check or command, leader of its group."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
+    return pid
 
 
 @dataclasses.dataclass
@@ -2016,8 +2029,8 @@ class Master:
         if child.job is not None:
             job = child.job
             child.job = None
-            if job.get("pgid"):
-                killpg_quietly(job["pgid"], signal.SIGKILL)     # the check it left behind
+            if child.pgid:
+                killpg_quietly(child.pgid, signal.SIGKILL)      # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
@@ -2209,7 +2222,7 @@ class Master:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
         kind = msg.get("t")
         index = msg.get("index")
-        if kind in ("start", "end"):
+        if kind in ("start", "spawned", "end"):
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
@@ -2218,7 +2231,10 @@ class Master:
             log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                      " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
+        elif kind == "spawned":
+            child.pgid = _spawned_pid(msg)
         elif kind == "end":
+            child.pgid = None
             output = msg.get("output") if isinstance(msg.get("output"), str) else ""
             cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
                              "error": msg.get("error"), "duration": msg.get("duration"),
@@ -2239,6 +2255,8 @@ class Master:
             raise ProtocolError("unknown action event %r" % (kind,))
 
     def action_died(self, child, how):
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
         run = self.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
@@ -2302,15 +2320,13 @@ class Master:
             child = conn.child
             if msg.get("t") == "spawned" and child.job is not None \
                     and msg.get("job") == child.job["id"]:
-                pid = msg.get("pid")
-                if not isinstance(pid, int) or pid <= 1:
-                    raise ProtocolError("bad check pid %r from worker %d" % (pid, child.pid))
-                child.job["pgid"] = pid
+                child.pgid = _spawned_pid(msg)
                 return
             if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
                 raise ProtocolError("unexpected message from worker %d" % child.pid)
             job = child.job
             child.job = None
+            child.pgid = None
             if child.state == "busy":
                 self.set_worker_state(child, "idle")
             self.check_finished(job, msg)
