@@ -13,7 +13,19 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
+import hadaemon
 from conftest import ROOT, alive, wait_for
+
+
+@pytest.fixture
+def daemon(daemon):
+    """The conftest daemon, polled over its socket from this process: the request
+    ``--status --json`` sends, without starting an interpreter per poll (the tests
+    poll a lot, on a loaded 2-core machine).  ``d.start()`` still waits on the CLI."""
+    daemon.status = lambda: hadaemon.request(str(daemon.state), {"cmd": "status"})
+    return daemon
 
 
 # -- helpers ------------------------------------------------------------------------------
