@@ -18,6 +18,8 @@ worker      ``workers`` processes forked up front.  Each connects to the socket,
 action run  one forked child per action sequence, at most one at a time.  It runs
             the (already expanded) commands serially and reports each start and
             end over the socket; the master records them.
+            Both tell the master the pid of the check / command they start, so
+            that if they die (SIGKILL, OOM) the master kills its process group.
 
 Signals (master)
 ----------------
