@@ -18,6 +18,8 @@ worker      ``workers`` processes forked up front.  Each connects to the socket,
 action run  one forked child per action sequence, at most one at a time.  It runs
             the (already expanded) commands serially and reports each start and
             end over the socket; the master records them.
+            Both tell the master the pid of the check / command they start, so
+            that if they die (SIGKILL, OOM) the master kills its process group.
 
 Signals (master)
 ----------------
@@ -1333,13 +1335,14 @@ def _select_read(fds, timeout):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None):
+                master=None, on_spawn=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
     SIGKILL ``grace`` seconds later.  When the process exits, whatever is left of
     its group is killed, so nothing it forked outlives it.  If the ``master``
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
+    ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     """
     started = time.monotonic()
     out_r, out_w = os.pipe()
@@ -1366,6 +1369,8 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        if on_spawn is not None:
+            on_spawn(pid)
         while True:
             if status is None:
                 wpid, wstatus = os.waitpid(pid, os.WNOHANG)
@@ -1449,8 +1454,13 @@ def run_check(job, watch, master=None):
     env = dict(os.environ)
     env.update(job["env"])
     started = time.time()
+
+    def announce(pid):
+        # The master kills this group if we die before the check ends (SIGKILL, OOM).
+        if master is not None:
+            master.sendall(encode_message({"t": "spawned", "job": job["id"], "pid": pid}))
     res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                      stdin_path=job.get("stdin"), master=master)
+                      stdin_path=job.get("stdin"), master=master, on_spawn=announce)
     if res.error or res.timed_out or res.signal:
         data = {"state": "unknown", "message": res.failure(job["timeout"])}
     elif job.get("ssh") and res.exit_code == 255:
@@ -1545,8 +1555,12 @@ def action_main(sock_path, run):
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+
+        def announce(pid, index=index):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce)
         failure = res.failure(cmd["timeout"])
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
@@ -1927,6 +1941,16 @@ class Child:
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+    lost: bool = False                       # a worker that hung up or died unasked
+    pgid: typing.Optional[int] = None        # group of the check / command it runs now
+
+
+def _spawned_pid(msg):
+    """The pid of a {t: spawned} message: a child's check or command, leader of its group."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
+    return pid
 
 
 @dataclasses.dataclass
@@ -2245,9 +2269,14 @@ class Master:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
+            child = self.children.get(pid)
             if child is None:
                 continue
+            if child.kind == "worker" and child.state != "exiting":
+                child.lost = True       # and, reaped, it must not be signalled any more
+                self.set_worker_state(child, "exiting")
+            self.read_leftovers(child)
+            del self.children[pid]
             code, sig = decode_wait_status(status)
             how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
             if child.conn is not None:
@@ -2259,8 +2288,26 @@ class Master:
             else:
                 self.action_died(child, how)
 
+    def read_leftovers(self, child):
+        """Handle what an exited child sent before it went (its "done", a last result).
+
+        A quick child can send everything and exit between two passes of the loop,
+        its connection still unread, even still in the listen backlog: accept and
+        read it now, while the child is still known (its hello needs that).
+        """
+        if child.conn is None:
+            self.accept(selectors.EVENT_READ)
+            conns = [c for c in self.conns.values() if c.pid == child.pid and c.role is None]
+        else:
+            conns = [child.conn]
+        for conn in conns:
+            for _ in range(64):         # bounded; the peer is gone, so EOF comes soon
+                if conn.sock.fileno() < 0 or not _select_read([conn.sock], 0):
+                    break
+                self.on_io(conn, selectors.EVENT_READ)
+
     def worker_died(self, child, how):
-        if child.state != "exiting":
+        if child.lost:
             log.error("worker %d died (%s); replacing it", child.pid, how)
             if time.monotonic() - child.started < 1.0:
                 self.quick_deaths += 1
@@ -2270,6 +2317,8 @@ class Master:
         if child.job is not None and not self.stopping:   # a check the stop ended is no report
             job = child.job
             child.job = None
+            if child.pgid:
+                killpg_quietly(child.pgid, signal.SIGKILL)      # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
@@ -2461,7 +2510,7 @@ class Master:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
         kind = msg.get("t")
         index = msg.get("index")
-        if kind in ("start", "end"):
+        if kind in ("start", "spawned", "end"):
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
@@ -2470,7 +2519,10 @@ class Master:
             log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                      " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
+        elif kind == "spawned":
+            child.pgid = _spawned_pid(msg)
         elif kind == "end":
+            child.pgid = None
             output = msg.get("output") if isinstance(msg.get("output"), str) else ""
             cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
                              "error": msg.get("error"), "duration": msg.get("duration"),
@@ -2491,6 +2543,8 @@ class Master:
             raise ProtocolError("unknown action event %r" % (kind,))
 
     def action_died(self, child, how):
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
         run = self.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
@@ -2552,10 +2606,15 @@ class Master:
             self.identify(conn, msg)
         elif conn.role == "worker":
             child = conn.child
+            if msg.get("t") == "spawned" and child.job is not None \
+                    and msg.get("job") == child.job["id"]:
+                child.pgid = _spawned_pid(msg)
+                return
             if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
                 raise ProtocolError("unexpected message from worker %d" % child.pid)
             job = child.job
             child.job = None
+            child.pgid = None
             if child.state == "busy":
                 self.set_worker_state(child, "idle")
             self.check_finished(job, msg)
@@ -2629,6 +2688,7 @@ class Master:
             child.conn = None
             if child.kind == "worker" and child.state != "exiting":
                 # A worker that hung up is of no use: retire it, reap it, replace it.
+                child.lost = True
                 self.retire(child)
 
     def close_idle_clients(self, now):
