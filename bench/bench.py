@@ -486,6 +486,32 @@ def proc_cpu(pid):
         return proc_times(pid)[0]
 
 
+def children_of(pid):
+    """Pids whose parent is ``pid`` (a scan of /proc)."""
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def daemon_processes(d, status):
+    """name -> pid of every process of a running hadaemon: master, workers, spare action run."""
+    procs = {"master": d.proc.pid}
+    workers = [w["pid"] for w in status["daemon"]["workers"]]
+    for i, pid in enumerate(workers):
+        procs["worker%d" % (i + 1)] = pid
+    others = [pid for pid in children_of(d.proc.pid) if pid not in workers]
+    for i, pid in enumerate(others):
+        procs["action run" if len(others) == 1 else "child%d" % (i + 1)] = pid
+    return procs
+
+
 def cpu_snapshot(master, workers):
     m = proc_cpu(master)
     w = c = 0.0
@@ -656,14 +682,13 @@ def section_idle(tmp, quick, workers, launcher=()):
         d.start()
         time.sleep(1.0)
         st0 = d.status()
-        wpids = [w["pid"] for w in st0["daemon"]["workers"]]
+        procs = daemon_processes(d, st0)
         mpid = d.proc.pid
-        c0, t0 = cpu_snapshot(mpid, wpids), time.monotonic()
+        kids = [pid for name, pid in procs.items() if name != "master"]
+        c0, t0 = cpu_snapshot(mpid, kids), time.monotonic()
         time.sleep(window)
-        c1, t1 = cpu_snapshot(mpid, wpids), time.monotonic()
-        mem = {"master": proc_memory(mpid)}
-        for i, pid in enumerate(wpids):
-            mem["worker%d" % (i + 1)] = proc_memory(pid)
+        c1, t1 = cpu_snapshot(mpid, kids), time.monotonic()
+        mem = {name: proc_memory(pid) for name, pid in procs.items()}
         st1 = d.status()
     finally:
         d.stop()
@@ -675,10 +700,11 @@ def section_idle(tmp, quick, workers, launcher=()):
     try:
         bare.start()
         time.sleep(1.0)
-        no_site = [proc_memory(pid)[0] for pid in [bare.proc.pid] + bare.worker_pids()]
+        no_site = [proc_memory(pid)[0] for pid in daemon_processes(bare, bare.status()).values()]
     finally:
         bare.stop()
-    return {"checks": 10, "interval_s": 10, "workers": len(wpids), "window_s": round(elapsed, 1),
+    return {"checks": 10, "interval_s": 10, "workers": workers, "window_s": round(elapsed, 1),
+            "processes": len(procs),
             "rss_total_no_site_mb": round(sum(no_site), 1),
             "runs": runs,
             "cpu_pct": {k: round(100.0 * (c1[k] - c0[k]) / elapsed, 3) for k in c0},
@@ -908,7 +934,7 @@ def render(result):
         add("")
         add("5. idle: %d checks every %ds, %.0f s window" % (idle["checks"], idle["interval_s"],
                                                             idle["window_s"]))
-        add("   CPU %%: master %.3f, workers %.3f, checks %.3f" % (
+        add("   CPU %%: master %.3f, its children (workers, waiting action run) %.3f, checks %.3f" % (
             idle["cpu_pct"]["master"], idle["cpu_pct"]["workers"], idle["cpu_pct"]["checks"]))
         add("   RSS MB: %s; total %.1f (PSS total %.1f; RSS total under python3 -S %.1f)" % (
             ", ".join("%s %.1f" % kv for kv in idle["rss_mb"].items()), idle["rss_total_mb"],
