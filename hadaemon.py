@@ -2516,10 +2516,14 @@ class Master:
     def start_next_run(self):
         if self.stopping or not self.queue or self.action_child() is not None:
             return
-        child = self.spare_runner()
-        if child is None or child.conn is None:
-            return                      # one is being forked or connecting: a later pass
         run = self.runs.get(self.queue[0])
+        child = None
+        if run is not None and not self.meta.get("paused"):
+            child = self.spare_runner()
+            if child is None:           # none waits (its fork failed, or it died): fork now
+                child = self.fork("action", action_main, self.sock_path, self.config.config_dir)
+            if child is not None and child.conn is None:
+                return                  # not connected yet: a later pass hands it the run
         changes = {}
         self.queue.pop(0)
         changes["queue"] = self.queue
@@ -2528,6 +2532,10 @@ class Master:
             return
         if self.meta.get("paused"):
             self.set_run_state(run, "skipped", "paused", changes)
+            self.store.commit(changes)
+            return
+        if child is None:
+            self.set_run_state(run, "failed", "cannot fork the action run", changes)
             self.store.commit(changes)
             return
         run["started"] = time.time()

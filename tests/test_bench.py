@@ -4,10 +4,12 @@ No timed assertions here: the bench prints figures, people judge them.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, alive, wait_for
 
 SECTIONS = {
     "limit": ["spawn.cpu_ms", "spawn.wall_ms", "spawn_pipe.cpu_ms", "json_rtt.cpu_us",
@@ -76,3 +78,45 @@ def test_reload_spreads_checks_whose_interval_changed(daemon):
     assert len(due) == 10
     # Spread over the new 20 s interval (2 s apart), not all due at the reload.
     assert due[-1] - due[0] > 10, due
+
+
+def _children(pid):
+    kids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def test_an_action_run_waits_forked_ahead_and_a_dead_one_is_replaced(daemon):
+    """The action run is forked before it is needed (no fork between a result and its
+    sequence); one that dies while it waits is logged and replaced, and runs still run."""
+    d = daemon
+    d.role_check()
+    d.recorder()
+    d.write("checks.conf", "[daemon]\nworkers = 1\n\n[local]\ninterval = 200ms\ncheck_role db1\n")
+    d.write("actions.conf", "[any_to_any]\nrecord %HOST% %FROM% %TO%\n")
+    d.set("db1", "master")
+    d.start()
+    d.wait_runs(1)
+
+    def spare():
+        workers = [w["pid"] for w in d.status()["daemon"]["workers"]]
+        others = [pid for pid in _children(d.proc.pid) if pid not in workers and alive(pid)]
+        return others[0] if len(others) == 1 else None
+    first = wait_for(spare, what="one action run waiting")
+    assert d.status()["daemon"]["action_pid"] is None      # waiting is not running
+    os.kill(first, signal.SIGKILL)
+    d.wait_log("action run %d died waiting for a sequence" % first)
+    second = wait_for(lambda: spare() not in (None, first) and spare(), timeout=15,
+                      what="a new action run waiting")
+    d.set("db1", "slave")
+    runs = d.wait_runs(2)
+    assert runs[-1]["state"] == "ok" and runs[-1]["to"] == "slave", runs[-1]
+    assert any("db1 master slave" in line for line in d.actions_log())
+    assert second != first
