@@ -1926,12 +1926,23 @@ class Master:
                 continue
             code, sig = decode_wait_status(status)
             how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
-            if child.conn is not None:
-                self.close(child.conn)
+            conn = child.conn
+            if conn is not None:
+                self.drain(conn)
+                self.close(conn)
             if child.kind == "worker":
                 self.worker_died(child, how)
             else:
                 self.action_died(child, how)
+
+    def drain(self, conn):
+        """Read what a dead child sent before it exited (its last "end", "done" or result).
+
+        The exit can be reaped in the same pass as the messages arrive, before the
+        selector reports them: closing the connection unread would lose them.
+        """
+        while conn.sock.fileno() >= 0 and select.select([conn.sock], [], [], 0)[0]:
+            self.on_io(conn, selectors.EVENT_READ)
 
     def worker_died(self, child, how):
         if child.state != "exiting":
