@@ -2791,6 +2791,9 @@ def cmd_start(args):
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
+            # A fork keeps every fd, CLOEXEC or not: a pipe of our caller (cron,
+            # a CI runner, $(...)) held open here would never reach EOF.
+            close_inherited(keep=(wfd,))
             target = config.daemon.log or os.path.join(args.state_dir, LOG_FILE)
             setup_logging(target, args.state_dir, args.debug)
             code = Master(config, args.state_dir, log_target=target, ready_fd=wfd).run()
