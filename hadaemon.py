@@ -2591,6 +2591,35 @@ def offline_status(state_dir, config=None):
     return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs), runs
 
 
+def locked_pid(state_dir, wait=2.0):
+    """The pid of the daemon holding the state dir's lock, None when none does.
+
+    A daemon writes its pid just after taking the lock, and an offline --pause /
+    --resume holds it without one: such a holder is waited out for ``wait``
+    seconds, then reported as -1, a pid no caller may signal.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        pid = PidLock.holder(state_dir)
+        if pid != -1 or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.05)
+
+
+def stop_wait(config):
+    """How long --stop waits by default: enough for the longest action sequence.
+
+    The master lets a running sequence finish (each command its timeout plus the
+    kill grace), then gives itself 10 s, then kills what is left (5 s); this adds
+    a margin on top.  Without a readable config: 5 minutes.
+    """
+    if config is None:
+        return 300.0
+    longest = max([sum(section.timeout + ACTION_KILL_GRACE for _ in section.commands)
+                   for section in config.sections.values()] or [0.0])
+    return longest + 1.0 + 10.0 + 5.0 + 15.0
+
+
 def _clip(text, width):
     text = str(text)
     return text if len(text) <= width else text[:width - 1] + "~"
@@ -2766,9 +2795,17 @@ def cmd_foreground(args, once=False):
         return EXIT_FAIL
 
 
+def _no_pid(state_dir):
+    print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause or "
+          "--resume working on the db?); try again" % state_dir, file=sys.stderr)
+    return EXIT_FAIL
+
+
 def cmd_start(args):
     config = _config_or_exit(args.config_dir)
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
     if pid:
         print("hadaemon already running (pid %d)" % pid)
         return EXIT_OK
@@ -2817,7 +2854,14 @@ def cmd_start(args):
     os.close(rfd)
     text = answer.decode("utf-8", "replace").strip()
     if text.startswith("ok "):
-        print("hadaemon started (pid %s)" % text[3:])
+        # Ready means the socket is bound; return only once the loop answers on it.
+        try:
+            answer = request(args.state_dir, {"cmd": "ping"}, timeout=args.timeout or 30.0)
+        except (OSError, HadaemonError) as exc:
+            print("hadaemon did not start: pid %s does not answer on its socket: %s (see %s)"
+                  % (text[3:], exc, LOG_FILE), file=sys.stderr)
+            return EXIT_FAIL
+        print("hadaemon started (pid %s)" % answer.get("pid", text[3:]))
         return EXIT_OK
     print("hadaemon did not start: %s" % (text[7:] if text.startswith("error: ") else
                                           text or "no answer (see %s)" % LOG_FILE), file=sys.stderr)
@@ -2825,7 +2869,9 @@ def cmd_start(args):
 
 
 def cmd_stop(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir, wait=min(2.0, args.timeout or 2.0))
+    if pid == -1:
+        return _no_pid(args.state_dir)     # never kill(-1, ...): that is every process we may signal
     if not pid:
         print("hadaemon not running")
         return EXIT_OK
@@ -2833,7 +2879,13 @@ def cmd_stop(args):
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    wait = args.timeout or 300.0
+    if args.timeout:
+        wait = args.timeout
+    else:
+        try:
+            wait = stop_wait(load_config(args.config_dir))
+        except ConfigError:
+            wait = stop_wait(None)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not PidLock.holder(args.state_dir):
@@ -2853,7 +2905,7 @@ def _ask(args, message):
 
 
 def cmd_status(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
         doc = _ask(args, {"cmd": "status"})
     else:
@@ -2867,7 +2919,7 @@ def cmd_status(args):
 
 
 def cmd_history(args):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         doc, runs = offline_status(args.state_dir)
@@ -2881,7 +2933,7 @@ def cmd_history(args):
 
 
 def cmd_reload(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -2896,7 +2948,7 @@ def cmd_reload(args):
 
 
 def cmd_pause(args, paused):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         _ask(args, {"cmd": "pause" if paused else "resume"})
     else:
         ensure_state_dir(args.state_dir)
@@ -2924,10 +2976,10 @@ def cmd_check_config(args):
 
 
 def cmd_once(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
-        print("hadaemon: refusing --once: a daemon runs on %s (pid %d)" % (args.state_dir, pid),
-              file=sys.stderr)
+        print("hadaemon: refusing --once: a daemon runs on %s (pid %s)"
+              % (args.state_dir, pid if pid > 0 else "unknown"), file=sys.stderr)
         return EXIT_FAIL
     return cmd_foreground(args, once=True)
 
