@@ -2626,8 +2626,12 @@ def _clip(text, width):
 
 
 def _table(rows, widths):
+    """Rows of cells in columns of ``widths``; a row of one cell is a heading across them all."""
     lines = []
     for row in rows:
+        if len(row) == 1:
+            lines.append(_clip(row[0], sum(widths) + len(widths) - 1))
+            continue
         cells = [_clip(cell, width).ljust(width) for cell, width in zip(row, widths)]
         lines.append(" ".join(cells).rstrip())
     return lines
@@ -2649,15 +2653,19 @@ def render_status(doc):
         head = "hadaemon %s: running, pid %d, up %s" % (
             d["version"], d["pid"], format_ago(time.time() - d["uptime"]).replace(" ago", ""))
     else:
-        head = "hadaemon: not running (last known state from %s)" % d["state_dir"]
-    if d["paused"]:
-        head += ", ACTIONS PAUSED"
-    out.append(head)
+        head = "hadaemon %s: not running (the last known state)" % d["version"]
+    out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
-        out.append("config %s, state %s" % (d["config_dir"], d["state_dir"]))
-    if d.get("workers"):
-        out.append("workers: %s; queued runs: %d" % (
-            " ".join("%d:%s" % (w["pid"], w["state"]) for w in d["workers"]), len(d["queue"])))
+        out.append("config  %s" % d["config_dir"])
+    out.append("state   %s" % d["state_dir"])
+    if d["running"]:
+        states = collections.Counter(w["state"] for w in d["workers"])
+        out.append("workers %d: %s" % (len(d["workers"]), ", ".join(
+            "%d %s" % (n, st) for st, n in sorted(states.items())) or "none yet"))
+        run = next((r for r in doc["runs"] if r["state"] == "running"), None)
+        out.append("%s, %d queued" % ("action run #%d running (pid %s)" % (run["id"], d["action_pid"])
+                                      if run else "no action running", len(d["queue"])))
     out.append("")
     rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
     for name, h in doc["hosts"].items():
@@ -2668,7 +2676,11 @@ def render_status(doc):
     out += _table(rows, (14, 10, 22, 12, 16)) if len(rows) > 1 else ["no hosts reported yet"]
     out.append("")
     rows = [("CHECK", "HOST", "LAST", "EXIT", "TOOK", "WHEN", "NEXT", "SKIP")]
+    scope = None
     for c in doc["checks"]:
+        if c["scope"] != scope:             # the scope as a heading, as in checks.conf
+            scope = c["scope"]
+            rows.append(("[%s]" % scope,))
         last = c.get("last") or {}
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
