@@ -1955,6 +1955,13 @@ class Master:
         if child.job is not None:
             job = child.job
             child.job = None
+            if child.state == "exiting":
+                # We ended it (a stop, a smaller pool): the check it ran was cut
+                # short and has no result; an "unknown" would fire a transition.
+                rt = self.runtimes.get(job["key"])
+                if rt is not None:
+                    rt.busy = False
+                return
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
