@@ -2019,6 +2019,10 @@ class Master:
                    "rejected": problems}
         if msg.get("stderr"):
             rt.last["stderr"] = msg["stderr"][:500]
+        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
+                  else "exit %s" % exit_code, msg.get("duration") or 0)
         for host, state in reports:
             self.apply_report(host, state, rt.check)
 
@@ -2155,10 +2159,10 @@ class Master:
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
+            words = " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
         if kind == "start":
             cmd["started"] = msg.get("time")
-            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
-                     " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
+            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]), words)
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
         elif kind == "end":
             output = msg.get("output") if isinstance(msg.get("output"), str) else ""
@@ -2166,8 +2170,9 @@ class Master:
                              "error": msg.get("error"), "duration": msg.get("duration"),
                              "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
             level = logging.WARNING if msg.get("error") else logging.INFO
-            log.log(level, "run %d: command %d/%d %s in %.3fs%s", run["id"], index + 1,
-                    len(run["commands"]), msg.get("error") or "ok", msg.get("duration") or 0,
+            log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
+                    len(run["commands"]), words, msg.get("error") or "exit %s" % msg.get("exit"),
+                    msg.get("duration") or 0,
                     " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
             for line in output.splitlines()[:20]:
                 log.info("run %d:   | %s", run["id"], line)
