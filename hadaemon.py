@@ -81,6 +81,7 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
@@ -337,7 +338,7 @@ def setup_logging(target, state_dir, debug=False):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter())
     elif target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        address = SYSLOG_SOCKET if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
         handler = logging.handlers.SysLogHandler(address, facility="daemon")
         handler.ident = "hadaemon[%d]: " % os.getpid()
         handler.setFormatter(_Formatter(with_time=False))
