@@ -2422,6 +2422,10 @@ class Master:
             self.handle_signals()
             self.reap()
             self.enforce_kills(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                # While stopping too: the loop is healthy while a sequence finishes.
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
             if self.stopping:
                 if not self.children or now >= self.stop_deadline:
                     return
@@ -2433,9 +2437,6 @@ class Master:
             self.close_idle_clients(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
-            if self.notifier.watchdog and now >= self.next_watchdog:
-                self.notifier.send("WATCHDOG=1")
-                self.next_watchdog = now + self.notifier.watchdog
             if self.once and self.once_done():
                 self.begin_stop("--once pass complete")
 
