@@ -1922,28 +1922,31 @@ class Master:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
+            child = self.children.get(pid)
             if child is None:
                 continue
             code, sig = decode_wait_status(status)
             how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
-            conn = child.conn
-            if conn is not None:
-                self.drain(conn)
-                self.close(conn)
+            self.drain(child)
+            del self.children[pid]
+            if child.conn is not None:
+                self.close(child.conn)
             if child.kind == "worker":
                 self.worker_died(child, how)
             else:
                 self.action_died(child, how)
 
-    def drain(self, conn):
+    def drain(self, child):
         """Read what a dead child sent before it exited (its last "end", "done" or result).
 
-        The exit can be reaped in the same pass as the messages arrive, before the
-        selector reports them: closing the connection unread would lose them.
+        Its exit can be reaped before the selector reports its last messages, even
+        before its connection is accepted (a quick action run): forgetting it then
+        would lose them.  So accept what waits, and read the child's connections dry.
         """
-        while conn.sock.fileno() >= 0 and select.select([conn.sock], [], [], 0)[0]:
-            self.on_io(conn, selectors.EVENT_READ)
+        self.accept(selectors.EVENT_READ)
+        for conn in [c for c in self.conns.values() if c.pid == child.pid]:
+            while conn.sock.fileno() >= 0 and select.select([conn.sock], [], [], 0)[0]:
+                self.on_io(conn, selectors.EVENT_READ)
 
     def worker_died(self, child, how):
         if child.state != "exiting":
