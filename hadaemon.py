@@ -2793,8 +2793,8 @@ def build_parser():
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --stop / --start: how long to wait (default: enough for the "
-                        "running action sequence)")
+                   help="how long --stop waits (default: enough for the longest action "
+                        "sequence) or --start (default: 30)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
