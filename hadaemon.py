@@ -2813,8 +2813,6 @@ def _config_or_exit(config_dir):
 def cmd_foreground(args, once=False):
     config = _config_or_exit(args.config_dir)
     target = config.daemon.log or "stderr"
-    if os.path.isdir(args.state_dir) or target not in ("stderr", "syslog"):
-        pass
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(target, args.state_dir, args.debug)
@@ -2951,11 +2949,10 @@ def cmd_history(args):
     if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
-        doc, runs = offline_status(args.state_dir)
-        trs = sorted((v for v in doc["transitions"]), key=lambda r: r["id"])
         data = Store.read(args.state_dir) if os.path.isdir(args.state_dir) else {}
         trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
                      key=lambda r: r.get("id", 0))
+        runs = {v.get("id"): v for k, v in data.items() if k.startswith("run:") and isinstance(v, dict)}
         entries = history_entries(trs, runs, args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
     return EXIT_OK
