@@ -790,16 +790,22 @@ def test_syslog_lines_carry_ident_facility_and_level(tmp_path, monkeypatch):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     monkeypatch.setattr(hadaemon, "SYSLOG_SOCKET", path)
+    logger = hadaemon.log
+    saved = list(logger.handlers), logger.level, logger.propagate
     try:
         hadaemon.setup_logging("syslog", str(tmp_path))
-        hadaemon.log.info("transition %s: %s -> %s", "db1", "slave", "master")
-        hadaemon.log.error("run %d failed", 3)
+        logger.info("transition %s: %s -> %s", "db1", "slave", "master")
+        logger.error("run %d failed", 3)
         first = read_notify(sock, 5)
         second = read_notify(sock, 5)
     finally:
-        hadaemon.setup_logging("stderr", str(tmp_path))
-        for handler in list(hadaemon.log.handlers):
-            hadaemon.log.removeHandler(handler)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:                # as it was: other tests may use caplog
+            logger.addHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
         sock.close()
     # <facility daemon (3) * 8 + severity>: info 6 -> 30, err 3 -> 27.
     ident = "hadaemon[%d]: " % os.getpid()
