@@ -153,6 +153,19 @@ def test_start_with_a_bad_config_fails_and_leaves_nothing_running(daemon):
     assert d.cli("--status").returncode == 3
 
 
+def test_start_reports_a_daemon_that_fails_after_the_fork(daemon):
+    """The config is fine but the daemon cannot set up (its socket path is taken): exit 1, the reason."""
+    d = daemon
+    setup_config(d)
+    d.state.mkdir(mode=0o700)
+    (d.state / "hadaemon.sock").mkdir()
+    result = d.cli("--start")
+    assert result.returncode == 1
+    assert "did not start" in result.stderr and "hadaemon.sock" in result.stderr
+    assert hadaemon.PidLock.holder(str(d.state)) is None
+    assert "hadaemon failed" in (d.state / "hadaemon.log").read_text()
+
+
 def test_start_refused_when_the_state_dir_is_open_to_others(daemon):
     d = daemon
     setup_config(d)
