@@ -1040,6 +1040,10 @@ def reports_from_result(data, exit_code, default_host):
 #               recorded number of keys, else from .bak (complete by construction);
 #               values that no longer decode were changed since the last
 #               checkpoint and come back from the journal, replayed on top.
+#   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
+#               file is rewritten when it is mostly dead: a full snapshot goes into
+#               the journal first, then the db files are recreated from memory.
+#               Recovery starts from the newest full snapshot when it finds one.
 #
 # Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
 
@@ -1058,6 +1062,7 @@ class Store:
         self.db = None
         self.jfd = None
         self.notes = []         # what recovery did, for the log
+        self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
 
     # -- reading ---------------------------------------------------------------
 
@@ -1113,28 +1118,32 @@ class Store:
             with open(self.journal_path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return [], 0
-        entries, torn = [], 0
+            return [], False
+        entries, full = [], False
         lines = raw.split(b"\n")
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line.decode("utf-8"))
+                if not isinstance(entry["s"], dict):
+                    raise TypeError("not an object")
+                if entry.get("full"):
+                    entries, full = [], True    # a full snapshot replaces all before it
                 entries.append(entry["s"])
             except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
-                torn += 1
                 if i != len(lines) - 1:
                     self.notes.append("journal line %d is damaged and was skipped" % (i + 1))
-        return entries, torn
+        return entries, full
 
     def load(self):
         """Read db and journal into ``data``; returns the index suffix used (or None)."""
         values, bad, suffix = self._load_db()
-        entries, _ = self._read_journal()
+        entries, full = self._read_journal()
+        if full:
+            values, bad = {}, []        # a compaction was cut short: the snapshot rules
         for entry in entries:
-            if isinstance(entry, dict):
-                values.update(entry)
+            values.update(entry)
         lost = [key for key in bad if key not in values]
         if lost:
             self.notes.append("values of %d keys could not be read and are lost: %s"
@@ -1187,18 +1196,21 @@ class Store:
                            0o600)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
-                {k for e in entries if isinstance(e, dict) for k in e}
+                {k for e in entries for k in e}
             self.checkpoint()
 
-    def commit(self, changes):
-        """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
-        line = json.dumps({"s": changes}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    def _append(self, entry):
+        line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         view = memoryview(line + b"\n")
-        self.data.update(changes)
-        self.dirty.update(changes)
         while view:
             written = os.write(self.jfd, view)
             view = view[written:]
+
+    def commit(self, changes):
+        """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
+        self.data.update(changes)
+        self.dirty.update(changes)
+        self._append({"s": changes})
 
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
@@ -1210,13 +1222,39 @@ class Store:
         if not self.dirty:
             return
         for key in sorted(self.dirty):
-            self.db[key] = json.dumps(self.data[key], separators=(",", ":"),
-                                      ensure_ascii=False).encode("utf-8")
+            value = json.dumps(self.data[key], separators=(",", ":"),
+                               ensure_ascii=False).encode("utf-8")
+            self.db[key] = value
+            self.sizes[key] = -(-len(value) // 512) * 512
         meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
         self.db[_META_KEY] = meta.ljust(_META_WIDTH)
         self.db.sync()
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
+        try:
+            dat = os.path.getsize(self.base + ".dat")
+        except OSError:
+            dat = 0
+        if dat > max(1 << 20, 4 * sum(self.sizes.values())):
+            self.compact()
+
+    def compact(self):
+        """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
+        before = os.path.getsize(self.base + ".dat")
+        self._append({"full": True, "s": self.data})
+        self.db.close()
+        for path in self._db_files():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.db = dbm.dumb.open(self.base, "n", 0o600)
+        self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+        self.sizes = {}
+        self.dirty = set(self.data)
+        self.checkpoint()
+        self.notes.append("state db compacted: %d -> %d bytes"
+                          % (before, os.path.getsize(self.base + ".dat")))
 
     def close(self):
         if self.db is not None:
@@ -1658,11 +1696,11 @@ class Notifier:
 class Master:
     """The daemon: process flow is ``setup(); spawn; loop(); shutdown()`` in ``run()``."""
 
-    def __init__(self, config, state_dir, once=False, log_target=None, ready_fd=None):
+    def __init__(self, config, state_dir, once=False, default_log="stderr", ready_fd=None):
         self.config = config
         self.state_dir = state_dir
         self.once = once
-        self.log_target = log_target
+        self.default_log = default_log      # where logs go when ``log`` is not set
         self.ready_fd = ready_fd
         self.sock_path = os.path.join(state_dir, SOCK_FILE)
         self.lock = PidLock(state_dir)
@@ -1687,6 +1725,7 @@ class Master:
         self.next_watchdog = self.started
         self.lags = collections.deque(maxlen=10000)
         self.failed_runs = 0            # in --once: runs that failed in this pass
+        self.soft_changed = False       # last results changed since the last checkpoint
         self.hosts = {}
         self.reports = {}
         self.meta = {}
@@ -1784,7 +1823,7 @@ class Master:
         old = self.runtimes
         self.runtimes = {}
         self.heap = []
-        fresh = [c for c in self.config.checks if c.key not in old]
+        fresh = {c.key: i for i, c in enumerate(c for c in self.config.checks if c.key not in old)}
         for check in self.config.checks:
             rt = old.get(check.key)
             if rt is not None and self.same_schedule(rt.check, check):
@@ -1799,11 +1838,12 @@ class Master:
                     rt.next_due = self.cron_due(check.group.cron)
                 else:
                     # Spread the first runs over the first interval.
-                    index = fresh.index(check) if check in fresh else 0
+                    index = fresh.get(check.key, 0)
                     rt.next_due = now + check.group.interval * index / max(1, len(fresh))
             self.runtimes[check.key] = rt
             self.push(rt)
-        self.ready = collections.deque(rt for rt in self.ready if rt.check.key in self.runtimes)
+        self.ready = collections.deque((self.runtimes[rt.check.key], due) for rt, due in self.ready
+                                       if rt.check.key in self.runtimes)
 
     @staticmethod
     def same_schedule(a, b):
@@ -2018,7 +2058,8 @@ class Master:
                    "exit": exit_code, "signal": msg.get("signal"),
                    "reports": {h: s for h, s in reports},
                    "message": message[:500] if isinstance(message, str) else None,
-                   "attributes": {k: v for k, v in data.items()
+                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
+                                  for k, v in list(data.items())[:20]
                                   if k not in ("state", "states", "host", "message")},
                    "rejected": problems}
         if msg.get("stderr"):
@@ -2027,6 +2068,7 @@ class Master:
                   ", ".join("%s %s" % pair for pair in reports) or "no valid report",
                   "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
                   else "exit %s" % exit_code, msg.get("duration") or 0)
+        self.soft_changed = True
         for host, state in reports:
             self.apply_report(host, state, rt.check)
 
@@ -2323,8 +2365,12 @@ class Master:
         self.sel.unregister(conn.sock)
         del self.conns[fd]
         conn.sock.close()
-        if conn.child is not None:
-            conn.child.conn = None
+        child = conn.child
+        if child is not None:
+            child.conn = None
+            if child.kind == "worker" and child.state != "exiting":
+                # A worker that hung up is of no use: retire it, reap it, replace it.
+                self.retire(child)
 
     def close_idle_clients(self, now):
         for conn in list(self.conns.values()):
@@ -2358,9 +2404,9 @@ class Master:
         log_changed = config.daemon.log != self.config.daemon.log
         self.config = config
         self.schedule_all()
-        if log_changed and self.log_target != "stderr-forced":
-            self.log_target = config.daemon.log or self.log_target
-            setup_logging(self.log_target, self.state_dir, log.level == logging.DEBUG)
+        if log_changed:
+            setup_logging(config.daemon.log or self.default_log, self.state_dir,
+                          log.level == logging.DEBUG)
         else:
             reopen_log()
         log.info("configuration reloaded: %d checks, %d action sections",
@@ -2445,8 +2491,10 @@ class Master:
 
     def checkpoint(self, now):
         self.next_checkpoint = now + CHECKPOINT_EVERY
-        self.store.soft("reports", self.reports)
-        self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
+        if self.soft_changed:
+            self.soft_changed = False
+            self.store.soft("reports", self.reports)
+            self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
         try:
             self.store.checkpoint()
         except OSError as exc:
@@ -2579,7 +2627,7 @@ def history_entries(transitions, runs, n):
 # Control client: --status, --stop, --reload, --history, --pause, --resume
 # ============================================================================
 
-def offline_status(state_dir, config=None):
+def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers."""
     data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
     meta = data.get("meta") or {}
@@ -2605,7 +2653,8 @@ def offline_status(state_dir, config=None):
               "state_dir": state_dir, "paused": bool(meta.get("paused")),
               "queue": list(data.get("queue") or []), "workers": [], "action_pid": None,
               "lag_ms": None}
-    return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs), runs
+    return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs,
+                            last), runs
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -2812,12 +2861,11 @@ def _config_or_exit(config_dir):
 
 def cmd_foreground(args, once=False):
     config = _config_or_exit(args.config_dir)
-    target = config.daemon.log or "stderr"
     try:
         ensure_state_dir(args.state_dir)
-        setup_logging(target, args.state_dir, args.debug)
-        return Master(config, args.state_dir, once=once, log_target=target).run()
-    except HadaemonError as exc:
+        setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
+        return Master(config, args.state_dir, once=once).run()
+    except (HadaemonError, OSError) as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
         return EXIT_FAIL
 
@@ -2858,9 +2906,9 @@ def cmd_start(args):
             # A fork keeps every fd, CLOEXEC or not: a pipe of our caller (cron,
             # a CI runner, $(...)) held open here would never reach EOF.
             close_inherited(keep=(wfd,))
-            target = config.daemon.log or os.path.join(args.state_dir, LOG_FILE)
-            setup_logging(target, args.state_dir, args.debug)
-            code = Master(config, args.state_dir, log_target=target, ready_fd=wfd).run()
+            default_log = os.path.join(args.state_dir, LOG_FILE)
+            setup_logging(config.daemon.log or default_log, args.state_dir, args.debug)
+            code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
         except BaseException:                        # noqa: B036 - logged, then _exit
             log.exception("hadaemon failed")
             code = EXIT_FAIL
@@ -2949,11 +2997,8 @@ def cmd_history(args):
     if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
-        data = Store.read(args.state_dir) if os.path.isdir(args.state_dir) else {}
-        trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
-                     key=lambda r: r.get("id", 0))
-        runs = {v.get("id"): v for k, v in data.items() if k.startswith("run:") and isinstance(v, dict)}
-        entries = history_entries(trs, runs, args.history)
+        doc, runs = offline_status(args.state_dir, last=args.history)
+        entries = history_entries(doc["transitions"][::-1], runs, args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
     return EXIT_OK
 
