@@ -1645,6 +1645,7 @@ class Child:
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+    dismissed: bool = False                  # retired on purpose (stop, smaller pool), not lost
 
 
 @dataclasses.dataclass
@@ -1937,6 +1938,7 @@ class Master:
                     self.spawn_after = now + 1.0
                     break
         for child in sorted(live, key=lambda c: c.state != "idle")[:max(0, -missing)]:
+            child.dismissed = True
             self.retire(child)
         for child in self.workers("starting"):
             if now - child.started > 10:
@@ -1989,7 +1991,7 @@ class Master:
                 self.on_io(conn, selectors.EVENT_READ)
 
     def worker_died(self, child, how):
-        if child.state != "exiting":
+        if not child.dismissed:         # crashed, hung up or stuck: not one we let go
             log.error("worker %d died (%s); replacing it", child.pid, how)
             if time.monotonic() - child.started < 1.0:
                 self.quick_deaths += 1
@@ -1999,7 +2001,7 @@ class Master:
         if child.job is not None:
             job = child.job
             child.job = None
-            if child.state == "exiting":
+            if child.dismissed:
                 # We ended it (a stop, a smaller pool): the check it ran was cut
                 # short and has no result; an "unknown" would fire a transition.
                 rt = self.runtimes.get(job["key"])
@@ -2423,6 +2425,7 @@ class Master:
         self.ready.clear()
         now = time.monotonic()
         for child in self.workers():
+            child.dismissed = True
             self.retire(child)
         action = self.action_child()
         budget = 10.0
