@@ -1350,10 +1350,14 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
     actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
                (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
+    # would leave the new session running unwatched: hold it off until then.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in {out_r, out_w, err_r, err_w} - {None}:
             os.close(fd)
         return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
@@ -1370,6 +1374,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         while True:
@@ -2244,7 +2249,9 @@ class Master:
                 if self.fork("worker", worker_main, self.sock_path, self.config.config_dir) is None:
                     self.spawn_after = now + 1.0
                     break
-        for child in sorted(live, key=lambda c: c.state != "idle")[:max(0, -missing)]:
+        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
+        # busy one would cut its check short and report it unknown.
+        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
             self.retire(child)
         for child in self.workers("starting"):
             if now - child.started > 10:
@@ -2730,8 +2737,10 @@ class Master:
         self.config = config
         self.schedule_all()
         if log_changed:
-            setup_logging(config.daemon.log or self.default_log, self.state_dir,
-                          log.level == logging.DEBUG)
+            target = config.daemon.log or self.default_log
+            if target == "stderr":
+                target = self.default_log   # daemonized, stderr is /dev/null
+            setup_logging(target, self.state_dir, log.level == logging.DEBUG)
         else:
             reopen_log()
         log.info("configuration reloaded: %d checks, %d action sections",
@@ -3242,7 +3251,9 @@ def cmd_start(args):
             # a CI runner, $(...)) held open here would never reach EOF.
             close_inherited(keep=(wfd,))
             default_log = os.path.join(args.state_dir, LOG_FILE)
-            setup_logging(config.daemon.log or default_log, args.state_dir, args.debug)
+            # stderr is /dev/null once daemonized: log = stderr means the default file.
+            target = config.daemon.log if config.daemon.log not in (None, "stderr") else default_log
+            setup_logging(target, args.state_dir, args.debug)
             code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
         except BaseException:                        # noqa: B036 - logged, then _exit
             log.exception("hadaemon failed")
