@@ -506,7 +506,7 @@ def split_words(text):
 
 
 _SETTING_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)\Z")
-_SECTION_RE = re.compile(r"\s*\[(.*)\]\s*\Z")
+_SECTION_RE = re.compile(r"\s*\[(.*?)\]\s*(?:\s[#;].*)?\Z")    # [NAME], maybe a comment after
 
 
 def read_ini(path, errors):
