@@ -586,7 +586,7 @@ def _setting_value(key, words, where, errors):
         if key == "ssh_options":
             return tuple(words)
         if len(words) != 1 and key != "cron":
-            raise ValueError("%s takes one value, got %d" % (key, len(words)))
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
             return parse_duration(value)
@@ -677,8 +677,8 @@ def _parse_checks(path, config_dir, errors):
                 continue
             key = "%s|%s|%s" % (scope.name, host, name)
             if key in seen:
-                errors.append("%s: the same check for host %s in [%s] is already at %s"
-                              % (where, host, scope.name, seen[key]))
+                errors.append("%s: the same check %r for host %s in [%s] is already at %s"
+                              % (where, name, host, scope.name, seen[key]))
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
