@@ -598,6 +598,8 @@ def _setting_value(key, words, where, errors):
             return int(value)
         if key == "cron":
             return CronSpec(value)
+        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
+            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
         if key == "host" and not valid_name(value):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         return value
@@ -765,10 +767,6 @@ def load_config(config_dir):
                                              config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
-    if settings.log not in (None, "stderr", "syslog"):
-        parent = os.path.dirname(os.path.join(config_dir, settings.log)) or "."
-        if os.path.isabs(settings.log) and not os.path.isdir(parent):
-            errors.append("checks.conf: log = %s: directory %s does not exist" % (settings.log, parent))
     if errors:
         raise ConfigError(errors)
     return Config(config_dir, settings, groups, checks, sections)
