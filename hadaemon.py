@@ -820,8 +820,8 @@ class CronSpec:
 
         values = set()
         for part in field.split(","):
-            rng, _, step = part.partition("/")
-            if step:
+            rng, slash, step = part.partition("/")
+            if slash:
                 if not step.isdigit() or int(step) < 1:
                     raise ValueError("bad step %r in cron %s field" % (step, what))
             if rng == "*":
