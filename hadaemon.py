@@ -136,6 +136,7 @@ class ProtocolError(HadaemonError):
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_MAX = 365 * 86400.0   # longer is a typo; select() overflows near 1e10 s, inf breaks the heap
 
 
 def parse_duration(text):
@@ -146,6 +147,8 @@ def parse_duration(text):
     value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError("duration must be more than zero: %r" % (text,))
+    if value > _DURATION_MAX:
+        raise ValueError("duration longer than a year: %r" % (text,))
     return value
 
 
