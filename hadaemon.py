@@ -794,7 +794,7 @@ class CronSpec:
 
     def __init__(self, text):
         self.text = " ".join(str(text).split())
-        fields = self.text.split(" ")
+        fields = self.text.split()
         if len(fields) != 5:
             raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
                              % (len(fields), text))
