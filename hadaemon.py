@@ -966,18 +966,46 @@ def request(state_dir, message, timeout=30.0):
 # ============================================================================
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
+_JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
+
+
+def _nested_deeper(obj, limit):
+    """True when ``obj`` holds containers more than ``limit`` deep (found without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return False
 
 
 def parse_check_output(data):
-    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``."""
+    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``.
+
+    The dict is always one valid UTF-8 JSON line away from the master: JSON nested
+    deeper than _JSON_DEPTH is refused, and lone surrogates (``"\\ud800"``) replaced.
+    """
     text = data.decode("utf-8", "replace").replace("\x00", "")
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
             obj = json.loads(stripped)
-        except (ValueError, RecursionError):
-            obj = None
+            too_deep = _nested_deeper(obj, _JSON_DEPTH)
+        except RecursionError:
+            obj, too_deep = None, True
+        except ValueError:
+            obj, too_deep = None, False
+        if too_deep:
+            return {"message": "check output is JSON nested more than %d deep; ignored" % _JSON_DEPTH}
         if isinstance(obj, dict):
+            try:
+                encode_message(obj)
+            except UnicodeEncodeError:      # a lone surrogate: valid JSON, but not UTF-8
+                raw = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                obj = json.loads(raw.decode("utf-8", "replace"))
             return obj
     result, other = {}, []
     for line in text.splitlines():
