@@ -1020,7 +1020,10 @@ def parse_check_output(data):
 
 
 def _shorten(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):    # nested too deep; an int too long to print
+        text = "<%s that cannot be shown>" % type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
