@@ -1094,6 +1094,7 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.torn = False       # the journal may end in part of a line
 
     # -- reading ---------------------------------------------------------------
 
@@ -1229,13 +1230,21 @@ class Store:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
             self.checkpoint()
+        if os.fstat(self.jfd).st_size:
+            # Only damaged lines are left (a torn last write): the next commit would be
+            # glued to one of them and be lost with it.
+            os.ftruncate(self.jfd, 0)
 
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if self.torn:           # the last append failed part-way (disk full): end that line first
+            line = b"\n" + line
         view = memoryview(line + b"\n")
+        self.torn = True
         while view:
             written = os.write(self.jfd, view)
             view = view[written:]
+        self.torn = False
 
     def commit(self, changes):
         """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
