@@ -1268,7 +1268,16 @@ class Store:
             self.sizes[key] = -(-len(value) // 512) * 512
         meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
         self.db[_META_KEY] = meta.ljust(_META_WIDTH)
-        self.db.sync()
+        try:
+            self.db.sync()
+        except OSError:
+            # sync() renamed the whole index to .bak, then failed writing .dir (disk
+            # full): put .bak back, or the next sync() would delete it for a cut one.
+            try:
+                os.replace(self.base + ".bak", self.base + ".dir")
+            except OSError:
+                pass
+            raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
         try:
