@@ -1291,7 +1291,14 @@ class Store:
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
-        self.db.close()
+        # From here every key is dirty, so whatever fails below (the disk full), the
+        # next checkpoint writes them all before it drops the snapshot from the journal.
+        self.sizes = {}
+        self.dirty = set(self.data)
+        try:
+            self.db.close()
+        except OSError:
+            pass                # its files go next; the journal holds everything
         for path in self._db_files():
             try:
                 os.unlink(path)
@@ -1299,8 +1306,6 @@ class Store:
                 pass
         self.db = dbm.dumb.open(self.base, "n", 0o600)
         self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-        self.sizes = {}
-        self.dirty = set(self.data)
         self.checkpoint()
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
