@@ -1220,10 +1220,15 @@ class Store:
         elif lost:
             self._move_aside("unreadable values")
         self.db = dbm.dumb.open(self.base, "c", 0o600)
-        if _META_KEY not in self.db:
+        stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
+                 if key != _META_KEY and key not in self.data]
+        for key in stale:
+            del self.db[key]            # torn by a crash, or behind a full snapshot: not recovered
+        if stale or _META_KEY not in self.db:
             # First key of a new index, so an index cut short always lacks it or
-            # carries a count that shows it is short.
-            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+            # carries a count that shows it is short.  (After deletions: the new count.)
+            count = len(self.db) if stale else 0
+            self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
         if entries or suffix != ".dir" or lost:
