@@ -1082,6 +1082,11 @@ _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
 
 
+def _index_line(key, pos, size):
+    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it."""
+    return "%r, %r\n" % (key, (pos, size))
+
+
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
 
@@ -1094,12 +1099,17 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.index = {}         # the index recovery used
         self.torn = False       # the journal may end in part of a line
 
     # -- reading ---------------------------------------------------------------
 
     def _read_index(self, path):
-        """key -> (pos, size) from a dumb index file, or None when it does not parse."""
+        """key -> (pos, size) from a dumb index file (None when missing).
+
+        Only lines exactly as dbm.dumb writes them count: a line the disk had no
+        room to finish, and the next line appended to it, are skipped.
+        """
         import ast
         try:
             with open(path, "r", encoding="latin-1") as f:
@@ -1110,9 +1120,11 @@ class Store:
         for line in lines.splitlines():
             try:
                 key, (pos, size) = ast.literal_eval(line)
-                index[key] = (int(pos), int(size))
+                if _index_line(key, pos, size) != line + "\n":
+                    raise ValueError("not as dbm.dumb writes it")
+                index[key] = (pos, size)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                return None
+                continue
         return index
 
     def _read_values(self, index):
@@ -1140,8 +1152,13 @@ class Store:
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
-            if not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
-                continue        # a .dir cut short while sync() rewrote it (maybe to nothing)
+            if not isinstance(meta, dict):
+                continue        # not our index, or a .dir cut (maybe to nothing) by sync()
+            if suffix == ".dir" and len(index) < meta.get("keys", 0):
+                continue        # a .dir cut short while sync() rewrote it
+            # .bak may lack keys whose index line found the disk full: those came
+            # after the last checkpoint, so the journal has them.
+            self.index = index
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1213,12 +1230,15 @@ class Store:
         suffix, entries, lost = self.load()
         if exists and suffix is None:
             self._move_aside("its index does not parse")
-        elif suffix == ".bak":
-            self.notes.append("state db index was cut short by a crash; using its backup")
-            shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
-            os.replace(self.base + ".dir.tmp", self.base + ".dir")
-        elif lost:
+        elif lost and suffix == ".dir":
             self._move_aside("unreadable values")
+        elif suffix is not None:
+            # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
+            if suffix == ".bak":
+                self.notes.append("state db index was cut short by a crash; using its backup")
+            with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
+                f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
+            os.replace(self.base + ".dir.tmp", self.base + ".dir")
         self.db = dbm.dumb.open(self.base, "c", 0o600)
         stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
                  if key != _META_KEY and key not in self.data]
