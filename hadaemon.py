@@ -1120,7 +1120,8 @@ class Store:
         for line in lines.splitlines():
             try:
                 key, (pos, size) = ast.literal_eval(line)
-                if _index_line(key, pos, size) != line + "\n":
+                if _index_line(key, pos, size) != line + "\n" or not isinstance(key, str) \
+                        or type(pos) is not int or type(size) is not int or min(pos, size) < 0:
                     raise ValueError("not as dbm.dumb writes it")
                 index[key] = (pos, size)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -1131,7 +1132,11 @@ class Store:
         values, bad = {}, []
         try:
             with open(self.base + ".dat", "rb") as f:
+                end = os.fstat(f.fileno()).st_size
                 for key, (pos, size) in index.items():
+                    if pos + size > end:
+                        bad.append(key)
+                        continue
                     f.seek(pos)
                     raw = f.read(size)
                     try:
