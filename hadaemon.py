@@ -1067,10 +1067,18 @@ def reports_from_result(data, exit_code, default_host):
 #               "meta:checkpoint" records how many keys the index holds, sync()
 #               rewrites the index (old one kept as .bak), and only then is the
 #               journal truncated.
-#   recovery    the index is taken from .dir if it parses and holds at least the
-#               recorded number of keys, else from .bak (complete by construction);
-#               values that no longer decode were changed since the last
-#               checkpoint and come back from the journal, replayed on top.
+#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
+#               least the recorded number of keys (a .dir cut short by a kill in
+#               sync(), maybe to nothing, does not), else from .bak (it lacks at
+#               most keys added since the last checkpoint: the journal has those);
+#               only lines exactly as dbm.dumb writes them count.  Values that no
+#               longer decode were changed since the last checkpoint and come back
+#               from the journal, replayed on top; keys that do not come back are
+#               deleted, and the journal emptied (a torn last line would otherwise
+#               swallow the next commit appended to it).
+#   disk full   a failed journal write makes the next one start a new line; a
+#               failed sync() puts .bak back as .dir (a second sync() would delete
+#               the last whole index); a failed compaction leaves every key dirty.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
