@@ -139,6 +139,7 @@ class ProtocolError(HadaemonError):
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_MAX = 365 * 86400.0   # longer is a typo; select() overflows near 1e10 s, inf breaks the heap
 
 
 def parse_duration(text):
@@ -149,6 +150,8 @@ def parse_duration(text):
     value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError("duration must be more than zero: %r" % (text,))
+    if value > _DURATION_MAX:
+        raise ValueError("duration longer than a year: %r" % (text,))
     return value
 
 
@@ -509,7 +512,7 @@ def split_words(text):
 
 
 _SETTING_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)\Z")
-_SECTION_RE = re.compile(r"\s*\[(.*)\]\s*\Z")
+_SECTION_RE = re.compile(r"\s*\[(.*?)\]\s*(?:\s[#;].*)?\Z")    # [NAME], maybe a comment after
 
 
 def read_ini(path, errors):
@@ -589,7 +592,7 @@ def _setting_value(key, words, where, errors):
         if key == "ssh_options":
             return tuple(words)
         if len(words) != 1 and key != "cron":
-            raise ValueError("%s takes one value, got %d" % (key, len(words)))
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
             return parse_duration(value)
@@ -601,6 +604,8 @@ def _setting_value(key, words, where, errors):
             return int(value)
         if key == "cron":
             return CronSpec(value)
+        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
+            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
         if key == "host" and not valid_name(value):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         return value
@@ -685,8 +690,8 @@ def _parse_checks(path, config_dir, errors):
                 continue
             key = "%s|%s|%s" % (scope.name, host, name)
             if key in seen:
-                errors.append("%s: the same check for host %s in [%s] is already at %s"
-                              % (where, host, scope.name, seen[key]))
+                errors.append("%s: the same check %r for host %s in [%s] is already at %s"
+                              % (where, name, host, scope.name, seen[key]))
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
@@ -773,10 +778,6 @@ def load_config(config_dir):
                                              config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
-    if settings.log not in (None, "stderr", "syslog"):
-        parent = os.path.dirname(os.path.join(config_dir, settings.log)) or "."
-        if os.path.isabs(settings.log) and not os.path.isdir(parent):
-            errors.append("checks.conf: log = %s: directory %s does not exist" % (settings.log, parent))
     if errors:
         raise ConfigError(errors)
     return Config(config_dir, settings, groups, checks, sections)
@@ -801,7 +802,7 @@ class CronSpec:
 
     def __init__(self, text):
         self.text = " ".join(str(text).split())
-        fields = self.text.split(" ")
+        fields = self.text.split()
         if len(fields) != 5:
             raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
                              % (len(fields), text))
@@ -830,8 +831,8 @@ class CronSpec:
 
         values = set()
         for part in field.split(","):
-            rng, _, step = part.partition("/")
-            if step:
+            rng, slash, step = part.partition("/")
+            if slash:
                 if not step.isdigit() or int(step) < 1:
                     raise ValueError("bad step %r in cron %s field" % (step, what))
             if rng == "*":
@@ -973,18 +974,46 @@ def request(state_dir, message, timeout=30.0):
 # ============================================================================
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
+_JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
+
+
+def _nested_deeper(obj, limit):
+    """True when ``obj`` holds containers more than ``limit`` deep (found without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return False
 
 
 def parse_check_output(data):
-    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``."""
+    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``.
+
+    The dict is always one valid UTF-8 JSON line away from the master: JSON nested
+    deeper than _JSON_DEPTH is refused, and lone surrogates (``"\\ud800"``) replaced.
+    """
     text = data.decode("utf-8", "replace").replace("\x00", "")
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
             obj = json.loads(stripped)
-        except (ValueError, RecursionError):
-            obj = None
+            too_deep = _nested_deeper(obj, _JSON_DEPTH)
+        except RecursionError:
+            obj, too_deep = None, True
+        except ValueError:
+            obj, too_deep = None, False
+        if too_deep:
+            return {"message": "check output is JSON nested more than %d deep; ignored" % _JSON_DEPTH}
         if isinstance(obj, dict):
+            try:
+                encode_message(obj)
+            except UnicodeEncodeError:      # a lone surrogate: valid JSON, but not UTF-8
+                raw = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                obj = json.loads(raw.decode("utf-8", "replace"))
             return obj
     result, other = {}, []
     for line in text.splitlines():
@@ -999,7 +1028,10 @@ def parse_check_output(data):
 
 
 def _shorten(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):    # nested too deep; an int too long to print
+        text = "<%s that cannot be shown>" % type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -1043,10 +1075,18 @@ def reports_from_result(data, exit_code, default_host):
 #               "meta:checkpoint" records how many keys the index holds, sync()
 #               rewrites the index (old one kept as .bak), and only then is the
 #               journal truncated.
-#   recovery    the index is taken from .dir if it parses and holds at least the
-#               recorded number of keys, else from .bak (complete by construction);
-#               values that no longer decode were changed since the last
-#               checkpoint and come back from the journal, replayed on top.
+#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
+#               least the recorded number of keys (a .dir cut short by a kill in
+#               sync(), maybe to nothing, does not), else from .bak (it lacks at
+#               most keys added since the last checkpoint: the journal has those);
+#               only lines exactly as dbm.dumb writes them count.  Values that no
+#               longer decode were changed since the last checkpoint and come back
+#               from the journal, replayed on top; keys that do not come back are
+#               deleted, and the journal emptied (a torn last line would otherwise
+#               swallow the next commit appended to it).
+#   disk full   a failed journal write makes the next one start a new line; a
+#               failed sync() puts .bak back as .dir (a second sync() would delete
+#               the last whole index); a failed compaction leaves every key dirty.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
@@ -1056,6 +1096,11 @@ def reports_from_result(data, exit_code, default_host):
 
 _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
+
+
+def _index_line(key, pos, size):
+    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it."""
+    return "%r, %r\n" % (key, (pos, size))
 
 
 class Store:
@@ -1070,11 +1115,17 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.index = {}         # the index recovery used
+        self.torn = False       # the journal may end in part of a line
 
     # -- reading ---------------------------------------------------------------
 
     def _read_index(self, path):
-        """key -> (pos, size) from a dumb index file, or None when it does not parse."""
+        """key -> (pos, size) from a dumb index file (None when missing).
+
+        Only lines exactly as dbm.dumb writes them count: a line the disk had no
+        room to finish, and the next line appended to it, are skipped.
+        """
         import ast
         try:
             with open(path, "r", encoding="latin-1") as f:
@@ -1085,16 +1136,23 @@ class Store:
         for line in lines.splitlines():
             try:
                 key, (pos, size) = ast.literal_eval(line)
-                index[key] = (int(pos), int(size))
+                if _index_line(key, pos, size) != line + "\n" or not isinstance(key, str) \
+                        or type(pos) is not int or type(size) is not int or min(pos, size) < 0:
+                    raise ValueError("not as dbm.dumb writes it")
+                index[key] = (pos, size)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                return None
+                continue
         return index
 
     def _read_values(self, index):
         values, bad = {}, []
         try:
             with open(self.base + ".dat", "rb") as f:
+                end = os.fstat(f.fileno()).st_size
                 for key, (pos, size) in index.items():
+                    if pos + size > end:
+                        bad.append(key)
+                        continue
                     f.seek(pos)
                     raw = f.read(size)
                     try:
@@ -1115,8 +1173,13 @@ class Store:
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
-            if index and not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
+            if not isinstance(meta, dict):
+                continue        # not our index, or a .dir cut (maybe to nothing) by sync()
+            if suffix == ".dir" and len(index) < meta.get("keys", 0):
                 continue        # a .dir cut short while sync() rewrote it
+            # .bak may lack keys whose index line found the disk full: those came
+            # after the last checkpoint, so the journal has them.
+            self.index = index
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1188,30 +1251,46 @@ class Store:
         suffix, entries, lost = self.load()
         if exists and suffix is None:
             self._move_aside("its index does not parse")
-        elif suffix == ".bak":
-            self.notes.append("state db index was cut short by a crash; using its backup")
-            shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
-            os.replace(self.base + ".dir.tmp", self.base + ".dir")
-        elif lost:
+        elif lost and suffix == ".dir":
             self._move_aside("unreadable values")
+        elif suffix is not None:
+            # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
+            if suffix == ".bak":
+                self.notes.append("state db index was cut short by a crash; using its backup")
+            with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
+                f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
+            os.replace(self.base + ".dir.tmp", self.base + ".dir")
         self.db = dbm.dumb.open(self.base, "c", 0o600)
-        if _META_KEY not in self.db:
+        stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
+                 if key != _META_KEY and key not in self.data]
+        for key in stale:
+            del self.db[key]            # torn by a crash, or behind a full snapshot: not recovered
+        if stale or _META_KEY not in self.db:
             # First key of a new index, so an index cut short always lacks it or
-            # carries a count that shows it is short.
-            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+            # carries a count that shows it is short.  (After deletions: the new count.)
+            count = len(self.db) if stale else 0
+            self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
             self.checkpoint()
+        if os.fstat(self.jfd).st_size:
+            # Only damaged lines are left (a torn last write): the next commit would be
+            # glued to one of them and be lost with it.
+            os.ftruncate(self.jfd, 0)
 
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if self.torn:           # the last append failed part-way (disk full): end that line first
+            line = b"\n" + line
         view = memoryview(line + b"\n")
+        self.torn = True
         while view:
             written = os.write(self.jfd, view)
             view = view[written:]
+        self.torn = False
 
     def commit(self, changes):
         """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
@@ -1235,7 +1314,16 @@ class Store:
             self.sizes[key] = -(-len(value) // 512) * 512
         meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
         self.db[_META_KEY] = meta.ljust(_META_WIDTH)
-        self.db.sync()
+        try:
+            self.db.sync()
+        except OSError:
+            # sync() renamed the whole index to .bak, then failed writing .dir (disk
+            # full): put .bak back, or the next sync() would delete it for a cut one.
+            try:
+                os.replace(self.base + ".bak", self.base + ".dir")
+            except OSError:
+                pass
+            raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
         try:
@@ -1249,7 +1337,14 @@ class Store:
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
-        self.db.close()
+        # From here every key is dirty, so whatever fails below (the disk full), the
+        # next checkpoint writes them all before it drops the snapshot from the journal.
+        self.sizes = {}
+        self.dirty = set(self.data)
+        try:
+            self.db.close()
+        except OSError:
+            pass                # its files go next; the journal holds everything
         for path in self._db_files():
             try:
                 os.unlink(path)
@@ -1257,8 +1352,6 @@ class Store:
                 pass
         self.db = dbm.dumb.open(self.base, "n", 0o600)
         self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-        self.sizes = {}
-        self.dirty = set(self.data)
         self.checkpoint()
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
