@@ -85,6 +85,7 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
@@ -140,6 +141,7 @@ class ProtocolError(HadaemonError):
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_MAX = 365 * 86400.0   # longer is a typo; select() overflows near 1e10 s, inf breaks the heap
 
 
 def parse_duration(text):
@@ -150,6 +152,8 @@ def parse_duration(text):
     value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError("duration must be more than zero: %r" % (text,))
+    if value > _DURATION_MAX:
+        raise ValueError("duration longer than a year: %r" % (text,))
     return value
 
 
@@ -341,7 +345,7 @@ def setup_logging(target, state_dir, debug=False):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter())
     elif target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        address = SYSLOG_SOCKET if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
         handler = logging.handlers.SysLogHandler(address, facility="daemon")
         handler.ident = "hadaemon[%d]: " % os.getpid()
         handler.setFormatter(_Formatter(with_time=False))
@@ -510,7 +514,7 @@ def split_words(text):
 
 
 _SETTING_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)\Z")
-_SECTION_RE = re.compile(r"\s*\[(.*)\]\s*\Z")
+_SECTION_RE = re.compile(r"\s*\[(.*?)\]\s*(?:\s[#;].*)?\Z")    # [NAME], maybe a comment after
 
 
 def read_ini(path, errors):
@@ -590,7 +594,7 @@ def _setting_value(key, words, where, errors):
         if key == "ssh_options":
             return tuple(words)
         if len(words) != 1 and key != "cron":
-            raise ValueError("%s takes one value, got %d" % (key, len(words)))
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
             return parse_duration(value)
@@ -602,6 +606,8 @@ def _setting_value(key, words, where, errors):
             return int(value)
         if key == "cron":
             return CronSpec(value)
+        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
+            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
         if key == "host" and not valid_name(value):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         return value
@@ -686,8 +692,8 @@ def _parse_checks(path, config_dir, errors):
                 continue
             key = "%s|%s|%s" % (scope.name, host, name)
             if key in seen:
-                errors.append("%s: the same check for host %s in [%s] is already at %s"
-                              % (where, host, scope.name, seen[key]))
+                errors.append("%s: the same check %r for host %s in [%s] is already at %s"
+                              % (where, name, host, scope.name, seen[key]))
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
@@ -774,10 +780,6 @@ def load_config(config_dir):
                                              config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
-    if settings.log not in (None, "stderr", "syslog"):
-        parent = os.path.dirname(os.path.join(config_dir, settings.log)) or "."
-        if os.path.isabs(settings.log) and not os.path.isdir(parent):
-            errors.append("checks.conf: log = %s: directory %s does not exist" % (settings.log, parent))
     if errors:
         raise ConfigError(errors)
     return Config(config_dir, settings, groups, checks, sections)
@@ -802,7 +804,7 @@ class CronSpec:
 
     def __init__(self, text):
         self.text = " ".join(str(text).split())
-        fields = self.text.split(" ")
+        fields = self.text.split()
         if len(fields) != 5:
             raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
                              % (len(fields), text))
@@ -831,8 +833,8 @@ class CronSpec:
 
         values = set()
         for part in field.split(","):
-            rng, _, step = part.partition("/")
-            if step:
+            rng, slash, step = part.partition("/")
+            if slash:
                 if not step.isdigit() or int(step) < 1:
                     raise ValueError("bad step %r in cron %s field" % (step, what))
             if rng == "*":
@@ -974,18 +976,46 @@ def request(state_dir, message, timeout=30.0):
 # ============================================================================
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
+_JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
+
+
+def _nested_deeper(obj, limit):
+    """True when ``obj`` holds containers more than ``limit`` deep (found without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return False
 
 
 def parse_check_output(data):
-    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``."""
+    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``.
+
+    The dict is always one valid UTF-8 JSON line away from the master: JSON nested
+    deeper than _JSON_DEPTH is refused, and lone surrogates (``"\\ud800"``) replaced.
+    """
     text = data.decode("utf-8", "replace").replace("\x00", "")
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
             obj = json.loads(stripped)
-        except (ValueError, RecursionError):
-            obj = None
+            too_deep = _nested_deeper(obj, _JSON_DEPTH)
+        except RecursionError:
+            obj, too_deep = None, True
+        except ValueError:
+            obj, too_deep = None, False
+        if too_deep:
+            return {"message": "check output is JSON nested more than %d deep; ignored" % _JSON_DEPTH}
         if isinstance(obj, dict):
+            try:
+                encode_message(obj)
+            except UnicodeEncodeError:      # a lone surrogate: valid JSON, but not UTF-8
+                raw = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                obj = json.loads(raw.decode("utf-8", "replace"))
             return obj
     result, other = {}, []
     for line in text.splitlines():
@@ -1000,7 +1030,10 @@ def parse_check_output(data):
 
 
 def _shorten(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):    # nested too deep; an int too long to print
+        text = "<%s that cannot be shown>" % type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -1044,10 +1077,18 @@ def reports_from_result(data, exit_code, default_host):
 #               "meta:checkpoint" records how many keys the index holds, sync()
 #               rewrites the index (old one kept as .bak), and only then is the
 #               journal truncated.
-#   recovery    the index is taken from .dir if it parses and holds at least the
-#               recorded number of keys, else from .bak (complete by construction);
-#               values that no longer decode were changed since the last
-#               checkpoint and come back from the journal, replayed on top.
+#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
+#               least the recorded number of keys (a .dir cut short by a kill in
+#               sync(), maybe to nothing, does not), else from .bak (it lacks at
+#               most keys added since the last checkpoint: the journal has those);
+#               only lines exactly as dbm.dumb writes them count.  Values that no
+#               longer decode were changed since the last checkpoint and come back
+#               from the journal, replayed on top; keys that do not come back are
+#               deleted, and the journal emptied (a torn last line would otherwise
+#               swallow the next commit appended to it).
+#   disk full   a failed journal write makes the next one start a new line; a
+#               failed sync() puts .bak back as .dir (a second sync() would delete
+#               the last whole index); a failed compaction leaves every key dirty.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
@@ -1057,6 +1098,11 @@ def reports_from_result(data, exit_code, default_host):
 
 _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
+
+
+def _index_line(key, pos, size):
+    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it."""
+    return "%r, %r\n" % (key, (pos, size))
 
 
 class Store:
@@ -1071,11 +1117,17 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.index = {}         # the index recovery used
+        self.torn = False       # the journal may end in part of a line
 
     # -- reading ---------------------------------------------------------------
 
     def _read_index(self, path):
-        """key -> (pos, size) from a dumb index file, or None when it does not parse."""
+        """key -> (pos, size) from a dumb index file (None when missing).
+
+        Only lines exactly as dbm.dumb writes them count: a line the disk had no
+        room to finish, and the next line appended to it, are skipped.
+        """
         import ast
         try:
             with open(path, "r", encoding="latin-1") as f:
@@ -1086,16 +1138,23 @@ class Store:
         for line in lines.splitlines():
             try:
                 key, (pos, size) = ast.literal_eval(line)
-                index[key] = (int(pos), int(size))
+                if _index_line(key, pos, size) != line + "\n" or not isinstance(key, str) \
+                        or type(pos) is not int or type(size) is not int or min(pos, size) < 0:
+                    raise ValueError("not as dbm.dumb writes it")
+                index[key] = (pos, size)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                return None
+                continue
         return index
 
     def _read_values(self, index):
         values, bad = {}, []
         try:
             with open(self.base + ".dat", "rb") as f:
+                end = os.fstat(f.fileno()).st_size
                 for key, (pos, size) in index.items():
+                    if pos + size > end:
+                        bad.append(key)
+                        continue
                     f.seek(pos)
                     raw = f.read(size)
                     try:
@@ -1116,8 +1175,13 @@ class Store:
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
-            if index and not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
+            if not isinstance(meta, dict):
+                continue        # not our index, or a .dir cut (maybe to nothing) by sync()
+            if suffix == ".dir" and len(index) < meta.get("keys", 0):
                 continue        # a .dir cut short while sync() rewrote it
+            # .bak may lack keys whose index line found the disk full: those came
+            # after the last checkpoint, so the journal has them.
+            self.index = index
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1189,30 +1253,46 @@ class Store:
         suffix, entries, lost = self.load()
         if exists and suffix is None:
             self._move_aside("its index does not parse")
-        elif suffix == ".bak":
-            self.notes.append("state db index was cut short by a crash; using its backup")
-            shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
-            os.replace(self.base + ".dir.tmp", self.base + ".dir")
-        elif lost:
+        elif lost and suffix == ".dir":
             self._move_aside("unreadable values")
+        elif suffix is not None:
+            # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
+            if suffix == ".bak":
+                self.notes.append("state db index was cut short by a crash; using its backup")
+            with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
+                f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
+            os.replace(self.base + ".dir.tmp", self.base + ".dir")
         self.db = dbm.dumb.open(self.base, "c", 0o600)
-        if _META_KEY not in self.db:
+        stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
+                 if key != _META_KEY and key not in self.data]
+        for key in stale:
+            del self.db[key]            # torn by a crash, or behind a full snapshot: not recovered
+        if stale or _META_KEY not in self.db:
             # First key of a new index, so an index cut short always lacks it or
-            # carries a count that shows it is short.
-            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+            # carries a count that shows it is short.  (After deletions: the new count.)
+            count = len(self.db) if stale else 0
+            self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
             self.checkpoint()
+        if os.fstat(self.jfd).st_size:
+            # Only damaged lines are left (a torn last write): the next commit would be
+            # glued to one of them and be lost with it.
+            os.ftruncate(self.jfd, 0)
 
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if self.torn:           # the last append failed part-way (disk full): end that line first
+            line = b"\n" + line
         view = memoryview(line + b"\n")
+        self.torn = True
         while view:
             written = os.write(self.jfd, view)
             view = view[written:]
+        self.torn = False
 
     def commit(self, changes):
         """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
@@ -1236,7 +1316,16 @@ class Store:
             self.sizes[key] = -(-len(value) // 512) * 512
         meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
         self.db[_META_KEY] = meta.ljust(_META_WIDTH)
-        self.db.sync()
+        try:
+            self.db.sync()
+        except OSError:
+            # sync() renamed the whole index to .bak, then failed writing .dir (disk
+            # full): put .bak back, or the next sync() would delete it for a cut one.
+            try:
+                os.replace(self.base + ".bak", self.base + ".dir")
+            except OSError:
+                pass
+            raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
         try:
@@ -1250,7 +1339,14 @@ class Store:
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
-        self.db.close()
+        # From here every key is dirty, so whatever fails below (the disk full), the
+        # next checkpoint writes them all before it drops the snapshot from the journal.
+        self.sizes = {}
+        self.dirty = set(self.data)
+        try:
+            self.db.close()
+        except OSError:
+            pass                # its files go next; the journal holds everything
         for path in self._db_files():
             try:
                 os.unlink(path)
@@ -1258,8 +1354,6 @@ class Store:
                 pass
         self.db = dbm.dumb.open(self.base, "n", 0o600)
         self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-        self.sizes = {}
-        self.dirty = set(self.data)
         self.checkpoint()
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
@@ -1351,10 +1445,14 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
     actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
                (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
+    # would leave the new session running unwatched: hold it off until then.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in {out_r, out_w, err_r, err_w} - {None}:
             os.close(fd)
         return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
@@ -1371,6 +1469,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         while True:
@@ -2276,7 +2375,9 @@ class Master:
                 if self.fork("worker", worker_main, self.sock_path, self.config.config_dir) is None:
                     self.spawn_after = now + 1.0
                     break
-        for child in sorted(live, key=lambda c: c.state != "idle")[:max(0, -missing)]:
+        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
+        # busy one would cut its check short and report it unknown.
+        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
             self.retire(child)
         for child in self.workers("starting"):
             if now - child.started > 10:
@@ -2411,6 +2512,10 @@ class Master:
                    "rejected": problems}
         if msg.get("stderr"):
             rt.last["stderr"] = msg["stderr"][:500]
+        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
+                  else "exit %s" % exit_code, msg.get("duration") or 0)
         self.soft_changed = True
         for host, state in reports:
             self.apply_report(host, state, rt.check)
@@ -2554,10 +2659,10 @@ class Master:
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
+            words = " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
         if kind == "start":
             cmd["started"] = msg.get("time")
-            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
-                     " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
+            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]), words)
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
         elif kind == "spawned":
             child.pgid = _spawned_pid(msg)
@@ -2568,8 +2673,9 @@ class Master:
                              "error": msg.get("error"), "duration": msg.get("duration"),
                              "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
             level = logging.WARNING if msg.get("error") else logging.INFO
-            log.log(level, "run %d: command %d/%d %s in %.3fs%s", run["id"], index + 1,
-                    len(run["commands"]), msg.get("error") or "ok", msg.get("duration") or 0,
+            log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
+                    len(run["commands"]), words, msg.get("error") or "exit %s" % msg.get("exit"),
+                    msg.get("duration") or 0,
                     " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
             for line in output.splitlines()[:20]:
                 log.info("run %d:   | %s", run["id"], line)
@@ -2771,8 +2877,10 @@ class Master:
         self.config = config
         self.schedule_all()
         if log_changed:
-            setup_logging(config.daemon.log or self.default_log, self.state_dir,
-                          log.level == logging.DEBUG)
+            target = config.daemon.log or self.default_log
+            if target == "stderr":
+                target = self.default_log   # daemonized, stderr is /dev/null
+            setup_logging(target, self.state_dir, log.level == logging.DEBUG)
         else:
             reopen_log()
         log.info("configuration reloaded: %d checks, %d action sections",
@@ -2845,6 +2953,10 @@ class Master:
             self.handle_signals()
             self.reap()
             self.enforce_kills(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                # While stopping too: the loop is healthy while a sequence finishes.
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
             if self.stopping:
                 if not self.children or now >= self.stop_deadline:
                     return
@@ -2858,9 +2970,6 @@ class Master:
             self.close_idle_clients(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
-            if self.notifier.watchdog and now >= self.next_watchdog:
-                self.notifier.send("WATCHDOG=1")
-                self.next_watchdog = now + self.notifier.watchdog
             if self.once and self.once_done():
                 self.begin_stop("--once pass complete")
 
@@ -3033,14 +3142,47 @@ def offline_status(state_dir, config=None, last=20):
                             last), runs
 
 
+def locked_pid(state_dir, wait=2.0):
+    """The pid of the daemon holding the state dir's lock, None when none does.
+
+    A daemon writes its pid just after taking the lock, and an offline --pause /
+    --resume holds it without one: such a holder is waited out for ``wait``
+    seconds, then reported as -1, a pid no caller may signal.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        pid = PidLock.holder(state_dir)
+        if pid != -1 or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.05)
+
+
+def stop_wait(config):
+    """How long --stop waits by default: enough for the longest action sequence.
+
+    The master lets a running sequence finish (each command its timeout plus the
+    kill grace), then gives itself 10 s, then kills what is left (5 s); this adds
+    a margin on top.  Without a readable config: 5 minutes.
+    """
+    if config is None:
+        return 300.0
+    longest = max([sum(section.timeout + ACTION_KILL_GRACE for _ in section.commands)
+                   for section in config.sections.values()] or [0.0])
+    return longest + 1.0 + 10.0 + 5.0 + 15.0
+
+
 def _clip(text, width):
     text = str(text)
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
 def _table(rows, widths):
+    """Rows of cells in columns of ``widths``; a row of one cell is a heading across them all."""
     lines = []
     for row in rows:
+        if len(row) == 1:
+            lines.append(_clip(row[0], sum(widths) + len(widths) - 1))
+            continue
         cells = [_clip(cell, width).ljust(width) for cell, width in zip(row, widths)]
         lines.append(" ".join(cells).rstrip())
     return lines
@@ -3062,21 +3204,25 @@ def render_status(doc):
         head = "hadaemon %s: running, pid %d, up %s" % (
             d["version"], d["pid"], format_ago(time.time() - d["uptime"]).replace(" ago", ""))
     else:
-        head = "hadaemon: not running (last known state from %s)" % d["state_dir"]
-    if d["paused"]:
-        head += ", ACTIONS PAUSED"
-    out.append(head)
+        head = "hadaemon %s: not running (the last known state)" % d["version"]
+    out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
-        out.append("config %s, state %s" % (d["config_dir"], d["state_dir"]))
-    if d.get("workers"):
-        out.append("workers: %s; queued runs: %d" % (
-            " ".join("%d:%s" % (w["pid"], w["state"]) for w in d["workers"]), len(d["queue"])))
+        out.append("config  %s" % d["config_dir"])
+    out.append("state   %s" % d["state_dir"])
+    if d["running"]:
+        states = collections.Counter(w["state"] for w in d["workers"])
+        out.append("workers %d: %s" % (len(d["workers"]), ", ".join(
+            "%d %s" % (n, st) for st, n in sorted(states.items())) or "none yet"))
+        run = next((r for r in doc["runs"] if r["state"] == "running"), None)
+        out.append("%s, %d queued" % ("action run #%d running (pid %s)" % (run["id"], d["action_pid"])
+                                      if run else "no action running", len(d["queue"])))
     for m in d.get("ssh") or []:
         if m["connected"]:
             what = "master connection up since %s (pid %d)" % (_clock(m["since"]), m["pid"])
         else:
             what = "no master connection (checks connect on their own)"
-        out.append("ssh [%s]: %s" % (m["scope"], what))
+        out.append(_clip("ssh [%s]: %s" % (m["scope"], what), 80))
     out.append("")
     rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
     for name, h in doc["hosts"].items():
@@ -3087,7 +3233,11 @@ def render_status(doc):
     out += _table(rows, (14, 10, 22, 12, 16)) if len(rows) > 1 else ["no hosts reported yet"]
     out.append("")
     rows = [("CHECK", "HOST", "LAST", "EXIT", "TOOK", "WHEN", "NEXT", "SKIP")]
+    scope = None
     for c in doc["checks"]:
+        if c["scope"] != scope:             # the scope as a heading, as in checks.conf
+            scope = c["scope"]
+            rows.append(("[%s]" % scope,))
         last = c.get("last") or {}
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
@@ -3183,8 +3333,8 @@ def build_parser():
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --stop / --start: how long to wait (default: enough for the "
-                        "running action sequence)")
+                   help="how long --stop waits (default: enough for the longest action "
+                        "sequence) or --start (default: 30)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
@@ -3211,9 +3361,17 @@ def cmd_foreground(args, once=False):
         return EXIT_FAIL
 
 
+def _no_pid(state_dir):
+    print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause or "
+          "--resume working on the db?); try again" % state_dir, file=sys.stderr)
+    return EXIT_FAIL
+
+
 def cmd_start(args):
     config = _config_or_exit(args.config_dir)
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
     if pid:
         print("hadaemon already running (pid %d)" % pid)
         return EXIT_OK
@@ -3236,8 +3394,13 @@ def cmd_start(args):
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
+            # A fork keeps every fd, CLOEXEC or not: a pipe of our caller (cron,
+            # a CI runner, $(...)) held open here would never reach EOF.
+            close_inherited(keep=(wfd,))
             default_log = os.path.join(args.state_dir, LOG_FILE)
-            setup_logging(config.daemon.log or default_log, args.state_dir, args.debug)
+            # stderr is /dev/null once daemonized: log = stderr means the default file.
+            target = config.daemon.log if config.daemon.log not in (None, "stderr") else default_log
+            setup_logging(target, args.state_dir, args.debug)
             code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
         except BaseException:                        # noqa: B036 - logged, then _exit
             log.exception("hadaemon failed")
@@ -3259,7 +3422,14 @@ def cmd_start(args):
     os.close(rfd)
     text = answer.decode("utf-8", "replace").strip()
     if text.startswith("ok "):
-        print("hadaemon started (pid %s)" % text[3:])
+        # Ready means the socket is bound; return only once the loop answers on it.
+        try:
+            answer = request(args.state_dir, {"cmd": "ping"}, timeout=args.timeout or 30.0)
+        except (OSError, HadaemonError) as exc:
+            print("hadaemon did not start: pid %s does not answer on its socket: %s (see %s)"
+                  % (text[3:], exc, LOG_FILE), file=sys.stderr)
+            return EXIT_FAIL
+        print("hadaemon started (pid %s)" % answer.get("pid", text[3:]))
         return EXIT_OK
     print("hadaemon did not start: %s" % (text[7:] if text.startswith("error: ") else
                                           text or "no answer (see %s)" % LOG_FILE), file=sys.stderr)
@@ -3267,7 +3437,9 @@ def cmd_start(args):
 
 
 def cmd_stop(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir, wait=min(2.0, args.timeout or 2.0))
+    if pid == -1:
+        return _no_pid(args.state_dir)     # never kill(-1, ...): that is every process we may signal
     if not pid:
         print("hadaemon not running")
         return EXIT_OK
@@ -3275,7 +3447,13 @@ def cmd_stop(args):
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    wait = args.timeout or 300.0
+    if args.timeout:
+        wait = args.timeout
+    else:
+        try:
+            wait = stop_wait(load_config(args.config_dir))
+        except ConfigError:
+            wait = stop_wait(None)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not PidLock.holder(args.state_dir):
@@ -3295,7 +3473,7 @@ def _ask(args, message):
 
 
 def cmd_status(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
         doc = _ask(args, {"cmd": "status"})
     else:
@@ -3309,7 +3487,7 @@ def cmd_status(args):
 
 
 def cmd_history(args):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         doc, runs = offline_status(args.state_dir, last=args.history)
@@ -3319,7 +3497,7 @@ def cmd_history(args):
 
 
 def cmd_reload(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -3334,7 +3512,7 @@ def cmd_reload(args):
 
 
 def cmd_pause(args, paused):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         _ask(args, {"cmd": "pause" if paused else "resume"})
     else:
         ensure_state_dir(args.state_dir)
@@ -3374,10 +3552,10 @@ def cmd_check_config(args):
 
 
 def cmd_once(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
-        print("hadaemon: refusing --once: a daemon runs on %s (pid %d)" % (args.state_dir, pid),
-              file=sys.stderr)
+        print("hadaemon: refusing --once: a daemon runs on %s (pid %s)"
+              % (args.state_dir, pid if pid > 0 else "unknown"), file=sys.stderr)
         return EXIT_FAIL
     return cmd_foreground(args, once=True)
 
