@@ -20,8 +20,9 @@ action run  one forked child per action sequence, at most one at a time.  It is
             transition's first command starts without a fork on the way); it runs
             the (already expanded) commands serially, reports each start and end
             over the socket, and exits.  The master records them.
-            Both tell the master the pid of the check / command they start, so
-            that if they die (SIGKILL, OOM) the master kills its process group.
+            A worker keeps the pid of the check it runs in a page it shares with
+            the master, an action run sends the pid of each command it starts: if
+            either dies (SIGKILL, OOM) the master kills that process group.
 
 Signals (master)
 ----------------
@@ -56,6 +57,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import mmap
 import os
 import re
 import select
@@ -1550,11 +1552,13 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None, environ=None):
+def run_check(job, watch, master=None, environ=None, slot=None):
     """Run one check job and return the result message for the master.
 
     ``environ``: the environment to start from (default os.environ); a worker passes
     one copy made at its start, as os.environ decodes every entry on every copy.
+    ``slot``: the worker's page shared with the master, where the pid of the running
+    check is kept (0 when none runs).
     """
     env = dict(os.environ if environ is None else environ)
     env.update(job["env"])
@@ -1562,10 +1566,15 @@ def run_check(job, watch, master=None, environ=None):
 
     def announce(pid):
         # The master kills this group if we die before the check ends (SIGKILL, OOM).
-        if master is not None:
-            master.sendall(encode_message({"t": "spawned", "job": job["id"], "pid": pid}))
-    res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                      stdin_path=job.get("stdin"), master=master, on_spawn=announce)
+        # Shared memory, not a message: no wake-up of the master for every check.
+        if slot is not None:
+            struct.pack_into("q", slot, 0, pid)
+    try:
+        res = run_process(job["argv"], env, job["timeout"], 0, watch,
+                          stdin_path=job.get("stdin"), master=master, on_spawn=announce)
+    finally:
+        if slot is not None:
+            struct.pack_into("q", slot, 0, 0)
     if res.error or res.timed_out or res.signal:
         data = {"state": "unknown", "message": res.failure(job["timeout"])}
     elif job.get("ssh") and res.exit_code == 255:
@@ -1583,7 +1592,7 @@ def run_check(job, watch, master=None, environ=None):
     return message
 
 
-def worker_main(sock_path, config_dir):
+def worker_main(sock_path, config_dir, slot=None):
     """A pre-forked check worker: hello, then one job at a time until told to go."""
     child_setup()
     os.chdir(config_dir)
@@ -1596,7 +1605,7 @@ def worker_main(sock_path, config_dir):
         if job is None or job.get("t") == "exit":
             return 0
         if job.get("t") == "job":
-            chan.send(run_check(job, watch, master=chan.sock, environ=environ))
+            chan.send(run_check(job, watch, master=chan.sock, environ=environ, slot=slot))
 
 
 # ============================================================================
@@ -2055,11 +2064,17 @@ class Child:
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
     lost: bool = False                       # a worker that hung up or died unasked
-    pgid: typing.Optional[int] = None        # group of the check / command it runs now
+    pgid: typing.Optional[int] = None        # group of the command an action run runs now
+    slot: typing.Any = None                  # a worker's shared page: pid of its running check
+
+    def check_pgid(self):
+        """The group of the check this worker runs now (from its shared page), or None."""
+        pid = struct.unpack_from("q", self.slot, 0)[0] if self.slot is not None else 0
+        return pid if pid > 1 else None
 
 
 def _spawned_pid(msg):
-    """The pid of a {t: spawned} message: a child's check or command, leader of its group."""
+    """The pid of a {t: spawned} message: an action run's command, leader of its group."""
     pid = msg.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
         raise ProtocolError("bad pid %r in a spawned message" % (pid,))
@@ -2372,9 +2387,13 @@ class Master:
         missing = self.config.daemon.workers - len(live)
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
-                if self.fork("worker", worker_main, self.sock_path, self.config.config_dir) is None:
+                slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
+                child = self.fork("worker", worker_main, self.sock_path, self.config.config_dir, slot)
+                if child is None:
+                    slot.close()
                     self.spawn_after = now + 1.0
                     break
+                child.slot = slot
         # A smaller pool (after a reload) shrinks by idle workers only: retiring a
         # busy one would cut its check short and report it unknown.
         for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
@@ -2452,12 +2471,16 @@ class Master:
         if child.job is not None and not self.stopping:   # a check the stop ended is no report
             job = child.job
             child.job = None
-            if child.pgid:
-                killpg_quietly(child.pgid, signal.SIGKILL)      # the check it left behind
+            pgid = child.check_pgid()
+            if pgid:
+                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
                                       "duration": time.monotonic() - job["sent"]})
+        if child.slot is not None:
+            child.slot.close()
+            child.slot = None
 
     def dispatch(self, now):
         if self.stopping or not self.ready:
@@ -2759,15 +2782,10 @@ class Master:
             self.identify(conn, msg)
         elif conn.role == "worker":
             child = conn.child
-            if msg.get("t") == "spawned" and child.job is not None \
-                    and msg.get("job") == child.job["id"]:
-                child.pgid = _spawned_pid(msg)
-                return
             if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
                 raise ProtocolError("unexpected message from worker %d" % child.pid)
             job = child.job
             child.job = None
-            child.pgid = None
             if child.state == "busy":
                 self.set_worker_state(child, "idle")
             self.check_finished(job, msg)
