@@ -93,6 +93,7 @@ OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
 CLIENT_IDLE = 10.0              # seconds a connection may sit on half a message
 ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
+QUIET_WAIT = 0.05               # output of a process that ends by then is read at its exit
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
 MAX_WORKERS = 256
 
@@ -1432,6 +1433,23 @@ def _select_read(fds, timeout):
     return readable
 
 
+def _read_pipe(fd, buf, result, to_eof):
+    """Read what the pipe ``fd`` holds into ``buf`` (kept up to OUTPUT_CAP); False at EOF.
+
+    With ``to_eof`` its writers are gone, so no read can block: read it to the end.
+    """
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return False
+        room = OUTPUT_CAP - len(buf)
+        if len(data) > room:
+            result.truncated = True
+        buf += data[:max(0, room)]
+        if not to_eof:
+            return True
+
+
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
                 master=None, on_spawn=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
@@ -1469,13 +1487,22 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     status = None
     deadline = started + timeout
     kill_at = drain_until = None
-    watch_master = master is not None
+    # Until quiet_until only the process's exit (SIGCHLD) wakes us, then its pipes
+    # are read to the end: a quick process costs one wake-up, not one per write or
+    # close.  One still running by then has its output read as it comes, so one
+    # that writes more than a pipe holds is never blocked for long.
+    quiet_until = started + QUIET_WAIT
+    poller = select.poll()
+    poller.register(watch.rfd, select.POLLIN)
+    if master is not None:
+        poller.register(master, select.POLLIN)
+    look = False                # call waitpid: a SIGCHLD came, a timer ran out or the pipes closed
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         while True:
-            if status is None:
+            if status is None and look:
                 wpid, wstatus = os.waitpid(pid, os.WNOHANG)
                 if wpid:
                     status = wstatus
@@ -1485,6 +1512,10 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
             now = time.monotonic()
             if status is not None and (not reading or now >= drain_until):
                 break
+            if quiet_until is not None and (status is not None or now >= quiet_until):
+                quiet_until = None
+                for fd in reading:
+                    poller.register(fd, select.POLLIN)
             if status is None and not result.timed_out and now >= deadline:
                 result.timed_out = True
                 killpg_quietly(pid, signal.SIGTERM if grace else signal.SIGKILL)
@@ -1500,24 +1531,26 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
                 wait = 1.0
             else:
                 wait = deadline - now
-            fds = list(reading) + [watch.rfd] + ([master] if watch_master else [])
-            for fd in _select_read(fds, max(0.0, wait)):
-                if fd is master:
+            if quiet_until is not None:
+                wait = min(wait, quiet_until - now)
+            try:
+                events = poller.poll(max(0.0, wait) * 1000)
+            except InterruptedError:
+                events = []
+            look = not events
+            for fd, mask in events:
+                if fd == watch.rfd:
+                    watch.drain()
+                    look = True
+                elif fd in reading:
+                    if not _read_pipe(fd, collected[fd], result, to_eof=mask & select.POLLHUP):
+                        poller.unregister(fd)
+                        reading.discard(fd)
+                        look = look or not reading
+                elif master is not None and fd == master.fileno():
                     if not master.recv(1, socket.MSG_PEEK):
                         raise _Orphaned()
-                    watch_master = False        # a message waits; it is read later
-                elif fd == watch.rfd:
-                    watch.drain()
-                else:
-                    data = os.read(fd, 65536)
-                    if not data:
-                        reading.discard(fd)
-                        continue
-                    buf = collected[fd]
-                    room = OUTPUT_CAP - len(buf)
-                    if len(data) > room:
-                        result.truncated = True
-                    buf += data[:max(0, room)]
+                    poller.unregister(fd)       # a message waits; it is read later
     except BaseException:
         killpg_quietly(pid, signal.SIGKILL)
         if status is None:
