@@ -1107,8 +1107,8 @@ class Store:
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
-            if index and not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
-                continue        # a .dir cut short while sync() rewrote it
+            if not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
+                continue        # a .dir cut short (even to nothing) while sync() rewrote it
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
