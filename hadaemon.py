@@ -1034,11 +1034,16 @@ def reports_from_result(data, exit_code, default_host):
 #   checkpoint  every few seconds the dirty keys go into the dumb db, a fixed-size
 #               "meta:checkpoint" records how many keys the index holds, sync()
 #               rewrites the index (old one kept as .bak), and only then is the
-#               journal truncated.
+#               journal truncated.  Soft values (last check results) are appended
+#               to the journal first, so that every value the db files hold since
+#               the last sync is also in the journal: a value overwritten in place
+#               and cut short by a crash always has its newer copy there.
 #   recovery    the index is taken from .dir if it parses and holds at least the
 #               recorded number of keys, else from .bak (complete by construction);
 #               values that no longer decode were changed since the last
-#               checkpoint and come back from the journal, replayed on top.
+#               checkpoint and come back from the journal, replayed on top.  Then
+#               the journal is emptied, so a line a crash cut short never glues
+#               itself to the next commit.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
@@ -1062,6 +1067,7 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
 
     # -- reading ---------------------------------------------------------------
 
@@ -1136,7 +1142,11 @@ class Store:
         return entries, full
 
     def load(self):
-        """Read db and journal into ``data``; returns the index suffix used (or None)."""
+        """Read db and journal into ``data``.
+
+        Returns (index suffix used or None, journal entries, keys lost, whether the
+        journal held a full snapshot).
+        """
         values, bad, suffix = self._load_db()
         entries, full = self._read_journal()
         if full:
@@ -1149,7 +1159,7 @@ class Store:
                               % (len(lost), ", ".join(sorted(lost)[:10])))
         values.pop(_META_KEY, None)
         self.data = values
-        return suffix, entries, lost
+        return suffix, entries, lost, full
 
     @classmethod
     def read(cls, state_dir):
@@ -1176,8 +1186,21 @@ class Store:
 
     def open(self):
         """Recover (see above), then open for writing and checkpoint what the journal held."""
-        exists = any(os.path.exists(p) for p in self._db_files())
-        suffix, entries, lost = self.load()
+        try:
+            dat_size = os.path.getsize(self.base + ".dat")
+        except OSError:
+            dat_size = 0
+        # A .dat with no index and nothing past the meta value is a new db whose
+        # creation a crash cut short, not a damaged one.
+        exists = dat_size > _META_WIDTH or any(os.path.exists(self.base + s) for s in (".dir", ".bak"))
+        suffix, entries, lost, full = self.load()
+        if full:
+            # A compaction was cut short: its snapshot is the state, the files are
+            # half-written leftovers.  The db is rebuilt from the snapshot below.
+            self.notes.append("state db compaction was cut short; rebuilding from its snapshot")
+            self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self.checkpoint()
+            return
         if exists and suffix is None:
             self._move_aside("its index does not parse")
         elif suffix == ".bak":
@@ -1197,6 +1220,10 @@ class Store:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
             self.checkpoint()
+        # Everything the journal held is in the db now; what is left is at most a
+        # line cut short by the crash, never acknowledged.  Left there, the next
+        # commit would be appended to it and read back as one damaged line.
+        os.ftruncate(self.jfd, 0)
 
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -1209,17 +1236,31 @@ class Store:
         """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
         self.data.update(changes)
         self.dirty.update(changes)
+        self.unjournaled.difference_update(changes)
         self._append({"s": changes})
 
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
         self.data[key] = value
         self.dirty.add(key)
+        self.unjournaled.add(key)
 
     def checkpoint(self):
         """Write dirty keys into the dumb db, sync its index, then empty the journal."""
+        if self.db is None:
+            # New files, from memory: at open after a cut-short compaction, or when
+            # a compaction failed half-way (disk full) and is being retried.
+            self.db = dbm.dumb.open(self.base, "n", 0o600)
+            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+            self.sizes = {}
+            self.dirty = set(self.data)
         if not self.dirty:
             return
+        if self.unjournaled:
+            # Values are about to change in the db files in place: each must have
+            # its copy in the journal until the index is synced.
+            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+            self.unjournaled.clear()
         for key in sorted(self.dirty):
             value = json.dumps(self.data[key], separators=(",", ":"),
                                ensure_ascii=False).encode("utf-8")
@@ -1241,17 +1282,13 @@ class Store:
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
-        self.db.close()
-        for path in self._db_files():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self.db = dbm.dumb.open(self.base, "n", 0o600)
-        self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-        self.sizes = {}
-        self.dirty = set(self.data)
-        self.checkpoint()
+        self.unjournaled.clear()
+        db, self.db = self.db, None     # from here the journal's snapshot is the db
+        try:
+            db.close()
+        except OSError:
+            pass
+        self.checkpoint()               # new files (dbm.dumb's "n" removes the old ones)
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
 
