@@ -2647,7 +2647,7 @@ def offline_status(state_dir, config=None, last=20):
         (r["id"], r) for r in sorted((v for k, v in data.items()
                                       if k.startswith("run:") and isinstance(v, dict)),
                                      key=lambda r: r.get("id", 0)))
-    last = data.get("checks") or {}
+    results = data.get("checks") or {}
     checks = []
     if config is not None:
         for c in config.checks:
@@ -2656,7 +2656,7 @@ def offline_status(state_dir, config=None, last=20):
                            "schedule": ("cron " + c.group.cron.text) if c.group.cron
                            else "every " + format_duration(c.group.interval),
                            "next_run": None, "running": False, "runs": None, "skipped": None,
-                           "last": last.get(c.key)})
+                           "last": results.get(c.key)})
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
               "state_dir": state_dir, "paused": bool(meta.get("paused")),
