@@ -1044,6 +1044,9 @@ def reports_from_result(data, exit_code, default_host):
 #               checkpoint and come back from the journal, replayed on top.  Then
 #               the journal is emptied, so a line a crash cut short never glues
 #               itself to the next commit.
+#   disk full   a commit that cannot be written stays in memory (and in --status);
+#               it is retried with the next commit and checkpoint, and the outage
+#               is logged once, its end too.  A journal line cut short is cut off.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
@@ -1068,6 +1071,7 @@ class Store:
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
+        self.error = None           # the write error of an outage (disk full), logged once
 
     # -- reading ---------------------------------------------------------------
 
@@ -1228,16 +1232,37 @@ class Store:
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         view = memoryview(line + b"\n")
-        while view:
-            written = os.write(self.jfd, view)
-            view = view[written:]
+        size = os.fstat(self.jfd).st_size
+        try:
+            while view:
+                written = os.write(self.jfd, view)
+                view = view[written:]
+        except OSError:
+            # Half a line (disk full) must not stay: the next line would be glued to it.
+            os.ftruncate(self.jfd, size)
+            raise
+
+    def _trouble(self, exc):
+        if self.error is None:
+            log.error("state db: cannot write in %s: %s; changes are kept in memory and "
+                      "written as soon as it can", os.path.dirname(self.base), exc.strerror or exc)
+        self.error = exc
 
     def commit(self, changes):
-        """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
+        """Make ``changes`` (key -> JSON value) durable against a crash of this process.
+
+        If the journal cannot be written (disk full), the changes stay in memory and
+        go to disk with the next commit or checkpoint that can write.
+        """
         self.data.update(changes)
         self.dirty.update(changes)
-        self.unjournaled.difference_update(changes)
-        self._append({"s": changes})
+        self.unjournaled.update(changes)
+        try:
+            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+        except OSError as exc:
+            self._trouble(exc)
+            return
+        self.unjournaled.clear()
 
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
@@ -1246,7 +1271,21 @@ class Store:
         self.unjournaled.add(key)
 
     def checkpoint(self):
-        """Write dirty keys into the dumb db, sync its index, then empty the journal."""
+        """Write dirty keys into the dumb db, sync its index, then empty the journal.
+
+        An OSError (disk full) is logged once per outage and raised; everything
+        stays dirty and in memory for the next try.
+        """
+        try:
+            self._checkpoint()
+        except OSError as exc:
+            self._trouble(exc)
+            raise
+        if self.error is not None:
+            log.warning("state db: writing again; everything kept in memory is on disk")
+            self.error = None
+
+    def _checkpoint(self):
         if self.db is None:
             # New files, from memory: at open after a cut-short compaction, or when
             # a compaction failed half-way (disk full) and is being retried.
@@ -1268,7 +1307,14 @@ class Store:
             self.sizes[key] = -(-len(value) // 512) * 512
         meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
         self.db[_META_KEY] = meta.ljust(_META_WIDTH)
-        self.db.sync()
+        try:
+            self.db.sync()
+        except OSError:
+            # sync() renamed the good index to .bak, then could not write the new one:
+            # put it back, so that a second failure cannot make .bak half an index.
+            if os.path.exists(self.base + ".bak"):
+                os.replace(self.base + ".bak", self.base + ".dir")
+            raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
         try:
@@ -2506,8 +2552,8 @@ class Master:
             self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
         try:
             self.store.checkpoint()
-        except OSError as exc:
-            log.error("state db checkpoint failed: %s (kept in the journal; retrying)", exc)
+        except OSError:
+            pass        # logged by the store; everything stays dirty for the next one
 
     def run(self):
         """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
