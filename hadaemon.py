@@ -1538,9 +1538,17 @@ def run_check(job, watch, master=None):
         data = parse_check_output(res.output)
     if res.truncated:
         data.setdefault("truncated", True)
+    # What the daemon had to do about this run, for one log line when it changes.
+    trouble = [res.failure(job["timeout"])] if res.error or res.timed_out or res.signal else []
+    if res.truncated:
+        trouble.append("output cut at %d KiB" % (OUTPUT_CAP // 1024))
+    try:
+        res.output.decode("utf-8")
+    except UnicodeDecodeError:
+        trouble.append("output is not UTF-8 text")
     message = {"t": "result", "job": job["id"], "key": job["key"], "data": data,
                "exit": res.exit_code, "signal": res.signal, "started": started,
-               "duration": round(res.duration, 6)}
+               "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
     if res.stderr:
         message["stderr"] = res.stderr[:2048].decode("utf-8", "replace")
     return message
@@ -1739,6 +1747,7 @@ class CheckRuntime:
     runs: int = 0
     skipped: int = 0
     last: typing.Optional[dict] = None
+    trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
 
 
 class Conn:
@@ -2114,6 +2123,13 @@ class Master:
         reports, problems = reports_from_result(data, exit_code, rt.check.host)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
+        trouble = msg.get("trouble") if isinstance(msg.get("trouble"), str) else None
+        if trouble != rt.trouble:
+            if trouble:
+                log.warning("check %s: %s", rt.check.name, trouble[:200])
+            else:
+                log.info("check %s: runs normally again", rt.check.name)
+            rt.trouble = trouble
         message = data.get("message")
         rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
                    "exit": exit_code, "signal": msg.get("signal"),
