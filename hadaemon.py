@@ -54,6 +54,7 @@ import logging
 import logging.handlers
 import os
 import re
+import resource
 import select
 import selectors
 import shutil
@@ -210,6 +211,24 @@ def close_inherited(keep=()):
                 os.close(fd)
             except OSError:
                 pass
+
+
+_CHILD_NOFILE = None    # the soft limit of open files the daemon was started with
+
+
+def raise_open_files_limit():
+    """Lift the soft limit of open files to the hard one (at most 65536): every client
+    is an fd, and 1024 (systemd's default) is soon reached.  What the daemon runs gets
+    the old limit back (``child_setup``)."""
+    global _CHILD_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            _CHILD_NOFILE = soft
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit of open files from %d: %s", soft, exc)
 
 
 def reset_child_signals():
@@ -1517,6 +1536,9 @@ def _raise_terminate(signum, frame):
 def child_setup():
     """What every forked child does first: default signals, a clean slate of fds."""
     reset_child_signals()
+    if _CHILD_NOFILE is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_CHILD_NOFILE, hard))
     signal.signal(signal.SIGTERM, _raise_terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a ^C in the foreground is the master's
     close_inherited()
@@ -1811,6 +1833,7 @@ class Master:
         self.started_wall = time.time()
         self.started = time.monotonic()
         self.spawn_after = 0.0
+        self.accept_paused_until = None     # out of fds: the listener rests until then
         self.quick_deaths = 0
         self.next_checkpoint = self.started + CHECKPOINT_EVERY
         self.next_watchdog = self.started
@@ -1832,6 +1855,7 @@ class Master:
             pid = PidLock.holder(self.state_dir)
             raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
         self.lock.write_pid()
+        raise_open_files_limit()
         self.open_store()
         self.listen()
         self.install_signals()
@@ -2324,7 +2348,12 @@ class Master:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept a connection: too many open files")
+                    # The listener would stay readable and spin the loop (and the log):
+                    # it rests a second, and each rest is logged once.
+                    log.error("cannot accept connections: too many open files (%d clients); "
+                              "new ones wait 1s", len(self.conns))
+                    self.sel.unregister(self.listener)
+                    self.accept_paused_until = time.monotonic() + 1.0
                     return
                 raise
             pid, uid, _ = peer_credentials(sock)
@@ -2552,6 +2581,9 @@ class Master:
             self.dispatch(now)
             self.start_next_run()
             self.close_idle_clients(now)
+            if self.accept_paused_until is not None and now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
             if self.notifier.watchdog and now >= self.next_watchdog:
