@@ -1075,6 +1075,47 @@ def reports_from_result(data, exit_code, default_host):
 
 _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
+_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
+
+
+def _is_str(*values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _is_time(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def well_formed(key, value):
+    """Whether ``value``, read back from the db, has the shape the master writes at ``key``.
+
+    A value that parses as JSON but is not (a damaged or hand-edited db) would take
+    the master down later; recovery drops it instead.
+    """
+    kind = key.split(":", 1)[0]
+    if kind == "host":
+        return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
+            and (value.get("pending") is None or valid_state(value["pending"])) \
+            and isinstance(value.get("count"), int)
+    if kind == "tr":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
+            and (value.get("run") is None or isinstance(value["run"], int))
+    if kind == "run":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) \
+            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
+            and isinstance(value.get("commands"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
+                for c in value["commands"])
+    if key == "queue":
+        return isinstance(value, list) and all(isinstance(i, int) for i in value)
+    if key == "meta":
+        return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
+                                               for k in ("next_transition", "next_run"))
+    if key in ("reports", "checks"):
+        return isinstance(value, dict)
+    return True
 
 
 class Store:
@@ -1091,6 +1132,9 @@ class Store:
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
         self.error = None           # the write error of an outage (disk full), logged once
+        self.damage = None          # why the db files cannot be used, when they cannot
+        self.created = False        # open() found no db and started a new one
+        self.dropped = []           # keys whose value in the db files was not well formed
 
     # -- reading ---------------------------------------------------------------
 
@@ -1129,15 +1173,23 @@ class Store:
         return values, bad
 
     def _load_db(self):
-        """(values, undecodable keys, index file used or None); damage leaves values empty."""
+        """(values, undecodable keys, index file used or None); damage leaves values empty.
+
+        When neither index is usable, ``self.damage`` says why.
+        """
+        self.damage = None
         for suffix in (".dir", ".bak"):
             index = self._read_index(self.base + suffix)
             if index is None:
+                self.damage = self.damage or "its index does not parse"
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
             if not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
-                continue        # a .dir cut short (even to nothing) while sync() rewrote it
+                # A .dir cut short (even to nothing) while sync() rewrote it, or damage.
+                self.damage = self.damage or ("its data file does not read back" if _META_KEY in bad
+                                              else "its index is incomplete")
+                continue
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1174,6 +1226,13 @@ class Store:
         entries, full = self._read_journal()
         if full:
             values, bad = {}, []        # a compaction was cut short: the snapshot rules
+        self.dropped = [key for key, value in values.items() if not well_formed(key, value)]
+        for entry in [values] + entries:
+            for key, value in list(entry.items()):
+                if not well_formed(key, value):
+                    self.notes.append("%s holds %s, not what hadaemon writes there; dropped"
+                                      % (key, _shorten(value)))
+                    del entry[key]
         for entry in entries:
             values.update(entry)
         lost = [key for key in bad if key not in values]
@@ -1225,13 +1284,14 @@ class Store:
             self.checkpoint()
             return
         if exists and suffix is None:
-            self._move_aside("its index does not parse")
+            self._move_aside(self.damage or "its index does not parse")
         elif suffix == ".bak":
             self.notes.append("state db index was cut short by a crash; using its backup")
             shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
             os.replace(self.base + ".dir.tmp", self.base + ".dir")
         elif lost:
             self._move_aside("unreadable values")
+        self.created = not exists and not entries
         self.db = dbm.dumb.open(self.base, "c", 0o600)
         if _META_KEY not in self.db:
             # First key of a new index, so an index cut short always lacks it or
@@ -1239,6 +1299,9 @@ class Store:
             self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
+        for key in self.dropped:
+            if key not in self.data and key in self.db:
+                del self.db[key]
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
@@ -1863,6 +1926,8 @@ class Master:
 
     def open_store(self):
         self.store.open()
+        if self.store.created:
+            log.info("state db: none in %s; a new one is created", self.state_dir)
         for note in self.store.notes:
             log.error("state db: %s", note)
         data = self.store.data
