@@ -1493,13 +1493,14 @@ def _select_read(fds, timeout):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None):
+                master=None, on_spawn=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
     SIGKILL ``grace`` seconds later.  When the process exits, whatever is left of
     its group is killed, so nothing it forked outlives it.  If the ``master``
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
+    ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     """
     started = time.monotonic()
     out_r, out_w = os.pipe()
@@ -1526,6 +1527,8 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        if on_spawn is not None:
+            on_spawn(pid)
         while True:
             if status is None:
                 wpid, wstatus = os.waitpid(pid, os.WNOHANG)
@@ -1716,8 +1719,12 @@ def action_main(sock_path, run):
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+
+        def announce(pid, index=index):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce)
         failure = res.failure(cmd["timeout"])
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
@@ -1818,6 +1825,7 @@ class Child:
     conn: typing.Any = None
     job: typing.Optional[dict] = None   # the check job a busy worker runs
     run_id: typing.Optional[int] = None
+    group: typing.Optional[int] = None       # an action run: its command's process group
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
 
@@ -2367,7 +2375,13 @@ class Master:
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
-        if kind == "start":
+            child.group = None
+        if kind == "spawned":
+            pid = msg.get("pid")
+            if not isinstance(pid, int) or pid <= 1:
+                raise ProtocolError("bad command pid %r from action run %d" % (pid, child.pid))
+            child.group = pid
+        elif kind == "start":
             cmd["started"] = msg.get("time")
             log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                      " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
@@ -2393,6 +2407,8 @@ class Master:
             raise ProtocolError("unknown action event %r" % (kind,))
 
     def action_died(self, child, how):
+        if child.group is not None:
+            killpg_quietly(child.group, signal.SIGKILL)     # the command it left behind
         run = self.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
