@@ -87,6 +87,7 @@ OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
 CLIENT_IDLE = 10.0              # seconds a connection may sit on half a message
 ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
+WORKER_HANG_GRACE = 10.0        # a busy worker silent this long past its check's timeout is hung
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
 MAX_WORKERS = 256
 
@@ -2129,6 +2130,16 @@ class Master:
         for child in self.workers("starting"):
             if now - child.started > 10:
                 log.error("worker %d did not connect within 10s; killing it", child.pid)
+                self.retire(child, signal.SIGKILL)
+        for child in self.workers("busy"):
+            # Workers enforce their checks' timeouts; one silent long past it is hung
+            # (stopped, stuck), and its check must not freeze its host's state.
+            job = child.job
+            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
+                rt = self.runtimes.get(job["key"])
+                log.error("worker %d: no result of check %s %s after its timeout; killing it",
+                          child.pid, rt.check.name if rt else job["key"],
+                          format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
 
     def retire(self, child, sig=signal.SIGTERM):

@@ -88,15 +88,22 @@ def process_age(pid):
 # Process faults
 # ============================================================================
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
-def test_worker_killed_is_replaced_and_its_check_reported_unknown(daemon, sig):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV, signal.SIGSTOP],
+                         ids=["SIGKILL", "SIGSEGV", "SIGSTOP"])
+def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon, sig):
+    """A worker killed while its check runs (or stopped: hung, so the master kills it once
+    the check's timeout is well past) is replaced; the check is reported unknown and the
+    check's process does not outlive its worker."""
     d = daemon
     d.script("checks/hang", """
         echo "host=db2"
         if [ -f "%s/hang" ]; then exec sleep 60; fi
         echo state=up
     """ % d.world)
-    role_config(d, "host = db2\nhang", workers=3, timeout="30s")
+    # A stopped worker cannot time its check out: a short timeout, the master's watch
+    # (timeout + WORKER_HANG_GRACE) does.  A killed one is killed long before its timeout.
+    timeout = "2s" if sig == signal.SIGSTOP else "30s"
+    role_config(d, "host = db2\nhang", workers=3, timeout=timeout)
     d.start()
     d.wait_state("db2", "up")
     (d.world / "hang").write_text("")
@@ -107,13 +114,17 @@ def test_worker_killed_is_replaced_and_its_check_reported_unknown(daemon, sig):
             return sleepers[0]
     sleeper = wait_for(busy_worker, timeout=15, what="the hanging check to run")
     worker = int(open("/proc/%d/stat" % sleeper).read().rsplit(")", 1)[1].split()[1])  # its parent
-    before = {w["pid"] for w in d.status()["daemon"]["workers"]}
-    assert worker in before
+    assert worker in {w["pid"] for w in d.status()["daemon"]["workers"]}
     os.kill(worker, sig)
-    d.wait_log("worker %d died (killed by %s); replacing it" % (worker, signal.Signals(sig).name))
+    if sig == signal.SIGSTOP:
+        d.wait_log("worker %d: no result of check hang 10s after its timeout; killing it" % worker,
+                   timeout=30)
+        how = "killed by SIGKILL"
+    else:
+        how = "killed by %s" % signal.Signals(sig).name
+        d.wait_log("worker %d died (%s); replacing it" % (worker, how))
     d.wait_state("db2", "unknown")
-    last = last_of(d, "hang")
-    assert "worker died (killed by %s) while running the check" % signal.Signals(sig).name in last["message"]
+    assert "worker died (%s) while running the check" % how in last_of(d, "hang")["message"]
     # Replaced: three workers again, the dead one not among them, and its check not left running.
     wait_for(lambda: len([w for w in d.status()["daemon"]["workers"] if w["pid"] != worker]) == 3,
              what="a replacement worker")
