@@ -18,6 +18,8 @@ worker      ``workers`` processes forked up front.  Each connects to the socket,
 action run  one forked child per action sequence, at most one at a time.  It runs
             the (already expanded) commands serially and reports each start and
             end over the socket; the master records them.
+            Both tell the master the pid of the check / command they start, so
+            that if they die (SIGKILL, OOM) the master kills its process group.
 
 Signals (master)
 ----------------
@@ -685,8 +687,13 @@ def _parse_checks(path, config_dir, errors):
                       get("ssh_options", settings.ssh_options),
                       get("connect_timeout", settings.connect_timeout))
         group_list.append(group)
+        if scope.kind == "ssh" and lines and not shutil.which("ssh"):
+            errors.append("%s: [%s]: no ssh client on PATH (install openssh-client)"
+                          % (gwhere, scope.name))
         for where, words, name in lines:
             path_, problem = resolve_command(words[0], "checks", config_dir)
+            if not problem and scope.kind == "ssh":
+                problem = remote_problem(path_)
             if problem:
                 errors.append("%s: %s" % (where, problem))
                 continue
@@ -1616,8 +1623,13 @@ def run_check(job, watch, master=None):
     env = dict(os.environ)
     env.update(job["env"])
     started = time.time()
+
+    def announce(pid):
+        # The master kills this group if we die before the check ends (SIGKILL, OOM).
+        if master is not None:
+            master.sendall(encode_message({"t": "spawned", "job": job["id"], "pid": pid}))
     res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                      stdin_path=job.get("stdin"), master=master)
+                      stdin_path=job.get("stdin"), master=master, on_spawn=announce)
     if res.error or res.timed_out or res.signal:
         data = {"state": "unknown", "message": res.failure(job["timeout"])}
     elif job.get("ssh") and res.exit_code == 255:
@@ -1742,8 +1754,29 @@ def action_main(sock_path, run):
 # ============================================================================
 # Remote checks: the ssh: scope
 # ============================================================================
+#
+# A check of an [ssh:...] group is the local ssh client, run by a worker like any
+# check: the script file is its stdin and the remote command starts the script's
+# interpreter over there.  Connections are reused through one ssh master
+# connection per target, which the daemon's master process owns (SshMasters):
+#
+#   - it is a plain child of the master, ``ssh -M -N -o ControlPersist=no``,
+#     started with the daemon, started again (with a backoff) whenever it exits,
+#     stopped with SIGTERM at stop, and by the kernel if the daemon dies
+#     (PR_SET_PDEATHSIG);
+#   - checks run ``ssh -o ControlMaster=no -o ControlPath=...``: while the master's
+#     socket is there they ride its connection; when it is not they connect on
+#     their own, so a check always reports what ssh itself sees.
+#
+# Not ControlMaster=auto with ControlPersist in the checks: the first check's ssh
+# would fork the master, which daemonizes into a session of its own, escapes the
+# kill of the check's process group and outlives the daemon; and two checks
+# starting at once race to become the master.
 
 _SHELLS = {"sh", "bash", "dash", "ksh", "zsh", "ash", "mksh", "busybox"}
+_SUN_PATH = 108                 # sizeof(sockaddr_un.sun_path) on Linux, its NUL included
+_CONTROL_SUFFIX = 17            # ssh binds "PATH.<16 random chars>" first, then renames
+SSH_RETRY_MAX = 30.0            # the longest wait before connecting a lost master again
 
 
 def remote_interpreter(path):
@@ -1760,39 +1793,296 @@ def remote_interpreter(path):
     return ["sh"]
 
 
+def remote_problem(path):
+    """Why the file at ``path`` cannot be a remote check (a binary), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return "cannot read %s: %s" % (path, exc.strerror)
+    if not head.startswith(b"#!") and b"\0" in head:
+        return ("%s is a binary: a remote check is a script, sent to the interpreter of its "
+                "#! line over there (wrap a plugin in a script)" % path)
+    return None
+
+
+def remote_run(interp):
+    """The remote words that run a script read from stdin with the #! words ``interp``."""
+    prog = interp[0]
+    if os.path.basename(prog) == "env":             # #!/usr/bin/env [-S] python3
+        prog = next((w for w in interp[1:] if not w.startswith("-")), prog)
+    if os.path.basename(prog) in _SHELLS:
+        return list(interp) + ["-s", "--"]          # sh -s -- ARGS: the rest are $1...
+    return list(interp) + ["-"]                     # python3 - ARGS, perl - ARGS, ...
+
+
+def ssh_control_path(group, state_dir):
+    """The control socket for the group's target, in the state dir; None when too long.
+
+    Named by a hash of all that makes the connection (target, key, options), so the
+    groups that share them share one master connection.
+    """
+    import hashlib
+    key = json.dumps([group.scope.name, group.ssh_identity, list(group.ssh_options),
+                      group.connect_timeout])
+    path = os.path.join(state_dir, "ssh-" + hashlib.sha256(key.encode()).hexdigest()[:10])
+    return path if len(path) + _CONTROL_SUFFIX < _SUN_PATH else None
+
+
+def ssh_argv(group, control):
+    """ssh with the group's settings, up to the host.
+
+    ssh keeps the first value it reads for an option: ``control`` and the scope's
+    user and port come before ``ssh_options`` and cannot be changed by them; the
+    defaults after them (host key checking, timeouts) can.
+    """
+    scope = group.scope
+    argv = [shutil.which("ssh") or "/usr/bin/ssh", "-o", "BatchMode=yes"] + list(control)
+    if scope.port:
+        argv += ["-p", str(scope.port)]
+    if scope.user:
+        argv += ["-l", scope.user]
+    argv += list(group.ssh_options)
+    argv += ["-o", "StrictHostKeyChecking=yes",
+             "-o", "ConnectTimeout=%d" % max(1, round(group.connect_timeout))]
+    if group.ssh_identity:
+        argv += ["-i", group.ssh_identity, "-o", "IdentitiesOnly=yes"]
+    return argv
+
+
+def _control_option(path):
+    # ssh expands %-tokens in ControlPath and splits the value on blanks unless quoted.
+    return 'ControlPath="%s"' % path.replace("%", "%%") if path else "ControlPath=none"
+
+
 def ssh_command(check, env, state_dir):
     """(argv, stdin path) that run ``check`` on its group's host through ssh.
 
     The script is read locally and fed to the remote interpreter on stdin; its
     arguments and the HA_* variables are quoted into the remote command line.
+    Over there the check runs under ``timeout`` when the host has one (coreutils,
+    busybox), so a hung check dies there too: killing the local ssh at the
+    timeout does not kill what it started on the remote host.
     """
     import shlex
-    group, scope = check.group, check.group.scope
-    argv = ["ssh", "-o", "BatchMode=yes"]
-    argv += list(group.ssh_options)
-    argv += ["-o", "StrictHostKeyChecking=yes",
-             "-o", "ConnectTimeout=%d" % max(1, round(group.connect_timeout)),
-             "-o", "ControlMaster=auto",
-             "-o", "ControlPath=%s" % os.path.join(state_dir, "ssh-%C"),
-             "-o", "ControlPersist=300"]
-    if group.ssh_identity:
-        argv += ["-i", group.ssh_identity, "-o", "IdentitiesOnly=yes"]
-    if scope.port:
-        argv += ["-p", str(scope.port)]
-    if scope.user:
-        argv += ["-l", scope.user]
-    interp = remote_interpreter(check.argv[0])
-    if os.path.basename(interp[-1]) in _SHELLS:
-        run = interp + ["-s", "--"]
-    else:
-        run = interp + ["-"]
+    group = check.group
+    control = ssh_control_path(group, state_dir)
+    argv = ssh_argv(group, ["-o", "ControlMaster=no", "-o", _control_option(control)])
+    run = remote_run(remote_interpreter(check.argv[0])) + list(check.argv[1:])
+    guard = ('command -v timeout >/dev/null 2>&1 && exec timeout -s KILL %d "$@"; exec "$@"'
+             % (int(group.timeout) + 2))
     assignments = ["%s=%s" % (k, shlex.quote(v)) for k, v in sorted(env.items())]
-    remote = "cd && exec env %s %s" % (" ".join(assignments),
-                                       " ".join(shlex.quote(w) for w in run + list(check.argv[1:])))
-    argv += [scope.host, remote]
-    found = shutil.which("ssh") or "/usr/bin/ssh"
-    argv[0] = found
-    return argv, check.argv[0]
+    remote = "cd && exec env %s sh -c %s hadaemon %s" % (
+        " ".join(assignments), shlex.quote(guard), " ".join(shlex.quote(w) for w in run))
+    return argv + ["-T", group.scope.host, remote], check.argv[0]
+
+
+def ssh_master_command(group, control):
+    """The argv of the master connection for ``group``'s target, on socket ``control``."""
+    alive = max(1, round(group.connect_timeout))
+    return ssh_argv(group, ["-o", "ControlMaster=yes", "-o", _control_option(control),
+                            "-o", "ControlPersist=no"]) + [
+        "-o", "ServerAliveInterval=%d" % alive, "-o", "ServerAliveCountMax=3",
+        "-N", "-T", group.scope.host]
+
+
+def ssh_master_main(argv, log_path, config_dir, parent):
+    """A forked child of the master that becomes one ssh master connection (exec)."""
+    child_setup()
+    os.chdir(config_dir)                # relative paths in ssh settings: as for the checks
+    try:
+        import ctypes                   # PR_SET_PDEATHSIG: go when the daemon goes, even by kill -9
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        return 0                        # the daemon died before the line above
+    null = os.open(os.devnull, os.O_RDWR)
+    err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for fd, target in ((0, null), (1, null), (2, err)):
+        os.dup2(target, fd)
+    os.close(null)
+    os.close(err)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.execv(argv[0], argv)
+
+
+def _last_line(path):
+    try:
+        with open(path, "rb") as f:
+            lines = f.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
+
+
+@dataclasses.dataclass
+class SshMaster:
+    """One target's master connection, as the daemon's master process keeps it."""
+    scope: str                          # the section name, for the log
+    argv: list
+    control: str                        # its ControlPath
+    child: typing.Optional["Child"] = None
+    since: float = 0.0                  # wall clock: when it (last) connected
+    connected: bool = False             # its control socket has appeared
+    failures: int = 0                   # exits in a row without connecting: the backoff
+    retry_at: float = 0.0               # monotonic
+    wanted: bool = True                 # False: being stopped, forgotten once reaped
+
+
+class SshMasters:
+    """The master connections of the daemon, one per ssh target of the config."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.masters = {}               # control path -> SshMaster
+        self.config = None
+
+    def targets(self, config):
+        """control path -> (scope name, master argv) for every ssh target with checks."""
+        wanted = {}
+        for check in config.checks:
+            group = check.group
+            if group.scope.kind != "ssh":
+                continue
+            control = ssh_control_path(group, self.state_dir)
+            if control is None:
+                if self.config is None:
+                    log.warning("[%s]: the state dir path %s is too long for an ssh control "
+                                "socket: its checks run without connection reuse",
+                                group.scope.name, self.state_dir)
+                continue
+            wanted.setdefault(control, (group.scope.name, ssh_master_command(group, control)))
+        return wanted
+
+    def maintain(self, config, now, fork):
+        """Follow the config, start what is missing, notice what has connected."""
+        if config is not self.config:
+            wanted = self.targets(config)
+            self.config = config
+            for control, master in self.masters.items():
+                master.wanted = control in wanted
+                if not master.wanted and master.child is not None:
+                    log.info("ssh %s: master connection (pid %d) no longer in the config; "
+                             "stopping it", master.scope, master.child.pid)
+                    self.stop(master)
+            for control, (scope, argv) in wanted.items():
+                self.masters.setdefault(control, SshMaster(scope, argv, control))
+        for master in list(self.masters.values()):
+            if not master.wanted:
+                if master.child is None:
+                    del self.masters[master.control]
+            elif master.child is None:
+                if now >= master.retry_at:
+                    self.start(master, fork, config.config_dir)
+            elif not master.connected and _is_socket(master.control):
+                master.connected, master.failures, master.since = True, 0, time.time()
+                log.info("ssh %s: master connection up (pid %d); checks reuse it",
+                         master.scope, master.child.pid)
+
+    def start(self, master, fork, config_dir):
+        try:
+            os.unlink(master.control)   # a stale socket would stop the new master listening
+        except FileNotFoundError:
+            pass
+        child = fork("ssh", ssh_master_main, master.argv, master.control + ".log",
+                     config_dir, os.getpid())
+        if child is None:
+            master.retry_at = time.monotonic() + 1.0
+            return
+        child.state = "running"
+        master.child = child
+        log.debug("ssh %s: connecting the master connection (pid %d)", master.scope, child.pid)
+
+    def stop(self, master):
+        """SIGTERM (ssh removes its socket); the master's loop sends SIGKILL 5 s later."""
+        child = master.child
+        if child is not None and not child.signalled:
+            child.kill_at = time.monotonic() + 5.0
+            child.signalled = True
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop_all(self):
+        for master in self.masters.values():
+            master.wanted = False
+            self.stop(master)
+
+    def reaped(self, child, how):
+        """A master connection exited: forget it, or connect again after a backoff."""
+        master = next((m for m in self.masters.values() if m.child is child), None)
+        if master is None:
+            return
+        master.child = None
+        try:
+            os.unlink(master.control)   # left behind by a SIGKILL
+        except FileNotFoundError:
+            pass
+        if not master.wanted:
+            return
+        why = _last_line(master.control + ".log")
+        master.failures += 1
+        delay = min(SSH_RETRY_MAX, 2.0 ** (master.failures - 1))
+        master.retry_at = time.monotonic() + delay
+        log.warning("ssh %s: master connection %s (%s%s); connecting again in %s", master.scope,
+                    "lost" if master.connected else "failed", how, ": " + why if why else "",
+                    format_duration(delay))
+        master.connected = False
+
+    def status(self):
+        return [{"scope": m.scope, "pid": m.child.pid if m.child else None,
+                 "connected": m.connected, "since": m.since if m.connected else None,
+                 "control": m.control} for m in self.masters.values()]
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def connect_ssh_targets(config):
+    """Connect once to every ssh group's target (``ssh ... true``), all at once.
+
+    Returns [(group, error or None, seconds)], each bounded by the group's
+    connect_timeout plus 5 s.
+    """
+    import subprocess
+    tries, seen = [], set()
+    for group in config.groups:
+        key = (group.scope.name, group.ssh_identity, group.ssh_options, group.connect_timeout)
+        if group.scope.kind != "ssh" or key in seen:
+            continue
+        seen.add(key)
+        argv = ssh_argv(group, ["-o", "ControlPath=none"]) + ["-T", group.scope.host, "true"]
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, cwd=config.config_dir, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            tries.append((group, None, started, "cannot start %s: %s" % (argv[0], exc.strerror)))
+            continue
+        tries.append((group, proc, started, None))
+    results = []
+    for group, proc, started, error in tries:
+        if proc is not None:
+            limit = group.connect_timeout + 5.0
+            try:
+                _, err = proc.communicate(timeout=max(0.0, started + limit - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                killpg_quietly(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                error = "no answer within %s" % format_duration(limit)
+            else:
+                lines = err.decode("utf-8", "replace").strip().splitlines()
+                if proc.returncode:
+                    error = lines[-1] if lines else "ssh exited %d" % proc.returncode
+        results.append((group, error, time.monotonic() - started))
+    return results
 
 
 # ============================================================================
@@ -1818,17 +2108,26 @@ RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 
 @dataclasses.dataclass
 class Child:
-    """A forked process of the master: a check worker or an action run."""
+    """A forked process of the master: a check worker, an action run, an ssh master."""
     pid: int
-    kind: str                           # "worker" | "action"
+    kind: str                           # "worker" | "action" | "ssh" (a master connection)
     state: str
     started: float                      # monotonic
     conn: typing.Any = None
     job: typing.Optional[dict] = None   # the check job a busy worker runs
     run_id: typing.Optional[int] = None
-    group: typing.Optional[int] = None       # an action run: its command's process group
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+    lost: bool = False                       # a worker that hung up or died unasked
+    pgid: typing.Optional[int] = None        # group of the check / command it runs now
+
+
+def _spawned_pid(msg):
+    """The pid of a {t: spawned} message: a child's check or command, leader of its group."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
+    return pid
 
 
 @dataclasses.dataclass
@@ -1918,6 +2217,7 @@ class Master:
         self.transitions = collections.deque()
         self.runs = collections.OrderedDict()
         self.queue = []
+        self.ssh = SshMasters(state_dir)
 
     # -- setup -------------------------------------------------------------------
 
@@ -2161,29 +2461,56 @@ class Master:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
+            child = self.children.get(pid)
             if child is None:
                 continue
+            if child.kind == "worker" and child.state != "exiting":
+                child.lost = True       # and, reaped, it must not be signalled any more
+                self.set_worker_state(child, "exiting")
+            self.read_leftovers(child)
+            del self.children[pid]
             code, sig = decode_wait_status(status)
             how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
             if child.conn is not None:
                 self.close(child.conn)
             if child.kind == "worker":
                 self.worker_died(child, how)
+            elif child.kind == "ssh":
+                self.ssh.reaped(child, how)
             else:
                 self.action_died(child, how)
 
+    def read_leftovers(self, child):
+        """Handle what an exited child sent before it went (its "done", a last result).
+
+        A quick child can send everything and exit between two passes of the loop,
+        its connection still unread, even still in the listen backlog: accept and
+        read it now, while the child is still known (its hello needs that).
+        """
+        if child.conn is None:
+            self.accept(selectors.EVENT_READ)
+            conns = [c for c in self.conns.values() if c.pid == child.pid and c.role is None]
+        else:
+            conns = [child.conn]
+        for conn in conns:
+            for _ in range(64):         # bounded; the peer is gone, so EOF comes soon
+                if conn.sock.fileno() < 0 or not _select_read([conn.sock], 0):
+                    break
+                self.on_io(conn, selectors.EVENT_READ)
+
     def worker_died(self, child, how):
-        if child.state != "exiting":
+        if child.lost:
             log.error("worker %d died (%s); replacing it", child.pid, how)
             if time.monotonic() - child.started < 1.0:
                 self.quick_deaths += 1
                 self.spawn_after = time.monotonic() + min(30.0, 0.25 * 2 ** self.quick_deaths)
             else:
                 self.quick_deaths = 0
-        if child.job is not None:
+        if child.job is not None and not self.stopping:   # a check the stop ended is no report
             job = child.job
             child.job = None
+            if child.pgid:
+                killpg_quietly(child.pgid, signal.SIGKILL)      # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
                                       "exit": None, "signal": None, "started": job["sent_wall"],
@@ -2382,22 +2709,19 @@ class Master:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
         kind = msg.get("t")
         index = msg.get("index")
-        if kind in ("start", "end"):
+        if kind in ("start", "spawned", "end"):
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
-            child.group = None
-        if kind == "spawned":
-            pid = msg.get("pid")
-            if not isinstance(pid, int) or pid <= 1:
-                raise ProtocolError("bad command pid %r from action run %d" % (pid, child.pid))
-            child.group = pid
-        elif kind == "start":
+        if kind == "start":
             cmd["started"] = msg.get("time")
             log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                      " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
+        elif kind == "spawned":
+            child.pgid = _spawned_pid(msg)
         elif kind == "end":
+            child.pgid = None
             output = msg.get("output") if isinstance(msg.get("output"), str) else ""
             cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
                              "error": msg.get("error"), "duration": msg.get("duration"),
@@ -2418,8 +2742,8 @@ class Master:
             raise ProtocolError("unknown action event %r" % (kind,))
 
     def action_died(self, child, how):
-        if child.group is not None:
-            killpg_quietly(child.group, signal.SIGKILL)     # the command it left behind
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
         run = self.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
@@ -2486,10 +2810,15 @@ class Master:
             self.identify(conn, msg)
         elif conn.role == "worker":
             child = conn.child
+            if msg.get("t") == "spawned" and child.job is not None \
+                    and msg.get("job") == child.job["id"]:
+                child.pgid = _spawned_pid(msg)
+                return
             if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
                 raise ProtocolError("unexpected message from worker %d" % child.pid)
             job = child.job
             child.job = None
+            child.pgid = None
             if child.state == "busy":
                 self.set_worker_state(child, "idle")
             self.check_finished(job, msg)
@@ -2563,6 +2892,7 @@ class Master:
             child.conn = None
             if child.kind == "worker" and child.state != "exiting":
                 # A worker that hung up is of no use: retire it, reap it, replace it.
+                child.lost = True
                 self.retire(child)
 
     def close_idle_clients(self, now):
@@ -2617,6 +2947,7 @@ class Master:
         now = time.monotonic()
         for child in self.workers():
             self.retire(child)
+        self.ssh.stop_all()
         action = self.action_child()
         budget = 10.0
         if action is not None:
@@ -2669,6 +3000,8 @@ class Master:
                     return
                 continue
             self.manage_workers(now)
+            if not self.once:
+                self.ssh.maintain(self.config, now, self.fork)
             self.fire_due_checks(now)
             self.dispatch(now)
             self.start_next_run()
@@ -2774,6 +3107,7 @@ class Master:
                   "paused": bool(self.meta.get("paused")), "queue": list(self.queue),
                   "workers": [{"pid": w.pid, "state": w.state} for w in self.workers()],
                   "action_pid": getattr(self.action_child(), "pid", None),
+                  "ssh": self.ssh.status(),
                   "lag_ms": {"p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
                              "max": percentile(lags, 1.0), "samples": len(lags)}}
         return status_from_data(daemon, self.hosts, self.reports, checks,
@@ -2847,7 +3181,7 @@ def offline_status(state_dir, config=None, last=20):
               "uptime": None, "config_dir": config.config_dir if config else None,
               "state_dir": state_dir, "paused": bool(meta.get("paused")),
               "queue": list(data.get("queue") or []), "workers": [], "action_pid": None,
-              "lag_ms": None}
+              "ssh": [], "lag_ms": None}
     return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs,
                             last), runs
 
@@ -2890,6 +3224,12 @@ def render_status(doc):
     if d.get("workers"):
         out.append("workers: %s; queued runs: %d" % (
             " ".join("%d:%s" % (w["pid"], w["state"]) for w in d["workers"]), len(d["queue"])))
+    for m in d.get("ssh") or []:
+        if m["connected"]:
+            what = "master connection up since %s (pid %d)" % (_clock(m["since"]), m["pid"])
+        else:
+            what = "no master connection (checks connect on their own)"
+        out.append("ssh [%s]: %s" % (m["scope"], what))
     out.append("")
     rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
     for name, h in doc["hosts"].items():
@@ -3171,7 +3511,19 @@ def cmd_check_config(args):
     config = _config_or_exit(args.config_dir)
     print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
           % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    return EXIT_OK
+    for group in config.groups:
+        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
+            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
+                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
+    if not args.connect:
+        return EXIT_OK
+    results = connect_ssh_targets(config)
+    for group, error, took in results:
+        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
+                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
+    if not results:
+        print("no ssh targets to try")
+    return EXIT_FAIL if any(error for _, error, _ in results) else EXIT_OK
 
 
 def cmd_once(args):
@@ -3192,6 +3544,8 @@ def main(argv=None):
     command = args.command or "start"
     if args.json and command != "status":
         build_parser().error("--json goes with --status or --history")
+    if args.connect and command != "check":
+        build_parser().error("--connect goes with --check-config")
     try:
         if command == "foreground":
             return cmd_foreground(args)
