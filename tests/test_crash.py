@@ -64,21 +64,14 @@ def store_writer(state_dir, seed, first, ack_fd):
         i += 1
 
 
-def expected_after(seed, n):
-    state = {}
-    for i in range(1, n + 1):
-        state.update(store_op(seed, i))
-    return state
-
-
 def test_store_survives_kill9(tmp_path):
     """Hundreds of kill -9 of a process writing the store: the acknowledged prefix survives."""
-    kills = 400 if not os.environ.get("HADAEMON_CRASH_KILLS") else int(os.environ["HADAEMON_CRASH_KILLS"]) * 4
+    kills = int(os.environ.get("HADAEMON_STORE_KILLS") or 400)
     rng = random.Random(SEED)
     state_dir = str(tmp_path / "state")
     os.mkdir(state_dir, 0o700)
     model, done = {}, 0             # the state after ``done`` commits
-    lost = extra = damaged = soft_lost = 0
+    lost, seen = [], collections.Counter()
     deadline = time.monotonic() + 60
     for k in range(kills):
         if time.monotonic() > deadline:
@@ -107,35 +100,37 @@ def test_store_survives_kill9(tmp_path):
         os.close(r)
         acked = struct.unpack("=%dI" % (len(acks) // 4), acks[:len(acks) // 4 * 4])
         assert list(acked) == list(range(done + 1, done + 1 + len(acked)))
-        store = hadaemon.Store(state_dir)
-        store.load()
-        got = {key: v for key, v in store.data.items() if key.startswith("k:")}
-        damaged += sum("damaged" in n or "lost" in n for n in store.notes)
-        soft_lost += sum("lost" in n and "soft:" in n for n in store.notes)
-        for key, value in store.data.items():
-            if key.startswith("soft:"):
-                assert isinstance(value, dict) and value["pad"].strip("s") == ""
         n = done + len(acked)
         for i in range(done + 1, n + 1):
             model.update(store_op(SEED, i))
+        # What the kill left, as recovery reads it (nothing written).
+        with open(os.path.join(state_dir, "state.db.journal"), "rb") as f:
+            journal = f.read()
+        store = hadaemon.Store(state_dir)
+        suffix, _, _, full = store.load()
+        seen["index from .bak (killed in sync)"] += suffix == ".bak"
+        seen["compaction cut short"] += full
+        seen["journal line cut short"] += bool(journal) and not journal.endswith(b"\n")
+        seen["damage notes"] += sum("damaged" in note or "lost" in note for note in store.notes)
+        for key, value in store.data.items():
+            if key.startswith("soft:"):
+                assert isinstance(value, dict) and value["pad"].strip("s") == ""
+        got = {key: v for key, v in store.data.items() if key.startswith("k:")}
         if got == model:
             done = n
-        else:
-            nxt = dict(model, **store_op(SEED, n + 1))
-            if got == nxt:                              # the commit in flight made it
-                model, done = nxt, n + 1
-                extra += 1
-            else:
-                missing = sorted(k for k in model if got.get(k) != model[k])
-                lost += 1
-                pytest.fail("kill %d: %d acknowledged commits, recovered db differs on %s "
-                            "(seed %d)" % (k + 1, n, missing[:5], SEED))
+            continue
+        nxt = dict(model, **store_op(SEED, n + 1))
+        if got == nxt:                                  # the commit in flight made it
+            model, done = nxt, n + 1
+            continue
+        lost.append("kill %d, after %d acknowledged commits: %s differ" % (
+            k + 1, n, sorted(key for key in set(model) | set(got) if got.get(key) != model.get(key))[:5]))
+        model, done = got, n + 1        # go on from what is there, to count every loss
+    figure("store: %d kills, %d commits acknowledged, %d recoveries lost some, %d damage notes; "
+           "kills hit: %s (seed %d)" % (k + 1, done, len(lost), seen.pop("damage notes"),
+                                        ", ".join("%s %d" % kv for kv in sorted(seen.items())), SEED))
+    assert not lost, "\n".join(lost[:10])
     assert not list(tmp_path.glob("state/*corrupt*")), "a plain kill -9 made the db look damaged"
-    assert expected_after(SEED, done) == model
-    figure("store: %d kills, %d commits acknowledged, %d lost, %d in-flight kept, "
-           "%d damaged-db notes, %d soft values lost (seed %d)"
-           % (k + 1, done, lost, extra, damaged, soft_lost, SEED))
-    assert damaged == 0
 
 
 # ============================================================================
@@ -324,7 +319,8 @@ def test_daemon_survives_kill9(daemon):
 
     # Every run queued before a kill ran after the restart; none is left queued.
     for run_id in carried:
-        assert runs[run_id]["state"] in ("ok", "failed", "interrupted") and runs[run_id]["started"], runs[run_id]
+        run = runs[run_id]
+        assert run["state"] in ("ok", "failed", "interrupted") and run["started"], run
     assert all(r["state"] in ("ok", "failed", "interrupted") for r in runs.values())
 
     # No action ran twice: one line per run and command; an ok run has both lines; an

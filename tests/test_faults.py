@@ -8,7 +8,6 @@ After each, ``--status`` answers and check results still come through.
 import errno
 import json
 import os
-import pwd
 import resource
 import shutil
 import signal
@@ -21,7 +20,7 @@ import time
 import pytest
 
 import hadaemon
-from conftest import HADAEMON, Daemon, alive, pids_with_env, wait_for
+from conftest import HADAEMON, Daemon, alive, wait_for
 
 NOBODY = 65534
 
@@ -103,7 +102,7 @@ def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon
     # A stopped worker cannot time its check out: a short timeout, the master's watch
     # (timeout + WORKER_HANG_GRACE) does.  A killed one is killed long before its timeout.
     timeout = "2s" if sig == signal.SIGSTOP else "30s"
-    role_config(d, "host = db2\nhang", workers=3, timeout=timeout)
+    role_config(d, "host = db2\ninterval = 3s\nhang", workers=3, timeout=timeout)
     d.start()
     d.wait_state("db2", "up")
     (d.world / "hang").write_text("")
@@ -115,6 +114,7 @@ def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon
     sleeper = wait_for(busy_worker, timeout=15, what="the hanging check to run")
     worker = int(open("/proc/%d/stat" % sleeper).read().rsplit(")", 1)[1].split()[1])  # its parent
     assert worker in {w["pid"] for w in d.status()["daemon"]["workers"]}
+    (d.world / "hang").unlink()         # the runs after this one report up again
     os.kill(worker, sig)
     if sig == signal.SIGSTOP:
         d.wait_log("worker %d: no result of check hang 10s after its timeout; killing it" % worker,
@@ -123,13 +123,17 @@ def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon
     else:
         how = "killed by %s" % signal.Signals(sig).name
         d.wait_log("worker %d died (%s); replacing it" % (worker, how))
-    d.wait_state("db2", "unknown")
-    assert "worker died (%s) while running the check" % how in last_of(d, "hang")["message"]
+
+    def reported_unknown():             # (the next run, 3s later, reports up again)
+        status = d.status()
+        if any(t["host"] == "db2" and t["to"] == "unknown" for t in status["transitions"]):
+            return status
+    status = wait_for(reported_unknown, timeout=20, what="db2 reported unknown")
+    assert "worker died (%s) while running the check" % how in check_of(status, "hang")["last"]["message"]
     # Replaced: three workers again, the dead one not among them, and its check not left running.
     wait_for(lambda: len([w for w in d.status()["daemon"]["workers"] if w["pid"] != worker]) == 3,
              what="a replacement worker")
     wait_for(lambda: not alive(sleeper), what="the dead worker's check (pid %d) to be killed" % sleeper)
-    (d.world / "hang").unlink()
     d.wait_state("db2", "up")
     still_working(d)
 
