@@ -84,6 +84,7 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
@@ -359,7 +360,7 @@ def setup_logging(target, state_dir, debug=False):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter())
     elif target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        address = SYSLOG_SOCKET if os.path.exists(SYSLOG_SOCKET) else ("localhost", 514)
         handler = logging.handlers.SysLogHandler(address, facility="daemon")
         handler.ident = "hadaemon[%d]: " % os.getpid()
         handler.setFormatter(_Formatter(with_time=False))
@@ -2576,6 +2577,10 @@ class Master:
                    "rejected": problems}
         if msg.get("stderr"):
             rt.last["stderr"] = msg["stderr"][:500]
+        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
+                  else "exit %s" % exit_code, msg.get("duration") or 0)
         self.soft_changed = True
         for host, state in reports:
             self.apply_report(host, state, rt.check)
@@ -2713,10 +2718,10 @@ class Master:
             if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
                 raise ProtocolError("bad command index %r" % (index,))
             cmd = run["commands"][index]
+            words = " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
         if kind == "start":
             cmd["started"] = msg.get("time")
-            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
-                     " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]))
+            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]), words)
             self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
         elif kind == "spawned":
             child.pgid = _spawned_pid(msg)
@@ -2727,8 +2732,9 @@ class Master:
                              "error": msg.get("error"), "duration": msg.get("duration"),
                              "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
             level = logging.WARNING if msg.get("error") else logging.INFO
-            log.log(level, "run %d: command %d/%d %s in %.3fs%s", run["id"], index + 1,
-                    len(run["commands"]), msg.get("error") or "ok", msg.get("duration") or 0,
+            log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
+                    len(run["commands"]), words, msg.get("error") or "exit %s" % msg.get("exit"),
+                    msg.get("duration") or 0,
                     " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
             for line in output.splitlines()[:20]:
                 log.info("run %d:   | %s", run["id"], line)
@@ -2995,6 +3001,10 @@ class Master:
             self.handle_signals()
             self.reap()
             self.enforce_kills(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                # While stopping too: the loop is healthy while a sequence finishes.
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
             if self.stopping:
                 if not self.children or now >= self.stop_deadline:
                     return
@@ -3011,9 +3021,6 @@ class Master:
                 self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
-            if self.notifier.watchdog and now >= self.next_watchdog:
-                self.notifier.send("WATCHDOG=1")
-                self.next_watchdog = now + self.notifier.watchdog
             if self.once and self.once_done():
                 self.begin_stop("--once pass complete")
 
@@ -3186,14 +3193,47 @@ def offline_status(state_dir, config=None, last=20):
                             last), runs
 
 
+def locked_pid(state_dir, wait=2.0):
+    """The pid of the daemon holding the state dir's lock, None when none does.
+
+    A daemon writes its pid just after taking the lock, and an offline --pause /
+    --resume holds it without one: such a holder is waited out for ``wait``
+    seconds, then reported as -1, a pid no caller may signal.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        pid = PidLock.holder(state_dir)
+        if pid != -1 or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.05)
+
+
+def stop_wait(config):
+    """How long --stop waits by default: enough for the longest action sequence.
+
+    The master lets a running sequence finish (each command its timeout plus the
+    kill grace), then gives itself 10 s, then kills what is left (5 s); this adds
+    a margin on top.  Without a readable config: 5 minutes.
+    """
+    if config is None:
+        return 300.0
+    longest = max([sum(section.timeout + ACTION_KILL_GRACE for _ in section.commands)
+                   for section in config.sections.values()] or [0.0])
+    return longest + 1.0 + 10.0 + 5.0 + 15.0
+
+
 def _clip(text, width):
     text = str(text)
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
 def _table(rows, widths):
+    """Rows of cells in columns of ``widths``; a row of one cell is a heading across them all."""
     lines = []
     for row in rows:
+        if len(row) == 1:
+            lines.append(_clip(row[0], sum(widths) + len(widths) - 1))
+            continue
         cells = [_clip(cell, width).ljust(width) for cell, width in zip(row, widths)]
         lines.append(" ".join(cells).rstrip())
     return lines
@@ -3215,21 +3255,25 @@ def render_status(doc):
         head = "hadaemon %s: running, pid %d, up %s" % (
             d["version"], d["pid"], format_ago(time.time() - d["uptime"]).replace(" ago", ""))
     else:
-        head = "hadaemon: not running (last known state from %s)" % d["state_dir"]
-    if d["paused"]:
-        head += ", ACTIONS PAUSED"
-    out.append(head)
+        head = "hadaemon %s: not running (the last known state)" % d["version"]
+    out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
-        out.append("config %s, state %s" % (d["config_dir"], d["state_dir"]))
-    if d.get("workers"):
-        out.append("workers: %s; queued runs: %d" % (
-            " ".join("%d:%s" % (w["pid"], w["state"]) for w in d["workers"]), len(d["queue"])))
+        out.append("config  %s" % d["config_dir"])
+    out.append("state   %s" % d["state_dir"])
+    if d["running"]:
+        states = collections.Counter(w["state"] for w in d["workers"])
+        out.append("workers %d: %s" % (len(d["workers"]), ", ".join(
+            "%d %s" % (n, st) for st, n in sorted(states.items())) or "none yet"))
+        run = next((r for r in doc["runs"] if r["state"] == "running"), None)
+        out.append("%s, %d queued" % ("action run #%d running (pid %s)" % (run["id"], d["action_pid"])
+                                      if run else "no action running", len(d["queue"])))
     for m in d.get("ssh") or []:
         if m["connected"]:
             what = "master connection up since %s (pid %d)" % (_clock(m["since"]), m["pid"])
         else:
             what = "no master connection (checks connect on their own)"
-        out.append("ssh [%s]: %s" % (m["scope"], what))
+        out.append(_clip("ssh [%s]: %s" % (m["scope"], what), 80))
     out.append("")
     rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
     for name, h in doc["hosts"].items():
@@ -3240,7 +3284,11 @@ def render_status(doc):
     out += _table(rows, (14, 10, 22, 12, 16)) if len(rows) > 1 else ["no hosts reported yet"]
     out.append("")
     rows = [("CHECK", "HOST", "LAST", "EXIT", "TOOK", "WHEN", "NEXT", "SKIP")]
+    scope = None
     for c in doc["checks"]:
+        if c["scope"] != scope:             # the scope as a heading, as in checks.conf
+            scope = c["scope"]
+            rows.append(("[%s]" % scope,))
         last = c.get("last") or {}
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
@@ -3336,8 +3384,8 @@ def build_parser():
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --stop / --start: how long to wait (default: enough for the "
-                        "running action sequence)")
+                   help="how long --stop waits (default: enough for the longest action "
+                        "sequence) or --start (default: 30)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
@@ -3364,9 +3412,17 @@ def cmd_foreground(args, once=False):
         return EXIT_FAIL
 
 
+def _no_pid(state_dir):
+    print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause or "
+          "--resume working on the db?); try again" % state_dir, file=sys.stderr)
+    return EXIT_FAIL
+
+
 def cmd_start(args):
     config = _config_or_exit(args.config_dir)
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
     if pid:
         print("hadaemon already running (pid %d)" % pid)
         return EXIT_OK
@@ -3389,6 +3445,9 @@ def cmd_start(args):
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
+            # A fork keeps every fd, CLOEXEC or not: a pipe of our caller (cron,
+            # a CI runner, $(...)) held open here would never reach EOF.
+            close_inherited(keep=(wfd,))
             default_log = os.path.join(args.state_dir, LOG_FILE)
             setup_logging(config.daemon.log or default_log, args.state_dir, args.debug)
             code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
@@ -3412,7 +3471,14 @@ def cmd_start(args):
     os.close(rfd)
     text = answer.decode("utf-8", "replace").strip()
     if text.startswith("ok "):
-        print("hadaemon started (pid %s)" % text[3:])
+        # Ready means the socket is bound; return only once the loop answers on it.
+        try:
+            answer = request(args.state_dir, {"cmd": "ping"}, timeout=args.timeout or 30.0)
+        except (OSError, HadaemonError) as exc:
+            print("hadaemon did not start: pid %s does not answer on its socket: %s (see %s)"
+                  % (text[3:], exc, LOG_FILE), file=sys.stderr)
+            return EXIT_FAIL
+        print("hadaemon started (pid %s)" % answer.get("pid", text[3:]))
         return EXIT_OK
     print("hadaemon did not start: %s" % (text[7:] if text.startswith("error: ") else
                                           text or "no answer (see %s)" % LOG_FILE), file=sys.stderr)
@@ -3420,7 +3486,9 @@ def cmd_start(args):
 
 
 def cmd_stop(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir, wait=min(2.0, args.timeout or 2.0))
+    if pid == -1:
+        return _no_pid(args.state_dir)     # never kill(-1, ...): that is every process we may signal
     if not pid:
         print("hadaemon not running")
         return EXIT_OK
@@ -3428,7 +3496,13 @@ def cmd_stop(args):
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    wait = args.timeout or 300.0
+    if args.timeout:
+        wait = args.timeout
+    else:
+        try:
+            wait = stop_wait(load_config(args.config_dir))
+        except ConfigError:
+            wait = stop_wait(None)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not PidLock.holder(args.state_dir):
@@ -3448,7 +3522,7 @@ def _ask(args, message):
 
 
 def cmd_status(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
         doc = _ask(args, {"cmd": "status"})
     else:
@@ -3462,7 +3536,7 @@ def cmd_status(args):
 
 
 def cmd_history(args):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         doc, runs = offline_status(args.state_dir, last=args.history)
@@ -3472,7 +3546,7 @@ def cmd_history(args):
 
 
 def cmd_reload(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -3487,7 +3561,7 @@ def cmd_reload(args):
 
 
 def cmd_pause(args, paused):
-    if PidLock.holder(args.state_dir):
+    if locked_pid(args.state_dir):
         _ask(args, {"cmd": "pause" if paused else "resume"})
     else:
         ensure_state_dir(args.state_dir)
@@ -3527,10 +3601,10 @@ def cmd_check_config(args):
 
 
 def cmd_once(args):
-    pid = PidLock.holder(args.state_dir)
+    pid = locked_pid(args.state_dir)
     if pid:
-        print("hadaemon: refusing --once: a daemon runs on %s (pid %d)" % (args.state_dir, pid),
-              file=sys.stderr)
+        print("hadaemon: refusing --once: a daemon runs on %s (pid %s)"
+              % (args.state_dir, pid if pid > 0 else "unknown"), file=sys.stderr)
         return EXIT_FAIL
     return cmd_foreground(args, once=True)
 

@@ -104,7 +104,7 @@ class Daemon:
         self.log_path = tmp_path / "daemon.log"
         self.proc = None
         self._log = None
-        self.started = []                      # every master pid this Daemon started
+        self.started = []                      # every master pid this Daemon started (or a test adds)
         self.python, self.program = sys.executable, HADAEMON   # what start() runs
 
     # -- building a config --------------------------------------------------------
@@ -247,11 +247,12 @@ class Daemon:
         return [p for p in pids_with_env("HA_CONFIG_DIR=%s" % self.dir) if alive(p)]
 
     def cleanup(self):
-        for pid in self.started:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        for pid in self.started:                # its group, and itself if it left the group
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=10)
