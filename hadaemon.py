@@ -2236,8 +2236,6 @@ class Master:
 
     def open_store(self):
         self.store.open()
-        if self.store.created:
-            log.info("state db: none in %s; a new one is created", self.state_dir)
         for note in self.store.notes:
             log.error("state db: %s", note)
         data = self.store.data
@@ -3045,6 +3043,8 @@ class Master:
         log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
                  "state in %s", __version__, os.getpid(), len(self.config.checks),
                  self.config.daemon.workers, len(self.config.sections), self.state_dir)
+        if self.store.created:
+            log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
         try:
