@@ -141,6 +141,7 @@ class ProtocolError(HadaemonError):
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_MAX = 365 * 86400.0   # longer is a typo; select() overflows near 1e10 s, inf breaks the heap
 
 
 def parse_duration(text):
@@ -151,6 +152,8 @@ def parse_duration(text):
     value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if value <= 0:
         raise ValueError("duration must be more than zero: %r" % (text,))
+    if value > _DURATION_MAX:
+        raise ValueError("duration longer than a year: %r" % (text,))
     return value
 
 
@@ -529,7 +532,7 @@ def split_words(text):
 
 
 _SETTING_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)\Z")
-_SECTION_RE = re.compile(r"\s*\[(.*)\]\s*\Z")
+_SECTION_RE = re.compile(r"\s*\[(.*?)\]\s*(?:\s[#;].*)?\Z")    # [NAME], maybe a comment after
 
 
 def read_ini(path, errors):
@@ -609,7 +612,7 @@ def _setting_value(key, words, where, errors):
         if key == "ssh_options":
             return tuple(words)
         if len(words) != 1 and key != "cron":
-            raise ValueError("%s takes one value, got %d" % (key, len(words)))
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
             return parse_duration(value)
@@ -621,6 +624,8 @@ def _setting_value(key, words, where, errors):
             return int(value)
         if key == "cron":
             return CronSpec(value)
+        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
+            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
         if key == "host" and not valid_name(value):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         return value
@@ -705,8 +710,8 @@ def _parse_checks(path, config_dir, errors):
                 continue
             key = "%s|%s|%s" % (scope.name, host, name)
             if key in seen:
-                errors.append("%s: the same check for host %s in [%s] is already at %s"
-                              % (where, host, scope.name, seen[key]))
+                errors.append("%s: the same check %r for host %s in [%s] is already at %s"
+                              % (where, name, host, scope.name, seen[key]))
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
@@ -793,10 +798,6 @@ def load_config(config_dir):
                                              config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
-    if settings.log not in (None, "stderr", "syslog"):
-        parent = os.path.dirname(os.path.join(config_dir, settings.log)) or "."
-        if os.path.isabs(settings.log) and not os.path.isdir(parent):
-            errors.append("checks.conf: log = %s: directory %s does not exist" % (settings.log, parent))
     if errors:
         raise ConfigError(errors)
     return Config(config_dir, settings, groups, checks, sections)
@@ -821,7 +822,7 @@ class CronSpec:
 
     def __init__(self, text):
         self.text = " ".join(str(text).split())
-        fields = self.text.split(" ")
+        fields = self.text.split()
         if len(fields) != 5:
             raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
                              % (len(fields), text))
@@ -850,8 +851,8 @@ class CronSpec:
 
         values = set()
         for part in field.split(","):
-            rng, _, step = part.partition("/")
-            if step:
+            rng, slash, step = part.partition("/")
+            if slash:
                 if not step.isdigit() or int(step) < 1:
                     raise ValueError("bad step %r in cron %s field" % (step, what))
             if rng == "*":
@@ -993,18 +994,46 @@ def request(state_dir, message, timeout=30.0):
 # ============================================================================
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
+_JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
+
+
+def _nested_deeper(obj, limit):
+    """True when ``obj`` holds containers more than ``limit`` deep (found without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return False
 
 
 def parse_check_output(data):
-    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``."""
+    """Check stdout -> dict: a JSON object as is, else ``key=value`` lines plus ``message``.
+
+    The dict is always one valid UTF-8 JSON line away from the master: JSON nested
+    deeper than _JSON_DEPTH is refused, and lone surrogates (``"\\ud800"``) replaced.
+    """
     text = data.decode("utf-8", "replace").replace("\x00", "")
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
             obj = json.loads(stripped)
-        except (ValueError, RecursionError):
-            obj = None
+            too_deep = _nested_deeper(obj, _JSON_DEPTH)
+        except RecursionError:
+            obj, too_deep = None, True
+        except ValueError:
+            obj, too_deep = None, False
+        if too_deep:
+            return {"message": "check output is JSON nested more than %d deep; ignored" % _JSON_DEPTH}
         if isinstance(obj, dict):
+            try:
+                encode_message(obj)
+            except UnicodeEncodeError:      # a lone surrogate: valid JSON, but not UTF-8
+                raw = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                obj = json.loads(raw.decode("utf-8", "replace"))
             return obj
     result, other = {}, []
     for line in text.splitlines():
@@ -1019,7 +1048,10 @@ def parse_check_output(data):
 
 
 def _shorten(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):    # nested too deep; an int too long to print
+        text = "<%s that cannot be shown>" % type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -1066,19 +1098,27 @@ def reports_from_result(data, exit_code, default_host):
 #               to the journal first, so that every value the db files hold since
 #               the last sync is also in the journal: a value overwritten in place
 #               and cut short by a crash always has its newer copy there.
-#   recovery    the index is taken from .dir if it parses and holds at least the
-#               recorded number of keys, else from .bak (complete by construction);
-#               values that no longer decode were changed since the last
-#               checkpoint and come back from the journal, replayed on top.  Then
-#               the journal is emptied, so a line a crash cut short never glues
-#               itself to the next commit.
-#   disk full   a commit that cannot be written stays in memory (and in --status);
-#               it is retried with the next commit and checkpoint, and the outage
-#               is logged once, its end too.  A journal line cut short is cut off.
+#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
+#               least the recorded number of keys (a .dir cut short by a kill in
+#               sync(), maybe to nothing, does not), else from .bak (it lacks at
+#               most keys added since the last checkpoint: the journal has those);
+#               only lines exactly as dbm.dumb writes them count.  Values that no
+#               longer decode were changed since the last checkpoint and come back
+#               from the journal, replayed on top; keys that do not come back are
+#               deleted, and the journal emptied (a torn last line would otherwise
+#               swallow the next commit appended to it).  A value that decodes but
+#               does not have the shape the master writes is dropped with a note.
+#   disk full   a commit that cannot be written stays in memory (and in --status)
+#               and is written with the next commit or checkpoint that can; the
+#               outage is logged once, its end too.  A failed journal write makes
+#               the next one start a new line; a failed sync() puts .bak back as
+#               .dir (a second sync() would delete the last whole index); a failed
+#               compaction leaves every key dirty.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
-#               Recovery starts from the newest full snapshot when it finds one.
+#               Recovery starts from the newest full snapshot when it finds one, and
+#               rebuilds the files from it.
 #
 # Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
 
@@ -1127,6 +1167,11 @@ def well_formed(key, value):
     return True
 
 
+def _index_line(key, pos, size):
+    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it."""
+    return "%r, %r\n" % (key, (pos, size))
+
+
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
 
@@ -1139,16 +1184,21 @@ class Store:
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
+        self.index = {}         # the index recovery used
+        self.torn = False       # the journal may end in part of a line
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
         self.created = False        # open() found no db and started a new one
-        self.dropped = []           # keys whose value in the db files was not well formed
 
     # -- reading ---------------------------------------------------------------
 
     def _read_index(self, path):
-        """key -> (pos, size) from a dumb index file, or None when it does not parse."""
+        """key -> (pos, size) from a dumb index file (None when missing).
+
+        Only lines exactly as dbm.dumb writes them count: a line the disk had no
+        room to finish, and the next line appended to it, are skipped.
+        """
         import ast
         try:
             with open(path, "r", encoding="latin-1") as f:
@@ -1159,16 +1209,23 @@ class Store:
         for line in lines.splitlines():
             try:
                 key, (pos, size) = ast.literal_eval(line)
-                index[key] = (int(pos), int(size))
+                if _index_line(key, pos, size) != line + "\n" or not isinstance(key, str) \
+                        or type(pos) is not int or type(size) is not int or min(pos, size) < 0:
+                    raise ValueError("not as dbm.dumb writes it")
+                index[key] = (pos, size)
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                return None
+                continue
         return index
 
     def _read_values(self, index):
         values, bad = {}, []
         try:
             with open(self.base + ".dat", "rb") as f:
+                end = os.fstat(f.fileno()).st_size
                 for key, (pos, size) in index.items():
+                    if pos + size > end:
+                        bad.append(key)
+                        continue
                     f.seek(pos)
                     raw = f.read(size)
                     try:
@@ -1190,15 +1247,20 @@ class Store:
         for suffix in (".dir", ".bak"):
             index = self._read_index(self.base + suffix)
             if index is None:
-                self.damage = self.damage or "its index does not parse"
                 continue
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
-            if not (isinstance(meta, dict) and len(index) >= meta.get("keys", 0)):
-                # A .dir cut short (even to nothing) while sync() rewrote it, or damage.
+            if not isinstance(meta, dict):
+                # Not our index, or a .dir cut (maybe to nothing) by sync(), or damage.
                 self.damage = self.damage or ("its data file does not read back" if _META_KEY in bad
-                                              else "its index is incomplete")
+                                              else "its index does not parse")
                 continue
+            if suffix == ".dir" and len(index) < meta.get("keys", 0):
+                self.damage = self.damage or "its index is incomplete"
+                continue        # a .dir cut short while sync() rewrote it
+            # .bak may lack keys whose index line found the disk full: those came
+            # after the last checkpoint, so the journal has them.
+            self.index = index
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1235,7 +1297,6 @@ class Store:
         entries, full = self._read_journal()
         if full:
             values, bad = {}, []        # a compaction was cut short: the snapshot rules
-        self.dropped = [key for key, value in values.items() if not well_formed(key, value)]
         for entry in [values] + entries:
             for key, value in list(entry.items()):
                 if not well_formed(key, value):
@@ -1285,53 +1346,64 @@ class Store:
         # creation a crash cut short, not a damaged one.
         exists = dat_size > _META_WIDTH or any(os.path.exists(self.base + s) for s in (".dir", ".bak"))
         suffix, entries, lost, full = self.load()
-        if full:
-            # A compaction was cut short: its snapshot is the state, the files are
-            # half-written leftovers.  The db is rebuilt from the snapshot below.
-            self.notes.append("state db compaction was cut short; rebuilding from its snapshot")
-            self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            self.checkpoint()
-            return
-        if exists and suffix is None:
-            self._move_aside(self.damage or "its index does not parse")
-        elif suffix == ".bak":
-            self.notes.append("state db index was cut short by a crash; using its backup")
-            shutil.copyfile(self.base + ".bak", self.base + ".dir.tmp")
-            os.replace(self.base + ".dir.tmp", self.base + ".dir")
-        elif lost:
-            self._move_aside("unreadable values")
-        self.created = not exists and not entries
-        self.db = dbm.dumb.open(self.base, "c", 0o600)
-        if _META_KEY not in self.db:
-            # First key of a new index, so an index cut short always lacks it or
-            # carries a count that shows it is short.
-            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
-        for key in self.dropped:
-            if key not in self.data and key in self.db:
-                del self.db[key]
+        if full:
+            # A compaction was cut short: its snapshot is the state, the files are
+            # half-written leftovers.  The db is rebuilt from the snapshot.
+            self.notes.append("state db was being rebuilt (compaction, repair) when the daemon "
+                              "died; rebuilding it from its snapshot")
+            self.checkpoint()
+            return
+        damage = (self.damage or "its index does not parse") if exists and suffix is None else \
+            "unreadable values" if lost and suffix == ".dir" else None
+        if damage:
+            # What could be read is the state from now on.  It goes into the journal
+            # as a full snapshot before the files are moved aside: a crash while the
+            # new db is written must not leave only the journal's last few commits.
+            self.torn = True            # after a torn last line, start a new one
+            self._append({"full": True, "s": self.data})
+            self._move_aside(damage)
+            self.db = None              # the next checkpoint writes new files
+            self.checkpoint()
+            return
+        if suffix is not None:
+            # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
+            if suffix == ".bak":
+                self.notes.append("state db index was cut short by a crash; using its backup")
+            with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
+                f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
+            os.replace(self.base + ".dir.tmp", self.base + ".dir")
+        self.created = not exists and not entries
+        self.db = dbm.dumb.open(self.base, "c", 0o600)
+        stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
+                 if key != _META_KEY and key not in self.data]
+        for key in stale:
+            del self.db[key]            # torn by a crash, or behind a full snapshot: not recovered
+        if stale or _META_KEY not in self.db:
+            # First key of a new index, so an index cut short always lacks it or
+            # carries a count that shows it is short.  (After deletions: the new count.)
+            count = len(self.db) if stale else 0
+            self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
             self.checkpoint()
-        # Everything the journal held is in the db now; what is left is at most a
-        # line cut short by the crash, never acknowledged.  Left there, the next
-        # commit would be appended to it and read back as one damaged line.
-        os.ftruncate(self.jfd, 0)
+        if os.fstat(self.jfd).st_size:
+            # Only damaged lines are left (a torn last write): the next commit would be
+            # glued to one of them and be lost with it.
+            os.ftruncate(self.jfd, 0)
 
     def _append(self, entry):
         line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if self.torn:           # the last append failed part-way (disk full): end that line first
+            line = b"\n" + line
         view = memoryview(line + b"\n")
-        size = os.fstat(self.jfd).st_size
-        try:
-            while view:
-                written = os.write(self.jfd, view)
-                view = view[written:]
-        except OSError:
-            # Half a line (disk full) must not stay: the next line would be glued to it.
-            os.ftruncate(self.jfd, size)
-            raise
+        self.torn = True
+        while view:
+            written = os.write(self.jfd, view)
+            view = view[written:]
+        self.torn = False
 
     def _trouble(self, exc):
         if self.error is None:
@@ -1377,14 +1449,16 @@ class Store:
             self.error = None
 
     def _checkpoint(self):
-        if self.db is None:
-            # New files, from memory: at open after a cut-short compaction, or when
-            # a compaction failed half-way (disk full) and is being retried.
+        rebuild = self.db is None
+        if rebuild:
+            # New files, from memory: after a compaction cut short by a crash, or
+            # after a damaged db was moved aside.  (Even with nothing in them, the
+            # sync below ends with the journal and its snapshot emptied.)
+            self.sizes = {}
+            self.dirty = set(self.data)     # first: whatever fails below, all are written later
             self.db = dbm.dumb.open(self.base, "n", 0o600)
             self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-            self.sizes = {}
-            self.dirty = set(self.data)
-        if not self.dirty:
+        if not self.dirty and not rebuild:
             return
         if self.unjournaled:
             # Values are about to change in the db files in place: each must have
@@ -1401,10 +1475,12 @@ class Store:
         try:
             self.db.sync()
         except OSError:
-            # sync() renamed the good index to .bak, then could not write the new one:
-            # put it back, so that a second failure cannot make .bak half an index.
-            if os.path.exists(self.base + ".bak"):
+            # sync() renamed the whole index to .bak, then failed writing .dir (disk
+            # full): put .bak back, or the next sync() would delete it for a cut one.
+            try:
                 os.replace(self.base + ".bak", self.base + ".dir")
+            except OSError:
+                pass
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
@@ -1420,12 +1496,22 @@ class Store:
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
         self.unjournaled.clear()
-        db, self.db = self.db, None     # from here the journal's snapshot is the db
+        # From here every key is dirty, so whatever fails below (the disk full), the
+        # next checkpoint writes them all before it drops the snapshot from the journal.
+        self.sizes = {}
+        self.dirty = set(self.data)
         try:
-            db.close()
+            self.db.close()
         except OSError:
-            pass
-        self.checkpoint()               # new files (dbm.dumb's "n" removes the old ones)
+            pass                # its files go next; the journal holds everything
+        for path in self._db_files():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.db = dbm.dumb.open(self.base, "n", 0o600)
+        self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+        self.checkpoint()
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
 
@@ -1516,10 +1602,14 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
     actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
                (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
+    # would leave the new session running unwatched: hold it off until then.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in {out_r, out_w, err_r, err_w} - {None}:
             os.close(fd)
         return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
@@ -1536,6 +1626,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     kill_at = drain_until = None
     watch_master = master is not None
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         while True:
@@ -2424,7 +2515,9 @@ class Master:
                 if self.fork("worker", worker_main, self.sock_path, self.config.config_dir) is None:
                     self.spawn_after = now + 1.0
                     break
-        for child in sorted(live, key=lambda c: c.state != "idle")[:max(0, -missing)]:
+        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
+        # busy one would cut its check short and report it unknown.
+        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
             self.retire(child)
         for child in self.workers("starting"):
             if now - child.started > 10:
@@ -2932,8 +3025,10 @@ class Master:
         self.config = config
         self.schedule_all()
         if log_changed:
-            setup_logging(config.daemon.log or self.default_log, self.state_dir,
-                          log.level == logging.DEBUG)
+            target = config.daemon.log or self.default_log
+            if target == "stderr":
+                target = self.default_log   # daemonized, stderr is /dev/null
+            setup_logging(target, self.state_dir, log.level == logging.DEBUG)
         else:
             reopen_log()
         log.info("configuration reloaded: %d checks, %d action sections",
@@ -3449,7 +3544,9 @@ def cmd_start(args):
             # a CI runner, $(...)) held open here would never reach EOF.
             close_inherited(keep=(wfd,))
             default_log = os.path.join(args.state_dir, LOG_FILE)
-            setup_logging(config.daemon.log or default_log, args.state_dir, args.debug)
+            # stderr is /dev/null once daemonized: log = stderr means the default file.
+            target = config.daemon.log if config.daemon.log not in (None, "stderr") else default_log
+            setup_logging(target, args.state_dir, args.debug)
             code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
         except BaseException:                        # noqa: B036 - logged, then _exit
             log.exception("hadaemon failed")
