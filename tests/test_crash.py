@@ -6,7 +6,8 @@ Two layers, each measured with many kills:
   changes (small and large values, growing and shrinking ones, new keys, soft
   values, checkpoints and compactions) and acknowledges each commit on a pipe;
   it is SIGKILLed at a random moment, and the recovered db must hold exactly the
-  acknowledged prefix (or one commit more, the one in flight).
+  acknowledged prefix (or one commit more, the one in flight).  And a damaged db
+  being moved aside and rebuilt is killed in the middle of it.
 - the daemon: checks every 100 ms whose states flip, an action sequence per
   transition, the master killed at random moments (while it runs, and while it
   recovers at start) and restarted; after each restart every transition and run
