@@ -1739,7 +1739,9 @@ def run_check(job, watch, master=None):
         res.output.decode("utf-8")
     except UnicodeDecodeError:
         trouble.append("output is not UTF-8 text")
-    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data,
+    failed = bool(res.error or res.timed_out or res.signal
+                  or (job.get("ssh") and res.exit_code == 255))
+    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data, "failed": failed,
                "exit": res.exit_code, "signal": res.signal, "started": started,
                "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
     if res.stderr:
@@ -2233,6 +2235,7 @@ class CheckRuntime:
     skipped: int = 0
     last: typing.Optional[dict] = None
     trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
+    hosts: tuple = ()                   # the hosts its last own report was about
 
 
 class Conn:
@@ -2605,7 +2608,7 @@ class Master:
                 killpg_quietly(child.pgid, signal.SIGKILL)      # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
-                                      "exit": None, "signal": None, "started": job["sent_wall"],
+                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
                                       "duration": time.monotonic() - job["sent"]})
 
     def dispatch(self, now):
@@ -2648,6 +2651,12 @@ class Master:
         data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
         exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
         reports, problems = reports_from_result(data, exit_code, rt.check.host)
+        if msg.get("failed") is True and rt.hosts:
+            # It never said whom it is about this time: its unknown goes to the hosts
+            # it watches, not to a host named after its file.
+            reports = [(host, "unknown") for host in rt.hosts]
+        elif reports:
+            rt.hosts = tuple(host for host, _ in reports)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
         trouble = msg.get("trouble") if isinstance(msg.get("trouble"), str) else None
