@@ -60,6 +60,7 @@ import logging.handlers
 import mmap
 import os
 import re
+import resource
 import select
 import selectors
 import shutil
@@ -94,6 +95,7 @@ MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
 CLIENT_IDLE = 10.0              # seconds a connection may sit on half a message
 ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
 QUIET_WAIT = 0.05               # output of a process that ends by then is read at its exit
+WORKER_HANG_GRACE = 10.0        # a busy worker silent this long past its check's timeout is hung
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
 MAX_WORKERS = 256
 
@@ -221,6 +223,24 @@ def close_inherited(keep=()):
                 os.close(fd)
             except OSError:
                 pass
+
+
+_CHILD_NOFILE = None    # the soft limit of open files the daemon was started with
+
+
+def raise_open_files_limit():
+    """Lift the soft limit of open files to the hard one (at most 65536): every client
+    is an fd, and 1024 (systemd's default) is soon reached.  What the daemon runs gets
+    the old limit back (``child_setup``)."""
+    global _CHILD_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            _CHILD_NOFILE = soft
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit of open files from %d: %s", soft, exc)
 
 
 def reset_child_signals():
@@ -1079,7 +1099,10 @@ def reports_from_result(data, exit_code, default_host):
 #   checkpoint  every few seconds the dirty keys go into the dumb db, a fixed-size
 #               "meta:checkpoint" records how many keys the index holds, sync()
 #               rewrites the index (old one kept as .bak), and only then is the
-#               journal truncated.
+#               journal truncated.  Soft values (last check results) are appended
+#               to the journal first, so that every value the db files hold since
+#               the last sync is also in the journal: a value overwritten in place
+#               and cut short by a crash always has its newer copy there.
 #   recovery    the index is taken from .dir if it holds meta:checkpoint and at
 #               least the recorded number of keys (a .dir cut short by a kill in
 #               sync(), maybe to nothing, does not), else from .bak (it lacks at
@@ -1088,19 +1111,65 @@ def reports_from_result(data, exit_code, default_host):
 #               longer decode were changed since the last checkpoint and come back
 #               from the journal, replayed on top; keys that do not come back are
 #               deleted, and the journal emptied (a torn last line would otherwise
-#               swallow the next commit appended to it).
-#   disk full   a failed journal write makes the next one start a new line; a
-#               failed sync() puts .bak back as .dir (a second sync() would delete
-#               the last whole index); a failed compaction leaves every key dirty.
+#               swallow the next commit appended to it).  A value that decodes but
+#               does not have the shape the master writes is dropped with a note.
+#   disk full   a commit that cannot be written stays in memory (and in --status)
+#               and is written with the next commit or checkpoint that can; the
+#               outage is logged once, its end too.  A failed journal write makes
+#               the next one start a new line; a failed sync() puts .bak back as
+#               .dir (a second sync() would delete the last whole index); a failed
+#               compaction leaves every key dirty.
 #   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
-#               Recovery starts from the newest full snapshot when it finds one.
+#               Recovery starts from the newest full snapshot when it finds one, and
+#               rebuilds the files from it.
 #
 # Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
 
 _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
+_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
+
+
+def _is_str(*values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _is_time(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def well_formed(key, value):
+    """Whether ``value``, read back from the db, has the shape the master writes at ``key``.
+
+    A value that parses as JSON but is not (a damaged or hand-edited db) would take
+    the master down later; recovery drops it instead.
+    """
+    kind = key.split(":", 1)[0]
+    if kind == "host":
+        return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
+            and (value.get("pending") is None or valid_state(value["pending"])) \
+            and isinstance(value.get("count"), int)
+    if kind == "tr":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
+            and (value.get("run") is None or isinstance(value["run"], int))
+    if kind == "run":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) \
+            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
+            and isinstance(value.get("commands"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
+                for c in value["commands"])
+    if key == "queue":
+        return isinstance(value, list) and all(isinstance(i, int) for i in value)
+    if key == "meta":
+        return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
+                                               for k in ("next_transition", "next_run"))
+    if key in ("reports", "checks"):
+        return isinstance(value, dict)
+    return True
 
 
 def _index_line(key, pos, size):
@@ -1122,6 +1191,10 @@ class Store:
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
         self.index = {}         # the index recovery used
         self.torn = False       # the journal may end in part of a line
+        self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
+        self.error = None           # the write error of an outage (disk full), logged once
+        self.damage = None          # why the db files cannot be used, when they cannot
+        self.created = False        # open() found no db and started a new one
 
     # -- reading ---------------------------------------------------------------
 
@@ -1171,7 +1244,11 @@ class Store:
         return values, bad
 
     def _load_db(self):
-        """(values, undecodable keys, index file used or None); damage leaves values empty."""
+        """(values, undecodable keys, index file used or None); damage leaves values empty.
+
+        When neither index is usable, ``self.damage`` says why.
+        """
+        self.damage = None
         for suffix in (".dir", ".bak"):
             index = self._read_index(self.base + suffix)
             if index is None:
@@ -1179,8 +1256,12 @@ class Store:
             values, bad = self._read_values(index)
             meta = values.get(_META_KEY)
             if not isinstance(meta, dict):
-                continue        # not our index, or a .dir cut (maybe to nothing) by sync()
+                # Not our index, or a .dir cut (maybe to nothing) by sync(), or damage.
+                self.damage = self.damage or ("its data file does not read back" if _META_KEY in bad
+                                              else "its index does not parse")
+                continue
             if suffix == ".dir" and len(index) < meta.get("keys", 0):
+                self.damage = self.damage or "its index is incomplete"
                 continue        # a .dir cut short while sync() rewrote it
             # .bak may lack keys whose index line found the disk full: those came
             # after the last checkpoint, so the journal has them.
@@ -1212,11 +1293,21 @@ class Store:
         return entries, full
 
     def load(self):
-        """Read db and journal into ``data``; returns the index suffix used (or None)."""
+        """Read db and journal into ``data``.
+
+        Returns (index suffix used or None, journal entries, keys lost, whether the
+        journal held a full snapshot).
+        """
         values, bad, suffix = self._load_db()
         entries, full = self._read_journal()
         if full:
             values, bad = {}, []        # a compaction was cut short: the snapshot rules
+        for entry in [values] + entries:
+            for key, value in list(entry.items()):
+                if not well_formed(key, value):
+                    self.notes.append("%s holds %s, not what hadaemon writes there; dropped"
+                                      % (key, _shorten(value)))
+                    del entry[key]
         for entry in entries:
             values.update(entry)
         lost = [key for key in bad if key not in values]
@@ -1225,7 +1316,7 @@ class Store:
                               % (len(lost), ", ".join(sorted(lost)[:10])))
         values.pop(_META_KEY, None)
         self.data = values
-        return suffix, entries, lost
+        return suffix, entries, lost, full
 
     @classmethod
     def read(cls, state_dir):
@@ -1252,19 +1343,43 @@ class Store:
 
     def open(self):
         """Recover (see above), then open for writing and checkpoint what the journal held."""
-        exists = any(os.path.exists(p) for p in self._db_files())
-        suffix, entries, lost = self.load()
-        if exists and suffix is None:
-            self._move_aside("its index does not parse")
-        elif lost and suffix == ".dir":
-            self._move_aside("unreadable values")
-        elif suffix is not None:
+        try:
+            dat_size = os.path.getsize(self.base + ".dat")
+        except OSError:
+            dat_size = 0
+        # A .dat with no index and nothing past the meta value is a new db whose
+        # creation a crash cut short, not a damaged one.
+        exists = dat_size > _META_WIDTH or any(os.path.exists(self.base + s) for s in (".dir", ".bak"))
+        suffix, entries, lost, full = self.load()
+        self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+        if full:
+            # A compaction was cut short: its snapshot is the state, the files are
+            # half-written leftovers.  The db is rebuilt from the snapshot.
+            self.notes.append("state db was being rebuilt (compaction, repair) when the daemon "
+                              "died; rebuilding it from its snapshot")
+            self.checkpoint()
+            return
+        damage = (self.damage or "its index does not parse") if exists and suffix is None else \
+            "unreadable values" if lost and suffix == ".dir" else None
+        if damage:
+            # What could be read is the state from now on.  It goes into the journal
+            # as a full snapshot before the files are moved aside: a crash while the
+            # new db is written must not leave only the journal's last few commits.
+            self.torn = True            # after a torn last line, start a new one
+            self._append({"full": True, "s": self.data})
+            self._move_aside(damage)
+            self.db = None              # the next checkpoint writes new files
+            self.checkpoint()
+            return
+        if suffix is not None:
             # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
             if suffix == ".bak":
                 self.notes.append("state db index was cut short by a crash; using its backup")
             with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
                 f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
             os.replace(self.base + ".dir.tmp", self.base + ".dir")
+        self.created = not exists and not entries
         self.db = dbm.dumb.open(self.base, "c", 0o600)
         stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
                  if key != _META_KEY and key not in self.data]
@@ -1275,8 +1390,6 @@ class Store:
             # carries a count that shows it is short.  (After deletions: the new count.)
             count = len(self.db) if stale else 0
             self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
-        self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o600)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
@@ -1297,21 +1410,66 @@ class Store:
             view = view[written:]
         self.torn = False
 
+    def _trouble(self, exc):
+        if self.error is None:
+            log.error("state db: cannot write in %s: %s; changes are kept in memory and "
+                      "written as soon as it can", os.path.dirname(self.base), exc.strerror or exc)
+        self.error = exc
+
     def commit(self, changes):
-        """Make ``changes`` (key -> JSON value) durable against a crash of this process."""
+        """Make ``changes`` (key -> JSON value) durable against a crash of this process.
+
+        If the journal cannot be written (disk full), the changes stay in memory and
+        go to disk with the next commit or checkpoint that can write.
+        """
         self.data.update(changes)
         self.dirty.update(changes)
-        self._append({"s": changes})
+        self.unjournaled.update(changes)
+        try:
+            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+        except OSError as exc:
+            self._trouble(exc)
+            return
+        self.unjournaled.clear()
 
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
         self.data[key] = value
         self.dirty.add(key)
+        self.unjournaled.add(key)
 
     def checkpoint(self):
-        """Write dirty keys into the dumb db, sync its index, then empty the journal."""
-        if not self.dirty:
+        """Write dirty keys into the dumb db, sync its index, then empty the journal.
+
+        An OSError (disk full) is logged once per outage and raised; everything
+        stays dirty and in memory for the next try.
+        """
+        try:
+            self._checkpoint()
+        except OSError as exc:
+            self._trouble(exc)
+            raise
+        if self.error is not None:
+            log.warning("state db: writing again; everything kept in memory is on disk")
+            self.error = None
+
+    def _checkpoint(self):
+        rebuild = self.db is None
+        if rebuild:
+            # New files, from memory: after a compaction cut short by a crash, or
+            # after a damaged db was moved aside.  (Even with nothing in them, the
+            # sync below ends with the journal and its snapshot emptied.)
+            self.sizes = {}
+            self.dirty = set(self.data)     # first: whatever fails below, all are written later
+            self.db = dbm.dumb.open(self.base, "n", 0o600)
+            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+        if not self.dirty and not rebuild:
             return
+        if self.unjournaled:
+            # Values are about to change in the db files in place: each must have
+            # its copy in the journal until the index is synced.
+            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+            self.unjournaled.clear()
         for key in sorted(self.dirty):
             value = json.dumps(self.data[key], separators=(",", ":"),
                                ensure_ascii=False).encode("utf-8")
@@ -1342,6 +1500,7 @@ class Store:
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
         before = os.path.getsize(self.base + ".dat")
         self._append({"full": True, "s": self.data})
+        self.unjournaled.clear()
         # From here every key is dirty, so whatever fails below (the disk full), the
         # next checkpoint writes them all before it drops the snapshot from the journal.
         self.sizes = {}
@@ -1580,6 +1739,9 @@ def _raise_terminate(signum, frame):
 def child_setup():
     """What every forked child does first: default signals, a clean slate of fds."""
     reset_child_signals()
+    if _CHILD_NOFILE is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_CHILD_NOFILE, hard))
     signal.signal(signal.SIGTERM, _raise_terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a ^C in the foreground is the master's
     close_inherited()
@@ -1617,9 +1779,19 @@ def run_check(job, watch, master=None, environ=None, slot=None):
         data = parse_check_output(res.output)
     if res.truncated:
         data.setdefault("truncated", True)
-    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data,
+    # What the daemon had to do about this run, for one log line when it changes.
+    trouble = [res.failure(job["timeout"])] if res.error or res.timed_out or res.signal else []
+    if res.truncated:
+        trouble.append("output cut at %d KiB" % (OUTPUT_CAP // 1024))
+    try:
+        res.output.decode("utf-8")
+    except UnicodeDecodeError:
+        trouble.append("output is not UTF-8 text")
+    failed = bool(res.error or res.timed_out or res.signal
+                  or (job.get("ssh") and res.exit_code == 255))
+    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data, "failed": failed,
                "exit": res.exit_code, "signal": res.signal, "started": started,
-               "duration": round(res.duration, 6)}
+               "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
     if res.stderr:
         message["stderr"] = res.stderr[:2048].decode("utf-8", "replace")
     return message
@@ -2124,6 +2296,8 @@ class CheckRuntime:
     runs: int = 0
     skipped: int = 0
     last: typing.Optional[dict] = None
+    trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
+    hosts: tuple = ()                   # the hosts its last own report was about
 
 
 class Conn:
@@ -2188,6 +2362,7 @@ class Master:
         self.started = time.monotonic()
         self.spawn_after = 0.0
         self.runner_after = 0.0         # no spare action run forked before (after a quick death)
+        self.accept_paused_until = None     # out of fds: the listener rests until then
         self.quick_deaths = 0
         self.next_checkpoint = self.started + CHECKPOINT_EVERY
         self.next_watchdog = self.started
@@ -2210,6 +2385,7 @@ class Master:
             pid = PidLock.holder(self.state_dir)
             raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
         self.lock.write_pid()
+        raise_open_files_limit()
         self.open_store()
         self.listen()
         self.install_signals()
@@ -2435,6 +2611,16 @@ class Master:
             if now - child.started > 10:
                 log.error("worker %d did not connect within 10s; killing it", child.pid)
                 self.retire(child, signal.SIGKILL)
+        for child in self.workers("busy"):
+            # Workers enforce their checks' timeouts; one silent long past it is hung
+            # (stopped, stuck), and its check must not freeze its host's state.
+            job = child.job
+            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
+                rt = self.runtimes.get(job["key"])
+                log.error("worker %d: no result of check %s %s after its timeout; killing it",
+                          child.pid, rt.check.name if rt else job["key"],
+                          format_duration(WORKER_HANG_GRACE))
+                self.retire(child, signal.SIGKILL)
         self.keep_spare_runner(now)
 
     def retire(self, child, sig=signal.SIGTERM):
@@ -2509,7 +2695,7 @@ class Master:
                 killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
             self.check_finished(job, {"data": {"state": "unknown",
                                                "message": "worker died (%s) while running the check" % how},
-                                      "exit": None, "signal": None, "started": job["sent_wall"],
+                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
                                       "duration": time.monotonic() - job["sent"]})
         if child.slot is not None:
             child.slot.close()
@@ -2555,8 +2741,21 @@ class Master:
         data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
         exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
         reports, problems = reports_from_result(data, exit_code, rt.check.host)
+        if msg.get("failed") is True and rt.hosts:
+            # It never said whom it is about this time: its unknown goes to the hosts
+            # it watches, not to a host named after its file.
+            reports = [(host, "unknown") for host in rt.hosts]
+        elif reports:
+            rt.hosts = tuple(host for host, _ in reports)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
+        trouble = msg.get("trouble") if isinstance(msg.get("trouble"), str) else None
+        if trouble != rt.trouble:
+            if trouble:
+                log.warning("check %s: %s", rt.check.name, trouble[:200])
+            else:
+                log.info("check %s: runs normally again", rt.check.name)
+            rt.trouble = trouble
         message = data.get("message")
         rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
                    "exit": exit_code, "signal": msg.get("signal"),
@@ -2774,7 +2973,12 @@ class Master:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept a connection: too many open files")
+                    # The listener would stay readable and spin the loop (and the log):
+                    # it rests a second, and each rest is logged once.
+                    log.error("cannot accept connections: too many open files (%d clients); "
+                              "new ones wait 1s", len(self.conns))
+                    self.sel.unregister(self.listener)
+                    self.accept_paused_until = time.monotonic() + 1.0
                     return
                 raise
             pid, uid, _ = peer_credentials(sock)
@@ -3019,6 +3223,9 @@ class Master:
             self.dispatch(now)
             self.start_next_run()
             self.close_idle_clients(now)
+            if self.accept_paused_until is not None and now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
             if self.once and self.once_done():
@@ -3032,8 +3239,8 @@ class Master:
             self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
         try:
             self.store.checkpoint()
-        except OSError as exc:
-            log.error("state db checkpoint failed: %s (kept in the journal; retrying)", exc)
+        except OSError:
+            pass        # logged by the store; everything stays dirty for the next one
 
     def run(self):
         """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
@@ -3045,6 +3252,8 @@ class Master:
         log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
                  "state in %s", __version__, os.getpid(), len(self.config.checks),
                  self.config.daemon.workers, len(self.config.sections), self.state_dir)
+        if self.store.created:
+            log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
         try:

@@ -34,6 +34,22 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what="the condition"):
         time.sleep(interval)
 
 
+FIGURES = []
+
+
+def figure(line):
+    """A figure a test measured: printed now (with -s) and in the terminal summary."""
+    FIGURES.append(line)
+    print(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 def pids_with_env(marker):
     """Pids of processes whose environment contains ``marker`` (a KEY=VALUE string)."""
     found = []
@@ -47,6 +63,22 @@ def pids_with_env(marker):
                     found.append(int(name))
         except OSError:
             continue
+    return found
+
+
+def pids_in_group(pgid):
+    """Live (non-zombie) pids whose process group is ``pgid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(name))
     return found
 
 
@@ -73,6 +105,7 @@ class Daemon:
         self.proc = None
         self._log = None
         self.started = []                      # every master pid this Daemon started (or a test adds)
+        self.python, self.program = sys.executable, HADAEMON   # what start() runs
 
     # -- building a config --------------------------------------------------------
 
@@ -117,7 +150,7 @@ class Daemon:
     # -- running it -----------------------------------------------------------------
 
     def argv(self, *args):
-        return [sys.executable, str(HADAEMON), "--config-dir", str(self.dir),
+        return [self.python, str(self.program), "--config-dir", str(self.dir),
                 "--state-dir", str(self.state)] + list(args)
 
     def cli(self, *args, timeout=60, env=None, check=False):
@@ -130,14 +163,17 @@ class Daemon:
                 " ".join(args), result.returncode, result.stdout, result.stderr))
         return result
 
-    def start(self, *args, env=None, wait=True):
-        """Start ``--foreground`` in the background; wait until --status answers."""
+    def start(self, *args, env=None, wait=True, preexec=None):
+        """Start ``--foreground`` in the background; wait until --status answers.
+
+        ``preexec`` runs in the child before the exec (drop privileges, set limits).
+        """
         assert self.proc is None or self.proc.poll() is not None, "already started"
         self._log = open(self.log_path, "ab")
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen(self.argv("--foreground", *args), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=full_env, start_new_session=True)
+                                     env=full_env, start_new_session=True, preexec_fn=preexec)
         self.started.append(self.proc.pid)
         if wait:
             wait_for(lambda: self.proc.poll() is not None or self.running(), timeout=15,
@@ -145,6 +181,11 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise AssertionError("daemon exited %s at start:\n%s" % (self.proc.returncode, self.log()))
         return self.proc
+
+    def ask(self, cmd, timeout=10, **fields):
+        """One control request over the socket, in-process (what --status / --history send)."""
+        import hadaemon
+        return hadaemon.request(str(self.state), dict(fields, cmd=cmd), timeout=timeout)
 
     def running(self):
         return (self.state / "hadaemon.sock").exists() and self.cli("--status", "--json").returncode == 0

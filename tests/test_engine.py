@@ -898,3 +898,28 @@ def test_a_killed_action_run_leaves_no_command_behind(daemon):
     # could not overlap the next sequence).
     wait_for(lambda: not alive(command), what="the orphaned command %d to be killed" % command)
     assert d.actions_log() == []
+
+
+def test_a_failed_run_reports_unknown_for_the_hosts_the_check_watches(daemon):
+    """A check that names its host only in its output: its timeout is about that host."""
+    daemon.script("checks/slowrole", """
+        if [ -f "%s/hang" ]; then sleep 30; fi
+        echo host=db1
+        echo state=master
+    """ % daemon.world)
+    daemon.write("checks.conf", """
+        [daemon]
+        interval = 200ms
+        timeout = 1s
+        [local]
+        slowrole
+    """)
+    daemon.write("actions.conf", "")
+    daemon.start()
+    daemon.wait_state("db1", "master")
+    (daemon.world / "hang").write_text("")
+    daemon.wait_state("db1", "unknown", timeout=20)
+    hosts = daemon.status()["hosts"]
+    assert "slowrole" not in hosts
+    (daemon.world / "hang").unlink()
+    daemon.wait_state("db1", "master", timeout=20)

@@ -532,7 +532,9 @@ def run_round(state_dir, faults, model, ops, crash_at, enospc, tear, ending, ind
                 except Crash:
                     model.committed(op[1], sure=False)
                     raise
-                model.committed(op[1], sure=True)
+                # A commit the disk had no room for is kept in memory, not refused: it is
+                # sure only once in the journal (a later write may put it there, or not).
+                model.committed(op[1], sure=not store.unjournaled)
             elif op[0] == "soft":
                 store.soft(op[1], op[2])
                 model.soft(op[1], op[2])
