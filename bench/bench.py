@@ -182,6 +182,27 @@ def kill_strays(marker):
 # The daemons under test
 # ----------------------------------------------------------------------------
 
+def stop_process_group(proc, marker):
+    """SIGTERM ``proc`` and wait, then SIGKILL its group and every process marked ``marker``."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_strays(marker)
+
+
 class Hadaemon:
     """One hadaemon.py --foreground in its own config dir and state dir."""
 
@@ -260,23 +281,7 @@ class Hadaemon:
             return ""
 
     def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)     # master's group: master, workers, runs
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_strays("HA_CONFIG_DIR=" + self.conf)      # checks and actions run in own sessions
+        stop_process_group(self.proc, "HA_CONFIG_DIR=" + self.conf)   # checks run in own sessions
         self.proc = None
 
 
@@ -320,23 +325,7 @@ class Monit:
         return self
 
     def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_strays(self.root)
+        stop_process_group(self.proc, self.root)
         self.proc = None
 
 

@@ -11,6 +11,9 @@ import sys
 
 from conftest import ROOT, alive, wait_for
 
+sys.path.insert(0, str(ROOT / "bench"))
+import bench  # noqa: E402  (the benchmark module, for its /proc helpers)
+
 SECTIONS = {
     "limit": ["spawn.cpu_ms", "spawn.wall_ms", "spawn_pipe.cpu_ms", "json_rtt.cpu_us",
               "json_rtt.wall_us", "action_start.p50_ms", "rss_mb.python3"],
@@ -80,19 +83,6 @@ def test_reload_spreads_checks_whose_interval_changed(daemon):
     assert due[-1] - due[0] > 10, due
 
 
-def _children(pid):
-    kids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return kids
-
-
 def test_an_action_run_waits_forked_ahead_and_a_dead_one_is_replaced(daemon):
     """The action run is forked before it is needed (no fork between a result and its
     sequence); one that dies while it waits is logged and replaced, and runs still run."""
@@ -107,7 +97,7 @@ def test_an_action_run_waits_forked_ahead_and_a_dead_one_is_replaced(daemon):
 
     def spare():
         workers = [w["pid"] for w in d.status()["daemon"]["workers"]]
-        others = [pid for pid in _children(d.proc.pid) if pid not in workers and alive(pid)]
+        others = [pid for pid in bench.children_of(d.proc.pid) if pid not in workers and alive(pid)]
         return others[0] if len(others) == 1 else None
     first = wait_for(spare, what="one action run waiting")
     assert d.status()["daemon"]["action_pid"] is None      # waiting is not running
