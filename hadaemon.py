@@ -1770,9 +1770,12 @@ def run_check(job, watch, master=None, environ=None, slot=None):
     finally:
         if slot is not None:
             struct.pack_into("q", slot, 0, 0)
-    if res.error or res.timed_out or res.signal:
-        data = {"state": "unknown", "message": res.failure(job["timeout"])}
-    elif job.get("ssh") and res.exit_code == 255:
+    # Why the check said nothing of its own: cut short by us or the system, or ssh failed.
+    cut_short = res.failure(job["timeout"]) if res.error or res.timed_out or res.signal else None
+    ssh_failed = cut_short is None and bool(job.get("ssh")) and res.exit_code == 255
+    if cut_short:
+        data = {"state": "unknown", "message": cut_short}
+    elif ssh_failed:
         lines = res.stderr.decode("utf-8", "replace").strip().splitlines()
         data = {"state": "unknown", "message": "ssh failed: %s" % (lines[-1] if lines else "exit 255")}
     else:
@@ -1780,15 +1783,15 @@ def run_check(job, watch, master=None, environ=None, slot=None):
     if res.truncated:
         data.setdefault("truncated", True)
     # What the daemon had to do about this run, for one log line when it changes.
-    trouble = [res.failure(job["timeout"])] if res.error or res.timed_out or res.signal else []
+    trouble = [cut_short] if cut_short else []
     if res.truncated:
         trouble.append("output cut at %d KiB" % (OUTPUT_CAP // 1024))
-    try:
-        res.output.decode("utf-8")
-    except UnicodeDecodeError:
-        trouble.append("output is not UTF-8 text")
-    failed = bool(res.error or res.timed_out or res.signal
-                  or (job.get("ssh") and res.exit_code == 255))
+    if not res.output.isascii():
+        try:
+            res.output.decode("utf-8")
+        except UnicodeDecodeError:
+            trouble.append("output is not UTF-8 text")
+    failed = bool(cut_short or ssh_failed)
     message = {"t": "result", "job": job["id"], "key": job["key"], "data": data, "failed": failed,
                "exit": res.exit_code, "signal": res.signal, "started": started,
                "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
