@@ -20,6 +20,11 @@ One run measures, on this machine and under its current load:
 5. idle        10 checks at a 10 s interval: CPU % and RSS / PSS of each process.
 6. monit       /usr/bin/monit in the foreground with the same check and action at
                its fastest cycle (1 s): reaction latency and CPU per check.
+7. scale       300, 3,000 and 10,000 trivial checks (one host each) at the same
+               aggregate rate, 100 checks/s: schedule lag, master CPU %, master RSS
+               and PSS, start-up (exec -> first check's result at the master), reload,
+               --status and --check-config of that config.  Cost should follow the
+               rate, not the count.
 
 Standard library only.  Everything runs in a temp dir; every process started is
 ended by its pid; the only network is the daemon's UNIX socket.
@@ -27,7 +32,9 @@ ended by its pid; the only network is the daemon's UNIX socket.
     python3 bench/bench.py                 full run (a few minutes)
     python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
     python3 bench/bench.py --json FILE     also write the figures as JSON
-    python3 bench/bench.py --profile DIR   the same under cProfile (bench/profiled.py)
+    python3 bench/bench.py --profile DIR   the same under cProfile (bench/profiled.py),
+                                           one subdir per daemon started
+    python3 bench/bench.py --only scale --window 20   one section, a shorter scale window
     BENCH_HADAEMON=/path/hadaemon.py       bench another copy (before / after a change)
 """
 
@@ -52,12 +59,17 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "scale")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
-           "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0}
+           "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
+           "idle_pss_mb": 24.0 * 1.048576,            # 24 MiB, in the MB (10^6) the bench prints
+           "scale_lag_p99_ms": 5.0, "scale_lag_vs_small": 2.0, "scale_cpu_vs_small": 1.3,
+           "scale_start_s": 2.0, "scale_reload_s": 2.0, "scale_check_config_s": 2.0}
 
 TRIVIAL_CHECK = "#!/bin/sh\necho state=up\n"
 RATES = {False: (100, 200, 500, 1000), True: (100, 500)}      # checks/s; by --quick
+SCALE = {False: (300, 3000, 10000), True: (300, 3000)}         # checks; by --quick
+SCALE_RATE = 100                                               # checks/s, whatever their number
 
 
 # ----------------------------------------------------------------------------
@@ -216,15 +228,20 @@ class Hadaemon:
         write_file(os.path.join(self.conf, "checks.conf"), textwrap.dedent(checks_conf))
         write_file(os.path.join(self.conf, "actions.conf"), textwrap.dedent(actions_conf))
         self.launcher = list(launcher)
+        if self.launcher and self.launcher[0].endswith("profiled.py"):
+            # One profile dir per daemon: each writes its own master.prof.
+            self.launcher[1] = os.path.join(self.launcher[1], os.path.basename(root))
+            os.makedirs(self.launcher[1], exist_ok=True)
         self.proc = None
         self.log_path = os.path.join(root, "daemon.log")
 
     def script(self, name, text):
         return write_script(os.path.join(self.conf, name), text)
 
-    def start(self):
+    def start(self, wait_workers=True):
         argv = [sys.executable] + self.launcher + [HADAEMON, "--config-dir", self.conf,
                                                    "--state-dir", self.state, "--foreground"]
+        self.exec_time = time.time()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -240,9 +257,18 @@ class Hadaemon:
             if time.monotonic() > deadline:
                 raise RuntimeError("hadaemon did not answer within 20s:\n%s" % self.tail())
             time.sleep(0.02)
-        # The workers are forked in the first pass of the loop: wait until they said hello.
-        wait_for(lambda: self.worker_pids(idle_or_busy=True), 20, "the workers to connect", 0.02)
+        self.ready_time = time.time()
+        if wait_workers:
+            # The workers are forked in the first pass of the loop: wait until they said hello.
+            wait_for(lambda: self.worker_pids(idle_or_busy=True), 20, "the workers to connect", 0.02)
         return self
+
+    def cli(self, *args, timeout=60):
+        """hadaemon.py ARGS for this daemon's dirs: (seconds it took, CompletedProcess)."""
+        argv = [sys.executable, HADAEMON, "--config-dir", self.conf, "--state-dir", self.state] + list(args)
+        t0 = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return time.monotonic() - t0, done
 
     def request(self, message, timeout=20.0):
         """One control message over the daemon's UNIX socket (its documented protocol)."""
@@ -806,6 +832,106 @@ def section_monit(tmp, quick):
 
 
 # ----------------------------------------------------------------------------
+# 7. Scale: the count of checks grows, the rate does not
+# ----------------------------------------------------------------------------
+# Every check its own host (h0, h1, ...): the worst case for anything that walks
+# every host or every check.  The state db is seeded with every host but h0 up, so
+# the steady state has no transition; h0's first report is one, and its time in
+# --history is the first check's result at the master (the start-up figure).
+
+SEED = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("hadaemon_seeded", sys.argv[1])
+ha = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ha)
+ha.ensure_state_dir(sys.argv[2])
+store = ha.Store(sys.argv[2])
+store.open()
+now = time.time()
+store.commit({"host:h%d" % i: {"state": "up", "since": now, "pending": None, "count": 0}
+              for i in range(1, int(sys.argv[3]))})
+store.close()
+"""
+
+
+def scale_config(nchecks, interval, workers):
+    lines = ["[daemon]", "workers = %d" % workers, "timeout = 5s", "interval = %s" % interval, ""]
+    for i in range(nchecks):
+        lines += ["[local]", "host = h%d" % i, "check_trivial %d" % i, ""]
+    return "\n".join(lines)
+
+
+def scale_run(tmp, nchecks, workers, window, quick, launcher=()):
+    """``nchecks`` at SCALE_RATE checks/s: start, reload to the rate, one interval, the window."""
+    interval = nchecks / float(SCALE_RATE)
+    # Start with every check spread over a year: only h0's runs at once (start-up);
+    # then the reload to the rate spreads them all afresh over their interval, with
+    # the workers already connected, so the lag samples hold no start-up.
+    d = Hadaemon(os.path.join(tmp, "scale-%d" % nchecks), scale_config(nchecks, "8760h", workers),
+                 launcher=launcher)
+    d.script("checks/check_trivial", TRIVIAL_CHECK)
+    subprocess.run([sys.executable, "-c", SEED, HADAEMON, d.state, str(nchecks)], check=True)
+    out = {"checks": nchecks, "hosts": nchecks, "interval_s": interval, "workers": workers}
+    try:
+        d.start(wait_workers=False)
+        first = wait_for(lambda: d.history(1), 30, "the first check's transition", 0.01)[0]
+        out["ready_s"] = round(d.ready_time - d.exec_time, 3)
+        out["start_s"] = round(first["time"] - d.exec_time, 3)
+        write_file(os.path.join(d.conf, "checks.conf"), scale_config(nchecks, "%gms" % (interval * 1000),
+                                                                     workers))
+        t_reload = time.monotonic()
+        answer = d.request({"cmd": "reload"}, timeout=60)
+        out["reload_rescheduled_s"] = round(time.monotonic() - t_reload, 3)
+        if not answer.get("ok"):
+            raise RuntimeError("reload refused: %s" % answer)
+        # One whole interval first: every check has run, the daemon holds every last
+        # result.  No request to the daemon from here to the end of the window: the
+        # lag samples (all since the reload) are the daemon's own.
+        time.sleep(min(interval, 2.0) if quick else interval)
+        kids = children_of(d.proc.pid)          # the workers and the waiting action run
+        c0, t0 = cpu_snapshot(d.proc.pid, kids), time.monotonic()
+        time.sleep(window)
+        c1, t1 = cpu_snapshot(d.proc.pid, kids), time.monotonic()
+        rss, pss = proc_memory(d.proc.pid)
+        t2 = time.monotonic()
+        st1 = d.request({"cmd": "status"}, timeout=60)
+        out["status_ms"] = ms(time.monotonic() - t2)
+        out["status_json_kb"] = round(len(json.dumps(st1)) / 1024.0, 1)
+        lag = st1["daemon"]["lag_ms"]
+        runs, skipped = runs_total(st1)
+        runs -= 1                               # h0's run at the start
+        since_reload = t2 - t_reload
+        # An unchanged reload under load: how long it takes, and what it does to the lag.
+        t2 = time.monotonic()
+        answer = d.request({"cmd": "reload"}, timeout=60)
+        out["reload_s"] = round(time.monotonic() - t2, 3)
+        time.sleep(1.0)
+        out["lag_max_with_reload_ms"] = d.status()["daemon"]["lag_ms"]["max"]
+        took, done = d.cli("--status")
+        out["status_cli_s"] = round(took, 3)
+        out["status_lines"] = len(done.stdout.splitlines())
+    finally:
+        d.stop()
+    took, done = d.cli("--check-config")
+    out["check_config_s"] = round(took, 3) if done.returncode == 0 else None
+    elapsed = t1 - t0
+    cpu = {k: c1[k] - c0[k] for k in c0}
+    out.update({"window_s": round(elapsed, 1), "runs": runs, "skipped": skipped,
+                "achieved_per_s": round(runs / since_reload, 1),
+                "lag_p50_ms": lag["p50"], "lag_p99_ms": lag["p99"], "lag_max_ms": lag["max"],
+                "lag_samples": lag["samples"],
+                "cpu_pct": {k: round(100.0 * v / elapsed, 2) for k, v in cpu.items()},
+                "master_cpu_per_check_ms": ms(cpu["master"] / (elapsed * SCALE_RATE)),
+                "master_rss_mb": round(rss, 1), "master_pss_mb": round(pss, 1) if pss else None})
+    return out
+
+
+def section_scale(tmp, quick, workers, window=None, launcher=()):
+    window = window or (4.0 if quick else 45.0)
+    return [scale_run(tmp, n, workers, window, quick, launcher) for n in SCALE[quick]]
+
+
+# ----------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------
 
@@ -847,6 +973,24 @@ def derive(result):
         out["idle"] = {"master_cpu_pct": idle["cpu_pct"]["master"], "rss_total_mb": idle["rss_total_mb"],
                        "met_cpu": idle["cpu_pct"]["master"] < TARGETS["idle_master_cpu_pct"],
                        "met_rss": idle["rss_total_mb"] <= TARGETS["idle_rss_mb"]}
+    scale = result.get("scale")
+    if scale:
+        small, big = scale[0], scale[-1]
+        lag_vs = ratio(big["lag_p99_ms"], small["lag_p99_ms"])
+        cpu_vs = ratio(big["cpu_pct"]["master"], small["cpu_pct"]["master"])
+        slowest = max(scale, key=lambda r: r["checks"])
+        out["scale"] = {
+            "checks": big["checks"], "lag_p99_ms": big["lag_p99_ms"], "lag_p99_vs_smallest": lag_vs,
+            "master_cpu_vs_smallest": cpu_vs,
+            "met_lag": big["lag_p99_ms"] is not None and big["lag_p99_ms"] <= TARGETS["scale_lag_p99_ms"]
+            and lag_vs is not None and lag_vs <= TARGETS["scale_lag_vs_small"],
+            "met_cpu": cpu_vs is not None and cpu_vs <= TARGETS["scale_cpu_vs_small"],
+            "met_start": slowest["start_s"] <= TARGETS["scale_start_s"],
+            "met_reload": max(slowest["reload_s"], slowest["reload_rescheduled_s"]) <= TARGETS["scale_reload_s"],
+            "met_check_config": slowest["check_config_s"] is not None
+            and slowest["check_config_s"] <= TARGETS["scale_check_config_s"]}
+    if idle:
+        out["idle"]["met_pss"] = idle["pss_total_mb"] <= TARGETS["idle_pss_mb"]
     monit = result.get("monit")
     if monit and "skipped" not in monit:
         ha_cpu = (rates.get(100) or {}).get("cpu_per_check_ms")
@@ -954,9 +1098,11 @@ def render(result):
         add("   RSS MB: %s; total %.1f (PSS total %.1f; RSS total under python3 -S %.1f)" % (
             ", ".join("%s %.1f" % kv for kv in idle["rss_mb"].items()), idle["rss_total_mb"],
             idle["pss_total_mb"], idle["rss_total_no_site_mb"]))
-        add("   (targets: master < %.1f%% CPU: %s; total RSS <= %.0f MB: %s)" % (
+        add("   PSS MB: %s" % ", ".join("%s %.1f" % kv for kv in idle["pss_mb"].items()))
+        add("   (targets: master < %.1f%% CPU: %s; total RSS <= %.0f MB: %s; total PSS <= 24 MiB: %s)" % (
             TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
-            TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
+            TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met",
+            "met" if d["idle"]["met_pss"] else "NOT met"))
         load("idle")
     monit = result.get("monit")
     if monit:
@@ -981,6 +1127,40 @@ def render(result):
             add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
                 mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
             load("monit")
+    scale = result.get("scale")
+    if scale:
+        add("")
+        add("7. scale: the same %d checks/s spread over more checks (one host each, %d workers)"
+            % (SCALE_RATE, scale[0]["workers"]))
+        add("   %s" % "".join(h.rjust(9) for h in ("checks", "interval", "lag p50", "lag p99", "lag max",
+                                                    "master%", "ms/chk", "RSS MB", "PSS MB", "rate/s")))
+        for r in scale:
+            add("   %s" % "".join(fmt(v, 9) for v in (
+                r["checks"], "%gs" % r["interval_s"], r["lag_p50_ms"], r["lag_p99_ms"], r["lag_max_ms"],
+                r["cpu_pct"]["master"], r["master_cpu_per_check_ms"], r["master_rss_mb"], r["master_pss_mb"],
+                r["achieved_per_s"])))
+        add("   %s" % "".join(h.rjust(9) for h in ("checks", "start", "reload", "resched", "lag max",
+                                                    "status", "JSON", "-t", "--status", "lines")))
+        add("   %s" % "".join(h.rjust(9) for h in ("", "s", "s", "s", "w/reload", "ms", "KB", "s", "s", "")))
+        for r in scale:
+            add("   %s" % "".join(fmt(v, 9) for v in (
+                r["checks"], r["start_s"], r["reload_s"], r["reload_rescheduled_s"], r["lag_max_with_reload_ms"],
+                r["status_ms"], r["status_json_kb"], r["check_config_s"], r["status_cli_s"], r["status_lines"])))
+        s = d.get("scale", {})
+        add("   (start: exec -> the first check's result at the master; reload: unchanged config under"
+            " load; resched: the reload to the rate, every check rescheduled)")
+        add("   (targets at %d checks: lag p99 <= %.0f ms and <= %.0fx the smallest run: %s; master CPU"
+            " <= %.1fx: %s;" % (s.get("checks", 0), TARGETS["scale_lag_p99_ms"], TARGETS["scale_lag_vs_small"],
+                                "met" if s.get("met_lag") else "NOT met (%sx)" % s.get("lag_p99_vs_smallest"),
+                                TARGETS["scale_cpu_vs_small"],
+                                "met" if s.get("met_cpu") else "NOT met (%sx)" % s.get("master_cpu_vs_smallest")))
+        add("    start, reload, --check-config each < 2 s: %s, %s, %s)" % tuple(
+            "met" if s.get(k) else "NOT met" for k in ("met_start", "met_reload", "met_check_config")))
+        idle = result.get("idle")
+        if idle:
+            add("   footprint at rest (section 5): PSS %.1f MB, RSS %.1f MB in %d processes" % (
+                idle["pss_total_mb"], idle["rss_total_mb"], idle["processes"]))
+        load("scale")
     return "\n".join(lines)
 
 
@@ -995,6 +1175,10 @@ def main(argv=None):
     p.add_argument("--profile", metavar="DIR",
                    help="run hadaemon under bench/profiled.py, cProfile stats into DIR")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
+    p.add_argument("--window", type=float, metavar="SECONDS",
+                   help="measuring window of each scale run (default: 45, 4 with --quick)")
+    p.add_argument("--scale-workers", type=int, default=4, metavar="N",
+                   help="workers for the scale runs (default: %(default)s)")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     unknown = only - set(SECTIONS)
@@ -1013,7 +1197,8 @@ def main(argv=None):
              ("throughput", lambda: section_throughput(tmp, args.quick, args.workers, launcher)),
              ("reaction", lambda: section_reaction(tmp, args.quick, 2, launcher)),
              ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
-             ("monit", lambda: section_monit(tmp, args.quick)))
+             ("monit", lambda: section_monit(tmp, args.quick)),
+             ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)))
     result["load"] = {}
     try:
         for name, step in steps:
