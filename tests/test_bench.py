@@ -57,9 +57,19 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert _number(monit["reaction"]["check_exit_to_action"]["p50_ms"])
         assert _number(monit["cpu"]["cpu_per_check_ms"])
         assert _number(doc["derived"]["vs_monit"]["cpu_per_check_at_100_per_s"])
+    # Scale: the same rate over ever more checks (300 and 3,000 in a quick run).
+    assert [run["checks"] for run in doc["scale"]] == [300, 3000]
+    for run in doc["scale"]:
+        for field in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms", "cpu_pct.master", "master_rss_mb",
+                      "master_pss_mb", "start_s", "reload_s", "reload_rescheduled_s", "check_config_s",
+                      "status_ms", "status_cli_s", "achieved_per_s"):
+            assert _number(_get(run, field)), (field, run)
+        assert run["runs"] > 0 and run["status_lines"] > 0
+    assert _number(doc["derived"]["scale"]["master_cpu_vs_smallest"])
+    assert _number(doc["idle"]["pss_mb"]["master"]) and isinstance(doc["derived"]["idle"]["met_pss"], bool)
     # The table names each section and the load it ran under.
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
-                    "6. beside Monit", "load average"):
+                    "6. beside Monit", "7. scale", "load average"):
         assert heading in result.stdout, heading
 
 
