@@ -97,6 +97,7 @@ ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
 QUIET_WAIT = 0.05               # output of a process that ends by then is read at its exit
 WORKER_HANG_GRACE = 10.0        # a busy worker silent this long past its check's timeout is hung
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
+CONFIG_STEP = 100               # lines (or checks) a reading of the config does between yields
 MAX_WORKERS = 256
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
@@ -503,6 +504,9 @@ class Config:
         return None
 
 
+_SHELL_SPECIAL_RE = re.compile(r"[\"'\\#;]")
+
+
 def split_words(text):
     """Split a line as a shell would (quotes and backslashes honoured, nothing run).
 
@@ -510,6 +514,8 @@ def split_words(text):
     or ``;`` at the start of a word, outside quotes.  Raises ValueError on an
     unterminated quote.
     """
+    if not _SHELL_SPECIAL_RE.search(text):
+        return text.split(), len(text)          # most lines: nothing to interpret
     words, word, i, n = [], None, 0, len(text)
     while i < n:
         c = text[i]
@@ -610,8 +616,16 @@ def parse_scope(name):
     raise ValueError("unknown scope [%s]: a group is [local] or [ssh:[USER@]HOST[:PORT]]" % name)
 
 
-def resolve_command(word, subdir, config_dir):
-    """SUBDIR/word, then a path relative to the config dir (or absolute), then PATH."""
+def resolve_command(word, subdir, config_dir, seen=None):
+    """SUBDIR/word, then a path relative to the config dir (or absolute), then PATH.
+
+    ``seen``: a dict of the answers so far in this reading of the config (ten
+    thousand checks are mostly a few scripts with different arguments).
+    """
+    if seen is not None:
+        if (word, subdir) not in seen:
+            seen[word, subdir] = resolve_command(word, subdir, config_dir)
+        return seen[word, subdir]
     candidates = []
     if "/" not in word:
         candidates.append(os.path.join(config_dir, subdir, word))
@@ -659,14 +673,17 @@ def _setting_value(key, words, where, errors):
 def _parse_checks(path, config_dir, errors):
     daemon = {}
     groups = []          # [(scope, where, settings, lines)]
+    scopes = {}          # name -> Scope: the same few, opening many groups
     current = None
-    for where, kind, name, words, text in read_ini(path, errors):
+    for n, (where, kind, name, words, text) in enumerate(read_ini(path, errors), 1):
+        if n % CONFIG_STEP == 0:
+            yield
         if kind == "section":
             if name == "daemon":
                 current = ("daemon", daemon)
                 continue
             try:
-                scope = parse_scope(name)
+                scope = scopes.get(name) or scopes.setdefault(name, parse_scope(name))
             except ValueError as exc:
                 errors.append("%s: %s" % (where, exc))
                 current = ("bad", {})
@@ -704,24 +721,28 @@ def _parse_checks(path, config_dir, errors):
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
     checks, seen = [], {}
     group_list = []
+    resolved, remote = {}, {}           # per command word: a few scripts, many checks
+    defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
+                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
+                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
     for scope, gwhere, gset, lines in groups:
-        get = lambda key, default: gset[key][1] if key in gset else default  # noqa: E731
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        group = Group(scope, gwhere, get("interval", settings.interval), get("cron", None),
-                      get("timeout", settings.timeout), get("confirm", settings.confirm),
-                      get("host", None), get("ssh_identity", settings.ssh_identity),
-                      get("ssh_options", settings.ssh_options),
-                      get("connect_timeout", settings.connect_timeout))
+        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
             errors.append("%s: [%s]: no ssh client on PATH (install openssh-client)"
                           % (gwhere, scope.name))
         for where, words, name in lines:
-            path_, problem = resolve_command(words[0], "checks", config_dir)
+            if len(checks) % CONFIG_STEP == 0:
+                yield
+            path_, problem = resolve_command(words[0], "checks", config_dir, resolved)
             if not problem and scope.kind == "ssh":
-                problem = remote_problem(path_)
+                if path_ not in remote:
+                    remote[path_] = remote_problem(path_)
+                problem = remote[path_]
             if problem:
                 errors.append("%s: %s" % (where, problem))
                 continue
@@ -756,7 +777,9 @@ def _parse_transition(text):
 def _parse_actions(path, config_dir, default_timeout, errors):
     sections = {}
     current = None
-    for where, kind, name, words, text in read_ini(path, errors):
+    for n, (where, kind, name, words, text) in enumerate(read_ini(path, errors), 1):
+        if n % CONFIG_STEP == 0:
+            yield
         if kind == "section":
             current = None
             host, _, tr = name.rpartition(":")
@@ -812,17 +835,29 @@ def _parse_actions(path, config_dir, default_timeout, errors):
     return sections
 
 
-def load_config(config_dir):
-    """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
+def load_config_steps(config_dir):
+    """load_config() in steps: a generator that yields every CONFIG_STEP lines or checks
+    and returns the Config (or raises ConfigError), so that a daemon can read ten
+    thousand checks between its other work."""
     config_dir = os.path.abspath(config_dir)
     errors = []
-    settings, groups, checks = _parse_checks(os.path.join(config_dir, "checks.conf"),
-                                             config_dir, errors)
-    sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
-                              settings.action_timeout, errors)
+    settings, groups, checks = yield from _parse_checks(os.path.join(config_dir, "checks.conf"),
+                                                        config_dir, errors)
+    sections = yield from _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
+                                         settings.action_timeout, errors)
     if errors:
         raise ConfigError(errors)
     return Config(config_dir, settings, groups, checks, sections)
+
+
+def load_config(config_dir):
+    """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
+    steps = load_config_steps(config_dir)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # ============================================================================
