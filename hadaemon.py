@@ -3539,17 +3539,37 @@ def render_status(doc):
             what = "no master connection (checks connect on their own)"
         out.append(_clip("ssh [%s]: %s" % (m["scope"], what), 80))
     out.append("")
+    hosts = doc["hosts"]
+    shown = hosts
+    if len(hosts) > STATUS_ROWS:
+        # Too many to read: count them by state, list those in trouble.
+        shown = {name: h for name, h in hosts.items() if _host_in_trouble(h)}
+        states = collections.Counter(h["state"] for h in hosts.values())
+        out.append(_clip("%d hosts: %s; %s" % (len(hosts), ", ".join(
+            "%d %s" % (n, st) for st, n in states.most_common()), _listing(len(shown), "in trouble")), 80))
     rows = [("HOST", "STATE", "SINCE", "PENDING", "LAST REPORT")]
-    for name, h in doc["hosts"].items():
+    for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
         rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
-    out += _table(rows, (14, 10, 22, 12, 16)) if len(rows) > 1 else ["no hosts reported yet"]
+    if len(rows) > 1:
+        out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))
+    elif not hosts:
+        out.append("no hosts reported yet")
     out.append("")
+    checks = doc["checks"]
+    if len(checks) > STATUS_ROWS:
+        trouble = [c for c in checks if _check_in_trouble(c)]
+        not_run = sum(1 for c in checks if not c.get("last"))
+        skipped = sum(c.get("skipped") or 0 for c in checks)
+        out.append(_clip("%d checks: %d ok, %d not run yet%s; %s" % (
+            len(checks), len(checks) - len(trouble) - not_run, not_run,
+            ", %d runs skipped" % skipped if skipped else "", _listing(len(trouble), "in trouble")), 80))
+        checks = trouble
     rows = [("CHECK", "HOST", "LAST", "EXIT", "TOOK", "WHEN", "NEXT", "SKIP")]
     scope = None
-    for c in doc["checks"]:
+    for c in checks[:STATUS_ROWS]:
         if c["scope"] != scope:             # the scope as a heading, as in checks.conf
             scope = c["scope"]
             rows.append(("[%s]" % scope,))
@@ -3563,7 +3583,7 @@ def render_status(doc):
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))
     if len(rows) > 1:
-        out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5))
+        out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5)) + _more(len(checks))
         out.append("")
     out.append("LAST TRANSITIONS")
     rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
