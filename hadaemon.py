@@ -1149,12 +1149,16 @@ def reports_from_result(data, exit_code, default_host):
 #   commit      every change is first appended to state.db.journal as one JSON
 #               line in one write(2); from then on it is acknowledged.
 #   checkpoint  every few seconds the dirty keys go into the dumb db, a fixed-size
-#               "meta:checkpoint" records how many keys the index holds, sync()
-#               rewrites the index (old one kept as .bak), and only then is the
-#               journal truncated.  Soft values (last check results) are appended
-#               to the journal first, so that every value the db files hold since
-#               the last sync is also in the journal: a value overwritten in place
-#               and cut short by a crash always has its newer copy there.
+#               "meta:checkpoint" records how many keys the index holds, the index
+#               lines of the keys written are appended to .dir (dbm.dumb reads the
+#               last line of a key), and only then is the journal truncated.  Soft
+#               values (last check results) are appended to the journal first, so
+#               that every value the db files hold since the last checkpoint is also
+#               in the journal: a value overwritten in place and cut short by a
+#               crash always has its newer copy there.  So a checkpoint costs what
+#               changed, not what the db holds.  Once .dir holds more appended lines
+#               than keys, or an append failed, it is rewritten whole as dbm.dumb's
+#               sync() does it (the old one kept as .bak).
 #   recovery    the index is taken from .dir if it holds meta:checkpoint and at
 #               least the recorded number of keys (a .dir cut short by a kill in
 #               sync(), maybe to nothing, does not), else from .bak (it lacks at
@@ -1225,8 +1229,16 @@ def well_formed(key, value):
 
 
 def _index_line(key, pos, size):
-    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it."""
-    return "%r, %r\n" % (key, (pos, size))
+    """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it.
+
+    dbm.dumb stores a key as UTF-8 and writes that in the index as Latin-1 text.
+    """
+    return "%r, %r\n" % (key.encode("utf-8").decode("latin-1"), (pos, size))
+
+
+# Most index lines: a key with no quote, backslash or unprintable byte (repr adds none).
+_INDEX_LINE_RE = re.compile(r"'([^'\\]*)', \((\d+), (\d+)\)\Z")
+_INDEX_REWRITE_MIN = 4096       # appended index lines tolerated before .dir is rewritten whole
 
 
 class Store:
@@ -1247,6 +1259,8 @@ class Store:
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
         self.created = False        # open() found no db and started a new one
+        self.appended = 0           # index lines appended to .dir since it was last written whole
+        self.index_whole = False    # the next checkpoint writes .dir whole (an append failed)
 
     # -- reading ---------------------------------------------------------------
 
@@ -1265,11 +1279,17 @@ class Store:
         index = {}
         for line in lines.splitlines():
             try:
-                key, (pos, size) = ast.literal_eval(line)
-                if _index_line(key, pos, size) != line + "\n" or not isinstance(key, str) \
-                        or type(pos) is not int or type(size) is not int or min(pos, size) < 0:
+                m = _INDEX_LINE_RE.match(line)
+                if m:
+                    key, pos, size = m.group(1), int(m.group(2)), int(m.group(3))
+                else:
+                    key, (pos, size) = ast.literal_eval(line)
+                    if not isinstance(key, str) or type(pos) is not int or type(size) is not int:
+                        raise ValueError("not as dbm.dumb writes it")
+                key = key.encode("latin-1").decode("utf-8")
+                if _index_line(key, pos, size) != line + "\n" or min(pos, size) < 0:
                     raise ValueError("not as dbm.dumb writes it")
-                index[key] = (pos, size)
+                index[key] = (pos, size)        # a later line of a key replaces an earlier one
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 continue
         return index
@@ -1522,22 +1542,23 @@ class Store:
             # its copy in the journal until the index is synced.
             self._append({"s": {key: self.data[key] for key in self.unjournaled}})
             self.unjournaled.clear()
-        for key in sorted(self.dirty):
-            value = json.dumps(self.data[key], separators=(",", ":"),
-                               ensure_ascii=False).encode("utf-8")
-            self.db[key] = value
-            self.sizes[key] = -(-len(value) // 512) * 512
-        meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
-        self.db[_META_KEY] = meta.ljust(_META_WIDTH)
+        index = self.db._index
+        moved = [_META_KEY]             # keys whose index line must be appended
         try:
-            self.db.sync()
+            for key in sorted(self.dirty):
+                value = json.dumps(self.data[key], separators=(",", ":"),
+                                   ensure_ascii=False).encode("utf-8")
+                if key.encode("utf-8") in index:
+                    moved.append(key)   # a new key's line dbm.dumb appends itself
+                self.db[key] = value
+                self.sizes[key] = -(-len(value) // 512) * 512
+            meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
+            self.db[_META_KEY] = meta.ljust(_META_WIDTH)
+            self._write_index(moved, rebuild)
         except OSError:
-            # sync() renamed the whole index to .bak, then failed writing .dir (disk
-            # full): put .bak back, or the next sync() would delete it for a cut one.
-            try:
-                os.replace(self.base + ".bak", self.base + ".dir")
-            except OSError:
-                pass
+            # .dir may end in part of a line (dbm.dumb's, or ours): an append would
+            # be glued to it.  The next checkpoint writes it whole.
+            self.index_whole = True
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
@@ -1547,6 +1568,51 @@ class Store:
             dat = 0
         if dat > max(1 << 20, 4 * sum(self.sizes.values())):
             self.compact()
+
+    def _write_index(self, keys, whole):
+        """Make the index lines of ``keys`` durable: appended to .dir, or .dir written whole.
+
+        dbm.dumb keeps its index in ``_index`` (UTF-8 key -> (pos, size)); only its
+        sync() would write it, always whole.
+        """
+        index = self.db._index
+        whole = whole or self.index_whole or \
+            self.appended + len(keys) > max(_INDEX_REWRITE_MIN, len(index))
+        self.index_whole = True         # until the write below is whole
+        if whole:
+            lines = [_index_line(k.decode("utf-8"), pos, size) for k, (pos, size) in index.items()]
+            # As dbm.dumb's sync(): the old index becomes .bak, the new one is written.
+            try:
+                os.unlink(self.base + ".bak")
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(self.base + ".dir", self.base + ".bak")
+            except FileNotFoundError:
+                pass
+        else:
+            lines = [_index_line(k, *index[k.encode("utf-8")]) for k in keys]
+        text = "".join(lines).encode("latin-1")
+        try:
+            fd = os.open(self.base + ".dir", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC |
+                         (os.O_TRUNC if whole else os.O_APPEND), 0o600)
+            try:
+                view = memoryview(text)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError:
+            if whole:
+                # The whole index is in .bak and .dir is cut (disk full): put .bak
+                # back, or the next rewrite would delete it for the cut one.
+                try:
+                    os.replace(self.base + ".bak", self.base + ".dir")
+                except OSError:
+                    pass
+            raise
+        self.index_whole = False
+        self.appended = 0 if whole else self.appended + len(keys)
 
     def compact(self):
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
@@ -1568,6 +1634,7 @@ class Store:
                 pass
         self.db = dbm.dumb.open(self.base, "n", 0o600)
         self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+        self.index_whole = True         # a new .dir: written whole, not appended to
         self.checkpoint()
         self.notes.append("state db compacted: %d -> %d bytes"
                           % (before, os.path.getsize(self.base + ".dat")))
@@ -3509,6 +3576,33 @@ def _clock(then):
     if time.time() - then < 86400:
         return time.strftime("%H:%M:%S", time.localtime(then))
     return time.strftime("%m-%d %H:%M", time.localtime(then))
+
+
+STATUS_ROWS = 40                    # --status lists hosts and checks up to this many, then only trouble
+TROUBLE_STATES = {"down", "unknown", "warning"}     # what a check reports when something is wrong
+
+
+def _host_in_trouble(h):
+    return h["state"] in TROUBLE_STATES or h.get("pending") is not None
+
+
+def _check_in_trouble(c):
+    last = c.get("last")
+    if not last:
+        return False
+    return bool(last.get("exit") or last.get("signal") or last.get("rejected")
+                or TROUBLE_STATES & set((last.get("reports") or {}).values()))
+
+
+def _listing(n, what):
+    if not n:
+        return "none %s" % what
+    return "%s %d %s:" % ("the" if n <= STATUS_ROWS else "the first %d of" % STATUS_ROWS, n, what)
+
+
+def _more(n):
+    return ["... and %d more (hadaemon --status --json lists them all)" % (n - STATUS_ROWS)] \
+        if n > STATUS_ROWS else []
 
 
 def render_status(doc):
