@@ -1446,8 +1446,13 @@ class Store:
         except OSError:
             dat_size = 0
         # A .dat with no index and nothing past the meta value is a new db whose
-        # creation a crash cut short, not a damaged one.
-        exists = dat_size > _META_WIDTH or any(os.path.exists(self.base + s) for s in (".dir", ".bak"))
+        # creation a crash cut short, not a damaged one; so is an empty .dir beside
+        # it (dbm.dumb creates the file, then writes meta's line into it).
+        try:
+            dir_size = os.path.getsize(self.base + ".dir")
+        except OSError:
+            dir_size = 0
+        exists = dat_size > _META_WIDTH or dir_size > 0 or os.path.exists(self.base + ".bak")
         suffix, entries, lost, full = self.load()
         self.jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                            0o600)
