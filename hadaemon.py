@@ -119,6 +119,9 @@ QUIET_WAIT = 0.05               # output of a process that ends by then is read 
 WORKER_HANG_GRACE = 10.0        # a busy worker silent this long past its check's timeout is hung
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
 CONFIG_STEP = 100               # lines (or checks) a reading of the config does between yields
+ANSWER_STEP = 200               # hosts or checks of a --status answer made between yields
+ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
+ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
@@ -739,12 +742,13 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
-    group_list, checks = _build_groups(groups, settings, config_dir, errors)
+    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     return settings, group_list, checks
 
 
 def _build_groups(groups, settings, config_dir, errors):
-    """Groups with the daemon's defaults filled in, and their checks, each command found."""
+    """Groups with the daemon's defaults filled in, and their checks, each command found
+    (a generator, as _parse_checks: it yields every CONFIG_STEP checks)."""
     checks, seen = [], {}
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
@@ -989,6 +993,22 @@ class CronSpec:
 
 def encode_message(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def json_pieces(items, as_object, step=None):
+    """A JSON array (or object, of (key, value) pairs) of ``items`` as pieces of text,
+    ``step`` items each, made as they are read: one big answer in small bites."""
+    yield b"{" if as_object else b"["
+    step = step or ANSWER_STEP
+    items = iter(items)
+    sep = b""
+    while True:
+        batch = list(itertools.islice(items, step))
+        if not batch:
+            break
+        yield sep + encode_message(dict(batch) if as_object else batch)[1:-2]
+        sep = b","
+    yield b"}" if as_object else b"]"
 
 
 def decode_message(line):
@@ -1249,7 +1269,9 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
-    if key in ("reports", "checks"):
+    if kind == "report":
+        return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
+    if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
         return isinstance(value, dict)
     return True
 
@@ -2476,7 +2498,7 @@ class Ledger:
         self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
         self.hosts = {}                 # host -> {state, since, pending, count}
         self.reports = {}               # host -> its last report {time, check, state}
-        self.reports_changed = False    # since the last checkpoint (they are soft)
+        self.changed = set()            # hosts whose last report is not saved yet (they are soft)
         self.transitions = collections.deque()
         self.runs = collections.OrderedDict()   # id -> run, oldest first
         self.queue = []                 # run ids waiting, in order
@@ -2497,7 +2519,9 @@ class Ledger:
         """Take the ledger from the state db's key -> value ``data``."""
         self.meta.update(data.get("meta") or {})
         self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+        # One key per host (report:HOST); an older db has them all in one key, ``reports``.
         self.reports = dict(data.get("reports") or {})
+        self.reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
         cap = self.cap
         self.transitions = collections.deque(_by_id(data, "tr:")[-cap if cap else 0:], maxlen=cap)
         self.runs = collections.OrderedDict((r["id"], r) for r in _by_id(data, "run:")[-cap if cap else 0:])
@@ -2514,6 +2538,9 @@ class Ledger:
                 changes["queue"] = self.queue
         if changes:
             self.store.commit(changes)
+        if self.store.data.get("reports"):
+            self.changed.update(self.reports)   # to one key per host at the next checkpoint
+            self.store.soft("reports", {})
         if self.paused:
             log.warning("actions are paused (hadaemon --resume to run them again)")
         if self.queue:
@@ -2535,7 +2562,7 @@ class Ledger:
         """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
         record = self.hosts.get(host, NEW_HOST)
         self.reports[host] = {"time": now, "check": check.name, "state": state}
-        self.reports_changed = True
+        self.changed.add(host)
         if state == record["state"]:
             if record["pending"] is not None:
                 log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
@@ -2686,23 +2713,31 @@ class Ledger:
     # -- what it reports about itself --------------------------------------------
 
     def save_reports(self):
-        """Hand the last reports to the store's next checkpoint (a crash may lose them)."""
-        if self.reports_changed:
-            self.reports_changed = False
-            self.store.soft("reports", self.reports)
+        """Hand the last reports that changed to the store's next checkpoint, one key
+        ``report:HOST`` each (a crash may lose them)."""
+        for host in self.changed:
+            self.store.soft("report:" + host, self.reports[host])
+        self.changed.clear()
 
     def status(self, last=20):
         """hosts, transitions and runs of the --status --json document."""
-        hosts = {}
-        for name, record in sorted(self.hosts.items()):
+        return dict(self.recent(last), hosts=dict(self.host_entries()))
+
+    def recent(self, last=20):
+        """The last transitions and runs, newest first."""
+        transitions = list(self.transitions)[-last:][::-1]
+        runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
+        return {"transitions": transitions, "runs": runs}
+
+    def host_entries(self):
+        """(host, what --status --json says of it), by name, made one by one as they are read."""
+        for name in sorted(self.hosts):
+            record = self.hosts[name]
             pending = None
             if record.get("pending"):
                 pending = {"state": record["pending"], "count": record.get("count", 0)}
-            hosts[name] = {"state": record.get("state"), "since": record.get("since"),
-                           "pending": pending, "last_report": self.reports.get(name)}
-        transitions = list(self.transitions)[-last:][::-1]
-        runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
-        return {"hosts": hosts, "transitions": transitions, "runs": runs}
+            yield name, {"state": record.get("state"), "since": record.get("since"),
+                         "pending": pending, "last_report": self.reports.get(name)}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
@@ -2751,10 +2786,18 @@ def describe_schedule(group):
     return ("cron " + group.cron.text) if group.cron else "every " + format_duration(group.interval)
 
 
-def check_entry(check, last, rt=None, next_run=None):
-    """One check as --status --json shows it (``rt`` None: from the state db)."""
-    return {"key": check.key, "name": check.name, "scope": check.group.scope.name,
-            "host": check.host, "where": check.where, "schedule": describe_schedule(check.group),
+def check_entry(check, last, rt=None, next_run=None, schedules=None):
+    """One check as --status --json shows it (``rt`` None: from the state db).
+
+    ``schedules``: a dict that keeps each group's schedule text, made once.
+    """
+    group = check.group
+    if schedules is None:
+        schedule = describe_schedule(group)
+    else:
+        schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    return {"key": check.key, "name": check.name, "scope": group.scope.name,
+            "host": check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
@@ -2777,40 +2820,64 @@ class Scheduler:
         self.once = once                # --once: every check due now, and only once
         self.runtimes = {}              # check key -> CheckRuntime
         self.heap = []                  # (due, seq, key, token)
+        self.stale = 0                  # heap entries of checks a reload removed or rescheduled
         self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
         self.lags = collections.deque(maxlen=10000)
         self.heap_seq = itertools.count()
+        self.tokens = itertools.count()     # never reused: a removed check that comes back is new
         self.job_ids = itertools.count(1)
-        self.results_changed = False    # a last result changed since the last checkpoint
+        self.changed = set()            # keys of the checks whose last result is not saved yet
 
     def configure(self, checks, now):
-        """(Re)build the schedule; keep what is known of checks whose schedule is unchanged."""
+        """(Re)build the schedule at once (at start-up; a reload goes in steps)."""
+        for _ in self.configure_steps(checks, now):
+            pass
+
+    def configure_steps(self, checks, now=None):
+        """(Re)build the schedule; keep what is known of checks whose schedule is unchanged.
+
+        A generator: it looks at CONFIG_STEP checks between yields, changing nothing,
+        then swaps the new schedule in at once.  A check whose schedule is unchanged
+        keeps its runtime and its place in the heap; new ones and rescheduled ones
+        start afresh, their first runs spread over their first interval from ``now``
+        (default: the time of the swap).
+        """
         old = self.runtimes
-        self.runtimes = {}
-        self.heap = []
-        # New checks and checks whose schedule changed start afresh, spread out.
-        fresh = {c.key: i for i, c in enumerate(
-            c for c in checks if c.key not in old or not _same_schedule(old[c.key].check, c))}
-        for check in checks:
+        runtimes, kept, fresh = {}, [], []
+        for i, check in enumerate(checks, 1):
+            if i % CONFIG_STEP == 0:
+                yield
             rt = old.get(check.key)
             if rt is not None and _same_schedule(rt.check, check):
-                rt.check = check
-                rt.token += 1
+                kept.append((rt, check))
+                runtimes[check.key] = rt
             else:
-                rt = CheckRuntime(check, token=(rt.token + 1) if rt else 0,
-                                  busy=rt.busy if rt else False)
-                if self.once:
-                    rt.next_due = now
-                elif check.group.cron:
-                    rt.next_due = _cron_due(check.group.cron)
-                else:
-                    # Spread the first runs over the first interval.
-                    index = fresh.get(check.key, 0)
-                    rt.next_due = now + check.group.interval * index / max(1, len(fresh))
-            self.runtimes[check.key] = rt
+                fresh.append((CheckRuntime(check, token=next(self.tokens)), rt))
+                runtimes[check.key] = fresh[-1][0]
+        # The swap: nothing in between may see half of it.
+        now = time.monotonic() if now is None else now
+        for rt, check in kept:
+            rt.check = check
+        for index, (rt, was) in enumerate(fresh):
+            rt.busy = was is not None and was.busy     # as it is now: a run may have ended meanwhile
+            group = rt.check.group
+            if self.once:
+                rt.next_due = now
+            elif group.cron:
+                rt.next_due = _cron_due(group.cron)
+            else:
+                rt.next_due = now + group.interval * index / len(fresh)
             self._push(rt)
-        self.ready = collections.deque((self.runtimes[rt.check.key], due) for rt, due in self.ready
-                                       if rt.check.key in self.runtimes)
+        self.stale += len(old) - len(kept)
+        self.runtimes = runtimes
+        if self.stale > max(len(runtimes), 1000):
+            # Entries left by reloads wait for their due time, a year for a cron check:
+            # drop them once they outnumber the checks.
+            self.heap = [e for e in self.heap if e[2] in runtimes and runtimes[e[2]].token == e[3]]
+            heapq.heapify(self.heap)
+            self.stale = 0
+        self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
+                                       if rt.check.key in runtimes)
 
     def _push(self, rt):
         heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
@@ -2897,7 +2964,7 @@ class Scheduler:
                   ", ".join("%s %s" % pair for pair in reports) or "no valid report",
                   "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
                   else "exit %s" % exit_code, msg.get("duration") or 0)
-        self.results_changed = True
+        self.changed.add(rt.check.key)
         return rt, reports
 
     @staticmethod
@@ -2914,15 +2981,31 @@ class Scheduler:
         return all(rt.runs >= 1 for rt in self.runtimes.values())
 
     def save_results(self, store):
-        """Hand the last results to the store's next checkpoint (a crash may lose them)."""
-        if self.results_changed:
-            self.results_changed = False
-            store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
+        """Hand the last results that changed to the store's next checkpoint, one key
+        ``check:KEY`` each (a crash may lose them)."""
+        for key in self.changed:
+            rt = self.runtimes.get(key)
+            if rt is not None and rt.last is not None:
+                store.soft("check:" + key, rt.last)
+        self.changed.clear()
+
+    @staticmethod
+    def adopt_results(store):
+        """An older state db keeps every last result in one key, ``checks``: one key per
+        check from now on (written at the next checkpoint)."""
+        old = store.data.get("checks")
+        if old:
+            for key, last in old.items():
+                store.soft("check:" + key, last)
+            store.soft("checks", {})
 
     def status(self, now_m, now):
-        """checks of the --status --json document."""
-        return [check_entry(rt.check, rt.last, rt, now + max(0.0, rt.next_due - now_m))
-                for rt in self.runtimes.values()]
+        """checks of the --status --json document, one by one (made as they are read)."""
+        schedules = {}                  # per group: ten thousand checks share a few
+        for rt in list(self.runtimes.values()):
+            entry = check_entry(rt.check, rt.last, rt, now + max(0.0, rt.next_due - now_m),
+                                schedules)
+            yield entry
 
     def lag_summary(self):
         lags = sorted(self.lags)
@@ -3233,6 +3316,8 @@ class Conn:
         self.role = None
         self.child = None
         self.opened = time.monotonic()
+        self.answering = None           # an answer made in steps: a generator of its bytes
+        self.waiting = collections.deque()  # requests that came in meanwhile, answered in turn
 
 
 class ControlServer:
@@ -3240,7 +3325,9 @@ class ControlServer:
 
     What a message means is the master's: ``on_result(job, msg)`` for a worker's
     result, ``on_event(child, msg)`` for an action run's events, ``answer(msg)``
-    for a control verb (its answer is sent back).
+    for a control verb: its answer, a dict sent back at once, or a generator that
+    makes it in steps (bytes of the answer's line; None: nothing yet, ask later),
+    which ``answer_some`` runs a slice of time each pass of the loop.
     """
 
     def __init__(self, sel, path, pool, on_result, on_event, answer):
@@ -3249,6 +3336,7 @@ class ControlServer:
         self.conns = {}                 # fd -> Conn
         self.listener = None
         self.resting_until = None       # out of fds: the listener rests until then
+        self.answering = []             # connections with an answer being made
 
     def listen(self):
         try:
@@ -3324,7 +3412,7 @@ class ControlServer:
         elif conn.role == "action":
             self.on_event(conn.child, msg)
         else:
-            self.send(conn, self.answer(msg))
+            self.respond(conn, msg)
 
     def identify(self, conn, msg):
         if msg.get("t") == "hello":
@@ -3336,7 +3424,53 @@ class ControlServer:
             self.pool.greet(child)
             return
         conn.role = "control"
-        self.send(conn, self.answer(msg))
+        self.respond(conn, msg)
+
+    def respond(self, conn, msg):
+        """Answer a control request, in the order they came."""
+        if conn.answering is not None:
+            conn.waiting.append(msg)
+            return
+        answer = self.answer(msg)
+        if isinstance(answer, dict):
+            self.send(conn, answer)
+        else:
+            conn.answering = answer
+            self.answering.append(conn)
+
+    def answer_some(self, until):
+        """Make the answers under way, a piece of each in turn, until monotonic ``until``;
+        one whose reader lags (ANSWER_BUFFER unsent) waits."""
+        while self.answering and time.monotonic() < until:
+            progress = False
+            for conn in list(self.answering):
+                if conn.sock.fileno() < 0:
+                    self.answering.remove(conn)
+                    continue
+                if len(conn.out) > ANSWER_BUFFER:
+                    continue
+                try:
+                    piece = next(conn.answering)
+                except StopIteration:
+                    conn.answering = None
+                    self.answering.remove(conn)
+                    while conn.waiting and conn.answering is None and conn.sock.fileno() >= 0:
+                        self.respond(conn, conn.waiting.popleft())
+                    continue
+                except Exception:       # a bug in one answer closes one connection
+                    log.exception("answering pid %d failed; connection closed", conn.pid)
+                    self.close(conn)
+                    continue
+                if piece:
+                    conn.out += piece
+                    self.flush(conn)
+                    progress = True
+            if not progress:
+                return
+
+    def busy(self):
+        """Whether an answer under way can be worked on now (the loop must not sleep)."""
+        return any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
 
     def send(self, conn, obj):
         if conn is None or conn.sock.fileno() < 0:
@@ -3364,6 +3498,10 @@ class ControlServer:
         self.sel.unregister(conn.sock)
         del self.conns[fd]
         conn.sock.close()
+        if conn.answering is not None:
+            conn.answering.close()
+            conn.answering = None
+            self.answering.remove(conn)
         child = conn.child
         if child is not None:
             child.conn = None
@@ -3486,6 +3624,11 @@ class Master:
         self.started_wall, self.started = time.time(), time.monotonic()
         self.next_checkpoint = self.started + CHECKPOINT_EVERY
         self.next_watchdog = self.started
+        # A reload reads the config in steps between the loop's other work; the
+        # requests since the reading began, and the last reading done, by number.
+        self.reload_asked = self.reload_done = 0
+        self.reload_reading = None      # (request number, load_config_steps generator)
+        self.reload_errors = []
 
     # -- the life of the daemon --------------------------------------------------
 
@@ -3521,6 +3664,7 @@ class Master:
         for note in self.store.notes:
             log.error("state db: %s", note)
         self.ledger.open(time.time())
+        self.scheduler.adopt_results(self.store)
         self.server.listen()
         self.install_signals()
         self.scheduler.configure(self.config.checks, time.monotonic())
@@ -3567,6 +3711,9 @@ class Master:
                 # While stopping too: the loop is healthy while a sequence finishes.
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
+            # Answers that touch every check or host are made a slice per pass: due
+            # checks wait for a slice, never for the whole of them.
+            self.server.answer_some(time.monotonic() + ANSWER_SLICE)
             if self.stopping:
                 if not self.pool.children or now >= self.stop_deadline:
                     return
@@ -3575,6 +3722,7 @@ class Master:
             self.scheduler.fire_due(now)
             self.dispatch(now)
             self.start_next_run()
+            self.read_config(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
@@ -3583,6 +3731,8 @@ class Master:
                 self.begin_stop("--once pass complete")
 
     def timeout(self, now):
+        if self.reload_reading is not None or self.server.busy():
+            return 0.0                  # work in steps under way: look at the sockets, go on
         deadlines = [self.next_checkpoint, now + 1.0]
         if self.scheduler.heap and not self.stopping:
             deadlines.append(self.scheduler.next_due())
@@ -3594,26 +3744,63 @@ class Master:
         while self.signals:
             sig = self.signals.pop(0)
             if sig == signal.SIGHUP:
-                self.reload()
+                self.want_reload()
             elif sig in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop("%s received" % signal_name(sig))
             elif sig == signal.SIGUSR1:
                 reopen_log()
                 log.info("log reopened")
 
-    def reload(self):
-        """Re-read both files; a bad config is refused whole.  Returns the errors."""
-        log.info("reloading the configuration")
+    def want_reload(self):
+        """Re-read both files (SIGHUP, --reload): the reading starts now, or starts over if
+        one is under way (the files may have changed since).  Returns the request's number."""
+        self.reload_asked += 1
+        self.reload_reading = None
+        return self.reload_asked
+
+    def read_config(self, until):
+        """Read the config in steps until monotonic ``until``; apply it once it is read,
+        whole: a bad one is refused whole (SPEC §2), a good one swapped in at once."""
+        if self.reload_done >= self.reload_asked:
+            return
+        if self.reload_reading is None:
+            log.info("reloading the configuration")
+            self.reload_reading = (self.reload_asked, self.reload_steps())
+        number, steps = self.reload_reading
         try:
-            config = load_config(self.config.config_dir)
+            next(steps)
+            while time.monotonic() < until:
+                next(steps)
+            return
+        except StopIteration as done:
+            errors = done.value
         except ConfigError as exc:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
-            return exc.errors
+            errors = exc.errors
+        self.reload_reading = None
+        self.reload_done, self.reload_errors = number, errors
+
+    def reload_answer(self):
+        """--reload's answer, once the reading it asked for (or a later one) is done."""
+        number = self.want_reload()
+        while self.reload_done < number:
+            yield None
+        yield encode_message({"ok": not self.reload_errors, "errors": self.reload_errors})
+
+    def reload_steps(self):
+        """A reload in steps: read both files, prepare the schedule, swap it all in at
+        once (no step between the scheduler's swap and the rest).  Returns the errors."""
+        config = yield from load_config_steps(self.config.config_dir)
+        yield from self.scheduler.configure_steps(config.checks)
+        return self.reload(config)
+
+    def reload(self, config):
+        """Swap in ``config``, read and checked whole (the schedule is swapped already).
+        Returns the errors (none)."""
         self.notifier.send("RELOADING=1")
         log_changed = config.daemon.log != self.config.daemon.log
         self.config = self.ledger.config = config
-        self.scheduler.configure(config.checks, time.monotonic())
         if log_changed:
             target = config.daemon.log or self.default_log
             if target == "stderr":
@@ -3642,6 +3829,9 @@ class Master:
         log.info("stopping: %s", why)
         self.notifier.send("STOPPING=1")
         self.stopping = True
+        if self.reload_done < self.reload_asked:        # a reload under way is dropped
+            self.reload_done, self.reload_reading = self.reload_asked, None
+            self.reload_errors = ["the daemon is stopping; the configuration was not reloaded"]
         self.scheduler.ready.clear()
         now = time.monotonic()
         self.pool.stop(now)
@@ -3771,10 +3961,11 @@ class Master:
         """A control verb (from the socket): its answer."""
         cmd = msg.get("cmd")
         if cmd == "status":
-            return self.status_document()
+            return self.status_stream()
         if cmd == "reload":
-            errors = self.reload()
-            return {"ok": not errors, "errors": errors}
+            if self.stopping:
+                return {"ok": False, "errors": ["the daemon is stopping"]}
+            return self.reload_answer()
         if cmd in ("pause", "resume"):
             self.ledger.set_paused(cmd == "pause")
             log.warning("actions %s by request", "paused" if cmd == "pause" else "resumed")
@@ -3786,8 +3977,10 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
-    def status_document(self):
-        """--status --json: the daemon's block, then what each part says of itself."""
+    def status_stream(self):
+        """--status --json as pieces of its one line: the daemon's block, then what each
+        part says of itself, the hosts and checks a few hundred at a time (the loop
+        goes on between the pieces, so ten thousand checks hold up nothing due)."""
         now_m, now = time.monotonic(), time.time()
         daemon = {"running": True, "pid": os.getpid(), "version": __version__,
                   "started": self.started_wall, "uptime": now_m - self.started,
@@ -3795,8 +3988,15 @@ class Master:
                   "lag_ms": self.scheduler.lag_summary()}
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
-        return dict(self.ledger.status(), daemon=daemon,
-                    checks=self.scheduler.status(now_m, now))
+        yield encode_message(dict(self.ledger.recent(), daemon=daemon))[:-2] + b',"hosts":'
+        yield from json_pieces(self.ledger.host_entries(), as_object=True)
+        yield b',"checks":'
+        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
+        yield b"}\n"
+
+    def status_document(self):
+        """--status --json, whole (the same document, made in one go)."""
+        return json.loads(b"".join(self.status_stream()))
 
 
 # ============================================================================
@@ -3808,7 +4008,8 @@ def offline_status(state_dir, config=None, last=20):
     data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
     ledger = Ledger(None, state_dir)
     ledger.load(data)
-    results = data.get("checks") or {}
+    results = dict(data.get("checks") or {})       # an older db: all in one key
+    results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
