@@ -70,7 +70,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import dbm.dumb
 import errno
 import fcntl
 import gc
@@ -991,8 +990,12 @@ class CronSpec:
 # Wire protocol: one JSON object per line over the UNIX socket
 # ============================================================================
 
+# One encoder for every message and value: json.dumps with options makes a new one each call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode_message(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    return _ENCODE(obj).encode("utf-8") + b"\n"
 
 
 def json_pieces(items, as_object, step=None):
@@ -1188,27 +1191,30 @@ def reports_from_result(data, exit_code, default_host):
 # State store: dbm.dumb with a write-ahead journal
 # ============================================================================
 #
-# dbm.dumb is the one dbm backend every Python has, but it is not crash-safe by
-# itself: values change in place and its index (.dir) is rewritten whole on
-# sync().  The discipline that makes it safe against kill -9 at any moment:
+# The db is a dbm.dumb database (the one dbm format every Python reads): values
+# in state.db.dat, an index of one line per key in state.db.dir.  The store writes
+# both itself, in dbm.dumb's format (dbm.dumb.open reads them), because dbm.dumb
+# is not crash-safe (values change in place, its sync() rewrites the whole index)
+# and opens a file twice per key written.  The discipline that makes it safe
+# against kill -9 at any moment:
 #
 #   commit      every change is first appended to state.db.journal as one JSON
 #               line in one write(2); from then on it is acknowledged.
-#   checkpoint  every few seconds the dirty keys go into the dumb db, a fixed-size
-#               "meta:checkpoint" records how many keys the index holds, the index
-#               lines of the keys written are appended to .dir (dbm.dumb reads the
-#               last line of a key), and only then is the journal truncated.  Soft
-#               values (last check results) are appended to the journal first, so
-#               that every value the db files hold since the last checkpoint is also
-#               in the journal: a value overwritten in place and cut short by a
-#               crash always has its newer copy there.  So a checkpoint costs what
-#               changed, not what the db holds.  Once .dir holds more appended lines
-#               than keys, or an append failed, it is rewritten whole as dbm.dumb's
-#               sync() does it (the old one kept as .bak).
+#   checkpoint  every few seconds the dirty keys go into .dat (the new and grown
+#               ones in one write at its end), the index lines of the keys written
+#               are appended to .dir (a later line of a key wins), a fixed-size
+#               "meta:checkpoint" records how many keys the index holds, and only
+#               then is the journal truncated.  Soft values (last check results) are
+#               appended to the journal first, so that every value the db files hold
+#               since the last checkpoint is also in the journal: a value overwritten
+#               in place and cut short by a crash always has its newer copy there.
+#               So a checkpoint costs what changed, not what the db holds.  Once .dir
+#               holds more appended lines than keys, or an append failed, it is
+#               rewritten whole as dbm.dumb's sync() does it (the old one kept as .bak).
 #   recovery    the index is taken from .dir if it holds meta:checkpoint and at
-#               least the recorded number of keys (a .dir cut short by a kill in
-#               sync(), maybe to nothing, does not), else from .bak (it lacks at
-#               most keys added since the last checkpoint: the journal has those);
+#               least the recorded number of keys (a .dir cut short by a kill while
+#               it is rewritten, maybe to nothing, does not), else from .bak (the
+#               .dir before that rewrite began, appended lines and all);
 #               only lines exactly as dbm.dumb writes them count.  Values that no
 #               longer decode were changed since the last checkpoint and come back
 #               from the journal, replayed on top; keys that do not come back are
@@ -1218,10 +1224,10 @@ def reports_from_result(data, exit_code, default_host):
 #   disk full   a commit that cannot be written stays in memory (and in --status)
 #               and is written with the next commit or checkpoint that can; the
 #               outage is logged once, its end too.  A failed journal write makes
-#               the next one start a new line; a failed sync() puts .bak back as
-#               .dir (a second sync() would delete the last whole index); a failed
+#               the next one start a new line; a failed rewrite of .dir puts .bak
+#               back (a second one would delete the last whole index); a failed
 #               compaction leaves every key dirty.
-#   compaction  dbm.dumb never reuses the space of a value that grew, so the .dat
+#   compaction  the space of a value that grew is never reused, so the .dat
 #               file is rewritten when it is mostly dead: a full snapshot goes into
 #               the journal first, then the db files are recreated from memory.
 #               Recovery starts from the newest full snapshot when it finds one, and
@@ -1276,6 +1282,11 @@ def well_formed(key, value):
     return True
 
 
+def _blocks(size):
+    """Bytes a value of ``size`` takes in .dat: whole 512-byte blocks."""
+    return -(-size // 512) * 512
+
+
 def _index_line(key, pos, size):
     """One line of a dbm.dumb index (.dir), exactly as dbm.dumb writes it.
 
@@ -1297,13 +1308,16 @@ class Store:
         self.journal_path = self.base + ".journal"
         self.data = {}
         self.dirty = set()
-        self.db = None
+        self.dat_fd = None      # .dat, open for writing (None: not open, or to be made anew)
+        self.dat_end = 0
         self.jfd = None
         self.notes = []         # what recovery did, for the log
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
-        self.index = {}         # the index recovery used
+        self.live = 0           # their sum: what .dat would take compacted
+        self.index = {}         # key -> (pos, size): the index recovery used, then the live one
         self.torn = False       # the journal may end in part of a line
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
+        self.encoded = {}           # soft values (dirty) as JSON text, made when they came
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
         self.created = False        # open() found no db and started a new one
@@ -1494,27 +1508,31 @@ class Store:
             self.torn = True            # after a torn last line, start a new one
             self._append({"full": True, "s": self.data})
             self._move_aside(damage)
-            self.db = None              # the next checkpoint writes new files
+            self._close_dat()           # the next checkpoint writes new files
             self.checkpoint()
             return
-        if suffix is not None:
-            # dbm.dumb reads .dir strictly: give it the lines recovery used, whole.
+        index = dict(self.index) if suffix is not None else {}
+        # Keys the index holds that recovery did not take: torn by a crash, or behind
+        # a full snapshot.  The count in meta goes down first: an index that holds
+        # more keys than it says is whole, one that holds fewer is not.
+        stale = [key for key in index if key != _META_KEY and key not in self.data]
+        for key in stale:
+            del index[key]
+        self.created = not exists and not entries
+        if suffix is None:
+            self._create_db()
+        else:
+            self.index = index
+            self._open_dat()
+            if stale:
+                self._put_meta()
             if suffix == ".bak":
                 self.notes.append("state db index was cut short by a crash; using its backup")
+            # The lines recovery used, whole (dbm.dumb reads .dir strictly, and the
+            # lines appended since it was last written whole go).
             with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
-                f.writelines(_index_line(k, pos, size) for k, (pos, size) in self.index.items())
+                f.write("".join(_index_line(k, pos, size) for k, (pos, size) in index.items()))
             os.replace(self.base + ".dir.tmp", self.base + ".dir")
-        self.created = not exists and not entries
-        self.db = dbm.dumb.open(self.base, "c", 0o600)
-        stale = [key for key in (k.decode("utf-8") for k in self.db.keys())
-                 if key != _META_KEY and key not in self.data]
-        for key in stale:
-            del self.db[key]            # torn by a crash, or behind a full snapshot: not recovered
-        if stale or _META_KEY not in self.db:
-            # First key of a new index, so an index cut short always lacks it or
-            # carries a count that shows it is short.  (After deletions: the new count.)
-            count = len(self.db) if stale else 0
-            self.db[_META_KEY] = json.dumps({"keys": count}).encode().ljust(_META_WIDTH)
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
@@ -1524,8 +1542,93 @@ class Store:
             # glued to one of them and be lost with it.
             os.ftruncate(self.jfd, 0)
 
+    # -- the db files, written as dbm.dumb writes them ---------------------------
+    #
+    # A value starts on a 512-byte boundary of .dat (NUL padding before it); a new
+    # value, or one grown past its blocks, goes at the end; one that still fits is
+    # overwritten in place.  .dir holds one line per key, as repr((key, (pos, size))).
+    # The store writes them itself, each checkpoint's new values in one write, so a
+    # checkpoint costs a few system calls, not two opens of a file per key.
+
+    def _open_dat(self):
+        self.dat_fd = os.open(self.base + ".dat", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.dat_end = os.fstat(self.dat_fd).st_size
+        self.sizes = {key: _blocks(size) for key, (pos, size) in self.index.items()}
+        self.live = sum(self.sizes.values())
+
+    def _close_dat(self):
+        if self.dat_fd is not None:
+            try:
+                os.close(self.dat_fd)
+            except OSError:
+                pass
+            self.dat_fd = None
+
+    def _create_db(self):
+        """New, empty db files: .dat with meta's value, .dir with its line (meta is the
+        first key, so an index cut short always lacks it or carries a count that shows
+        it is short)."""
+        self._close_dat()
+        for path in self._db_files():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.index, self.appended = {_META_KEY: (0, _META_WIDTH)}, 0
+        self._open_dat()
+        try:
+            self._put_meta()
+            self.dat_end = _META_WIDTH
+            self._write_index([], True)
+        except OSError:
+            self._close_dat()           # half made: the next checkpoint makes them anew
+            raise
+
+    def _put_meta(self):
+        meta = json.dumps({"keys": len(self.index), "time": int(time.time())}).encode()
+        self._pwrite(meta.ljust(_META_WIDTH), self.index[_META_KEY][0])
+
+    def _pwrite(self, data, pos):
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.dat_fd, view, pos)
+            view, pos = view[written:], pos + written
+
+    def _put_values(self, keys):
+        """Write the values of ``keys`` into .dat; returns the keys, whose index lines
+        are then to be written.  New and grown values go at the end in one write."""
+        grown = []
+        for key in keys:
+            value = self._text(key).encode("utf-8")
+            old = self.index.get(key)
+            if old is not None and _blocks(len(value)) <= _blocks(old[1]):
+                self._pwrite(value, old[0])
+                self.index[key] = (old[0], len(value))
+                # The last value of the file may have grown within its blocks.
+                self.dat_end = max(self.dat_end, old[0] + len(value))
+            else:
+                grown.append((key, value))
+        tail, end = bytearray(), self.dat_end
+        for i, (key, value) in enumerate(grown):
+            pos = -(-end // 512) * 512
+            tail += bytes(pos - end) + value
+            end = pos + len(value)
+            grown[i] = (key, (pos, len(value)))
+        if tail:
+            self._pwrite(tail, self.dat_end)
+            self.dat_end = end
+            self.index.update(grown)
+        for key in keys:
+            size = _blocks(self.index[key][1])
+            self.live += size - self.sizes.get(key, 0)
+            self.sizes[key] = size
+        return list(keys)
+
     def _append(self, entry):
-        line = json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        self._append_text(_ENCODE(entry))
+
+    def _append_text(self, text):
+        line = text.encode("utf-8")
         if self.torn:           # the last append failed part-way (disk full): end that line first
             line = b"\n" + line
         view = memoryview(line + b"\n")
@@ -1550,18 +1653,34 @@ class Store:
         self.data.update(changes)
         self.dirty.update(changes)
         self.unjournaled.update(changes)
+        for key in changes:
+            self.encoded.pop(key, None)
         try:
-            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+            self._journal(self.unjournaled)
         except OSError as exc:
             self._trouble(exc)
             return
         self.unjournaled.clear()
 
     def soft(self, key, value):
-        """Keep ``value`` at the next checkpoint; a crash may lose it (last check results)."""
+        """Keep ``value`` at the next checkpoint; a crash may lose it (last check results).
+
+        It is encoded now, as it comes, and not changed after: the checkpoint only
+        writes what is ready.
+        """
         self.data[key] = value
+        self.encoded[key] = _ENCODE(value)
         self.dirty.add(key)
         self.unjournaled.add(key)
+
+    def _text(self, key):
+        """The JSON text of ``key``'s value."""
+        text = self.encoded.get(key)
+        return _ENCODE(self.data[key]) if text is None else text
+
+    def _journal(self, keys):
+        """Append the values of ``keys`` to the journal, one line."""
+        self._append_text('{"s":{%s}}' % ",".join(_ENCODE(key) + ":" + self._text(key) for key in keys))
 
     def checkpoint(self):
         """Write dirty keys into the dumb db, sync its index, then empty the journal.
@@ -1579,61 +1698,43 @@ class Store:
             self.error = None
 
     def _checkpoint(self):
-        rebuild = self.db is None
+        rebuild = self.dat_fd is None
         if rebuild:
             # New files, from memory: after a compaction cut short by a crash, or
             # after a damaged db was moved aside.  (Even with nothing in them, the
-            # sync below ends with the journal and its snapshot emptied.)
-            self.sizes = {}
+            # index write below ends with the journal and its snapshot emptied.)
             self.dirty = set(self.data)     # first: whatever fails below, all are written later
-            self.db = dbm.dumb.open(self.base, "n", 0o600)
-            self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
+            self._create_db()
         if not self.dirty and not rebuild:
             return
         if self.unjournaled:
             # Values are about to change in the db files in place: each must have
-            # its copy in the journal until the index is synced.
-            self._append({"s": {key: self.data[key] for key in self.unjournaled}})
+            # its copy in the journal until the index is written.
+            self._journal(self.unjournaled)
             self.unjournaled.clear()
-        index = self.db._index
-        moved = [_META_KEY]             # keys whose index line must be appended
         try:
-            for key in sorted(self.dirty):
-                value = json.dumps(self.data[key], separators=(",", ":"),
-                                   ensure_ascii=False).encode("utf-8")
-                if key.encode("utf-8") in index:
-                    moved.append(key)   # a new key's line dbm.dumb appends itself
-                self.db[key] = value
-                self.sizes[key] = -(-len(value) // 512) * 512
-            meta = json.dumps({"keys": len(self.db), "time": int(time.time())}).encode()
-            self.db[_META_KEY] = meta.ljust(_META_WIDTH)
-            self._write_index(moved, rebuild)
+            self._write_index(self._put_values(sorted(self.dirty)), rebuild)
+            # The count of keys last: a .dir that holds fewer is one cut short.
+            self._put_meta()
         except OSError:
-            # .dir may end in part of a line (dbm.dumb's, or ours): an append would
-            # be glued to it.  The next checkpoint writes it whole.
+            # .dir may end in part of a line: an append would be glued to it.  The
+            # next checkpoint writes it whole.
             self.index_whole = True
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
-        try:
-            dat = os.path.getsize(self.base + ".dat")
-        except OSError:
-            dat = 0
-        if dat > max(1 << 20, 4 * sum(self.sizes.values())):
+        self.encoded.clear()
+        if self.dat_end > max(1 << 20, 4 * self.live):
             self.compact()
 
     def _write_index(self, keys, whole):
-        """Make the index lines of ``keys`` durable: appended to .dir, or .dir written whole.
-
-        dbm.dumb keeps its index in ``_index`` (UTF-8 key -> (pos, size)); only its
-        sync() would write it, always whole.
-        """
-        index = self.db._index
+        """Make the index lines of ``keys`` durable: appended to .dir, or .dir written whole."""
+        index = self.index
         whole = whole or self.index_whole or \
             self.appended + len(keys) > max(_INDEX_REWRITE_MIN, len(index))
         self.index_whole = True         # until the write below is whole
         if whole:
-            lines = [_index_line(k.decode("utf-8"), pos, size) for k, (pos, size) in index.items()]
+            lines = [_index_line(k, pos, size) for k, (pos, size) in index.items()]
             # As dbm.dumb's sync(): the old index becomes .bak, the new one is written.
             try:
                 os.unlink(self.base + ".bak")
@@ -1644,7 +1745,7 @@ class Store:
             except FileNotFoundError:
                 pass
         else:
-            lines = [_index_line(k, *index[k.encode("utf-8")]) for k in keys]
+            lines = [_index_line(k, *index[k]) for k in keys]
         text = "".join(lines).encode("latin-1")
         try:
             fd = os.open(self.base + ".dir", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC |
@@ -1669,37 +1770,27 @@ class Store:
 
     def compact(self):
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
-        before = os.path.getsize(self.base + ".dat")
+        before = self.dat_end
         self._append({"full": True, "s": self.data})
         self.unjournaled.clear()
         # From here every key is dirty, so whatever fails below (the disk full), the
         # next checkpoint writes them all before it drops the snapshot from the journal.
-        self.sizes = {}
         self.dirty = set(self.data)
-        try:
-            self.db.close()
-        except OSError:
-            pass                # its files go next; the journal holds everything
-        for path in self._db_files():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self.db = dbm.dumb.open(self.base, "n", 0o600)
-        self.db[_META_KEY] = json.dumps({"keys": 0}).encode().ljust(_META_WIDTH)
-        self.index_whole = True         # a new .dir: written whole, not appended to
+        self._close_dat()               # the next checkpoint makes the files anew
         self.checkpoint()
-        self.notes.append("state db compacted: %d -> %d bytes"
-                          % (before, os.path.getsize(self.base + ".dat")))
+        self.notes.append("state db compacted: %d -> %d bytes" % (before, self.dat_end))
 
     def close(self):
-        if self.db is not None:
+        if self.jfd is not None:
             try:
-                self.checkpoint()
+                if self.dat_fd is not None:
+                    self.checkpoint()
+                    # As dbm.dumb's close(): .dir whole, the one before kept as .bak.
+                    self._write_index([], True)
             finally:
-                self.db.close()
+                self._close_dat()
                 os.close(self.jfd)
-                self.db = self.jfd = None
+                self.jfd = None
 
 
 # ============================================================================
@@ -2497,8 +2588,7 @@ class Ledger:
         self.config = config
         self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
         self.hosts = {}                 # host -> {state, since, pending, count}
-        self.reports = {}               # host -> its last report {time, check, state}
-        self.changed = set()            # hosts whose last report is not saved yet (they are soft)
+        self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.transitions = collections.deque()
         self.runs = collections.OrderedDict()   # id -> run, oldest first
         self.queue = []                 # run ids waiting, in order
@@ -2539,7 +2629,8 @@ class Ledger:
         if changes:
             self.store.commit(changes)
         if self.store.data.get("reports"):
-            self.changed.update(self.reports)   # to one key per host at the next checkpoint
+            for host, report in self.reports.items():   # one key per host from now on
+                self.store.soft("report:" + host, report)
             self.store.soft("reports", {})
         if self.paused:
             log.warning("actions are paused (hadaemon --resume to run them again)")
@@ -2562,7 +2653,7 @@ class Ledger:
         """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
         record = self.hosts.get(host, NEW_HOST)
         self.reports[host] = {"time": now, "check": check.name, "state": state}
-        self.changed.add(host)
+        self.store.soft("report:" + host, self.reports[host])   # a crash may lose it
         if state == record["state"]:
             if record["pending"] is not None:
                 log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
@@ -2712,13 +2803,6 @@ class Ledger:
 
     # -- what it reports about itself --------------------------------------------
 
-    def save_reports(self):
-        """Hand the last reports that changed to the store's next checkpoint, one key
-        ``report:HOST`` each (a crash may lose them)."""
-        for host in self.changed:
-            self.store.soft("report:" + host, self.reports[host])
-        self.changed.clear()
-
     def status(self, last=20):
         """hosts, transitions and runs of the --status --json document."""
         return dict(self.recent(last), hosts=dict(self.host_entries()))
@@ -2816,8 +2900,9 @@ def _cron_due(cron, now_wall=None):
 class Scheduler:
     """The checks' runtimes and timers; hands out due checks as jobs for the workers."""
 
-    def __init__(self, once=False):
+    def __init__(self, once=False, store=None):
         self.once = once                # --once: every check due now, and only once
+        self.store = store              # where each last result goes (check:KEY, soft)
         self.runtimes = {}              # check key -> CheckRuntime
         self.heap = []                  # (due, seq, key, token)
         self.stale = 0                  # heap entries of checks a reload removed or rescheduled
@@ -2826,7 +2911,6 @@ class Scheduler:
         self.heap_seq = itertools.count()
         self.tokens = itertools.count()     # never reused: a removed check that comes back is new
         self.job_ids = itertools.count(1)
-        self.changed = set()            # keys of the checks whose last result is not saved yet
 
     def configure(self, checks, now):
         """(Re)build the schedule at once (at start-up; a reload goes in steps)."""
@@ -2964,7 +3048,8 @@ class Scheduler:
                   ", ".join("%s %s" % pair for pair in reports) or "no valid report",
                   "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
                   else "exit %s" % exit_code, msg.get("duration") or 0)
-        self.changed.add(rt.check.key)
+        if self.store is not None:
+            self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports
 
     @staticmethod
@@ -2979,15 +3064,6 @@ class Scheduler:
 
     def all_ran(self):
         return all(rt.runs >= 1 for rt in self.runtimes.values())
-
-    def save_results(self, store):
-        """Hand the last results that changed to the store's next checkpoint, one key
-        ``check:KEY`` each (a crash may lose them)."""
-        for key in self.changed:
-            rt = self.runtimes.get(key)
-            if rt is not None and rt.last is not None:
-                store.soft("check:" + key, rt.last)
-        self.changed.clear()
 
     @staticmethod
     def adopt_results(store):
@@ -3612,7 +3688,7 @@ class Master:
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
         self.ledger = Ledger(self.store, state_dir, config)
-        self.scheduler = Scheduler(once)
+        self.scheduler = Scheduler(once, self.store)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
@@ -3815,8 +3891,6 @@ class Master:
 
     def checkpoint(self, now):
         self.next_checkpoint = now + CHECKPOINT_EVERY
-        self.ledger.save_reports()
-        self.scheduler.save_results(self.store)
         try:
             self.store.checkpoint()
         except OSError:
