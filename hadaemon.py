@@ -117,8 +117,8 @@ ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
 QUIET_WAIT = 0.05               # output of a process that ends by then is read at its exit
 WORKER_HANG_GRACE = 10.0        # a busy worker silent this long past its check's timeout is hung
 CHECKPOINT_EVERY = 2.0          # seconds between state db checkpoints
-CONFIG_STEP = 100               # lines (or checks) a reading of the config does between yields
-ANSWER_STEP = 200               # hosts or checks of a --status answer made between yields
+CONFIG_STEP = 50                # lines (or checks) a reading of the config does between yields
+ANSWER_STEP = 50                # hosts or checks of a --status answer made between yields
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
@@ -280,6 +280,18 @@ def release_free_memory():
         ctypes.CDLL(None).malloc_trim(0)
     except (ImportError, OSError, AttributeError):
         pass
+
+
+def settle_heap(collect=True):
+    """Move the objects that live as long as a configuration (checks, groups, runtimes,
+    the state db's values) out of the garbage collector's sight (gc.freeze, which
+    costs nothing): with ten thousand checks, a full collection walking them all held
+    the loop up for a hundred milliseconds.  At start-up (after a collection) and
+    after a reload; what becomes garbage later is freed by its reference count, as
+    before (none of it forms cycles)."""
+    if collect:
+        gc.collect()
+    gc.freeze()
 
 
 def reset_child_signals():
@@ -599,12 +611,14 @@ def read_ini(path, errors):
         errors.append("%s: cannot read: %s" % (path, exc.strerror))
         return
     try:
-        text = raw.decode("utf-8")
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         lineno = raw[:exc.start].count(b"\n") + 1
         errors.append("%s:%d: not UTF-8 text" % (path, lineno))
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    del raw
+    for lineno, line in enumerate(lines, 1):
+        lines[lineno - 1] = None        # let go as read: a daemon reads between its other work
         where = "%s:%d" % (path, lineno)
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
@@ -754,7 +768,8 @@ def _build_groups(groups, settings, config_dir, errors):
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
                 "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
                 "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
-    for scope, gwhere, gset, lines in groups:
+    for i, (scope, gwhere, gset, lines) in enumerate(groups):
+        groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
@@ -2852,6 +2867,8 @@ class CheckRuntime:
     next_due: float = 0.0
     token: int = 0                      # heap entries with an older token are stale
     busy: bool = False                  # queued or running: a check never overlaps itself
+    waiting: typing.Optional[list] = None   # its first run is not in the heap yet: next_due
+                                            # is an offset from waiting[0] (Scheduler.fresh)
     runs: int = 0
     skipped: int = 0
     last: typing.Optional[dict] = None
@@ -2910,12 +2927,23 @@ class Scheduler:
         self.lags = collections.deque(maxlen=10000)
         self.heap_seq = itertools.count()
         self.tokens = itertools.count()     # never reused: a removed check that comes back is new
+        self.running = set()            # keys of the checks queued or running (busy)
+        # After a (re)configuration, the checks that start afresh wait here, by the
+        # offset of their first run from the swap, and go into the heap when due: the
+        # swap does not push ten thousand of them at once.  One batch per swap: [its
+        # time], deque of (offset, CheckRuntime), earliest first.  The entry of a
+        # check that a later reload replaced is dropped when its time comes.
+        self.fresh = []
         self.job_ids = itertools.count(1)
 
     def configure(self, checks, now):
         """(Re)build the schedule at once (at start-up; a reload goes in steps)."""
-        for _ in self.configure_steps(checks, now):
-            pass
+        steps = self.configure_steps(checks, now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration:
+                return
 
     def configure_steps(self, checks, now=None):
         """(Re)build the schedule; keep what is known of checks whose schedule is unchanged.
@@ -2927,7 +2955,7 @@ class Scheduler:
         (default: the time of the swap).
         """
         old = self.runtimes
-        runtimes, kept, fresh = {}, [], []
+        runtimes, kept, fresh, cron = {}, [], [], []
         for i, check in enumerate(checks, 1):
             if i % CONFIG_STEP == 0:
                 yield
@@ -2935,23 +2963,33 @@ class Scheduler:
             if rt is not None and _same_schedule(rt.check, check):
                 kept.append((rt, check))
                 runtimes[check.key] = rt
+                continue
+            rt = runtimes[check.key] = CheckRuntime(check, token=next(self.tokens))
+            if check.group.cron and not self.once:
+                rt.next_due = _cron_due(check.group.cron)
+                cron.append(rt)
             else:
-                fresh.append((CheckRuntime(check, token=next(self.tokens)), rt))
-                runtimes[check.key] = fresh[-1][0]
+                fresh.append(rt)
+        # The first runs spread over the first interval (--once: all at once).
+        since = [None]                  # the time of the swap, when it comes
+        for i, rt in enumerate(fresh):
+            if i % CONFIG_STEP == 0:
+                yield
+            rt.next_due = 0.0 if self.once else rt.check.group.interval * i / len(fresh)
+            rt.waiting = since
+        fresh = collections.deque(sorted(((rt.next_due, rt) for rt in fresh), key=lambda e: e[0]))
+        yield
         # The swap: nothing in between may see half of it.
-        now = time.monotonic() if now is None else now
+        since[0] = time.monotonic() if now is None else now
         for rt, check in kept:
             rt.check = check
-        for index, (rt, was) in enumerate(fresh):
-            rt.busy = was is not None and was.busy     # as it is now: a run may have ended meanwhile
-            group = rt.check.group
-            if self.once:
-                rt.next_due = now
-            elif group.cron:
-                rt.next_due = _cron_due(group.cron)
-            else:
-                rt.next_due = now + group.interval * index / len(fresh)
+        for rt in cron:
             self._push(rt)
+        if fresh:
+            self.fresh.append((since, fresh))
+        for key in self.running:                # queued or running as they are now
+            if key in runtimes:
+                runtimes[key].busy = True
         self.stale += len(old) - len(kept)
         self.runtimes = runtimes
         if self.stale > max(len(runtimes), 1000):
@@ -2960,17 +2998,39 @@ class Scheduler:
             self.heap = [e for e in self.heap if e[2] in runtimes and runtimes[e[2]].token == e[3]]
             heapq.heapify(self.heap)
             self.stale = 0
+        for rt, _ in self.ready:
+            if rt.check.key not in runtimes:    # removed before it ran: not running any more
+                self.running.discard(rt.check.key)
         self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
                                        if rt.check.key in runtimes)
+        return list(old.values())       # for the caller to let go of a slice at a time
+
+    def _push_fresh(self, until):
+        """Checks waiting for their first run due by ``until`` go into the heap."""
+        for since, queue in self.fresh:
+            while queue and since[0] + queue[0][0] <= until:
+                offset, rt = queue.popleft()
+                if self.runtimes.get(rt.check.key) is rt:
+                    rt.next_due, rt.waiting = since[0] + offset, None
+                    self._push(rt)
+        self.fresh = [batch for batch in self.fresh if batch[1]]
+
+    def due_of(self, rt):
+        """When ``rt`` runs next (monotonic)."""
+        return rt.waiting[0] + rt.next_due if rt.waiting else rt.next_due
 
     def _push(self, rt):
         heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
 
     def next_due(self):
-        return self.heap[0][0] if self.heap else None
+        dues = [since[0] + queue[0][0] for since, queue in self.fresh]
+        if self.heap:
+            dues.append(self.heap[0][0])
+        return min(dues) if dues else None
 
     def fire_due(self, now):
         """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        self._push_fresh(now)
         while self.heap and self.heap[0][0] <= now:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
@@ -2981,6 +3041,7 @@ class Scheduler:
                 log.debug("check %s: still running at its next run; skipped", rt.check.name)
             else:
                 rt.busy = True
+                self.running.add(key)
                 self.ready.append((rt, due))
             if self.once:
                 continue
@@ -3016,6 +3077,7 @@ class Scheduler:
 
     def finished(self, job, msg):
         """A job's result message -> (its runtime, [(host, state)] reported), None if unknown."""
+        self.running.discard(job["key"])
         rt = self.runtimes.get(job["key"])
         if rt is None:
             return None                 # removed by a reload while it ran
@@ -3041,7 +3103,7 @@ class Scheduler:
                    "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
                                   for k, v in list(data.items())[:20]
                                   if k not in ("state", "states", "host", "message")},
-                   "rejected": problems}
+                   "rejected": tuple(problems)}    # a tuple: untracked by the collector, as the rest
         if msg.get("stderr"):
             rt.last["stderr"] = msg["stderr"][:500]
         log.debug("check %s: %s; %s in %.3fs", rt.check.name,
@@ -3079,7 +3141,7 @@ class Scheduler:
         """checks of the --status --json document, one by one (made as they are read)."""
         schedules = {}                  # per group: ten thousand checks share a few
         for rt in list(self.runtimes.values()):
-            entry = check_entry(rt.check, rt.last, rt, now + max(0.0, rt.next_due - now_m),
+            entry = check_entry(rt.check, rt.last, rt, now + max(0.0, self.due_of(rt) - now_m),
                                 schedules)
             yield entry
 
@@ -3705,6 +3767,9 @@ class Master:
         self.reload_asked = self.reload_done = 0
         self.reload_reading = None      # (request number, load_config_steps generator)
         self.reload_errors = []
+        # What a reload replaced (ten thousand checks and runtimes), let go of a slice
+        # per pass: freed at once, they held the loop up for tens of milliseconds.
+        self.graveyard = []             # lists, emptied from their ends
 
     # -- the life of the daemon --------------------------------------------------
 
@@ -3744,6 +3809,7 @@ class Master:
         self.server.listen()
         self.install_signals()
         self.scheduler.configure(self.config.checks, time.monotonic())
+        settle_heap()
 
     def install_signals(self):
         self.wake_r, wake_w = os.pipe()
@@ -3799,6 +3865,7 @@ class Master:
             self.dispatch(now)
             self.start_next_run()
             self.read_config(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
+            self.let_go()
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
@@ -3807,11 +3874,12 @@ class Master:
                 self.begin_stop("--once pass complete")
 
     def timeout(self, now):
-        if self.reload_reading is not None or self.server.busy():
+        if self.reload_reading is not None or self.server.busy() or self.graveyard:
             return 0.0                  # work in steps under way: look at the sockets, go on
         deadlines = [self.next_checkpoint, now + 1.0]
-        if self.scheduler.heap and not self.stopping:
-            deadlines.append(self.scheduler.next_due())
+        due = self.scheduler.next_due()
+        if due is not None and not self.stopping:
+            deadlines.append(due)
         if self.notifier.watchdog:
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -3831,7 +3899,9 @@ class Master:
         """Re-read both files (SIGHUP, --reload): the reading starts now, or starts over if
         one is under way (the files may have changed since).  Returns the request's number."""
         self.reload_asked += 1
-        self.reload_reading = None
+        if self.reload_reading is not None:
+            self.reload_reading = None
+            gc.enable()
         return self.reload_asked
 
     def read_config(self, until):
@@ -3842,6 +3912,11 @@ class Master:
         if self.reload_reading is None:
             log.info("reloading the configuration")
             self.reload_reading = (self.reload_asked, self.reload_steps())
+            # Reading makes tens of thousands of objects that live on: the collector
+            # would walk them all, again and again, while they are made.  They are
+            # frozen once swapped in (settle_heap); a refused config is freed by
+            # reference counts alone.
+            gc.disable()
         number, steps = self.reload_reading
         try:
             next(steps)
@@ -3855,7 +3930,18 @@ class Master:
                 log.error("reload refused: %s", line)
             errors = exc.errors
         self.reload_reading = None
+        gc.enable()
         self.reload_done, self.reload_errors = number, errors
+
+    def let_go(self, n=ANSWER_STEP):
+        """Free ``n`` of the objects a reload replaced."""
+        while n > 0 and self.graveyard:
+            dead = self.graveyard[-1]
+            k = min(n, len(dead))
+            del dead[len(dead) - k:]
+            n -= k
+            if not dead:
+                self.graveyard.pop()
 
     def reload_answer(self):
         """--reload's answer, once the reading it asked for (or a later one) is done."""
@@ -3868,7 +3954,8 @@ class Master:
         """A reload in steps: read both files, prepare the schedule, swap it all in at
         once (no step between the scheduler's swap and the rest).  Returns the errors."""
         config = yield from load_config_steps(self.config.config_dir)
-        yield from self.scheduler.configure_steps(config.checks)
+        replaced = yield from self.scheduler.configure_steps(config.checks)
+        self.graveyard.append(replaced)
         return self.reload(config)
 
     def reload(self, config):
@@ -3876,7 +3963,9 @@ class Master:
         Returns the errors (none)."""
         self.notifier.send("RELOADING=1")
         log_changed = config.daemon.log != self.config.daemon.log
+        self.graveyard += [self.config.checks, self.config.groups]
         self.config = self.ledger.config = config
+        settle_heap(collect=False)      # a collection now would walk all of them once more
         if log_changed:
             target = config.daemon.log or self.default_log
             if target == "stderr":
@@ -3905,6 +3994,7 @@ class Master:
         self.stopping = True
         if self.reload_done < self.reload_asked:        # a reload under way is dropped
             self.reload_done, self.reload_reading = self.reload_asked, None
+            gc.enable()
             self.reload_errors = ["the daemon is stopping; the configuration was not reloaded"]
         self.scheduler.ready.clear()
         now = time.monotonic()
