@@ -69,7 +69,6 @@ Exit codes
 import argparse
 import collections
 import dataclasses
-import datetime
 import errno
 import fcntl
 import gc
@@ -265,21 +264,6 @@ def raise_open_files_limit():
             _CHILD_NOFILE = soft
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the limit of open files from %d: %s", soft, exc)
-
-
-def release_free_memory():
-    """Hand the heap's free pages back to the system before the daemon forks its children.
-
-    Compiling this file leaves some 6 MB of freed memory that the C library keeps
-    for later; every forked child would inherit it.  glibc's malloc_trim() returns
-    it; elsewhere (no such function, no ctypes) this does nothing.
-    """
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
 
 
 def settle_heap(collect=True):
@@ -934,6 +918,7 @@ class CronSpec:
         self.weekdays = {d % 7 for d in weekdays}
         self.days_star = fields[2].startswith("*")
         self.weekdays_star = fields[4].startswith("*")
+        import datetime                 # here: a daemon without cron checks does without it
         if self.next_after(datetime.datetime(2000, 1, 1)) is None:
             raise ValueError("cron %r never matches a real date" % self.text)
 
@@ -982,6 +967,7 @@ class CronSpec:
 
     def next_after(self, dt):
         """The first matching minute strictly after ``dt`` (naive local time), or None."""
+        import datetime
         dt = dt.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
         limit = dt + datetime.timedelta(days=366 * 8)
         while dt < limit:
@@ -2910,6 +2896,7 @@ def _same_schedule(a, b):
 
 def _cron_due(cron, now_wall=None):
     now_wall = time.time() if now_wall is None else now_wall
+    import datetime
     nxt = cron.next_after(datetime.datetime.fromtimestamp(now_wall))
     return time.monotonic() + max(0.0, time.mktime(nxt.timetuple()) - now_wall)
 
@@ -4442,7 +4429,6 @@ def cmd_foreground(args, once=False):
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
-        release_free_memory()
         return Master(config, args.state_dir, once=once).run()
     except (HadaemonError, OSError) as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
@@ -4489,7 +4475,6 @@ def cmd_start(args):
             # stderr is /dev/null once daemonized: log = stderr means the default file.
             target = config.daemon.log if config.daemon.log not in (None, "stderr") else default_log
             setup_logging(target, args.state_dir, args.debug)
-            release_free_memory()
             code = Master(config, args.state_dir, default_log=default_log, ready_fd=wfd).run()
         except BaseException:                        # noqa: B036 - logged, then _exit
             log.exception("hadaemon failed")
@@ -4651,12 +4636,15 @@ def cmd_once(args):
 # CPython keeps the syntax tree of the script it was started with until that script
 # ends: for this file about 10 MB, held by the daemon for its whole life and shared
 # by every process it forks.  So the commands that become the daemon, started as a
-# script, exec python3 once more, with the same flags and arguments, to load this
-# file as a module instead: its tree is freed as soon as it is compiled.
-_AS_MODULE = ("import sys, types; path = sys.argv[1]; "
+# script, exec python3 once more, with the same flags and arguments, to run this
+# file as a module instead.  Its code comes compiled, marshalled in a memory file
+# (fd N) this process wrote: the new one compiles nothing, so it is not left with
+# the few MB of freed memory a compilation scatters.  (-1: compile it there.)
+_AS_MODULE = ("import marshal, os, sys, types; path, fd = sys.argv[1], int(sys.argv[2]); "
               "m = sys.modules['hadaemon'] = types.ModuleType('hadaemon'); m.__file__ = path; "
-              "exec(compile(open(path, 'rb').read(), path, 'exec'), m.__dict__); "
-              "sys.exit(m.main(sys.argv[2:]))")
+              "code = marshal.load(os.fdopen(fd, 'rb')) if fd >= 0 else "
+              "compile(open(path, 'rb').read(), path, 'exec'); "
+              "exec(code, m.__dict__); del code; sys.exit(m.main(sys.argv[3:]))")
 
 
 def _interpreter_flags():
@@ -4676,11 +4664,23 @@ def relaunch_as_module(argv):
 
     Returns only when the exec fails; the caller then goes on as it is.
     """
+    path = os.path.abspath(__file__)
+    fd = -1
+    try:
+        import marshal
+        with open(path, "rb") as f:
+            code = marshal.dumps(compile(f.read(), path, "exec"))
+        fd = os.memfd_create("hadaemon-code", 0)    # inherited: not close-on-exec
+        os.write(fd, code)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except (OSError, AttributeError, ValueError):   # no memfd here: the new one compiles
+        fd = -1
     try:
         os.execv(sys.executable, [sys.executable] + _interpreter_flags() +
-                 ["-c", _AS_MODULE, os.path.abspath(__file__)] + list(argv))
+                 ["-c", _AS_MODULE, path, str(fd)] + list(argv))
     except OSError:
-        pass
+        if fd >= 0:
+            os.close(fd)
 
 
 def main(argv=None):
