@@ -2141,6 +2141,21 @@ def action_variables(host, from_state, to_state, states):
     return variables
 
 
+class StateVariables(dict):
+    """The variables of action_variables(), from an index of hosts by state that the
+    caller keeps: a %STATE% is made when a command names it, not every state's at
+    every transition (ten thousand hosts would make each transition cost that)."""
+
+    def __init__(self, host, from_state, to_state, by_state):
+        super().__init__(HOST=host, FROM=from_state, TO=to_state)
+        self.by_state = by_state        # state -> set of hosts
+
+    def get(self, name, default=None):
+        if name not in self and self.by_state.get(name.lower()):
+            self[name] = ",".join(sorted(self.by_state[name.lower()]))
+        return super().get(name, default)
+
+
 def expand_commands(section, variables):
     """The section's commands with variables expanded; ValueError names an empty one."""
     commands = []
@@ -2590,6 +2605,7 @@ class Ledger:
         self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
         self.hosts = {}                 # host -> {state, since, pending, count}
         self.reports = {}               # host -> its last report {time, check, state} (soft)
+        self.by_state = collections.defaultdict(set)    # state -> hosts in it
         self.transitions = collections.deque()
         self.runs = collections.OrderedDict()   # id -> run, oldest first
         self.queue = []                 # run ids waiting, in order
@@ -2610,6 +2626,9 @@ class Ledger:
         """Take the ledger from the state db's key -> value ``data``."""
         self.meta.update(data.get("meta") or {})
         self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+        self.by_state.clear()
+        for host, record in self.hosts.items():
+            self.by_state[record["state"]].add(host)
         # One key per host (report:HOST); an older db has them all in one key, ``reports``.
         self.reports = dict(data.get("reports") or {})
         self.reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
@@ -2683,6 +2702,8 @@ class Ledger:
         old = record["state"]
         record.update(state=state, since=now, pending=None, count=0)
         self.hosts[host] = record
+        self.by_state[old].discard(host)
+        self.by_state[state].add(host)
         cap = self.cap
         tr_id = self.meta["next_transition"]
         self.meta["next_transition"] = tr_id + 1
@@ -2710,7 +2731,7 @@ class Ledger:
         cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
-        variables = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+        variables = StateVariables(tr["host"], tr["from"], tr["to"], self.by_state)
         env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
                "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
                "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),

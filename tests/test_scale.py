@@ -306,3 +306,22 @@ def test_the_scheduler_starts_a_check_added_back_as_a_new_one(tmp_path):
     assert per_check == {"c x": 3, "c y": 3, "c z": 4, "c w": 3}, fired
     # Every 10 s from when it came back; its old entry (15.0, then 25.0) fires nothing.
     assert [t for t, n in fired if n == "c z"] == [15.0, 24.5, 34.5, 44.5], fired
+
+
+def test_state_variables_from_the_index_are_the_variables_of_all_states():
+    """Pure: what the ledger's index of hosts by state gives (made as asked) is what
+    action_variables gives from every host's state."""
+    rng = random.Random(7)
+    for _ in range(200):
+        states = {"h%d" % i: rng.choice(["master", "slave", "down", "up", "host", "a.b-c:d"])
+                  for i in range(rng.randrange(0, 12))}
+        host, frm, to = rng.choice(list(states) or ["h0"]), rng.choice(["slave", "any"]), "master"
+        by_state = {}
+        for h, st in states.items():
+            by_state.setdefault(st, set()).add(h)
+        lazy = hadaemon.StateVariables(host, frm, to, by_state)
+        whole = hadaemon.action_variables(host, frm, to, states)
+        for name in ("HOST", "FROM", "TO", "MASTER", "SLAVE", "DOWN", "UP", "A.B-C:D", "NONE"):
+            assert lazy.get(name, "") == whole.get(name, ""), (name, states)
+        for arg in ("%MASTER%,%SLAVE%", "%HOST% %TO%", "%A.B-C:D%", "%NONE%x", "%%"):
+            assert hadaemon.expand_argument(arg, lazy) == hadaemon.expand_argument(arg, whole)
