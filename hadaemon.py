@@ -111,6 +111,7 @@ SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it do
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
 MAX_MESSAGE = 4 * 1024 * 1024   # longest JSON line the socket accepts
+ANSWER_MAX = 1 << 28            # longest answer of the daemon a control client reads
 CLIENT_IDLE = 10.0              # seconds a connection may sit on half a message
 ACTION_KILL_GRACE = 5.0         # SIGTERM -> SIGKILL for an action command
 QUIET_WAIT = 0.05               # output of a process that ends by then is read at its exit
@@ -1085,6 +1086,9 @@ class Channel:
 def request(state_dir, message, timeout=30.0):
     """Send one control message to the running daemon and return its answer."""
     chan = Channel.connect(os.path.join(state_dir, SOCK_FILE))
+    # The limit guards the daemon against its clients; its own answers may be longer
+    # (--status --json of ten thousand checks is some 6 MB).
+    chan.reader.limit = ANSWER_MAX
     try:
         chan.sock.settimeout(timeout)
         chan.send(message)
@@ -4689,8 +4693,14 @@ def relaunch_as_module(argv):
     fd = -1
     try:
         import marshal
-        with open(path, "rb") as f:
-            code = marshal.dumps(compile(f.read(), path, "exec"))
+        frame = sys._getframe()
+        while frame.f_back is not None:             # the script's own code: no second compile
+            frame = frame.f_back
+        if frame.f_code.co_name == "<module>" and frame.f_globals is globals():
+            code = marshal.dumps(frame.f_code)
+        else:
+            with open(path, "rb") as f:
+                code = marshal.dumps(compile(f.read(), path, "exec"))
         fd = os.memfd_create("hadaemon-code", 0)    # inherited: not close-on-exec
         os.write(fd, code)
         os.lseek(fd, 0, os.SEEK_SET)

@@ -910,6 +910,8 @@ def scale_run(tmp, nchecks, workers, window, quick, launcher=()):
         took, done = d.cli("--status")
         out["status_cli_s"] = round(took, 3)
         out["status_lines"] = len(done.stdout.splitlines())
+        if done.returncode != 0:
+            out["status_cli_error"] = (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]
     finally:
         d.stop()
     took, done = d.cli("--check-config")
