@@ -46,6 +46,7 @@ Exit codes
 """
 
 import argparse
+import base64
 import collections
 import dataclasses
 import datetime
@@ -53,6 +54,7 @@ import dbm.dumb
 import errno
 import fcntl
 import heapq
+import http.client
 import itertools
 import json
 import logging
@@ -66,6 +68,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -118,6 +121,9 @@ GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}
+CLUSTER_KEYS = {"etcd", "name", "node", "ttl", "quorum", "etcd_ca", "etcd_cert", "etcd_key"}
+CLUSTER_TTL = 5                 # seconds of the leader lease when [cluster] sets no ttl
+ETCD_PORT = 2379                # an etcd URL without a port
 
 
 # ============================================================================
@@ -467,6 +473,25 @@ class Section:
         return "%s: %s" % (self.host, tr) if self.host else tr
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    """The [cluster] section of SPEC §10: this daemon is one member of NAME on etcd."""
+    etcd: tuple             # endpoint URLs, scheme://host:port
+    name: str
+    node: str
+    ttl: int = CLUSTER_TTL
+    quorum: int = 1
+    etcd_ca: typing.Optional[str] = None        # absolute paths
+    etcd_cert: typing.Optional[str] = None
+    etcd_key: typing.Optional[str] = None
+    where: str = ""
+
+    @property
+    def prefix(self):
+        """Where the cluster's keys live in etcd."""
+        return "/hadaemon/%s/" % self.name
+
+
 @dataclasses.dataclass
 class Config:
     config_dir: str
@@ -474,6 +499,7 @@ class Config:
     groups: list
     checks: list
     sections: dict      # (host or None, from, to) -> Section
+    cluster: typing.Optional[ClusterSettings] = None
 
     def section_for(self, host, from_state, to_state):
         """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
@@ -639,14 +665,125 @@ def _setting_value(key, words, where, errors):
         return None
 
 
+_ETCD_URL_RE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d{1,5}))?/?\Z")
+
+
+def parse_etcd_url(url):
+    """``http(s)://HOST[:PORT]`` -> (scheme, host, port); ValueError names what is wrong."""
+    m = _ETCD_URL_RE.match(url)
+    if not m:
+        raise ValueError("bad etcd endpoint %r: write http://HOST:PORT or https://HOST:PORT" % url)
+    port = int(m.group(3) or ETCD_PORT)
+    if not 0 < port < 65536:
+        raise ValueError("bad port in etcd endpoint %r" % url)
+    return m.group(1), m.group(2).strip("[]"), port
+
+
+def _cluster_value(key, words, where, config_dir, errors):
+    """Convert one [cluster] setting; append an error and return None when bad."""
+    try:
+        if key == "etcd":
+            urls = [u for u in " ".join(words).replace(",", " ").split() if u]
+            if not urls:
+                raise ValueError("etcd needs at least one endpoint URL")
+            for url in urls:
+                parse_etcd_url(url)
+            if len(set(urls)) != len(urls):
+                raise ValueError("an etcd endpoint is listed twice: %s" % " ".join(urls))
+            return tuple(u.rstrip("/") for u in urls)
+        if len(words) != 1:
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
+        value = words[0]
+        if key in ("name", "node"):
+            if not valid_name(value):
+                raise ValueError("bad %s %r (letters, digits, _ . : - )" % (key, value))
+            return value
+        if key == "ttl":
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise ValueError("ttl: %s" % exc)
+            if seconds != int(seconds) or not 1 <= seconds <= 60:
+                raise ValueError("ttl must be whole seconds from 1s to 60s (etcd leases "
+                                 "count in seconds), got %r" % value)
+            return int(seconds)
+        if key == "quorum":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError("quorum must be a whole number of at least 1, got %r" % value)
+            return int(value)
+        path = os.path.join(config_dir, value)      # etcd_ca, etcd_cert, etcd_key
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError("%s = %s: cannot read %s: %s" % (key, value, path, exc.strerror))
+        return path
+    except ValueError as exc:
+        errors.append("%s: %s" % (where, exc))
+        return None
+
+
+def etcd_ssl_context(cluster):
+    """TLS for https endpoints: the CA (default: the system's) and the client certificate."""
+    context = ssl.create_default_context(cafile=cluster.etcd_ca)
+    if cluster.etcd_cert:
+        context.load_cert_chain(cluster.etcd_cert, cluster.etcd_key)
+    return context
+
+
+def _cluster_settings(where, entries, errors):
+    """The [cluster] section whole: required keys, the node's default, TLS that loads."""
+    values = {k: v for k, (_, v) in entries.items() if v is not None}
+    if len(values) < len(entries):
+        return None                             # each bad value has its error already
+    missing = [k for k in ("etcd", "name") if k not in values]
+    if missing:
+        errors.append("%s: [cluster] needs %s" % (where, " and ".join(
+            "%s = ..." % k for k in missing)))
+        return None
+    if "node" not in values:
+        host = socket.gethostname()
+        if not valid_name(host):
+            errors.append("%s: [cluster] sets no node and the host name %r is not a valid "
+                          "node name; set node = NAME" % (where, host))
+            return None
+        values["node"] = host
+    settings = ClusterSettings(where=where, **values)
+    tls = [k for k in ("etcd_ca", "etcd_cert", "etcd_key") if k in values]
+    if tls and not any(u.startswith("https:") for u in settings.etcd):
+        errors.append("%s: %s set, but every etcd endpoint is http:// (TLS files go with "
+                      "https:// endpoints)" % (entries[tls[0]][0], tls[0]))
+    elif settings.etcd_key and not settings.etcd_cert:
+        errors.append("%s: etcd_key without etcd_cert" % entries["etcd_key"][0])
+    elif tls:
+        try:
+            etcd_ssl_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            key = "etcd_cert" if settings.etcd_cert else "etcd_ca"
+            errors.append("%s: cannot load the TLS files: %s" % (
+                entries[key][0] if key in entries else where, exc))
+    return settings
+
+
 def _parse_checks(path, config_dir, errors):
     daemon = {}
     groups = []          # [(scope, where, settings, lines)]
+    cluster = {}
+    cluster_where = None
     current = None
     for where, kind, name, words, text in read_ini(path, errors):
         if kind == "section":
             if name == "daemon":
                 current = ("daemon", daemon)
+                continue
+            if name == "cluster":
+                if cluster_where is not None:
+                    errors.append("%s: [cluster] again (first at %s); one cluster per daemon"
+                                  % (where, cluster_where))
+                    current = ("bad", {})
+                    continue
+                cluster_where = where
+                current = ("cluster", cluster)
                 continue
             try:
                 scope = parse_scope(name)
@@ -661,6 +798,17 @@ def _parse_checks(path, config_dir, errors):
             errors.append("%s: %s before any [section]" % (where, text))
         elif current[0] == "bad":
             continue
+        elif current[0] == "cluster":
+            if kind != "setting":
+                errors.append("%s: [cluster] holds only KEY = VALUE settings, not %r" % (where, text))
+            elif name not in CLUSTER_KEYS:
+                errors.append("%s: unknown key %r in [cluster]; known: %s"
+                              % (where, name, ", ".join(sorted(CLUSTER_KEYS))))
+            elif name in cluster:
+                errors.append("%s: %s is set twice in this section (first at %s)"
+                              % (where, name, cluster[name][0]))
+            else:
+                cluster[name] = (where, _cluster_value(name, words, where, config_dir, errors))
         elif kind == "setting":
             if current[0] == "daemon":
                 settings, allowed, what = daemon, DAEMON_KEYS, "[daemon]"
@@ -720,7 +868,9 @@ def _parse_checks(path, config_dir, errors):
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
-    return settings, group_list, checks
+    if cluster_where is not None:
+        cluster = _cluster_settings(cluster_where, cluster, errors)
+    return settings, group_list, checks, cluster or None
 
 
 def _parse_transition(text):
@@ -799,13 +949,13 @@ def load_config(config_dir):
     """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
     config_dir = os.path.abspath(config_dir)
     errors = []
-    settings, groups, checks = _parse_checks(os.path.join(config_dir, "checks.conf"),
-                                             config_dir, errors)
+    settings, groups, checks, cluster = _parse_checks(os.path.join(config_dir, "checks.conf"),
+                                                      config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(config_dir, settings, groups, checks, sections)
+    return Config(config_dir, settings, groups, checks, sections, cluster)
 
 
 # ============================================================================
@@ -2236,6 +2386,641 @@ def connect_ssh_targets(config):
                     error = lines[-1] if lines else "ssh exited %d" % proc.returncode
         results.append((group, error, time.monotonic() - started))
     return results
+
+
+# ============================================================================
+# etcd: a v3 client on its JSON gateway (SPEC §10)
+# ============================================================================
+#
+# What this client is built on, measured on etcd 3.4 (../shared/notes/etcd-v3-gateway.md):
+#
+#   - every call is a POST of a JSON body to /v3/...; keys and values are base64;
+#     int64 fields come back as strings; fields at their default value are left out
+#     of answers (a txn whose compare failed has no "succeeded" at all).
+#   - without etcd quorum, writes, lease grants and keep-alives never answer: only
+#     our socket timeout ends them.  A write that timed out may still be applied
+#     later, so its outcome is unknown (EtcdUnknown), never a failure to retry.
+#   - a call that never left (refused, no route, the connect timed out) is tried on
+#     the next endpoint; so is a read or a keep-alive whose answer was lost.
+#   - http.client, never urllib: urllib follows http_proxy from the environment.
+#
+# Every call blocks for at most ``timeout``: the client runs in the cluster agent,
+# a process of its own, so a call etcd never answers stalls nothing of the master.
+
+class EtcdError(HadaemonError):
+    """etcd refused a call (``status`` / ``code`` say why), or no endpoint answered."""
+
+    def __init__(self, message, status=None, code=None):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class EtcdUnknown(EtcdError):
+    """A write was sent and its answer lost: it may be applied, now or later."""
+
+
+class _TryNext(Exception):
+    """This endpoint did not do it (never reached, or a read it failed): try the next."""
+
+
+def b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def unb64(text):
+    return base64.b64decode(text or "").decode("utf-8", "replace")
+
+
+def prefix_end(prefix):
+    """The range_end that makes a range cover every key starting with ``prefix``."""
+    raw = prefix.encode("utf-8")
+    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode("ascii")
+
+
+def decode_kv(kv):
+    """A gateway key-value -> {key, value, lease, create, mod} with ints and text."""
+    return {"key": unb64(kv.get("key")), "value": unb64(kv.get("value")),
+            "lease": int(kv.get("lease") or 0), "create": int(kv.get("create_revision") or 0),
+            "mod": int(kv.get("mod_revision") or 0)}
+
+
+def etcd_put(key, value, lease=None):
+    put = {"key": b64(key), "value": b64(value)}
+    if lease:
+        put["lease"] = str(lease)
+    return {"request_put": put}
+
+
+def etcd_delete(key):
+    return {"request_delete_range": {"key": b64(key)}}
+
+
+def etcd_get(key):
+    return {"request_range": {"key": b64(key)}}
+
+
+def etcd_compare(key, target, value, result="EQUAL"):
+    """A txn compare: ``target`` CREATE / MOD / VERSION (a revision) or VALUE (text) / LEASE."""
+    field = {"CREATE": "create_revision", "MOD": "mod_revision", "VERSION": "version",
+             "VALUE": "value", "LEASE": "lease"}[target]
+    return {"key": b64(key), "target": target, "result": result,
+            field: b64(value) if target == "VALUE" else str(value)}
+
+
+class EtcdEndpoint:
+    """One endpoint URL, its kept-alive connection and what it last did."""
+
+    def __init__(self, url, context):
+        self.url = url
+        self.scheme, self.host, self.port = parse_etcd_url(url)
+        self.context = context
+        self.conn = None
+        self.last_ok = None             # monotonic time of its last answer
+        self.error = None               # why its last call failed, until one succeeds
+        self.down_until = 0.0           # tried last until then, after a failure
+
+    def connection(self, timeout):
+        """The kept-alive connection, or a new one, bounded by ``timeout``.  One etcd
+        closed (or a member that restarted) reads as EOF: a request sent on it would
+        be lost for nothing."""
+        if self.conn is not None and self.conn.sock is not None and _select_read([self.conn.sock], 0):
+            self.close()
+        if self.conn is None or self.conn.sock is None:
+            if self.scheme == "https":
+                self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                                        context=self.context)
+            else:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            try:
+                self.conn.connect()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise _TryNext(_os_error_text(exc))
+        self.conn.sock.settimeout(timeout)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _os_error_text(exc):
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class EtcdClient:
+    """Calls on the JSON gateway of every endpoint given, moving on when one fails.
+
+    ``requests`` counts the calls sent (for the figures: a steady cluster should only
+    send keep-alives).  Each call is bounded by ``timeout`` seconds.
+    """
+
+    def __init__(self, urls, timeout=1.0, context=None):
+        if any(url.startswith("https:") for url in urls) and context is None:
+            context = ssl.create_default_context()
+        self.endpoints = [EtcdEndpoint(url, context) for url in urls]
+        self.timeout = timeout
+        self.current = 0                # where the next call goes first
+        self.requests = 0
+        self.last = None                # the endpoint that answered the last call
+
+    @classmethod
+    def for_cluster(cls, cluster, timeout):
+        context = etcd_ssl_context(cluster) if any(u.startswith("https:") for u in cluster.etcd) else None
+        return cls(cluster.etcd, timeout, context)
+
+    def _order(self, rotate):
+        if rotate:
+            self.current = (self.current + 1) % len(self.endpoints)
+        now = time.monotonic()
+        ring = self.endpoints[self.current:] + self.endpoints[:self.current]
+        return [ep for ep in ring if ep.down_until <= now] + [ep for ep in ring if ep.down_until > now]
+
+    def call(self, path, body, idempotent=False, rotate=False, timeout=None):
+        """POST ``body`` to ``path``: the decoded answer.  A call that never left goes to
+        the next endpoint; so does an ``idempotent`` one whose answer was lost.  Raises
+        EtcdUnknown for a write whose answer was lost, EtcdError otherwise."""
+        payload = json.dumps(body).encode("utf-8")
+        failures = []
+        for ep in self._order(rotate):
+            try:
+                answer = self._call_one(ep, path, payload, idempotent, timeout or self.timeout)
+            except _TryNext as exc:
+                failures.append("%s: %s" % (ep.url, exc))
+                continue
+            except EtcdUnknown as exc:
+                if idempotent:
+                    failures.append("%s: %s" % (ep.url, exc))
+                    continue
+                raise
+            self.current = self.endpoints.index(ep)
+            self.last = ep
+            return answer
+        raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+
+    def _failed(self, ep, why):
+        ep.close()
+        ep.error = why
+        ep.down_until = time.monotonic() + 2 * self.timeout
+
+    def _call_one(self, ep, path, payload, idempotent, timeout):
+        try:
+            conn = ep.connection(timeout)
+            self.requests += 1
+            try:
+                conn.request("POST", path, payload, {"Content-Type": "application/json"})
+            except (OSError, http.client.HTTPException) as exc:
+                raise _TryNext(_os_error_text(exc))
+        except _TryNext as exc:
+            self._failed(ep, str(exc))
+            raise
+        try:
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            why = _os_error_text(exc)
+            self._failed(ep, why)
+            raise EtcdUnknown("%s %s: no answer (%s)" % (ep.url, path, why))
+        if resp.will_close:
+            ep.close()
+        try:
+            doc = json.loads(data.decode("utf-8")) if data else {}
+        except (UnicodeDecodeError, ValueError):
+            doc = {"error": data[:200].decode("utf-8", "replace")}
+        if not isinstance(doc, dict):
+            doc = {"error": "unexpected answer %r" % (data[:200],)}
+        if resp.status >= 500 and not idempotent:
+            # etcd's own timeouts ("request timed out", "leader changed"): the
+            # proposal may be in the log and still be applied.
+            self._failed(ep, doc.get("message") or doc.get("error") or "HTTP %d" % resp.status)
+            raise EtcdUnknown("%s %s: %s" % (ep.url, path, ep.error))
+        if resp.status >= 500:
+            self._failed(ep, doc.get("message") or doc.get("error") or "HTTP %d" % resp.status)
+            raise _TryNext(ep.error)
+        ep.last_ok, ep.error, ep.down_until = time.monotonic(), None, 0.0
+        if resp.status != 200:
+            raise EtcdError("%s %s: %s" % (ep.url, path, doc.get("message") or doc.get("error")
+                                           or "HTTP %d" % resp.status),
+                            status=resp.status, code=doc.get("code"))
+        return doc
+
+    # -- the calls hadaemon uses ------------------------------------------------------
+
+    def status(self, ep):
+        """/v3/maintenance/status of one endpoint (for --check-config --connect)."""
+        answer = self._call_one(ep, "/v3/maintenance/status", b"{}", True, self.timeout)
+        self.last = ep
+        return answer
+
+    def grant(self, ttl, timeout=None):
+        """A new lease: (id, the TTL etcd granted, maybe more than asked)."""
+        answer = self.call("/v3/lease/grant", {"TTL": ttl}, idempotent=True, timeout=timeout)
+        if answer.get("error"):
+            raise EtcdError("lease grant refused: %s" % answer["error"])
+        return int(answer["ID"]), int(answer.get("TTL") or 0)
+
+    def keepalive(self, lease, timeout=None):
+        """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
+
+        Sent to each endpoint in turn, so every endpoint is heard from within a few
+        renewals and a member that lost its quorum is found without an extra call."""
+        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
+                           timeout=timeout)
+        result = answer.get("result") or {}
+        return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
+
+    def revoke(self, lease, timeout=None):
+        """Revoke a lease (and delete its keys); one already gone is no error."""
+        try:
+            self.call("/v3/lease/revoke", {"ID": str(lease)}, idempotent=True, timeout=timeout)
+        except EtcdError as exc:
+            if exc.status != 404:
+                raise
+
+    def range(self, key, prefix=False):
+        """(revision, [kv]) of ``key``, or of every key under it with ``prefix``."""
+        body = {"key": b64(key)}
+        if prefix:
+            body["range_end"] = prefix_end(key)
+        answer = self.call("/v3/kv/range", body, idempotent=True)
+        revision = int((answer.get("header") or {}).get("revision") or 0)
+        return revision, [decode_kv(kv) for kv in answer.get("kvs") or []]
+
+    def put(self, key, value, lease=None):
+        """Put one key (on ``lease``): the revision of the write."""
+        body = etcd_put(key, value, lease)["request_put"]
+        answer = self.call("/v3/kv/put", body)
+        return int((answer.get("header") or {}).get("revision") or 0)
+
+    def txn(self, compares, success, failure=()):
+        """(succeeded, revision, responses) of a transaction."""
+        answer = self.call("/v3/kv/txn", {"compare": list(compares), "success": list(success),
+                                          "failure": list(failure)})
+        revision = int((answer.get("header") or {}).get("revision") or 0)
+        return bool(answer.get("succeeded")), revision, answer.get("responses") or []
+
+    def health(self):
+        """[{endpoint, last_ok, error}] for every endpoint (last_ok: monotonic, or None)."""
+        return [{"endpoint": ep.url, "last_ok": ep.last_ok, "error": ep.error}
+                for ep in self.endpoints]
+
+    def close(self):
+        for ep in self.endpoints:
+            ep.close()
+
+
+def connect_etcd_endpoints(cluster, timeout=2.0):
+    """--check-config --connect: [(url, error or None, what it answered)] for each endpoint."""
+    client = EtcdClient.for_cluster(cluster, timeout)
+    results = []
+    for ep in client.endpoints:
+        started = time.monotonic()
+        try:
+            answer = client.status(ep)
+        except (EtcdError, _TryNext) as exc:
+            results.append((ep.url, str(exc), None))
+            continue
+        took = time.monotonic() - started
+        header = answer.get("header") or {}
+        results.append((ep.url, None, "ok in %.2fs (etcd %s, member %s, %s)" % (
+            took, answer.get("version", "?"), header.get("member_id", "?"),
+            "the raft leader" if answer.get("leader") == header.get("member_id")
+            else "leader %s" % answer.get("leader", "unknown"))))
+    client.close()
+    return results
+
+
+class EtcdWatch:
+    """One watch stream (POST /v3/watch) on one endpoint, read without blocking.
+
+    The gateway answers with chunked transfer encoding, one JSON object per line;
+    ``read()`` returns the objects that have arrived and raises EtcdError when the
+    stream ends or breaks.  ``fileno()`` is for select.
+    """
+
+    def __init__(self, ep, prefix, start_revision, timeout):
+        self.ep = ep
+        self.buf = bytearray()
+        self.headers_done = False
+        self.lines = LineReader()
+        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        try:
+            if ep.scheme == "https":
+                sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+            body = json.dumps({"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
+                                                  "start_revision": str(start_revision)}}).encode()
+            host = "[%s]" % ep.host if ":" in ep.host else ep.host
+            sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (host.encode(), ep.port, len(body), body))
+            sock.setblocking(False)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def read(self):
+        """The JSON objects that arrived (each {"result": {...}}); EtcdError at the end."""
+        ended = False
+        while True:
+            try:
+                data = self.sock.recv(262144)
+            except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+                break
+            except (OSError, ssl.SSLError) as exc:
+                raise EtcdError("watch on %s broke: %s" % (self.ep.url, _os_error_text(exc)))
+            if not data:
+                ended = True
+                break
+            self.buf += data
+        out = self._decode()
+        if ended:
+            raise EtcdError("watch on %s: the stream ended" % self.ep.url)
+        return out
+
+    def _decode(self):
+        if not self.headers_done:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    raise EtcdError("watch on %s: no end of the headers" % self.ep.url)
+                return []
+            head = bytes(self.buf[:end]).decode("latin-1").lower()
+            del self.buf[:end + 4]
+            if not head.startswith("http/1.1 200") or "transfer-encoding: chunked" not in head:
+                raise EtcdError("watch on %s refused: %s" % (self.ep.url, head.splitlines()[0]))
+            self.headers_done = True
+        out = []
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                break
+            try:
+                size = int(bytes(self.buf[:end]).split(b";")[0], 16)
+            except ValueError:
+                raise EtcdError("watch on %s: bad chunk" % self.ep.url)
+            if size == 0:
+                raise EtcdError("watch on %s: the stream ended" % self.ep.url)
+            if len(self.buf) < end + 2 + size + 2:
+                break
+            chunk = bytes(self.buf[end + 2:end + 2 + size])
+            del self.buf[:end + 2 + size + 2]
+            try:
+                out.extend(self.lines.feed(chunk))
+            except ProtocolError as exc:
+                raise EtcdError("watch on %s: %s" % (self.ep.url, exc))
+        return out
+
+
+# ============================================================================
+# Cluster agent: the process that talks to etcd
+# ============================================================================
+#
+# Every etcd call of a member runs here, in a child of the master forked like the
+# workers and speaking the same newline-JSON over the daemon socket.  A call to an
+# etcd without quorum blocks until its timeout (a fraction of ttl); in the master's
+# loop that would freeze every check, the control socket and the running sequence
+# for as long; here it freezes only the next etcd call.
+#
+# The agent holds no decisions.  The master owns the lease (its id), decides when
+# to renew it, campaigns, and sends each guarded write; it also judges, by its own
+# monotonic clock, whether its lease can still be alive: the agent renews only when
+# asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  The
+# agent answers each request in order (renewals first), and keeps a mirror of the
+# cluster's keys flowing to the master: one range of the prefix, then a watch from
+# the revision after it; again on any break.
+#
+#   master -> agent   {t: renew, id, lease, ttl}      renew (a new lease when lease is null)
+#                     {t: put, id, key, value, lease}  a key on a lease (a member's view)
+#                     {t: campaign, id, lease, value}  create the leader key if absent
+#                     {t: txn, id, epoch, puts, deletes}   a ledger write guarded by the
+#                                                      leader key's create revision = epoch
+#                     {t: revoke, id, lease}           resign, or stop
+#                     {t: resync}                      range and watch again
+#   agent -> master   {t: reply, id, ...}              one per request, in order
+#                     {t: snapshot, revision, kvs, last}   the keys, in parts; then
+#                     {t: events, revision, events}    each change, in revision order
+#
+# Keys in messages are relative to /hadaemon/NAME/; values are JSON.  A write of an
+# epoch that failed or was lost stops every later write of that epoch unsent: the
+# ledger never holds a later write of a leader without an earlier one.
+
+RENEWS_PER_TTL = 4              # renewals sent per ttl
+SNAPSHOT_PART = 1 << 20         # bytes of keys per snapshot message (the socket takes 4 MiB)
+
+
+def etcd_timeouts(ttl):
+    """(renewal, other call) timeouts for a lease of ``ttl`` seconds.
+
+    A renewal that hangs must leave time for the next endpoint within the quarter
+    ttl between renewals; a write gets a little longer, as etcd syncs it to disk."""
+    return max(0.2, min(2.0, ttl / 6.0)), max(0.25, min(2.0, ttl / 4.0))
+
+
+def parse_json_value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class ClusterAgent:
+    """The agent's loop: the master's etcd calls one at a time, and the mirror."""
+
+    def __init__(self, chan, cluster):
+        self.chan = chan
+        self.cluster = cluster
+        self.prefix = cluster.prefix
+        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
+        self.client = EtcdClient.for_cluster(cluster, self.timeout)
+        self.inbox = collections.deque()
+        self.reader = LineReader()
+        self.watch = None
+        self.watch_after = 0.0          # no new mirror before (monotonic), after a failure
+        self.watch_failures = 0
+        self.poisoned = set()           # epochs whose writes stopped
+
+    def run(self):
+        while True:
+            if self.watch is not None and self.watch.ep.down_until > time.monotonic():
+                # A call to it failed: it may have lost its quorum and so its events.
+                self.drop_watch("its endpoint %s failed a call" % self.watch.ep.url)
+            if self.watch is None and time.monotonic() >= self.watch_after:
+                self.start_mirror()
+            wait = 0.0 if self.inbox else 1.0
+            if self.watch is None:
+                wait = min(wait, max(0.0, self.watch_after - time.monotonic()))
+            self.receive(wait)
+            if self.inbox:
+                self.handle(self.next_request())
+
+    # -- input ---------------------------------------------------------------------
+
+    def receive(self, wait):
+        fds = [self.chan.sock] + ([self.watch] if self.watch is not None else [])
+        for fd in _select_read(fds, wait):
+            if fd is self.chan.sock:
+                data = self.chan.sock.recv(262144)
+                if not data:
+                    raise _Orphaned()   # the master is gone: its lease expires by itself
+                self.inbox.extend(self.reader.feed(data))
+            elif self.watch is not None:
+                try:
+                    results = self.watch.read()
+                except EtcdError as exc:
+                    self.drop_watch(str(exc))
+                    continue
+                for doc in results:
+                    self.watched(doc)
+
+    def next_request(self):
+        """The oldest renewal first (a late one can cost the leadership), else the oldest."""
+        for i, msg in enumerate(self.inbox):
+            if msg.get("t") == "renew":
+                del self.inbox[i]
+                return msg
+        return self.inbox.popleft()
+
+    # -- requests --------------------------------------------------------------------
+
+    def handle(self, msg):
+        kind = msg.get("t")
+        reply = {"t": "reply", "id": msg.get("id"), "op": kind}
+        try:
+            if kind == "renew":
+                reply.update(self.renew(msg))
+            elif kind == "put":
+                reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
+                                                    msg.get("lease"))
+            elif kind == "campaign":
+                reply.update(self.campaign(msg))
+            elif kind == "txn":
+                reply.update(self.guarded(msg))
+            elif kind == "revoke":
+                self.client.revoke(msg["lease"], self.renew_timeout)
+            elif kind == "resync":
+                self.drop_watch(None)
+                self.start_mirror()
+                return
+            else:
+                reply["error"] = "unknown request %r" % (kind,)
+        except EtcdUnknown as exc:
+            reply.update(error=str(exc), unknown=True)
+        except EtcdError as exc:
+            reply.update(error=str(exc), status=exc.status)
+        reply["endpoints"] = self.client.health()
+        reply["requests"] = self.client.requests
+        self.chan.send(reply)
+
+    def renew(self, msg):
+        lease = msg.get("lease")
+        if not lease:
+            lease, ttl = self.client.grant(msg["ttl"], self.renew_timeout)
+            return {"lease": lease, "ttl": ttl, "granted": True}
+        ttl, revision = self.client.keepalive(lease, self.renew_timeout)
+        return {"lease": lease, "ttl": ttl, "revision": revision}
+
+    def campaign(self, msg):
+        """Create the leader key on our lease if nobody holds it: {won, epoch, holder}."""
+        key = self.prefix + "leader"
+        ok, revision, responses = self.client.txn(
+            [etcd_compare(key, "CREATE", 0)],
+            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)])
+        if ok:
+            return {"won": True, "epoch": revision}
+        kvs = ((responses[0] if responses else {}).get("response_range") or {}).get("kvs") or []
+        holder = decode_kv(kvs[0]) if kvs else None
+        if holder is not None:
+            holder["value"] = parse_json_value(holder["value"])
+        return {"won": False, "holder": holder}
+
+    def guarded(self, msg):
+        """One ledger write of the leader of ``epoch``, or none if it is no longer that."""
+        epoch = msg["epoch"]
+        if epoch in self.poisoned:
+            return {"ok": False, "error": "an earlier write of epoch %d failed" % epoch}
+        key = self.prefix + "leader"
+        ops = [etcd_put(self.prefix + k, json.dumps(v, sort_keys=True)) for k, v in msg.get("puts", {}).items()]
+        ops += [etcd_delete(self.prefix + k) for k in msg.get("deletes", [])]
+        try:
+            ok, revision, _ = self.client.txn([etcd_compare(key, "CREATE", epoch)], ops, [etcd_get(key)])
+        except EtcdError:
+            self.poisoned.add(epoch)
+            raise
+        if not ok:
+            self.poisoned.add(epoch)
+            return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+        return {"ok": True, "revision": revision}
+
+    # -- the mirror --------------------------------------------------------------------
+
+    def start_mirror(self):
+        """Range the prefix whole, send it, and watch from the next revision."""
+        try:
+            revision, kvs = self.client.range(self.prefix, prefix=True)
+            ep = self.client.last
+            watch = EtcdWatch(ep, self.prefix, revision + 1, self.timeout)
+        except (EtcdError, OSError, ssl.SSLError) as exc:
+            self.watch_failures += 1
+            self.watch_after = time.monotonic() + min(2.0, 0.1 * 2 ** self.watch_failures)
+            log.debug("cluster agent: no mirror: %s", exc)
+            return
+        self.watch_failures = 0
+        part, size = [], 0
+        for kv in kvs:
+            kv["key"] = kv["key"][len(self.prefix):]
+            kv["value"] = parse_json_value(kv["value"])
+            part.append(kv)
+            size += len(kv["key"]) + len(json.dumps(kv["value"]))
+            if size > SNAPSHOT_PART:
+                self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
+                part, size = [], 0
+        self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
+        self.watch = watch
+
+    def drop_watch(self, why):
+        if self.watch is not None:
+            if why:
+                log.debug("cluster agent: watch dropped: %s", why)
+            self.watch.close()
+            self.watch = None
+            self.watch_after = time.monotonic() + (0.1 if why else 0.0)
+
+    def watched(self, doc):
+        result = doc.get("result") or {}
+        if doc.get("error") or result.get("canceled") or result.get("compact_revision"):
+            self.drop_watch("watch ended: %s" % (doc.get("error") or result.get("cancel_reason")
+                                                 or "compacted"))
+            return
+        events = []
+        for event in result.get("events") or []:
+            kv = decode_kv(event.get("kv") or {})
+            events.append({"type": "delete" if event.get("type") == "DELETE" else "put",
+                           "key": kv["key"][len(self.prefix):], "lease": kv["lease"],
+                           "create": kv["create"], "mod": kv["mod"],
+                           "value": parse_json_value(kv["value"]) if event.get("type") != "DELETE" else None})
+        if events:
+            revision = int((result.get("header") or {}).get("revision") or 0)
+            self.chan.send({"t": "events", "revision": revision, "events": events})
+
+
+def cluster_agent_main(sock_path, cluster):
+    """The forked cluster agent: hello, then the agent's loop until the master goes."""
+    child_setup()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "cluster", "pid": os.getpid()})
+    ClusterAgent(chan, cluster).run()
+    return 0
 
 
 # ============================================================================
@@ -3809,9 +4594,14 @@ def cmd_check_config(args):
     for group, error, took in results:
         print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
                                      "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    if not results:
-        print("no ssh targets to try")
-    return EXIT_FAIL if any(error for _, error, _ in results) else EXIT_OK
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def cmd_once(args):

@@ -1,0 +1,532 @@
+"""The cluster of SPEC §10: several daemons, one acting, on a real etcd cluster.
+
+Layers, each against real etcd members (Debian's etcd-server, tests/etcd.py):
+
+- the [cluster] section: every mistake at FILE:LINE, ``--check-config --connect``;
+- the etcd client alone: leases expire, a failed compare, failover between
+  endpoints, calls without etcd quorum end at their timeout, TLS;
+- the cluster agent (the process that talks to etcd) driven by a fake master.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import hadaemon
+from conftest import HADAEMON, wait_for
+from etcd import ETCD, EtcdCluster, make_tls
+
+pytestmark = pytest.mark.skipif(not os.path.exists(ETCD), reason="etcd-server is not installed")
+
+
+@pytest.fixture(scope="module")
+def etcd_shared(tmp_path_factory):
+    """Three members no test kills (tests use keys of their own)."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """Three members of this test's own, to kill and restart."""
+    cluster = EtcdCluster(tmp_path / "etcd")
+    os.mkdir(cluster.root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def unique(prefix="/t/"):
+    return "%s%d-%d/" % (prefix, os.getpid(), time.monotonic_ns())
+
+
+# ============================================================================
+# The [cluster] section
+# ============================================================================
+
+def config_dir(tmp_path, cluster, extra_files=()):
+    d = tmp_path / "conf"
+    (d / "checks").mkdir(parents=True, exist_ok=True)
+    check = d / "checks" / "check_a"
+    check.write_text("#!/bin/sh\necho state=up\n")
+    check.chmod(0o755)
+    (d / "checks.conf").write_text("[daemon]\ninterval = 1s\n\n[cluster]\n" + textwrap.dedent(cluster).lstrip("\n")
+                                   + "\n[local]\ncheck_a\n")
+    (d / "actions.conf").write_text("")
+    for name, text in extra_files:
+        (d / name).write_text(text)
+    return d
+
+
+def cluster_errors(tmp_path, cluster, extra_files=()):
+    d = config_dir(tmp_path, cluster, extra_files)
+    with pytest.raises(hadaemon.ConfigError) as info:
+        hadaemon.load_config(str(d))
+    return d, info.value.errors
+
+
+def test_a_valid_cluster_section(tmp_path):
+    d = config_dir(tmp_path, """
+        etcd = http://10.0.0.5:2379, http://10.0.0.6 https://[fd00::7]:2381/
+        name = pg-main
+        node = watcher-a
+        ttl = 1m
+        quorum = 2
+    """)
+    cluster = hadaemon.load_config(str(d)).cluster
+    assert cluster.etcd == ("http://10.0.0.5:2379", "http://10.0.0.6", "https://[fd00::7]:2381")
+    assert (cluster.name, cluster.node, cluster.ttl, cluster.quorum) == ("pg-main", "watcher-a", 60, 2)
+    assert cluster.prefix == "/hadaemon/pg-main/"
+    assert cluster.where == "%s:4" % (d / "checks.conf")
+    assert hadaemon.parse_etcd_url("http://10.0.0.6") == ("http", "10.0.0.6", 2379)
+    assert hadaemon.parse_etcd_url("https://[fd00::7]:2381/") == ("https", "fd00::7", 2381)
+
+
+def test_defaults_node_is_the_host_name(tmp_path):
+    d = config_dir(tmp_path, "etcd = http://127.0.0.1:2379\nname = c1\n")
+    cluster = hadaemon.load_config(str(d)).cluster
+    assert (cluster.node, cluster.ttl, cluster.quorum) == (socket.gethostname(), 5, 1)
+
+
+def test_no_cluster_section_means_no_cluster(tmp_path):
+    d = tmp_path / "plain"
+    (d / "checks").mkdir(parents=True)
+    (d / "checks.conf").write_text("[daemon]\ninterval = 1s\n")
+    (d / "actions.conf").write_text("")
+    assert hadaemon.load_config(str(d)).cluster is None
+
+
+# (cluster section, line of the error in checks.conf, words it must contain)
+MISTAKES = [
+    ("etcd = ftp://x:1\nname = c", 5, ["ftp://x:1", "http://HOST:PORT"]),
+    ("etcd = http://a:99999\nname = c", 5, ["port", "http://a:99999"]),
+    ("etcd = http://a:1/v3\nname = c", 5, ["http://a:1/v3"]),
+    ("etcd = http://a:1, http://a:1\nname = c", 5, ["twice"]),
+    ("etcd = ,\nname = c", 5, ["at least one endpoint"]),
+    ("etcd = http://a:1\nname = pg/main", 6, ["bad name", "pg/main"]),
+    ("etcd = http://a:1\nname = c\nnode = a b", 7, ["node takes one value"]),
+    ("etcd = http://a:1\nname = c\nnode = -x", 7, ["bad node", "-x"]),
+    ("etcd = http://a:1\nname = c\nttl = 1.5s", 7, ["whole seconds", "1.5s"]),
+    ("etcd = http://a:1\nname = c\nttl = 500ms", 7, ["whole seconds", "500ms"]),
+    ("etcd = http://a:1\nname = c\nttl = 61s", 7, ["1s to 60s", "61s"]),
+    ("etcd = http://a:1\nname = c\nttl = soon", 7, ["not a duration", "soon"]),
+    ("etcd = http://a:1\nname = c\nquorum = 0", 7, ["quorum", "at least 1", "'0'"]),
+    ("etcd = http://a:1\nname = c\nquorum = two", 7, ["quorum", "'two'"]),
+    ("etcd = http://a:1\nname = c\ncolour = red", 7, ["unknown key 'colour'", "quorum"]),
+    ("etcd = http://a:1\nname = c\nname = d", 7, ["name is set twice", ":6"]),
+    ("etcd = http://a:1\nname = c\njust words", 7, ["only KEY = VALUE", "just words"]),
+    ("name = c", 4, ["needs etcd = ..."]),
+    ("etcd = http://a:1", 4, ["needs name = ..."]),
+    ("etcd = https://a:1\nname = c\netcd_ca = missing.pem", 7, ["etcd_ca", "missing.pem",
+                                                               "No such file"]),
+    ("etcd = http://a:1\nname = c\netcd_ca = ca.pem", 7, ["etcd_ca set", "http://"]),
+    ("etcd = https://a:1\nname = c\netcd_key = ca.pem", 7, ["etcd_key without etcd_cert"]),
+    ("etcd = https://a:1\nname = c\netcd_ca = ca.pem", 7, ["cannot load the TLS files"]),
+]
+
+
+@pytest.mark.parametrize("section,line,needles", MISTAKES, ids=[m[0].split("\n")[-1] for m in MISTAKES])
+def test_each_mistake_in_the_cluster_section(tmp_path, section, line, needles):
+    d, errors = cluster_errors(tmp_path, section, extra_files=[("ca.pem", "not a certificate\n")])
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("%s:%d: " % (d / "checks.conf", line)), errors
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def test_a_second_cluster_section_is_an_error_and_all_errors_are_reported(tmp_path):
+    d, errors = cluster_errors(tmp_path, "etcd = http://a:1\nname = c\nquorum = 0\n[cluster]\n"
+                                         "etcd = http://b:1\n")
+    assert len(errors) == 2, errors
+    assert "quorum" in errors[0] and "[cluster] again (first at %s:4)" % (d / "checks.conf") in errors[1]
+
+
+def test_tls_files_relative_to_the_config_dir(tmp_path):
+    tls = make_tls(tmp_path)
+    files = [(name + ".pem", open(tls[key]).read()) for name, key in
+             (("ca", "ca"), ("client", "client_cert"), ("client-key", "client_key"))]
+    d = config_dir(tmp_path, "etcd = https://127.0.0.1:2379\nname = c\netcd_ca = ca.pem\n"
+                             "etcd_cert = client.pem\netcd_key = client-key.pem\n", files)
+    cluster = hadaemon.load_config(str(d)).cluster
+    assert cluster.etcd_ca == str(d / "ca.pem") and cluster.etcd_key == str(d / "client-key.pem")
+    # A key that does not go with the certificate.
+    (d / "client-key.pem").write_text(open(tls["server_key"]).read())
+    with pytest.raises(hadaemon.ConfigError) as info:
+        hadaemon.load_config(str(d))
+    assert "cannot load the TLS files" in info.value.errors[0] and ":8: " in info.value.errors[0]
+
+
+def run_cli(d, *args, timeout=30):
+    return subprocess.run([sys.executable, str(HADAEMON), "--config-dir", str(d), "--state-dir",
+                           str(d / "var")] + list(args), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_check_config_finds_the_errors(tmp_path):
+    d = config_dir(tmp_path, "etcd = http://127.0.0.1:1\nname = c\nttl = 0s\n")
+    result = run_cli(d, "--check-config")
+    assert result.returncode == 1
+    assert "%s:7: " % (d / "checks.conf") in result.stderr and "ttl" in result.stderr
+
+
+def test_check_config_connect_reaches_every_endpoint(tmp_path, etcd_shared):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    silent = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        d = config_dir(tmp_path, "etcd = %s, %s\nname = c\nttl = 2s\n" % (", ".join(etcd_shared.endpoints), silent))
+        # Plain --check-config never connects.
+        result = run_cli(d, "--check-config")
+        assert result.returncode == 0, result.stderr
+        with pytest.raises(socket.timeout):
+            listener.accept()
+        # --connect reaches each one and fails on the one that never answers.
+        result = run_cli(d, "--check-config", "--connect")
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = [line for line in result.stdout.splitlines() if line.startswith("etcd ")]
+        assert len(lines) == 4, result.stdout
+        for url in etcd_shared.endpoints:
+            assert any(url in line and " ok " in line and "etcd 3." in line for line in lines), lines
+        assert any(silent in line and "FAILED" in line and "timed out" in line for line in lines), lines
+        d = config_dir(tmp_path, "etcd = %s\nname = c\n" % ", ".join(etcd_shared.endpoints))
+        result = run_cli(d, "--check-config", "--connect")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        listener.close()
+
+
+# ============================================================================
+# The etcd client
+# ============================================================================
+
+def test_lease_grant_keepalive_expiry_and_revoke(etcd_shared):
+    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    prefix = unique()
+    lease, ttl = client.grant(1)
+    assert lease > 0 and ttl >= 1
+    client.put(prefix + "k", "v", lease)
+    assert client.keepalive(lease)[0] >= 1
+    _, kvs = client.range(prefix, prefix=True)
+    assert [(kv["key"], kv["value"], kv["lease"]) for kv in kvs] == [(prefix + "k", "v", lease)]
+    # Not renewed: the key is gone within about its ttl, and the lease is lost for good.
+    started = time.monotonic()
+    wait_for(lambda: not client.range(prefix, prefix=True)[1], timeout=5, what="the key to expire")
+    assert time.monotonic() - started < 4
+    assert client.keepalive(lease)[0] == 0
+    lease2, _ = client.grant(5)
+    client.put(prefix + "k2", "v", lease2)
+    client.revoke(lease2)
+    client.revoke(lease2)       # already gone: no error
+    assert client.range(prefix, prefix=True)[1] == []
+    assert client.keepalive(lease2)[0] == 0
+
+
+def test_txn_compare_failure_returns_the_holder(etcd_shared):
+    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    key = unique() + "leader"
+    lease, _ = client.grant(5)
+    create = [hadaemon.etcd_compare(key, "CREATE", 0)]
+    ok, revision, _ = client.txn(create, [hadaemon.etcd_put(key, "a", lease)], [hadaemon.etcd_get(key)])
+    assert ok and revision > 0
+    ok, _, responses = client.txn(create, [hadaemon.etcd_put(key, "b", lease)], [hadaemon.etcd_get(key)])
+    assert ok is False
+    holder = hadaemon.decode_kv(responses[0]["response_range"]["kvs"][0])
+    assert (holder["value"], holder["create"], holder["lease"]) == ("a", revision, lease)
+    # A write guarded by the holder's create revision goes through; by another, not.
+    guard = lambda rev: [hadaemon.etcd_compare(key, "CREATE", rev)]  # noqa: E731
+    assert client.txn(guard(revision), [hadaemon.etcd_put(key + "/x", "1")])[0] is True
+    assert client.txn(guard(revision + 1), [hadaemon.etcd_put(key + "/x", "2")])[0] is False
+    assert client.range(key + "/x")[1][0]["value"] == "1"
+    client.revoke(lease)
+    # Once the holder's lease is gone the guard fails: a deposed leader cannot write.
+    assert client.txn(guard(revision), [hadaemon.etcd_put(key + "/x", "3")])[0] is False
+
+
+def test_an_error_answer_names_the_endpoint_and_the_reason(etcd_shared):
+    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    with pytest.raises(hadaemon.EtcdError) as info:
+        client.put(unique() + "k", "v", lease=12345)
+    assert info.value.status == 404 and "lease not found" in str(info.value)
+    assert not isinstance(info.value, hadaemon.EtcdUnknown)
+
+
+def test_failover_between_endpoints_and_no_quorum_timeouts(etcd):
+    client = hadaemon.EtcdClient(etcd.endpoints, 0.5)
+    prefix = unique()
+    lease, _ = client.grant(5)
+    client.put(prefix + "a", "1")
+    first = client.last
+    member = next(m for m in etcd.members if m.url == first.url)
+    member.kill()
+    # The kept-alive connection to the dead member is noticed; the call goes on.
+    client.put(prefix + "b", "2")
+    assert client.last.url != first.url
+    assert client.keepalive(lease)[0] >= 1
+    assert {kv["key"] for kv in client.range(prefix, prefix=True)[1]} == {prefix + "a", prefix + "b"}
+    for _ in range(3):                      # each renewal goes to the next endpoint
+        client.keepalive(lease)
+    health = {h["endpoint"]: h for h in client.health()}
+    assert health[first.url]["error"] == "Connection refused"
+    assert all(health[m.url]["error"] is None and health[m.url]["last_ok"] for m in etcd.members
+               if m is not member)
+    # Two of three gone: a write never answers, only our timeout ends it, and its
+    # outcome is unknown; a read and a renewal fail on every endpoint.
+    second = next(m for m in etcd.members if m.running() and m.url != client.last.url)
+    second.kill()
+    started = time.monotonic()
+    with pytest.raises(hadaemon.EtcdUnknown):
+        client.put(prefix + "c", "3")
+    assert 0.4 < time.monotonic() - started < 3
+    started = time.monotonic()
+    with pytest.raises(hadaemon.EtcdError) as info:
+        client.range(prefix, prefix=True)
+    assert "no etcd endpoint answered" in str(info.value) and "timed out" in str(info.value)
+    assert time.monotonic() - started < 3
+    with pytest.raises(hadaemon.EtcdError):
+        client.keepalive(lease)
+    # Back: the cluster answers again on the same client.
+    etcd.restart(member)
+    wait_for(lambda: _answers(client, prefix), timeout=10, what="etcd to answer again")
+
+
+def _answers(client, prefix):
+    try:
+        client.range(prefix, prefix=True)
+        return True
+    except hadaemon.EtcdError:
+        return False
+
+
+def test_tls_with_a_client_certificate(tmp_path):
+    tls = make_tls(tmp_path)
+    cluster = EtcdCluster(tmp_path / "etcd", size=1, tls=tls)
+    os.mkdir(cluster.root)
+    try:
+        cluster.start()
+        settings = hadaemon.ClusterSettings(etcd=tuple(cluster.endpoints), name="c", node="a",
+                                            etcd_ca=tls["ca"], etcd_cert=tls["client_cert"],
+                                            etcd_key=tls["client_key"])
+        client = hadaemon.EtcdClient.for_cluster(settings, 2.0)
+        client.put("/tls/k", "v")
+        assert client.range("/tls/k")[1][0]["value"] == "v"
+        # Without the client certificate etcd refuses the handshake.
+        bare = hadaemon.EtcdClient(cluster.endpoints, 2.0,
+                                   hadaemon.etcd_ssl_context(hadaemon.ClusterSettings(
+                                       etcd=(), name="c", node="a", etcd_ca=tls["ca"])))
+        with pytest.raises(hadaemon.EtcdError):
+            bare.range("/tls/k")
+        # And one that does not trust etcd's CA refuses etcd.
+        untrusting = hadaemon.EtcdClient(cluster.endpoints, 2.0)
+        with pytest.raises(hadaemon.EtcdError) as info:
+            untrusting.range("/tls/k")
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+    finally:
+        cluster.stop()
+
+
+def test_watch_streams_changes(etcd_shared):
+    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    prefix = unique()
+    revision, _ = client.range(prefix, prefix=True)
+    watch = hadaemon.EtcdWatch(client.endpoints[0], prefix, revision + 1, 1.0)
+    try:
+        client.put(prefix + "a", "1")
+        client.put(prefix + "b", "2")
+        client.txn([], [hadaemon.etcd_delete(prefix + "a")])
+        client.put("/elsewhere/" + prefix, "x")
+        events = []
+
+        def three():
+            if hadaemon._select_read([watch], 0.1):
+                for doc in watch.read():
+                    events.extend(doc["result"].get("events") or [])
+            return len(events) >= 3
+        wait_for(three, timeout=5, what="three events")
+        seen = [(e.get("type", "PUT"), hadaemon.decode_kv(e["kv"])["key"]) for e in events]
+        assert seen == [("PUT", prefix + "a"), ("PUT", prefix + "b"), ("DELETE", prefix + "a")]
+    finally:
+        watch.close()
+
+
+# ============================================================================
+# The cluster agent, driven by a fake master
+# ============================================================================
+
+class FakeMaster:
+    """A UNIX listener in the test, the cluster agent forked to it as the master would."""
+
+    def __init__(self, tmp_path, settings):
+        self.path = str(tmp_path / "m.sock")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                code = hadaemon.cluster_agent_main(self.path, settings)
+            except BaseException:       # noqa: B036 - the child must reach os._exit
+                code = 0
+            finally:
+                os._exit(code)
+        self.listener.settimeout(10)
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(10)
+        self.reader = hadaemon.LineReader()
+        self.pending = []
+        self.kvs = {}           # the mirror: key -> kv
+        self.revision = 0
+        self.ids = iter(range(1, 1 << 30))
+        hello = self.next()
+        assert hello["t"] == "hello" and hello["role"] == "cluster" and hello["pid"] == self.pid
+
+    def next(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            self.conn.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.conn.recv(1 << 20)
+            assert data, "the agent hung up"
+            self.pending.extend(self.reader.feed(data))
+        msg = self.pending.pop(0)
+        if msg["t"] == "snapshot":
+            self.snapshot_part = getattr(self, "snapshot_part", {})
+            self.snapshot_part.update({kv["key"]: kv for kv in msg["kvs"]})
+            if msg["last"]:
+                self.kvs, self.snapshot_part, self.revision = self.snapshot_part, {}, msg["revision"]
+        elif msg["t"] == "events":
+            for event in msg["events"]:
+                if event["type"] == "delete":
+                    self.kvs.pop(event["key"], None)
+                else:
+                    self.kvs[event["key"]] = event
+                self.revision = max(self.revision, event["mod"])
+        return msg
+
+    def ask(self, **request):
+        request["id"] = next(self.ids)
+        self.conn.sendall(hadaemon.encode_message(request))
+        while True:
+            msg = self.next()
+            if msg["t"] == "reply" and msg["id"] == request["id"]:
+                return msg
+
+    def until(self, predicate, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out; mirror %s" % self.kvs
+            try:
+                self.next(timeout=0.2)
+            except socket.timeout:
+                pass
+
+    def close(self):
+        self.conn.close()
+        self.listener.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return status
+            time.sleep(0.02)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError("the agent did not leave when its master hung up")
+
+
+def test_agent_leases_campaigns_guards_writes_and_mirrors(tmp_path, etcd_shared):
+    name = "agent%d" % time.monotonic_ns()
+    settings = hadaemon.ClusterSettings(etcd=tuple(etcd_shared.endpoints), name=name, node="a", ttl=2)
+    a = FakeMaster(tmp_path, settings)
+    b = None
+    try:
+        a.until(lambda: a.revision > 0)         # the first snapshot
+        granted = a.ask(t="renew", lease=None, ttl=2)
+        assert granted["granted"] and granted["ttl"] >= 2 and granted["lease"] > 0, granted
+        lease = granted["lease"]
+        renewed = a.ask(t="renew", lease=lease, ttl=2)
+        assert renewed["ttl"] >= 2 and renewed["requests"] >= 3
+        assert [e["endpoint"] for e in renewed["endpoints"]] == list(etcd_shared.endpoints)
+        assert a.ask(t="put", key="members/a", value={"hosts": {"db1": "master"}}, lease=lease)["revision"]
+        won = a.ask(t="campaign", lease=lease, value={"node": "a"})
+        assert won["won"] and won["epoch"] > 0, won
+        epoch = won["epoch"]
+        a.until(lambda: "leader" in a.kvs and "members/a" in a.kvs)
+        assert a.kvs["leader"]["create"] == epoch and a.kvs["leader"]["lease"] == lease
+        assert a.kvs["leader"]["value"] == {"node": "a"}
+        assert a.kvs["members/a"]["value"] == {"hosts": {"db1": "master"}}
+        # A second member loses the campaign and learns the holder.
+        (tmp_path / "b").mkdir()
+        b = FakeMaster(tmp_path / "b", settings)
+        lease_b = b.ask(t="renew", lease=None, ttl=2)["lease"]
+        lost = b.ask(t="campaign", lease=lease_b, value={"node": "b"})
+        assert lost["won"] is False and lost["holder"]["create"] == epoch and lost["holder"]["value"] == {"node": "a"}
+        # The leader's guarded write goes through; one of a wrong epoch is refused,
+        # and every later write of that epoch stays unsent.
+        ok = a.ask(t="txn", epoch=epoch, puts={"ledger/meta": {"next_run": 2}}, deletes=[])
+        assert ok["ok"] is True and ok["revision"] > epoch
+        b.until(lambda: b.kvs.get("ledger/meta", {}).get("value") == {"next_run": 2})
+        deposed = b.ask(t="txn", epoch=epoch + 1000, puts={"ledger/meta": {"x": 1}}, deletes=[])
+        assert deposed["ok"] is False and deposed["deposed"]
+        after = b.ask(t="txn", epoch=epoch + 1000, puts={"ledger/meta": {"x": 2}}, deletes=[])
+        assert after["ok"] is False and "earlier write" in after["error"]
+        # The leader resigns: its keys go, and the other member sees it.
+        a.ask(t="revoke", lease=lease)
+        b.until(lambda: "leader" not in b.kvs and "members/a" not in b.kvs)
+        assert b.ask(t="renew", lease=lease, ttl=2)["ttl"] == 0          # a lost lease reads 0
+        assert b.kvs["ledger/meta"]["value"] == {"next_run": 2}
+        won = b.ask(t="campaign", lease=lease_b, value={"node": "b"})
+        assert won["won"] and won["epoch"] > epoch
+    finally:
+        status = a.close()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if b is not None:
+            b.close()
+
+
+def test_agent_without_etcd_quorum_answers_within_its_timeout(tmp_path, etcd):
+    settings = hadaemon.ClusterSettings(etcd=tuple(etcd.endpoints), name="q", node="a", ttl=2)
+    a = FakeMaster(tmp_path, settings)
+    try:
+        lease = a.ask(t="renew", lease=None, ttl=2)["lease"]
+        epoch = a.ask(t="campaign", lease=lease, value={"node": "a"})["epoch"]
+        etcd.members[0].kill()
+        etcd.members[1].kill()
+        # A raft leader left alone renews leases until it notices (an election
+        # timeout later); then a renewal fails on every endpoint, ended by our own
+        # timeouts (etcd's own would take 7 s, or never come).
+        took = []
+
+        def renewal_fails():
+            started = time.monotonic()
+            renewed = a.ask(t="renew", lease=lease, ttl=2)
+            took.append(time.monotonic() - started)
+            return renewed.get("error")
+        error = wait_for(renewal_fails, timeout=10, interval=0.1, what="a renewal to fail")
+        assert "no etcd endpoint answered" in error and "timed out" in error, error
+        assert max(took) < 3, took
+        started = time.monotonic()
+        written = a.ask(t="txn", epoch=epoch, puts={"ledger/x": 1}, deletes=[])
+        assert written.get("unknown") is True, written
+        assert time.monotonic() - started < 3
+        # The epoch is stopped: nothing later of it is sent, even once etcd is back.
+        etcd.restart(etcd.members[0])
+        later = a.ask(t="txn", epoch=epoch, puts={"ledger/y": 1}, deletes=[])
+        assert later["ok"] is False and "earlier write" in later["error"]
+        errors = {e["endpoint"]: e["error"] for e in later["endpoints"]}
+        assert errors[etcd.members[1].url] == "Connection refused"
+    finally:
+        a.close()
