@@ -530,3 +530,178 @@ def test_agent_without_etcd_quorum_answers_within_its_timeout(tmp_path, etcd):
         assert errors[etcd.members[1].url] == "Connection refused"
     finally:
         a.close()
+
+
+# ============================================================================
+# The member's logic alone: quorum, the lease clock, roles (no process)
+# ============================================================================
+
+@pytest.mark.parametrize("current,seen,quorum,expected", [
+    ("master", {"a": "down"}, 1, "down"),
+    ("master", {"a": "down", "b": "master"}, 1, None),              # a tie keeps the state
+    ("master", {"a": "down", "b": "master", "c": "down"}, 2, "down"),
+    ("master", {"a": "down", "b": "master", "c": "master"}, 1, None),
+    ("master", {"a": "down"}, 2, None),                             # one watcher alone: nothing
+    ("master", {"a": "down", "b": "down"}, 2, "down"),
+    ("unknown", {"a": "master"}, 1, "master"),
+    ("unknown", {"a": "master", "b": "slave"}, 1, None),            # two candidates tie
+    ("unknown", {"a": "master", "b": "slave", "c": "slave"}, 1, "slave"),
+    ("master", {"a": "master", "b": "master"}, 1, None),
+    ("master", {}, 1, None),
+    ("master", {"a": "down", "b": "unknown", "c": "unknown"}, 2, "unknown"),
+])
+def test_agreed_state(current, seen, quorum, expected):
+    assert hadaemon.agreed_state(current, seen, quorum) == expected
+
+
+class Member:
+    """A ClusterMember with a pretend agent: the test answers its requests."""
+
+    def __init__(self, node="a", ttl=2, quorum=1):
+        settings = hadaemon.ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node=node, ttl=ttl,
+                                            quorum=quorum)
+        self.now = 100.0
+        self.m = hadaemon.ClusterMember(settings, self.now)
+        self.revision = 10
+
+    def tick(self, dt=0.0):
+        self.now += dt
+        self.m.tick(self.now)
+        return self.m.take_requests()
+
+    def reply(self, request, **fields):
+        self.m.on_message(dict(fields, t="reply", id=request["id"]), self.now)
+
+    def event(self, key, value=None, lease=0, create=None, delete=False):
+        self.revision += 1
+        self.m.on_message({"t": "events", "revision": self.revision, "events": [
+            {"type": "delete" if delete else "put", "key": key, "value": value, "lease": lease,
+             "create": create or self.revision, "mod": self.revision}]}, self.now)
+        return self.revision
+
+    def join(self, lease=7):
+        """Granted a lease, an empty snapshot: a follower."""
+        renew = self.tick()[0]
+        assert renew["t"] == "renew" and renew["lease"] is None
+        self.reply(renew, lease=lease, ttl=self.m.settings.ttl, granted=True)
+        self.m.on_message({"t": "snapshot", "revision": self.revision, "kvs": [], "last": True}, self.now)
+        assert self.m.role == "follower"
+
+    def lead(self):
+        """Join, campaign, win, see our key: the acting leader; returns the epoch."""
+        self.join()
+        campaign = next(r for r in self.tick() if r["t"] == "campaign")
+        self.reply(campaign, won=True, epoch=self.revision + 1)
+        assert self.m.role == "leader" and not self.m.acting      # not before the mirror shows it
+        assert self.m.may_start(self.now) is None
+        epoch = self.event("leader", {"node": self.m.node}, lease=self.m.lease)
+        assert self.m.acting and ("acting", epoch) in self.m.notes
+        return epoch
+
+    def renew(self, dt, **answer):
+        """Let ``dt`` pass, then answer the renewal that is due."""
+        requests = self.tick(dt)
+        renew = next(r for r in requests if r["t"] == "renew")
+        self.reply(renew, **(answer or {"lease": self.m.lease, "ttl": self.m.settings.ttl}))
+        return renew
+
+
+def test_member_joins_publishes_its_view_and_campaigns():
+    t = Member()
+    t.join()
+    t.m.set_view({"db1": "master"})
+    requests = t.tick()
+    put = next(r for r in requests if r["t"] == "put")
+    assert put["key"] == "members/a" and put["value"]["hosts"] == {"db1": "master"} and put["lease"] == 7
+    assert next(r for r in requests if r["t"] == "campaign")["lease"] == 7
+    t.reply(put, revision=12)
+    assert t.tick() == []                       # nothing changed: nothing sent (no renewal due yet)
+    t.m.set_view({"db1": "master"})
+    assert [r["t"] for r in t.tick(0.5)] == ["renew"]       # a quarter ttl later
+
+
+def test_a_leader_acts_only_while_its_lease_clock_runs():
+    t = Member(ttl=2)
+    t.lead()
+    start = t.now
+    assert t.m.may_start(t.now) == pytest.approx(start + 1.0)   # renewed at start: stop half a ttl later
+    t.renew(0.5)
+    assert t.m.may_start(t.now) == pytest.approx(start + 0.5 + 1.0)
+    # A renewal fails: no new command, though the lease still runs; it is tried
+    # again soon, and one that succeeds lets commands start again.
+    t.renew(0.5, error="no etcd endpoint answered")
+    assert t.m.may_start(t.now) is None and t.m.role == "leader"
+    t.renew(0.125)
+    assert t.m.may_start(t.now) == pytest.approx(t.now + 1.0)
+    # Then they fail, answered or not: half a ttl after the last one sent that
+    # succeeded, the leader steps down.
+    last_good = t.now
+    t.renew(0.5, error="no etcd endpoint answered")
+    assert [r["t"] for r in t.tick(0.125)] == ["renew"]     # sent, never answered
+    t.tick(0.25)
+    assert t.now < last_good + 1.0 and t.m.stepping is None
+    t.tick(last_good + 1.0 - t.now)
+    assert t.m.stepping is not None and ("step_down", "its lease could not be renewed in time") in t.m.notes
+    assert t.m.stepping["kill_at"] <= t.m.valid_until - 0.5         # killed a quarter ttl before
+    t.m.stepped_down(t.now)
+    revoke = t.m.take_requests()
+    assert [r["t"] for r in revoke] == ["revoke"] and revoke[0]["lease"] == 7
+    assert t.m.role == "none" and t.m.lease is None and t.m.may_start(t.now) is None
+
+
+def test_a_leader_frozen_past_its_lease_steps_down_before_anything():
+    t = Member(ttl=2)
+    t.lead()
+    renew = t.tick(0.5)[0]                     # a renewal sent just before the freeze
+    t.now += 10                                # SIGSTOP ... SIGCONT
+    assert t.m.may_start(t.now) is None        # asked before the loop's tick: no
+    t.reply(renew, lease=7, ttl=2)             # the agent ran on: renewed, but from before
+    assert t.m.may_start(t.now) is None
+    t.tick()
+    assert t.m.stepping is not None and t.m.role == "leader"
+    assert t.m.status(t.now)["role"] == "follower"
+
+
+def test_a_leader_whose_key_goes_or_whose_write_fails_steps_down():
+    t = Member()
+    epoch = t.lead()
+    t.event("leader", delete=True)
+    assert t.m.stepping and "leader key is gone" in t.m.stepping["why"]
+    t = Member()
+    epoch = t.lead()
+    write = t.m.write({"ledger/meta": {"next_run": 2}})
+    assert write is not None
+    txn = t.m.take_requests()[-1]
+    assert txn["t"] == "txn" and txn["epoch"] == epoch
+    t.reply(txn, error="timed out", unknown=True)
+    assert ("written", write, "unknown", "timed out") in t.m.notes and t.m.stepping
+    assert t.m.write({"x": 1}) is None                  # no more writes once stepping down
+
+
+def test_a_campaign_won_whose_answer_was_lost_is_seen_in_the_mirror():
+    t = Member()
+    t.join()
+    campaign = next(r for r in t.tick() if r["t"] == "campaign")
+    t.reply(campaign, error="no answer", unknown=True)
+    assert t.m.role == "follower"
+    epoch = t.event("leader", {"node": "a"}, lease=7)
+    assert t.m.role == "leader" and t.m.epoch == epoch and t.m.acting
+
+
+def test_a_follower_sees_the_leader_and_every_view():
+    t = Member(node="b", quorum=2)
+    t.join(lease=8)
+    t.event("members/a", {"hosts": {"db1": "down"}}, lease=7)
+    t.event("leader", {"node": "a"}, lease=7)
+    assert [r["t"] for r in t.tick() if r["t"] == "campaign"] == []    # a leader exists
+    t.m.set_view({"db1": "master"})
+    assert t.m.leader() == ("a", t.revision)
+    assert t.m.views() == {"a": {"db1": "down"}, "b": {"db1": "master"}}
+    assert t.m.agreement({"db1": "master"}) == []                       # one of two: no
+    t.event("members/c", {"hosts": {"db1": "down"}}, lease=9)
+    assert t.m.agreement({"db1": "master"}) == [("db1", "down", ["a", "c"])]
+    t.event("members/c", delete=True)                                  # c's lease expired
+    assert t.m.agreement({"db1": "master"}) == []
+    doc = t.m.status(t.now)
+    assert (doc["role"], doc["leader"], doc["quorum"]) == ("follower", "a", 2)
+    assert doc["members"] == {"a": {"hosts": {"db1": "down"}}, "b": {"hosts": {"db1": "master"}}}
