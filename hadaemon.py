@@ -1702,6 +1702,7 @@ class ProcResult:
     timed_out: bool = False
     error: typing.Optional[str] = None
     duration: float = 0.0
+    late: bool = False              # not started: past its ``not_after``
 
     def failure(self, timeout):
         """Why this run failed, or None when it exited 0."""
@@ -1760,7 +1761,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None):
+                master=None, on_spawn=None, not_after=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -1768,8 +1769,11 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     its group is killed, so nothing it forked outlives it.  If the ``master``
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
+    Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     """
     started = time.monotonic()
+    if not_after is not None and started >= not_after:
+        return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
     actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
@@ -2034,14 +2038,29 @@ def action_main(sock_path, config_dir):
     env.update(run["env"])
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
+        not_after = None
+        if run.get("confirm"):
+            # A cluster's leader: before each command the master says whether it still
+            # leads, and until when (by its lease clock) this command may start.
+            chan.send({"t": "may", "run": run["id"], "index": index})
+            answer = chan.receive()
+            if answer is None:
+                return 0
+            if answer.get("t") != "go" or not isinstance(answer.get("until"), (int, float)):
+                outcome, reason = "interrupted", answer.get("reason") or "the leader stepped down"
+                break
+            not_after = answer["until"]
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
 
         def announce(pid, index=index):
             # The master kills this group if we die before the command ends.
             chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock, on_spawn=announce)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after)
         failure = res.failure(cmd["timeout"])
+        if res.late:
+            outcome, reason = "interrupted", failure
+            break
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
                    "duration": round(res.duration, 6), "truncated": res.truncated,
