@@ -705,3 +705,412 @@ def test_a_follower_sees_the_leader_and_every_view():
     doc = t.m.status(t.now)
     assert (doc["role"], doc["leader"], doc["quorum"]) == ("follower", "a", 2)
     assert doc["members"] == {"a": {"hosts": {"db1": "down"}}, "b": {"hosts": {"db1": "master"}}}
+
+
+# ============================================================================
+# Three daemons on one etcd: the scenarios
+# ============================================================================
+#
+# Each daemon has its own config dir, state dir and world (the files its check
+# reads: so each member can see something else).  Every action command appends to
+# one shared log: a "start" line (node, epoch, time, run, command, host,
+# transition), a "beat" every 50 ms while it runs, and an "end" line; so a test
+# can tell who ran what, and that no two commands ran at the same moment (a
+# command killed with SIGKILL ran until its last beat, at most 50 ms before).
+
+ACT = """#!/bin/bash
+log=%(log)s
+echo "start $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1 $HA_HOST $HA_TRANSITION $HA_CLUSTER" >> "$log"
+steps=$(cat %(steps)s 2>/dev/null || echo 2)
+for ((i = 0; i < steps; i++)); do
+    sleep 0.05
+    echo "beat $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1" >> "$log"
+done
+echo "end $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1" >> "$log"
+"""
+
+
+class Command:
+    """One action command as the shared log saw it."""
+
+    def __init__(self, fields):
+        self.node, self.epoch, self.start, self.run, self.index = \
+            fields[1], int(fields[2]), float(fields[3]), int(fields[4]), int(fields[5])
+        self.host, self.transition, self.cluster = fields[6], fields[7], fields[8]
+        self.last = self.start          # its last sign of life
+        self.ended = False
+
+    def __repr__(self):
+        return "<run %d cmd %d on %s epoch %d %.3f-%.3f%s>" % (
+            self.run, self.index, self.node, self.epoch, self.start, self.last, "" if self.ended else " cut")
+
+
+class HaCluster:
+    """Three hadaemon daemons (nodes a, b, c) in one cluster on the ``etcd`` fixture."""
+
+    def __init__(self, tmp_path, etcd, nodes=("a", "b", "c"), ttl=2, quorum=1, interval="150ms",
+                 confirm=1, hosts=("db1", "db2")):
+        from conftest import Daemon
+        self.etcd = etcd
+        self.log = tmp_path / "actions.log"
+        self.steps = tmp_path / "steps"
+        self.ttl, self.interval = ttl, hadaemon.parse_duration(interval)
+        self.daemons = {}
+        for node in nodes:
+            d = Daemon(tmp_path / node)
+            d.role_check()
+            d.script("actions/act", ACT.split("\n", 1)[1] % {"log": self.log, "steps": self.steps},
+                     shebang="#!/bin/bash")
+            d.write("checks.conf", """
+                [daemon]
+                interval = %s
+                confirm = %d
+                workers = 1
+                action_timeout = 20s
+
+                [cluster]
+                etcd = %s
+                name = test
+                node = %s
+                ttl = %ds
+                quorum = %d
+
+                [local]
+                %s
+            """ % (interval, confirm, ", ".join(etcd.endpoints), node, ttl, quorum,
+                   "\n                ".join("check_role %s" % h for h in hosts)))
+            d.write("actions.conf", """
+                [any_to_any]
+                act 1
+                act 2
+            """)
+            self.daemons[node] = d
+
+    # -- the world -------------------------------------------------------------------
+
+    def set(self, host, state, nodes=None):
+        for node in nodes or self.daemons:
+            self.daemons[node].set(host, state)
+
+    def command_length(self, steps):
+        """How many 50 ms beats each command lasts from now on."""
+        self.steps.write_text("%d\n" % steps)
+
+    # -- the daemons -----------------------------------------------------------------
+
+    def start(self, *nodes):
+        for node in nodes or self.daemons:
+            self.daemons[node].start(wait=False)
+        for node in nodes or self.daemons:
+            d = self.daemons[node]
+            wait_for(lambda: d.proc.poll() is not None or d.running(), timeout=20,
+                     what="daemon %s to answer" % node)
+            assert d.proc.poll() is None, "daemon %s exited at start:\n%s" % (node, d.tail())
+
+    def up(self):
+        return [n for n, d in self.daemons.items() if d.proc is not None and d.proc.poll() is None]
+
+    def status(self, node):
+        try:
+            return self.daemons[node].ask("status", timeout=5)
+        except (OSError, hadaemon.HadaemonError):
+            return None
+
+    def clusters(self):
+        """node -> daemon.cluster of every daemon that answers."""
+        out = {}
+        for node in self.up():
+            doc = self.status(node)
+            if doc is not None:
+                out[node] = doc["daemon"]["cluster"]
+        return out
+
+    def leader(self, timeout=None, without=()):
+        """(node, epoch) once every live daemon agrees on one acting leader."""
+        def agreed():
+            docs = self.clusters()
+            if not docs or any(n not in docs for n in self.up()):
+                return None
+            leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
+            if len(leaders) != 1:
+                return None
+            node, epoch = leaders.pop()
+            if node is None or node in without or node not in docs:
+                return None
+            if docs[node]["role"] != "leader" or not docs[node].get("acting"):
+                return None
+            if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
+                return None
+            return node, epoch
+        return wait_for(agreed, timeout=timeout or 4 * self.ttl + 10, interval=0.05,
+                        what="the daemons to agree on a leader (%s)" % self.tails())
+
+    def ledger(self, node=None):
+        """--history of one daemon (the leader's by default): transitions by id, runs by id."""
+        node = node or self.up()[0]
+        entries = self.daemons[node].ask("history", n=100000)["history"]
+        trs, runs = {}, {}
+        for entry in entries:
+            run = entry.get("run")
+            trs[entry["id"]] = dict(entry, run=run["id"] if run else None)
+            if run:
+                runs[run["id"]] = run
+        return trs, runs
+
+    def settled(self, expect, node=None):
+        """True when the ledger holds ``expect`` (host -> state) and no run is left to run."""
+        node = node or self.up()[0]
+        doc = self.status(node)
+        if doc is None:
+            return False
+        states = {h: v["state"] for h, v in doc["hosts"].items()}
+        if any(states.get(h) != s for h, s in expect.items()):
+            return False
+        return not doc["daemon"]["queue"] and all(r["state"] not in ("queued", "running")
+                                                    for r in doc["runs"])
+
+    def wait_settled(self, expect, timeout=30):
+        wait_for(lambda: all(self.settled(expect, n) for n in self.up()), timeout=timeout,
+                 interval=0.1, what="every daemon to show %s, nothing left to run (%s)" % (expect, self.tails()))
+
+    def commands(self):
+        """Every command of the shared log, in the order they started."""
+        found = {}
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            fields = line.split()
+            key = (fields[1], fields[4], fields[5])         # node, run, command
+            if fields[0] == "start":
+                found[key] = Command(fields)
+            elif key in found:
+                found[key].last = max(found[key].last, float(fields[3]))
+                found[key].ended = found[key].ended or fields[0] == "end"
+        return sorted(found.values(), key=lambda c: c.start)
+
+    def overlaps(self, commands=None):
+        """Pairs of commands that ran at the same moment (one started before the other's last beat)."""
+        commands = commands if commands is not None else self.commands()
+        out = []
+        for i, c in enumerate(commands):
+            for other in commands[i + 1:]:
+                if other.start < c.last:
+                    out.append((c, other))
+        return out
+
+    def tails(self):
+        return "\n".join("--- %s:\n%s" % (n, d.tail(15)) for n, d in self.daemons.items())
+
+    def cleanup(self):
+        for d in self.daemons.values():
+            d.cleanup()
+
+
+@pytest.fixture
+def ha(tmp_path, etcd):
+    """Make an HaCluster with ``ha(**settings)``; every daemon is killed at teardown."""
+    made = []
+
+    def make(**kwargs):
+        cluster = HaCluster(tmp_path, etcd, **kwargs)
+        made.append(cluster)
+        return cluster
+    yield make
+    for cluster in made:
+        cluster.cleanup()
+
+
+def sequences(commands):
+    """run id -> the nodes that started its first command (more than one: it ran twice)."""
+    out = {}
+    for c in commands:
+        if c.index == 1:
+            out.setdefault(c.run, []).append(c.node)
+    return out
+
+
+def test_one_member_acts(ha):
+    """Every sequence runs exactly once, on the leader; all agree on leader and epoch."""
+    cl = ha()
+    cl.set("db1", "master")
+    cl.set("db2", "slave")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master", "db2": "slave"})
+    cl.set("db1", "slave")
+    cl.set("db2", "master")
+    cl.wait_settled({"db1": "slave", "db2": "master"})
+    assert cl.leader(timeout=5) == (leader, epoch)
+    trs, runs = cl.ledger(leader)
+    assert sorted((t["host"], t["from"], t["to"]) for t in trs.values()) == [
+        ("db1", "master", "slave"), ("db1", "unknown", "master"),
+        ("db2", "slave", "master"), ("db2", "unknown", "slave")]
+    assert sorted(trs) == list(range(1, 5))
+    assert all(r["state"] == "ok" for r in runs.values()), runs
+    commands = cl.commands()
+    assert sequences(commands) == {run: [leader] for run in runs}
+    assert len(commands) == 2 * len(runs) and all(c.ended for c in commands)
+    assert {(c.node, c.epoch, c.cluster) for c in commands} == {(leader, epoch, "test")}
+    assert cl.overlaps(commands) == []
+    # Every member holds the same ledger in its own state db.
+    for node in cl.daemons:
+        assert cl.ledger(node) == (trs, runs)
+    for node, doc in cl.clusters().items():
+        assert set(doc["members"]) == {"a", "b", "c"}
+        assert doc["members"][node]["hosts"] == {"db1": "slave", "db2": "master"}
+        assert all(e["ok"] for e in doc["etcd"]), doc["etcd"]
+
+
+def test_leader_killed_mid_sequence(ha):
+    """kill -9 of the leader while its command runs: a new leader within ttl plus an
+    interval, the run interrupted and never run again, later transitions run once."""
+    cl = ha()
+    cl.set("db1", "master")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master"})
+    cl.command_length(40)                               # 2 s per command
+    cl.set("db1", "slave")
+    started = wait_for(lambda: [c for c in cl.commands() if c.transition == "master_to_slave"],
+                       timeout=15, what="the sequence to start")[0]
+    assert started.node == leader
+    cl.daemons[leader].kill9()
+    killed = time.monotonic()
+    new, new_epoch = cl.leader(without=(leader,))
+    took = time.monotonic() - killed
+    assert new != leader and new_epoch > epoch
+    cl.command_length(2)
+    cl.wait_settled({"db1": "slave"})
+    trs, runs = cl.ledger(new)
+    run = runs[started.run]
+    assert run["state"] == "interrupted", run
+    # A later transition runs once, on the new leader, with its epoch.
+    cl.set("db1", "master")
+    cl.wait_settled({"db1": "master"})
+    trs, runs = cl.ledger(new)
+    assert [t["to"] for t in trs.values()] == ["master", "slave", "master"]
+    commands = cl.commands()
+    assert sequences(commands) == {r: [leader if r <= started.run else new] for r in runs}
+    assert [c for c in commands if c.run == started.run] == [started]     # never run again
+    last = [c for c in commands if c.run == max(runs)]
+    assert [(c.node, c.epoch, c.ended) for c in last] == [(new, new_epoch, True)] * 2
+    assert cl.overlaps(commands) == []
+    hadaemon_figure("leader kill -9 -> new leader acting in %.2fs (ttl %ds, interval %s)"
+                    % (took, cl.ttl, hadaemon.format_duration(cl.interval)))
+
+
+def hadaemon_figure(line):
+    from conftest import figure
+    figure("cluster: " + line)
+
+
+def test_quorum_of_two(ha):
+    """One member seeing db1 down changes nothing; when a second does, it fails over once."""
+    cl = ha(quorum=2)
+    cl.set("db1", "master")
+    cl.start()
+    leader, _ = cl.leader()
+    cl.wait_settled({"db1": "master"})
+    before = len(cl.commands())
+    lonely = next(n for n in cl.daemons if n != leader)
+    cl.set("db1", "down", nodes=[lonely])
+    # Every member (the leader too) sees the lonely view; nothing moves.
+    wait_for(lambda: all(doc["members"].get(lonely, {}).get("hosts", {}).get("db1") == "down"
+                         for doc in cl.clusters().values()), timeout=10, what="the view to spread")
+    for _ in range(5):
+        time.sleep(cl.interval)
+        assert cl.status(leader)["hosts"]["db1"]["state"] == "master"
+    assert len(cl.commands()) == before
+    second = next(n for n in cl.daemons if n not in (leader, lonely))
+    cl.set("db1", "down", nodes=[second])
+    cl.wait_settled({"db1": "down"})
+    trs, runs = cl.ledger(leader)
+    assert [(t["from"], t["to"]) for t in trs.values()] == [("unknown", "master"), ("master", "down")]
+    assert [c.transition for c in cl.commands()[before:]] == ["master_to_down"] * 2
+    # The leader itself still sees master: two of three see down, the tie-breaker is the count.
+    assert cl.status(leader)["daemon"]["cluster"]["members"][leader]["hosts"]["db1"] == "master"
+    assert cl.overlaps() == []
+
+
+def test_etcd_quorum_lost(ha, etcd):
+    """Two of three etcd members gone: nobody starts a command; back: the change is
+    acted on once and nothing recorded is lost."""
+    cl = ha()
+    cl.set("db1", "master")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master"})
+    trs_before, runs_before = cl.ledger(leader)
+    before = len(cl.commands())
+    raft_leader = etcd.leader()
+    dead = [raft_leader] + [m for m in etcd.members if m is not raft_leader][:1]
+    for m in dead:
+        m.kill()
+    cl.set("db1", "slave")
+    # Every member notices, each its own way: none stays acting, all keep checking.
+    wait_for(lambda: all(doc["role"] == "none" for doc in cl.clusters().values()), timeout=4 * cl.ttl + 5,
+             what="every member to leave the cluster (%s)" % cl.tails())
+    lost_at = time.monotonic()
+    wait_for(lambda: time.monotonic() > lost_at + cl.ttl, timeout=cl.ttl + 1)
+    assert len(cl.commands()) == before, cl.commands()[before:]
+    for node in cl.daemons:
+        doc = cl.status(node)
+        assert doc["hosts"]["db1"]["state"] == "master"              # the copy in each db
+        assert doc["daemon"]["cluster"]["members"] == {} or node not in doc["daemon"]["cluster"]["members"]
+    for m in dead:
+        etcd.restart(m)
+    cl.wait_settled({"db1": "slave"}, timeout=30)
+    new, new_epoch = cl.leader()
+    assert new_epoch > epoch
+    trs, runs = cl.ledger(new)
+    assert {k: trs[k] for k in trs_before} == trs_before                # nothing lost
+    assert [(t["from"], t["to"]) for t in trs.values()] == [("unknown", "master"), ("master", "slave")]
+    later = cl.commands()[before:]
+    assert [(c.transition, c.node) for c in later] == [("master_to_slave", new)] * 2
+    assert cl.overlaps() == []
+
+
+def test_frozen_leader_starts_nothing_after_it_thaws(ha):
+    """SIGSTOP the leader past its lease, SIGCONT: no command from it after it thaws."""
+    cl = ha()
+    cl.set("db1", "master")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master"})
+    cl.command_length(6)                                # 0.3 s per command
+    cl.set("db1", "slave")
+    first = wait_for(lambda: [c for c in cl.commands() if c.transition == "master_to_slave"],
+                     timeout=15, what="the sequence to start")[0]
+    # Frozen while its first command runs: the command ends, the second waits for it.
+    master = cl.daemons[leader].proc.pid
+    os.kill(master, signal.SIGSTOP)
+    try:
+        others = [n for n in cl.daemons if n != leader]
+
+        def took_over():
+            docs = {n: cl.status(n) for n in others}
+            leaders = {(d["daemon"]["cluster"]["leader"], d["daemon"]["cluster"]["epoch"])
+                       for d in docs.values() if d}
+            return len(leaders) == 1 and next(iter(leaders))[0] in others and next(iter(leaders))
+        new, new_epoch = wait_for(took_over, timeout=4 * cl.ttl + 10, interval=0.05,
+                                  what="another member to lead")
+        cl.set("db1", "master")                         # something for both to act on
+        wait_for(lambda: [c for c in cl.commands() if c.node == new], timeout=15,
+                 what="the new leader to act")
+    finally:
+        thawed = time.time()
+        os.kill(master, signal.SIGCONT)
+    cl.wait_settled({"db1": "master"})
+    wait_for(lambda: cl.status(leader) and cl.status(leader)["daemon"]["cluster"]["role"] == "follower",
+             timeout=10, what="the thawed member to follow")
+    cl.set("db1", "slave")
+    cl.wait_settled({"db1": "slave"})
+    commands = cl.commands()
+    late = [c for c in commands if c.node == leader and c.start > thawed]
+    assert late == [], late
+    assert new_epoch > epoch
+    trs, runs = cl.ledger(new)
+    assert runs[first.run]["state"] == "interrupted", runs[first.run]
+    assert cl.overlaps(commands) == []
