@@ -3284,8 +3284,8 @@ class ControlServer:
     """The listener and its connections on the master's selector.
 
     What a message means is the master's: ``on_result(job, msg)`` for a worker's
-    result, ``on_event(child, msg)`` for an action run's events, ``answer(msg)``
-    for a control verb (its answer is sent back).
+    result, ``on_event(child, msg)`` for what an action run or the cluster agent
+    says, ``answer(msg)`` for a control verb (its answer is sent back).
     """
 
     def __init__(self, sel, path, pool, on_result, on_event, answer):
@@ -3366,7 +3366,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role == "action":
+        elif conn.role in ("action", "cluster"):
             self.on_event(conn.child, msg)
         else:
             self.send(conn, self.answer(msg))
@@ -4465,8 +4465,9 @@ class ClusterMember:
         return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
 
     def write(self, puts, deletes=()):
-        """A guarded ledger write of ours as leader: its request id (None when not leading)."""
-        if self.role != "leader" or self.stepping is not None:
+        """A guarded ledger write of ours as leader (stepping down too: the run it ends is
+        recorded if etcd still takes it): its request id, None when not leading."""
+        if self.role != "leader":
             return None
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
@@ -4482,6 +4483,412 @@ class ClusterMember:
                           "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
                          for e in self.endpoints],
                 "ttl": self.settings.ttl, "acting": self.acting, "requests": self.requests}
+
+
+# ============================================================================
+# Cluster ledger: the Ledger kept in etcd, written by the leader alone (SPEC §10)
+# ============================================================================
+#
+# The Ledger's verbs over a ledger that lives in etcd:
+#
+#   report()     a member's own confirm (SPEC §4) decides what it *sees*: its view,
+#                published under members/NODE on its lease.  No member accepts a
+#                state by itself.
+#   agree()      the acting leader moves each host that quorum live members see in
+#                a new state through accept(), as a local daemon's confirmed
+#                reports do; runs are queued, dequeued, recorded the same way.
+#   commit       through LeaderGate: each change set of the leader becomes one etcd
+#                txn guarded by its leader key (ClusterMember.write).  The local state
+#                db is written only from what etcd holds (the mirror), the leader's
+#                own writes included: a read copy for --status when etcd is down.
+#   mirrored()   a follower takes each ledger change from the mirror; a leader, whose
+#                memory runs ahead of etcd by its writes in flight, reads the ledger
+#                whole when it takes over, and again when it steps down.
+#
+# Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
+# ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
+# they sort; the leader deletes what falls out of its history).
+
+ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
+
+
+def _etcd_run(run):
+    """A run as etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP."""
+    run = dict(run, commands=[dict(c) for c in run.get("commands", [])])
+    for cmd in run["commands"]:
+        result = cmd.get("result")
+        if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
+            cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
+    return run
+
+
+def ledger_to_etcd(changes, cap):
+    """A Ledger change set (state db keys) -> (puts, deletes) of etcd keys."""
+    puts, deletes = {}, []
+    for key, value in changes.items():
+        kind = key.split(":", 1)[0]
+        if kind == "host":
+            puts[LEDGER_KEYS + "host/" + key[5:]] = {"state": value["state"], "since": value["since"]}
+        elif kind in ("tr", "run"):
+            puts[LEDGER_KEYS + "%s/%010d" % (kind, value["id"])] = \
+                _etcd_run(value) if kind == "run" else value
+            if cap and value["id"] > cap:
+                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, value["id"] - cap))
+        elif key == "queue":
+            puts[LEDGER_KEYS + "queue"] = list(value)
+        elif key == "meta":
+            puts[LEDGER_KEYS + "meta"] = {k: value[k] for k in ("next_transition", "next_run")}
+    return puts, deletes
+
+
+def ledger_from_etcd(key, value, cap):
+    """One etcd ledger key -> (state db key, value), or None (not a ledger key, or
+    a value of the wrong shape: a hand-edited etcd must not take the daemon down)."""
+    if not key.startswith(LEDGER_KEYS) or value is None:
+        return None
+    name = key[len(LEDGER_KEYS):]
+    kind, _, rest = name.partition("/")
+    if kind == "host" and isinstance(value, dict):
+        local, value = "host:" + rest, {"state": value.get("state"), "since": value.get("since"),
+                                        "pending": None, "count": 0}
+    elif kind in ("tr", "run") and rest.isdigit() and cap:
+        local = "%s:%d" % (kind, int(rest) % cap)
+    elif name in ("queue", "meta"):
+        local = name
+    else:
+        return None
+    return (local, value) if well_formed(local, value) else None
+
+
+class LeaderGate:
+    """The store a ClusterLedger writes through: reads and soft values go to the local
+    state db, commits to etcd as the leader's guarded writes."""
+
+    def __init__(self, store, ledger):
+        self.store, self.ledger = store, ledger
+
+    @property
+    def data(self):
+        return self.store.data
+
+    def soft(self, key, value):
+        self.store.soft(key, value)
+
+    def commit(self, changes):
+        puts, deletes = ledger_to_etcd(changes, self.ledger.cap)
+        if not puts and not deletes:
+            return
+        rid = self.ledger.member.write(puts, deletes)
+        if rid is None:
+            # Only the leader decides; a change here while not leading is a bug.
+            log.error("cluster: a ledger change while not leading was dropped: %s",
+                      ", ".join(sorted(puts)))
+            return
+        self.ledger.last_write = rid
+
+
+class ClusterLedger(Ledger):
+    """The ledger of a cluster member; see the comment above."""
+
+    def __init__(self, store, state_dir, config, member):
+        super().__init__(LeaderGate(store, self), state_dir, config)
+        self.local = store
+        self.member = member
+        self.seen = {}                  # host -> {state, pending, count}: what this member sees
+        self.views_changed = False      # the leader has views to weigh
+        self.last_write = 0             # request id of our newest ledger write
+        self.acked = 0                  # ... and of the newest etcd acknowledged
+
+    @property
+    def paused(self):
+        return self.member.paused()
+
+    def open(self, now):
+        """Load the local copy: --status shows it until etcd's ledger arrives.  Only a
+        leader, from etcd's ledger, decides what happened to runs that were running."""
+        self.load(self.local.data)
+        self.meta["paused"] = False
+
+    def set_paused(self, paused):
+        self.member.set_pause(paused)
+
+    # -- what this member sees ---------------------------------------------------------
+
+    def report(self, host, state, check, now):
+        """SPEC §4 against this member's own view: a confirmed state changes the view."""
+        self.reports[host] = {"time": now, "check": check.name, "state": state}
+        self.reports_changed = True
+        seen = self.seen.get(host) or {"state": "unknown", "pending": None, "count": 0}
+        if state == seen["state"]:
+            if seen["pending"] is not None:
+                self.seen[host] = dict(seen, pending=None, count=0)
+            return None
+        seen = dict(seen)
+        if seen["pending"] == state:
+            seen["count"] += 1
+        else:
+            seen["pending"], seen["count"] = state, 1
+        if seen["count"] < check.group.confirm:
+            self.seen[host] = seen
+            return None
+        log.info("host %s: %s sees %s (by %s)", host, self.member.node, state, check.name)
+        self.seen[host] = {"state": state, "pending": None, "count": 0}
+        self.member.set_view({h: r["state"] for h, r in self.seen.items()})
+        self.views_changed = True
+        return None
+
+    def agree(self, now):
+        """The acting leader: every host that quorum live members see in a new state moves."""
+        if not self.views_changed or not self.member.acting:
+            return
+        self.views_changed = False
+        for host, state, voters in self.member.agreement(self.states()):
+            self.accept(host, state, "cluster: %s" % ",".join(voters), now)
+
+    # -- what etcd holds -----------------------------------------------------------------
+
+    def mirrored(self, keys):
+        """Mirror changes: into the local copy always; into memory unless we lead."""
+        cap, changes = self.cap, {}
+        for key in keys:
+            kv = self.member.mirror.get(key)
+            entry = ledger_from_etcd(key, kv and kv.get("value"), cap)
+            if entry is not None:
+                changes[entry[0]] = entry[1]
+        if any(k.startswith(MEMBER_KEYS) or k == PAUSE_KEY for k in keys):
+            self.views_changed = True
+        if "meta" in changes or PAUSE_KEY in keys:
+            meta = changes.get("meta") or self.local.data.get("meta") or {}
+            changes["meta"] = dict(meta, paused=self.member.paused())
+        if changes:
+            self.local.commit(changes)
+            if self.member.role != "leader":
+                self.reload()
+
+    def reload(self):
+        """Memory becomes what etcd holds (our writes in flight are dropped)."""
+        cap, data = self.cap, {}
+        for key, kv in self.member.mirror.items():
+            entry = ledger_from_etcd(key, kv.get("value"), cap)
+            if entry is not None:
+                data[entry[0]] = entry[1]
+        self.hosts, self.transitions, self.runs, self.queue = {}, collections.deque(), \
+            collections.OrderedDict(), []
+        self.load(data)
+        self.meta["paused"] = False
+
+    def take_over(self, now):
+        """We lead now: the ledger as etcd holds it, with every earlier leader's writes;
+        what was running under one of them is interrupted, never run again."""
+        self.reload()
+        for run in list(self.runs.values()):
+            if run["state"] == "running":
+                self.finish(run, "interrupted", "its leader (%s, epoch %s) lost the lead while it ran"
+                            % (run.get("node", "?"), run.get("epoch", "?")), now)
+        self.views_changed = True
+        log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
+                 self.member.settings.name, self.member.node, len(self.hosts), len(self.transitions),
+                 len(self.runs), len(self.queue))
+
+    def written(self, rid, result):
+        if result == "ok":
+            self.acked = max(self.acked, rid)
+
+    def status(self, last=20):
+        doc = super().status(last)
+        for host, entry in doc["hosts"].items():
+            seen = self.seen.get(host) or {}
+            entry["pending"] = {"state": seen["pending"], "count": seen["count"]} \
+                if seen.get("pending") else None
+        return doc
+
+    def new_run(self, tr, section, changes, now):
+        """The run, with the variables it was expanded with: the member that runs it may
+        be another leader, which expands the section of its own actions.conf with them."""
+        run = super().new_run(tr, section, changes, now)
+        run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+        return run
+
+
+def cluster_reload_problem(old, new):
+    """Why a reload cannot apply this [cluster] change (a restart can), or None."""
+    if (old is None) != (new is None):
+        return "[cluster] %s: restart the daemon to %s the cluster" % (
+            "added" if new else "removed", "join" if new else "leave")
+    if old is None:
+        return None
+    fixed = ("etcd", "name", "node", "etcd_ca", "etcd_cert", "etcd_key")
+    changed = [k for k in fixed if getattr(old, k) != getattr(new, k)]
+    if changed:
+        return "%s: [cluster] %s changed: restart the daemon to apply it (quorum and ttl " \
+               "apply on reload)" % (new.where, ", ".join(changed))
+    return None
+
+
+class ClusterLink:
+    """The cluster as a part of the master: the agent (a child in the Pool), the member
+    and the cluster ledger.  The master calls ``tick`` every pass of its loop, hands it
+    the agent's messages, and asks it before an action command starts."""
+
+    def __init__(self, ledger, pool, server):
+        self.ledger, self.member = ledger, ledger.member
+        self.pool, self.server = pool, server
+        self.agent_after = 0.0          # no agent forked before (after quick deaths)
+        self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
+        self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
+
+    def agent(self):
+        return next((c for c in self.pool.children.values() if c.kind == "cluster"), None)
+
+    def tick(self, now, config):
+        """One pass: keep the agent, send what the member asks, act on what it noted."""
+        agent = self.agent()
+        if agent is None and self.leave_by is None and now >= self.agent_after:
+            self.pool.fork("cluster", cluster_agent_main, self.pool.sock_path, self.member.settings)
+        elif agent is not None and agent.conn is not None:
+            if self.leave_by is None:
+                self.member.tick(now)
+            for request in self.member.take_requests():
+                self.server.send(agent.conn, request)
+        while self.member.notes:
+            note = self.member.notes.popleft()
+            if note[0] == "mirror":
+                self.ledger.mirrored(note[1])
+            elif note[0] == "acting":
+                self.ledger.take_over(time.time())
+            elif note[0] == "written":
+                self.ledger.written(note[1], note[2])
+            elif note[0] == "paused" and note[2]:
+                log.error("cluster: pause / resume not written: %s", note[2])
+        if self.member.stepping is not None:
+            self.stepping(now)
+        elif self.leave_by is not None and agent is not None and agent.kill_at is None and \
+                (now >= self.leave_by or not self.member.inflight):
+            agent.signal(signal.SIGTERM, now + KILL_GRACE)
+        if self.leave_by is None:
+            self.ledger.agree(time.time())
+            self.start_next_run(config)
+
+    def stepping(self, now):
+        """Stepping down: the running command gets SIGTERM, SIGKILL by kill_at; then resign."""
+        self.handoff = None
+        step = self.member.stepping
+        child = self.pool.action_child()
+        if child is not None:
+            if not step.get("termed"):
+                step["termed"] = True
+                if child.pgid:
+                    killpg_quietly(child.pgid, signal.SIGTERM)
+            if now >= step["kill_at"] and not step.get("killed"):
+                step["killed"] = True
+                if child.pgid:
+                    killpg_quietly(child.pgid, signal.SIGKILL)
+                child.signal(signal.SIGKILL, now + KILL_GRACE)
+            return
+        self.member.stepped_down(now)
+        self.ledger.reload()
+
+    def start_next_run(self, config):
+        """The acting leader runs the queue: each run is recorded running in etcd, and
+        only once etcd acknowledged that is it handed to its action run."""
+        if not self.member.acting:
+            return
+        child = self.pool.action_child()
+        if self.handoff is not None:
+            run, rid = self.handoff
+            if child is None or child.run_id != run["id"]:
+                self.handoff = None             # its action run died: recorded by action_exited
+            elif self.ledger.acked >= rid:
+                self.handoff = None
+                self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)})
+            return
+        if child is not None:
+            return
+        run = self.ledger.head()
+        if run is None:
+            return
+        now = time.time()
+        if self.ledger.paused:
+            self.ledger.dequeue(run, "skipped", "paused", now)
+            return
+        section = config.section_for(run["host"], run["from"], run["to"])
+        try:
+            if section is None or section.name != run["section"]:
+                raise ValueError("no section [%s] in this member's %s" % (
+                    run["section"], os.path.join(config.config_dir, "actions.conf")))
+            commands = expand_commands(section, run.get("variables") or {})
+        except ValueError as exc:
+            self.ledger.dequeue(run, "failed", str(exc), now)
+            return
+        child = self.pool.runner(config.config_dir)
+        if child is None:
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
+            return
+        if child.conn is None:
+            return                      # not connected yet: a later pass hands it the run
+        settings = self.member.settings
+        run["commands"], run["node"], run["epoch"] = commands, settings.node, self.member.epoch
+        run["env"] = dict(run["env"], HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=self.ledger.state_dir,
+                          HA_CLUSTER=settings.name, HA_NODE=settings.node,
+                          HA_LEADER_EPOCH=str(self.member.epoch))
+        before = self.ledger.last_write
+        self.ledger.dequeue(run, "running", None, now)
+        if self.ledger.last_write == before:
+            return                      # not written (no longer leading): nothing handed
+        child.run_id = run["id"]
+        self.handoff = (run, self.ledger.last_write)
+
+    def next_wake(self, now):
+        """When the loop must pass again for the cluster, at the latest."""
+        member = self.member
+        if member.outbox or member.notes:
+            return now
+        times = [member.next_renew]
+        if member.stepping is not None:
+            times.append(member.stepping["kill_at"])
+        elif member.role == "leader" and member.valid_until is not None:
+            times.append(member.stop_at())
+        if member.valid_until is not None:
+            times.append(member.valid_until)
+        return min(times)
+
+    def may(self):
+        """The answer to an action run that asks before its next command."""
+        until = self.member.may_start(time.monotonic())
+        if until is None:
+            why = (self.member.stepping or {}).get("why") or "its lease is not renewed"
+            return {"t": "stop", "reason": "the leader may not start commands: %s" % why}
+        return {"t": "go", "until": until}
+
+    def interrupted(self):
+        """Why a run ends now, if the leader is stepping down (None otherwise)."""
+        step = self.member.stepping
+        return "the leader stepped down: %s" % step["why"] if step else None
+
+    def agent_exited(self, child, how, stopping):
+        self.member.agent_lost(time.monotonic())
+        if stopping or self.leave_by is not None:
+            return
+        log.error("cluster agent %d died (%s); replacing it", child.pid, how)
+        if time.monotonic() - child.started < 1.0:
+            self.agent_after = time.monotonic() + 1.0
+
+    def stop(self, now):
+        """The daemon stops: a leader steps down (its command ended, its run interrupted),
+        then the lease is revoked, and the agent goes."""
+        if self.member.role == "leader":
+            self.member.step_down("the daemon stops", now)
+        elif self.member.lease is not None:
+            self.member.stepped_down(now)
+        self.leave_by = now + 2.0 + self.member.settings.ttl / 4.0
+
+    def reconfigure(self, settings):
+        """quorum and ttl on reload (a new ttl with the next lease; the agent's timeouts too)."""
+        ttl_changed = settings.ttl != self.member.settings.ttl
+        self.member.settings = settings
+        agent = self.agent()
+        if ttl_changed and agent is not None:
+            agent.signal(signal.SIGTERM, time.monotonic() + KILL_GRACE)
 
 
 # ============================================================================
@@ -4544,12 +4951,17 @@ class Master:
         self.ready_fd = ready_fd
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
-        self.ledger = Ledger(self.store, state_dir, config)
+        if config.cluster is None:
+            self.ledger = Ledger(self.store, state_dir, config)
+        else:
+            member = ClusterMember(config.cluster, time.monotonic())
+            self.ledger = ClusterLedger(self.store, state_dir, config, member)
         self.scheduler = Scheduler(once)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
-                                    self.check_finished, self.action_event, self.answer)
+                                    self.check_finished, self.child_event, self.answer)
+        self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.notifier = Notifier()
         self.signals = []
         self.stopping = False
@@ -4639,13 +5051,18 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             if self.stopping:
+                if self.cluster is not None:
+                    self.cluster.tick(now, self.config)     # step down, resign
                 if not self.pool.children or now >= self.stop_deadline:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
             self.scheduler.fire_due(now)
             self.dispatch(now)
-            self.start_next_run()
+            if self.cluster is None:
+                self.start_next_run()
+            else:
+                self.cluster.tick(now, self.config)
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
@@ -4659,6 +5076,8 @@ class Master:
             deadlines.append(self.scheduler.next_due())
         if self.notifier.watchdog:
             deadlines.append(self.next_watchdog)
+        if self.cluster is not None:
+            deadlines.append(self.cluster.next_wake(now))
         return max(0.0, min(deadlines) - now)
 
     def handle_signals(self):
@@ -4681,10 +5100,16 @@ class Master:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
+        problem = cluster_reload_problem(self.config.cluster, config.cluster)
+        if problem:
+            log.error("reload refused: %s", problem)
+            return [problem]
         self.notifier.send("RELOADING=1")
         log_changed = config.daemon.log != self.config.daemon.log
         self.config = self.ledger.config = config
         self.scheduler.configure(config.checks, time.monotonic())
+        if self.cluster is not None:
+            self.cluster.reconfigure(config.cluster)
         if log_changed:
             target = config.daemon.log or self.default_log
             if target == "stderr":
@@ -4716,6 +5141,8 @@ class Master:
         self.scheduler.ready.clear()
         now = time.monotonic()
         self.pool.stop(now)
+        if self.cluster is not None:
+            self.cluster.stop(now)
         action = self.pool.action_child()
         budget = 10.0
         if action is not None:
@@ -4765,6 +5192,8 @@ class Master:
                 self.worker_exited(child, how)
             elif child.kind == "ssh":
                 self.pool.ssh.reaped(child, how)
+            elif child.kind == "cluster":
+                self.cluster.agent_exited(child, how, self.stopping)
             else:
                 self.action_exited(child, how)
 
@@ -4802,8 +5231,16 @@ class Master:
         child.run_id = run["id"]
         self.server.send(child.conn, {"t": "run", "run": run})
 
+    def child_event(self, child, msg):
+        """What the cluster agent or an action run says."""
+        if child.kind == "cluster":
+            self.ledger.member.on_message(msg, time.monotonic())
+        else:
+            self.action_event(child, msg)
+
     def action_event(self, child, msg):
-        """The action run reports: a command started, spawned, ended; the sequence is done."""
+        """The action run reports: a command started, spawned, ended; the sequence is done;
+        in a cluster it asks before each command (``may``) whether it still may."""
         run = self.ledger.runs.get(child.run_id)
         if run is None or msg.get("run") != run["id"]:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
@@ -4816,8 +5253,11 @@ class Master:
         elif kind == "end":
             child.pgid = None
             self.ledger.command_ended(run, _command_index(run, msg), msg)
+        elif kind == "may" and self.cluster is not None:
+            _command_index(run, msg)
+            self.server.send(child.conn, self.cluster.may())
         elif kind == "done":
-            state = "ok" if msg.get("result") == "ok" else "failed"
+            state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             self.ledger.finish(run, state, msg.get("reason"), time.time())
         else:
             raise ProtocolError("unknown action event %r" % (kind,))
@@ -4831,7 +5271,10 @@ class Master:
         run = self.ledger.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
-        if self.stopping:
+        stepped = self.cluster.interrupted() if self.cluster is not None else None
+        if stepped:
+            self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
+        elif self.stopping:
             self.ledger.finish(run, "interrupted", "the daemon stopped while it ran (%s)" % how, time.time())
         else:
             self.ledger.finish(run, "failed", "the action run died (%s)" % how, time.time())
@@ -4848,8 +5291,10 @@ class Master:
             return {"ok": not errors, "errors": errors}
         if cmd in ("pause", "resume"):
             self.ledger.set_paused(cmd == "pause")
-            log.warning("actions %s by request", "paused" if cmd == "pause" else "resumed")
-            return {"ok": True, "paused": self.ledger.paused}
+            log.warning("actions %s by request%s", "paused" if cmd == "pause" else "resumed",
+                        " (the whole cluster, once etcd has it)" if self.cluster else "")
+            return {"ok": True, "paused": cmd == "pause" if self.cluster else self.ledger.paused,
+                    "cluster": self.cluster is not None}
         if cmd == "history":
             return {"ok": True, "history": self.ledger.history(
                 msg.get("n") if isinstance(msg.get("n"), int) else 20)}
@@ -4866,6 +5311,7 @@ class Master:
                   "lag_ms": self.scheduler.lag_summary()}
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
+        daemon["cluster"] = self.ledger.member.status(now_m) if self.cluster is not None else None
         return dict(self.ledger.status(), daemon=daemon,
                     checks=self.scheduler.status(now_m, now))
 
@@ -4883,9 +5329,17 @@ def offline_status(state_dir, config=None, last=20):
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
-              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None}
+              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
+              "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
     daemon.update(ledger.daemon_status())
     return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
+
+
+def offline_cluster(cluster):
+    """daemon.cluster when no daemon answers: this member is none of the cluster now."""
+    return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
+            "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
+            "requests": None, "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -4942,6 +5396,24 @@ def _clock(then):
     return time.strftime("%m-%d %H:%M", time.localtime(then))
 
 
+def render_cluster(c):
+    """The cluster block of --status: who leads, and what each live member sees."""
+    ok = sum(1 for e in c["etcd"] if e["ok"])
+    if c["role"] == "leader":
+        role = "LEADER (epoch %s)" % c["epoch"]
+    elif c["role"] == "follower":
+        role = "follower of %s (epoch %s)" % (c["leader"], c["epoch"]) if c["leader"] else \
+            "follower, no leader yet"
+    else:
+        role = "not a live member (etcd unreachable, or not joined yet)"
+    out = [_clip("cluster %s, node %s: %s; quorum %d; etcd %d of %d answering" % (
+        c["name"], c["node"], role, c["quorum"], ok, len(c["etcd"])), 80)]
+    for node, view in sorted(c["members"].items()):
+        seen = " ".join("%s=%s" % hv for hv in sorted(view["hosts"].items())) or "sees no host yet"
+        out.append(_clip("  %-12s %s" % (node + (" *" if node == c["leader"] else ""), seen), 80))
+    return out
+
+
 def render_status(doc):
     """The status document for a person, in 80 columns."""
     d = doc["daemon"]
@@ -4963,6 +5435,8 @@ def render_status(doc):
         run = next((r for r in doc["runs"] if r["state"] == "running"), None)
         out.append("%s, %d queued" % ("action run #%d running (pid %s)" % (run["id"], d["action_pid"])
                                       if run else "no action running", len(d["queue"])))
+    if d.get("cluster"):
+        out += render_cluster(d["cluster"])
     for m in d.get("ssh") or []:
         if m["connected"]:
             what = "master connection up since %s (pid %d)" % (_clock(m["since"]), m["pid"])
@@ -5257,6 +5731,12 @@ def cmd_reload(args):
 
 
 def cmd_pause(args, paused):
+    try:
+        cluster = load_config(args.config_dir).cluster
+    except ConfigError:
+        cluster = None
+    if cluster is not None:
+        return cmd_pause_cluster(args, cluster, paused)
     if locked_pid(args.state_dir):
         _ask(args, {"cmd": "pause" if paused else "resume"})
     else:
@@ -5274,6 +5754,35 @@ def cmd_pause(args, paused):
             store.close()
             lock.release()
     print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
+    return EXIT_OK
+
+
+def cmd_pause_cluster(args, cluster, paused):
+    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
+    word = "paused" if paused else "resumed"
+    if locked_pid(args.state_dir):
+        _ask(args, {"cmd": "pause" if paused else "resume"})
+        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
+        while time.monotonic() < deadline:
+            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
+                print("cluster %s: actions %s on every member" % (cluster.name, word))
+                return EXIT_OK
+            time.sleep(0.05)
+        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    _, timeout = etcd_timeouts(cluster.ttl)
+    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
+    try:
+        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
+            {"paused": paused, "by": cluster.node, "time": time.time()}))
+    except EtcdError as exc:
+        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        client.close()
+    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
+          % (cluster.name, word))
     return EXIT_OK
 
 
@@ -5302,6 +5811,10 @@ def cmd_check_config(args):
 
 
 def cmd_once(args):
+    if _config_or_exit(args.config_dir).cluster is not None:
+        print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
+              "leader alone acts; run it as a daemon", file=sys.stderr)
+        return EXIT_FAIL
     pid = locked_pid(args.state_dir)
     if pid:
         print("hadaemon: refusing --once: a daemon runs on %s (pid %s)"
