@@ -2494,6 +2494,8 @@ def summarize_run(run):
     summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
                             "started": c.get("started"), "result": c.get("result")}
                            for c in run.get("commands", [])]
+    if "node" in run:                   # a cluster's run: the member and epoch that ran it
+        summary["node"], summary["epoch"] = run["node"], run.get("epoch")
     return summary
 
 
@@ -5501,8 +5503,10 @@ def render_history(entries):
         if run is None:
             out.append("      no action section")
             continue
-        out.append("      run #%d [%s]: %s%s" % (run["id"], run["section"], run["state"],
-                                               (" (%s)" % run["reason"]) if run.get("reason") else ""))
+        out.append("      run #%d [%s]: %s%s%s" % (run["id"], run["section"], run["state"],
+                                                 (" (%s)" % run["reason"]) if run.get("reason") else "",
+                                                 " on %s, epoch %s" % (run["node"], run["epoch"])
+                                                 if run.get("node") else ""))
         for cmd in run["commands"]:
             res = cmd.get("result")
             what = "not run" if res is None else (res.get("error") or "ok")

@@ -9,6 +9,7 @@ Layers, each against real etcd members (Debian's etcd-server, tests/etcd.py):
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -1117,3 +1118,77 @@ def test_frozen_leader_starts_nothing_after_it_thaws(ha):
     trs, runs = cl.ledger(new)
     assert runs[first.run]["state"] == "interrupted", runs[first.run]
     assert cl.overlaps(commands) == []
+
+
+SEED = int(os.environ.get("HADAEMON_CLUSTER_SEED") or time.time())
+KILLS = int(os.environ.get("HADAEMON_CLUSTER_KILLS") or 20)
+
+
+def test_kill_loop(ha):
+    """Leader after leader killed with -9 at random moments while the world flips:
+    no sequence runs twice, no transition is lost, no two commands run at once."""
+    from conftest import figure, pids_in_group
+    rng = random.Random(SEED)
+    cl = ha(ttl=1, interval="100ms", hosts=("db1",))
+    cl.command_length(3)                        # 150 ms per command, two per sequence
+    state = "master"
+    cl.set("db1", state)
+    cl.start()
+    takeovers, flips = [], 0
+    begun = time.monotonic()
+    for k in range(KILLS):
+        leader, _ = cl.leader()
+        if k == 0 or rng.random() < 0.8:
+            state = "slave" if state == "master" else "master"
+            cl.set("db1", state)
+            flips += 1
+        time.sleep(rng.uniform(0.0, 0.6))       # idle, or mid-sequence, or between commands
+        d = cl.daemons[leader]
+        pid = d.proc.pid
+        d.kill9()
+        killed = time.monotonic()
+        wait_for(lambda: not (set(pids_in_group(pid)) | set(d.descendants())), timeout=15,
+                 what="the killed leader's processes to go")
+        d.started.remove(pid)                   # gone, group and all: its pid may be reused
+        cl.leader(without=(leader,))
+        takeovers.append(time.monotonic() - killed)
+        d.start(wait=False)                     # back on its state dir, as a follower
+    for node, d in cl.daemons.items():
+        wait_for(lambda: d.proc.poll() is not None or d.running(), timeout=20, what="%s to answer" % node)
+    cl.set("db1", state)
+    cl.wait_settled({"db1": state}, timeout=60)
+    leader, _ = cl.leader()
+    trs, runs = cl.ledger(leader)
+    for node in cl.daemons:                     # every member holds the same ledger
+        assert cl.ledger(node) == (trs, runs), node
+
+    commands = cl.commands()
+    started = {}
+    for c in commands:
+        started.setdefault((c.run, c.index), []).append(c)
+    duplicates = sum(len(v) - 1 for v in started.values())
+    lost = [i for i in range(1, max(trs) + 1) if i not in trs]          # gaps in the ids
+    previous = "unknown"
+    for tr in trs.values():                     # each transition starts where the last ended
+        if tr["from"] != previous:
+            lost.append(tr["id"])
+        previous = tr["to"]
+    if previous != state:
+        lost.append("final")
+    overlaps = cl.overlaps(commands)
+    interrupted = sum(r["state"] == "interrupted" for r in runs.values())
+    takeovers.sort()
+    figure("cluster: %d leader kills, %d flips, %d transitions, %d runs (%d ok, %d interrupted), "
+           "%d duplicate sequences, %d lost transitions, %d overlapping commands (seed %d)"
+           % (KILLS, flips, len(trs), len(runs), sum(r["state"] == "ok" for r in runs.values()),
+              interrupted, duplicates, len(lost), len(overlaps), SEED))
+    figure("cluster: kill -> new leader acting: p50 %.2fs, max %.2fs (ttl 1s, interval 100ms); "
+           "the loop took %.0fs" % (takeovers[len(takeovers) // 2], takeovers[-1], time.monotonic() - begun))
+    assert duplicates == 0 and not lost and not overlaps, (duplicates, lost, overlaps)
+    for run in runs.values():
+        assert run["state"] in ("ok", "interrupted", "failed"), run
+        mine = [c for c in commands if c.run == run["id"]]
+        if run["state"] == "ok":
+            assert sorted(c.index for c in mine) == [1, 2] and all(c.ended for c in mine), (run, mine)
+        assert all(c.node == run.get("node") and c.epoch == run.get("epoch") for c in mine), (run, mine)
+    assert all(c.run in runs for c in commands), "commands of runs the ledger does not know"
