@@ -1787,7 +1787,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None):
+                master=None, on_spawn=None, not_after=None, lease=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -1796,6 +1796,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
+    A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
@@ -1819,7 +1820,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     for fd in {out_w, err_w}:
         os.close(fd)
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
-                       grace, watch, master)
+                       grace, watch, master, lease)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
@@ -1844,6 +1845,42 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     return result
 
 
+class CommandLease:
+    """The deadlines of an action command run by a cluster's leader, kept by the action
+    run itself: SIGTERM at ``until``, SIGKILL at ``kill_at`` (both by the leader's lease
+    clock), unless the master moves them on as it renews its lease.  So a command
+    ends in time even when its master is frozen (SIGSTOP) or stuck.
+
+    ``read`` takes what the master sent on ``chan``: {t: lease} moves the deadlines,
+    anything else waits in ``chan.pending``."""
+
+    def __init__(self, chan, until, kill_at):
+        self.chan, self.until, self.kill_at = chan, until, kill_at
+        self.termed = self.killed = False
+
+    def read(self):
+        data = self.chan.sock.recv(65536)
+        if not data:
+            raise _Orphaned()
+        for msg in self.chan.reader.feed(data):
+            if msg.get("t") == "lease":
+                self.until = max(self.until, msg["until"])
+                self.kill_at = max(self.kill_at, msg["kill_at"])
+            else:
+                self.chan.pending.append(msg)
+
+    def next_deadline(self):
+        return self.kill_at if self.termed else self.until
+
+    def keep(self, pgid, now):
+        if now >= self.until and not self.termed:
+            self.termed = True
+            killpg_quietly(pgid, signal.SIGTERM)
+        if now >= self.kill_at and not self.killed:
+            self.killed = True
+            killpg_quietly(pgid, signal.SIGKILL)
+
+
 class _Watched:
     """A spawned process being waited for: its pipes read, its deadlines kept.
 
@@ -1853,8 +1890,9 @@ class _Watched:
     writes more than a pipe holds is never blocked for long.
     """
 
-    def __init__(self, pid, fds, started, timeout, grace, watch, master):
+    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None):
         self.pid, self.started, self.grace, self.watch, self.master = pid, started, grace, watch, master
+        self.lease = lease
         self.result = ProcResult()
         self.collected = {fd: bytearray() for fd in fds}
         self.reading = set(fds)
@@ -1902,6 +1940,8 @@ class _Watched:
         if self.kill_at is not None and now >= self.kill_at:
             killpg_quietly(self.pid, signal.SIGKILL)
             self.kill_at = None
+        if self.lease is not None and self.status is None:
+            self.lease.keep(self.pid, now)
 
     def _wait_time(self, now):
         if self.status is not None:
@@ -1914,6 +1954,8 @@ class _Watched:
             wait = self.deadline - now
         if self.quiet_until is not None:
             wait = min(wait, self.quiet_until - now)
+        if self.lease is not None and self.status is None:
+            wait = min(wait, self.lease.next_deadline() - now)
         return wait
 
     def _handle(self, events):
@@ -1929,6 +1971,9 @@ class _Watched:
                     self.reading.discard(fd)
                     look = look or not self.reading
             elif self.master is not None and fd == self.master.fileno():
+                if self.lease is not None:
+                    self.lease.read()           # the master moves the deadlines on
+                    continue
                 if not self.master.recv(1, socket.MSG_PEEK):
                     raise _Orphaned()
                 self.poller.unregister(fd)       # a message waits; it is read later
@@ -2091,33 +2136,42 @@ def action_main(sock_path, config_dir):
     env.update(run["env"])
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
-        not_after = None
+        not_after = lease = None
         if run.get("confirm"):
             # A cluster's leader: before each command the master says whether it still
-            # leads, and until when (by its lease clock) this command may start.
+            # leads, and until when (by its lease clock) this command may start and run.
             chan.send({"t": "may", "run": run["id"], "index": index})
             answer = chan.receive()
+            while answer is not None and answer.get("t") == "lease":
+                answer = chan.receive()         # a renewal's news, from before we asked
             if answer is None:
                 return 0
             if answer.get("t") != "go" or not isinstance(answer.get("until"), (int, float)):
                 outcome, reason = "interrupted", answer.get("reason") or "the leader stepped down"
                 break
             not_after = answer["until"]
+            lease = CommandLease(chan, answer["until"], answer["kill_at"])
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
 
         def announce(pid, index=index):
             # The master kills this group if we die before the command ends.
             chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after,
+                          lease=lease)
         failure = res.failure(cmd["timeout"])
         if res.late:
             outcome, reason = "interrupted", failure
             break
+        if lease is not None and lease.termed:
+            failure = "ended: the leader's lease could run out (%s)" % failure
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
                    "duration": round(res.duration, 6), "truncated": res.truncated,
                    "output": res.output.decode("utf-8", "replace")})
+        if lease is not None and lease.termed:
+            outcome, reason = "interrupted", "%s: %s" % (cmd["where"], failure)
+            break
         if failure and not cmd["ignore"]:
             outcome = "failed"
             reason = "%s: %s (%s)" % (cmd["where"], failure, os.path.basename(cmd["argv"][0]))
@@ -4189,6 +4243,10 @@ class ClusterMember:
         """No command may run from then on: half a TTL before the lease could expire."""
         return self.valid_until - self.ttl / 2.0 if self.valid_until is not None else None
 
+    def kill_by(self):
+        """A command still running then gets SIGKILL: a quarter TTL before the lease could expire."""
+        return self.valid_until - self.ttl / 4.0 if self.valid_until is not None else None
+
     def may_start(self, now):
         """The monotonic deadline before which a command may start now, or None."""
         if not self.acting or self.stepping or self.renew_failed:
@@ -4665,7 +4723,13 @@ class ClusterLedger(Ledger):
         if changes:
             self.local.commit(changes)
             if self.member.role != "leader":
+                known = self.transitions[-1]["id"] if self.transitions else 0
                 self.reload()
+                if len(keys) < 100:     # an event, not a whole snapshot: say what the leader did
+                    for tr in self.transitions:
+                        if tr["id"] > known:
+                            log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
+                                     tr["host"], tr["from"], tr["to"], tr.get("check"))
 
     def reload(self):
         """Memory becomes what etcd holds (our writes in flight are dropped)."""
@@ -4737,6 +4801,7 @@ class ClusterLink:
         self.pool, self.server = pool, server
         self.agent_after = 0.0          # no agent forked before (after quick deaths)
         self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
+        self.extended = None            # the lease clock the running command was last told
         self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
 
     def agent(self):
@@ -4770,6 +4835,20 @@ class ClusterLink:
         if self.leave_by is None:
             self.ledger.agree(time.time())
             self.start_next_run(config)
+            self.extend_lease()
+
+    def extend_lease(self):
+        """A renewal moved the lease clock on: the running command's deadlines move with it
+        (its action run keeps them itself, so a frozen master cannot keep it running)."""
+        member = self.member
+        if not member.acting or member.stepping or member.renew_failed or \
+                member.valid_until == self.extended:
+            return
+        child = self.pool.action_child()
+        if child is None or child.conn is None or self.handoff is not None:
+            return
+        self.extended = member.valid_until
+        self.server.send(child.conn, {"t": "lease", "until": member.stop_at(), "kill_at": member.kill_by()})
 
     def stepping(self, now):
         """Stepping down: the running command gets SIGTERM, SIGKILL by kill_at; then resign."""
@@ -4860,7 +4939,7 @@ class ClusterLink:
         if until is None:
             why = (self.member.stepping or {}).get("why") or "its lease is not renewed"
             return {"t": "stop", "reason": "the leader may not start commands: %s" % why}
-        return {"t": "go", "until": until}
+        return {"t": "go", "until": until, "kill_at": self.member.kill_by()}
 
     def interrupted(self):
         """Why a run ends now, if the leader is stepping down (None otherwise)."""

@@ -724,8 +724,8 @@ def test_a_follower_sees_the_leader_and_every_view():
 
 ACT = """#!/bin/bash
 log=%(log)s
-echo "start $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1 $HA_HOST $HA_TRANSITION $HA_CLUSTER" >> "$log"
 steps=$(cat %(steps)s 2>/dev/null || echo 2)
+echo "start $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1 $HA_HOST $HA_TRANSITION $HA_CLUSTER" >> "$log"
 for ((i = 0; i < steps; i++)); do
     sleep 0.05
     echo "beat $HA_NODE $HA_LEADER_EPOCH $EPOCHREALTIME $HA_RUN_ID $1" >> "$log"
@@ -1083,13 +1083,15 @@ def test_frozen_leader_starts_nothing_after_it_thaws(ha):
     cl.start()
     leader, epoch = cl.leader()
     cl.wait_settled({"db1": "master"})
-    cl.command_length(6)                                # 0.3 s per command
+    cl.command_length(60)                               # 3 s: longer than the lease
     cl.set("db1", "slave")
     first = wait_for(lambda: [c for c in cl.commands() if c.transition == "master_to_slave"],
                      timeout=15, what="the sequence to start")[0]
-    # Frozen while its first command runs: the command ends, the second waits for it.
+    # Frozen while its first command runs: the command's own action run ends it
+    # before the lease could run out (the master cannot), the second never starts.
     master = cl.daemons[leader].proc.pid
     os.kill(master, signal.SIGSTOP)
+    cl.command_length(6)
     try:
         others = [n for n in cl.daemons if n != leader]
 
@@ -1117,6 +1119,9 @@ def test_frozen_leader_starts_nothing_after_it_thaws(ha):
     assert new_epoch > epoch
     trs, runs = cl.ledger(new)
     assert runs[first.run]["state"] == "interrupted", runs[first.run]
+    cut = [c for c in commands if (c.run, c.index) == (first.run, first.index)][0]
+    assert not cut.ended and cut.last - cut.start < 3.0, cut
+    assert [c.index for c in commands if c.run == first.run] == [1]     # the second never started
     assert cl.overlaps(commands) == []
 
 
