@@ -679,7 +679,11 @@ def test_a_leader_whose_key_goes_or_whose_write_fails_steps_down():
     assert txn["t"] == "txn" and txn["epoch"] == epoch
     t.reply(txn, error="timed out", unknown=True)
     assert ("written", write, "unknown", "timed out") in t.m.notes and t.m.stepping
-    assert t.m.write({"x": 1}) is None                  # no more writes once stepping down
+    # Stepping down, it still writes (the run it ends, if etcd takes it: the agent sends
+    # nothing more of an epoch whose write failed); once it has resigned, nothing.
+    assert t.m.write({"x": 1}) is not None
+    t.m.stepped_down(t.now)
+    assert t.m.write({"x": 1}) is None
 
 
 def test_a_campaign_won_whose_answer_was_lost_is_seen_in_the_mirror():
