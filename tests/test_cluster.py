@@ -8,6 +8,7 @@ Layers, each against real etcd members (Debian's etcd-server, tests/etcd.py):
 - the cluster agent (the process that talks to etcd) driven by a fake master.
 """
 
+import json
 import os
 import random
 import signal
@@ -1201,3 +1202,54 @@ def test_kill_loop(ha):
             assert sorted(c.index for c in mine) == [1, 2] and all(c.ended for c in mine), (run, mine)
         assert all(c.node == run.get("node") and c.epoch == run.get("epoch") for c in mine), (run, mine)
     assert all(c.run in runs for c in commands), "commands of runs the ledger does not know"
+
+
+def test_pause_status_reload_and_stop(ha):
+    """--pause / --resume on any member pause the whole cluster; --status shows the
+    cluster; a reload applies quorum but refuses another etcd or name; a leader that
+    stops resigns at once."""
+    cl = ha(hosts=("db1",))
+    cl.set("db1", "master")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master"})
+    follower, other = [n for n in cl.daemons if n != leader]
+    result = cl.daemons[follower].cli("--pause")
+    assert result.returncode == 0 and "cluster test: actions paused on every member" in result.stdout, result
+    wait_for(lambda: all(cl.status(n)["daemon"]["paused"] for n in cl.daemons), timeout=10,
+             what="every member to be paused")
+    before = len(cl.commands())
+    cl.set("db1", "slave")
+    cl.wait_settled({"db1": "slave"})
+    trs, runs = cl.ledger(other)
+    assert runs[max(runs)]["state"] == "skipped" and runs[max(runs)]["reason"] == "paused"
+    assert len(cl.commands()) == before
+    assert cl.daemons[other].cli("--resume").returncode == 0
+    wait_for(lambda: not any(cl.status(n)["daemon"]["paused"] for n in cl.daemons), timeout=10,
+             what="every member to be resumed")
+    text = cl.daemons[leader].cli("--status").stdout
+    assert "cluster test, node %s: LEADER (epoch %d); quorum 1; etcd 3 of 3 answering" % (leader, epoch) in text
+    for node in cl.daemons:
+        assert "  %-12s db1=slave" % (node + (" *" if node == leader else "")) in text, text
+    text = cl.daemons[follower].cli("--status").stdout
+    assert "node %s: follower of %s (epoch %d)" % (follower, leader, epoch) in text, text
+    # Reload: quorum applies, another cluster name is refused (and the old config kept).
+    d = cl.daemons[leader]
+    conf = (d.dir / "checks.conf").read_text()
+    d.write("checks.conf", conf.replace("quorum = 1", "quorum = 2"))
+    assert d.cli("--reload").returncode == 0
+    assert cl.status(leader)["daemon"]["cluster"]["quorum"] == 2
+    d.write("checks.conf", conf.replace("name = test", "name = other"))
+    result = d.cli("--reload")
+    assert result.returncode == 1 and "[cluster] name changed: restart the daemon" in result.stderr, result
+    assert cl.status(leader)["daemon"]["cluster"]["name"] == "test"
+    # A leader that stops resigns: another leads without waiting for its lease to expire.
+    stopped = time.monotonic()
+    assert d.stop() == 0
+    new, new_epoch = cl.leader()
+    took = time.monotonic() - stopped
+    assert new != leader and new_epoch > epoch
+    hadaemon_figure("leader stopped (SIGTERM) -> new leader acting in %.2fs (ttl %ds)" % (took, cl.ttl))
+    assert "steps down: the daemon stops" in d.log()
+    doc = json.loads(d.cli("--status", "--json").stdout)          # offline, from its own db
+    assert doc["daemon"]["cluster"]["role"] == "none" and doc["hosts"]["db1"]["state"] == "slave"
