@@ -4287,7 +4287,6 @@ class ClusterMember:
         if self.role == "none" or self.renew_failed:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            self.next_put = now + quarter
             value = {"hosts": dict(self.view), "pid": os.getpid()}
             self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
                           value=value, lease=self.lease)
@@ -4389,6 +4388,8 @@ class ClusterMember:
             self.published = view
         elif msg.get("status") == 404:      # our lease is gone: the key went with it
             self.lost_lease("its lease is gone", now)
+        else:                               # not again at every pass while etcd fails
+            self.next_put = now + self.settings.ttl / float(RENEWS_PER_TTL)
 
     def _on_campaign(self, msg, entry, now):
         if msg.get("won"):
@@ -4620,12 +4621,19 @@ def ledger_from_etcd(key, value, cap):
     return (local, value) if well_formed(local, value) else None
 
 
+TXN_OPS = 64                    # puts and deletes in one txn (etcd takes 128 by default)
+TXN_BYTES = 512 * 1024          # ... and bytes of values (its requests: 1.5 MiB)
+
+
 class LeaderGate:
     """The store a ClusterLedger writes through: reads and soft values go to the local
-    state db, commits to etcd as the leader's guarded writes."""
+    state db, commits to etcd as the leader's guarded writes.  The commits of one pass
+    of the loop go as one txn (``flush``): a transition and the start of its run are
+    one write, not two."""
 
     def __init__(self, store, ledger):
         self.store, self.ledger = store, ledger
+        self.puts, self.deletes, self.size = {}, set(), 0
 
     @property
     def data(self):
@@ -4636,15 +4644,27 @@ class LeaderGate:
 
     def commit(self, changes):
         puts, deletes = ledger_to_etcd(changes, self.ledger.cap)
-        if not puts and not deletes:
-            return
+        self.puts.update(puts)
+        self.deletes.update(deletes)
+        self.deletes.difference_update(puts)
+        self.size += sum(len(json.dumps(v)) for v in puts.values())
+        if len(self.puts) + len(self.deletes) >= TXN_OPS or self.size >= TXN_BYTES:
+            self.flush()
+
+    def flush(self):
+        """Send what was committed as one guarded txn; its request id (None: nothing sent)."""
+        if not self.puts and not self.deletes:
+            return None
+        puts, deletes = self.puts, sorted(self.deletes)
+        self.puts, self.deletes, self.size = {}, set(), 0
         rid = self.ledger.member.write(puts, deletes)
         if rid is None:
             # Only the leader decides; a change here while not leading is a bug.
             log.error("cluster: a ledger change while not leading was dropped: %s",
                       ", ".join(sorted(puts)))
-            return
+            return None
         self.ledger.last_write = rid
+        return rid
 
 
 class ClusterLedger(Ledger):
@@ -4733,6 +4753,7 @@ class ClusterLedger(Ledger):
 
     def reload(self):
         """Memory becomes what etcd holds (our writes in flight are dropped)."""
+        self.store.puts, self.store.deletes, self.store.size = {}, set(), 0
         cap, data = self.cap, {}
         for key, kv in self.member.mirror.items():
             entry = ledger_from_etcd(key, kv.get("value"), cap)
@@ -4836,6 +4857,7 @@ class ClusterLink:
             self.ledger.agree(time.time())
             self.start_next_run(config)
             self.extend_lease()
+        self.ledger.store.flush()
 
     def extend_lease(self):
         """A renewal moved the lease clock on: the running command's deadlines move with it
@@ -4866,6 +4888,7 @@ class ClusterLink:
                     killpg_quietly(child.pgid, signal.SIGKILL)
                 child.signal(signal.SIGKILL, now + KILL_GRACE)
             return
+        self.ledger.store.flush()           # the run it ended, before the lease is revoked
         self.member.stepped_down(now)
         self.ledger.reload()
 
@@ -4912,12 +4935,12 @@ class ClusterLink:
         run["env"] = dict(run["env"], HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=self.ledger.state_dir,
                           HA_CLUSTER=settings.name, HA_NODE=settings.node,
                           HA_LEADER_EPOCH=str(self.member.epoch))
-        before = self.ledger.last_write
         self.ledger.dequeue(run, "running", None, now)
-        if self.ledger.last_write == before:
+        rid = self.ledger.store.flush()     # with the transition, if it came in this pass
+        if rid is None:
             return                      # not written (no longer leading): nothing handed
         child.run_id = run["id"]
-        self.handoff = (run, self.ledger.last_write)
+        self.handoff = (run, rid)
 
     def next_wake(self, now):
         """When the loop must pass again for the cluster, at the latest."""
