@@ -4213,7 +4213,8 @@ class ClusterMember:
         self.valid_until = None             # our lease lives at least until (monotonic)
         self.renew_failed = False           # the last renewal failed: no new command
         self.next_renew = now
-        self.next_put = self.next_campaign = now     # after a failed one: not before
+        self.next_put = self.next_campaign = self.next_revoke = now   # after a failed one: not before
+        self.abandoned = []                 # leases we gave up that etcd may still hold
         self.role = "none"
         self.epoch = None                   # ours, as leader
         self.acting = False                 # leader with its own key in the mirror
@@ -4284,6 +4285,11 @@ class ClusterMember:
         if not self._busy("renew") and now >= self.next_renew:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
+        if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
+            # etcd renews every lease when it elects a raft leader: one we gave up while it
+            # was unreachable would hold our old keys (the leader key!) another ttl.
+            self.next_revoke = now + quarter
+            self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
         if self.role == "none" or self.renew_failed:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
@@ -4366,7 +4372,7 @@ class ClusterMember:
             return
         if msg.get("granted"):
             if self.lease is not None:      # granted while we thought we held one: keep ours
-                self._request("revoke", lease=msg["lease"])
+                self.abandoned.append(msg["lease"])
                 return
             self.lease = msg["lease"]
             self.role = "follower"
@@ -4400,7 +4406,9 @@ class ClusterMember:
         # No answer: the mirror shows who holds the key (maybe we do).
 
     def _on_revoke(self, msg, entry, now):
-        pass
+        lease = entry[2]
+        if not msg.get("error") and lease in self.abandoned:
+            self.abandoned.remove(lease)
 
     def _on_resync(self, msg, entry, now):
         pass
@@ -4464,8 +4472,6 @@ class ClusterMember:
 
     def stepped_down(self, now):
         """The command is gone: give up the lease (and the leader key on it)."""
-        if self.lease is not None:
-            self._request("revoke", lease=self.lease)
         self._forget_lease()
         self.stepping = None
         self.next_renew = now + self.settings.ttl / float(RENEWS_PER_TTL)
@@ -4480,6 +4486,10 @@ class ClusterMember:
         self.next_renew = now
 
     def _forget_lease(self):
+        if self.lease is not None:          # revoked as soon as etcd takes it
+            self.abandoned.append(self.lease)
+            self._request("revoke", extra=self.lease, lease=self.lease)
+            self.next_revoke = time.monotonic() + self.settings.ttl / float(RENEWS_PER_TTL)
         self.lease = self.valid_until = self.granted = self.epoch = None
         self.role, self.acting, self.published = "none", False, None
 
@@ -4534,12 +4544,13 @@ class ClusterMember:
 
     def status(self, now):
         """daemon.cluster of --status --json (SPEC §10)."""
-        node, epoch = self.leader()
+        node, epoch = self.leader() if self.role != "none" else (None, None)
         return {"name": self.settings.name, "node": self.node,
                 "role": "leader" if self.role == "leader" and self.stepping is None else
                         ("follower" if self.role in ("follower", "leader") else "none"),
                 "leader": node, "epoch": epoch, "quorum": self.settings.quorum,
-                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())},
+                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
+                if self.role != "none" else {},
                 "etcd": [{"endpoint": e["endpoint"],
                           "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
                          for e in self.endpoints],
@@ -5502,16 +5513,17 @@ def _clock(then):
 
 def render_cluster(c):
     """The cluster block of --status: who leads, and what each live member sees."""
-    ok = sum(1 for e in c["etcd"] if e["ok"])
     if c["role"] == "leader":
-        role = "LEADER (epoch %s)" % c["epoch"]
+        role = "the LEADER (epoch %s)" % c["epoch"]
     elif c["role"] == "follower":
-        role = "follower of %s (epoch %s)" % (c["leader"], c["epoch"]) if c["leader"] else \
-            "follower, no leader yet"
+        role = "a follower of %s (epoch %s)" % (c["leader"], c["epoch"]) if c["leader"] else \
+            "a follower; no leader yet"
     else:
         role = "not a live member (etcd unreachable, or not joined yet)"
-    out = [_clip("cluster %s, node %s: %s; quorum %d; etcd %d of %d answering" % (
-        c["name"], c["node"], role, c["quorum"], ok, len(c["etcd"])), 80)]
+    out = [_clip("cluster %s: node %s is %s" % (c["name"], c["node"], role), 80),
+           "  quorum %d; %s; etcd: %d of %d endpoints answering" % (
+               c["quorum"], "%d live members" % len(c["members"]) if c["role"] != "none"
+               else "no member acts without etcd", sum(1 for e in c["etcd"] if e["ok"]), len(c["etcd"]))]
     for node, view in sorted(c["members"].items()):
         seen = " ".join("%s=%s" % hv for hv in sorted(view["hosts"].items())) or "sees no host yet"
         out.append(_clip("  %-12s %s" % (node + (" *" if node == c["leader"] else ""), seen), 80))

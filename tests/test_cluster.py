@@ -1067,7 +1067,7 @@ def test_etcd_quorum_lost(ha, etcd):
     for node in cl.daemons:
         doc = cl.status(node)
         assert doc["hosts"]["db1"]["state"] == "master"              # the copy in each db
-        assert doc["daemon"]["cluster"]["members"] == {} or node not in doc["daemon"]["cluster"]["members"]
+        assert doc["daemon"]["cluster"]["members"] == {} and doc["daemon"]["cluster"]["leader"] is None
     for m in dead:
         etcd.restart(m)
     cl.wait_settled({"db1": "slave"}, timeout=30)
@@ -1228,11 +1228,12 @@ def test_pause_status_reload_and_stop(ha):
     wait_for(lambda: not any(cl.status(n)["daemon"]["paused"] for n in cl.daemons), timeout=10,
              what="every member to be resumed")
     text = cl.daemons[leader].cli("--status").stdout
-    assert "cluster test, node %s: LEADER (epoch %d); quorum 1; etcd 3 of 3 answering" % (leader, epoch) in text
+    assert "cluster test: node %s is the LEADER (epoch %d)\n  quorum 1; 3 live members; " \
+           "etcd: 3 of 3 endpoints answering" % (leader, epoch) in text, text
     for node in cl.daemons:
         assert "  %-12s db1=slave" % (node + (" *" if node == leader else "")) in text, text
     text = cl.daemons[follower].cli("--status").stdout
-    assert "node %s: follower of %s (epoch %d)" % (follower, leader, epoch) in text, text
+    assert "node %s is a follower of %s (epoch %d)" % (follower, leader, epoch) in text, text
     # Reload: quorum applies, another cluster name is refused (and the old config kept).
     d = cl.daemons[leader]
     conf = (d.dir / "checks.conf").read_text()
