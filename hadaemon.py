@@ -5519,7 +5519,7 @@ def render_cluster(c):
         role = "a follower of %s (epoch %s)" % (c["leader"], c["epoch"]) if c["leader"] else \
             "a follower; no leader yet"
     else:
-        role = "not a live member (etcd unreachable, or not joined yet)"
+        role = "not a live member (no etcd, or not joined)"
     out = [_clip("cluster %s: node %s is %s" % (c["name"], c["node"], role), 80),
            "  quorum %d; %s; etcd: %d of %d endpoints answering" % (
                c["quorum"], "%d live members" % len(c["members"]) if c["role"] != "none"
