@@ -5426,7 +5426,11 @@ class Master:
                   "lag_ms": self.scheduler.lag_summary()}
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
-        daemon["cluster"] = self.ledger.member.status(now_m) if self.cluster is not None else None
+        if self.cluster is not None:
+            daemon["cluster"] = dict(self.ledger.member.status(now_m),
+                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
+        else:
+            daemon["cluster"] = None
         return dict(self.ledger.status(), daemon=daemon,
                     checks=self.scheduler.status(now_m, now))
 
@@ -5454,7 +5458,8 @@ def offline_cluster(cluster):
     """daemon.cluster when no daemon answers: this member is none of the cluster now."""
     return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
             "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
-            "requests": None, "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
+            "requests": None, "agent_pid": None,
+            "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
 
 
 def locked_pid(state_dir, wait=2.0):

@@ -952,12 +952,18 @@ def cluster_steady(cl, etcd, window):
         return sum(c["requests"] or 0 for c in docs.values()), \
             etcd.metric("etcd_server_proposals_committed_total")
     time.sleep(1.0)
+    agents = [c["agent_pid"] for c in cl.clusters().values()]
+    a0 = sum(sum(proc_times(pid)) for pid in agents)
     r0, p0, t0 = counts() + (time.monotonic(),)
     time.sleep(window)
     r1, p1, t1 = counts() + (time.monotonic(),)
+    a1 = sum(sum(proc_times(pid)) for pid in agents)
     seconds = t1 - t0
     members = len(cl.clusters())
+    memory = [proc_memory(pid) for pid in agents]
     return {"window_s": round(seconds, 1), "members": members, "checks_per_s": round(members * (10 + 20 / 0.3)),
+            "agent_cpu_pct": round(100.0 * (a1 - a0) / len(agents) / seconds, 3),
+            "agent_rss_mb": round(memory[0][0], 1), "agent_pss_mb": memory[0][1] and round(memory[0][1], 1),
             "requests_per_s": round((r1 - r0) / seconds, 2),
             "keepalives_expected_per_s": round(members * 4.0 / CLUSTER_TTL, 2),
             # every member commits every proposal: the cluster's writes are the total / 3
@@ -1190,6 +1196,8 @@ def render(result):
                 "ttl/4: %.1f/s); etcd's own writes %s/s" % (
                     st["checks_per_s"], st["requests_per_s"], st["members"], st["keepalives_expected_per_s"],
                     fmt(st["etcd_writes_per_s"], 1).strip()))
+            add("   the cluster agent (one per member): %.3f %% CPU, RSS %.1f MB, PSS %s MB" % (
+                st["agent_cpu_pct"], st["agent_rss_mb"], fmt(st["agent_pss_mb"], 1).strip()))
             load("cluster")
     return "\n".join(lines)
 
