@@ -26,6 +26,13 @@ action run  one forked child per action sequence, at most one at a time.  It is
             A worker keeps the pid of the check it runs in a page it shares with
             the master, an action run sends the pid of each command it starts: if
             either dies (SIGKILL, OOM) the master kills that process group.
+            In a cluster's leader it asks the master before each command and
+            keeps its command's deadlines by the leader's lease clock itself.
+cluster     with ``[cluster]`` (SPEC §10): one forked agent that makes every etcd
+agent       call (lease, campaign, guarded ledger writes, a watch of the cluster's
+            keys) on the master's request, so a call etcd never answers blocks
+            nothing but the next etcd call.  The master decides; the agent only
+            talks.  It leaves when the master goes (the lease then expires).
 
 Sections of this file (each behind a banner; each uses only those above it)
 ---------------------------------------------------------------------------
@@ -42,6 +49,11 @@ Ledger                                  SPEC §4 and §5: reports in, transition
 Scheduler                               the timer heap: when each check runs, its last result
 Pool                                    every forked child: fork, hello, reap, retire, replace
 Control server                          the socket's connections and the control verbs
+etcd                                    a v3 client on the JSON gateway (http.client, ssl)
+Cluster agent                           the process that makes the etcd calls
+Cluster member                          the lease clock, roles, views, quorum (no I/O)
+Cluster ledger                          the Ledger in etcd, written by the leader alone;
+                                        ClusterLink wires agent, member and ledger in
 Master                                  the loop, signals, readiness, shutdown; the wiring
 Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
 
@@ -49,7 +61,8 @@ Signals (master)
 ----------------
 SIGHUP      re-read both config files; an invalid config is refused, the old kept
 SIGTERM     graceful stop (SIGINT too): no new checks, the running sequence may
-            finish within its timeout, workers end, pid file and socket removed
+            finish within its timeout, workers end, pid file and socket removed;
+            a cluster's leader steps down (its command ended) and resigns
 SIGUSR1     reopen the log file (logrotate)
 SIGCHLD     only wakes the loop; reaping is level-triggered
 
