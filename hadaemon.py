@@ -4848,6 +4848,7 @@ class ClusterLink:
         self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
         self.extended = None            # the lease clock the running command was last told
         self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
+        self.restarting = None          # the pid of an agent asked to go (a new ttl)
 
     def agent(self):
         return next((c for c in self.pool.children.values() if c.kind == "cluster"), None)
@@ -4995,7 +4996,7 @@ class ClusterLink:
 
     def agent_exited(self, child, how, stopping):
         self.member.agent_lost(time.monotonic())
-        if stopping or self.leave_by is not None:
+        if stopping or self.leave_by is not None or child.pid == self.restarting:
             return
         log.error("cluster agent %d died (%s); replacing it", child.pid, how)
         if time.monotonic() - child.started < 1.0:
@@ -5014,8 +5015,11 @@ class ClusterLink:
         """quorum and ttl on reload (a new ttl with the next lease; the agent's timeouts too)."""
         ttl_changed = settings.ttl != self.member.settings.ttl
         self.member.settings = settings
+        self.ledger.views_changed = True        # a new quorum may move a host now
         agent = self.agent()
         if ttl_changed and agent is not None:
+            log.info("cluster: ttl is now %ds; the cluster agent restarts with its timeouts", settings.ttl)
+            self.restarting = agent.pid
             agent.signal(signal.SIGTERM, time.monotonic() + KILL_GRACE)
 
 
