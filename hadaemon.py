@@ -63,12 +63,14 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
 import stat
 import struct
 import sys
+import textwrap
 import time
 import typing
 
@@ -88,6 +90,8 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSTEM_CONFIG_DIR = "/etc/hadaemon"     # an installed hadaemon's config dir, by default
+SYSTEM_STATE_DIR = "/var/lib/hadaemon"  # ... and its state dir
 SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
@@ -463,8 +467,13 @@ class Section:
 
     @property
     def name(self):
-        tr = "%s_to_%s" % (self.from_state, self.to_state)
-        return "%s: %s" % (self.host, tr) if self.host else tr
+        return section_name(self.host, self.from_state, self.to_state)
+
+
+def section_name(host, from_state, to_state):
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
+    tr = "%s_to_%s" % (from_state, to_state)
+    return "%s: %s" % (host, tr) if host else tr
 
 
 @dataclasses.dataclass
@@ -475,14 +484,19 @@ class Config:
     checks: list
     sections: dict      # (host or None, from, to) -> Section
 
+    @staticmethod
+    def precedence(host, from_state, to_state):
+        """The eight section keys SPEC §5 tries for HOST going FROM -> TO, first first."""
+        return [(h, f, t) for h in (host, None)
+                for f, t in ((from_state, to_state), ("any", to_state),
+                             (from_state, "any"), ("any", "any"))]
+
     def section_for(self, host, from_state, to_state):
         """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
-        for h in (host, None):
-            for f, t in ((from_state, to_state), ("any", to_state),
-                         (from_state, "any"), ("any", "any")):
-                section = self.sections.get((h, f, t))
-                if section is not None:
-                    return section
+        for key in self.precedence(host, from_state, to_state):
+            section = self.sections.get(key)
+            if section is not None:
+                return section
         return None
 
 
@@ -1866,6 +1880,32 @@ def expand_commands(section, variables):
     return commands
 
 
+class RunPlan(typing.NamedTuple):
+    """What a run of a section gets: the daemon queues it, --simulate prints it."""
+    variables: dict                 # NAME -> value, for %NAME%
+    env: dict                       # the HA_* of every command, but HA_RUN_ID (the run's own id)
+    commands: list                  # expanded, as the action run gets them; [] with an error
+    error: typing.Optional[str]     # why the sequence cannot run (an empty variable), or None
+
+
+def plan_run(section, host, from_state, to_state, states, config_dir, state_dir):
+    """The run of SECTION for HOST going FROM -> TO, against STATES (host -> state, as
+    they are once the transition is applied).
+
+    One function for the daemon and --simulate, so that what --simulate shows is
+    what would run.
+    """
+    variables = action_variables(host, from_state, to_state, states)
+    env = {"HA_HOST": host, "HA_FROM": from_state, "HA_TO": to_state,
+           "HA_TRANSITION": "%s_to_%s" % (from_state, to_state),
+           "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
+           "HA_CONFIG_DIR": config_dir, "HA_STATE_DIR": state_dir}
+    try:
+        return RunPlan(variables, env, expand_commands(section, variables), None)
+    except ValueError as exc:
+        return RunPlan(variables, env, [], str(exc))
+
+
 def action_main(sock_path, config_dir):
     """Wait for one action sequence, then run it command after command, reporting each.
 
@@ -2236,6 +2276,132 @@ def connect_ssh_targets(config):
                     error = lines[-1] if lines else "ssh exited %d" % proc.returncode
         results.append((group, error, time.monotonic() - started))
     return results
+
+
+# ============================================================================
+# What if: --simulate (SPEC §11)
+# ============================================================================
+
+# --simulate answers with the functions the daemon itself uses (the precedence of
+# Config.precedence, plan_run) over states it only reads: the running daemon's,
+# asked with the status verb (which logs nothing and writes nothing), else the
+# state db's (Store.read, which never opens it for writing).  It runs nothing,
+# writes nothing and logs nothing, so it is safe on a live pair at any time.
+
+def parse_what_if(host, transition, sets):
+    """--simulate's words -> (host, from, to, {host: state} of every --set).
+
+    ValueError names the bad value: a host or state name SPEC §3 does not allow,
+    a transition that is not FROM_to_TO, a --set without ``=``.
+    """
+    if not valid_name(host):
+        raise ValueError("bad host name %r (letters, digits, _ . : -, a letter or digit first)"
+                         % host)
+    parts = transition.split("_to_")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError("%r is not FROM_to_TO (slave_to_master, say)" % transition)
+    for part in parts:
+        if not valid_state(part):
+            raise ValueError("bad state %r in %r" % (part, transition))
+    overrides = {}
+    for item in sets:
+        name, eq, state = item.partition("=")
+        name, state = name.strip(), state.strip()
+        if not eq:
+            raise ValueError("--set %r: write HOST=STATE" % item)
+        if not valid_name(name):
+            raise ValueError("--set %r: bad host name %r" % (item, name))
+        if not valid_state(state):
+            raise ValueError("--set %r: bad state %r" % (item, state))
+        overrides[name] = state.lower()
+    return host, parts[0].lower(), parts[1].lower(), overrides
+
+
+def simulate(config, state_dir, host, from_state, to_state, states, sets=None, **context):
+    """What the daemon would do if HOST had just gone FROM -> TO: the --simulate --json document.
+
+    ``states`` are the known hosts' states; every --set in ``sets`` is applied on
+    top, then HOST is put in TO, as a transition leaves it.  ``context`` goes into
+    the document as it is (source, pid, paused).  ``would_run`` is False when no
+    section matches or a variable would be empty (``error`` says which).
+    """
+    sets = dict(sets or {})
+    after = dict(states, **sets)
+    after[host] = to_state
+    section, tried = None, []
+    for key in config.precedence(host, from_state, to_state):
+        tried.append(section_name(*key))
+        section = config.sections.get(key)
+        if section is not None:
+            break
+    doc = {"host": host, "from": from_state, "to": to_state,
+           "transition": "%s_to_%s" % (from_state, to_state)}
+    doc.update(context)
+    doc.update(states=dict(sorted(after.items())), set=sets, tried=tried, section=None,
+               commands=[], expanded=False, variables={}, env={}, would_run=False, error=None)
+    if section is None:
+        doc["error"] = "no section matches %s %s_to_%s in %s" % (
+            host, from_state, to_state, os.path.join(config.config_dir, "actions.conf"))
+        return doc
+    plan = plan_run(section, host, from_state, to_state, after, config.config_dir, state_dir)
+    doc.update(section={"name": section.name, "where": section.where, "timeout": section.timeout},
+               variables=plan.variables, env=plan.env, would_run=plan.error is None,
+               error=plan.error, expanded=plan.error is None)
+    if plan.error:      # as written: the one that cannot be expanded is named by the error
+        doc["commands"] = [{"argv": list(c.argv), "ignore": c.ignore, "where": c.where}
+                           for c in section.commands]
+    else:
+        doc["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c["where"]}
+                           for c in plan.commands]
+    return doc
+
+
+def _wrap(text, indent="  "):
+    """TEXT in lines of 78 columns, the next ones indented; paths and words never cut."""
+    return textwrap.wrap(text, 78, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def render_simulation(doc):
+    """The --simulate document for a person."""
+    out = ["%s: %s -> %s, as if it had just happened (nothing is run or changed)"
+           % (doc["host"], doc["from"], doc["to"])]
+    source = {"daemon": "the running daemon (pid %s)" % doc.get("pid"),
+              "db": "the state db (no daemon running)",
+              "none": "nowhere yet (no state db): every other host unknown"}[doc["source"]]
+    sets = " ".join("%s=%s" % kv for kv in sorted(doc["set"].items()))
+    out.append("states: from %s%s" % (source, "; --set " + sets if sets else ""))
+    out += _wrap("  " + " ".join("%s=%s" % kv for kv in doc["states"].items()))
+    if doc.get("paused"):
+        out.append("ACTIONS ARE PAUSED: this sequence would be recorded as skipped (paused) and "
+                   "not run, until hadaemon --resume")
+    section = doc["section"]
+    if section is None:
+        out.append("no section matches; tried, in the order of precedence:")
+        out += _wrap("  " + " ".join("[%s]" % name for name in doc["tried"]))
+        out.append("would run nothing: %s" % doc["error"])
+        return "\n".join(out)
+    passed = doc["tried"][:-1]
+    out.append("section [%s] at %s%s" % (section["name"], section["where"],
+                                         ", timeout %s per command" % format_duration(section["timeout"])))
+    if passed:
+        out += _wrap("  before it, not in the config: " + " ".join("[%s]" % n for n in passed),
+                     "    ")
+    out.append("commands%s, in order (- = its failure is ignored):"
+               % ("" if doc.get("expanded") else " as written"))
+    for i, cmd in enumerate(doc["commands"], 1):
+        out.append("%3d %s %s" % (i, "-" if cmd["ignore"] else " ", shlex.join(cmd["argv"])))
+    if not doc["commands"]:
+        out.append("    none: the run would end ok at once")
+    out += _wrap("variables: " + " ".join("%%%s%%=%s" % (k, shlex.quote(v))
+                                          for k, v in doc["variables"].items()))
+    out += _wrap("environment: " + " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in doc["env"].items())
+                 + " HA_RUN_ID=(the new run's id)")
+    if doc["would_run"]:
+        out.append("would run: %d command%s" % (len(doc["commands"]), "s" * (len(doc["commands"]) != 1)))
+    else:
+        out.append("would NOT run: %s; the run would be recorded as failed" % doc["error"])
+    return "\n".join(out)
 
 
 # ============================================================================
@@ -2832,19 +2998,14 @@ class Master:
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
         states = {h: r["state"] for h, r in self.hosts.items()}
-        variables = action_variables(tr["host"], tr["from"], tr["to"], states)
-        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
-               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
-               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
-               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
-               "HA_STATE_DIR": self.state_dir}
+        plan = plan_run(section, tr["host"], tr["from"], tr["to"], states,
+                        self.config.config_dir, self.state_dir)
         run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
                "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": tr["time"], "started": None, "ended": None, "env": env, "commands": []}
-        try:
-            run["commands"] = expand_commands(section, variables)
-        except ValueError as exc:
-            self.set_run_state(run, "failed", str(exc), changes)
+               "queued": tr["time"], "started": None, "ended": None,
+               "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
+        if plan.error:
+            self.set_run_state(run, "failed", plan.error, changes)
         else:
             if self.meta.get("paused"):
                 self.set_run_state(run, "skipped", "paused", changes)
@@ -3559,16 +3720,47 @@ def render_history(entries):
 # Command line
 # ============================================================================
 
+def default_config_dir(environ):
+    """The config dir when --config-dir is not given, and where it comes from.
+
+    HADAEMON_CONFIG_DIR; else the folder holding this file when it holds a
+    checks.conf (copy-and-run, SPEC §1); else /etc/hadaemon (an installed
+    hadaemon lives in site-packages, a folder of no config).
+    """
+    if environ.get("HADAEMON_CONFIG_DIR"):
+        return environ["HADAEMON_CONFIG_DIR"], "from HADAEMON_CONFIG_DIR"
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(here, "checks.conf")):
+        return here, "the folder of %s" % os.path.basename(__file__)
+    return SYSTEM_CONFIG_DIR, "the default: neither --config-dir nor HADAEMON_CONFIG_DIR is " \
+        "given, and %s holds no checks.conf" % here
+
+
+def default_state_dir(config_dir, environ):
+    """HADAEMON_STATE_DIR; else /var/lib/hadaemon for /etc/hadaemon (/etc holds no state);
+    else CONFIGDIR/var."""
+    if environ.get("HADAEMON_STATE_DIR"):
+        return environ["HADAEMON_STATE_DIR"]
+    if os.path.abspath(config_dir) == SYSTEM_CONFIG_DIR:
+        return SYSTEM_STATE_DIR
+    return os.path.join(config_dir, "var")
+
+
 def build_parser():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(
-        prog="hadaemon.py",
         description="Watch a master / hot-standby pair and run ordered actions when a role changes.",
-        epilog="Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status).")
-    p.add_argument("--config-dir", metavar="DIR", default=here,
-                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: %(default)s)")
+        epilog="Config dir: --config-dir, else $HADAEMON_CONFIG_DIR, else the folder holding this "
+               "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
+               "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
+               "config dir is %s, else CONFIGDIR/var.  "
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
+                        "see below; now %s)" % default_config_dir(os.environ)[0])
     p.add_argument("--state-dir", metavar="DIR",
-                   help="pid file, socket, state db and log (default: CONFIGDIR/var)")
+                   help="pid file, socket, state db and log (default: see below)")
     cmd = p.add_mutually_exclusive_group()
     add = cmd.add_argument
     add("--start", dest="command", action="store_const", const="start",
@@ -3591,8 +3783,15 @@ def build_parser():
         help="stop running action sequences (they are recorded as skipped); checks go on")
     add("--resume", dest="command", action="store_const", const="resume",
         help="run action sequences again")
+    add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
+        help="print the section and the commands that would run if HOST went FROM -> TO now "
+             "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
+             "it would run, 1 no section or an empty variable")
     add("--version", action="version", version="hadaemon " + __version__)
-    p.add_argument("--json", action="store_true", help="with --status or --history: print JSON")
+    p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
+                   help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
+    p.add_argument("--json", action="store_true",
+                   help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -3602,19 +3801,22 @@ def build_parser():
     return p
 
 
-def _config_or_exit(config_dir):
+def _config_or_exit(config_dir, origin=None):
     try:
         return load_config(config_dir)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
         print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
               file=sys.stderr)
         sys.exit(EXIT_FAIL)
 
 
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -3631,7 +3833,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -3796,7 +3998,7 @@ def cmd_pause(args, paused):
 
 
 def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
           % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
     for group in config.groups:
@@ -3814,6 +4016,35 @@ def cmd_check_config(args):
     return EXIT_FAIL if any(error for _, error, _ in results) else EXIT_OK
 
 
+def cmd_simulate(args):
+    """--simulate: the section and commands a transition would run; nothing run, written or logged."""
+    try:
+        host, from_state, to_state, sets = parse_what_if(args.simulate[0], args.simulate[1], args.set)
+    except ValueError as exc:
+        print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    config = _config_or_exit(args.config_dir, args.config_origin)
+    pid = locked_pid(args.state_dir)
+    if pid and pid > 0:
+        status = _ask(args, {"cmd": "status"})
+        source = "daemon"
+    else:
+        try:
+            status, _ = offline_status(args.state_dir)
+        except OSError as exc:
+            print("hadaemon: cannot read the state db in %s: %s" % (args.state_dir, exc),
+                  file=sys.stderr)
+            return EXIT_FAIL
+        source = "db" if any(os.path.exists(os.path.join(args.state_dir, DB_NAME + suffix))
+                             for suffix in (".dat", ".journal")) else "none"
+    states = {name: h["state"] for name, h in status["hosts"].items()}
+    doc = simulate(config, args.state_dir, host, from_state, to_state, states, sets,
+                   source=source, pid=pid if source == "daemon" else None,
+                   paused=bool(status["daemon"]["paused"]))
+    print(json.dumps(doc, indent=2) if args.json else render_simulation(doc))
+    return EXIT_OK if doc["would_run"] else EXIT_FAIL
+
+
 def cmd_once(args):
     pid = locked_pid(args.state_dir)
     if pid:
@@ -3825,13 +4056,20 @@ def cmd_once(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.config_origin = None
+    if args.config_dir is None:
+        args.config_dir, args.config_origin = default_config_dir(os.environ)
     args.config_dir = os.path.abspath(args.config_dir)
-    args.state_dir = os.path.abspath(args.state_dir or os.path.join(args.config_dir, "var"))
+    args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
+    if args.set and args.simulate is None:
+        build_parser().error("--set goes with --simulate")
     if args.history is not None:
         return cmd_history(args)
+    if args.simulate is not None:
+        return cmd_simulate(args)
     command = args.command or "start"
     if args.json and command != "status":
-        build_parser().error("--json goes with --status or --history")
+        build_parser().error("--json goes with --status, --history or --simulate")
     if args.connect and command != "check":
         build_parser().error("--connect goes with --check-config")
     try:
