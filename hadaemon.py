@@ -70,7 +70,6 @@ import socket
 import stat
 import struct
 import sys
-import textwrap
 import time
 import typing
 
@@ -2356,10 +2355,17 @@ def simulate(config, state_dir, host, from_state, to_state, states, sets=None, *
     return doc
 
 
-def _wrap(text, indent="  "):
-    """TEXT in lines of 78 columns, the next ones indented; paths and words never cut."""
-    return textwrap.wrap(text, 78, subsequent_indent=indent, break_long_words=False,
-                         break_on_hyphens=False)
+def _wrap(head, items, indent="  "):
+    """HEAD then ITEMS in lines of at most 78 columns, the next lines indented; an item
+    (a path, ``[db1: any_to_any]``) is never split."""
+    lines, line = [], head
+    for item in items:
+        if line.strip() and len(line) + 1 + len(item) > 78:
+            lines.append(line)
+            line = indent + item
+        else:
+            line += (" " if line.strip() else "") + item
+    return lines + [line]
 
 
 def render_simulation(doc):
@@ -2371,36 +2377,34 @@ def render_simulation(doc):
               "none": "nowhere yet (no state db): every other host unknown"}[doc["source"]]
     sets = " ".join("%s=%s" % kv for kv in sorted(doc["set"].items()))
     out.append("states: from %s%s" % (source, "; --set " + sets if sets else ""))
-    out += _wrap("  " + " ".join("%s=%s" % kv for kv in doc["states"].items()))
+    out += _wrap("  ", ["%s=%s" % kv for kv in doc["states"].items()])
     if doc.get("paused"):
-        out.append("ACTIONS ARE PAUSED: this sequence would be recorded as skipped (paused) and "
-                   "not run, until hadaemon --resume")
+        out += _wrap("ACTIONS ARE PAUSED:", "this sequence would be recorded as skipped (paused) "
+                     "and not run, until hadaemon --resume".split())
     section = doc["section"]
     if section is None:
         out.append("no section matches; tried, in the order of precedence:")
-        out += _wrap("  " + " ".join("[%s]" % name for name in doc["tried"]))
-        out.append("would run nothing: %s" % doc["error"])
+        out += _wrap("  ", ["[%s]" % name for name in doc["tried"]])
+        out += _wrap("would run nothing:", doc["error"].split())
         return "\n".join(out)
     passed = doc["tried"][:-1]
     out.append("section [%s] at %s%s" % (section["name"], section["where"],
                                          ", timeout %s per command" % format_duration(section["timeout"])))
     if passed:
-        out += _wrap("  before it, not in the config: " + " ".join("[%s]" % n for n in passed),
-                     "    ")
+        out += _wrap("  before it, not in the config:", ["[%s]" % n for n in passed], "    ")
     out.append("commands%s, in order (- = its failure is ignored):"
                % ("" if doc.get("expanded") else " as written"))
     for i, cmd in enumerate(doc["commands"], 1):
         out.append("%3d %s %s" % (i, "-" if cmd["ignore"] else " ", shlex.join(cmd["argv"])))
     if not doc["commands"]:
         out.append("    none: the run would end ok at once")
-    out += _wrap("variables: " + " ".join("%%%s%%=%s" % (k, shlex.quote(v))
-                                          for k, v in doc["variables"].items()))
-    out += _wrap("environment: " + " ".join("%s=%s" % (k, shlex.quote(v)) for k, v in doc["env"].items())
-                 + " HA_RUN_ID=(the new run's id)")
+    out += _wrap("variables:", ["%%%s%%=%s" % (k, shlex.quote(v)) for k, v in doc["variables"].items()])
+    out += _wrap("environment:", ["%s=%s" % (k, shlex.quote(v)) for k, v in doc["env"].items()]
+                 + ["HA_RUN_ID=(the new run's id)"])
     if doc["would_run"]:
         out.append("would run: %d command%s" % (len(doc["commands"]), "s" * (len(doc["commands"]) != 1)))
     else:
-        out.append("would NOT run: %s; the run would be recorded as failed" % doc["error"])
+        out += _wrap("would NOT run:", ("%s; the run would be recorded as failed" % doc["error"]).split())
     return "\n".join(out)
 
 
