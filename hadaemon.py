@@ -3691,11 +3691,26 @@ def render_status(doc):
         done = sum(1 for c in run["commands"] if c.get("result"))
         took = format_duration(run["ended"] - run["started"]) if run.get("ended") and run.get("started") \
             and run["ended"] > run["started"] else "-"
-        result = run["state"] + (": " + run["reason"] if run.get("reason") else "")
+        result = run["state"] + (" (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "") \
+            + (": " + run["reason"] if run.get("reason") else "")
         rows.append((run["id"], "[%s]" % run["section"], run["host"], result,
                      "%d/%d" % (done, len(run["commands"])), took))
     out += _table(rows, (5, 22, 10, 26, 5, 6)) if len(rows) > 1 else ["  none"]
     return "\n".join(out)
+
+
+def render_run(run, indent="      "):
+    """A run and its commands, as --history and --rerun --wait show them."""
+    out = ["%srun #%d [%s]: %s%s%s" % (indent, run["id"], run["section"], run["state"],
+                                      " (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "",
+                                      (" (%s)" % run["reason"]) if run.get("reason") else "")]
+    for cmd in run["commands"]:
+        res = cmd.get("result")
+        what = "not run" if res is None else (res.get("error") or "ok")
+        out.append("%s  %s%s  -> %s" % (indent, "-" if cmd["ignore"] else "",
+                                        " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
+                                        what))
+    return out
 
 
 def render_history(entries):
@@ -3709,14 +3724,8 @@ def render_history(entries):
         if run is None:
             out.append("      no action section")
             continue
-        out.append("      run #%d [%s]: %s%s" % (run["id"], run["section"], run["state"],
-                                               (" (%s)" % run["reason"]) if run.get("reason") else ""))
-        for cmd in run["commands"]:
-            res = cmd.get("result")
-            what = "not run" if res is None else (res.get("error") or "ok")
-            out.append("        %s%s  -> %s" % ("-" if cmd["ignore"] else "",
-                                               " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
-                                               what))
+        for each in [run] + (tr.get("reruns") or []):
+            out += render_run(each)
     return "\n".join(out)
 
 
@@ -3791,7 +3800,12 @@ def build_parser():
         help="print the section and the commands that would run if HOST went FROM -> TO now "
              "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
              "it would run, 1 no section or an empty variable")
+    add("--rerun", type=int, metavar="RUN_ID",
+        help="queue the section of an ended run again (same host and transition, the "
+             "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
     add("--version", action="version", version="hadaemon " + __version__)
+    p.add_argument("--wait", action="store_true",
+                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
     p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
                    help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
     p.add_argument("--json", action="store_true",
@@ -3800,7 +3814,7 @@ def build_parser():
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence) or --start (default: 30)")
+                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
@@ -4049,6 +4063,64 @@ def cmd_simulate(args):
     return EXIT_OK if doc["would_run"] else EXIT_FAIL
 
 
+def cmd_rerun(args):
+    """--rerun RUN_ID [--wait]: the daemon queues the run's section again, as a new run."""
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
+    if not pid:
+        print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    if not answer.get("ok"):
+        for line in answer.get("errors") or ["refused"]:
+            print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
+        return EXIT_FAIL
+    run = answer["run"]
+    what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
+                                                  run["from"], run["to"])
+    if run["state"] == "skipped":
+        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
+              "then --rerun %d again" % (run["id"], what, args.rerun))
+        return EXIT_FAIL
+    if run["state"] != "queued":
+        print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
+        return EXIT_FAIL
+    print("run #%d queued: %s" % (run["id"], what))
+    return wait_run(args, run["id"]) if args.wait else EXIT_OK
+
+
+def wait_run(args, run_id):
+    """Poll the daemon until run ``run_id`` ends (or --timeout): 0 when it ended ok, else 1."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pause = 0.05
+    while True:
+        try:
+            answer = request(args.state_dir, {"cmd": "run", "id": run_id}, timeout=10.0)
+        except (OSError, HadaemonError):
+            answer = None
+        run = answer.get("run") if answer and answer.get("ok") else None
+        if run is None and not locked_pid(args.state_dir):
+            # The daemon stopped: the db has the run's last state (a queued run stays
+            # queued, and runs when the daemon starts again).
+            run = offline_status(args.state_dir)[1].get(run_id)
+            if run is None or run["state"] not in RUN_FINAL:
+                print("hadaemon: the daemon stopped; run #%d is %s" % (
+                    run_id, run["state"] if run else "not in the state db"), file=sys.stderr)
+                return EXIT_FAIL
+        if run is not None and run["state"] in RUN_FINAL:
+            print("\n".join(render_run(run, indent="")))
+            return EXIT_OK if run["state"] == "ok" else EXIT_FAIL
+        if deadline is not None and time.monotonic() >= deadline:
+            print("hadaemon: run #%d still %s after %gs" % (
+                run_id, run["state"] if run else "unknown", args.timeout), file=sys.stderr)
+            return EXIT_FAIL
+        left = deadline - time.monotonic() if deadline is not None else pause
+        time.sleep(max(0.0, min(pause, left)))
+        pause = min(pause * 1.5, 0.5)
+
+
 def cmd_once(args):
     pid = locked_pid(args.state_dir)
     if pid:
@@ -4071,6 +4143,12 @@ def main(argv=None):
         return cmd_history(args)
     if args.simulate is not None:
         return cmd_simulate(args)
+    if args.wait and args.rerun is None:
+        build_parser().error("--wait goes with --rerun")
+    if args.rerun is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_rerun(args)
     command = args.command or "start"
     if args.json and command != "status":
         build_parser().error("--json goes with --status, --history or --simulate")
