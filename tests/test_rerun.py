@@ -165,6 +165,15 @@ def gate_log(d):
         return []
 
 
+def gate_pid(d):
+    """The pid the gate wrote (None until it wrote it whole)."""
+    try:
+        text = (d.world / "gate.pid").read_text()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") else None
+
+
 def run_by_id(d, run_id):
     for run in d.status()["runs"]:
         if run["id"] == run_id:
@@ -188,7 +197,8 @@ def test_rerun_of_a_failed_run_against_the_states_of_now(daemon):
     new = first["id"] + 1
     assert "run #%d queued: rerun of #%d [any_to_master] for db1 unknown -> master" \
         % (new, first["id"]) in result.stdout
-    assert "run #%d ok" % new in result.stdout
+    assert "run #%d [any_to_master]: ok (rerun of #%d)\n  gate db1 db2  -> ok\n" % (new, first["id"]) \
+        in result.stdout
     run = run_by_id(d, new)
     assert (run["rerun_of"], run["state"], run["host"], run["from"], run["to"]) == \
         (first["id"], "ok", "db1", "unknown", "master")
@@ -204,7 +214,8 @@ def test_rerun_of_a_failed_run_against_the_states_of_now(daemon):
     entries = json.loads(d.cli("--history", "--json").stdout)
     entry = [e for e in entries if e["run"] and e["run"]["id"] == first["id"]][0]
     assert [(r["id"], r["rerun_of"]) for r in entry["reruns"]] == [(new, first["id"])]
-    assert "rerun of #%d [any_to_master]: queued" % first["id"] in d.log()
+    assert "run %d: rerun of #%d [any_to_master] for db1 unknown_to_master, by request: queued" \
+        % (new, first["id"]) in d.log()
     assert d.stop() == 0
     # Without the daemon: --status and --history from the db say the same.
     assert "ok (rerun of #%d)" % first["id"] in d.cli("--status").stdout
@@ -222,8 +233,7 @@ def test_rerun_of_an_interrupted_run(daemon):
     d.start()
     d.wait_state("db2", "slave")        # before db1 is master: %SLAVE% is db2
     d.set("db1", "master")
-    wait_for(lambda: gate_log(d), what="the gate to start")
-    command = int((d.world / "gate.pid").read_text())
+    command = wait_for(lambda: gate_pid(d), what="the gate to start")
     run_id = int(gate_log(d)[0].split()[0])
     d.kill9()
     wait_for(lambda: not alive(command), what="the gate %d to end with its master" % command)
@@ -273,7 +283,8 @@ def test_rerun_refusals_and_wait_exit_codes(daemon):
     (d.world / "fail").write_text("")
     result = d.cli("--rerun", str(first["id"]), "--wait")
     assert result.returncode == 1
-    assert re.search(r"run #\d+ failed: .*exit 4", result.stdout), result.stdout
+    assert re.search(r"^run #\d+ \[any_to_master\]: failed \(rerun of #%d\) \(.*exit 4"
+                     % first["id"], result.stdout, re.M), result.stdout
     (d.world / "fail").unlink()
 
     # Paused: recorded skipped (paused); with or without --wait, exit 1.
