@@ -259,6 +259,12 @@ def test_usage_errors_exit_2(daemon):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
+def test_help_names_the_new_options(daemon):
+    helptext = daemon.cli("--help").stdout
+    for flag in ("--simulate HOST FROM_to_TO", "--set HOST=STATE", "--rerun RUN_ID", "--wait"):
+        assert flag in helptext, flag
+
+
 def test_an_invalid_config_fails_as_check_config_does(daemon):
     d = daemon
     base_config(d, "[slave_to_master]\nno_such_action %MASTER%\n[sideways]\nrecord\n")
