@@ -973,8 +973,9 @@ def test_one_member_acts(ha):
 
 
 def test_leader_killed_mid_sequence(ha):
-    """kill -9 of the leader while its command runs: a new leader within ttl plus an
-    interval, the run interrupted and never run again, later transitions run once."""
+    """kill -9 of the leader while its command runs and another run waits: a new leader
+    within ttl plus an interval, the running run interrupted and never run again, the
+    queued one run once, later transitions run once."""
     cl = ha(hosts=("db1",))
     cl.set("db1", "master")
     cl.start()
@@ -985,26 +986,29 @@ def test_leader_killed_mid_sequence(ha):
     started = wait_for(lambda: [c for c in cl.commands() if c.transition == "master_to_slave"],
                        timeout=15, what="the sequence to start")[0]
     assert started.node == leader
+    cl.command_length(2)
+    cl.set("db1", "master")                             # the next run queues behind it
+    queued = wait_for(lambda: cl.status(leader)["daemon"]["queue"], timeout=10, what="a queued run")
     cl.daemons[leader].kill9()
     killed = time.monotonic()
     new, new_epoch = cl.leader(without=(leader,))
     took = time.monotonic() - killed
     assert new != leader and new_epoch > epoch
-    cl.command_length(2)
-    cl.wait_settled({"db1": "slave"})
-    trs, runs = cl.ledger(new)
-    run = runs[started.run]
-    assert run["state"] == "interrupted", run
-    # A later transition runs once, on the new leader, with its epoch.
-    cl.set("db1", "master")
     cl.wait_settled({"db1": "master"})
     trs, runs = cl.ledger(new)
-    assert [t["to"] for t in trs.values()] == ["master", "slave", "master"]
+    assert runs[started.run]["state"] == "interrupted", runs[started.run]
+    assert "its leader (%s, epoch %d) lost the lead" % (leader, epoch) in runs[started.run]["reason"]
+    assert [runs[r]["state"] for r in queued] == ["ok"] and runs[queued[0]]["node"] == new
+    # A later transition runs once, on the new leader, with its epoch.
+    cl.set("db1", "slave")
+    cl.wait_settled({"db1": "slave"})
+    trs, runs = cl.ledger(new)
+    assert [t["to"] for t in trs.values()] == ["master", "slave", "master", "slave"]
     commands = cl.commands()
     assert sequences(commands) == {r: [leader if r <= started.run else new] for r in runs}
     assert [(c.node, c.index) for c in commands if c.run == started.run] == [(leader, 1)]  # never again
-    last = [c for c in commands if c.run == max(runs)]
-    assert [(c.node, c.epoch, c.ended) for c in last] == [(new, new_epoch, True)] * 2
+    for run in queued + [max(runs)]:
+        assert [(c.node, c.epoch, c.ended) for c in commands if c.run == run] == [(new, new_epoch, True)] * 2
     assert cl.overlaps(commands) == []
     hadaemon_figure("leader kill -9 -> new leader acting in %.2fs (ttl %ds, interval %s)"
                     % (took, cl.ttl, hadaemon.format_duration(cl.interval)))
@@ -1144,17 +1148,22 @@ def test_kill_loop(ha):
     state = "master"
     cl.set("db1", state)
     cl.start()
-    takeovers, flips = [], 0
+    takeovers, flips, carried = [], 0, set()
     begun = time.monotonic()
     for k in range(KILLS):
         leader, _ = cl.leader()
         if k == 0 or rng.random() < 0.8:
-            state = "slave" if state == "master" else "master"
-            cl.set("db1", state)
-            flips += 1
+            for i in range(2 if rng.random() < 0.4 else 1):     # twice: a run queues behind
+                if i:
+                    time.sleep(rng.uniform(0.15, 0.3))
+                state = "slave" if state == "master" else "master"
+                cl.set("db1", state)
+                flips += 1
         time.sleep(rng.uniform(0.0, 0.6))       # idle, or mid-sequence, or between commands
         d = cl.daemons[leader]
         pid = d.proc.pid
+        doc = cl.status(leader)
+        carried |= set(doc["daemon"]["queue"]) if doc else set()
         d.kill9()
         killed = time.monotonic()
         wait_for(lambda: not (set(pids_in_group(pid)) | set(d.descendants())), timeout=15,
@@ -1188,10 +1197,10 @@ def test_kill_loop(ha):
     overlaps = cl.overlaps(commands)
     interrupted = sum(r["state"] == "interrupted" for r in runs.values())
     takeovers.sort()
-    figure("cluster: %d leader kills, %d flips, %d transitions, %d runs (%d ok, %d interrupted), "
-           "%d duplicate sequences, %d lost transitions, %d overlapping commands (seed %d)"
+    figure("cluster: %d leader kills, %d flips, %d transitions, %d runs (%d ok, %d interrupted, %d queued "
+           "at a kill), %d duplicate sequences, %d lost transitions, %d overlapping commands (seed %d)"
            % (KILLS, flips, len(trs), len(runs), sum(r["state"] == "ok" for r in runs.values()),
-              interrupted, duplicates, len(lost), len(overlaps), SEED))
+              interrupted, len(carried), duplicates, len(lost), len(overlaps), SEED))
     figure("cluster: kill -> new leader acting: p50 %.2fs, max %.2fs (ttl 1s, interval 100ms); "
            "the loop took %.0fs" % (takeovers[len(takeovers) // 2], takeovers[-1], time.monotonic() - begun))
     assert duplicates == 0 and not lost and not overlaps, (duplicates, lost, overlaps)
@@ -1202,6 +1211,8 @@ def test_kill_loop(ha):
             assert sorted(c.index for c in mine) == [1, 2] and all(c.ended for c in mine), (run, mine)
         assert all(c.node == run.get("node") and c.epoch == run.get("epoch") for c in mine), (run, mine)
     assert all(c.run in runs for c in commands), "commands of runs the ledger does not know"
+    for run_id in carried:                      # queued at a kill: run by a later leader, once
+        assert runs[run_id]["state"] in ("ok", "failed", "interrupted"), runs[run_id]
 
 
 def test_pause_status_reload_and_stop(ha):
