@@ -988,9 +988,9 @@ def section_cluster(tmp, quick):
         wait_for(cl.leader, 30, "an agreed leader", 0.02)
         wait_for(lambda: cl.actions(), 30, "the first action")
         result = {"quorum": 2, "ttl_s": CLUSTER_TTL, "interval_ms": 100}
-        result["steady"] = cluster_steady(cl, etcd, 5.0 if quick else 20.0)
-        result["flips"] = cluster_flips(cl, 8 if quick else 30)
-        result["failover"] = cluster_failover(cl, 3 if quick else 10)
+        result["steady"] = cluster_steady(cl, etcd, 4.0 if quick else 20.0)
+        result["flips"] = cluster_flips(cl, 6 if quick else 30)
+        result["failover"] = cluster_failover(cl, 2 if quick else 10)
         return result
     finally:
         if cl is not None:
