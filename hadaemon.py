@@ -4272,6 +4272,13 @@ def cluster_agent_main(sock_path, cluster):
 # only once its mirror holds its own leader key (so it holds every ledger write of
 # the leaders before it) and while its lease clock runs.
 
+# A member: none -> follower (a lease, its view published) -> leader (the leader key on
+# its lease) -> none (stepped down, or the lease lost: a new lease makes it a follower).
+ROLE_EDGES = {
+    "none": {"follower"},
+    "follower": {"leader", "none"},
+    "leader": {"none"},
+}
 LEADER_KEY = "leader"
 MEMBER_KEYS = "members/"
 LEDGER_KEYS = "ledger/"
@@ -4464,7 +4471,7 @@ class ClusterMember:
                 self.abandoned.append(msg["lease"])
                 return
             self.lease = msg["lease"]
-            self.role = "follower"
+            self._set_role("follower")
             self.published = None
             log.info("cluster %s: joined as %s (lease %x, ttl %ds)", self.settings.name, self.node,
                      self.lease, msg["ttl"])
@@ -4519,7 +4526,8 @@ class ClusterMember:
     def _lead(self, epoch, now):
         if self.role != "follower" or self.stepping is not None:
             return
-        self.role, self.epoch, self.acting = "leader", epoch, False
+        self._set_role("leader")
+        self.epoch, self.acting = epoch, False
         log.warning("cluster %s: %s leads (epoch %d)", self.settings.name, self.node, epoch)
         self._check_acting(now)
 
@@ -4580,7 +4588,15 @@ class ClusterMember:
             self._request("revoke", extra=self.lease, lease=self.lease)
             self.next_revoke = time.monotonic() + self.settings.ttl / float(RENEWS_PER_TTL)
         self.lease = self.valid_until = self.granted = self.epoch = None
-        self.role, self.acting, self.published = "none", False, None
+        self.acting, self.published = False, None
+        if self.role != "none":
+            self._set_role("none")
+
+    def _set_role(self, role):
+        """Every change of role passes here and is checked against ROLE_EDGES."""
+        if role not in ROLE_EDGES[self.role]:
+            raise AssertionError("cluster member %s: %s -> %s" % (self.node, self.role, role))
+        self.role = role
 
     # -- what the master reads -----------------------------------------------------------
 
