@@ -192,10 +192,13 @@ class Pair:
         self.server_env = {"PATH": bindir + ":/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC",
                            "HOME": self.dir}
         # Clients connect as the superuser initdb -U names; no PG* variable of
-        # the caller's (PGHOST, PGSERVICE, ...) leaks in.
+        # the caller's (PGHOST, PGSERVICE, ...) leaks in. PATH is a service's: the
+        # PostgreSQL tools, then the system's, and no wrapper of a developer's
+        # (pyenv's python3 shim costs 250 ms a start, the example checks run python3).
         self.client_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self.client_env.update(PGUSER="postgres", PGDATABASE="postgres", PGCONNECT_TIMEOUT="5",
-                               PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+                               PATH=bindir + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+                               "/sbin:/bin")
         if servers is None:
             p1, p2 = free_ports(2)
             servers = [("db1", p1, "127.0.0.1", None), ("db2", p2, "127.0.0.1", None)]

@@ -1,4 +1,6 @@
-"""PostgreSQL failover end to end: a real primary and hot standby, hadaemon on examples/postgresql.
+"""PostgreSQL failover end to end: a real primary and hot standby, hadaemon on examples/postgresql
+in its repoint shape (actions-repoint.conf; test_stack.py runs its production shape, with a
+service address that moves, across hosts made of network namespaces).
 
 The test builds the pair itself in a temp dir: ``initdb`` the primary (trust on
 127.0.0.1 only, synchronous replication so an acknowledged commit is on both),
@@ -141,8 +143,10 @@ class Writer(threading.Thread):
 
 
 def install_example(d, pair):
-    """The example config in the daemon's dir, db1 / db2 rewritten to the pair's ports."""
-    shutil.copy(EXAMPLE / "actions.conf", d.dir / "actions.conf")
+    """The example config in the daemon's dir, in its repoint shape (actions-repoint.conf
+    as actions.conf: no service address to move on one host), db1 / db2 rewritten to
+    the pair's ports."""
+    shutil.copy(EXAMPLE / "actions-repoint.conf", d.dir / "actions.conf")
     for sub in ("checks", "actions"):
         shutil.copytree(EXAMPLE / sub, d.dir / sub, dirs_exist_ok=True)
     text = (EXAMPLE / "checks.conf").read_text()
