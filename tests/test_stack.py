@@ -383,7 +383,8 @@ class Writers:
                 proc.wait(timeout=10)
         for proc, path in zip(self.procs, self.paths):
             with open(path + ".err") as err:
-                assert proc.returncode in (0, -signal.SIGKILL), "a writer failed: %s" % err.read()
+                assert proc.returncode in (0, -signal.SIGTERM, -signal.SIGKILL), \
+                    "a writer failed: %s" % err.read()
 
 
 class Stack:
@@ -694,3 +695,21 @@ def test_pulled_cable(stack, run):
     both = check_and_report(s, "pulled cable", killed, extra=" (db1 back %+d ms, fenced %+d ms)" % (
         (back - killed) * 1000, (fenced - killed) * 1000))
     assert both <= fenced - back + 0.1, "db1 held the address beyond its fencing"
+
+
+def test_examples_agree(tmp_path):
+    """What the examples share stays one text, and examples/postgresql passes -t as shipped."""
+    for name in ("move_vip", "remote_vip", "claim_vip"):
+        assert (ROOT / "examples" / "vip" / "actions" / name).read_bytes() == \
+            (EXAMPLE / "actions" / name).read_bytes(), "examples/*/actions/%s differ" % name
+    probes = {}
+    for path in (EXAMPLE / "checks" / "check_pg_role", EXAMPLE / "actions" / "promote_standby",
+                 EXAMPLE / "actions" / "remote_vip"):
+        m = re.search(r"\n(# reach HOST PORT:.*?\n\}\n)", path.read_text(), re.S)
+        assert m, "%s: no reach() probe" % path
+        probes[path.name] = m.group(1)
+    assert len(set(probes.values())) == 1, "the reach() probes differ: %s" % probes
+    r = subprocess.run([sys.executable, str(ROOT / "hadaemon.py"), "--config-dir", str(EXAMPLE),
+                        "--state-dir", str(tmp_path / "state"), "--check-config"],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
