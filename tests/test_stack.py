@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import pathlib
+import pwd
 import re
 import shutil
 import signal
@@ -44,7 +45,7 @@ import time
 import pytest
 
 from conftest import ROOT, figure, keygen, wait_for, with_private_run
-from pgpair import Pair, server_setup
+from pgpair import Pair, pg_bindir
 
 import hadaemon
 
@@ -478,11 +479,18 @@ def pg_template():
     problem = netns_problem()
     if problem:
         pytest.skip(problem)
+    # Root with namespaces: anything missing now is a broken machine, and fails loudly.
     missing = ["%s (Debian package %s)" % (p, pkg) for p, pkg in PROGRAMS.items()
                if not (os.access(p, os.X_OK) if p.startswith("/") else shutil.which(p))]
+    bindir = pg_bindir()
+    if bindir is None:
+        missing.append("PostgreSQL's server binaries (Debian package postgresql)")
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        missing.append("the postgres user (Debian package postgresql)")
     assert not missing, "missing: %s; tests/run installs them" % ", ".join(missing)
     sweep_stale()
-    bindir, user = server_setup()
     directory = tempfile.mkdtemp(prefix="hadaemon-stack-initdb-")
     os.chown(directory, user.pw_uid, user.pw_gid)
     pair = Pair(bindir, user)
