@@ -134,6 +134,7 @@ class Topology:
         self.prefix = "%s%d-%d-" % (NS_PREFIX, os.getpid(), next(_serial))
         self.made = []
         self.observers = set()          # pids of the test's own, spared when a host dies
+        self.made_etc = not os.path.isdir("/etc/netns")
 
     def ns(self, host):
         return self.prefix + host
@@ -189,6 +190,11 @@ class Topology:
     def teardown(self):
         for name in reversed(self.made):
             remove_netns(name)
+        if self.made_etc:
+            try:
+                os.rmdir("/etc/netns")      # unless another run of this file still uses it
+            except OSError:
+                pass
 
 
 class Monitor:
