@@ -699,6 +699,8 @@ def test_pulled_cable(stack, run):
     # db1 takes no write: a commit there waits for a synchronous standby that never comes.
     with pytest.raises(subprocess.TimeoutExpired):
         db1.sql("INSERT INTO ha_rows (n) VALUES (-1)", timeout=2)
+    assert db1.sql("SELECT wait_event FROM pg_stat_activity "
+                   "WHERE query = 'INSERT INTO ha_rows (n) VALUES (-1)'") == ["SyncRep"]
 
     # Nobody was sent to db1 through the address: app's neighbour entry for it never
     # named db1's link address after the failover.
