@@ -1,4 +1,4 @@
-"""The production shape, for real: hosts made of network namespaces, a service address that moves, real pgbouncer.
+"""The production shape for real: hosts made of network namespaces, a moving service address, real pgbouncer.
 
 Each test builds the hosts itself, as Linux network namespaces joined by veth pairs
 to a bridge that lives in a namespace of its own (nothing is added to this machine's
