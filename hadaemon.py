@@ -42,6 +42,7 @@ Ledger                                  SPEC §4 and §5: reports in, transition
 Scheduler                               the timer heap: when each check runs, its last result
 Pool                                    every forked child: fork, hello, reap, retire, replace
 Control server                          the socket's connections and the control verbs
+What if                                 --simulate: the section and commands a transition runs
 Master                                  the loop, signals, readiness, shutdown; the wiring
 Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
 
@@ -53,7 +54,7 @@ SIGTERM     graceful stop (SIGINT too): no new checks, the running sequence may
 SIGUSR1     reopen the log file (logrotate)
 SIGCHLD     only wakes the loop; reaping is level-triggered
 
-Files (in the state dir, default CONFIGDIR/var, mode 0700)
+Files (in the state dir, default CONFIGDIR/var, or /var/lib/hadaemon; mode 0700)
 -----------------------------------------------------------
 hadaemon.pid       pid of the master; its flock is the one-daemon-per-state-dir lock
 hadaemon.sock      the UNIX socket (mode 0600; peers of another uid are refused)
@@ -63,7 +64,7 @@ hadaemon.log       the log, when daemonized with no ``log`` setting
 
 Exit codes
 ----------
-0 ok   1 failure or invalid config   2 usage   3 not running (``--status``)
+0 ok   1 failure or invalid config   2 usage   3 not running (``--status``, ``--rerun``)
 """
 
 import argparse
@@ -84,6 +85,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -109,6 +111,8 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSTEM_CONFIG_DIR = "/etc/hadaemon"     # an installed hadaemon's config dir, by default
+SYSTEM_STATE_DIR = "/var/lib/hadaemon"  # ... and its state dir
 SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
@@ -484,8 +488,13 @@ class Section:
 
     @property
     def name(self):
-        tr = "%s_to_%s" % (self.from_state, self.to_state)
-        return "%s: %s" % (self.host, tr) if self.host else tr
+        return section_name(self.host, self.from_state, self.to_state)
+
+
+def section_name(host, from_state, to_state):
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
+    tr = "%s_to_%s" % (from_state, to_state)
+    return "%s: %s" % (host, tr) if host else tr
 
 
 @dataclasses.dataclass
@@ -496,14 +505,26 @@ class Config:
     checks: list
     sections: dict      # (host or None, from, to) -> Section
 
+    @staticmethod
+    def precedence(host, from_state, to_state):
+        """The eight section keys SPEC §5 tries for HOST going FROM -> TO, first first."""
+        return [(h, f, t) for h in (host, None)
+                for f, t in ((from_state, to_state), ("any", to_state),
+                             (from_state, "any"), ("any", "any"))]
+
+    def section_named(self, name):
+        """The section written ``[NAME]`` (as ``Section.name`` gives it), or None."""
+        for section in self.sections.values():
+            if section.name == name:
+                return section
+        return None
+
     def section_for(self, host, from_state, to_state):
         """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
-        for h in (host, None):
-            for f, t in ((from_state, to_state), ("any", to_state),
-                         (from_state, "any"), ("any", "any")):
-                section = self.sections.get((h, f, t))
-                if section is not None:
-                    return section
+        for key in self.precedence(host, from_state, to_state):
+            section = self.sections.get(key)
+            if section is not None:
+                return section
         return None
 
 
@@ -1919,6 +1940,32 @@ def expand_commands(section, variables):
     return commands
 
 
+class RunPlan(typing.NamedTuple):
+    """What a run of a section gets: the daemon queues it, --simulate prints it."""
+    variables: dict                 # NAME -> value, for %NAME%
+    env: dict                       # the HA_* of every command, but HA_RUN_ID (the run's own id)
+    commands: list                  # expanded, as the action run gets them; [] with an error
+    error: typing.Optional[str]     # why the sequence cannot run (an empty variable), or None
+
+
+def plan_run(section, host, from_state, to_state, states, config_dir, state_dir):
+    """The run of SECTION for HOST going FROM -> TO, against STATES (host -> state, as
+    they are once the transition is applied).
+
+    One function for the daemon and --simulate, so that what --simulate shows is
+    what would run.
+    """
+    variables = action_variables(host, from_state, to_state, states)
+    env = {"HA_HOST": host, "HA_FROM": from_state, "HA_TO": to_state,
+           "HA_TRANSITION": "%s_to_%s" % (from_state, to_state),
+           "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
+           "HA_CONFIG_DIR": config_dir, "HA_STATE_DIR": state_dir}
+    try:
+        return RunPlan(variables, env, expand_commands(section, variables), None)
+    except ValueError as exc:
+        return RunPlan(variables, env, [], str(exc))
+
+
 def action_main(sock_path, config_dir):
     """Wait for one action sequence, then run it command after command, reporting each.
 
@@ -2321,7 +2368,7 @@ NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
 def summarize_run(run):
     """A run as --status and --history show it (its environment left out)."""
     summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
-                                       "state", "reason", "queued", "started", "ended")}
+                                       "state", "reason", "queued", "started", "ended", "rerun_of")}
     summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
                             "started": c.get("started"), "result": c.get("result")}
                            for c in run.get("commands", [])]
@@ -2329,11 +2376,17 @@ def summarize_run(run):
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run (--history)."""
+    """The ``n`` newest transitions, newest first, each with its run and that run's
+    reruns, oldest first (--history)."""
+    reruns = collections.defaultdict(list)
+    for run in runs.values():
+        if run.get("rerun_of") is not None:
+            reruns[run.get("transition")].append(summarize_run(run))
     out = []
     for tr in transitions[-n:][::-1] if n > 0 else []:
         run = runs.get(tr.get("run")) if tr.get("run") is not None else None
-        out.append(dict(tr, run=summarize_run(run) if run else None))
+        out.append(dict(tr, run=summarize_run(run) if run else None,
+                        reruns=reruns.get(tr["id"], []) if run else []))
     return out
 
 
@@ -2462,24 +2515,21 @@ class Ledger:
 
     # -- SPEC §5: action runs and their queue ------------------------------------
 
-    def new_run(self, tr, section, changes, now):
+    def new_run(self, tr, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
         cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
-        variables = action_variables(tr["host"], tr["from"], tr["to"], self.states())
-        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
-               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
-               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
-               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
-               "HA_STATE_DIR": self.state_dir}
+        plan = plan_run(section, tr["host"], tr["from"], tr["to"], self.states(),
+                        self.config.config_dir, self.state_dir)
         run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
                "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": now, "started": None, "ended": None, "env": env, "commands": []}
-        try:
-            run["commands"] = expand_commands(section, variables)
-        except ValueError as exc:
-            self._set_run_state(run, "failed", str(exc), changes, now)
+               "queued": now, "started": None, "ended": None,
+               "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
+        if rerun_of is not None:
+            run["rerun_of"] = rerun_of
+        if plan.error:
+            self._set_run_state(run, "failed", plan.error, changes, now)
         else:
             if self.paused:
                 self._set_run_state(run, "skipped", "paused", changes, now)
@@ -2490,6 +2540,32 @@ class Ledger:
         self.runs[run_id] = run
         while len(self.runs) > cap:
             self.runs.popitem(last=False)
+        return run
+
+    def rerun(self, run_id, now):
+        """SPEC §11: the section of ended run ``run_id`` (by its name, in the current
+        config) again, for its host, FROM and TO, expanded against the states of now;
+        a new run with ``rerun_of``, through the queue like any (or skipped, paused).
+
+        ValueError says why not: an unknown id, a run still queued or running, a
+        section no longer in the config.
+        """
+        old = self.runs.get(run_id)
+        if old is None:
+            raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old["state"] not in RUN_FINAL:
+            raise ValueError("run #%d is %s; only an ended run can be re-run"
+                             % (run_id, old["state"]))
+        section = self.config.section_named(old["section"])
+        if section is None:
+            raise ValueError("section [%s] of run #%d is no longer in %s" % (
+                old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
+        tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
+        changes = {"meta": self.meta}
+        run = self.new_run(tr, section, changes, now, rerun_of=run_id)
+        self.store.commit(changes)
+        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
+                 section.name, run["host"], run["from"], run["to"], run["state"])
         return run
 
     def _set_run_state(self, run, state, reason, changes, now):
@@ -3290,6 +3366,137 @@ class ControlServer:
 
 
 # ============================================================================
+# What if: --simulate (SPEC §11)
+# ============================================================================
+
+# --simulate answers with the functions the daemon itself uses (the precedence of
+# Config.precedence, plan_run) over states it only reads: the running daemon's,
+# asked with the status verb (which logs nothing and writes nothing), else the
+# state db's (Store.read, which never opens it for writing).  It runs nothing,
+# writes nothing and logs nothing, so it is safe on a live pair at any time.
+
+def parse_what_if(host, transition, sets):
+    """--simulate's words -> (host, from, to, {host: state} of every --set).
+
+    ValueError names the bad value: a host or state name SPEC §3 does not allow,
+    a transition that is not FROM_to_TO, a --set without ``=``.
+    """
+    if not valid_name(host):
+        raise ValueError("bad host name %r (letters, digits, _ . : -, a letter or digit first)"
+                         % host)
+    parts = transition.split("_to_")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError("%r is not FROM_to_TO (slave_to_master, say)" % transition)
+    for part in parts:
+        if not valid_state(part):
+            raise ValueError("bad state %r in %r" % (part, transition))
+    overrides = {}
+    for item in sets:
+        name, eq, state = item.partition("=")
+        name, state = name.strip(), state.strip()
+        if not eq:
+            raise ValueError("--set %r: write HOST=STATE" % item)
+        if not valid_name(name):
+            raise ValueError("--set %r: bad host name %r" % (item, name))
+        if not valid_state(state):
+            raise ValueError("--set %r: bad state %r" % (item, state))
+        overrides[name] = state.lower()
+    return host, parts[0].lower(), parts[1].lower(), overrides
+
+
+def simulate(config, state_dir, host, from_state, to_state, states, sets=None, **context):
+    """What the daemon would do if HOST had just gone FROM -> TO: the --simulate --json document.
+
+    ``states`` are the known hosts' states; every --set in ``sets`` is applied on
+    top, then HOST is put in TO, as a transition leaves it.  ``context`` goes into
+    the document as it is (source, pid, paused).  ``would_run`` is False when no
+    section matches or a variable would be empty (``error`` says which).
+    """
+    sets = dict(sets or {})
+    after = dict(states, **sets)
+    after[host] = to_state
+    section, tried = None, []
+    for key in config.precedence(host, from_state, to_state):
+        tried.append(section_name(*key))
+        section = config.sections.get(key)
+        if section is not None:
+            break
+    doc = {"host": host, "from": from_state, "to": to_state,
+           "transition": "%s_to_%s" % (from_state, to_state)}
+    doc.update(context)
+    doc.update(states=dict(sorted(after.items())), set=sets, tried=tried, section=None,
+               commands=[], expanded=False, variables={}, env={}, would_run=False, error=None)
+    if section is None:
+        doc["error"] = "no section matches %s %s_to_%s in %s" % (
+            host, from_state, to_state, os.path.join(config.config_dir, "actions.conf"))
+        return doc
+    plan = plan_run(section, host, from_state, to_state, after, config.config_dir, state_dir)
+    doc.update(section={"name": section.name, "where": section.where, "timeout": section.timeout},
+               variables=plan.variables, env=plan.env, would_run=plan.error is None,
+               error=plan.error, expanded=plan.error is None)
+    if plan.error:      # as written: the one that cannot be expanded is named by the error
+        doc["commands"] = [{"argv": list(c.argv), "ignore": c.ignore, "where": c.where}
+                           for c in section.commands]
+    else:
+        doc["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c["where"]}
+                           for c in plan.commands]
+    return doc
+
+
+def _wrap(head, items, indent="  "):
+    """HEAD then ITEMS in lines of at most 78 columns, the next lines indented; an item
+    (a path, ``[db1: any_to_any]``) is never split."""
+    lines, line = [], head
+    for item in items:
+        if line.strip() and len(line) + 1 + len(item) > 78:
+            lines.append(line)
+            line = indent + item
+        else:
+            line += (" " if line.strip() else "") + item
+    return lines + [line]
+
+
+def render_simulation(doc):
+    """The --simulate document for a person."""
+    out = ["%s: %s -> %s, as if it had just happened (nothing is run or changed)"
+           % (doc["host"], doc["from"], doc["to"])]
+    source = {"daemon": "the running daemon (pid %s)" % doc.get("pid"),
+              "db": "the state db (no daemon running)",
+              "none": "nowhere yet (no state db): every other host unknown"}[doc["source"]]
+    sets = " ".join("%s=%s" % kv for kv in sorted(doc["set"].items()))
+    out.append("states: from %s%s" % (source, "; --set " + sets if sets else ""))
+    out += _wrap("  ", ["%s=%s" % kv for kv in doc["states"].items()])
+    if doc.get("paused"):
+        out += _wrap("ACTIONS ARE PAUSED:", "this sequence would be recorded as skipped (paused) "
+                     "and not run, until hadaemon --resume".split())
+    section = doc["section"]
+    if section is None:
+        out.append("no section matches; tried, in the order of precedence:")
+        out += _wrap("  ", ["[%s]" % name for name in doc["tried"]])
+        out += _wrap("would run nothing:", doc["error"].split())
+        return "\n".join(out)
+    passed = doc["tried"][:-1]
+    out.append("section [%s] at %s%s" % (section["name"], section["where"],
+                                         ", timeout %s per command" % format_duration(section["timeout"])))
+    if passed:
+        out += _wrap("  before it, not in the config:", ["[%s]" % n for n in passed], "    ")
+    out.append("commands%s, in order (- = its failure is ignored):"
+               % ("" if doc.get("expanded") else " as written"))
+    for i, cmd in enumerate(doc["commands"], 1):
+        out.append("%3d %s %s" % (i, "-" if cmd["ignore"] else " ", shlex.join(cmd["argv"])))
+    if not doc["commands"]:
+        out.append("    none: the run would end ok at once")
+    out += _wrap("variables:", ["%%%s%%=%s" % (k, shlex.quote(v)) for k, v in doc["variables"].items()])
+    out += _wrap("environment:", ["%s=%s" % (k, shlex.quote(v)) for k, v in doc["env"].items()]
+                 + ["HA_RUN_ID=(the new run's id)"])
+    if doc["would_run"]:
+        out.append("would run: %d command%s" % (len(doc["commands"]), "s" * (len(doc["commands"]) != 1)))
+    else:
+        out += _wrap("would NOT run:", ("%s; the run would be recorded as failed" % doc["error"]).split())
+    return "\n".join(out)
+
+
+# ============================================================================
 # Master: the loop, signals, readiness and shutdown
 # ============================================================================
 #
@@ -3660,7 +3867,22 @@ class Master:
                 msg.get("n") if isinstance(msg.get("n"), int) else 20)}
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid()}
+        if cmd in ("rerun", "run"):
+            return self.answer_run(cmd, msg.get("run"))
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
+
+    def answer_run(self, cmd, run_id):
+        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
+        if not isinstance(run_id, int) or isinstance(run_id, bool):
+            return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
+        if cmd == "run":
+            run = self.ledger.runs.get(run_id)
+            return {"ok": True, "run": summarize_run(run)} if run else \
+                {"ok": False, "errors": ["no run #%d in the history" % run_id]}
+        try:
+            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
+        except ValueError as exc:
+            return {"ok": False, "errors": [str(exc)]}
 
     def status_document(self):
         """--status --json: the daemon's block, then what each part says of itself."""
@@ -3814,11 +4036,26 @@ def render_status(doc):
         done = sum(1 for c in run["commands"] if c.get("result"))
         took = format_duration(run["ended"] - run["started"]) if run.get("ended") and run.get("started") \
             and run["ended"] > run["started"] else "-"
-        result = run["state"] + (": " + run["reason"] if run.get("reason") else "")
+        result = run["state"] + (" (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "") \
+            + (": " + run["reason"] if run.get("reason") else "")
         rows.append((run["id"], "[%s]" % run["section"], run["host"], result,
                      "%d/%d" % (done, len(run["commands"])), took))
     out += _table(rows, (5, 22, 10, 26, 5, 6)) if len(rows) > 1 else ["  none"]
     return "\n".join(out)
+
+
+def render_run(run, indent="      "):
+    """A run and its commands, as --history and --rerun --wait show them."""
+    out = ["%srun #%d [%s]: %s%s%s" % (indent, run["id"], run["section"], run["state"],
+                                      " (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "",
+                                      (" (%s)" % run["reason"]) if run.get("reason") else "")]
+    for cmd in run["commands"]:
+        res = cmd.get("result")
+        what = "not run" if res is None else (res.get("error") or "ok")
+        out.append("%s  %s%s  -> %s" % (indent, "-" if cmd["ignore"] else "",
+                                        " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
+                                        what))
+    return out
 
 
 def render_history(entries):
@@ -3832,14 +4069,8 @@ def render_history(entries):
         if run is None:
             out.append("      no action section")
             continue
-        out.append("      run #%d [%s]: %s%s" % (run["id"], run["section"], run["state"],
-                                               (" (%s)" % run["reason"]) if run.get("reason") else ""))
-        for cmd in run["commands"]:
-            res = cmd.get("result")
-            what = "not run" if res is None else (res.get("error") or "ok")
-            out.append("        %s%s  -> %s" % ("-" if cmd["ignore"] else "",
-                                               " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
-                                               what))
+        for each in [run] + (tr.get("reruns") or []):
+            out += render_run(each)
     return "\n".join(out)
 
 
@@ -3847,16 +4078,47 @@ def render_history(entries):
 # Command line
 # ============================================================================
 
+def default_config_dir(environ):
+    """The config dir when --config-dir is not given, and where it comes from.
+
+    HADAEMON_CONFIG_DIR; else the folder holding this file when it holds a
+    checks.conf (copy-and-run, SPEC §1); else /etc/hadaemon (an installed
+    hadaemon lives in site-packages, a folder of no config).
+    """
+    if environ.get("HADAEMON_CONFIG_DIR"):
+        return environ["HADAEMON_CONFIG_DIR"], "from HADAEMON_CONFIG_DIR"
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(here, "checks.conf")):
+        return here, "the folder of %s" % os.path.basename(__file__)
+    return SYSTEM_CONFIG_DIR, "the default: neither --config-dir nor HADAEMON_CONFIG_DIR is " \
+        "given, and %s holds no checks.conf" % here
+
+
+def default_state_dir(config_dir, environ):
+    """HADAEMON_STATE_DIR; else /var/lib/hadaemon for /etc/hadaemon (/etc holds no state);
+    else CONFIGDIR/var."""
+    if environ.get("HADAEMON_STATE_DIR"):
+        return environ["HADAEMON_STATE_DIR"]
+    if os.path.abspath(config_dir) == SYSTEM_CONFIG_DIR:
+        return SYSTEM_STATE_DIR
+    return os.path.join(config_dir, "var")
+
+
 def build_parser():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(
-        prog="hadaemon.py",
         description="Watch a master / hot-standby pair and run ordered actions when a role changes.",
-        epilog="Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status).")
-    p.add_argument("--config-dir", metavar="DIR", default=here,
-                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: %(default)s)")
+        epilog="Config dir: --config-dir, else $HADAEMON_CONFIG_DIR, else the folder holding this "
+               "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
+               "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
+               "config dir is %s, else CONFIGDIR/var.  "
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
+                        "see below; now %s)" % default_config_dir(os.environ)[0])
     p.add_argument("--state-dir", metavar="DIR",
-                   help="pid file, socket, state db and log (default: CONFIGDIR/var)")
+                   help="pid file, socket, state db and log (default: see below)")
     cmd = p.add_mutually_exclusive_group()
     add = cmd.add_argument
     add("--start", dest="command", action="store_const", const="start",
@@ -3879,30 +4141,45 @@ def build_parser():
         help="stop running action sequences (they are recorded as skipped); checks go on")
     add("--resume", dest="command", action="store_const", const="resume",
         help="run action sequences again")
+    add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
+        help="print the section and the commands that would run if HOST went FROM -> TO now "
+             "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
+             "it would run, 1 no section or an empty variable")
+    add("--rerun", type=int, metavar="RUN_ID",
+        help="queue the section of an ended run again (same host and transition, the "
+             "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
     add("--version", action="version", version="hadaemon " + __version__)
-    p.add_argument("--json", action="store_true", help="with --status or --history: print JSON")
+    p.add_argument("--wait", action="store_true",
+                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
+                   help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
+    p.add_argument("--json", action="store_true",
+                   help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence) or --start (default: 30)")
+                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
 
-def _config_or_exit(config_dir):
+def _config_or_exit(config_dir, origin=None):
     try:
         return load_config(config_dir)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
         print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
               file=sys.stderr)
         sys.exit(EXIT_FAIL)
 
 
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -3919,7 +4196,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -4083,7 +4360,7 @@ def cmd_pause(args, paused):
 
 
 def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
           % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
     for group in config.groups:
@@ -4101,6 +4378,93 @@ def cmd_check_config(args):
     return EXIT_FAIL if any(error for _, error, _ in results) else EXIT_OK
 
 
+def cmd_simulate(args):
+    """--simulate: the section and commands a transition would run; nothing run, written or logged."""
+    try:
+        host, from_state, to_state, sets = parse_what_if(args.simulate[0], args.simulate[1], args.set)
+    except ValueError as exc:
+        print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    config = _config_or_exit(args.config_dir, args.config_origin)
+    pid = locked_pid(args.state_dir)
+    if pid and pid > 0:
+        status = _ask(args, {"cmd": "status"})
+        source = "daemon"
+    else:
+        try:
+            status, _ = offline_status(args.state_dir)
+        except OSError as exc:
+            print("hadaemon: cannot read the state db in %s: %s" % (args.state_dir, exc),
+                  file=sys.stderr)
+            return EXIT_FAIL
+        source = "db" if any(os.path.exists(os.path.join(args.state_dir, DB_NAME + suffix))
+                             for suffix in (".dat", ".journal")) else "none"
+    states = {name: h["state"] for name, h in status["hosts"].items()}
+    doc = simulate(config, args.state_dir, host, from_state, to_state, states, sets,
+                   source=source, pid=pid if source == "daemon" else None,
+                   paused=bool(status["daemon"]["paused"]))
+    print(json.dumps(doc, indent=2) if args.json else render_simulation(doc))
+    return EXIT_OK if doc["would_run"] else EXIT_FAIL
+
+
+def cmd_rerun(args):
+    """--rerun RUN_ID [--wait]: the daemon queues the run's section again, as a new run."""
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
+    if not pid:
+        print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    if not answer.get("ok"):
+        for line in answer.get("errors") or ["refused"]:
+            print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
+        return EXIT_FAIL
+    run = answer["run"]
+    what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
+                                                  run["from"], run["to"])
+    if run["state"] == "skipped":
+        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
+              "then --rerun %d again" % (run["id"], what, args.rerun))
+        return EXIT_FAIL
+    if run["state"] != "queued":
+        print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
+        return EXIT_FAIL
+    print("run #%d queued: %s" % (run["id"], what))
+    return wait_run(args, run["id"]) if args.wait else EXIT_OK
+
+
+def wait_run(args, run_id):
+    """Poll the daemon until run ``run_id`` ends (or --timeout): 0 when it ended ok, else 1."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pause = 0.05
+    while True:
+        try:
+            answer = request(args.state_dir, {"cmd": "run", "run": run_id}, timeout=10.0)
+        except (OSError, HadaemonError):
+            answer = None
+        run = answer.get("run") if answer and answer.get("ok") else None
+        if run is None and not locked_pid(args.state_dir):
+            # The daemon stopped: the db has the run's last state (a queued run stays
+            # queued, and runs when the daemon starts again).
+            run = offline_status(args.state_dir)[1].runs.get(run_id)
+            if run is None or run["state"] not in RUN_FINAL:
+                print("hadaemon: the daemon stopped; run #%d is %s" % (
+                    run_id, run["state"] if run else "not in the state db"), file=sys.stderr)
+                return EXIT_FAIL
+        if run is not None and run["state"] in RUN_FINAL:
+            print("\n".join(render_run(run, indent="")))
+            return EXIT_OK if run["state"] == "ok" else EXIT_FAIL
+        if deadline is not None and time.monotonic() >= deadline:
+            print("hadaemon: run #%d still %s after %gs" % (
+                run_id, run["state"] if run else "unknown", args.timeout), file=sys.stderr)
+            return EXIT_FAIL
+        left = deadline - time.monotonic() if deadline is not None else pause
+        time.sleep(max(0.0, min(pause, left)))
+        pause = min(pause * 1.5, 0.5)
+
+
 def cmd_once(args):
     pid = locked_pid(args.state_dir)
     if pid:
@@ -4112,13 +4476,26 @@ def cmd_once(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.config_origin = None
+    if args.config_dir is None:
+        args.config_dir, args.config_origin = default_config_dir(os.environ)
     args.config_dir = os.path.abspath(args.config_dir)
-    args.state_dir = os.path.abspath(args.state_dir or os.path.join(args.config_dir, "var"))
+    args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
+    if args.set and args.simulate is None:
+        build_parser().error("--set goes with --simulate")
     if args.history is not None:
         return cmd_history(args)
+    if args.simulate is not None:
+        return cmd_simulate(args)
+    if args.wait and args.rerun is None:
+        build_parser().error("--wait goes with --rerun")
+    if args.rerun is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_rerun(args)
     command = args.command or "start"
     if args.json and command != "status":
-        build_parser().error("--json goes with --status or --history")
+        build_parser().error("--json goes with --status, --history or --simulate")
     if args.connect and command != "check":
         build_parser().error("--connect goes with --check-config")
     try:
