@@ -20,14 +20,20 @@ One run measures, on this machine and under its current load:
 5. idle        10 checks at a 10 s interval: CPU % and RSS / PSS of each process.
 6. monit       /usr/bin/monit in the foreground with the same check and action at
                its fastest cycle (1 s): reaction latency and CPU per check.
-7. scale       300, 3,000 and 10,000 trivial checks (one host each) at the same
+7. cluster     three daemons (quorum 2, ttl 2s, interval 100ms) on a three-member
+               etcd on loopback (tests/etcd.py), 200 checks/s in all besides:
+               leader kill -9 -> the new leader's action (the world flipped at
+               the kill), flip -> action with agreement, and etcd requests per
+               second in steady state (the members' count, and etcd's own).
+8. scale       300, 3,000 and 10,000 trivial checks (one host each) at the same
                aggregate rate, 100 checks/s: schedule lag, master CPU %, master RSS
                and PSS, start-up (exec -> first check's result at the master), reload,
                --status and --check-config of that config.  Cost should follow the
                rate, not the count.
 
 Standard library only.  Everything runs in a temp dir; every process started is
-ended by its pid; the only network is the daemon's UNIX socket.
+ended by its pid; the only network is the daemon's UNIX socket (and loopback to
+the cluster section's etcd).
 
     python3 bench/bench.py                 full run (a few minutes)
     python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
@@ -59,7 +65,7 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "scale")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "scale")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
            "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
            "idle_pss_mb": 24.0 * 1.048576,            # 24 MiB, in the MB (10^6) the bench prints
@@ -832,7 +838,194 @@ def section_monit(tmp, quick):
 
 
 # ----------------------------------------------------------------------------
-# 7. Scale: the count of checks grows, the rate does not
+# 7. Cluster: three daemons, one acting, on etcd (SPEC §10)
+# ----------------------------------------------------------------------------
+# The flag check of section 4 (its own world file per member, all flipped at
+# once); the action appends "TIME RUN STATE NODE" to one file shared by all.
+
+CLUSTER_ACTION = """#!/bin/bash
+printf '%s %s %s %s\\n' "$EPOCHREALTIME" "$HA_RUN_ID" "$HA_TO" "$HA_NODE" >> {log}
+"""
+CLUSTER_TTL = 2
+
+
+def cluster_config(endpoints, node, quorum):
+    return """\
+        [daemon]
+        workers = 2
+
+        [cluster]
+        etcd = %s
+        name = bench
+        node = %s
+        ttl = %ds
+        quorum = %d
+
+        [local]
+        interval = 100ms
+        host = role
+        check_flag
+
+        [local]
+        interval = 300ms
+        %s
+        """ % (", ".join(endpoints), node, CLUSTER_TTL, quorum,
+               "\n        ".join("check_trivial %d" % i for i in range(20)))
+
+
+class ClusterBench:
+    """Three Hadaemons (a, b, c) on one etcd; ``flip`` writes every member's world."""
+
+    def __init__(self, root, etcd, quorum=2):
+        self.log = os.path.join(root, "actions.log")
+        self.members = {}
+        for node in ("a", "b", "c"):
+            d = Hadaemon(os.path.join(root, node), cluster_config(etcd.endpoints, node, quorum),
+                         "[any_to_any]\nreact\n")
+            d.script("checks/check_flag", FLAG_CHECK.format(world=d.world))
+            d.script("checks/check_trivial", TRIVIAL_CHECK)
+            d.script("actions/react", CLUSTER_ACTION.format(log=self.log))
+            flip(os.path.join(d.world, "role"), "up")
+            self.members[node] = d
+
+    def flip(self, state):
+        t = time.time()
+        for d in self.members.values():
+            flip(os.path.join(d.world, "role"), state)
+        return t
+
+    def clusters(self):
+        out = {}
+        for node, d in self.members.items():
+            if d.proc is not None and d.proc.poll() is None:
+                try:
+                    out[node] = d.status()["daemon"]["cluster"]
+                except OSError:
+                    pass
+        return out
+
+    def leader(self, without=()):
+        """The acting leader every live member agrees on, or None."""
+        docs = self.clusters()
+        names = {(c["leader"], c["epoch"]) for c in docs.values()}
+        if len(names) != 1:
+            return None
+        node = names.pop()[0]
+        if node is None or node in without or not docs.get(node, {}).get("acting"):
+            return None
+        if any(c["role"] != "follower" for n, c in docs.items() if n != node):
+            return None
+        return node
+
+    def actions(self):
+        return read_lines(self.log)
+
+    def stop(self):
+        for d in self.members.values():
+            d.stop()
+
+
+def cluster_failover(cl, kills):
+    """Kill -9 the leader and flip the world at once: until the new leader's action."""
+    took, to_status = [], []
+    state = "up"
+    for _ in range(kills):
+        leader = wait_for(cl.leader, 30, "an agreed leader", 0.02)
+        state = "down" if state == "up" else "up"
+        before = len(cl.actions())
+        d = cl.members[leader]
+        d.proc.kill()
+        t = cl.flip(state)
+        t_m = time.monotonic()
+        d.proc.wait()
+        wait_for(lambda: cl.leader(without=(leader,)), 30, "a new leader", 0.01)
+        to_status.append(time.monotonic() - t_m)
+        acted = wait_for(lambda: [r for r in cl.actions()[before:] if r[2] == state], 30,
+                         "the new leader's action", 0.01)
+        took.append(float(acted[0][0]) - t)
+        stop_process_group(d.proc, "HA_CONFIG_DIR=" + d.conf)
+        d.start()                               # back, as a follower
+    return {"kills": kills, "ttl_s": CLUSTER_TTL, "kill_to_action": summarize(took),
+            "kill_to_leader_status": summarize(to_status)}
+
+
+def cluster_flips(cl, n):
+    """Flip every member's world; from the flip to the leader's action, through agreement
+    (split at the transition: seen and agreed, then recorded in etcd and started)."""
+    e2e, agreed, started = [], [], []
+    state = "up"
+    for _ in range(n):
+        time.sleep(random.uniform(0, 0.1))
+        state = "down" if state == "up" else "up"
+        before = len(cl.actions())
+        t = cl.flip(state)
+        acted = wait_for(lambda: [r for r in cl.actions()[before:] if r[2] == state], 20,
+                         "the action for %s" % state, 0.005)
+        e2e.append(float(acted[0][0]) - t)
+        history = cl.members[acted[0][3]].history(3)
+        tr = next((h for h in history if h["run"] and str(h["run"]["id"]) == acted[0][1]), None)
+        if tr is not None:
+            agreed.append(tr["time"] - t)
+            started.append(float(acted[0][0]) - tr["time"])
+    return {"flip_to_action": summarize(e2e), "flip_to_transition": summarize(agreed),
+            "transition_to_action": summarize(started)}
+
+
+def cluster_steady(cl, etcd, window):
+    """etcd requests per second while nothing changes, 200 checks/s running."""
+    def counts():
+        docs = cl.clusters()
+        return sum(c["requests"] or 0 for c in docs.values()), \
+            etcd.metric("etcd_server_proposals_committed_total")
+    time.sleep(1.0)
+    agents = [c["agent_pid"] for c in cl.clusters().values()]
+    a0 = sum(sum(proc_times(pid)) for pid in agents)
+    r0, p0, t0 = counts() + (time.monotonic(),)
+    time.sleep(window)
+    r1, p1, t1 = counts() + (time.monotonic(),)
+    a1 = sum(sum(proc_times(pid)) for pid in agents)
+    seconds = t1 - t0
+    members = len(cl.clusters())
+    memory = [proc_memory(pid) for pid in agents]
+    return {"window_s": round(seconds, 1), "members": members, "checks_per_s": round(members * (10 + 20 / 0.3)),
+            "agent_cpu_pct": round(100.0 * (a1 - a0) / len(agents) / seconds, 3),
+            "agent_rss_mb": round(memory[0][0], 1), "agent_pss_mb": memory[0][1] and round(memory[0][1], 1),
+            "requests_per_s": round((r1 - r0) / seconds, 2),
+            "keepalives_expected_per_s": round(members * 4.0 / CLUSTER_TTL, 2),
+            # every member commits every proposal: the cluster's writes are the total / 3
+            "etcd_writes_per_s": round((p1 - p0) / len(etcd.members) / seconds, 2)
+            if p0 is not None and p1 is not None else None}
+
+
+def section_cluster(tmp, quick):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from etcd import ETCD, EtcdCluster
+    if not os.access(ETCD, os.X_OK):
+        return {"skipped": "%s is not installed (etcd-server)" % ETCD}
+    root = os.path.join(tmp, "cluster")
+    os.makedirs(os.path.join(root, "etcd"))
+    etcd = EtcdCluster(os.path.join(root, "etcd"))
+    cl = None
+    try:
+        etcd.start()
+        cl = ClusterBench(root, etcd)
+        for d in cl.members.values():
+            d.start()
+        wait_for(cl.leader, 30, "an agreed leader", 0.02)
+        wait_for(lambda: cl.actions(), 30, "the first action")
+        result = {"quorum": 2, "ttl_s": CLUSTER_TTL, "interval_ms": 100}
+        result["steady"] = cluster_steady(cl, etcd, 4.0 if quick else 20.0)
+        result["flips"] = cluster_flips(cl, 6 if quick else 30)
+        result["failover"] = cluster_failover(cl, 2 if quick else 10)
+        return result
+    finally:
+        if cl is not None:
+            cl.stop()
+        etcd.stop()
+
+
+# ----------------------------------------------------------------------------
+# 8. Scale: the count of checks grows, the rate does not
 # ----------------------------------------------------------------------------
 # Every check its own host (h0, h1, ...): the worst case for anything that walks
 # every host or every check.  The state db is seeded with every host but h0 up, so
@@ -1129,10 +1322,35 @@ def render(result):
             add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
                 mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
             load("monit")
+    cluster = result.get("cluster")
+    if cluster:
+        add("")
+        if "skipped" in cluster:
+            add("7. cluster: skipped (%s)" % cluster["skipped"])
+        else:
+            f, st = cluster["failover"], cluster["steady"]
+            add("7. cluster: 3 daemons on a 3-member etcd, quorum %d, ttl %ds, interval %dms   p50 ms"
+                "    p99 ms    max ms" % (cluster["quorum"], cluster["ttl_s"], cluster["interval_ms"]))
+            flips = cluster["flips"]
+            for s, label in ((f["kill_to_action"], "leader kill -9 -> new leader's action"),
+                             (f["kill_to_leader_status"], "  (-> new leader in --status)"),
+                             (flips["flip_to_action"], "file flipped -> action (agreement)"),
+                             (flips["flip_to_transition"], "  of which: seen, agreed, accepted"),
+                             (flips["transition_to_action"], "  and: in etcd, handed, started")):
+                add("   %-38s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
+            add("   (%d kills; the world flipped at each kill; section 4's flip -> action: %s ms)" % (
+                f["kills"], fmt(reaction and reaction["flip_to_action"]["p50_ms"], 1).strip()))
+            add("   steady, %d checks/s in all: %.2f etcd requests/s from %d members (keep-alives at "
+                "ttl/4: %.1f/s); etcd's own writes %s/s" % (
+                    st["checks_per_s"], st["requests_per_s"], st["members"], st["keepalives_expected_per_s"],
+                    fmt(st["etcd_writes_per_s"], 1).strip()))
+            add("   the cluster agent (one per member): %.3f %% CPU, RSS %.1f MB, PSS %s MB" % (
+                st["agent_cpu_pct"], st["agent_rss_mb"], fmt(st["agent_pss_mb"], 1).strip()))
+            load("cluster")
     scale = result.get("scale")
     if scale:
         add("")
-        add("7. scale: the same %d checks/s spread over more checks (one host each, %d workers)"
+        add("8. scale: the same %d checks/s spread over more checks (one host each, %d workers)"
             % (SCALE_RATE, scale[0]["workers"]))
         add("   %s" % "".join(h.rjust(9) for h in ("checks", "interval", "lag p50", "lag p99", "lag max",
                                                     "master%", "ms/chk", "RSS MB", "PSS MB", "rate/s")))
@@ -1200,6 +1418,7 @@ def main(argv=None):
              ("reaction", lambda: section_reaction(tmp, args.quick, 2, launcher)),
              ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
              ("monit", lambda: section_monit(tmp, args.quick)),
+             ("cluster", lambda: section_cluster(tmp, args.quick)),
              ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)))
     result["load"] = {}
     try:

@@ -20,6 +20,10 @@ SECTIONS = {
     "reaction": ["result_to_action.p50_ms", "result_to_action.p99_ms", "result_to_spawn.p50_ms",
                  "check_exit_to_action.p50_ms", "flip_to_action.p50_ms", "transitions"],
     "idle": ["cpu_pct.master", "cpu_pct.workers", "rss_mb.master", "rss_total_mb", "pss_total_mb"],
+    "cluster": ["failover.kill_to_action.p50_ms", "failover.kill_to_action.max_ms",
+                "failover.kill_to_leader_status.p50_ms", "flips.flip_to_action.p50_ms",
+                "flips.flip_to_transition.p50_ms", "flips.transition_to_action.p50_ms",
+                "steady.requests_per_s", "steady.keepalives_expected_per_s", "steady.etcd_writes_per_s"],
 }
 
 
@@ -69,7 +73,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert _number(doc["idle"]["pss_mb"]["master"]) and isinstance(doc["derived"]["idle"]["met_pss"], bool)
     # The table names each section and the load it ran under.
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
-                    "6. beside Monit", "7. scale", "load average"):
+                    "6. beside Monit", "7. cluster", "8. scale", "load average"):
         assert heading in result.stdout, heading
 
 
