@@ -88,7 +88,6 @@ import errno
 import fcntl
 import gc
 import heapq
-import http.client
 import itertools
 import json
 import logging
@@ -102,7 +101,6 @@ import shlex
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import struct
 import sys
@@ -812,6 +810,7 @@ def _cluster_value(key, words, where, config_dir, errors):
 
 def etcd_ssl_context(cluster):
     """TLS for https endpoints: the CA (default: the system's) and the client certificate."""
+    import ssl                          # ssl and http.client only with [cluster]: 3 MB and more
     context = ssl.create_default_context(cafile=cluster.etcd_ca)
     if cluster.etcd_cert:
         context.load_cert_chain(cluster.etcd_cert, cluster.etcd_key)
@@ -820,6 +819,7 @@ def etcd_ssl_context(cluster):
 
 def _cluster_settings(where, entries, errors):
     """The [cluster] section whole: required keys, the node's default, TLS that loads."""
+    import ssl
     values = {k: v for k, (_, v) in entries.items() if v is not None}
     if len(values) < len(entries):
         return None                             # each bad value has its error already
@@ -4112,6 +4112,7 @@ class EtcdEndpoint:
         """The kept-alive connection, or a new one, bounded by ``timeout``.  One etcd
         closed (or a member that restarted) reads as EOF: a request sent on it would
         be lost for nothing."""
+        import http.client
         if self.conn is not None and self.conn.sock is not None and _select_read([self.conn.sock], 0):
             self.close()
         if self.conn is None or self.conn.sock is None:
@@ -4159,6 +4160,7 @@ class EtcdClient:
 
     def __init__(self, urls, timeout=1.0, context=None):
         if any(url.startswith("https:") for url in urls) and context is None:
+            import ssl
             context = ssl.create_default_context()
         self.endpoints = [EtcdEndpoint(url, context) for url in urls]
         self.timeout = timeout
@@ -4206,6 +4208,7 @@ class EtcdClient:
         ep.down_until = time.monotonic() + 2 * self.timeout
 
     def _call_one(self, ep, path, payload, idempotent, timeout):
+        import http.client
         try:
             conn = ep.connection(timeout)
             self.requests += 1
@@ -4339,6 +4342,7 @@ class EtcdWatch:
     """
 
     def __init__(self, ep, prefix, start_revision, timeout):
+        import ssl
         self.ep = ep
         self.buf = bytearray()
         self.headers_done = False
@@ -4366,6 +4370,7 @@ class EtcdWatch:
 
     def read(self):
         """The JSON objects that arrived (each {"result": {...}}); EtcdError at the end."""
+        import ssl
         ended = False
         while True:
             try:
@@ -4600,6 +4605,7 @@ class ClusterAgent:
 
     def start_mirror(self):
         """Range the prefix whole, send it, and watch from the next revision."""
+        import ssl
         try:
             revision, kvs = self.client.range(self.prefix, prefix=True)
             ep = self.client.last
