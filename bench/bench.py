@@ -18,7 +18,11 @@ One run measures, on this machine and under its current load:
                transition (stamped when the check's result reached the master) to
                the start of the first action command, and from flipping the file.
 5. idle        10 checks at a 10 s interval: CPU % and RSS / PSS of each process.
-6. monit       /usr/bin/monit in the foreground with the same check and action at
+6. http        50 hosts (100 checks at 200 checks/s) and the HTTP server on: latency
+               p50 / p99 of GET /status and GET /hosts/db1/master (kept-alive, and
+               a new connection each), the schedule lag meanwhile, ``ab -c 20`` on
+               /metrics, and the master's extra CPU per request.
+7. monit       /usr/bin/monit in the foreground with the same check and action at
                its fastest cycle (1 s): reaction latency and CPU per check.
 
 Standard library only.  Everything runs in a temp dir; every process started is
@@ -52,9 +56,11 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "http", "monit")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
-           "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0}
+           "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
+           "http_p99_ms": 5.0}
+AB = "/usr/bin/ab"
 
 TRIVIAL_CHECK = "#!/bin/sh\necho state=up\n"
 RATES = {False: (100, 200, 500, 1000), True: (100, 500)}      # checks/s; by --quick
@@ -465,7 +471,7 @@ def interpreter_rss():
 
 def section_limit(tmp, quick):
     script = write_script(os.path.join(tmp, "limit", "check_trivial"), TRIVIAL_CHECK)
-    n = 300 if quick else 2000
+    n = 150 if quick else 2000
     bench_spawn(script, 20, False)          # warm the page cache
     return {"spawn": bench_spawn(script, n, False),
             "spawn_paced": [bench_spawn_paced(script, rate, 1.0 if quick else 2.0) for rate in RATES[quick]],
@@ -584,7 +590,7 @@ def section_throughput(tmp, quick, workers, launcher=()):
 
 
 # ----------------------------------------------------------------------------
-# 4 + 6. Reaction latency (the same flag-file check and action for both daemons)
+# 4 + 7. Reaction latency (the same flag-file check and action for both daemons)
 # ----------------------------------------------------------------------------
 # bash for its $EPOCHREALTIME (a builtin: no fork to read the clock).  The check
 # exits 0 (up) or 2 (down), as a Nagios plugin does, and appends "TIME STATE" to
@@ -724,7 +730,151 @@ def section_idle(tmp, quick, workers, launcher=()):
 
 
 # ----------------------------------------------------------------------------
-# 6. Beside Monit
+# 6. HTTP: the status page's server under check load
+# ----------------------------------------------------------------------------
+
+HOST_CHECK = "#!/bin/sh\necho host=$1\necho state=$2\n"
+
+
+def http_config(port, hosts, interval, workers):
+    lines = ["[daemon]", "workers = %d" % workers, "timeout = 5s", "http = 127.0.0.1:%d" % port, "",
+             "[local]", "interval = %gms" % (interval * 1000)]
+    for i in range(1, hosts + 1):
+        state = "master" if i == 1 else "slave"
+        lines += ["check_host db%d %s a" % (i, state), "check_host db%d %s b" % (i, state)]
+    return "\n".join(lines) + "\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpClient:
+    """A bare HTTP/1.1 client: one kept-alive connection, or a new one per request."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = None
+
+    def get(self, path, keep=True):
+        """Seconds from sending the request to the whole answer; raises on anything but 200/503."""
+        t0 = time.perf_counter()
+        if self.sock is None or not keep:
+            self.close()
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(b"GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n"
+                          % (path.encode(), b"" if keep else b"Connection: close\r\n"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed before the answer to %s" % path)
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed in the answer to %s" % path)
+            body += chunk
+        took = time.perf_counter() - t0
+        if status not in (200, 503):
+            raise RuntimeError("%s answered %d" % (path, status))
+        if not keep:
+            self.close()
+        return took
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def http_latency(port, path, n, keep, period=0.01):
+    """``n`` GETs of ``path``, one every ``period`` (no pile-up: each waits for its answer)."""
+    client, times = HttpClient(port), []
+    try:
+        for _ in range(n):
+            t0 = time.monotonic()
+            times.append(client.get(path, keep))
+            pause = period - (time.monotonic() - t0)
+            if pause > 0:
+                time.sleep(pause)
+    finally:
+        client.close()
+    times.sort()
+    return {"requests": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99)),
+            "max_ms": ms(times[-1])}
+
+
+def run_ab(port, path, n, concurrency):
+    result = subprocess.run([AB, "-q", "-n", str(n), "-c", str(concurrency), "-s", "10",
+                             "http://127.0.0.1:%d%s" % (port, path)],
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout
+
+    def field(label, cast=float):
+        for line in out.splitlines():
+            if line.startswith(label):
+                return cast(line.split(":", 1)[1].split()[0])
+        return None
+    if result.returncode != 0:
+        raise RuntimeError("ab failed: %s%s" % (out[-500:], result.stderr[-500:]))
+    return {"requests": field("Complete requests", int), "failed": field("Failed requests", int),
+            "per_s": field("Requests per second"), "mean_ms": field("Time per request"),
+            "seconds": field("Time taken for tests")}
+
+
+def section_http(tmp, quick, workers, launcher=()):
+    hosts, rate = 50, 200
+    n = 150 if quick else 2000
+    port = free_port()
+    d = Hadaemon(os.path.join(tmp, "http"), http_config(port, hosts, 60.0, workers), launcher=launcher)
+    d.script("checks/check_host", HOST_CHECK)
+    out = {"hosts": hosts, "checks": 2 * hosts, "rate": rate, "workers": workers}
+    try:
+        d.start()
+        write_file(os.path.join(d.conf, "checks.conf"), http_config(port, hosts, 2 * hosts / rate, workers))
+        if not d.request({"cmd": "reload"}).get("ok"):
+            raise RuntimeError("reload refused")
+        wait_for(lambda: len(d.status()["hosts"]) >= hosts, 20, "every host to report", 0.1)
+        master = d.proc.pid
+        quiet = 2.0 if quick else 5.0
+        c0, t0 = proc_cpu(master), time.monotonic()
+        time.sleep(quiet)
+        base = (proc_cpu(master) - c0) / (time.monotonic() - t0)     # master CPU/s without HTTP
+        runs0, t0 = runs_total(d.status())[0], time.monotonic()
+        c0 = proc_cpu(master)
+        for key, path, keep in (("status", "/status", True), ("host", "/hosts/db1/master", True),
+                                ("host_new_connection", "/hosts/db1/master", False)):
+            out[key] = http_latency(port, path, n, keep)
+        c1, t1 = proc_cpu(master), time.monotonic()
+        st = d.status()
+        out["requests"] = 3 * n
+        out["cpu_per_request_ms"] = ms((c1 - c0 - base * (t1 - t0)) / (3 * n))
+        out["checks_per_s_meanwhile"] = round((runs_total(st)[0] - runs0) / (t1 - t0), 1)
+        out["lag_p50_ms"], out["lag_p99_ms"] = st["daemon"]["lag_ms"]["p50"], st["daemon"]["lag_ms"]["p99"]
+        out["status_bytes"] = len(json.dumps(st, separators=(",", ":")))
+        if os.access(AB, os.X_OK):
+            c0, t0 = proc_cpu(master), time.monotonic()
+            ab = run_ab(port, "/metrics", 1000 if quick else 5000, 20)
+            c1, t1 = proc_cpu(master), time.monotonic()
+            ab["cpu_per_request_ms"] = ms((c1 - c0 - base * (t1 - t0)) / ab["requests"])
+            out["ab_metrics"] = ab
+        else:
+            out["ab_metrics"] = {"skipped": "%s is not installed (apache2-utils)" % AB}
+        out["base_master_cpu_pct"] = round(100.0 * base, 2)
+    finally:
+        d.stop()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 7. Beside Monit
 # ----------------------------------------------------------------------------
 
 def monit_reaction(tmp, quick):
@@ -847,6 +997,11 @@ def derive(result):
         out["idle"] = {"master_cpu_pct": idle["cpu_pct"]["master"], "rss_total_mb": idle["rss_total_mb"],
                        "met_cpu": idle["cpu_pct"]["master"] < TARGETS["idle_master_cpu_pct"],
                        "met_rss": idle["rss_total_mb"] <= TARGETS["idle_rss_mb"]}
+    http = result.get("http")
+    if http:
+        worst = max(http["status"]["p99_ms"], http["host"]["p99_ms"])
+        out["http"] = {"p99_ms": worst, "met": worst <= TARGETS["http_p99_ms"],
+                       "lag_met": http["lag_p99_ms"] is not None and http["lag_p99_ms"] <= TARGETS["lag_p99_ms"]}
     monit = result.get("monit")
     if monit and "skipped" not in monit:
         ha_cpu = (rates.get(100) or {}).get("cpu_per_check_ms")
@@ -958,16 +1113,41 @@ def render(result):
             TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
             TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
         load("idle")
+    http = result.get("http")
+    if http:
+        h = d["http"]
+        add("")
+        add("6. http: %d hosts, %d checks at %d/s, %d workers          p50 ms    p99 ms    max ms"
+            % (http["hosts"], http["checks"], http["rate"], http["workers"]))
+        for key, label in (("status", "GET /status (%d bytes), kept alive" % http["status_bytes"]),
+                           ("host", "GET /hosts/db1/master, kept alive"),
+                           ("host_new_connection", "  the same, a new connection each")):
+            s = http[key]
+            add("   %-44s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
+        add("   meanwhile: %.1f checks/s, schedule lag p50 %s ms, p99 %s ms; master CPU %.3f ms per request"
+            % (http["checks_per_s_meanwhile"], fmt(http["lag_p50_ms"], 0), fmt(http["lag_p99_ms"], 0),
+               http["cpu_per_request_ms"]))
+        ab = http["ab_metrics"]
+        if "skipped" in ab:
+            add("   ab: skipped (%s)" % ab["skipped"])
+        else:
+            add("   ab -c 20 -n %d /metrics: %.0f requests/s, %d failed, mean %.2f ms; master CPU %.3f ms"
+                " per request" % (ab["requests"], ab["per_s"], ab["failed"], ab["mean_ms"],
+                                  ab["cpu_per_request_ms"]))
+        add("   (targets: p99 <= %.0f ms: %s; schedule lag p99 <= %.0f ms meanwhile: %s)" % (
+            TARGETS["http_p99_ms"], "met" if h["met"] else "NOT met", TARGETS["lag_p99_ms"],
+            "met" if h["lag_met"] else "NOT met"))
+        load("http")
     monit = result.get("monit")
     if monit:
         add("")
         if "skipped" in monit:
-            add("6. beside Monit: skipped (%s)" % monit["skipped"])
+            add("7. beside Monit: skipped (%s)" % monit["skipped"])
         else:
             mr, mc = monit["reaction"], monit["cpu"]
             vs = d.get("vs_monit", {})
             ha_cpu = next((r for r in result.get("throughput", []) if r["rate"] == 100), {})
-            add("6. beside Monit %s (set daemon 1; check program, if status != 0 then exec)" % monit["version"])
+            add("7. beside Monit %s (set daemon 1; check program, if status != 0 then exec)" % monit["version"])
             add("                                  hadaemon      Monit   hadaemon/Monit")
             add("   check exits -> action p50 ms %s %s %s" % (
                 fmt(reaction and reaction["check_exit_to_action"]["p50_ms"], 10),
@@ -1013,6 +1193,7 @@ def main(argv=None):
              ("throughput", lambda: section_throughput(tmp, args.quick, args.workers, launcher)),
              ("reaction", lambda: section_reaction(tmp, args.quick, 2, launcher)),
              ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
+             ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)),
              ("monit", lambda: section_monit(tmp, args.quick)))
     result["load"] = {}
     try:

@@ -20,6 +20,8 @@ SECTIONS = {
     "reaction": ["result_to_action.p50_ms", "result_to_action.p99_ms", "result_to_spawn.p50_ms",
                  "check_exit_to_action.p50_ms", "flip_to_action.p50_ms", "transitions"],
     "idle": ["cpu_pct.master", "cpu_pct.workers", "rss_mb.master", "rss_total_mb", "pss_total_mb"],
+    "http": ["status.p50_ms", "status.p99_ms", "host.p50_ms", "host.p99_ms", "host_new_connection.p99_ms",
+             "lag_p99_ms", "cpu_per_request_ms", "checks_per_s_meanwhile", "status_bytes"],
 }
 
 
@@ -52,6 +54,10 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert _number(overhead["ratio"]) and _number(overhead["cpu_per_check_ms"])
     assert doc["reaction"]["transitions"] >= 10
     assert _number(doc["meta"]["loadavg_start"][0])
+    ab = doc["http"]["ab_metrics"]
+    if "skipped" not in ab:
+        assert _number(ab["per_s"]) and _number(ab["cpu_per_request_ms"]) and ab["failed"] == 0, ab
+    assert isinstance(doc["derived"]["http"]["met"], bool)
     monit = doc["monit"]
     if "skipped" not in monit:
         assert _number(monit["reaction"]["check_exit_to_action"]["p50_ms"])
@@ -59,7 +65,7 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert _number(doc["derived"]["vs_monit"]["cpu_per_check_at_100_per_s"])
     # The table names each section and the load it ran under.
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
-                    "6. beside Monit", "load average"):
+                    "6. http", "7. beside Monit", "load average"):
         assert heading in result.stdout, heading
 
 
