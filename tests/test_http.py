@@ -149,20 +149,14 @@ def test_every_http_mistake_is_reported_at_once(tmp_path):
 
 # -- certificates (made by openssl here) --------------------------------------------------
 
-needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="openssl is not installed")
-
-
 def openssl(*args, cwd):
     subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def pems(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and friends: key+cert, cert alone, key alone,
-    an encrypted key, and a key that belongs to another certificate."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("pem")
+def make_pems(d):
+    """In ``d``, a self-signed certificate for 127.0.0.1 and its friends (PEM texts): key+cert,
+    cert alone, key alone, an encrypted key, a key of another certificate; ``ca``: the cert's path."""
+    d.mkdir(parents=True, exist_ok=True)
     for name, extra in (("a", ["-nodes"]), ("b", ["-nodes"]), ("enc", ["-passout", "pass:secret"])):
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-days", "2",
                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
@@ -171,6 +165,13 @@ def pems(tmp_path_factory):
     return {"good": texts["a.crt"] + texts["a.key"], "cert-only": texts["a.crt"], "key-only": texts["a.key"],
             "encrypted": texts["enc.crt"] + texts["enc.key"], "mismatch": texts["a.crt"] + texts["b.key"],
             "ca": d / "a.crt"}
+
+
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    return make_pems(tmp_path_factory.mktemp("pem"))
 
 
 @pytest.mark.parametrize("kind, mode, words", [
