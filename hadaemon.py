@@ -11,6 +11,11 @@ master      one thread, one ``selectors`` loop over the UNIX socket, its client
             the state db alone, schedules checks, applies reports (SPEC §4) and
             queues action runs.  Every pass of the loop reaps children, fires due
             timers and keeps the worker pool full, so a lost signal never matters.
+            Its parts, each a class of its own: the Ledger (states, transitions,
+            runs, the queue), the Scheduler (when checks run), the Pool (every
+            forked child), the ControlServer (the socket), the HttpServer (the
+            status page, JSON, load-balancer checks and metrics, when ``http`` is
+            set: its connections in the same loop); the Master wires them.
 worker      ``workers`` processes forked up front.  Each connects to the socket,
             says hello, then runs one check at a time as the master hands them out:
             the check gets its own session (process group), its output is parsed
@@ -23,6 +28,25 @@ action run  one forked child per action sequence, at most one at a time.  It is
             A worker keeps the pid of the check it runs in a page it shares with
             the master, an action run sends the pid of each command it starts: if
             either dies (SIGKILL, OOM) the master kills that process group.
+
+Sections of this file (each behind a banner; each uses only those above it)
+---------------------------------------------------------------------------
+Constants, Errors, Small utilities      exit codes, limits; durations, fds, lock, logging
+Configuration                           checks.conf and actions.conf -> Config, every error
+Cron                                    the five fields of a cron schedule
+Wire protocol                           one JSON object per line over the UNIX socket
+Check output                            a check's stdout -> the serialized hash (SPEC §3)
+State store                             dbm.dumb with a write-ahead journal (kill -9 safe)
+Running a process                       a session of its own, bounded output, group kill
+Check worker, Action runner             what the forked children run
+Remote checks                           the ssh: scope and its master connections
+Ledger                                  SPEC §4 and §5: reports in, transitions and runs out
+Scheduler                               the timer heap: when each check runs, its last result
+Pool                                    every forked child: fork, hello, reap, retire, replace
+Control server                          the socket's connections and the control verbs
+HTTP                                    SPEC §9: parser, answers, page, metrics, HttpServer
+Master                                  the loop, signals, readiness, shutdown; the wiring
+Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
 
 Signals (master)
 ----------------
@@ -831,9 +855,14 @@ def _parse_checks(path, config_dir, errors):
             errors.append("%s: [daemon] holds only KEY = VALUE settings, not %r" % (where, text))
         elif words:
             current[1][3].append((where, words, text))
-
     _http_settings(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    group_list, checks = _build_groups(groups, settings, config_dir, errors)
+    return settings, group_list, checks
+
+
+def _build_groups(groups, settings, config_dir, errors):
+    """Groups with the daemon's defaults filled in, and their checks, each command found."""
     checks, seen = [], {}
     group_list = []
     for scope, gwhere, gset, lines in groups:
@@ -869,7 +898,7 @@ def _parse_checks(path, config_dir, errors):
                 continue
             seen[key] = where
             checks.append(Check(key, name, (path_,) + tuple(words[1:]), host, group, where))
-    return settings, group_list, checks
+    return group_list, checks
 
 
 def _parse_transition(text):
@@ -958,7 +987,7 @@ def load_config(config_dir):
 
 
 # ============================================================================
-# Scheduling: cron fields and the timer heap
+# Cron: the five fields of a schedule
 # ============================================================================
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -1787,94 +1816,121 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
                           duration=time.monotonic() - started)
     for fd in {out_w, err_w}:
         os.close(fd)
-    result = ProcResult()
-    collected = {out_r: bytearray()}
-    if err_r is not None:
-        collected[err_r] = bytearray()
-    reading = set(collected)
-    status = None
-    deadline = started + timeout
-    kill_at = drain_until = None
-    # Until quiet_until only the process's exit (SIGCHLD) wakes us, then its pipes
-    # are read to the end: a quick process costs one wake-up, not one per write or
-    # close.  One still running by then has its output read as it comes, so one
-    # that writes more than a pipe holds is never blocked for long.
-    quiet_until = started + QUIET_WAIT
-    poller = select.poll()
-    poller.register(watch.rfd, select.POLLIN)
-    if master is not None:
-        poller.register(master, select.POLLIN)
-    look = False                # call waitpid: a SIGCHLD came, a timer ran out or the pipes closed
+    watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
+                       grace, watch, master)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
-        while True:
-            if status is None and look:
-                wpid, wstatus = os.waitpid(pid, os.WNOHANG)
-                if wpid:
-                    status = wstatus
-                    result.duration = time.monotonic() - started
-                    killpg_quietly(pid, signal.SIGKILL)     # leftovers of its group
-                    drain_until = time.monotonic() + 0.5
-            now = time.monotonic()
-            if status is not None and (not reading or now >= drain_until):
-                break
-            if quiet_until is not None and (status is not None or now >= quiet_until):
-                quiet_until = None
-                for fd in reading:
-                    poller.register(fd, select.POLLIN)
-            if status is None and not result.timed_out and now >= deadline:
-                result.timed_out = True
-                killpg_quietly(pid, signal.SIGTERM if grace else signal.SIGKILL)
-                kill_at = now + grace if grace else None
-            if kill_at is not None and now >= kill_at:
-                killpg_quietly(pid, signal.SIGKILL)
-                kill_at = None
-            if status is not None:
-                wait = drain_until - now
-            elif kill_at is not None:
-                wait = kill_at - now
-            elif result.timed_out:
-                wait = 1.0
-            else:
-                wait = deadline - now
-            if quiet_until is not None:
-                wait = min(wait, quiet_until - now)
-            try:
-                events = poller.poll(max(0.0, wait) * 1000)
-            except InterruptedError:
-                events = []
-            look = not events
-            for fd, mask in events:
-                if fd == watch.rfd:
-                    watch.drain()
-                    look = True
-                elif fd in reading:
-                    if not _read_pipe(fd, collected[fd], result, to_eof=mask & select.POLLHUP):
-                        poller.unregister(fd)
-                        reading.discard(fd)
-                        look = look or not reading
-                elif master is not None and fd == master.fileno():
-                    if not master.recv(1, socket.MSG_PEEK):
-                        raise _Orphaned()
-                    poller.unregister(fd)       # a message waits; it is read later
+        watched.wait()
     except BaseException:
         killpg_quietly(pid, signal.SIGKILL)
-        if status is None:
+        if watched.status is None:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
         raise
     finally:
-        for fd in collected:
+        for fd in watched.collected:
             os.close(fd)
-    result.exit_code, result.signal = decode_wait_status(status)
-    result.output = bytes(collected[out_r])
+    result = watched.result
+    result.exit_code, result.signal = decode_wait_status(watched.status)
+    result.output = bytes(watched.collected[out_r])
     if err_r is not None:
-        result.stderr = bytes(collected[err_r])
+        result.stderr = bytes(watched.collected[err_r])
     return result
+
+
+class _Watched:
+    """A spawned process being waited for: its pipes read, its deadlines kept.
+
+    Until ``quiet_until`` only the process's exit (SIGCHLD) wakes us, then its pipes
+    are read to the end: a quick process costs one wake-up, not one per write or
+    close.  One still running by then has its output read as it comes, so one that
+    writes more than a pipe holds is never blocked for long.
+    """
+
+    def __init__(self, pid, fds, started, timeout, grace, watch, master):
+        self.pid, self.started, self.grace, self.watch, self.master = pid, started, grace, watch, master
+        self.result = ProcResult()
+        self.collected = {fd: bytearray() for fd in fds}
+        self.reading = set(fds)
+        self.status = None
+        self.deadline = started + timeout
+        self.kill_at = self.drain_until = None
+        self.quiet_until = started + QUIET_WAIT
+        self.poller = select.poll()
+        self.poller.register(watch.rfd, select.POLLIN)
+        if master is not None:
+            self.poller.register(master, select.POLLIN)
+
+    def wait(self):
+        look = False            # call waitpid: a SIGCHLD came, a timer ran out or the pipes closed
+        while True:
+            if self.status is None and look:
+                self._collect_exit()
+            now = time.monotonic()
+            if self.status is not None and (not self.reading or now >= self.drain_until):
+                return
+            self._keep_deadlines(now)
+            try:
+                events = self.poller.poll(max(0.0, self._wait_time(now)) * 1000)
+            except InterruptedError:
+                events = []
+            look = self._handle(events) or not events
+
+    def _collect_exit(self):
+        wpid, wstatus = os.waitpid(self.pid, os.WNOHANG)
+        if wpid:
+            self.status = wstatus
+            self.result.duration = time.monotonic() - self.started
+            killpg_quietly(self.pid, signal.SIGKILL)     # leftovers of its group
+            self.drain_until = time.monotonic() + 0.5
+
+    def _keep_deadlines(self, now):
+        if self.quiet_until is not None and (self.status is not None or now >= self.quiet_until):
+            self.quiet_until = None
+            for fd in self.reading:
+                self.poller.register(fd, select.POLLIN)
+        if self.status is None and not self.result.timed_out and now >= self.deadline:
+            self.result.timed_out = True
+            killpg_quietly(self.pid, signal.SIGTERM if self.grace else signal.SIGKILL)
+            self.kill_at = now + self.grace if self.grace else None
+        if self.kill_at is not None and now >= self.kill_at:
+            killpg_quietly(self.pid, signal.SIGKILL)
+            self.kill_at = None
+
+    def _wait_time(self, now):
+        if self.status is not None:
+            wait = self.drain_until - now
+        elif self.kill_at is not None:
+            wait = self.kill_at - now
+        elif self.result.timed_out:
+            wait = 1.0
+        else:
+            wait = self.deadline - now
+        if self.quiet_until is not None:
+            wait = min(wait, self.quiet_until - now)
+        return wait
+
+    def _handle(self, events):
+        """Read what the poll found; True when waitpid should look (an exit, or EOF on all)."""
+        look = False
+        for fd, mask in events:
+            if fd == self.watch.rfd:
+                self.watch.drain()
+                look = True
+            elif fd in self.reading:
+                if not _read_pipe(fd, self.collected[fd], self.result, to_eof=mask & select.POLLHUP):
+                    self.poller.unregister(fd)
+                    self.reading.discard(fd)
+                    look = look or not self.reading
+            elif self.master is not None and fd == self.master.fileno():
+                if not self.master.recv(1, socket.MSG_PEEK):
+                    raise _Orphaned()
+                self.poller.unregister(fd)       # a message waits; it is read later
+        return look
 
 
 # ============================================================================
@@ -2300,12 +2356,7 @@ class SshMasters:
         """SIGTERM (ssh removes its socket); the master's loop sends SIGKILL 5 s later."""
         child = master.child
         if child is not None and not child.signalled:
-            child.kill_at = time.monotonic() + 5.0
-            child.signalled = True
-            try:
-                os.kill(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            child.signal(signal.SIGTERM, time.monotonic() + 5.0)
 
     def stop_all(self):
         for master in self.masters.values():
@@ -2385,6 +2436,1020 @@ def connect_ssh_targets(config):
                     error = lines[-1] if lines else "ssh exited %d" % proc.returncode
         results.append((group, error, time.monotonic() - started))
     return results
+
+
+# ============================================================================
+# Ledger: host states, transitions, action runs and their queue (SPEC §4, §5)
+# ============================================================================
+#
+# What the daemon has decided, and the rules that decide it: a report goes in,
+# transitions and action runs come out.  Every change is committed to the Store
+# before anything acts on it.  The ledger knows nothing of sockets, processes or
+# the clock: every time is handed in (wall-clock seconds), so a test can drive it
+# with no process started.
+#
+#   report()      SPEC §4: the pending candidate and its confirm count; a confirmed
+#                 state goes to accept()
+#   accept()      the transition FROM_to_TO and the run of its section (§5): queued,
+#                 or skipped (paused), or failed (an empty variable)
+#   head(), dequeue(), command_started(), command_ended(), finish()
+#                 a run's life: queued -> running -> ok | failed | interrupted
+#
+# This is the local backend: one daemon decides alone and keeps the ledger in its
+# own state db.  A cluster (SPEC §10) keeps the same verbs with a ledger that the
+# leader alone writes elsewhere.
+
+# An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
+# without running (paused, an empty variable).
+RUN_EDGES = {
+    None: {"queued", "skipped", "failed"},
+    "queued": {"running", "skipped", "failed"},
+    "running": {"ok", "failed", "interrupted"},
+}
+RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
+NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+
+
+def summarize_run(run):
+    """A run as --status and --history show it (its environment left out)."""
+    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
+                                       "state", "reason", "queued", "started", "ended")}
+    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
+                            "started": c.get("started"), "result": c.get("result")}
+                           for c in run.get("commands", [])]
+    return summary
+
+
+def history_entries(transitions, runs, n):
+    """The ``n`` newest transitions, newest first, each with its run (--history)."""
+    out = []
+    for tr in transitions[-n:][::-1] if n > 0 else []:
+        run = runs.get(tr.get("run")) if tr.get("run") is not None else None
+        out.append(dict(tr, run=summarize_run(run) if run else None))
+    return out
+
+
+def _by_id(data, prefix):
+    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
+                  key=lambda r: r.get("id", 0))
+
+
+class Ledger:
+    """Host states, transitions, action runs and the queue, kept in the Store."""
+
+    def __init__(self, store, state_dir, config=None):
+        self.store = store
+        self.state_dir = state_dir
+        self.config = config
+        self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
+        self.hosts = {}                 # host -> {state, since, pending, count}
+        self.reports = {}               # host -> its last report {time, check, state}
+        self.reports_changed = False    # since the last checkpoint (they are soft)
+        self.transitions = collections.deque()
+        self.runs = collections.OrderedDict()   # id -> run, oldest first
+        self.queue = []                 # run ids waiting, in order
+        # Since this process started, for metrics: (host, from, to) and (section, result).
+        self.transition_counts = collections.Counter()
+        self.run_counts = collections.Counter()
+
+    @property
+    def cap(self):
+        """History kept: transitions and runs (None: all there is, when reading)."""
+        return self.config.daemon.history if self.config is not None else None
+
+    @property
+    def paused(self):
+        return bool(self.meta.get("paused"))
+
+    def load(self, data):
+        """Take the ledger from the state db's key -> value ``data``."""
+        self.meta.update(data.get("meta") or {})
+        self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+        self.reports = dict(data.get("reports") or {})
+        cap = self.cap
+        self.transitions = collections.deque(_by_id(data, "tr:")[-cap if cap else 0:], maxlen=cap)
+        self.runs = collections.OrderedDict((r["id"], r) for r in _by_id(data, "run:")[-cap if cap else 0:])
+        self.queue = [rid for rid in data.get("queue") or [] if rid in self.runs]
+
+    def open(self, now):
+        """Load the opened store: a run that was running when the daemon died is interrupted."""
+        self.load(self.store.data)
+        changes = {}
+        for run in self.runs.values():
+            if run.get("state") == "running":
+                self._set_run_state(run, "interrupted", "the daemon died while it ran", changes, now)
+                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                changes["queue"] = self.queue
+        if changes:
+            self.store.commit(changes)
+        if self.paused:
+            log.warning("actions are paused (hadaemon --resume to run them again)")
+        if self.queue:
+            log.info("%d queued action runs from before the restart", len(self.queue))
+
+    def set_paused(self, paused):
+        self.meta["paused"] = bool(paused)
+        self.store.commit({"meta": self.meta})
+
+    def state_of(self, host):
+        return self.hosts.get(host, NEW_HOST)["state"]
+
+    def states(self):
+        return {host: record["state"] for host, record in self.hosts.items()}
+
+    # -- SPEC §4: reports, candidates, transitions -------------------------------
+
+    def report(self, host, state, check, now):
+        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
+        record = self.hosts.get(host, NEW_HOST)
+        self.reports[host] = {"time": now, "check": check.name, "state": state}
+        self.reports_changed = True
+        if state == record["state"]:
+            if record["pending"] is not None:
+                log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
+                self._put_host(host, dict(record, pending=None, count=0))
+            return None
+        record = dict(record)
+        if record["pending"] == state:
+            record["count"] += 1
+        else:
+            record["pending"], record["count"] = state, 1
+        confirm = check.group.confirm
+        if record["count"] < confirm:
+            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name,
+                     record["count"], confirm)
+            self._put_host(host, record)
+            return None
+        return self.accept(host, state, check.name, now)
+
+    def _put_host(self, host, record):
+        self.hosts[host] = record
+        self.store.commit({"host:" + host: record})
+
+    def accept(self, host, state, by, now):
+        """``host`` moves to ``state``: record the transition and its section's run (§5)."""
+        record = dict(self.hosts.get(host, NEW_HOST))
+        old = record["state"]
+        record.update(state=state, since=now, pending=None, count=0)
+        self.hosts[host] = record
+        cap = self.cap
+        tr_id = self.meta["next_transition"]
+        self.meta["next_transition"] = tr_id + 1
+        tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
+              "check": by, "run": None}
+        changes = {"host:" + host: record, "meta": self.meta}
+        section = self.config.section_for(host, old, state)
+        if section is not None:
+            tr["run"] = self.new_run(tr, section, changes, now)["id"]
+        self.transitions.append(tr)
+        while len(self.transitions) > cap:
+            self.transitions.popleft()
+        changes["tr:%d" % (tr_id % cap)] = tr
+        self.store.commit(changes)
+        self.transition_counts[(host, old, state)] += 1
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
+                 "; no action section matches")
+        return tr
+
+    # -- SPEC §5: action runs and their queue ------------------------------------
+
+    def new_run(self, tr, section, changes, now):
+        """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
+        cap = self.cap
+        run_id = self.meta["next_run"]
+        self.meta["next_run"] = run_id + 1
+        variables = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
+               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
+               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
+               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
+               "HA_STATE_DIR": self.state_dir}
+        run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
+               "to": tr["to"], "section": section.name, "state": None, "reason": None,
+               "queued": now, "started": None, "ended": None, "env": env, "commands": []}
+        try:
+            run["commands"] = expand_commands(section, variables)
+        except ValueError as exc:
+            self._set_run_state(run, "failed", str(exc), changes, now)
+        else:
+            if self.paused:
+                self._set_run_state(run, "skipped", "paused", changes, now)
+            else:
+                self._set_run_state(run, "queued", None, changes, now)
+                self.queue.append(run_id)
+                changes["queue"] = self.queue
+        self.runs[run_id] = run
+        while len(self.runs) > cap:
+            self.runs.popitem(last=False)
+        return run
+
+    def _set_run_state(self, run, state, reason, changes, now):
+        """Every run state change passes here: checks the edge, logs, records in ``changes``."""
+        if state not in RUN_EDGES.get(run["state"], ()):
+            raise AssertionError("run %s: %s -> %s" % (run["id"], run["state"], state))
+        run["state"] = state
+        if reason:
+            run["reason"] = reason
+        if state == "running":
+            run["started"] = now
+        if state in RUN_FINAL:
+            run["ended"] = now
+            self.run_counts[(run["section"], state)] += 1
+        if state != "queued":
+            level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
+            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
+                    run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
+        changes[self._run_key(run)] = run
+
+    def _run_key(self, run):
+        return "run:%d" % (run["id"] % self.cap)
+
+    def head(self):
+        """The run first in the queue, or None (ids of runs gone from history are dropped)."""
+        while self.queue:
+            run = self.runs.get(self.queue[0])
+            if run is not None:
+                return run
+            self.queue.pop(0)
+            self.store.commit({"queue": self.queue})
+        return None
+
+    def dequeue(self, run, state, reason, now):
+        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
+        assert self.queue and self.queue[0] == run["id"], "run %s is not first" % run["id"]
+        self.queue.pop(0)
+        changes = {"queue": self.queue}
+        self._set_run_state(run, state, reason, changes, now)
+        self.store.commit(changes)
+
+    def command_started(self, run, index, when):
+        cmd = run["commands"][index]
+        cmd["started"] = when
+        log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
+                 _command_words(cmd))
+        self.store.commit({self._run_key(run): run})
+
+    def command_ended(self, run, index, msg):
+        """Record a command's end, as its action run reported it in ``msg``."""
+        cmd = run["commands"][index]
+        output = msg.get("output") if isinstance(msg.get("output"), str) else ""
+        cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
+                         "error": msg.get("error"), "duration": msg.get("duration"),
+                         "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
+        level = logging.WARNING if msg.get("error") else logging.INFO
+        log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
+                len(run["commands"]), _command_words(cmd), msg.get("error") or "exit %s" % msg.get("exit"),
+                msg.get("duration") or 0, " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
+        for line in output.splitlines()[:20]:
+            log.info("run %d:   | %s", run["id"], line)
+        self.store.commit({self._run_key(run): run})
+
+    def finish(self, run, state, reason, now):
+        """A running run ends: ``ok``, ``failed`` or ``interrupted``."""
+        changes = {}
+        self._set_run_state(run, state, reason, changes, now)
+        self.store.commit(changes)
+
+    # -- what it reports about itself --------------------------------------------
+
+    def save_reports(self):
+        """Hand the last reports to the store's next checkpoint (a crash may lose them)."""
+        if self.reports_changed:
+            self.reports_changed = False
+            self.store.soft("reports", self.reports)
+
+    def status(self, last=20):
+        """hosts, transitions and runs of the --status --json document."""
+        hosts = {}
+        for name, record in sorted(self.hosts.items()):
+            pending = None
+            if record.get("pending"):
+                pending = {"state": record["pending"], "count": record.get("count", 0)}
+            hosts[name] = {"state": record.get("state"), "since": record.get("since"),
+                           "pending": pending, "last_report": self.reports.get(name)}
+        transitions = list(self.transitions)[-last:][::-1]
+        runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
+        return {"hosts": hosts, "transitions": transitions, "runs": runs}
+
+    def daemon_status(self):
+        """What the daemon block of --status says of actions."""
+        return {"paused": self.paused, "queue": list(self.queue)}
+
+    def counters(self):
+        """Transitions and ended runs since this process started (Prometheus' counters)."""
+        return {"transitions": [{"host": h, "from": f, "to": t, "count": n}
+                                for (h, f, t), n in sorted(self.transition_counts.items())],
+                "action_runs": [{"section": sec, "result": result, "count": n}
+                                for (sec, result), n in sorted(self.run_counts.items())]}
+
+    def history(self, n):
+        return history_entries(list(self.transitions), self.runs, n)
+
+
+def _command_words(cmd):
+    return " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
+
+
+# ============================================================================
+# Scheduler: when each check runs, and what it last said
+# ============================================================================
+#
+# One timer heap of (due, seq, key, token) over every configured check.  Interval
+# checks run at a fixed rate from their schedule (a late pass skips, it never
+# bursts); cron checks at their next matching minute.  A check due while its last
+# run is still queued or running is skipped and counted: it never overlaps itself.
+# Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+
+@dataclasses.dataclass
+class CheckRuntime:
+    """What the master knows of one configured check between reloads."""
+    check: Check
+    next_due: float = 0.0
+    token: int = 0                      # heap entries with an older token are stale
+    busy: bool = False                  # queued or running: a check never overlaps itself
+    runs: int = 0
+    skipped: int = 0
+    last: typing.Optional[dict] = None
+    trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
+    hosts: tuple = ()                   # the hosts its last own report was about
+
+
+def percentile(ordered, q):
+    """The q-quantile of an ascending list of seconds, in milliseconds (None when empty)."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+
+def describe_schedule(group):
+    return ("cron " + group.cron.text) if group.cron else "every " + format_duration(group.interval)
+
+
+def check_entry(check, last, rt=None, next_run=None):
+    """One check as --status --json shows it (``rt`` None: from the state db)."""
+    return {"key": check.key, "name": check.name, "scope": check.group.scope.name,
+            "host": check.host, "where": check.where, "schedule": describe_schedule(check.group),
+            "next_run": next_run, "running": rt.busy if rt else False,
+            "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
+
+
+def _same_schedule(a, b):
+    return (a.group.interval, a.group.cron and a.group.cron.text) == \
+           (b.group.interval, b.group.cron and b.group.cron.text)
+
+
+def _cron_due(cron, now_wall=None):
+    now_wall = time.time() if now_wall is None else now_wall
+    nxt = cron.next_after(datetime.datetime.fromtimestamp(now_wall))
+    return time.monotonic() + max(0.0, time.mktime(nxt.timetuple()) - now_wall)
+
+
+class Scheduler:
+    """The checks' runtimes and timers; hands out due checks as jobs for the workers."""
+
+    def __init__(self, once=False):
+        self.once = once                # --once: every check due now, and only once
+        self.runtimes = {}              # check key -> CheckRuntime
+        self.heap = []                  # (due, seq, key, token)
+        self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
+        self.lags = collections.deque(maxlen=10000)
+        self.lag_count, self.lag_sum = 0, 0.0     # since the start: the window above forgets
+        self.heap_seq = itertools.count()
+        self.job_ids = itertools.count(1)
+        self.results_changed = False    # a last result changed since the last checkpoint
+
+    def configure(self, checks, now):
+        """(Re)build the schedule; keep what is known of checks whose schedule is unchanged."""
+        old = self.runtimes
+        self.runtimes = {}
+        self.heap = []
+        # New checks and checks whose schedule changed start afresh, spread out.
+        fresh = {c.key: i for i, c in enumerate(
+            c for c in checks if c.key not in old or not _same_schedule(old[c.key].check, c))}
+        for check in checks:
+            rt = old.get(check.key)
+            if rt is not None and _same_schedule(rt.check, check):
+                rt.check = check
+                rt.token += 1
+            else:
+                rt = CheckRuntime(check, token=(rt.token + 1) if rt else 0,
+                                  busy=rt.busy if rt else False)
+                if self.once:
+                    rt.next_due = now
+                elif check.group.cron:
+                    rt.next_due = _cron_due(check.group.cron)
+                else:
+                    # Spread the first runs over the first interval.
+                    index = fresh.get(check.key, 0)
+                    rt.next_due = now + check.group.interval * index / max(1, len(fresh))
+            self.runtimes[check.key] = rt
+            self._push(rt)
+        self.ready = collections.deque((self.runtimes[rt.check.key], due) for rt, due in self.ready
+                                       if rt.check.key in self.runtimes)
+
+    def _push(self, rt):
+        heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
+
+    def next_due(self):
+        return self.heap[0][0] if self.heap else None
+
+    def fire_due(self, now):
+        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        while self.heap and self.heap[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.heap)
+            rt = self.runtimes.get(key)
+            if rt is None or rt.token != token:
+                continue
+            if rt.busy:
+                rt.skipped += 1
+                log.debug("check %s: still running at its next run; skipped", rt.check.name)
+            else:
+                rt.busy = True
+                self.ready.append((rt, due))
+            if self.once:
+                continue
+            group = rt.check.group
+            if group.cron:
+                rt.next_due = _cron_due(group.cron)
+            else:
+                rt.next_due = due + group.interval
+                if rt.next_due <= now:          # we fell behind: skip, never burst
+                    missed = int((now - rt.next_due) // group.interval) + 1
+                    rt.skipped += missed
+                    rt.next_due += missed * group.interval
+            self._push(rt)
+
+    def take(self, now, host_state, config_dir, state_dir):
+        """The next ready check as a job message (None when none waits); its lag is sampled."""
+        if not self.ready:
+            return None
+        rt, due = self.ready.popleft()
+        self.lags.append(now - due)
+        self.lag_count += 1
+        self.lag_sum += now - due
+        check = rt.check
+        env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
+               "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
+               "HA_STATE_DIR": state_dir}
+        if check.group.host:
+            env["HA_HOST"] = check.group.host
+        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
+               "env": env, "argv": list(check.argv)}
+        if check.group.scope.kind == "ssh":
+            job["argv"], job["stdin"] = ssh_command(check, env, state_dir)
+            job["ssh"] = True
+        return job
+
+    def finished(self, job, msg):
+        """A job's result message -> (its runtime, [(host, state)] reported), None if unknown."""
+        rt = self.runtimes.get(job["key"])
+        if rt is None:
+            return None                 # removed by a reload while it ran
+        rt.busy = False
+        rt.runs += 1
+        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
+        reports, problems = reports_from_result(data, exit_code, rt.check.host)
+        if msg.get("failed") is True and rt.hosts:
+            # It never said whom it is about this time: its unknown goes to the hosts
+            # it watches, not to a host named after its file.
+            reports = [(host, "unknown") for host in rt.hosts]
+        elif reports:
+            rt.hosts = tuple(host for host, _ in reports)
+        for problem in problems:
+            log.warning("check %s: %s", rt.check.name, problem)
+        self._note_trouble(rt, msg.get("trouble") if isinstance(msg.get("trouble"), str) else None)
+        message = data.get("message")
+        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
+                   "exit": exit_code, "signal": msg.get("signal"),
+                   "reports": {h: s for h, s in reports},
+                   "message": message[:500] if isinstance(message, str) else None,
+                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
+                                  for k, v in list(data.items())[:20]
+                                  if k not in ("state", "states", "host", "message")},
+                   "rejected": problems}
+        if msg.get("stderr"):
+            rt.last["stderr"] = msg["stderr"][:500]
+        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
+                  else "exit %s" % exit_code, msg.get("duration") or 0)
+        self.results_changed = True
+        return rt, reports
+
+    @staticmethod
+    def _note_trouble(rt, trouble):
+        """What the daemon had to do about a check's runs: logged when it starts and ends."""
+        if trouble != rt.trouble:
+            if trouble:
+                log.warning("check %s: %s", rt.check.name, trouble[:200])
+            else:
+                log.info("check %s: runs normally again", rt.check.name)
+            rt.trouble = trouble
+
+    def all_ran(self):
+        return all(rt.runs >= 1 for rt in self.runtimes.values())
+
+    def save_results(self, store):
+        """Hand the last results to the store's next checkpoint (a crash may lose them)."""
+        if self.results_changed:
+            self.results_changed = False
+            store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
+
+    def status(self, now_m, now):
+        """checks of the --status --json document."""
+        return [check_entry(rt.check, rt.last, rt, now + max(0.0, rt.next_due - now_m))
+                for rt in self.runtimes.values()]
+
+    def lag_summary(self):
+        lags = sorted(self.lags)
+        return {"p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+                "max": percentile(lags, 1.0), "samples": len(lags),
+                "count": self.lag_count, "sum": round(self.lag_sum * 1000, 3)}
+
+
+# ============================================================================
+# Pool: every forked child of the master
+# ============================================================================
+#
+# One ``children`` map, keyed by pid, holds every process the master forks: the
+# check workers, the action run (one waits, forked ahead of need, until it is
+# handed a sequence) and the ssh master connections.  One fork shape registers
+# them; one reaping loop (waitpid until 0, level-triggered) collects them; one
+# deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
+
+# A worker: starting -> idle <-> busy -> exiting.
+WORKER_EDGES = {
+    "starting": {"idle", "exiting"},
+    "idle": {"busy", "exiting"},
+    "busy": {"idle", "exiting"},
+    "exiting": set(),
+}
+KILL_GRACE = 5.0                # SIGTERM -> SIGKILL for a child of the master
+HELLO_WITHIN = 10.0             # a worker that has not said hello by then is killed
+
+
+@dataclasses.dataclass
+class Child:
+    """A forked process of the master: a check worker, an action run, an ssh master."""
+    pid: int
+    kind: str                           # "worker" | "action" | "ssh" (a master connection)
+    state: str
+    started: float                      # monotonic
+    conn: typing.Any = None
+    job: typing.Optional[dict] = None   # the check job a busy worker runs
+    run_id: typing.Optional[int] = None
+    kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
+    signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
+    lost: bool = False                       # a worker that hung up or died unasked
+    pgid: typing.Optional[int] = None        # group of the command an action run runs now
+    slot: typing.Any = None                  # a worker's shared page: pid of its running check
+
+    def check_pgid(self):
+        """The group of the check this worker runs now (from its shared page), or None."""
+        pid = struct.unpack_from("q", self.slot, 0)[0] if self.slot is not None else 0
+        return pid if pid > 1 else None
+
+    def close_slot(self):
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+
+    def signal(self, sig, deadline):
+        """Send ``sig`` (gone, it is not an error) and give it until ``deadline`` to exit."""
+        self.kill_at, self.signalled = deadline, True
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Pool:
+    """The master's children: forked, said hello, reaped, retired, replaced with a backoff."""
+
+    def __init__(self, sock_path, state_dir):
+        self.sock_path = sock_path
+        self.children = {}              # pid -> Child
+        self.ssh = SshMasters(state_dir)
+        self.stopping = False
+        self.spawn_after = 0.0          # no worker forked before (after quick deaths)
+        self.runner_after = 0.0         # no spare action run forked before (after a quick death)
+        self.quick_deaths = 0
+
+    def fork(self, kind, target, *args):
+        """The one fork shape: the parent registers the child, the child never returns."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                log.error("cannot fork a %s: too many processes (EAGAIN); retrying", kind)
+            else:
+                log.error("cannot fork a %s: %s", kind, exc)
+            return None
+        if pid:
+            child = Child(pid, kind, "starting", time.monotonic())
+            self.children[pid] = child
+            return child
+        code = 1
+        try:
+            code = target(*args)
+        except (_Terminate, _Orphaned, BrokenPipeError, ConnectionError):
+            code = 0
+        except BaseException:           # noqa: B036 - the child must reach os._exit
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code or 0)         # this must never return
+
+    # -- who is who ------------------------------------------------------------------
+
+    def workers(self, *states):
+        return [c for c in self.children.values() if c.kind == "worker"
+                and (not states or c.state in states)]
+
+    def action_child(self):
+        """The action run running a sequence, or None."""
+        for child in self.children.values():
+            if child.kind == "action" and child.run_id is not None:
+                return child
+        return None
+
+    def spare_runner(self):
+        """The action run forked ahead, waiting for a sequence, or None."""
+        for child in self.children.values():
+            if child.kind == "action" and child.run_id is None:
+                return child
+        return None
+
+    def set_worker_state(self, child, state):
+        if state not in WORKER_EDGES[child.state]:
+            raise AssertionError("worker %d: %s -> %s" % (child.pid, child.state, state))
+        child.state = state
+
+    def greet(self, child):
+        """A child said hello on its connection: a worker is ready for jobs."""
+        if child.kind == "worker" and child.state == "starting":
+            self.set_worker_state(child, "idle")
+
+    def hand(self, child, job, now):
+        """Give an idle worker its job; returns the message to send it."""
+        job["sent"], job["sent_wall"] = now, time.time()
+        child.job = job
+        self.set_worker_state(child, "busy")
+        return {k: v for k, v in job.items() if k not in ("sent", "sent_wall")}
+
+    def job_done(self, child, msg):
+        """A worker's result message: the job it answers (the worker is idle again)."""
+        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
+            raise ProtocolError("unexpected message from worker %d" % child.pid)
+        job, child.job = child.job, None
+        if child.state == "busy":
+            self.set_worker_state(child, "idle")
+        return job
+
+    def runner(self, config_dir):
+        """An action run for the next sequence: the spare, else one forked now (None: failed)."""
+        child = self.spare_runner()
+        if child is None:           # none waits (its fork failed, or it died): fork now
+            child = self.fork("action", action_main, self.sock_path, config_dir)
+        return child
+
+    # -- keeping it full -------------------------------------------------------------
+
+    def manage(self, config, now, ssh=True):
+        """Keep ``workers`` workers and one spare action run; kill the hung; follow the ssh targets."""
+        if self.stopping:
+            return
+        live = self.workers("starting", "idle", "busy")
+        missing = config.daemon.workers - len(live)
+        if missing > 0 and now >= self.spawn_after:
+            for _ in range(missing):
+                slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
+                child = self.fork("worker", worker_main, self.sock_path, config.config_dir, slot)
+                if child is None:
+                    slot.close()
+                    self.spawn_after = now + 1.0
+                    break
+                child.slot = slot
+        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
+        # busy one would cut its check short and report it unknown.
+        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
+            self.retire(child)
+        for child in self.workers("starting"):
+            if now - child.started > HELLO_WITHIN:
+                log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
+                self.retire(child, signal.SIGKILL)
+        for child in self.workers("busy"):
+            # Workers enforce their checks' timeouts; one silent long past it is hung
+            # (stopped, stuck), and its check must not freeze its host's state.
+            job = child.job
+            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
+                log.error("worker %d: no result of check %s %s after its timeout; killing it",
+                          child.pid, job["env"]["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+                self.retire(child, signal.SIGKILL)
+        if now >= self.runner_after and self.spare_runner() is None:
+            # One action run forked and waiting, so a sequence starts without a fork.
+            if self.fork("action", action_main, self.sock_path, config.config_dir) is None:
+                self.runner_after = now + 1.0
+        if ssh:
+            self.ssh.maintain(config, now, self.fork)
+
+    def retire(self, child, sig=signal.SIGTERM):
+        if child.state != "exiting":
+            self.set_worker_state(child, "exiting")
+        child.signal(sig, time.monotonic() + KILL_GRACE)
+
+    def enforce_kills(self, now):
+        """A child past its deadline gets SIGTERM, then SIGKILL on a later pass."""
+        for child in list(self.children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                sig = signal.SIGKILL if child.signalled else signal.SIGTERM
+                log.warning("%s %d did not exit in time; sending %s", child.kind, child.pid,
+                            signal_name(sig))
+                child.signal(sig, now + KILL_GRACE)
+
+    # -- the end of a child ------------------------------------------------------------
+
+    def reap(self):
+        """Every child that has exited, as [(child, how)] (level-triggered: a coalesced
+        SIGCHLD loses nothing).  They stay known until ``forget``, so what they sent
+        before they went can still be read."""
+        gone = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.get(pid)
+            if child is None:
+                continue
+            if child.kind == "worker" and child.state != "exiting":
+                child.lost = True       # and, reaped, it must not be signalled any more
+                self.set_worker_state(child, "exiting")
+            code, sig = decode_wait_status(status)
+            gone.append((child, ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code))
+        return gone
+
+    def forget(self, child):
+        self.children.pop(child.pid, None)
+
+    def worker_gone(self, child, how):
+        """A worker that died unasked is replaced, after a backoff if it keeps dying young."""
+        if not child.lost:
+            return
+        log.error("worker %d died (%s); replacing it", child.pid, how)
+        if time.monotonic() - child.started < 1.0:
+            self.quick_deaths += 1
+            self.spawn_after = time.monotonic() + min(30.0, 0.25 * 2 ** self.quick_deaths)
+        else:
+            self.quick_deaths = 0
+
+    def spare_gone(self, child, how):
+        """The spare action run died before it had a sequence: replaced (later if it died young)."""
+        if self.stopping:
+            return
+        log.error("action run %d died waiting for a sequence (%s); replacing it", child.pid, how)
+        if time.monotonic() - child.started < 1.0:
+            self.runner_after = time.monotonic() + 5.0
+
+    def stop(self, now):
+        """The daemon stops: workers, the spare action run and ssh masters are asked to go."""
+        self.stopping = True
+        for child in self.workers():
+            self.retire(child)
+        spare = self.spare_runner()
+        if spare is not None:
+            spare.signal(signal.SIGTERM, now + KILL_GRACE)
+        self.ssh.stop_all()
+
+    def kill_all(self):
+        """SIGKILL every child and reap them (5 s at most); returns the children reaped."""
+        for child in self.children.values():
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        gone = []
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            child = self.children.pop(pid, None)
+            if child is not None:
+                gone.append(child)
+        return gone
+
+    def status(self):
+        """What the daemon block of --status says of the children."""
+        return {"workers": [{"pid": w.pid, "state": w.state} for w in self.workers()],
+                "action_pid": getattr(self.action_child(), "pid", None),
+                "ssh": self.ssh.status()}
+
+
+# ============================================================================
+# Control server: the daemon's UNIX socket and everyone on it
+# ============================================================================
+#
+# Workers, action runs and control clients (--status, --reload, ...) all connect
+# to var/hadaemon.sock and speak one JSON object per line.  Peers of another uid
+# are refused (SO_PEERCRED).  A connection's first message says who it is: a
+# ``hello`` from a child the Pool knows, or else a control request.  One bad
+# message closes one connection, never the master.
+
+class Conn:
+    """One accepted connection: a worker, an action run, or a control client."""
+
+    def __init__(self, sock, pid, uid):
+        self.sock = sock
+        self.pid, self.uid = pid, uid
+        self.reader = LineReader()
+        self.out = bytearray()
+        self.role = None
+        self.child = None
+        self.opened = time.monotonic()
+
+
+class ControlServer:
+    """The listener and its connections on the master's selector.
+
+    What a message means is the master's: ``on_result(job, msg)`` for a worker's
+    result, ``on_event(child, msg)`` for an action run's events, ``answer(msg)``
+    for a control verb (its answer is sent back).
+    """
+
+    def __init__(self, sel, path, pool, on_result, on_event, answer):
+        self.sel, self.path, self.pool = sel, path, pool
+        self.on_result, self.on_event, self.answer = on_result, on_event, answer
+        self.conns = {}                 # fd -> Conn
+        self.listener = None
+        self.resting_until = None       # out of fds: the listener rests until then
+
+    def listen(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(256)
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, self.accept)
+
+    def accept(self, mask):
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # The listener would stay readable and spin the loop (and the log):
+                    # it rests a second, and each rest is logged once.
+                    log.error("cannot accept connections: too many open files (%d clients); "
+                              "new ones wait 1s", len(self.conns))
+                    self.sel.unregister(self.listener)
+                    self.resting_until = time.monotonic() + 1.0
+                    return
+                raise
+            pid, uid, _ = peer_credentials(sock)
+            if uid not in (0, os.getuid()):
+                log.warning("refused a connection from pid %d: uid %d is not ours", pid, uid)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock, pid, uid)
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+
+    def on_io(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self.flush(conn)
+        if not mask & selectors.EVENT_READ or conn.sock.fileno() < 0:
+            return
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        try:
+            for msg in conn.reader.feed(data):
+                self.on_message(conn, msg)
+                if conn.sock.fileno() < 0:
+                    return
+        except ProtocolError as exc:
+            log.warning("connection from pid %d (%s): %s; closed", conn.pid, conn.role or "client", exc)
+            self.close(conn)
+
+    def on_message(self, conn, msg):
+        if conn.role is None:
+            self.identify(conn, msg)
+        elif conn.role == "worker":
+            self.on_result(self.pool.job_done(conn.child, msg), msg)
+        elif conn.role == "action":
+            self.on_event(conn.child, msg)
+        else:
+            self.send(conn, self.answer(msg))
+
+    def identify(self, conn, msg):
+        if msg.get("t") == "hello":
+            child = self.pool.children.get(conn.pid)
+            if child is None or msg.get("pid") != conn.pid or msg.get("role") != child.kind \
+                    or child.conn is not None:
+                raise ProtocolError("hello from pid %d that is not a child of ours" % conn.pid)
+            conn.role, conn.child, child.conn = child.kind, child, conn
+            self.pool.greet(child)
+            return
+        conn.role = "control"
+        self.send(conn, self.answer(msg))
+
+    def send(self, conn, obj):
+        if conn is None or conn.sock.fileno() < 0:
+            return
+        conn.out += encode_message(obj)
+        self.flush(conn)
+
+    def flush(self, conn):
+        try:
+            while conn.out:
+                sent = conn.sock.send(conn.out)
+                del conn.out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close(conn)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+
+    def close(self, conn):
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        self.sel.unregister(conn.sock)
+        del self.conns[fd]
+        conn.sock.close()
+        child = conn.child
+        if child is not None:
+            child.conn = None
+            if child.kind == "worker" and child.state != "exiting":
+                # A worker that hung up is of no use: retire it, reap it, replace it.
+                child.lost = True
+                self.pool.retire(child)
+
+    def drain(self, child):
+        """Handle what an exited child sent before it went (its "done", a last result).
+
+        A quick child can send everything and exit between two passes of the loop,
+        its connection still unread, even still in the listen backlog: accept and
+        read it now, while the child is still known (its hello needs that).
+        """
+        if child.conn is None:
+            self.accept(selectors.EVENT_READ)
+            conns = [c for c in self.conns.values() if c.pid == child.pid and c.role is None]
+        else:
+            conns = [child.conn]
+        for conn in conns:
+            for _ in range(64):         # bounded; the peer is gone, so EOF comes soon
+                if conn.sock.fileno() < 0 or not _select_read([conn.sock], 0):
+                    break
+                self.on_io(conn, selectors.EVENT_READ)
+        if child.conn is not None:
+            self.close(child.conn)
+
+    def tick(self, now):
+        """Close control clients idle too long; let the listener back after a rest."""
+        for conn in list(self.conns.values()):
+            if conn.role in (None, "control") and now - conn.opened > CLIENT_IDLE:
+                log.warning("connection from pid %d idle for %ds; closed", conn.pid, CLIENT_IDLE)
+                self.close(conn)
+        if self.resting_until is not None and now >= self.resting_until:
+            self.resting_until = None
+            self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
+
+    def close_all(self):
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        if self.listener is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.listener.close()
 
 
 # ============================================================================
@@ -2944,6 +4009,13 @@ def http_listen(address):
     return sock
 
 
+class HttpApp(typing.NamedTuple):
+    """What HttpServer answers from: the master's own views, so nothing can be stale."""
+    document: typing.Callable       # () -> the --status --json document
+    history: typing.Callable        # (n) -> --history n --json
+    pause: typing.Callable          # (flag) -> the paused state after it
+
+
 class HttpConn:
     """One HTTP client connection and where it is in its life."""
 
@@ -3268,83 +4340,18 @@ class HttpServer:
 
 
 # ============================================================================
-# Master: lifecycles, the pool, the state machine, the loop
+# Master: the loop, signals, readiness and shutdown
 # ============================================================================
-
-# A worker: starting -> idle <-> busy -> exiting.
-WORKER_EDGES = {
-    "starting": {"idle", "exiting"},
-    "idle": {"busy", "exiting"},
-    "busy": {"idle", "exiting"},
-    "exiting": set(),
-}
-# An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
-# without running (paused, an empty variable).
-RUN_EDGES = {
-    None: {"queued", "skipped", "failed"},
-    "queued": {"running", "skipped", "failed"},
-    "running": {"ok", "failed", "interrupted"},
-}
-RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
-
-
-@dataclasses.dataclass
-class Child:
-    """A forked process of the master: a check worker, an action run, an ssh master."""
-    pid: int
-    kind: str                           # "worker" | "action" | "ssh" (a master connection)
-    state: str
-    started: float                      # monotonic
-    conn: typing.Any = None
-    job: typing.Optional[dict] = None   # the check job a busy worker runs
-    run_id: typing.Optional[int] = None
-    kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
-    signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
-    lost: bool = False                       # a worker that hung up or died unasked
-    pgid: typing.Optional[int] = None        # group of the command an action run runs now
-    slot: typing.Any = None                  # a worker's shared page: pid of its running check
-
-    def check_pgid(self):
-        """The group of the check this worker runs now (from its shared page), or None."""
-        pid = struct.unpack_from("q", self.slot, 0)[0] if self.slot is not None else 0
-        return pid if pid > 1 else None
-
-
-def _spawned_pid(msg):
-    """The pid of a {t: spawned} message: an action run's command, leader of its group."""
-    pid = msg.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
-        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
-    return pid
-
-
-@dataclasses.dataclass
-class CheckRuntime:
-    """What the master knows of one configured check between reloads."""
-    check: Check
-    next_due: float = 0.0
-    token: int = 0                      # heap entries with an older token are stale
-    busy: bool = False                  # queued or running: a check never overlaps itself
-    runs: int = 0
-    skipped: int = 0
-    last: typing.Optional[dict] = None
-    trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
-    hosts: tuple = ()                   # the hosts its last own report was about
-
-
-class Conn:
-    """One accepted connection: a worker, an action run, or a control client."""
-
-    def __init__(self, sock, pid, uid):
-        self.sock = sock
-        self.pid, self.uid = pid, uid
-        self.reader = LineReader()
-        self.out = bytearray()
-        self.role = None
-        self.child = None
-        self.opened = time.monotonic()
-        self.closing = False            # close once ``out`` is flushed
-
+#
+# The story of the daemon's life, in run(): set up (lock, state db, socket,
+# signals, schedule), say ready, loop, shut down.  Each pass of the loop is
+# level-triggered: it handles recorded signals, reaps, enforces kill deadlines,
+# keeps the pool full, fires due checks, hands them to idle workers and starts
+# the next queued action run, so a lost signal or wake-up never matters.  The
+# parts do the work; the master only wires them:
+#
+#   Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
+#   Ledger.head --run--> Pool (an action run) --events--> ControlServer --> Ledger
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -3366,8 +4373,23 @@ class Notifier:
             log.warning("systemd notify %r failed: %s", text, exc)
 
 
+def _command_index(run, msg):
+    index = msg.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run["commands"]):
+        raise ProtocolError("bad command index %r" % (index,))
+    return index
+
+
+def _spawned_pid(msg):
+    """The pid of a {t: spawned} message: an action run's command, leader of its group."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
+    return pid
+
+
 class Master:
-    """The daemon: process flow is ``setup(); spawn; loop(); shutdown()`` in ``run()``."""
+    """The daemon: ``run()`` is setup, ready, loop, shutdown; the parts do the rest."""
 
     def __init__(self, config, state_dir, once=False, default_log="stderr", ready_fd=None):
         self.config = config
@@ -3375,41 +4397,46 @@ class Master:
         self.once = once
         self.default_log = default_log      # where logs go when ``log`` is not set
         self.ready_fd = ready_fd
-        self.sock_path = os.path.join(state_dir, SOCK_FILE)
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
-        self.notifier = Notifier()
+        self.ledger = Ledger(self.store, state_dir, config)
+        self.scheduler = Scheduler(once)
+        self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
-        self.children = {}              # pid -> Child
-        self.conns = {}                 # fd -> Conn
-        self.runtimes = {}              # check key -> CheckRuntime
-        self.heap = []                  # (due, seq, key, token)
-        self.ready = collections.deque()
+        self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
+                                    self.check_finished, self.action_event, self.answer)
+        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.history,
+                                                 lambda flag: self.set_paused(flag, "an http request")))
+        self.notifier = Notifier()
         self.signals = []
-        self.job_ids = itertools.count(1)
-        self.heap_seq = itertools.count()
         self.stopping = False
         self.stop_deadline = None
-        self.started_wall = time.time()
-        self.started = time.monotonic()
-        self.spawn_after = 0.0
-        self.runner_after = 0.0         # no spare action run forked before (after a quick death)
-        self.accept_paused_until = None     # out of fds: the listener rests until then
-        self.quick_deaths = 0
+        self.started_wall, self.started = time.time(), time.monotonic()
         self.next_checkpoint = self.started + CHECKPOINT_EVERY
         self.next_watchdog = self.started
-        self.lags = collections.deque(maxlen=10000)
-        self.failed_runs = 0            # in --once: runs that failed in this pass
-        self.soft_changed = False       # last results changed since the last checkpoint
-        self.hosts = {}
-        self.reports = {}
-        self.meta = {}
-        self.transitions = collections.deque()
-        self.runs = collections.OrderedDict()
-        self.queue = []
-        self.ssh = SshMasters(state_dir)
 
-    # -- setup -------------------------------------------------------------------
+    # -- the life of the daemon --------------------------------------------------
+
+    def run(self):
+        """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
+        try:
+            self.setup()
+        except (HadaemonError, OSError) as exc:
+            self.signal_ready("error: %s" % exc)
+            raise
+        log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
+                 "state in %s", __version__, os.getpid(), len(self.config.checks),
+                 self.config.daemon.workers, len(self.config.sections), self.state_dir)
+        if self.store.created:
+            log.info("state db: none in %s; a new one is created", self.state_dir)
+        self.signal_ready("ok %d" % os.getpid())
+        self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+        failed = sum(n for (_, result), n in self.ledger.run_counts.items() if result == "failed")
+        return EXIT_FAIL if self.once and failed else EXIT_OK
 
     def setup(self):
         ensure_state_dir(self.state_dir)
@@ -3418,65 +4445,19 @@ class Master:
             raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
         self.lock.write_pid()
         raise_open_files_limit()
-        self.open_store()
-        self.listen()
-        self.install_signals()
-        self.schedule_all()
-
-    def open_store(self):
         self.store.open()
         for note in self.store.notes:
             log.error("state db: %s", note)
-        data = self.store.data
-        self.meta = dict(data.get("meta") or {})
-        self.meta.setdefault("next_transition", 1)
-        self.meta.setdefault("next_run", 1)
-        self.meta.setdefault("paused", False)
-        self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
-        self.reports = dict(data.get("reports") or {})
-        cap = self.config.daemon.history
-        trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
-                     key=lambda r: r.get("id", 0))
-        self.transitions = collections.deque(trs[-cap:], maxlen=cap)
-        runs = sorted((v for k, v in data.items() if k.startswith("run:") and isinstance(v, dict)),
-                      key=lambda r: r.get("id", 0))
-        self.runs = collections.OrderedDict((r["id"], r) for r in runs[-cap:])
-        self.queue = [rid for rid in data.get("queue") or [] if rid in self.runs]
-        changes = {}
-        for run in self.runs.values():
-            if run.get("state") == "running":
-                self.set_run_state(run, "interrupted", "the daemon died while it ran", changes)
-                self.queue = [rid for rid in self.queue if rid != run["id"]]
-                changes["queue"] = self.queue
-        if changes:
-            self.store.commit(changes)
-        if self.meta.get("paused"):
-            log.warning("actions are paused (hadaemon --resume to run them again)")
-        if self.queue:
-            log.info("%d queued action runs from before the restart", len(self.queue))
-
-    def listen(self):
-        try:
-            os.unlink(self.sock_path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.sock_path)
-        finally:
-            os.umask(old)
-        os.chmod(self.sock_path, 0o600)
-        sock.listen(256)
-        sock.setblocking(False)
-        self.listener = sock
-        self.sel.register(sock, selectors.EVENT_READ, self.accept)
+        self.ledger.open(time.time())
+        self.server.listen()
+        self.http.configure(self.config.daemon)
+        self.install_signals()
+        self.scheduler.configure(self.config.checks, time.monotonic())
 
     def install_signals(self):
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
-        self.wake_w = wake_w
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, self.record_signal)
@@ -3492,652 +4473,52 @@ class Master:
         except BlockingIOError:
             pass
 
-    # -- scheduling ----------------------------------------------------------------
+    def signal_ready(self, text):
+        """Tell ``--start``, waiting on a pipe, that we are up (or why not)."""
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, text.encode() + b"\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
 
-    def schedule_all(self):
-        """(Re)build the schedule from the config; keep what is known of unchanged checks."""
-        now = time.monotonic()
-        old = self.runtimes
-        self.runtimes = {}
-        self.heap = []
-        # New checks and checks whose schedule changed start afresh, spread out.
-        fresh = {c.key: i for i, c in enumerate(
-            c for c in self.config.checks
-            if c.key not in old or not self.same_schedule(old[c.key].check, c))}
-        for check in self.config.checks:
-            rt = old.get(check.key)
-            if rt is not None and self.same_schedule(rt.check, check):
-                rt.check = check
-                rt.token += 1
-            else:
-                rt = CheckRuntime(check, token=(rt.token + 1) if rt else 0,
-                                  busy=rt.busy if rt else False)
-                if self.once:
-                    rt.next_due = now
-                elif check.group.cron:
-                    rt.next_due = self.cron_due(check.group.cron)
-                else:
-                    # Spread the first runs over the first interval.
-                    index = fresh.get(check.key, 0)
-                    rt.next_due = now + check.group.interval * index / max(1, len(fresh))
-            self.runtimes[check.key] = rt
-            self.push(rt)
-        self.ready = collections.deque((self.runtimes[rt.check.key], due) for rt, due in self.ready
-                                       if rt.check.key in self.runtimes)
-
-    @staticmethod
-    def same_schedule(a, b):
-        return (a.group.interval, a.group.cron and a.group.cron.text) == \
-               (b.group.interval, b.group.cron and b.group.cron.text)
-
-    @staticmethod
-    def cron_due(cron, now_wall=None):
-        now_wall = time.time() if now_wall is None else now_wall
-        nxt = cron.next_after(datetime.datetime.fromtimestamp(now_wall))
-        return time.monotonic() + max(0.0, time.mktime(nxt.timetuple()) - now_wall)
-
-    def push(self, rt):
-        heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
-
-    def fire_due_checks(self, now):
-        while self.heap and self.heap[0][0] <= now:
-            due, _, key, token = heapq.heappop(self.heap)
-            rt = self.runtimes.get(key)
-            if rt is None or rt.token != token:
-                continue
-            if rt.busy:
-                rt.skipped += 1
-                log.debug("check %s: still running at its next run; skipped", rt.check.name)
-            else:
-                rt.busy = True
-                self.ready.append((rt, due))
-            if self.once:
-                continue
-            group = rt.check.group
-            if group.cron:
-                rt.next_due = self.cron_due(group.cron)
-            else:
-                rt.next_due = due + group.interval
-                if rt.next_due <= now:          # we fell behind: skip, never burst
-                    missed = int((now - rt.next_due) // group.interval) + 1
-                    rt.skipped += missed
-                    rt.next_due += missed * group.interval
-            self.push(rt)
-
-    # -- the worker pool -------------------------------------------------------------
-
-    def fork(self, kind, target, *args):
-        """The one fork shape: the parent registers the child, the child never returns."""
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                log.error("cannot fork a %s: too many processes (EAGAIN); retrying", kind)
-            else:
-                log.error("cannot fork a %s: %s", kind, exc)
-            return None
-        if pid:
-            child = Child(pid, kind, "starting", time.monotonic())
-            self.children[pid] = child
-            return child
-        code = 1
-        try:
-            code = target(*args)
-        except (_Terminate, _Orphaned, BrokenPipeError, ConnectionError):
-            code = 0
-        except BaseException:           # noqa: B036 - the child must reach os._exit
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code or 0)         # this must never return
-
-    def workers(self, *states):
-        return [c for c in self.children.values() if c.kind == "worker"
-                and (not states or c.state in states)]
-
-    def action_child(self):
-        """The action run running a sequence, or None."""
-        for child in self.children.values():
-            if child.kind == "action" and child.run_id is not None:
-                return child
-        return None
-
-    def spare_runner(self):
-        """The action run forked ahead, waiting for a sequence, or None."""
-        for child in self.children.values():
-            if child.kind == "action" and child.run_id is None:
-                return child
-        return None
-
-    def keep_spare_runner(self, now):
-        """Keep one action run forked and waiting, so a sequence starts without a fork."""
-        if self.stopping or now < self.runner_after or self.spare_runner() is not None:
-            return
-        if self.fork("action", action_main, self.sock_path, self.config.config_dir) is None:
-            self.runner_after = now + 1.0
-
-    def set_worker_state(self, child, state):
-        if state not in WORKER_EDGES[child.state]:
-            raise AssertionError("worker %d: %s -> %s" % (child.pid, child.state, state))
-        child.state = state
-
-    def manage_workers(self, now):
-        if self.stopping:
-            return
-        live = self.workers("starting", "idle", "busy")
-        missing = self.config.daemon.workers - len(live)
-        if missing > 0 and now >= self.spawn_after:
-            for _ in range(missing):
-                slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
-                child = self.fork("worker", worker_main, self.sock_path, self.config.config_dir, slot)
-                if child is None:
-                    slot.close()
-                    self.spawn_after = now + 1.0
-                    break
-                child.slot = slot
-        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
-        # busy one would cut its check short and report it unknown.
-        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
-            self.retire(child)
-        for child in self.workers("starting"):
-            if now - child.started > 10:
-                log.error("worker %d did not connect within 10s; killing it", child.pid)
-                self.retire(child, signal.SIGKILL)
-        for child in self.workers("busy"):
-            # Workers enforce their checks' timeouts; one silent long past it is hung
-            # (stopped, stuck), and its check must not freeze its host's state.
-            job = child.job
-            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
-                rt = self.runtimes.get(job["key"])
-                log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                          child.pid, rt.check.name if rt else job["key"],
-                          format_duration(WORKER_HANG_GRACE))
-                self.retire(child, signal.SIGKILL)
-        self.keep_spare_runner(now)
-
-    def retire(self, child, sig=signal.SIGTERM):
-        if child.state != "exiting":
-            self.set_worker_state(child, "exiting")
-        child.kill_at = time.monotonic() + 5.0
-        child.signalled = True
-        try:
-            os.kill(child.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def reap(self):
-        """Collect every exited child (level-triggered: a coalesced SIGCHLD loses nothing)."""
+    def loop(self):
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.children.get(pid)
-            if child is None:
-                continue
-            if child.kind == "worker" and child.state != "exiting":
-                child.lost = True       # and, reaped, it must not be signalled any more
-                self.set_worker_state(child, "exiting")
-            self.read_leftovers(child)
-            del self.children[pid]
-            code, sig = decode_wait_status(status)
-            how = ("killed by %s" % signal_name(sig)) if sig else "exit %s" % code
-            if child.conn is not None:
-                self.close(child.conn)
-            if child.kind == "worker":
-                self.worker_died(child, how)
-            elif child.kind == "ssh":
-                self.ssh.reaped(child, how)
-            else:
-                self.action_died(child, how)
-
-    def read_leftovers(self, child):
-        """Handle what an exited child sent before it went (its "done", a last result).
-
-        A quick child can send everything and exit between two passes of the loop,
-        its connection still unread, even still in the listen backlog: accept and
-        read it now, while the child is still known (its hello needs that).
-        """
-        if child.conn is None:
-            self.accept(selectors.EVENT_READ)
-            conns = [c for c in self.conns.values() if c.pid == child.pid and c.role is None]
-        else:
-            conns = [child.conn]
-        for conn in conns:
-            for _ in range(64):         # bounded; the peer is gone, so EOF comes soon
-                if conn.sock.fileno() < 0 or not _select_read([conn.sock], 0):
-                    break
-                self.on_io(conn, selectors.EVENT_READ)
-
-    def worker_died(self, child, how):
-        if child.lost:
-            log.error("worker %d died (%s); replacing it", child.pid, how)
-            if time.monotonic() - child.started < 1.0:
-                self.quick_deaths += 1
-                self.spawn_after = time.monotonic() + min(30.0, 0.25 * 2 ** self.quick_deaths)
-            else:
-                self.quick_deaths = 0
-        if child.job is not None and not self.stopping:   # a check the stop ended is no report
-            job = child.job
-            child.job = None
-            pgid = child.check_pgid()
-            if pgid:
-                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_finished(job, {"data": {"state": "unknown",
-                                               "message": "worker died (%s) while running the check" % how},
-                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
-                                      "duration": time.monotonic() - job["sent"]})
-        if child.slot is not None:
-            child.slot.close()
-            child.slot = None
-
-    def dispatch(self, now):
-        if self.stopping or not self.ready:
-            return
-        for child in self.workers("idle"):
-            if not self.ready:
-                break
-            rt, due = self.ready.popleft()
-            job = self.make_job(rt.check)
-            job["sent"], job["sent_wall"] = now, time.time()
-            self.lags.append(now - due)
-            child.job = job
-            self.set_worker_state(child, "busy")
-            wire = {k: v for k, v in job.items() if k not in ("sent", "sent_wall")}
-            self.send(child.conn, wire)
-
-    def make_job(self, check):
-        state = self.hosts.get(check.host, {}).get("state", "unknown")
-        env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
-               "HA_STATE": state, "HA_CONFIG_DIR": self.config.config_dir,
-               "HA_STATE_DIR": self.state_dir}
-        if check.group.host:
-            env["HA_HOST"] = check.group.host
-        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
-               "env": env, "argv": list(check.argv)}
-        if check.group.scope.kind == "ssh":
-            job["argv"], job["stdin"] = ssh_command(check, env, self.state_dir)
-            job["ssh"] = True
-        return job
-
-    # -- reports and transitions (SPEC §4) -------------------------------------------
-
-    def check_finished(self, job, msg):
-        rt = self.runtimes.get(job["key"])
-        if rt is None:
-            return                      # removed by a reload while it ran
-        rt.busy = False
-        rt.runs += 1
-        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
-        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
-        reports, problems = reports_from_result(data, exit_code, rt.check.host)
-        if msg.get("failed") is True and rt.hosts:
-            # It never said whom it is about this time: its unknown goes to the hosts
-            # it watches, not to a host named after its file.
-            reports = [(host, "unknown") for host in rt.hosts]
-        elif reports:
-            rt.hosts = tuple(host for host, _ in reports)
-        for problem in problems:
-            log.warning("check %s: %s", rt.check.name, problem)
-        trouble = msg.get("trouble") if isinstance(msg.get("trouble"), str) else None
-        if trouble != rt.trouble:
-            if trouble:
-                log.warning("check %s: %s", rt.check.name, trouble[:200])
-            else:
-                log.info("check %s: runs normally again", rt.check.name)
-            rt.trouble = trouble
-        message = data.get("message")
-        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
-                   "exit": exit_code, "signal": msg.get("signal"),
-                   "reports": {h: s for h, s in reports},
-                   "message": message[:500] if isinstance(message, str) else None,
-                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
-                                  for k, v in list(data.items())[:20]
-                                  if k not in ("state", "states", "host", "message")},
-                   "rejected": problems}
-        if msg.get("stderr"):
-            rt.last["stderr"] = msg["stderr"][:500]
-        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
-                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
-                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
-                  else "exit %s" % exit_code, msg.get("duration") or 0)
-        self.soft_changed = True
-        for host, state in reports:
-            self.apply_report(host, state, rt.check)
-
-    def apply_report(self, host, state, check):
-        now = time.time()
-        record = self.hosts.get(host)
-        if record is None:
-            record = {"state": "unknown", "since": None, "pending": None, "count": 0}
-        self.reports[host] = {"time": now, "check": check.name, "state": state}
-        if state == record["state"]:
-            if record["pending"] is not None:
-                log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
-                record = dict(record, pending=None, count=0)
-                self.hosts[host] = record
-                self.store.commit({"host:" + host: record})
-            return
-        record = dict(record)
-        if record["pending"] == state:
-            record["count"] += 1
-        else:
-            record["pending"], record["count"] = state, 1
-        confirm = check.group.confirm
-        if record["count"] < confirm:
-            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name,
-                     record["count"], confirm)
-            self.hosts[host] = record
-            self.store.commit({"host:" + host: record})
-            return
-        self.transition(host, record, state, check, now)
-
-    def transition(self, host, record, state, check, now):
-        old = record["state"]
-        record.update(state=state, since=now, pending=None, count=0)
-        self.hosts[host] = record
-        cap = self.config.daemon.history
-        tr_id = self.meta["next_transition"]
-        self.meta["next_transition"] = tr_id + 1
-        tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
-              "check": check.name, "run": None}
-        changes = {"host:" + host: record, "meta": self.meta}
-        section = self.config.section_for(host, old, state)
-        if section is not None:
-            tr["run"] = self.new_run(tr, section, changes)["id"]
-        self.transitions.append(tr)
-        while len(self.transitions) > cap:
-            self.transitions.popleft()
-        changes["tr:%d" % (tr_id % cap)] = tr
-        self.store.commit(changes)
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, check.name,
-                 "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
-                 "; no action section matches")
-
-    def new_run(self, tr, section, changes):
-        cap = self.config.daemon.history
-        run_id = self.meta["next_run"]
-        self.meta["next_run"] = run_id + 1
-        states = {h: r["state"] for h, r in self.hosts.items()}
-        variables = action_variables(tr["host"], tr["from"], tr["to"], states)
-        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
-               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
-               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
-               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
-               "HA_STATE_DIR": self.state_dir}
-        run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
-               "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": tr["time"], "started": None, "ended": None, "env": env, "commands": []}
-        try:
-            run["commands"] = expand_commands(section, variables)
-        except ValueError as exc:
-            self.set_run_state(run, "failed", str(exc), changes)
-        else:
-            if self.meta.get("paused"):
-                self.set_run_state(run, "skipped", "paused", changes)
-            else:
-                self.set_run_state(run, "queued", None, changes)
-                self.queue.append(run_id)
-                changes["queue"] = self.queue
-        self.runs[run_id] = run
-        while len(self.runs) > cap:
-            self.runs.popitem(last=False)
-        return run
-
-    def set_run_state(self, run, state, reason, changes):
-        """Every run state change passes here: checks the edge, logs, records."""
-        if state not in RUN_EDGES.get(run["state"], ()):
-            raise AssertionError("run %s: %s -> %s" % (run["id"], run["state"], state))
-        run["state"] = state
-        if reason:
-            run["reason"] = reason
-        if state in RUN_FINAL:
-            run["ended"] = time.time()
-            if state == "failed" and self.once:
-                self.failed_runs += 1
-        if state != "queued":
-            level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
-                    run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
-        changes["run:%d" % (run["id"] % self.config.daemon.history)] = run
-
-    # -- action runs -----------------------------------------------------------------
-
-    def start_next_run(self):
-        if self.stopping or not self.queue or self.action_child() is not None:
-            return
-        run = self.runs.get(self.queue[0])
-        child = None
-        if run is not None and not self.meta.get("paused"):
-            child = self.spare_runner()
-            if child is None:           # none waits (its fork failed, or it died): fork now
-                child = self.fork("action", action_main, self.sock_path, self.config.config_dir)
-            if child is not None and child.conn is None:
-                return                  # not connected yet: a later pass hands it the run
-        changes = {}
-        self.queue.pop(0)
-        changes["queue"] = self.queue
-        if run is None:
-            self.store.commit(changes)
-            return
-        if self.meta.get("paused"):
-            self.set_run_state(run, "skipped", "paused", changes)
-            self.store.commit(changes)
-            return
-        if child is None:
-            self.set_run_state(run, "failed", "cannot fork the action run", changes)
-            self.store.commit(changes)
-            return
-        run["started"] = time.time()
-        self.set_run_state(run, "running", None, changes)
-        self.store.commit(changes)
-        child.run_id = run["id"]
-        self.send(child.conn, {"t": "run", "run": run})
-
-    def action_event(self, child, msg):
-        run = self.runs.get(child.run_id)
-        if run is None or msg.get("run") != run["id"]:
-            raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
-        kind = msg.get("t")
-        index = msg.get("index")
-        if kind in ("start", "spawned", "end"):
-            if not isinstance(index, int) or not 0 <= index < len(run["commands"]):
-                raise ProtocolError("bad command index %r" % (index,))
-            cmd = run["commands"][index]
-            words = " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
-        if kind == "start":
-            cmd["started"] = msg.get("time")
-            log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]), words)
-            self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
-        elif kind == "spawned":
-            child.pgid = _spawned_pid(msg)
-        elif kind == "end":
-            child.pgid = None
-            output = msg.get("output") if isinstance(msg.get("output"), str) else ""
-            cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
-                             "error": msg.get("error"), "duration": msg.get("duration"),
-                             "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
-            level = logging.WARNING if msg.get("error") else logging.INFO
-            log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
-                    len(run["commands"]), words, msg.get("error") or "exit %s" % msg.get("exit"),
-                    msg.get("duration") or 0,
-                    " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
-            for line in output.splitlines()[:20]:
-                log.info("run %d:   | %s", run["id"], line)
-            self.store.commit({"run:%d" % (run["id"] % self.config.daemon.history): run})
-        elif kind == "done":
-            changes = {}
-            state = "ok" if msg.get("result") == "ok" else "failed"
-            self.set_run_state(run, state, msg.get("reason"), changes)
-            self.store.commit(changes)
-        else:
-            raise ProtocolError("unknown action event %r" % (kind,))
-
-    def action_died(self, child, how):
-        if child.pgid:
-            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
-        if child.run_id is None:        # the spare, before it had a sequence
-            if not self.stopping:
-                log.error("action run %d died waiting for a sequence (%s); replacing it",
-                          child.pid, how)
-                if time.monotonic() - child.started < 1.0:
-                    self.runner_after = time.monotonic() + 5.0
-            return
-        run = self.runs.get(child.run_id)
-        if run is None or run["state"] != "running":
-            return
-        changes = {}
-        if self.stopping:
-            self.set_run_state(run, "interrupted", "the daemon stopped while it ran (%s)" % how, changes)
-        else:
-            self.set_run_state(run, "failed", "the action run died (%s)" % how, changes)
-        self.store.commit(changes)
-
-    # -- the socket ------------------------------------------------------------------
-
-    def accept(self, mask):
-        for _ in range(64):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    # The listener would stay readable and spin the loop (and the log):
-                    # it rests a second, and each rest is logged once.
-                    log.error("cannot accept connections: too many open files (%d clients); "
-                              "new ones wait 1s", len(self.conns))
-                    self.sel.unregister(self.listener)
-                    self.accept_paused_until = time.monotonic() + 1.0
+            now = time.monotonic()
+            for key, mask in self.sel.select(self.timeout(now)):
+                key.data(mask)
+            now = time.monotonic()
+            self.handle_signals()
+            self.reap()
+            self.pool.enforce_kills(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                # While stopping too: the loop is healthy while a sequence finishes.
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
+            self.http.tick(now)         # while stopping too: it answers until the end
+            if self.stopping:
+                if not self.pool.children or now >= self.stop_deadline:
                     return
-                raise
-            pid, uid, _ = peer_credentials(sock)
-            if uid not in (0, os.getuid()):
-                log.warning("refused a connection from pid %d: uid %d is not ours", pid, uid)
-                sock.close()
                 continue
-            sock.setblocking(False)
-            conn = Conn(sock, pid, uid)
-            self.conns[sock.fileno()] = conn
-            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+            self.pool.manage(self.config, now, ssh=not self.once)
+            self.scheduler.fire_due(now)
+            self.dispatch(now)
+            self.start_next_run()
+            self.server.tick(now)
+            if now >= self.next_checkpoint:
+                self.checkpoint(now)
+            if self.once and self.scheduler.all_ran() and not self.ledger.queue \
+                    and self.pool.action_child() is None:
+                self.begin_stop("--once pass complete")
 
-    def on_io(self, conn, mask):
-        if mask & selectors.EVENT_WRITE:
-            self.flush(conn)
-        if not mask & selectors.EVENT_READ or conn.sock.fileno() < 0:
-            return
-        try:
-            data = conn.sock.recv(262144)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close(conn)
-            return
-        try:
-            for msg in conn.reader.feed(data):
-                self.on_message(conn, msg)
-                if conn.sock.fileno() < 0:
-                    return
-        except ProtocolError as exc:
-            log.warning("connection from pid %d (%s): %s; closed", conn.pid, conn.role or "client", exc)
-            self.close(conn)
-
-    def on_message(self, conn, msg):
-        if conn.role is None:
-            self.identify(conn, msg)
-        elif conn.role == "worker":
-            child = conn.child
-            if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
-                raise ProtocolError("unexpected message from worker %d" % child.pid)
-            job = child.job
-            child.job = None
-            if child.state == "busy":
-                self.set_worker_state(child, "idle")
-            self.check_finished(job, msg)
-        elif conn.role == "action":
-            self.action_event(conn.child, msg)
-        else:
-            self.control(conn, msg)
-
-    def identify(self, conn, msg):
-        if msg.get("t") == "hello":
-            child = self.children.get(conn.pid)
-            if child is None or msg.get("pid") != conn.pid or msg.get("role") != child.kind \
-                    or child.conn is not None:
-                raise ProtocolError("hello from pid %d that is not a child of ours" % conn.pid)
-            conn.role, conn.child, child.conn = child.kind, child, conn
-            if child.kind == "worker" and child.state == "starting":
-                self.set_worker_state(child, "idle")
-            return
-        conn.role = "control"
-        self.control(conn, msg)
-
-    def control(self, conn, msg):
-        cmd = msg.get("cmd")
-        if cmd == "status":
-            answer = self.status_document()
-        elif cmd == "reload":
-            errors = self.reload()
-            answer = {"ok": not errors, "errors": errors}
-        elif cmd in ("pause", "resume"):
-            self.meta["paused"] = cmd == "pause"
-            self.store.commit({"meta": self.meta})
-            log.warning("actions %s by request", "paused" if cmd == "pause" else "resumed")
-            answer = {"ok": True, "paused": self.meta["paused"]}
-        elif cmd == "history":
-            answer = {"ok": True, "history": history_entries(
-                list(self.transitions), self.runs, msg.get("n") if isinstance(msg.get("n"), int) else 20)}
-        elif cmd == "ping":
-            answer = {"ok": True, "pid": os.getpid()}
-        else:
-            answer = {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
-        self.send(conn, answer)
-
-    def send(self, conn, obj):
-        if conn is None or conn.sock.fileno() < 0:
-            return
-        conn.out += encode_message(obj)
-        self.flush(conn)
-
-    def flush(self, conn):
-        try:
-            while conn.out:
-                sent = conn.sock.send(conn.out)
-                del conn.out[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self.close(conn)
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-        self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
-
-    def close(self, conn):
-        fd = conn.sock.fileno()
-        if fd < 0:
-            return
-        self.sel.unregister(conn.sock)
-        del self.conns[fd]
-        conn.sock.close()
-        child = conn.child
-        if child is not None:
-            child.conn = None
-            if child.kind == "worker" and child.state != "exiting":
-                # A worker that hung up is of no use: retire it, reap it, replace it.
-                child.lost = True
-                self.retire(child)
-
-    def close_idle_clients(self, now):
-        for conn in list(self.conns.values()):
-            if conn.role in (None, "control") and now - conn.opened > CLIENT_IDLE:
-                log.warning("connection from pid %d idle for %ds; closed", conn.pid, CLIENT_IDLE)
-                self.close(conn)
-
-    # -- signals, reload, stop -------------------------------------------------------
+    def timeout(self, now):
+        deadlines = [self.next_checkpoint, now + 1.0]
+        if self.scheduler.heap and not self.stopping:
+            deadlines.append(self.scheduler.next_due())
+        if self.notifier.watchdog:
+            deadlines.append(self.next_watchdog)
+        return max(0.0, min(deadlines) - now)
 
     def handle_signals(self):
         while self.signals:
@@ -4159,10 +4540,15 @@ class Master:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
+        try:
+            self.http.configure(config.daemon)  # first: a busy port refuses the whole reload
+        except HadaemonError as exc:
+            log.error("reload refused: %s", exc)
+            return [str(exc)]
         self.notifier.send("RELOADING=1")
         log_changed = config.daemon.log != self.config.daemon.log
-        self.config = config
-        self.schedule_all()
+        self.config = self.ledger.config = config
+        self.scheduler.configure(config.checks, time.monotonic())
         if log_changed:
             target = config.daemon.log or self.default_log
             if target == "stderr":
@@ -4175,157 +4561,41 @@ class Master:
         self.notifier.send("READY=1")
         return []
 
+    def checkpoint(self, now):
+        self.next_checkpoint = now + CHECKPOINT_EVERY
+        self.ledger.save_reports()
+        self.scheduler.save_results(self.store)
+        try:
+            self.store.checkpoint()
+        except OSError:
+            pass        # logged by the store; everything stays dirty for the next one
+
     def begin_stop(self, why):
+        """No new checks or runs; the running sequence may finish within its timeouts."""
         if self.stopping:
             return
         log.info("stopping: %s", why)
         self.notifier.send("STOPPING=1")
         self.stopping = True
-        self.ready.clear()
+        self.scheduler.ready.clear()
         now = time.monotonic()
-        for child in self.workers():
-            self.retire(child)
-        spare = self.spare_runner()
-        if spare is not None:
-            spare.kill_at, spare.signalled = now + 5.0, True
-            try:
-                os.kill(spare.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        self.ssh.stop_all()
-        action = self.action_child()
+        self.pool.stop(now)
+        action = self.pool.action_child()
         budget = 10.0
         if action is not None:
-            run = self.runs.get(action.run_id) or {}
+            run = self.ledger.runs.get(action.run_id) or {}
             pending = [c for c in run.get("commands", []) if "result" not in c]
             budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
             log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
             action.kill_at = now + budget
         self.stop_deadline = now + budget + 10.0
 
-    def enforce_kills(self, now):
-        """A child past its deadline gets SIGTERM, then SIGKILL on a later pass."""
-        for child in list(self.children.values()):
-            if child.kill_at is not None and now >= child.kill_at:
-                sig = signal.SIGKILL if child.signalled else signal.SIGTERM
-                log.warning("%s %d did not exit in time; sending %s", child.kind, child.pid,
-                            signal_name(sig))
-                child.signalled = True
-                child.kill_at = now + 5.0
-                try:
-                    os.kill(child.pid, sig)
-                except ProcessLookupError:
-                    pass
-
-    def once_done(self):
-        return (all(rt.runs >= 1 for rt in self.runtimes.values()) and not self.queue
-                and self.action_child() is None)
-
-    # -- the loop --------------------------------------------------------------------
-
-    def timeout(self, now):
-        deadlines = [self.next_checkpoint, now + 1.0]
-        if self.heap and not self.stopping:
-            deadlines.append(self.heap[0][0])
-        if self.notifier.watchdog:
-            deadlines.append(self.next_watchdog)
-        return max(0.0, min(deadlines) - now)
-
-    def loop(self):
-        while True:
-            now = time.monotonic()
-            for key, mask in self.sel.select(self.timeout(now)):
-                key.data(mask)
-            now = time.monotonic()
-            self.handle_signals()
-            self.reap()
-            self.enforce_kills(now)
-            if self.notifier.watchdog and now >= self.next_watchdog:
-                # While stopping too: the loop is healthy while a sequence finishes.
-                self.notifier.send("WATCHDOG=1")
-                self.next_watchdog = now + self.notifier.watchdog
-            if self.stopping:
-                if not self.children or now >= self.stop_deadline:
-                    return
-                continue
-            self.manage_workers(now)
-            if not self.once:
-                self.ssh.maintain(self.config, now, self.fork)
-            self.fire_due_checks(now)
-            self.dispatch(now)
-            self.start_next_run()
-            self.close_idle_clients(now)
-            if self.accept_paused_until is not None and now >= self.accept_paused_until:
-                self.accept_paused_until = None
-                self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
-            if now >= self.next_checkpoint:
-                self.checkpoint(now)
-            if self.once and self.once_done():
-                self.begin_stop("--once pass complete")
-
-    def checkpoint(self, now):
-        self.next_checkpoint = now + CHECKPOINT_EVERY
-        if self.soft_changed:
-            self.soft_changed = False
-            self.store.soft("reports", self.reports)
-            self.store.soft("checks", {key: rt.last for key, rt in self.runtimes.items() if rt.last})
-        try:
-            self.store.checkpoint()
-        except OSError:
-            pass        # logged by the store; everything stays dirty for the next one
-
-    def run(self):
-        """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
-        try:
-            self.setup()
-        except (HadaemonError, OSError) as exc:
-            self.signal_ready("error: %s" % exc)
-            raise
-        log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
-                 "state in %s", __version__, os.getpid(), len(self.config.checks),
-                 self.config.daemon.workers, len(self.config.sections), self.state_dir)
-        if self.store.created:
-            log.info("state db: none in %s; a new one is created", self.state_dir)
-        self.signal_ready("ok %d" % os.getpid())
-        self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
-        try:
-            self.loop()
-        finally:
-            self.shutdown()
-        return EXIT_FAIL if self.failed_runs else EXIT_OK
-
-    def signal_ready(self, text):
-        if self.ready_fd is not None:
-            try:
-                os.write(self.ready_fd, text.encode() + b"\n")
-                os.close(self.ready_fd)
-            except OSError:
-                pass
-            self.ready_fd = None
-
     def shutdown(self):
-        for child in list(self.children.values()):
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5
-        while self.children and time.monotonic() < deadline:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            child = self.children.pop(pid, None)
-            if child is not None and child.kind == "action":
-                self.action_died(child, "killed at stop")
-        for conn in list(self.conns.values()):
-            self.close(conn)
-        if getattr(self, "listener", None) is not None:
-            try:
-                os.unlink(self.sock_path)
-            except FileNotFoundError:
-                pass
-            self.listener.close()
+        for child in self.pool.kill_all():
+            if child.kind == "action":
+                self.action_exited(child, "killed at stop")
+        self.server.close_all()
+        self.http.close()
         try:
             self.checkpoint(time.monotonic())
             self.store.close()
@@ -4334,70 +4604,139 @@ class Master:
         self.lock.release()
         log.info("stopped")
 
-    # -- status ----------------------------------------------------------------------
+    # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
+
+    def dispatch(self, now):
+        if self.stopping or not self.scheduler.ready:
+            return
+        for child in self.pool.workers("idle"):
+            job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
+            if job is None:
+                break
+            self.server.send(child.conn, self.pool.hand(child, job, now))
+
+    def check_finished(self, job, msg):
+        done = self.scheduler.finished(job, msg)
+        if done is not None:
+            rt, reports = done
+            for host, state in reports:
+                self.ledger.report(host, state, rt.check, time.time())
+
+    def reap(self):
+        for child, how in self.pool.reap():
+            self.server.drain(child)        # what it sent before it went
+            self.pool.forget(child)
+            if child.kind == "worker":
+                self.worker_exited(child, how)
+            elif child.kind == "ssh":
+                self.pool.ssh.reaped(child, how)
+            else:
+                self.action_exited(child, how)
+
+    def worker_exited(self, child, how):
+        self.pool.worker_gone(child, how)
+        job, child.job = child.job, None
+        if job is not None and not self.stopping:   # a check the stop ended is no report
+            pgid = child.check_pgid()
+            if pgid:
+                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
+            self.check_finished(job, {"data": {"state": "unknown",
+                                               "message": "worker died (%s) while running the check" % how},
+                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
+                                      "duration": time.monotonic() - job["sent"]})
+        child.close_slot()
+
+    # -- action runs: Ledger -> the action run -> Ledger -------------------------------
+
+    def start_next_run(self):
+        if self.stopping or self.pool.action_child() is not None:
+            return
+        run = self.ledger.head()
+        if run is None:
+            return
+        if self.ledger.paused:
+            self.ledger.dequeue(run, "skipped", "paused", time.time())
+            return
+        child = self.pool.runner(self.config.config_dir)
+        if child is None:
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", time.time())
+            return
+        if child.conn is None:
+            return                      # not connected yet: a later pass hands it the run
+        self.ledger.dequeue(run, "running", None, time.time())
+        child.run_id = run["id"]
+        self.server.send(child.conn, {"t": "run", "run": run})
+
+    def action_event(self, child, msg):
+        """The action run reports: a command started, spawned, ended; the sequence is done."""
+        run = self.ledger.runs.get(child.run_id)
+        if run is None or msg.get("run") != run["id"]:
+            raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
+        kind = msg.get("t")
+        if kind == "start":
+            self.ledger.command_started(run, _command_index(run, msg), msg.get("time"))
+        elif kind == "spawned":
+            _command_index(run, msg)
+            child.pgid = _spawned_pid(msg)
+        elif kind == "end":
+            child.pgid = None
+            self.ledger.command_ended(run, _command_index(run, msg), msg)
+        elif kind == "done":
+            state = "ok" if msg.get("result") == "ok" else "failed"
+            self.ledger.finish(run, state, msg.get("reason"), time.time())
+        else:
+            raise ProtocolError("unknown action event %r" % (kind,))
+
+    def action_exited(self, child, how):
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
+        if child.run_id is None:        # the spare, before it had a sequence
+            self.pool.spare_gone(child, how)
+            return
+        run = self.ledger.runs.get(child.run_id)
+        if run is None or run["state"] != "running":
+            return
+        if self.stopping:
+            self.ledger.finish(run, "interrupted", "the daemon stopped while it ran (%s)" % how, time.time())
+        else:
+            self.ledger.finish(run, "failed", "the action run died (%s)" % how, time.time())
+
+    # -- what the daemon answers -------------------------------------------------------
+
+    def answer(self, msg):
+        """A control verb (from the socket): its answer."""
+        cmd = msg.get("cmd")
+        if cmd == "status":
+            return self.status_document()
+        if cmd == "reload":
+            errors = self.reload()
+            return {"ok": not errors, "errors": errors}
+        if cmd in ("pause", "resume"):
+            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request")}
+        if cmd == "history":
+            return {"ok": True, "history": self.ledger.history(
+                msg.get("n") if isinstance(msg.get("n"), int) else 20)}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
+
+    def set_paused(self, paused, by):
+        self.ledger.set_paused(paused)
+        log.warning("actions %s by %s", "paused" if paused else "resumed", by)
+        return self.ledger.paused
 
     def status_document(self):
+        """--status --json: the daemon's block, then what each part says of itself."""
         now_m, now = time.monotonic(), time.time()
-        checks = []
-        for key, rt in self.runtimes.items():
-            c = rt.check
-            checks.append({"key": key, "name": c.name, "scope": c.group.scope.name, "host": c.host,
-                           "where": c.where,
-                           "schedule": ("cron " + c.group.cron.text) if c.group.cron
-                           else "every " + format_duration(c.group.interval),
-                           "next_run": now + max(0.0, rt.next_due - now_m),
-                           "running": rt.busy, "runs": rt.runs, "skipped": rt.skipped,
-                           "last": rt.last})
-        lags = sorted(self.lags)
         daemon = {"running": True, "pid": os.getpid(), "version": __version__,
                   "started": self.started_wall, "uptime": now_m - self.started,
                   "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "paused": bool(self.meta.get("paused")), "queue": list(self.queue),
-                  "workers": [{"pid": w.pid, "state": w.state} for w in self.workers()],
-                  "action_pid": getattr(self.action_child(), "pid", None),
-                  "ssh": self.ssh.status(),
-                  "lag_ms": {"p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
-                             "max": percentile(lags, 1.0), "samples": len(lags)}}
-        return status_from_data(daemon, self.hosts, self.reports, checks,
-                                list(self.transitions), self.runs)
-
-
-def percentile(ordered, q):
-    """The q-quantile of an ascending list of seconds, in milliseconds (None when empty)."""
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
-
-
-def status_from_data(daemon, hosts, reports, checks, transitions, runs, last=20):
-    """The --status --json document (same shape whether the daemon answers or the db does)."""
-    host_doc = {}
-    for name, record in sorted(hosts.items()):
-        pending = None
-        if record.get("pending"):
-            pending = {"state": record["pending"], "count": record.get("count", 0)}
-        host_doc[name] = {"state": record.get("state"), "since": record.get("since"),
-                          "pending": pending, "last_report": reports.get(name)}
-    run_list = [summarize_run(r) for r in list(runs.values())[-last:]][::-1]
-    return {"daemon": daemon, "hosts": host_doc, "checks": checks,
-            "transitions": transitions[-last:][::-1], "runs": run_list}
-
-
-def summarize_run(run):
-    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
-                                       "state", "reason", "queued", "started", "ended")}
-    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
-                            "started": c.get("started"), "result": c.get("result")}
-                           for c in run.get("commands", [])]
-    return summary
-
-
-def history_entries(transitions, runs, n):
-    out = []
-    for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.get("run")) if tr.get("run") is not None else None
-        out.append(dict(tr, run=summarize_run(run) if run else None))
-    return out
+                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
+                  "counters": self.ledger.counters()}
+        daemon.update(self.ledger.daemon_status())
+        daemon.update(self.pool.status())
+        return dict(self.ledger.status(), daemon=daemon,
+                    checks=self.scheduler.status(now_m, now))
 
 
 # ============================================================================
@@ -4405,33 +4744,18 @@ def history_entries(transitions, runs, n):
 # ============================================================================
 
 def offline_status(state_dir, config=None, last=20):
-    """The status document from the state db, for when no daemon answers."""
+    """The status document from the state db, for when no daemon answers; and its ledger."""
     data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
-    meta = data.get("meta") or {}
-    hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
-    trs = sorted((v for k, v in data.items() if k.startswith("tr:") and isinstance(v, dict)),
-                 key=lambda r: r.get("id", 0))
-    runs = collections.OrderedDict(
-        (r["id"], r) for r in sorted((v for k, v in data.items()
-                                      if k.startswith("run:") and isinstance(v, dict)),
-                                     key=lambda r: r.get("id", 0)))
+    ledger = Ledger(None, state_dir)
+    ledger.load(data)
     results = data.get("checks") or {}
-    checks = []
-    if config is not None:
-        for c in config.checks:
-            checks.append({"key": c.key, "name": c.name, "scope": c.group.scope.name,
-                           "host": c.host, "where": c.where,
-                           "schedule": ("cron " + c.group.cron.text) if c.group.cron
-                           else "every " + format_duration(c.group.interval),
-                           "next_run": None, "running": False, "runs": None, "skipped": None,
-                           "last": results.get(c.key)})
+    checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
-              "state_dir": state_dir, "paused": bool(meta.get("paused")),
-              "queue": list(data.get("queue") or []), "workers": [], "action_pid": None,
-              "ssh": [], "lag_ms": None}
-    return status_from_data(daemon, hosts, data.get("reports") or {}, checks, trs, runs,
-                            last), runs
+              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
+              "http": None, "counters": None}
+    daemon.update(ledger.daemon_status())
+    return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -4502,6 +4826,8 @@ def render_status(doc):
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
     out.append("state   %s" % d["state_dir"])
+    if d.get("http"):
+        out.append("http    %s" % d["http"])
     if d["running"]:
         states = collections.Counter(w["state"] for w in d["workers"])
         out.append("workers %d: %s" % (len(d["workers"]), ", ".join(
@@ -4782,8 +5108,7 @@ def cmd_history(args):
     if locked_pid(args.state_dir):
         entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
-        doc, runs = offline_status(args.state_dir, last=args.history)
-        entries = history_entries(doc["transitions"][::-1], runs, args.history)
+        entries = offline_status(args.state_dir)[1].history(args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
     return EXIT_OK
 

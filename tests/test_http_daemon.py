@@ -273,7 +273,7 @@ def test_promtool_accepts_metrics_and_counters_grow(daemon):
     assert b["hadaemon_schedule_lag_seconds_count"] > a["hadaemon_schedule_lag_seconds_count"]
     assert b['hadaemon_transitions_total{host="db1",from="master",to="down"}'] == 1
     assert b['hadaemon_transitions_total{host="db1",from="unknown",to="master"}'] == 1
-    assert b['hadaemon_action_runs_total{section="any_to_master",result="ok"}'] == 2
+    assert b['hadaemon_action_runs_total{section="any_to_master",result="ok"}'] == 1
     assert b['hadaemon_host_state{host="db1",state="down"}'] == 1
     assert b['hadaemon_workers{state="idle"}'] + b['hadaemon_workers{state="busy"}'] == 2
 
@@ -383,13 +383,15 @@ def test_hostile_clients_get_their_answer_and_checks_keep_their_schedule(daemon)
     d = daemon
     port = http_setup(d, interval="100ms")
     start_with_http(d, port)
-    runs = lambda: sum(c["runs"] for c in d.status()["checks"])   # noqa: E731
-    idle = [Client(port) for _ in range(25)]
-    half = [Client(port) for _ in range(25)]
+
+    def runs():             # over HTTP: no process to start, so the moment is the moment
+        return sum(c["runs"] for c in json.loads(get(port, "/status")[2])["checks"])
+    idle = [Client(port, timeout=20) for _ in range(25)]
+    half = [Client(port, timeout=20) for _ in range(25)]
     try:
+        before, t0 = runs(), time.monotonic()
         for client in half:
             client.send(b"GET /status HTTP/1.1\r\nHost: slow")
-        before, t0 = runs(), time.monotonic()
         answers = {}
         for name, payload in (("1MB line", b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\n\r\n"),
                               ("9KB headers", b"GET / HTTP/1.1\r\nX: " + b"b" * 9000 + b"\r\n\r\n"),
@@ -410,17 +412,14 @@ def test_hostile_clients_get_their_answer_and_checks_keep_their_schedule(daemon)
             client.sock.close()
         assert answers == {"1MB line": 414, "9KB headers": 431, "body": 413, "garbage": 400}, answers
         assert get(port, "/hosts/db1/master")[0] == 200       # and a well-behaved client is served
-        wait_for(lambda: time.monotonic() - t0 >= 3.0, timeout=5, what="3 s of this")
-        elapsed, done = time.monotonic() - t0, runs() - before
-        figure("hostile clients: %d check runs in %.1fs with 50 slow connections open (2 checks "
-               "every 100ms: %d expected)" % (done, elapsed, 20 * elapsed))
-        assert done >= 0.8 * 20 * elapsed, (done, elapsed)
-        # The slow ones: a half-sent request gets 408 after 10 s, an idle one a close.
-        for client in (half[-1], idle[0]):
-            client.sock.settimeout(20)
+        # The slow ones, 10 s later: a half-sent request gets 408, an idle connection a close.
         status, headers, _ = half[-1].answer()
         assert status == 408 and headers["Connection"] == "close"
         assert idle[0].closed(timeout=20)
+        done, elapsed = runs() - before, time.monotonic() - t0
+        figure("hostile clients: %d check runs in %.1fs with 50 slow connections open and bad requests "
+               "(2 checks every 100ms: %.0f due)" % (done, elapsed, 20 * elapsed))
+        assert done >= 0.9 * 20 * elapsed, (done, elapsed)
     finally:
         for client in idle + half:
             client.sock.close()
