@@ -3834,16 +3834,18 @@ PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
     "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
-    "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top}"
+    "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
+    "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
     ".s{display:inline-block;padding:0 .55em;border-radius:.8em;font-weight:600}"
     ".good{background:#d3f2d6;color:#0b5a16}.bad{background:#fbd3d3;color:#8c1111}"
     ".warn{background:#fbeec0;color:#6a5100}.standby{background:#d5e4fa;color:#12407c}"
     ".other{background:#e6e8eb;color:#3d4650}.dim{color:#6a737d}"
     ".paused{background:#8c1111;color:#fff;padding:.3em .7em;display:inline-block;font-weight:700}"
-    ".msg{max-width:36em;word-break:break-word;font-family:ui-monospace,monospace;font-size:.88em}"
+    "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
+    "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "pYTvcHcRtPBiZJaFBsSBNs3TtZ4J1v2gQe99Xg4lIl4="
+PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -3927,6 +3929,14 @@ def _page_hosts(hosts, now):
                        "no host has reported yet")
 
 
+def _next_run(check, now):
+    if check.get("running"):
+        return "running"
+    if not check.get("next_run"):
+        return None
+    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+
+
 def _page_checks(checks, now):
     rows = []
     for c in checks:
@@ -3939,7 +3949,7 @@ def _page_checks(checks, now):
                      '<td class="n">%s</td>' % _h(last.get("exit")),
                      _h(format_duration(last["duration"]) if last.get("duration") else None),
                      _when(last.get("time"), now),
-                     _h(format_ago(c["next_run"], now) if c.get("next_run") else None),
+                     _h(_next_run(c, now)),
                      '<td class="n">%s</td>' % _h(c.get("runs")), '<td class="n">%s</td>' % _h(c.get("skipped")),
                      '<td class="msg">%s</td>' % _h(message, 300)))
     return _html_table(("Check", "Where, when", "Reported", "Exit", "Took", "Last run", "Next", "Runs",

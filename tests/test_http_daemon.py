@@ -33,22 +33,22 @@ def free_port():
 
 
 def role_and_message_check(d):
-    """checks/check_role HOST: the state in world/HOST, the message in world/message."""
+    """checks/check_role HOST: the state in world/HOST, the message in world/HOST.message."""
     return d.script("checks/check_role", """
         echo "host=$1"
         if [ -f "%(w)s/$1" ]; then echo "state=$(cat "%(w)s/$1")"; else echo "state=down"; fi
-        [ -f "%(w)s/message" ] && echo "message=$(cat "%(w)s/message")"
+        [ -f "%(w)s/$1.message" ] && echo "message=$(cat "%(w)s/$1.message")"
         exit 0
     """ % {"w": d.world})
 
 
-def http_setup(d, interval="200ms", extra=(), actions="[any_to_master]\nrecord %HOST%\n"):
+def http_setup(d, interval="200ms", extra=(), actions="[any_to_master]\nrecord %HOST%\n", groups=""):
     """db1 master, db2 slave, the HTTP server on a free loopback port; returns the port."""
     port = free_port()
     role_and_message_check(d)
     d.recorder()
     d.write("checks.conf", "[daemon]\nworkers = 2\nhttp = 127.0.0.1:%d\n%s\n[local]\ninterval = %s\n"
-                           "check_role db1\ncheck_role db2\n" % (port, "\n".join(extra), interval))
+                           "check_role db1\ncheck_role db2\n%s" % (port, "\n".join(extra), interval, groups))
     d.write("actions.conf", actions)
     d.set("db1", "master")
     d.set("db2", "slave")
@@ -308,8 +308,11 @@ def chromium(url, tmp_path, screenshot, size=(1280, 860)):
 
 def test_chromium_renders_the_page_and_the_script_stays_text(daemon, tmp_path):
     d = daemon
-    port = http_setup(d)
-    (d.world / "message").write_text(HOSTILE + "\n")
+    # db3's check needs 1000 reports in a row: its candidate stays pending, for the page to show.
+    port = http_setup(d, groups="[local]\nconfirm = 1000\ninterval = 200ms\ncheck_role db3\n")
+    d.set("db3", "slave")
+    (d.world / "db1.message").write_text("streaming to db2, lag 0 bytes\n")
+    (d.world / "db2.message").write_text(HOSTILE + "\n")
     start_with_http(d, port)
     d.set("db2", "down")                # a transition and a failed-looking state on the page
     d.wait_state("db2", "down")
@@ -321,6 +324,8 @@ def test_chromium_renders_the_page_and_the_script_stays_text(daemon, tmp_path):
     assert "<h2>Hosts</h2>" in dom, dom[:2000] + err[-2000:]
     assert '<td>db1</td><td><span class="s good">master</span>' in dom
     assert '<td>db2</td><td><span class="s bad">down</span>' in dom
+    assert re.search(r'<td>db3</td><td><span class="s other">unknown</span></td><td>-</td>'
+                     r'<td><span class="s standby">slave</span> ×\d+</td>', dom), dom
     assert "check_role db1" in dom and "check_role db2" in dom
     assert "&lt;script&gt;document.body.setAttribute('data-pwned','1')&lt;/script&gt;" in dom
     assert "data-pwned=" not in dom and "<script" not in dom and "<b onclick" not in dom
