@@ -2721,16 +2721,21 @@ class Ledger:
 
     def status(self, last=20):
         """hosts, transitions and runs of the --status --json document."""
-        hosts = {}
-        for name, record in sorted(self.hosts.items()):
-            pending = None
-            if record.get("pending"):
-                pending = {"state": record["pending"], "count": record.get("count", 0)}
-            hosts[name] = {"state": record.get("state"), "since": record.get("since"),
-                           "pending": pending, "last_report": self.reports.get(name)}
+        hosts = {name: self.host_status(name) for name in sorted(self.hosts)}
         transitions = list(self.transitions)[-last:][::-1]
         runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
         return {"hosts": hosts, "transitions": transitions, "runs": runs}
+
+    def host_status(self, name):
+        """One host as the document's ``hosts`` shows it; None for a host never seen."""
+        record = self.hosts.get(name)
+        if record is None:
+            return None
+        pending = None
+        if record.get("pending"):
+            pending = {"state": record["pending"], "count": record.get("count", 0)}
+        return {"state": record.get("state"), "since": record.get("since"),
+                "pending": pending, "last_report": self.reports.get(name)}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
@@ -3689,9 +3694,8 @@ def encode_answer(answer, method, version, keep_alive, now=None):
 def http_route(request, app, writable):
     """The answer to one authorised request, as SPEC §9's table says.
 
-    ``app`` gives ``document()`` (the --status --json document), ``history(n)`` and
-    ``pause(flag)`` (returns the paused state); ``writable``: a token is configured,
-    so POST may change something.
+    ``app`` is an HttpApp: the --status --json document, one host of it, the history,
+    the pause; ``writable``: a token is configured, so POST may change something.
     """
     path = request.path
     if path in (("pause",), ("resume",)):
@@ -3744,7 +3748,7 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
-    record = app.document()["hosts"].get(name)
+    record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
@@ -4022,6 +4026,7 @@ def http_listen(address):
 class HttpApp(typing.NamedTuple):
     """What HttpServer answers from: the master's own views, so nothing can be stale."""
     document: typing.Callable       # () -> the --status --json document
+    host: typing.Callable           # (name) -> that document's hosts[name], built alone; None: never seen
     history: typing.Callable        # (n) -> --history n --json
     pause: typing.Callable          # (flag) -> the paused state after it
 
@@ -4051,9 +4056,9 @@ class HttpServer:
 
     The master calls ``configure(settings)`` at start and on reload, ``tick(now)`` on
     every pass of its loop and ``close()`` at stop; the rest happens in selector
-    callbacks, and none of them waits.  ``app`` answers: ``document()``,
-    ``history(n)``, ``pause(flag)``.  While an answer waits to go out its
-    connection is not read, so a client that never reads holds one answer, not more.
+    callbacks, and none of them waits.  ``app`` (an HttpApp) is what it answers
+    from.  While an answer waits to go out its connection is not read, so a client
+    that never reads holds one answer, not more.
     """
 
     def __init__(self, sel, app):
@@ -4415,7 +4420,8 @@ class Master:
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
                                     self.check_finished, self.action_event, self.answer)
-        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.history,
+        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
+                                                 self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
         self.signals = []

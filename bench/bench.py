@@ -812,7 +812,7 @@ def http_latency(port, path, n, keep, period=0.01):
 
 
 def run_ab(port, path, n, concurrency):
-    result = subprocess.run([AB, "-q", "-n", str(n), "-c", str(concurrency), "-s", "10",
+    result = subprocess.run([AB, "-q", "-l", "-n", str(n), "-c", str(concurrency), "-s", "10",
                              "http://127.0.0.1:%d%s" % (port, path)],
                             capture_output=True, text=True, timeout=300)
     out = result.stdout

@@ -411,6 +411,9 @@ class FakeApp:
     def document(self):
         return self.doc
 
+    def host(self, name):
+        return self.doc["hosts"].get(name)
+
     def history(self, n):
         return self.doc["transitions"][:n]
 
