@@ -428,3 +428,71 @@ def test_hostile_clients_get_their_answer_and_checks_keep_their_schedule(daemon)
     finally:
         for client in idle + half:
             client.sock.close()
+
+
+# -- the README's examples: HAProxy, Prometheus, the alerting rules -------------------------
+
+EXAMPLES = ROOT / "examples" / "http"
+
+RULES_TEST = """
+rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'hadaemon_host_state_since_seconds{{host="db1",instance="w1:8642",job="hadaemon"}}'
+        values: '100 100 100 100 460 460 460 460 460 460 460 460 460 460 460 460 460 460'
+      - series: 'hadaemon_host_state_since_seconds{{host="db2",instance="w1:8642",job="hadaemon"}}'
+        values: '100x17'
+      - series: 'hadaemon_actions_paused{{instance="w1:8642",job="hadaemon"}}'
+        values: '0 0 1x40'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: HadaemonHostChangedState
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: HadaemonHostChangedState
+        exp_alerts:
+          - exp_labels: {{severity: warning, host: db1, instance: "w1:8642", job: hadaemon}}
+            exp_annotations:
+              summary: "db1 changed state on w1:8642"
+              description: "hadaemon saw db1 move to another state in the last 10 minutes; see hadaemon.py --history."
+      - eval_time: 16m
+        alertname: HadaemonHostChangedState
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: HadaemonActionsPaused
+        exp_alerts: []
+      - eval_time: 33m
+        alertname: HadaemonActionsPaused
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "w1:8642", job: hadaemon}}
+            exp_annotations:
+              summary: "hadaemon on w1:8642 has had its actions paused for 30 minutes"
+              description: "Transitions are recorded but no action runs (hadaemon.py --resume)."
+"""
+
+
+def test_the_haproxy_example_is_valid():
+    haproxy = need("haproxy")
+    result = subprocess.run([haproxy, "-c", "-f", str(EXAMPLES / "haproxy.cfg")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_prometheus_examples_are_valid_and_the_alerts_fire(tmp_path):
+    promtool = need("promtool")
+    for name in ("prometheus.yml", "hadaemon.rules.yml"):
+        shutil.copy(EXAMPLES / name, tmp_path / name)
+    (tmp_path / "hadaemon.token").write_text(TOKEN + "\n")
+    (tmp_path / "hadaemon-ca.pem").write_text("")
+
+    def promtool_ok(*args):
+        result = subprocess.run([promtool] + list(args), capture_output=True, text=True, timeout=60,
+                                cwd=tmp_path)
+        assert result.returncode == 0 and "SUCCESS" in result.stdout + result.stderr, result.stdout + result.stderr
+    promtool_ok("check", "config", "prometheus.yml")
+    promtool_ok("check", "rules", "hadaemon.rules.yml")
+    (tmp_path / "rules_test.yml").write_text(RULES_TEST.format(rules="hadaemon.rules.yml"))
+    promtool_ok("test", "rules", "rules_test.yml")
