@@ -3488,6 +3488,11 @@ HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbid
                 500: "Internal Server Error", 503: "Service Unavailable",
                 505: "HTTP Version Not Supported"}
 HTTP_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+# Without a token, a Host header must name the server by address (or localhost): a web
+# page elsewhere could otherwise point a name of its own at 127.0.0.1 and read the
+# answers with the browser of someone on this host (DNS rebinding).
+_LOCAL_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+|localhost|[A-Za-z0-9.-]+\.localhost)(:[0-9]+)?\Z",
+                            re.I)
 
 
 class HttpError(HadaemonError):
@@ -4092,14 +4097,16 @@ class HttpServer:
             import ssl      # already loaded by http_ssl_context; see there
             self.would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                                 ssl.SSLWantWriteError)
+        before = (self.url, self.token is not None)
         if settings.http != self.address:
             self._move(settings.http)
         elif (tls is None) != (self.tls is None):
             for conn in list(self.conns.values()):     # they speak the other protocol
                 self._close(conn)
         self.tls, self.token = tls, settings.http_token
-        if self.listener is not None:
-            log.info("http: serving %s%s", self.url, " (token required)" if self.token else "")
+        if (self.url, self.token is not None) != before:
+            log.info("http: %s%s", "serving " + self.url if self.url else "off",
+                     " (token required)" if self.url and self.token else "")
 
     def _move(self, address):
         new = None
@@ -4243,6 +4250,9 @@ class HttpServer:
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
+        elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
+            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
+                                     "names this server" % _shorten(request.headers["host"], 100))
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master

@@ -765,7 +765,7 @@ class HttpClient:
             self.close()
             self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(b"GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n"
+        self.sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n"
                           % (path.encode(), b"" if keep else b"Connection: close\r\n"))
         buf = b""
         while b"\r\n\r\n" not in buf:

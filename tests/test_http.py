@@ -228,7 +228,7 @@ def summary(request):
 
 
 STREAMS = [
-    b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     b"GET /hosts/db1/master HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"HEAD / HTTP/1.1\r\nX-A: 1\r\nX-A: 2\r\nUser-Agent:   curl/8  \r\n\r\nGET /metrics HTTP/1.1\r\n\r\n",
     b"GET /history?n=5&x=%41 HTTP/1.1\nHost: bare-newlines\n\n",
@@ -633,7 +633,7 @@ def test_keep_alive_and_pipelining(server):
     s = server()
     with Client(s.port) as client:
         for target in (b"/status", b"/hosts/db1/master", b"/metrics"):
-            client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+            client.send(b"GET %s HTTP/1.1\r\nHost: localhost:8642\r\n\r\n" % target)
             status, headers, body = client.answer()
             assert status == 200 and "Connection" not in headers
         client.send(b"GET /hosts/db2/master HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\n"
@@ -959,3 +959,18 @@ def test_http_date_ignores_the_locale():
 def test_no_answer_carries_a_runs_environment():
     """The document's runs are summaries: the env a run got (HA_* and the daemon's) stays out."""
     assert "env" not in hadaemon.summarize_run({"id": 1, "env": {"SECRET": "x"}, "commands": []})
+
+
+@pytest.mark.parametrize("host, status", [
+    (None, 200), ("127.0.0.1", 200), ("127.0.0.1:8642", 200), ("[::1]:8642", 200), ("localhost", 200),
+    ("LOCALHOST:1", 200), ("db-watch.localhost:80", 200),
+    ("attacker.example:8642", 403), ("attacker.example", 403), ("127.0.0.1.nip.io", 403), ("", 403),
+])
+def test_without_a_token_a_host_header_must_be_an_address(host, status):
+    """DNS rebinding: a page from elsewhere that points its own name at 127.0.0.1 reads nothing."""
+    http = hadaemon.HttpServer(selectors.DefaultSelector(), FakeApp())
+    headers = [("Host", host)] if host is not None else []
+    assert http.answer(request("GET", "/status", headers), "127.0.0.1", 0.0).status == status
+    http.token = TOKEN                  # with a token the Host does not matter
+    headers.append(("Authorization", "Bearer " + TOKEN))
+    assert http.answer(request("GET", "/status", headers), "127.0.0.1", 0.0).status == 200
