@@ -3766,7 +3766,10 @@ def _answer_host(app, request):
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
 
 def _label_value(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    text = str(value)
+    if "\\" in text or "\n" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return text
 
 
 def _sample_value(value):
