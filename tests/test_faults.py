@@ -109,12 +109,14 @@ def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon
     (d.world / "hang").write_text("")
 
     def busy_worker():
-        sleepers = sleeping(d)
-        if check_of(d.status(), "hang")["running"] and sleepers:
-            return sleepers[0]
-    sleeper = wait_for(busy_worker, timeout=15, what="the hanging check to run")
-    with open("/proc/%d/stat" % sleeper) as f:
-        worker = int(f.read().rsplit(")", 1)[1].split()[1])        # the check's parent
+        # (A sleeper of an earlier run may be ending, its timeout passed: then look again.)
+        for sleeper in sleeping(d) if check_of(d.ask("status"), "hang")["running"] else ():
+            try:
+                with open("/proc/%d/stat" % sleeper) as f:
+                    return sleeper, int(f.read().rsplit(")", 1)[1].split()[1])    # the check's parent
+            except OSError:
+                continue
+    sleeper, worker = wait_for(busy_worker, timeout=15, what="the hanging check to run")
     assert worker in {w["pid"] for w in d.status()["daemon"]["workers"]}
     (d.world / "hang").unlink()         # the runs after this one report up again
     os.kill(worker, sig)
@@ -126,8 +128,8 @@ def test_worker_killed_or_hung_is_replaced_and_its_check_reported_unknown(daemon
         how = "killed by %s" % signal.Signals(sig).name
         d.wait_log("worker %d died (%s); replacing it" % (worker, how))
 
-    def reported_unknown():             # (the next run, 3s later, reports up again)
-        status = d.status()
+    def reported_unknown():             # (the next run, 3s later, reports up again: ask fast)
+        status = d.ask("status")
         if any(t["host"] == "db2" and t["to"] == "unknown" for t in status["transitions"]):
             return status
     status = wait_for(reported_unknown, timeout=20, what="db2 reported unknown")
