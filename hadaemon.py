@@ -3481,6 +3481,7 @@ HTTP_IDLE = 10.0                # a kept-alive connection idle this long is clos
 HTTP_SEND_TIME = 10.0           # an answer the client does not take in this time is dropped
 HTTP_LINGER = 2.0               # after an answer that closes: reading what the client still sends
 HTTP_RECV = 65536
+HTTP_PASS_BUDGET = 0.005        # seconds of answering per pass of the loop; more waits a pass
 HTTP_AUTH_LOG_EVERY = 60.0      # one line per client address per minute about a refused token
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -3780,6 +3781,10 @@ def _sample_value(value):
     return repr(float(value))
 
 
+def _labels(*pairs):
+    return "{%s}" % ",".join('%s="%s"' % (name, _label_value(value)) for name, value in pairs)
+
+
 def render_metrics(doc):
     """The status document in the Prometheus text format (SPEC §9's families).
 
@@ -3791,49 +3796,46 @@ def render_metrics(doc):
     out = []
 
     def family(name, kind, text, samples):
-        out.append("# HELP %s %s" % (name, text))
-        out.append("# TYPE %s %s" % (name, kind))
-        for suffix, labels, value in samples:
-            if value is None:
-                continue
-            label_text = ",".join('%s="%s"' % (k, _label_value(v)) for k, v in labels)
-            out.append("%s%s%s %s" % (name, suffix, "{%s}" % label_text if label_text else "",
-                                      _sample_value(value)))
+        """``samples``: (what follows the name: a suffix and labels, value); None is left out."""
+        out.append("# HELP %s %s\n# TYPE %s %s" % (name, text, name, kind))
+        out.extend("%s%s %s" % (name, tail, _sample_value(value)) for tail, value in samples
+                   if value is not None)
 
-    hosts, checks = doc["hosts"].items(), doc["checks"]
+    hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
+    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
-    family("hadaemon_up", "gauge", "1 while the daemon answers.", [("", (), 1)])
-    family("hadaemon_info", "gauge", "The daemon's version.", [("", (("version", d["version"]),), 1)])
+    family("hadaemon_up", "gauge", "1 while the daemon answers.", [("", 1)])
+    family("hadaemon_info", "gauge", "The daemon's version.", [(_labels(("version", d["version"])), 1)])
     family("hadaemon_host_state", "gauge", "1 for each host's accepted state.",
-           [("", (("host", h), ("state", r["state"])), 1) for h, r in hosts])
+           [(_labels(("host", h), ("state", r["state"])), 1) for _, h, r in hosts])
     family("hadaemon_host_state_since_seconds", "gauge", "When each host entered its state (epoch).",
-           [("", (("host", h),), r.get("since")) for h, r in hosts])
+           [(labels, r.get("since")) for labels, _, r in hosts])
     family("hadaemon_transitions_total", "counter", "Transitions since the daemon started.",
-           [("", (("host", t["host"]), ("from", t["from"]), ("to", t["to"])), t["count"])
+           [(_labels(("host", t["host"]), ("from", t["from"]), ("to", t["to"])), t["count"])
             for t in counters.get("transitions", ())])
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
-           [("", (("section", r["section"]), ("result", r["result"])), r["count"])
+           [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
-           [("", (("check", c["key"]),), c.get("runs")) for c in checks])
+           [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
            "Runs of each check skipped because the previous one still ran.",
-           [("", (("check", c["key"]),), c.get("skipped")) for c in checks])
+           [(labels, c.get("skipped")) for labels, c in checks])
     family("hadaemon_check_duration_seconds", "gauge", "How long each check's last run took.",
-           [("", (("check", c["key"]),), (c.get("last") or {}).get("duration")) for c in checks])
-    lag_samples = [("", (("quantile", q),), lag.get(key) / 1000.0 if lag.get(key) is not None else None)
+           [(labels, (c.get("last") or {}).get("duration")) for labels, c in checks])
+    lag_samples = [(_labels(("quantile", q)), lag[key] / 1000.0 if lag.get(key) is not None else None)
                    for q, key in (("0.5", "p50"), ("0.99", "p99"))]
     if lag.get("count") is not None:
-        lag_samples += [("_sum", (), lag.get("sum", 0.0) / 1000.0), ("_count", (), lag["count"])]
+        lag_samples += [("_sum", lag.get("sum", 0.0) / 1000.0), ("_count", lag["count"])]
     family("hadaemon_schedule_lag_seconds", "summary",
            "From a check's due time to its start on a worker.", lag_samples)
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
-           [("", (), len(d.get("queue") or ()))])
-    family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", (), bool(d["paused"]))])
+           [("", len(d.get("queue") or ()))])
+    family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
-           [("", (("state", s),), workers.get(s, 0))
+           [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
     return "\n".join(out) + "\n"
 
@@ -3962,7 +3964,8 @@ def _page_checks(checks, now):
                      _h(format_duration(last["duration"]) if last.get("duration") else None),
                      _when(last.get("time"), now),
                      _h(_next_run(c, now)),
-                     '<td class="n">%s</td>' % _h(c.get("runs")), '<td class="n">%s</td>' % _h(c.get("skipped")),
+                     '<td class="n">%s</td>' % _h(c.get("runs")),
+                     '<td class="n">%s</td>' % _h(c.get("skipped")),
                      '<td class="msg">%s</td>' % _h(message, 300)))
     return _html_table(("Check", "Where, when", "Reported", "Exit", "Took", "Last run", "Next", "Runs",
                         "Skipped", "Message"), rows, "no checks configured")
@@ -4079,6 +4082,7 @@ class HttpServer:
         self.refused = {}                   # client address -> when its refused token was last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
+        self.spent = 0.0                    # answering, in this pass of the loop
         self.would_block = (BlockingIOError, InterruptedError)
 
     @property
@@ -4218,6 +4222,11 @@ class HttpServer:
     def _pump(self, conn, now):
         """Answer what the buffer holds, reading more while no answer waits to go out."""
         for _ in range(16):             # then a later pass: one client does not hold the loop
+            if self.spent >= HTTP_PASS_BUDGET:
+                # Enough answering for this pass: due checks go out first.  Writable at
+                # once, the connection comes back in the next pass.
+                self._want(conn, selectors.EVENT_WRITE)
+                return
             try:
                 request = conn.reader.next_request()
             except HttpError as exc:
@@ -4225,7 +4234,9 @@ class HttpServer:
                 return
             if request is not None:
                 conn.request_at = now if conn.reader.started() else None
+                started = time.monotonic()
                 self._send(conn, request, self.answer(request, conn.peer, now), now)
+                self.spent += time.monotonic() - started
                 if conn.out or conn.closing:
                     return
                 continue
@@ -4340,7 +4351,9 @@ class HttpServer:
         conn.sock.close()
 
     def tick(self, now):
-        """Deadlines, twice a second: half-sent requests, idle keep-alives, unread answers."""
+        """Every pass: a new answering budget.  Twice a second: the deadlines of half-sent
+        requests, idle keep-alives and unread answers."""
+        self.spent = 0.0
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
             self.accept_paused_until = None
             self.sel.register(self.listener, selectors.EVENT_READ, self.accept)

@@ -974,3 +974,26 @@ def test_without_a_token_a_host_header_must_be_an_address(host, status):
     http.token = TOKEN                  # with a token the Host does not matter
     headers.append(("Authorization", "Bearer " + TOKEN))
     assert http.answer(request("GET", "/status", headers), "127.0.0.1", 0.0).status == 200
+
+
+def test_answering_is_bounded_per_pass_of_the_loop(server):
+    """A flood of costly requests is answered a few milliseconds per pass, so the master's
+    other work (handing due checks to workers) comes between: here one 20 ms answer a pass."""
+    passes = []
+
+    class SlowApp(FakeApp):
+        def document(self):
+            passes.append(s.passes)
+            time.sleep(0.02)
+            return self.doc
+    s = server(app=SlowApp())
+    clients = [Client(s.port) for _ in range(3)]
+    try:
+        for client in clients:
+            client.send(b"GET /status HTTP/1.1\r\n\r\n" * 3)
+        for client in clients:
+            assert [client.answer()[0] for _ in range(3)] == [200] * 3
+    finally:
+        for client in clients:
+            client.sock.close()
+    assert len(passes) == 9 and len(set(passes)) == 9, passes
