@@ -4491,8 +4491,8 @@ class Master:
         for note in self.store.notes:
             log.error("state db: %s", note)
         self.ledger.open(time.time())
+        self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
         self.server.listen()
-        self.http.configure(self.config.daemon)
         self.install_signals()
         self.scheduler.configure(self.config.checks, time.monotonic())
 
