@@ -3481,7 +3481,8 @@ HTTP_IDLE = 10.0                # a kept-alive connection idle this long is clos
 HTTP_SEND_TIME = 10.0           # an answer the client does not take in this time is dropped
 HTTP_LINGER = 2.0               # after an answer that closes: reading what the client still sends
 HTTP_RECV = 65536
-HTTP_PASS_BUDGET = 0.005        # seconds of answering per pass of the loop; more waits a pass
+HTTP_PASS_BUDGET = 0.005        # seconds of answering in one pass of the loop, at most;
+HTTP_SHARE = 0.5                # and under a flood at most this share of the master's time
 HTTP_AUTH_LOG_EVERY = 60.0      # one line per client address per minute about a refused token
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -4056,7 +4057,8 @@ class HttpConn:
         self.sent_at = None                 # when ``out`` began to wait for the client
         self.closing = False                # end the connection once ``out`` is sent
         self.linger_until = None            # half-closed: reading what the client still sends until then
-        self.events = selectors.EVENT_READ
+        self.events = selectors.EVENT_READ     # 0: out of the selector, waiting for credit
+        self.handler = None
 
     def waiting_since(self):
         return self.since if self.request_at is None else self.request_at
@@ -4082,7 +4084,11 @@ class HttpServer:
         self.refused = {}                   # client address -> when its refused token was last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
-        self.spent = 0.0                    # answering, in this pass of the loop
+        # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
+        # the time that passes, never more than HTTP_PASS_BUDGET.  Without credit a
+        # connection leaves the selector (``waiting``) until there is some again.
+        self.credit, self.credit_at = HTTP_PASS_BUDGET, None
+        self.waiting = []
         self.would_block = (BlockingIOError, InterruptedError)
 
     @property
@@ -4186,8 +4192,9 @@ class HttpServer:
                 sock.close()
                 continue
             conn = HttpConn(sock, peer[0], now, self.tls is not None)
+            conn.handler = lambda m, c=conn: self.on_io(c, m)
             self.conns[sock.fileno()] = conn
-            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+            self.sel.register(sock, selectors.EVENT_READ, conn.handler)
 
     def on_io(self, conn, mask):
         now = time.monotonic()
@@ -4222,10 +4229,10 @@ class HttpServer:
     def _pump(self, conn, now):
         """Answer what the buffer holds, reading more while no answer waits to go out."""
         for _ in range(16):             # then a later pass: one client does not hold the loop
-            if self.spent >= HTTP_PASS_BUDGET:
-                # Enough answering for this pass: due checks go out first.  Writable at
-                # once, the connection comes back in the next pass.
-                self._want(conn, selectors.EVENT_WRITE)
+            if self.credit <= 0:
+                # Enough answering for now: due checks go out first, and the workers
+                # and their checks get the CPU.  tick() lets the connection back.
+                self._wait(conn)
                 return
             try:
                 request = conn.reader.next_request()
@@ -4236,7 +4243,7 @@ class HttpServer:
                 conn.request_at = now if conn.reader.started() else None
                 started = time.monotonic()
                 self._send(conn, request, self.answer(request, conn.peer, now), now)
-                self.spent += time.monotonic() - started
+                self.credit -= time.monotonic() - started
                 if conn.out or conn.closing:
                     return
                 continue
@@ -4338,22 +4345,48 @@ class HttpServer:
         self._close(conn)
 
     def _want(self, conn, events):
-        if conn.events != events and conn.sock.fileno() >= 0:
-            conn.events = events
-            self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+        if conn.events == events or conn.sock.fileno() < 0:
+            return
+        if conn.events:
+            self.sel.modify(conn.sock, events, conn.handler)
+        else:
+            self.waiting.remove(conn)
+            self.sel.register(conn.sock, events, conn.handler)
+        conn.events = events
+
+    def _wait(self, conn):
+        """Out of the selector until there is credit (level-triggered, it would spin)."""
+        if conn.events:
+            self.sel.unregister(conn.sock)
+            conn.events = 0
+            self.waiting.append(conn)
 
     def _close(self, conn):
         fd = conn.sock.fileno()
         if fd < 0:
             return
-        self.sel.unregister(conn.sock)
+        if conn.events:
+            self.sel.unregister(conn.sock)
+        else:
+            self.waiting.remove(conn)
         del self.conns[fd]
         conn.sock.close()
 
+    def wakeup(self):
+        """When the loop must wake for connections waiting for credit (monotonic), or None."""
+        if not self.waiting or self.credit_at is None:
+            return None
+        return self.credit_at + max(0.0, -self.credit) / HTTP_SHARE + 0.001
+
     def tick(self, now):
-        """Every pass: a new answering budget.  Twice a second: the deadlines of half-sent
-        requests, idle keep-alives and unread answers."""
-        self.spent = 0.0
+        """Every pass: credit earned, and waiting connections back once there is some.
+        Twice a second: the deadlines of half-sent requests, idle keep-alives, unread answers."""
+        if self.credit_at is not None:
+            self.credit = min(HTTP_PASS_BUDGET, self.credit + (now - self.credit_at) * HTTP_SHARE)
+        self.credit_at = now
+        if self.credit > 0:
+            for conn in list(self.waiting):
+                self._want(conn, selectors.EVENT_WRITE)     # writable: back in the next pass
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
             self.accept_paused_until = None
             self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
@@ -4560,6 +4593,8 @@ class Master:
             deadlines.append(self.scheduler.next_due())
         if self.notifier.watchdog:
             deadlines.append(self.next_watchdog)
+        if self.http.wakeup() is not None:
+            deadlines.append(self.http.wakeup())
         return max(0.0, min(deadlines) - now)
 
     def handle_signals(self):
