@@ -28,6 +28,13 @@ action run  one forked child per action sequence, at most one at a time.  It is
             A worker keeps the pid of the check it runs in a page it shares with
             the master, an action run sends the pid of each command it starts: if
             either dies (SIGKILL, OOM) the master kills that process group.
+            In a cluster's leader it asks the master before each command and
+            keeps its command's deadlines by the leader's lease clock itself.
+cluster     with ``[cluster]`` (SPEC §10): one forked agent that makes every etcd
+agent       call (lease, campaign, guarded ledger writes, a watch of the cluster's
+            keys) on the master's request, so a call etcd never answers blocks
+            nothing but the next etcd call.  The master decides; the agent only
+            talks.  It leaves when the master goes (the lease then expires).
 
 Sections of this file (each behind a banner; each uses only those above it)
 ---------------------------------------------------------------------------
@@ -45,6 +52,12 @@ Scheduler                               the timer heap: when each check runs, it
 Pool                                    every forked child: fork, hello, reap, retire, replace
 Control server                          the socket's connections and the control verbs
 HTTP                                    SPEC §9: parser, answers, page, metrics, HttpServer
+etcd                                    a v3 client on the JSON gateway (http.client, ssl)
+Cluster agent                           the process that makes the etcd calls
+Cluster member                          the lease clock, roles, views, quorum (no I/O)
+Cluster ledger                          the Ledger in etcd, written by the leader alone;
+                                        ClusterLink wires agent, member and ledger in
+What if                                 --simulate: the section and commands a transition runs
 Master                                  the loop, signals, readiness, shutdown; the wiring
 Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
 
@@ -52,11 +65,12 @@ Signals (master)
 ----------------
 SIGHUP      re-read both config files; an invalid config is refused, the old kept
 SIGTERM     graceful stop (SIGINT too): no new checks, the running sequence may
-            finish within its timeout, workers end, pid file and socket removed
+            finish within its timeout, workers end, pid file and socket removed;
+            a cluster's leader steps down (its command ended) and resigns
 SIGUSR1     reopen the log file (logrotate)
 SIGCHLD     only wakes the loop; reaping is level-triggered
 
-Files (in the state dir, default CONFIGDIR/var, mode 0700)
+Files (in the state dir, default CONFIGDIR/var, or /var/lib/hadaemon; mode 0700)
 -----------------------------------------------------------
 hadaemon.pid       pid of the master; its flock is the one-daemon-per-state-dir lock
 hadaemon.sock      the UNIX socket (mode 0600; peers of another uid are refused)
@@ -66,7 +80,7 @@ hadaemon.log       the log, when daemonized with no ``log`` setting
 
 Exit codes
 ----------
-0 ok   1 failure or invalid config   2 usage   3 not running (``--status``)
+0 ok   1 failure or invalid config   2 usage   3 not running (``--status``, ``--rerun``)
 """
 
 import argparse
@@ -78,7 +92,9 @@ import dbm.dumb
 import errno
 import fcntl
 import heapq
+import hmac
 import html
+import http.client
 import ipaddress
 import itertools
 import json
@@ -90,9 +106,11 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -116,6 +134,8 @@ PID_FILE = "hadaemon.pid"
 SOCK_FILE = "hadaemon.sock"
 DB_NAME = "state.db"
 LOG_FILE = "hadaemon.log"
+SYSTEM_CONFIG_DIR = "/etc/hadaemon"     # an installed hadaemon's config dir, by default
+SYSTEM_STATE_DIR = "/var/lib/hadaemon"  # ... and its state dir
 SYSLOG_SOCKET = "/dev/log"      # log = syslog; UDP to localhost:514 where it does not exist
 
 OUTPUT_CAP = 64 * 1024          # bytes of check / action output kept
@@ -149,6 +169,9 @@ GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}
+CLUSTER_KEYS = {"etcd", "name", "node", "ttl", "quorum", "etcd_ca", "etcd_cert", "etcd_key"}
+CLUSTER_TTL = 5                 # seconds of the leader lease when [cluster] sets no ttl
+ETCD_PORT = 2379                # an etcd URL without a port
 
 
 # ============================================================================
@@ -498,8 +521,32 @@ class Section:
 
     @property
     def name(self):
-        tr = "%s_to_%s" % (self.from_state, self.to_state)
-        return "%s: %s" % (self.host, tr) if self.host else tr
+        return section_name(self.host, self.from_state, self.to_state)
+
+
+def section_name(host, from_state, to_state):
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
+    tr = "%s_to_%s" % (from_state, to_state)
+    return "%s: %s" % (host, tr) if host else tr
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    """The [cluster] section of SPEC §10: this daemon is one member of NAME on etcd."""
+    etcd: tuple             # endpoint URLs, scheme://host:port
+    name: str
+    node: str
+    ttl: int = CLUSTER_TTL
+    quorum: int = 1
+    etcd_ca: typing.Optional[str] = None        # absolute paths
+    etcd_cert: typing.Optional[str] = None
+    etcd_key: typing.Optional[str] = None
+    where: str = ""
+
+    @property
+    def prefix(self):
+        """Where the cluster's keys live in etcd."""
+        return "/hadaemon/%s/" % self.name
 
 
 @dataclasses.dataclass
@@ -509,15 +556,28 @@ class Config:
     groups: list
     checks: list
     sections: dict      # (host or None, from, to) -> Section
+    cluster: typing.Optional[ClusterSettings] = None
+
+    @staticmethod
+    def precedence(host, from_state, to_state):
+        """The eight section keys SPEC §5 tries for HOST going FROM -> TO, first first."""
+        return [(h, f, t) for h in (host, None)
+                for f, t in ((from_state, to_state), ("any", to_state),
+                             (from_state, "any"), ("any", "any"))]
+
+    def section_named(self, name):
+        """The section written ``[NAME]`` (as ``Section.name`` gives it), or None."""
+        for section in self.sections.values():
+            if section.name == name:
+                return section
+        return None
 
     def section_for(self, host, from_state, to_state):
         """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
-        for h in (host, None):
-            for f, t in ((from_state, to_state), ("any", to_state),
-                         (from_state, "any"), ("any", "any")):
-                section = self.sections.get((h, f, t))
-                if section is not None:
-                    return section
+        for key in self.precedence(host, from_state, to_state):
+            section = self.sections.get(key)
+            if section is not None:
+                return section
         return None
 
 
@@ -763,7 +823,6 @@ def _no_password():
 
 def http_ssl_context(path):
     """The server's TLS context from one PEM holding certificate and key; ValueError says what is wrong."""
-    import ssl      # here, not at the top: it maps OpenSSL (~4 MB) into a daemon that may never serve HTTPS
     data, problem = _private_file(path)
     if problem:
         raise ValueError(problem)
@@ -811,14 +870,125 @@ def _http_settings(daemon, config_dir, errors):
                           % (where, address.text))
 
 
+_ETCD_URL_RE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d{1,5}))?/?\Z")
+
+
+def parse_etcd_url(url):
+    """``http(s)://HOST[:PORT]`` -> (scheme, host, port); ValueError names what is wrong."""
+    m = _ETCD_URL_RE.match(url)
+    if not m:
+        raise ValueError("bad etcd endpoint %r: write http://HOST:PORT or https://HOST:PORT" % url)
+    port = int(m.group(3) or ETCD_PORT)
+    if not 0 < port < 65536:
+        raise ValueError("bad port in etcd endpoint %r" % url)
+    return m.group(1), m.group(2).strip("[]"), port
+
+
+def _cluster_value(key, words, where, config_dir, errors):
+    """Convert one [cluster] setting; append an error and return None when bad."""
+    try:
+        if key == "etcd":
+            urls = [u for u in " ".join(words).replace(",", " ").split() if u]
+            if not urls:
+                raise ValueError("etcd needs at least one endpoint URL")
+            for url in urls:
+                parse_etcd_url(url)
+            if len(set(urls)) != len(urls):
+                raise ValueError("an etcd endpoint is listed twice: %s" % " ".join(urls))
+            return tuple(u.rstrip("/") for u in urls)
+        if len(words) != 1:
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
+        value = words[0]
+        if key in ("name", "node"):
+            if not valid_name(value):
+                raise ValueError("bad %s %r (letters, digits, _ . : - )" % (key, value))
+            return value
+        if key == "ttl":
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise ValueError("ttl: %s" % exc)
+            if seconds != int(seconds) or not 1 <= seconds <= 60:
+                raise ValueError("ttl must be whole seconds from 1s to 60s (etcd leases "
+                                 "count in seconds), got %r" % value)
+            return int(seconds)
+        if key == "quorum":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError("quorum must be a whole number of at least 1, got %r" % value)
+            return int(value)
+        path = os.path.join(config_dir, value)      # etcd_ca, etcd_cert, etcd_key
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError("%s = %s: cannot read %s: %s" % (key, value, path, exc.strerror))
+        return path
+    except ValueError as exc:
+        errors.append("%s: %s" % (where, exc))
+        return None
+
+
+def etcd_ssl_context(cluster):
+    """TLS for https endpoints: the CA (default: the system's) and the client certificate."""
+    context = ssl.create_default_context(cafile=cluster.etcd_ca)
+    if cluster.etcd_cert:
+        context.load_cert_chain(cluster.etcd_cert, cluster.etcd_key)
+    return context
+
+
+def _cluster_settings(where, entries, errors):
+    """The [cluster] section whole: required keys, the node's default, TLS that loads."""
+    values = {k: v for k, (_, v) in entries.items() if v is not None}
+    if len(values) < len(entries):
+        return None                             # each bad value has its error already
+    missing = [k for k in ("etcd", "name") if k not in values]
+    if missing:
+        errors.append("%s: [cluster] needs %s" % (where, " and ".join(
+            "%s = ..." % k for k in missing)))
+        return None
+    if "node" not in values:
+        host = socket.gethostname()
+        if not valid_name(host):
+            errors.append("%s: [cluster] sets no node and the host name %r is not a valid "
+                          "node name; set node = NAME" % (where, host))
+            return None
+        values["node"] = host
+    settings = ClusterSettings(where=where, **values)
+    tls = [k for k in ("etcd_ca", "etcd_cert", "etcd_key") if k in values]
+    if tls and not any(u.startswith("https:") for u in settings.etcd):
+        errors.append("%s: %s set, but every etcd endpoint is http:// (TLS files go with "
+                      "https:// endpoints)" % (entries[tls[0]][0], tls[0]))
+    elif settings.etcd_key and not settings.etcd_cert:
+        errors.append("%s: etcd_key without etcd_cert" % entries["etcd_key"][0])
+    elif tls:
+        try:
+            etcd_ssl_context(settings)
+        except (ssl.SSLError, OSError) as exc:
+            key = "etcd_cert" if settings.etcd_cert else "etcd_ca"
+            errors.append("%s: cannot load the TLS files: %s" % (
+                entries[key][0] if key in entries else where, exc))
+    return settings
+
+
 def _parse_checks(path, config_dir, errors):
     daemon = {}
     groups = []          # [(scope, where, settings, lines)]
+    cluster = {}
+    cluster_where = None
     current = None
     for where, kind, name, words, text in read_ini(path, errors):
         if kind == "section":
             if name == "daemon":
                 current = ("daemon", daemon)
+                continue
+            if name == "cluster":
+                if cluster_where is not None:
+                    errors.append("%s: [cluster] again (first at %s); one cluster per daemon"
+                                  % (where, cluster_where))
+                    current = ("bad", {})
+                    continue
+                cluster_where = where
+                current = ("cluster", cluster)
                 continue
             try:
                 scope = parse_scope(name)
@@ -833,6 +1003,17 @@ def _parse_checks(path, config_dir, errors):
             errors.append("%s: %s before any [section]" % (where, text))
         elif current[0] == "bad":
             continue
+        elif current[0] == "cluster":
+            if kind != "setting":
+                errors.append("%s: [cluster] holds only KEY = VALUE settings, not %r" % (where, text))
+            elif name not in CLUSTER_KEYS:
+                errors.append("%s: unknown key %r in [cluster]; known: %s"
+                              % (where, name, ", ".join(sorted(CLUSTER_KEYS))))
+            elif name in cluster:
+                errors.append("%s: %s is set twice in this section (first at %s)"
+                              % (where, name, cluster[name][0]))
+            else:
+                cluster[name] = (where, _cluster_value(name, words, where, config_dir, errors))
         elif kind == "setting":
             if current[0] == "daemon":
                 settings, allowed, what = daemon, DAEMON_KEYS, "[daemon]"
@@ -858,7 +1039,9 @@ def _parse_checks(path, config_dir, errors):
     _http_settings(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
     group_list, checks = _build_groups(groups, settings, config_dir, errors)
-    return settings, group_list, checks
+    if cluster_where is not None:
+        cluster = _cluster_settings(cluster_where, cluster, errors)
+    return settings, group_list, checks, cluster or None
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -977,13 +1160,13 @@ def load_config(config_dir):
     """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
     config_dir = os.path.abspath(config_dir)
     errors = []
-    settings, groups, checks = _parse_checks(os.path.join(config_dir, "checks.conf"),
-                                             config_dir, errors)
+    settings, groups, checks, cluster = _parse_checks(os.path.join(config_dir, "checks.conf"),
+                                                      config_dir, errors)
     sections = _parse_actions(os.path.join(config_dir, "actions.conf"), config_dir,
                               settings.action_timeout, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(config_dir, settings, groups, checks, sections)
+    return Config(config_dir, settings, groups, checks, sections, cluster)
 
 
 # ============================================================================
@@ -1730,6 +1913,7 @@ class ProcResult:
     timed_out: bool = False
     error: typing.Optional[str] = None
     duration: float = 0.0
+    late: bool = False              # not started: past its ``not_after``
 
     def failure(self, timeout):
         """Why this run failed, or None when it exited 0."""
@@ -1788,7 +1972,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None):
+                master=None, on_spawn=None, not_after=None, lease=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -1796,8 +1980,12 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     its group is killed, so nothing it forked outlives it.  If the ``master``
     socket reads EOF the master is gone: the group is killed and _Orphaned raised.
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
+    Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
+    A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
     """
     started = time.monotonic()
+    if not_after is not None and started >= not_after:
+        return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
     actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
@@ -1817,7 +2005,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     for fd in {out_w, err_w}:
         os.close(fd)
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
-                       grace, watch, master)
+                       grace, watch, master, lease)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
@@ -1842,6 +2030,42 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     return result
 
 
+class CommandLease:
+    """The deadlines of an action command run by a cluster's leader, kept by the action
+    run itself: SIGTERM at ``until``, SIGKILL at ``kill_at`` (both by the leader's lease
+    clock), unless the master moves them on as it renews its lease.  So a command
+    ends in time even when its master is frozen (SIGSTOP) or stuck.
+
+    ``read`` takes what the master sent on ``chan``: {t: lease} moves the deadlines,
+    anything else waits in ``chan.pending``."""
+
+    def __init__(self, chan, until, kill_at):
+        self.chan, self.until, self.kill_at = chan, until, kill_at
+        self.termed = self.killed = False
+
+    def read(self):
+        data = self.chan.sock.recv(65536)
+        if not data:
+            raise _Orphaned()
+        for msg in self.chan.reader.feed(data):
+            if msg.get("t") == "lease":
+                self.until = max(self.until, msg["until"])
+                self.kill_at = max(self.kill_at, msg["kill_at"])
+            else:
+                self.chan.pending.append(msg)
+
+    def next_deadline(self):
+        return self.kill_at if self.termed else self.until
+
+    def keep(self, pgid, now):
+        if now >= self.until and not self.termed:
+            self.termed = True
+            killpg_quietly(pgid, signal.SIGTERM)
+        if now >= self.kill_at and not self.killed:
+            self.killed = True
+            killpg_quietly(pgid, signal.SIGKILL)
+
+
 class _Watched:
     """A spawned process being waited for: its pipes read, its deadlines kept.
 
@@ -1851,8 +2075,9 @@ class _Watched:
     writes more than a pipe holds is never blocked for long.
     """
 
-    def __init__(self, pid, fds, started, timeout, grace, watch, master):
+    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None):
         self.pid, self.started, self.grace, self.watch, self.master = pid, started, grace, watch, master
+        self.lease = lease
         self.result = ProcResult()
         self.collected = {fd: bytearray() for fd in fds}
         self.reading = set(fds)
@@ -1900,6 +2125,8 @@ class _Watched:
         if self.kill_at is not None and now >= self.kill_at:
             killpg_quietly(self.pid, signal.SIGKILL)
             self.kill_at = None
+        if self.lease is not None and self.status is None:
+            self.lease.keep(self.pid, now)
 
     def _wait_time(self, now):
         if self.status is not None:
@@ -1912,6 +2139,8 @@ class _Watched:
             wait = self.deadline - now
         if self.quiet_until is not None:
             wait = min(wait, self.quiet_until - now)
+        if self.lease is not None and self.status is None:
+            wait = min(wait, self.lease.next_deadline() - now)
         return wait
 
     def _handle(self, events):
@@ -1927,6 +2156,9 @@ class _Watched:
                     self.reading.discard(fd)
                     look = look or not self.reading
             elif self.master is not None and fd == self.master.fileno():
+                if self.lease is not None:
+                    self.lease.read()           # the master moves the deadlines on
+                    continue
                 if not self.master.recv(1, socket.MSG_PEEK):
                     raise _Orphaned()
                 self.poller.unregister(fd)       # a message waits; it is read later
@@ -2071,6 +2303,32 @@ def expand_commands(section, variables):
     return commands
 
 
+class RunPlan(typing.NamedTuple):
+    """What a run of a section gets: the daemon queues it, --simulate prints it."""
+    variables: dict                 # NAME -> value, for %NAME%
+    env: dict                       # the HA_* of every command, but HA_RUN_ID (the run's own id)
+    commands: list                  # expanded, as the action run gets them; [] with an error
+    error: typing.Optional[str]     # why the sequence cannot run (an empty variable), or None
+
+
+def plan_run(section, host, from_state, to_state, states, config_dir, state_dir):
+    """The run of SECTION for HOST going FROM -> TO, against STATES (host -> state, as
+    they are once the transition is applied).
+
+    One function for the daemon and --simulate, so that what --simulate shows is
+    what would run.
+    """
+    variables = action_variables(host, from_state, to_state, states)
+    env = {"HA_HOST": host, "HA_FROM": from_state, "HA_TO": to_state,
+           "HA_TRANSITION": "%s_to_%s" % (from_state, to_state),
+           "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
+           "HA_CONFIG_DIR": config_dir, "HA_STATE_DIR": state_dir}
+    try:
+        return RunPlan(variables, env, expand_commands(section, variables), None)
+    except ValueError as exc:
+        return RunPlan(variables, env, [], str(exc))
+
+
 def action_main(sock_path, config_dir):
     """Wait for one action sequence, then run it command after command, reporting each.
 
@@ -2089,18 +2347,42 @@ def action_main(sock_path, config_dir):
     env.update(run["env"])
     outcome, reason = "ok", None
     for index, cmd in enumerate(run["commands"]):
+        not_after = lease = None
+        if run.get("confirm"):
+            # A cluster's leader: before each command the master says whether it still
+            # leads, and until when (by its lease clock) this command may start and run.
+            chan.send({"t": "may", "run": run["id"], "index": index})
+            answer = chan.receive()
+            while answer is not None and answer.get("t") == "lease":
+                answer = chan.receive()         # a renewal's news, from before we asked
+            if answer is None:
+                return 0
+            if answer.get("t") != "go" or not isinstance(answer.get("until"), (int, float)):
+                outcome, reason = "interrupted", answer.get("reason") or "the leader stepped down"
+                break
+            not_after = answer["until"]
+            lease = CommandLease(chan, answer["until"], answer["kill_at"])
         chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
 
         def announce(pid, index=index):
             # The master kills this group if we die before the command ends.
             chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
         res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
-                          merge_stderr=True, master=chan.sock, on_spawn=announce)
+                          merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after,
+                          lease=lease)
         failure = res.failure(cmd["timeout"])
+        if res.late:
+            outcome, reason = "interrupted", failure
+            break
+        if lease is not None and lease.termed:
+            failure = "ended: the leader's lease could run out (%s)" % failure
         chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
                    "duration": round(res.duration, 6), "truncated": res.truncated,
                    "output": res.output.decode("utf-8", "replace")})
+        if lease is not None and lease.termed:
+            outcome, reason = "interrupted", "%s: %s" % (cmd["where"], failure)
+            break
         if failure and not cmd["ignore"]:
             outcome = "failed"
             reason = "%s: %s (%s)" % (cmd["where"], failure, os.path.basename(cmd["argv"][0]))
@@ -2473,19 +2755,27 @@ NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
 def summarize_run(run):
     """A run as --status and --history show it (its environment left out)."""
     summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
-                                       "state", "reason", "queued", "started", "ended")}
+                                       "state", "reason", "queued", "started", "ended", "rerun_of")}
     summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
                             "started": c.get("started"), "result": c.get("result")}
                            for c in run.get("commands", [])]
+    if "node" in run:                   # a cluster's run: the member and epoch that ran it
+        summary["node"], summary["epoch"] = run["node"], run.get("epoch")
     return summary
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run (--history)."""
+    """The ``n`` newest transitions, newest first, each with its run and that run's
+    reruns, oldest first (--history)."""
+    reruns = collections.defaultdict(list)
+    for run in runs.values():
+        if run.get("rerun_of") is not None:
+            reruns[run.get("transition")].append(summarize_run(run))
     out = []
     for tr in transitions[-n:][::-1] if n > 0 else []:
         run = runs.get(tr.get("run")) if tr.get("run") is not None else None
-        out.append(dict(tr, run=summarize_run(run) if run else None))
+        out.append(dict(tr, run=summarize_run(run) if run else None,
+                        reruns=reruns.get(tr["id"], []) if run else []))
     return out
 
 
@@ -2614,24 +2904,21 @@ class Ledger:
 
     # -- SPEC §5: action runs and their queue ------------------------------------
 
-    def new_run(self, tr, section, changes, now):
+    def new_run(self, tr, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
         cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
-        variables = action_variables(tr["host"], tr["from"], tr["to"], self.states())
-        env = {"HA_HOST": tr["host"], "HA_FROM": tr["from"], "HA_TO": tr["to"],
-               "HA_TRANSITION": "%s_to_%s" % (tr["from"], tr["to"]),
-               "HA_MASTER": variables.get("MASTER", ""), "HA_SLAVE": variables.get("SLAVE", ""),
-               "HA_RUN_ID": str(run_id), "HA_CONFIG_DIR": self.config.config_dir,
-               "HA_STATE_DIR": self.state_dir}
+        plan = plan_run(section, tr["host"], tr["from"], tr["to"], self.states(),
+                        self.config.config_dir, self.state_dir)
         run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
                "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": now, "started": None, "ended": None, "env": env, "commands": []}
-        try:
-            run["commands"] = expand_commands(section, variables)
-        except ValueError as exc:
-            self._set_run_state(run, "failed", str(exc), changes, now)
+               "queued": now, "started": None, "ended": None,
+               "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
+        if rerun_of is not None:
+            run["rerun_of"] = rerun_of
+        if plan.error:
+            self._set_run_state(run, "failed", plan.error, changes, now)
         else:
             if self.paused:
                 self._set_run_state(run, "skipped", "paused", changes, now)
@@ -2642,6 +2929,32 @@ class Ledger:
         self.runs[run_id] = run
         while len(self.runs) > cap:
             self.runs.popitem(last=False)
+        return run
+
+    def rerun(self, run_id, now):
+        """SPEC §11: the section of ended run ``run_id`` (by its name, in the current
+        config) again, for its host, FROM and TO, expanded against the states of now;
+        a new run with ``rerun_of``, through the queue like any (or skipped, paused).
+
+        ValueError says why not: an unknown id, a run still queued or running, a
+        section no longer in the config.
+        """
+        old = self.runs.get(run_id)
+        if old is None:
+            raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old["state"] not in RUN_FINAL:
+            raise ValueError("run #%d is %s; only an ended run can be re-run"
+                             % (run_id, old["state"]))
+        section = self.config.section_named(old["section"])
+        if section is None:
+            raise ValueError("section [%s] of run #%d is no longer in %s" % (
+                old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
+        tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
+        changes = {"meta": self.meta}
+        run = self.new_run(tr, section, changes, now, rerun_of=run_id)
+        self.store.commit(changes)
+        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
+                 section.name, run["host"], run["from"], run["to"], run["state"])
         return run
 
     def _set_run_state(self, run, state, reason, changes, now):
@@ -3292,8 +3605,8 @@ class ControlServer:
     """The listener and its connections on the master's selector.
 
     What a message means is the master's: ``on_result(job, msg)`` for a worker's
-    result, ``on_event(child, msg)`` for an action run's events, ``answer(msg)``
-    for a control verb (its answer is sent back).
+    result, ``on_event(child, msg)`` for what an action run or the cluster agent
+    says, ``answer(msg)`` for a control verb (its answer is sent back).
     """
 
     def __init__(self, sel, path, pool, on_result, on_event, answer):
@@ -3374,7 +3687,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role == "action":
+        elif conn.role in ("action", "cluster"):
             self.on_event(conn.child, msg)
         else:
             self.send(conn, self.answer(msg))
@@ -3479,9 +3792,9 @@ class ControlServer:
 # Why not http.server: its request handler reads a blocking file object, one
 # request per call, and writes its answer before returning; nothing of it fits a
 # loop that must never wait on a client.  http.client.parse_headers would fit (on
-# a whole head), but measured it takes 52 us per head against 15 us for the parser
-# below, costs 29 ms and 4.4 MB of imports (email.*), and quietly drops a malformed
-# line or accepts a folded one, where a server must refuse both (RFC 9112 §5).
+# a whole head; the etcd client below has the module loaded anyway), but measured it
+# takes 52 us per head against 15 us for the parser below, and it quietly drops a
+# malformed line or accepts a folded one, where a server must refuse both (RFC 9112 §5).
 
 HTTP_HEAD_MAX = 8192            # request line plus headers: past it 431 (414: the line alone)
 HTTP_MAX_CONNS = 64             # a new connection past this closes the oldest waiting one
@@ -3638,7 +3951,6 @@ def token_problem(header, token):
     ``Bearer TOKEN``, or Basic with any user name and TOKEN as password (so a browser
     can log in); compared in constant time.
     """
-    import hmac     # here, not at the top: it maps OpenSSL's libcrypto (~3.5 MB), needed with a token only
     if not header:
         return "no token"
     scheme, _, credentials = header.strip().partition(" ")
@@ -4098,7 +4410,7 @@ class HttpServer:
         # connection leaves the selector (``waiting``) until there is some again.
         self.credit, self.credit_at = HTTP_PASS_BUDGET, None
         self.waiting = []
-        self.would_block = (BlockingIOError, InterruptedError)
+        self.would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     @property
     def url(self):
@@ -4116,9 +4428,6 @@ class HttpServer:
                 tls = http_ssl_context(settings.http_cert)
             except ValueError as exc:
                 raise HadaemonError("http_cert: %s" % exc) from None
-            import ssl      # already loaded by http_ssl_context; see there
-            self.would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                                ssl.SSLWantWriteError)
         before = (self.url, self.token is not None)
         if settings.http != self.address:
             self._move(settings.http)
@@ -4218,7 +4527,6 @@ class HttpServer:
                 self._pump(conn, now)
 
     def _handshake(self, conn, now):
-        import ssl      # only TLS connections come here: loaded already
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -4420,6 +4728,1648 @@ class HttpServer:
                             close=True), now)
             elif now - conn.since > HTTP_IDLE:
                 self._close(conn)
+# etcd: a v3 client on its JSON gateway (SPEC §10)
+# ============================================================================
+#
+# What this client is built on, measured on etcd 3.4 (../shared/notes/etcd-v3-gateway.md):
+#
+#   - every call is a POST of a JSON body to /v3/...; keys and values are base64;
+#     int64 fields come back as strings; fields at their default value are left out
+#     of answers (a txn whose compare failed has no "succeeded" at all).
+#   - without etcd quorum, writes, lease grants and keep-alives never answer: only
+#     our socket timeout ends them.  A write that timed out may still be applied
+#     later, so its outcome is unknown (EtcdUnknown), never a failure to retry.
+#   - a call that never left (refused, no route, the connect timed out) is tried on
+#     the next endpoint; so is a read or a keep-alive whose answer was lost.
+#   - http.client, never urllib: urllib follows http_proxy from the environment.
+#
+# Every call blocks for at most ``timeout``: the client runs in the cluster agent,
+# a process of its own, so a call etcd never answers stalls nothing of the master.
+
+class EtcdError(HadaemonError):
+    """etcd refused a call (``status`` / ``code`` say why), or no endpoint answered."""
+
+    def __init__(self, message, status=None, code=None):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class EtcdUnknown(EtcdError):
+    """A write was sent and its answer lost: it may be applied, now or later."""
+
+
+class _TryNext(Exception):
+    """This endpoint did not do it (never reached, or a read it failed): try the next."""
+
+
+def b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def unb64(text):
+    return base64.b64decode(text or "").decode("utf-8", "replace")
+
+
+def prefix_end(prefix):
+    """The range_end that makes a range cover every key starting with ``prefix``."""
+    raw = prefix.encode("utf-8")
+    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode("ascii")
+
+
+def decode_kv(kv):
+    """A gateway key-value -> {key, value, lease, create, mod} with ints and text."""
+    return {"key": unb64(kv.get("key")), "value": unb64(kv.get("value")),
+            "lease": int(kv.get("lease") or 0), "create": int(kv.get("create_revision") or 0),
+            "mod": int(kv.get("mod_revision") or 0)}
+
+
+def etcd_put(key, value, lease=None):
+    put = {"key": b64(key), "value": b64(value)}
+    if lease:
+        put["lease"] = str(lease)
+    return {"request_put": put}
+
+
+def etcd_delete(key):
+    return {"request_delete_range": {"key": b64(key)}}
+
+
+def etcd_get(key):
+    return {"request_range": {"key": b64(key)}}
+
+
+def etcd_compare(key, target, value, result="EQUAL"):
+    """A txn compare: ``target`` CREATE / MOD / VERSION (a revision) or VALUE (text) / LEASE."""
+    field = {"CREATE": "create_revision", "MOD": "mod_revision", "VERSION": "version",
+             "VALUE": "value", "LEASE": "lease"}[target]
+    return {"key": b64(key), "target": target, "result": result,
+            field: b64(value) if target == "VALUE" else str(value)}
+
+
+class EtcdEndpoint:
+    """One endpoint URL, its kept-alive connection and what it last did."""
+
+    def __init__(self, url, context):
+        self.url = url
+        self.scheme, self.host, self.port = parse_etcd_url(url)
+        self.context = context
+        self.conn = None
+        self.last_ok = None             # monotonic time of its last answer
+        self.error = None               # why its last call failed, until one succeeds
+        self.down_until = 0.0           # tried last until then, after a failure
+
+    def connection(self, timeout):
+        """The kept-alive connection, or a new one, bounded by ``timeout``.  One etcd
+        closed (or a member that restarted) reads as EOF: a request sent on it would
+        be lost for nothing."""
+        if self.conn is not None and self.conn.sock is not None and _select_read([self.conn.sock], 0):
+            self.close()
+        if self.conn is None or self.conn.sock is None:
+            if self.scheme == "https":
+                self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                                        context=self.context)
+            else:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            try:
+                self.conn.connect()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise _TryNext(_os_error_text(exc))
+        self.conn.sock.settimeout(timeout)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _etcd_message(doc, status):
+    """What an error answer says: {error, message, code}, or for streams {error: {message}}."""
+    error = doc.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(doc.get("message") or error or "HTTP %d" % status)[:300]
+
+
+def _os_error_text(exc):
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class EtcdClient:
+    """Calls on the JSON gateway of every endpoint given, moving on when one fails.
+
+    ``requests`` counts the calls sent (for the figures: a steady cluster should only
+    send keep-alives).  Each call is bounded by ``timeout`` seconds.
+    """
+
+    def __init__(self, urls, timeout=1.0, context=None):
+        if any(url.startswith("https:") for url in urls) and context is None:
+            context = ssl.create_default_context()
+        self.endpoints = [EtcdEndpoint(url, context) for url in urls]
+        self.timeout = timeout
+        self.current = 0                # where the next call goes first
+        self.requests = 0
+        self.last = None                # the endpoint that answered the last call
+
+    @classmethod
+    def for_cluster(cls, cluster, timeout):
+        context = etcd_ssl_context(cluster) if any(u.startswith("https:") for u in cluster.etcd) else None
+        return cls(cluster.etcd, timeout, context)
+
+    def _order(self, rotate):
+        if rotate:
+            self.current = (self.current + 1) % len(self.endpoints)
+        now = time.monotonic()
+        ring = self.endpoints[self.current:] + self.endpoints[:self.current]
+        return [ep for ep in ring if ep.down_until <= now] + [ep for ep in ring if ep.down_until > now]
+
+    def call(self, path, body, idempotent=False, rotate=False, timeout=None):
+        """POST ``body`` to ``path``: the decoded answer.  A call that never left goes to
+        the next endpoint; so does an ``idempotent`` one whose answer was lost.  Raises
+        EtcdUnknown for a write whose answer was lost, EtcdError otherwise."""
+        payload = json.dumps(body).encode("utf-8")
+        failures = []
+        for ep in self._order(rotate):
+            try:
+                answer = self._call_one(ep, path, payload, idempotent, timeout or self.timeout)
+            except _TryNext as exc:
+                failures.append("%s: %s" % (ep.url, exc))
+                continue
+            except EtcdUnknown as exc:
+                if idempotent:
+                    failures.append("%s: %s" % (ep.url, exc))
+                    continue
+                raise
+            self.current = self.endpoints.index(ep)
+            self.last = ep
+            return answer
+        raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+
+    def _failed(self, ep, why):
+        ep.close()
+        ep.error = why
+        ep.down_until = time.monotonic() + 2 * self.timeout
+
+    def _call_one(self, ep, path, payload, idempotent, timeout):
+        try:
+            conn = ep.connection(timeout)
+            self.requests += 1
+            try:
+                conn.request("POST", path, payload, {"Content-Type": "application/json"})
+            except (OSError, http.client.HTTPException) as exc:
+                raise _TryNext(_os_error_text(exc))
+        except _TryNext as exc:
+            self._failed(ep, str(exc))
+            raise
+        try:
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            why = _os_error_text(exc)
+            self._failed(ep, why)
+            raise EtcdUnknown("%s %s: no answer (%s)" % (ep.url, path, why))
+        if resp.will_close:
+            ep.close()
+        try:
+            doc = json.loads(data.decode("utf-8")) if data else {}
+        except (UnicodeDecodeError, ValueError):
+            doc = {"error": data[:200].decode("utf-8", "replace")}
+        if not isinstance(doc, dict):
+            doc = {"error": "unexpected answer %r" % (data[:200],)}
+        if resp.status >= 500:
+            self._failed(ep, _etcd_message(doc, resp.status))
+            if not idempotent:
+                # etcd's own timeouts ("context deadline exceeded", "leader changed"):
+                # the proposal may be in the log and still be applied.
+                raise EtcdUnknown("%s %s: %s" % (ep.url, path, ep.error))
+            raise _TryNext(ep.error)
+        ep.last_ok, ep.error, ep.down_until = time.monotonic(), None, 0.0
+        if resp.status != 200:
+            raise EtcdError("%s %s: %s" % (ep.url, path, _etcd_message(doc, resp.status)),
+                            status=resp.status, code=doc.get("code"))
+        return doc
+
+    # -- the calls hadaemon uses ------------------------------------------------------
+
+    def status(self, ep):
+        """/v3/maintenance/status of one endpoint (for --check-config --connect)."""
+        answer = self._call_one(ep, "/v3/maintenance/status", b"{}", True, self.timeout)
+        self.last = ep
+        return answer
+
+    def grant(self, ttl, timeout=None):
+        """A new lease: (id, the TTL etcd granted, maybe more than asked)."""
+        answer = self.call("/v3/lease/grant", {"TTL": ttl}, idempotent=True, timeout=timeout)
+        if answer.get("error"):
+            raise EtcdError("lease grant refused: %s" % answer["error"])
+        return int(answer["ID"]), int(answer.get("TTL") or 0)
+
+    def keepalive(self, lease, timeout=None):
+        """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
+
+        Sent to each endpoint in turn, so every endpoint is heard from within a few
+        renewals and a member that lost its quorum is found without an extra call."""
+        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
+                           timeout=timeout)
+        result = answer.get("result") or {}
+        return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
+
+    def revoke(self, lease, timeout=None):
+        """Revoke a lease (and delete its keys); one already gone is no error."""
+        try:
+            self.call("/v3/lease/revoke", {"ID": str(lease)}, idempotent=True, timeout=timeout)
+        except EtcdError as exc:
+            if exc.status != 404:
+                raise
+
+    def range(self, key, prefix=False):
+        """(revision, [kv]) of ``key``, or of every key under it with ``prefix``."""
+        body = {"key": b64(key)}
+        if prefix:
+            body["range_end"] = prefix_end(key)
+        answer = self.call("/v3/kv/range", body, idempotent=True)
+        revision = int((answer.get("header") or {}).get("revision") or 0)
+        return revision, [decode_kv(kv) for kv in answer.get("kvs") or []]
+
+    def put(self, key, value, lease=None):
+        """Put one key (on ``lease``): the revision of the write."""
+        body = etcd_put(key, value, lease)["request_put"]
+        answer = self.call("/v3/kv/put", body)
+        return int((answer.get("header") or {}).get("revision") or 0)
+
+    def txn(self, compares, success, failure=()):
+        """(succeeded, revision, responses) of a transaction."""
+        answer = self.call("/v3/kv/txn", {"compare": list(compares), "success": list(success),
+                                          "failure": list(failure)})
+        revision = int((answer.get("header") or {}).get("revision") or 0)
+        return bool(answer.get("succeeded")), revision, answer.get("responses") or []
+
+    def health(self):
+        """[{endpoint, last_ok, error}] for every endpoint (last_ok: monotonic, or None)."""
+        return [{"endpoint": ep.url, "last_ok": ep.last_ok, "error": ep.error}
+                for ep in self.endpoints]
+
+    def close(self):
+        for ep in self.endpoints:
+            ep.close()
+
+
+def connect_etcd_endpoints(cluster, timeout=2.0):
+    """--check-config --connect: [(url, error or None, what it answered)] for each endpoint."""
+    client = EtcdClient.for_cluster(cluster, timeout)
+    results = []
+    for ep in client.endpoints:
+        started = time.monotonic()
+        try:
+            answer = client.status(ep)
+        except (EtcdError, _TryNext) as exc:
+            results.append((ep.url, str(exc), None))
+            continue
+        took = time.monotonic() - started
+        header = answer.get("header") or {}
+        results.append((ep.url, None, "ok in %.2fs (etcd %s, member %s, %s)" % (
+            took, answer.get("version", "?"), header.get("member_id", "?"),
+            "the raft leader" if answer.get("leader") == header.get("member_id")
+            else "leader %s" % answer.get("leader", "unknown"))))
+    client.close()
+    return results
+
+
+class EtcdWatch:
+    """One watch stream (POST /v3/watch) on one endpoint, read without blocking.
+
+    The gateway answers with chunked transfer encoding, one JSON object per line;
+    ``read()`` returns the objects that have arrived and raises EtcdError when the
+    stream ends or breaks.  ``fileno()`` is for select.
+    """
+
+    def __init__(self, ep, prefix, start_revision, timeout):
+        self.ep = ep
+        self.buf = bytearray()
+        self.headers_done = False
+        self.lines = LineReader()
+        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        try:
+            if ep.scheme == "https":
+                sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+            body = json.dumps({"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
+                                                  "start_revision": str(start_revision)}}).encode()
+            host = "[%s]" % ep.host if ":" in ep.host else ep.host
+            sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (host.encode(), ep.port, len(body), body))
+            sock.setblocking(False)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def read(self):
+        """The JSON objects that arrived (each {"result": {...}}); EtcdError at the end."""
+        ended = False
+        while True:
+            try:
+                data = self.sock.recv(262144)
+            except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+                break
+            except (OSError, ssl.SSLError) as exc:
+                raise EtcdError("watch on %s broke: %s" % (self.ep.url, _os_error_text(exc)))
+            if not data:
+                ended = True
+                break
+            self.buf += data
+        out = self._decode()
+        if ended:
+            raise EtcdError("watch on %s: the stream ended" % self.ep.url)
+        return out
+
+    def _decode(self):
+        if not self.headers_done:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    raise EtcdError("watch on %s: no end of the headers" % self.ep.url)
+                return []
+            head = bytes(self.buf[:end]).decode("latin-1").lower()
+            del self.buf[:end + 4]
+            if not head.startswith("http/1.1 200") or "transfer-encoding: chunked" not in head:
+                raise EtcdError("watch on %s refused: %s" % (self.ep.url, head.splitlines()[0]))
+            self.headers_done = True
+        out = []
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                break
+            try:
+                size = int(bytes(self.buf[:end]).split(b";")[0], 16)
+            except ValueError:
+                raise EtcdError("watch on %s: bad chunk" % self.ep.url)
+            if size == 0:
+                raise EtcdError("watch on %s: the stream ended" % self.ep.url)
+            if len(self.buf) < end + 2 + size + 2:
+                break
+            chunk = bytes(self.buf[end + 2:end + 2 + size])
+            del self.buf[:end + 2 + size + 2]
+            try:
+                out.extend(self.lines.feed(chunk))
+            except ProtocolError as exc:
+                raise EtcdError("watch on %s: %s" % (self.ep.url, exc))
+        return out
+
+
+# ============================================================================
+# Cluster agent: the process that talks to etcd
+# ============================================================================
+#
+# Every etcd call of a member runs here, in a child of the master forked like the
+# workers and speaking the same newline-JSON over the daemon socket.  A call to an
+# etcd without quorum blocks until its timeout (a fraction of ttl); in the master's
+# loop that would freeze every check, the control socket and the running sequence
+# for as long; here it freezes only the next etcd call.
+#
+# The agent holds no decisions.  The master owns the lease (its id), decides when
+# to renew it, campaigns, and sends each guarded write; it also judges, by its own
+# monotonic clock, whether its lease can still be alive: the agent renews only when
+# asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  The
+# agent answers each request in order (renewals first), and keeps a mirror of the
+# cluster's keys flowing to the master: one range of the prefix, then a watch from
+# the revision after it; again on any break.
+#
+#   master -> agent   {t: renew, id, lease, ttl}      renew (a new lease when lease is null)
+#                     {t: put, id, key, value, lease}  a key on a lease (a member's view)
+#                     {t: campaign, id, lease, value}  create the leader key if absent
+#                     {t: txn, id, epoch, puts, deletes}   a ledger write guarded by the
+#                                                      leader key's create revision = epoch
+#                     {t: revoke, id, lease}           resign, or stop
+#                     {t: resync}                      range and watch again
+#   agent -> master   {t: reply, id, ...}              one per request, in order
+#                     {t: snapshot, revision, kvs, last}   the keys, in parts; then
+#                     {t: events, revision, events}    each change, in revision order
+#
+# Keys in messages are relative to /hadaemon/NAME/; values are JSON.  A write of an
+# epoch that failed or was lost stops every later write of that epoch unsent: the
+# ledger never holds a later write of a leader without an earlier one.
+
+RENEWS_PER_TTL = 4              # renewals sent per ttl
+SNAPSHOT_PART = 1 << 20         # bytes of keys per snapshot message (the socket takes 4 MiB)
+
+
+def etcd_timeouts(ttl):
+    """(renewal, other call) timeouts for a lease of ``ttl`` seconds.
+
+    A renewal that hangs must leave time for the next endpoint within the quarter
+    ttl between renewals; a write gets a little longer, as etcd syncs it to disk."""
+    return max(0.2, min(2.0, ttl / 6.0)), max(0.25, min(2.0, ttl / 4.0))
+
+
+def parse_json_value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class ClusterAgent:
+    """The agent's loop: the master's etcd calls one at a time, and the mirror."""
+
+    def __init__(self, chan, cluster):
+        self.chan = chan
+        self.cluster = cluster
+        self.prefix = cluster.prefix
+        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
+        self.client = EtcdClient.for_cluster(cluster, self.timeout)
+        self.inbox = collections.deque()
+        self.reader = LineReader()
+        self.watch = None
+        self.watch_after = 0.0          # no new mirror before (monotonic), after a failure
+        self.watch_failures = 0
+        self.poisoned = set()           # epochs whose writes stopped
+
+    def run(self):
+        while True:
+            if self.watch is not None and self.watch.ep.down_until > time.monotonic():
+                # A call to it failed: it may have lost its quorum and so its events.
+                self.drop_watch("its endpoint %s failed a call" % self.watch.ep.url)
+            if self.watch is None and time.monotonic() >= self.watch_after:
+                self.start_mirror()
+            wait = 0.0 if self.inbox else 1.0
+            if self.watch is None:
+                wait = min(wait, max(0.0, self.watch_after - time.monotonic()))
+            self.receive(wait)
+            if self.inbox:
+                self.handle(self.next_request())
+
+    # -- input ---------------------------------------------------------------------
+
+    def receive(self, wait):
+        fds = [self.chan.sock] + ([self.watch] if self.watch is not None else [])
+        for fd in _select_read(fds, wait):
+            if fd is self.chan.sock:
+                data = self.chan.sock.recv(262144)
+                if not data:
+                    raise _Orphaned()   # the master is gone: its lease expires by itself
+                self.inbox.extend(self.reader.feed(data))
+            elif self.watch is not None:
+                try:
+                    results = self.watch.read()
+                except EtcdError as exc:
+                    self.drop_watch(str(exc))
+                    continue
+                for doc in results:
+                    self.watched(doc)
+
+    def next_request(self):
+        """The oldest renewal first (a late one can cost the leadership), else the oldest."""
+        for i, msg in enumerate(self.inbox):
+            if msg.get("t") == "renew":
+                del self.inbox[i]
+                return msg
+        return self.inbox.popleft()
+
+    # -- requests --------------------------------------------------------------------
+
+    def handle(self, msg):
+        kind = msg.get("t")
+        reply = {"t": "reply", "id": msg.get("id"), "op": kind}
+        try:
+            if kind == "renew":
+                reply.update(self.renew(msg))
+            elif kind == "put":
+                reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
+                                                    msg.get("lease"))
+            elif kind == "campaign":
+                reply.update(self.campaign(msg))
+            elif kind == "txn":
+                reply.update(self.guarded(msg))
+            elif kind == "revoke":
+                self.client.revoke(msg["lease"], self.renew_timeout)
+            elif kind == "resync":
+                self.drop_watch(None)
+                self.start_mirror()
+            else:
+                reply["error"] = "unknown request %r" % (kind,)
+        except EtcdUnknown as exc:
+            reply.update(error=str(exc), unknown=True)
+        except EtcdError as exc:
+            reply.update(error=str(exc), status=exc.status)
+        reply["endpoints"] = self.client.health()
+        reply["requests"] = self.client.requests
+        self.chan.send(reply)
+
+    def renew(self, msg):
+        lease = msg.get("lease")
+        if not lease:
+            lease, ttl = self.client.grant(msg["ttl"], self.renew_timeout)
+            return {"lease": lease, "ttl": ttl, "granted": True}
+        ttl, revision = self.client.keepalive(lease, self.renew_timeout)
+        return {"lease": lease, "ttl": ttl, "revision": revision}
+
+    def campaign(self, msg):
+        """Create the leader key on our lease if nobody holds it: {won, epoch, holder}."""
+        key = self.prefix + "leader"
+        ok, revision, responses = self.client.txn(
+            [etcd_compare(key, "CREATE", 0)],
+            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)])
+        if ok:
+            return {"won": True, "epoch": revision}
+        kvs = ((responses[0] if responses else {}).get("response_range") or {}).get("kvs") or []
+        holder = decode_kv(kvs[0]) if kvs else None
+        if holder is not None:
+            holder["value"] = parse_json_value(holder["value"])
+        return {"won": False, "holder": holder}
+
+    def guarded(self, msg):
+        """One ledger write of the leader of ``epoch``, or none if it is no longer that."""
+        epoch = msg["epoch"]
+        if epoch in self.poisoned:
+            return {"ok": False, "error": "an earlier write of epoch %d failed" % epoch}
+        key = self.prefix + "leader"
+        ops = [etcd_put(self.prefix + k, json.dumps(v, sort_keys=True)) for k, v in msg.get("puts", {}).items()]
+        ops += [etcd_delete(self.prefix + k) for k in msg.get("deletes", [])]
+        try:
+            ok, revision, _ = self.client.txn([etcd_compare(key, "CREATE", epoch)], ops, [etcd_get(key)])
+        except EtcdError:
+            self.poisoned.add(epoch)
+            raise
+        if not ok:
+            self.poisoned.add(epoch)
+            return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+        return {"ok": True, "revision": revision}
+
+    # -- the mirror --------------------------------------------------------------------
+
+    def start_mirror(self):
+        """Range the prefix whole, send it, and watch from the next revision."""
+        try:
+            revision, kvs = self.client.range(self.prefix, prefix=True)
+            ep = self.client.last
+            watch = EtcdWatch(ep, self.prefix, revision + 1, self.timeout)
+        except (EtcdError, OSError, ssl.SSLError) as exc:
+            self.watch_failures += 1
+            self.watch_after = time.monotonic() + min(2.0, 0.1 * 2 ** self.watch_failures)
+            log.debug("cluster agent: no mirror: %s", exc)
+            return
+        self.watch_failures = 0
+        part, size = [], 0
+        for kv in kvs:
+            kv["key"] = kv["key"][len(self.prefix):]
+            kv["value"] = parse_json_value(kv["value"])
+            part.append(kv)
+            size += len(kv["key"]) + len(json.dumps(kv["value"]))
+            if size > SNAPSHOT_PART:
+                self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
+                part, size = [], 0
+        self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
+        self.watch = watch
+
+    def drop_watch(self, why):
+        if self.watch is not None:
+            if why:
+                log.debug("cluster agent: watch dropped: %s", why)
+            self.watch.close()
+            self.watch = None
+            self.watch_after = time.monotonic() + (0.1 if why else 0.0)
+
+    def watched(self, doc):
+        result = doc.get("result") or {}
+        if doc.get("error") or result.get("canceled") or result.get("compact_revision"):
+            self.drop_watch("watch ended: %s" % (doc.get("error") or result.get("cancel_reason")
+                                                 or "compacted"))
+            return
+        events = []
+        for event in result.get("events") or []:
+            kv = decode_kv(event.get("kv") or {})
+            events.append({"type": "delete" if event.get("type") == "DELETE" else "put",
+                           "key": kv["key"][len(self.prefix):], "lease": kv["lease"],
+                           "create": kv["create"], "mod": kv["mod"],
+                           "value": parse_json_value(kv["value"]) if event.get("type") != "DELETE" else None})
+        if events:
+            revision = int((result.get("header") or {}).get("revision") or 0)
+            self.chan.send({"t": "events", "revision": revision, "events": events})
+
+
+def cluster_agent_main(sock_path, cluster):
+    """The forked cluster agent: hello, then the agent's loop until the master goes."""
+    child_setup()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "cluster", "pid": os.getpid()})
+    ClusterAgent(chan, cluster).run()
+    return 0
+
+
+# ============================================================================
+# Cluster member: the lease by our own clock, the leader, the views (SPEC §10)
+# ============================================================================
+#
+# What this daemon knows and decides as one member of the cluster, with no socket
+# and no process: the master hands it the agent's messages and the time, sends the
+# requests it queues, and asks it before it acts.
+#
+# The lease clock.  A renewal sent at our monotonic time t and answered with TTL
+# means etcd's lease lives at least until t + TTL (etcd set its expiry when the
+# renewal reached it, after t).  That bound, ``valid_until``, is all we trust:
+#
+#     t ---------- t + TTL/2 ---------- t + 3/4 TTL ---------- t + TTL
+#     renewed      stop: no new command;   the command gets       the lease may
+#                  SIGTERM to the running  SIGKILL                 expire; another
+#                  command, step down                              member may win
+#
+# Renewals go every TTL/4, so one lost or slow renewal costs nothing; two in a row
+# and the leader steps down, its command dead a quarter TTL before anyone else may
+# start one.  A leader frozen (SIGSTOP) past its lease wakes up with its clock far
+# past the stop and steps down before it does anything else.  A renewal that failed
+# stops new commands until one succeeds.
+#
+# Roles: none (no lease: etcd unreachable, or not joined yet) -> follower (a live
+# lease, a view published) -> leader (the leader key, created on our lease in a
+# txn; its create revision is the epoch) -> stepping down -> none.  A leader acts
+# only once its mirror holds its own leader key (so it holds every ledger write of
+# the leaders before it) and while its lease clock runs.
+
+# A member: none -> follower (a lease, its view published) -> leader (the leader key on
+# its lease) -> none (stepped down, or the lease lost: a new lease makes it a follower).
+ROLE_EDGES = {
+    "none": {"follower"},
+    "follower": {"leader", "none"},
+    "leader": {"none"},
+}
+LEADER_KEY = "leader"
+MEMBER_KEYS = "members/"
+LEDGER_KEYS = "ledger/"
+PAUSE_KEY = "pause"
+
+
+def agreed_state(current, seen, quorum):
+    """The state a host moves to by SPEC §10, or None: the state at least ``quorum``
+    live members see, seen by more of them than the current one (a tie keeps it).
+
+    ``seen`` maps each live member that sees the host to the state it sees."""
+    counts = collections.Counter(seen.values())
+    here = counts.get(current, 0)
+    best = sorted((n, s) for s, n in counts.items() if s != current and n >= quorum and n > here)
+    if not best or (len(best) > 1 and best[-1][0] == best[-2][0]):
+        return None
+    return best[-1][1]
+
+
+class ClusterMember:
+    """This daemon as a member of the cluster; see the comment above."""
+
+    def __init__(self, settings, now):
+        self.settings = settings
+        self.node = settings.node
+        self.lease = None
+        self.granted = None                 # the TTL etcd granted
+        self.valid_until = None             # our lease lives at least until (monotonic)
+        self.renew_failed = False           # the last renewal failed: no new command
+        self.next_renew = now
+        self.next_put = self.next_campaign = self.next_revoke = now   # after a failed one: not before
+        self.abandoned = []                 # leases we gave up that etcd may still hold
+        self.role = "none"
+        self.epoch = None                   # ours, as leader
+        self.acting = False                 # leader with its own key in the mirror
+        self.stepping = None                # {"why", "term_at", "kill_at"} while stepping down
+        self.mirror = {}                    # key (relative) -> {value, lease, create, mod}
+        self.revision = 0
+        self.synced = False                 # a whole snapshot arrived
+        self._snapshot = None
+        self.view = {}                      # host -> the state we see (after our confirm)
+        self.published = None               # the view etcd holds (as last acknowledged)
+        self.endpoints = [{"endpoint": url, "last_ok": None, "error": None} for url in settings.etcd]
+        self.requests = 0
+        self.outbox = []
+        self.inflight = {}                  # request id -> (op, sent, extra)
+        self.ids = itertools.count(1)
+        self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
+        #                                     ("mirror", keys), ("written", id, result)
+        self.unreachable_logged = False
+
+    # -- the clock ---------------------------------------------------------------------
+
+    @property
+    def ttl(self):
+        return self.granted or self.settings.ttl
+
+    def stop_at(self):
+        """No command may run from then on: half a TTL before the lease could expire."""
+        return self.valid_until - self.ttl / 2.0 if self.valid_until is not None else None
+
+    def kill_by(self):
+        """A command still running then gets SIGKILL: a quarter TTL before the lease could expire."""
+        return self.valid_until - self.ttl / 4.0 if self.valid_until is not None else None
+
+    def may_start(self, now):
+        """The monotonic deadline before which a command may start now, or None."""
+        if not self.acting or self.stepping or self.renew_failed:
+            return None
+        stop = self.stop_at()
+        return stop if now < stop else None
+
+    def _request(self, op, extra=None, **fields):
+        rid = next(self.ids)
+        self.inflight[rid] = (op, time.monotonic(), extra)
+        fields.update(t=op, id=rid)
+        self.outbox.append(fields)
+        return rid
+
+    def _busy(self, op):
+        return any(o == op for o, _, _ in self.inflight.values())
+
+    def take_requests(self):
+        out, self.outbox = self.outbox, []
+        return out
+
+    # -- each pass of the master's loop --------------------------------------------------
+
+    def tick(self, now):
+        """Queue what is due (renewal, our view, a campaign); step down when the clock says.
+        Called only while the agent is connected."""
+        if self.stepping is not None:
+            return
+        if self.role == "leader" and now >= self.stop_at():
+            self.step_down("its lease could not be renewed in time", now)
+            return
+        if self.valid_until is not None and now >= self.valid_until:
+            self.lost_lease("could not renew its lease", now)
+        quarter = self.settings.ttl / float(RENEWS_PER_TTL)
+        if not self._busy("renew") and now >= self.next_renew:
+            self.next_renew = now + quarter
+            self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
+        if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
+            # etcd renews every lease when it elects a raft leader: one we gave up while it
+            # was unreachable would hold our old keys (the leader key!) another ttl.
+            self.next_revoke = now + quarter
+            self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
+        if self.role == "none" or self.renew_failed:
+            return
+        if self.view != self.published and not self._busy("put") and now >= self.next_put:
+            value = {"hosts": dict(self.view), "pid": os.getpid()}
+            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                          value=value, lease=self.lease)
+        if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
+                and not self._busy("campaign") and now >= self.next_campaign:
+            self.next_campaign = now + quarter
+            self._request("campaign", lease=self.lease,
+                          value={"node": self.node, "pid": os.getpid(), "since": time.time()})
+
+    def set_pause(self, paused):
+        """Pause or resume the whole cluster (any member may: it is the operator's word).
+        A ("paused", id, error) note follows."""
+        return self._request("put", extra=("pause", None), key=PAUSE_KEY, lease=None,
+                             value={"paused": bool(paused), "by": self.node, "time": time.time()})
+
+    def set_view(self, hosts):
+        self.view = dict(hosts)
+
+    # -- the agent's messages ----------------------------------------------------------
+
+    def on_message(self, msg, now):
+        kind = msg.get("t")
+        if kind == "reply":
+            entry = self.inflight.pop(msg.get("id"), None)
+            if isinstance(msg.get("endpoints"), list):
+                self.endpoints = msg["endpoints"]
+                self.requests = msg.get("requests", self.requests)
+            if entry is not None:
+                getattr(self, "_on_" + entry[0])(msg, entry, now)
+        elif kind == "snapshot":
+            self._snapshot = self._snapshot or {}
+            for kv in msg.get("kvs") or []:
+                self._snapshot[kv["key"]] = kv
+            if msg.get("last"):
+                changed = set(self.mirror) | set(self._snapshot)
+                self.mirror, self._snapshot = self._snapshot, None
+                self.revision = max(self.revision, msg.get("revision") or 0)
+                self.synced = True
+                self._mirror_changed(changed, now)
+        elif kind == "events":
+            changed = set()
+            for event in msg.get("events") or []:
+                key = event.get("key")
+                if event.get("type") == "delete":
+                    self.mirror.pop(key, None)
+                else:
+                    self.mirror[key] = {k: event.get(k) for k in ("value", "lease", "create", "mod")}
+                self.revision = max(self.revision, event.get("mod") or 0)
+                changed.add(key)
+            self._mirror_changed(changed, now)
+        else:
+            raise ProtocolError("unexpected message %r from the cluster agent" % (kind,))
+
+    def agent_lost(self, now):
+        """The agent died: what it had in hand is lost (a write of ours: unknown)."""
+        self.outbox = []
+        for rid, (op, sent, extra) in list(self.inflight.items()):
+            self.inflight.pop(rid)
+            getattr(self, "_on_" + op)({"id": rid, "error": "the cluster agent died", "unknown": True},
+                                       (op, sent, extra), now)
+        self.synced = False
+
+    def _on_renew(self, msg, entry, now):
+        sent = entry[2]
+        if msg.get("error"):
+            self.renew_failed = True
+            # Try again soon: a blip must not cost the lease (each try asks every endpoint).
+            self.next_renew = min(self.next_renew, now + self.settings.ttl / float(4 * RENEWS_PER_TTL))
+            if not self.unreachable_logged:
+                log.error("cluster: etcd unreachable (%s); no member acts without it", msg["error"])
+                self.unreachable_logged = True
+            return
+        if msg.get("lease") != self.lease and not msg.get("granted"):
+            return                          # a renewal of a lease we gave up meanwhile
+        if not msg.get("ttl"):
+            self.lost_lease("its lease expired", now)
+            return
+        if msg.get("granted"):
+            if self.lease is not None:      # granted while we thought we held one: keep ours
+                self.abandoned.append(msg["lease"])
+                return
+            self.lease = msg["lease"]
+            self._set_role("follower")
+            self.published = None
+            log.info("cluster %s: joined as %s (lease %x, ttl %ds)", self.settings.name, self.node,
+                     self.lease, msg["ttl"])
+        self.granted = msg["ttl"]
+        self.valid_until = max(self.valid_until or 0.0, sent + msg["ttl"])
+        self.renew_failed = False
+        if self.unreachable_logged:
+            log.warning("cluster: etcd answers again")
+            self.unreachable_logged = False
+
+    def _on_put(self, msg, entry, now):
+        what, view = entry[2]
+        if what == "pause":
+            self.notes.append(("paused", msg.get("id"), msg.get("error")))
+        elif not msg.get("error"):
+            self.published = view
+        elif msg.get("status") == 404:      # our lease is gone: the key went with it
+            self.lost_lease("its lease is gone", now)
+        else:                               # not again at every pass while etcd fails
+            self.next_put = now + self.settings.ttl / float(RENEWS_PER_TTL)
+
+    def _on_campaign(self, msg, entry, now):
+        if msg.get("won"):
+            self._lead(msg["epoch"], now)
+        elif msg.get("holder") and LEADER_KEY not in self.mirror and self.synced:
+            # Someone holds the key our mirror lacks: the watch missed it.
+            self._request("resync")
+        # No answer: the mirror shows who holds the key (maybe we do).
+
+    def _on_revoke(self, msg, entry, now):
+        lease = entry[2]
+        if not msg.get("error") and lease in self.abandoned:
+            self.abandoned.remove(lease)
+
+    def _on_resync(self, msg, entry, now):
+        pass
+
+    def _on_txn(self, msg, entry, now):
+        if msg.get("ok"):
+            result = "ok"
+        elif msg.get("unknown"):
+            result = "unknown"
+        else:
+            result = "refused"
+        self.notes.append(("written", msg.get("id"), result, msg.get("error")))
+        if result != "ok" and self.role == "leader":
+            self.step_down("a ledger write %s: %s" % ("was lost" if result == "unknown" else "failed",
+                                                       msg.get("error")), now)
+
+    # -- leadership ----------------------------------------------------------------------
+
+    def _lead(self, epoch, now):
+        if self.role != "follower" or self.stepping is not None:
+            return
+        self._set_role("leader")
+        self.epoch, self.acting = epoch, False
+        log.warning("cluster %s: %s leads (epoch %d)", self.settings.name, self.node, epoch)
+        self._check_acting(now)
+
+    def _check_acting(self, now):
+        holder = self.mirror.get(LEADER_KEY)
+        if self.role != "leader" or self.acting:
+            return
+        if holder is not None and holder.get("create") == self.epoch and self.revision >= self.epoch:
+            self.acting = True
+            self.notes.append(("acting", self.epoch))
+
+    def _mirror_changed(self, keys, now):
+        holder = self.mirror.get(LEADER_KEY)
+        if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
+                and self.role == "follower":
+            self._lead(holder["create"], now)       # our campaign won, its answer was lost
+        if self.role == "leader":
+            # A mirror that has reached our epoch without our key: it expired, was
+            # revoked or deleted, and another member may hold it now.
+            if self.revision >= self.epoch and (holder is None or holder.get("create") != self.epoch):
+                self.step_down("its leader key is gone", now)
+            else:
+                self._check_acting(now)
+        self.notes.append(("mirror", keys))
+
+    def step_down(self, why, now):
+        """Stop acting: the master ends the running command by ``kill_at`` and calls
+        ``stepped_down`` once it is gone."""
+        if self.stepping is not None:
+            return
+        log.error("cluster %s: %s steps down: %s", self.settings.name, self.node, why)
+        quarter = self.ttl / 4.0
+        kill_at = now + min(ACTION_KILL_GRACE, quarter)
+        if self.valid_until is not None:
+            kill_at = max(now, min(kill_at, self.valid_until - quarter))
+        self.stepping = {"why": why, "term_at": now, "kill_at": kill_at}
+        self.acting = False
+        self.notes.append(("step_down", why))
+
+    def stepped_down(self, now):
+        """The command is gone: give up the lease (and the leader key on it)."""
+        self._forget_lease()
+        self.stepping = None
+        self.next_renew = now + self.settings.ttl / float(RENEWS_PER_TTL)
+
+    def lost_lease(self, why, now):
+        if self.role == "leader":
+            self.step_down(why, now)
+            return
+        if self.role != "none":
+            log.error("cluster %s: %s is no longer a member: %s", self.settings.name, self.node, why)
+        self._forget_lease()
+        self.next_renew = now
+
+    def _forget_lease(self):
+        if self.lease is not None:          # revoked as soon as etcd takes it
+            self.abandoned.append(self.lease)
+            self._request("revoke", extra=self.lease, lease=self.lease)
+            self.next_revoke = time.monotonic() + self.settings.ttl / float(RENEWS_PER_TTL)
+        self.lease = self.valid_until = self.granted = self.epoch = None
+        self.acting, self.published = False, None
+        if self.role != "none":
+            self._set_role("none")
+
+    def _set_role(self, role):
+        """Every change of role passes here and is checked against ROLE_EDGES."""
+        if role not in ROLE_EDGES[self.role]:
+            raise AssertionError("cluster member %s: %s -> %s" % (self.node, self.role, role))
+        self.role = role
+
+    # -- what the master reads -----------------------------------------------------------
+
+    def leader(self):
+        """(node, epoch) of the leader the mirror shows, or (None, None)."""
+        holder = self.mirror.get(LEADER_KEY)
+        if holder is None or not isinstance(holder.get("value"), dict):
+            return None, None
+        return holder["value"].get("node"), holder.get("create")
+
+    def views(self):
+        """node -> {host: state} of every live member (ours as we see it now)."""
+        out = {}
+        for key, kv in self.mirror.items():
+            if key.startswith(MEMBER_KEYS) and isinstance(kv.get("value"), dict):
+                hosts = kv["value"].get("hosts")
+                if isinstance(hosts, dict):
+                    out[key[len(MEMBER_KEYS):]] = hosts
+        if self.role != "none":
+            out[self.node] = dict(self.view)
+        else:
+            out.pop(self.node, None)
+        return out
+
+    def agreement(self, states):
+        """[(host, new state, [nodes that see it])] for each host whose state should move,
+        given the accepted ``states`` (host -> state)."""
+        views = self.views()
+        hosts = set()
+        for hosts_seen in views.values():
+            hosts.update(hosts_seen)
+        moves = []
+        for host in sorted(hosts):
+            seen = {node: v[host] for node, v in views.items() if isinstance(v.get(host), str)}
+            state = agreed_state(states.get(host, "unknown"), seen, self.settings.quorum)
+            if state is not None:
+                moves.append((host, state, sorted(n for n, s in seen.items() if s == state)))
+        return moves
+
+    def paused(self):
+        kv = self.mirror.get(PAUSE_KEY)
+        return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
+
+    def write(self, puts, deletes=()):
+        """A guarded ledger write of ours as leader (stepping down too: the run it ends is
+        recorded if etcd still takes it): its request id, None when not leading."""
+        if self.role != "leader":
+            return None
+        return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
+
+    def status(self, now):
+        """daemon.cluster of --status --json (SPEC §10)."""
+        node, epoch = self.leader() if self.role != "none" else (None, None)
+        return {"name": self.settings.name, "node": self.node,
+                "role": "leader" if self.role == "leader" and self.stepping is None else
+                        ("follower" if self.role in ("follower", "leader") else "none"),
+                "leader": node, "epoch": epoch, "quorum": self.settings.quorum,
+                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
+                if self.role != "none" else {},
+                "etcd": [{"endpoint": e["endpoint"],
+                          "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
+                         for e in self.endpoints],
+                "ttl": self.settings.ttl, "acting": self.acting, "requests": self.requests}
+
+
+# ============================================================================
+# Cluster ledger: the Ledger kept in etcd, written by the leader alone (SPEC §10)
+# ============================================================================
+#
+# The Ledger's verbs over a ledger that lives in etcd:
+#
+#   report()     a member's own confirm (SPEC §4) decides what it *sees*: its view,
+#                published under members/NODE on its lease.  No member accepts a
+#                state by itself.
+#   agree()      the acting leader moves each host that quorum live members see in
+#                a new state through accept(), as a local daemon's confirmed
+#                reports do; runs are queued, dequeued, recorded the same way.
+#   commit       through LeaderGate: each change set of the leader becomes one etcd
+#                txn guarded by its leader key (ClusterMember.write).  The local state
+#                db is written only from what etcd holds (the mirror), the leader's
+#                own writes included: a read copy for --status when etcd is down.
+#   mirrored()   a follower takes each ledger change from the mirror; a leader, whose
+#                memory runs ahead of etcd by its writes in flight, reads the ledger
+#                whole when it takes over, and again when it steps down.
+#
+# Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
+# ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
+# they sort; the leader deletes what falls out of its history).
+
+ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
+
+
+def _etcd_run(run):
+    """A run as etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP."""
+    run = dict(run, commands=[dict(c) for c in run.get("commands", [])])
+    for cmd in run["commands"]:
+        result = cmd.get("result")
+        if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
+            cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
+    return run
+
+
+def ledger_to_etcd(changes, cap):
+    """A Ledger change set (state db keys) -> (puts, deletes) of etcd keys."""
+    puts, deletes = {}, []
+    for key, value in changes.items():
+        kind = key.split(":", 1)[0]
+        if kind == "host":
+            puts[LEDGER_KEYS + "host/" + key[5:]] = {"state": value["state"], "since": value["since"]}
+        elif kind in ("tr", "run"):
+            puts[LEDGER_KEYS + "%s/%010d" % (kind, value["id"])] = \
+                _etcd_run(value) if kind == "run" else value
+            if cap and value["id"] > cap:
+                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, value["id"] - cap))
+        elif key == "queue":
+            puts[LEDGER_KEYS + "queue"] = list(value)
+        elif key == "meta":
+            puts[LEDGER_KEYS + "meta"] = {k: value[k] for k in ("next_transition", "next_run")}
+    return puts, deletes
+
+
+def ledger_from_etcd(key, value, cap):
+    """One etcd ledger key -> (state db key, value), or None (not a ledger key, or
+    a value of the wrong shape: a hand-edited etcd must not take the daemon down)."""
+    if not key.startswith(LEDGER_KEYS) or value is None:
+        return None
+    name = key[len(LEDGER_KEYS):]
+    kind, _, rest = name.partition("/")
+    if kind == "host" and isinstance(value, dict):
+        local, value = "host:" + rest, {"state": value.get("state"), "since": value.get("since"),
+                                        "pending": None, "count": 0}
+    elif kind in ("tr", "run") and rest.isdigit() and cap:
+        local = "%s:%d" % (kind, int(rest) % cap)
+    elif name in ("queue", "meta"):
+        local = name
+    else:
+        return None
+    return (local, value) if well_formed(local, value) else None
+
+
+TXN_OPS = 64                    # puts and deletes in one txn (etcd takes 128 by default)
+TXN_BYTES = 512 * 1024          # ... and bytes of values (its requests: 1.5 MiB)
+
+
+class LeaderGate:
+    """The store a ClusterLedger writes through: reads and soft values go to the local
+    state db, commits to etcd as the leader's guarded writes.  The commits of one pass
+    of the loop go as one txn (``flush``): a transition and the start of its run are
+    one write, not two."""
+
+    def __init__(self, store, ledger):
+        self.store, self.ledger = store, ledger
+        self.puts, self.deletes, self.size = {}, set(), 0
+
+    @property
+    def data(self):
+        return self.store.data
+
+    def soft(self, key, value):
+        self.store.soft(key, value)
+
+    def commit(self, changes):
+        puts, deletes = ledger_to_etcd(changes, self.ledger.cap)
+        self.puts.update(puts)
+        self.deletes.update(deletes)
+        self.deletes.difference_update(puts)
+        self.size += sum(len(json.dumps(v)) for v in puts.values())
+        if len(self.puts) + len(self.deletes) >= TXN_OPS or self.size >= TXN_BYTES:
+            self.flush()
+
+    def flush(self):
+        """Send what was committed as one guarded txn; its request id (None: nothing sent)."""
+        if not self.puts and not self.deletes:
+            return None
+        puts, deletes = self.puts, sorted(self.deletes)
+        self.puts, self.deletes, self.size = {}, set(), 0
+        rid = self.ledger.member.write(puts, deletes)
+        if rid is None:
+            # Only the leader decides; a change here while not leading is a bug.
+            log.error("cluster: a ledger change while not leading was dropped: %s",
+                      ", ".join(sorted(puts)))
+            return None
+        self.ledger.last_write = rid
+        return rid
+
+
+class ClusterLedger(Ledger):
+    """The ledger of a cluster member; see the comment above."""
+
+    def __init__(self, store, state_dir, config, member):
+        super().__init__(LeaderGate(store, self), state_dir, config)
+        self.local = store
+        self.member = member
+        self.seen = {}                  # host -> {state, pending, count}: what this member sees
+        self.views_changed = False      # the leader has views to weigh
+        self.last_write = 0             # request id of our newest ledger write
+        self.acked = 0                  # ... and of the newest etcd acknowledged
+
+    @property
+    def paused(self):
+        return self.member.paused()
+
+    def open(self, now):
+        """Load the local copy: --status shows it until etcd's ledger arrives.  Only a
+        leader, from etcd's ledger, decides what happened to runs that were running."""
+        self.load(self.local.data)
+        self.meta["paused"] = False
+
+    def set_paused(self, paused):
+        self.member.set_pause(paused)
+
+    # -- what this member sees ---------------------------------------------------------
+
+    def report(self, host, state, check, now):
+        """SPEC §4 against this member's own view: a confirmed state changes the view."""
+        self.reports[host] = {"time": now, "check": check.name, "state": state}
+        self.reports_changed = True
+        seen = self.seen.get(host) or {"state": "unknown", "pending": None, "count": 0}
+        if state == seen["state"]:
+            if seen["pending"] is not None:
+                self.seen[host] = dict(seen, pending=None, count=0)
+            return None
+        seen = dict(seen)
+        if seen["pending"] == state:
+            seen["count"] += 1
+        else:
+            seen["pending"], seen["count"] = state, 1
+        if seen["count"] < check.group.confirm:
+            self.seen[host] = seen
+            return None
+        log.info("host %s: %s sees %s (by %s)", host, self.member.node, state, check.name)
+        self.seen[host] = {"state": state, "pending": None, "count": 0}
+        self.member.set_view({h: r["state"] for h, r in self.seen.items()})
+        self.views_changed = True
+        return None
+
+    def agree(self, now):
+        """The acting leader: every host that quorum live members see in a new state moves."""
+        if not self.views_changed or not self.member.acting:
+            return
+        self.views_changed = False
+        for host, state, voters in self.member.agreement(self.states()):
+            self.accept(host, state, "cluster: %s" % ",".join(voters), now)
+
+    # -- what etcd holds -----------------------------------------------------------------
+
+    def mirrored(self, keys):
+        """Mirror changes: into the local copy always; into memory unless we lead."""
+        cap, changes = self.cap, {}
+        for key in keys:
+            kv = self.member.mirror.get(key)
+            entry = ledger_from_etcd(key, kv and kv.get("value"), cap)
+            if entry is not None:
+                changes[entry[0]] = entry[1]
+        if any(k.startswith(MEMBER_KEYS) or k == PAUSE_KEY for k in keys):
+            self.views_changed = True
+        if "meta" in changes or PAUSE_KEY in keys:
+            meta = changes.get("meta") or self.local.data.get("meta") or {}
+            changes["meta"] = dict(meta, paused=self.member.paused())
+        if changes:
+            self.local.commit(changes)
+            if self.member.role != "leader":
+                known = self.transitions[-1]["id"] if self.transitions else 0
+                self.reload()
+                if len(keys) < 100:     # an event, not a whole snapshot: say what the leader did
+                    for tr in self.transitions:
+                        if tr["id"] > known:
+                            log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
+                                     tr["host"], tr["from"], tr["to"], tr.get("check"))
+
+    def reload(self):
+        """Memory becomes what etcd holds (our writes in flight are dropped)."""
+        self.store.puts, self.store.deletes, self.store.size = {}, set(), 0
+        cap, data = self.cap, {}
+        for key, kv in self.member.mirror.items():
+            entry = ledger_from_etcd(key, kv.get("value"), cap)
+            if entry is not None:
+                data[entry[0]] = entry[1]
+        self.hosts, self.transitions, self.runs, self.queue = {}, collections.deque(), \
+            collections.OrderedDict(), []
+        self.load(data)
+        self.meta["paused"] = False
+
+    def take_over(self, now):
+        """We lead now: the ledger as etcd holds it, with every earlier leader's writes;
+        what was running under one of them is interrupted, never run again."""
+        self.reload()
+        for run in list(self.runs.values()):
+            if run["state"] == "running":
+                self.finish(run, "interrupted", "its leader (%s, epoch %s) lost the lead while it ran"
+                            % (run.get("node", "?"), run.get("epoch", "?")), now)
+        self.views_changed = True
+        log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
+                 self.member.settings.name, self.member.node, len(self.hosts), len(self.transitions),
+                 len(self.runs), len(self.queue))
+
+    def written(self, rid, result):
+        if result == "ok":
+            self.acked = max(self.acked, rid)
+
+    def host_status(self, name):
+        """The pending candidate is this member's own (the leader's record has none):
+        /status, --status and /hosts/HOST alike."""
+        entry = super().host_status(name)
+        if entry is not None:
+            seen = self.seen.get(name) or {}
+            entry["pending"] = {"state": seen["pending"], "count": seen["count"]} \
+                if seen.get("pending") else None
+        return entry
+
+    def new_run(self, tr, section, changes, now, rerun_of=None):
+        """The run, with the variables it was expanded with: the member that runs it may
+        be another leader, which expands the section of its own actions.conf with them."""
+        run = super().new_run(tr, section, changes, now, rerun_of)
+        run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+        return run
+
+
+def cluster_reload_problem(old, new):
+    """Why a reload cannot apply this [cluster] change (a restart can), or None."""
+    if (old is None) != (new is None):
+        return "[cluster] %s: restart the daemon to %s the cluster" % (
+            "added" if new else "removed", "join" if new else "leave")
+    if old is None:
+        return None
+    fixed = ("etcd", "name", "node", "etcd_ca", "etcd_cert", "etcd_key")
+    changed = [k for k in fixed if getattr(old, k) != getattr(new, k)]
+    if changed:
+        return "%s: [cluster] %s changed: restart the daemon to apply it (quorum and ttl " \
+               "apply on reload)" % (new.where, ", ".join(changed))
+    return None
+
+
+class ClusterLink:
+    """The cluster as a part of the master: the agent (a child in the Pool), the member
+    and the cluster ledger.  The master calls ``tick`` every pass of its loop, hands it
+    the agent's messages, and asks it before an action command starts."""
+
+    def __init__(self, ledger, pool, server):
+        self.ledger, self.member = ledger, ledger.member
+        self.pool, self.server = pool, server
+        self.agent_after = 0.0          # no agent forked before (after quick deaths)
+        self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
+        self.extended = None            # the lease clock the running command was last told
+        self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
+        self.restarting = None          # the pid of an agent asked to go (a new ttl)
+
+    def agent(self):
+        return next((c for c in self.pool.children.values() if c.kind == "cluster"), None)
+
+    def tick(self, now, config):
+        """One pass: keep the agent, send what the member asks, act on what it noted."""
+        agent = self.agent()
+        if agent is None and self.leave_by is None and now >= self.agent_after:
+            self.pool.fork("cluster", cluster_agent_main, self.pool.sock_path, self.member.settings)
+        elif agent is not None and agent.conn is not None:
+            if self.leave_by is None:
+                self.member.tick(now)
+            for request in self.member.take_requests():
+                self.server.send(agent.conn, request)
+        while self.member.notes:
+            note = self.member.notes.popleft()
+            if note[0] == "mirror":
+                self.ledger.mirrored(note[1])
+            elif note[0] == "acting":
+                self.ledger.take_over(time.time())
+            elif note[0] == "written":
+                self.ledger.written(note[1], note[2])
+            elif note[0] == "paused" and note[2]:
+                log.error("cluster: pause / resume not written: %s", note[2])
+        if self.member.stepping is not None:
+            self.stepping(now)
+        elif self.leave_by is not None and agent is not None and agent.kill_at is None and \
+                (now >= self.leave_by or not self.member.inflight):
+            agent.signal(signal.SIGTERM, now + KILL_GRACE)
+        if self.leave_by is None:
+            self.ledger.agree(time.time())
+            self.start_next_run(config)
+            self.extend_lease()
+        self.ledger.store.flush()
+
+    def extend_lease(self):
+        """A renewal moved the lease clock on: the running command's deadlines move with it
+        (its action run keeps them itself, so a frozen master cannot keep it running)."""
+        member = self.member
+        if not member.acting or member.stepping or member.renew_failed or \
+                member.valid_until == self.extended:
+            return
+        child = self.pool.action_child()
+        if child is None or child.conn is None or self.handoff is not None:
+            return
+        self.extended = member.valid_until
+        self.server.send(child.conn, {"t": "lease", "until": member.stop_at(), "kill_at": member.kill_by()})
+
+    def stepping(self, now):
+        """Stepping down: the running command gets SIGTERM, SIGKILL by kill_at; then resign."""
+        self.handoff = None
+        step = self.member.stepping
+        child = self.pool.action_child()
+        if child is not None:
+            if not step.get("termed"):
+                step["termed"] = True
+                if child.pgid:
+                    killpg_quietly(child.pgid, signal.SIGTERM)
+            if now >= step["kill_at"] and not step.get("killed"):
+                step["killed"] = True
+                if child.pgid:
+                    killpg_quietly(child.pgid, signal.SIGKILL)
+                child.signal(signal.SIGKILL, now + KILL_GRACE)
+            return
+        self.ledger.store.flush()           # the run it ended, before the lease is revoked
+        self.member.stepped_down(now)
+        self.ledger.reload()
+
+    def start_next_run(self, config):
+        """The acting leader runs the queue: each run is recorded running in etcd, and
+        only once etcd acknowledged that is it handed to its action run."""
+        if not self.member.acting:
+            return
+        child = self.pool.action_child()
+        if self.handoff is not None:
+            run, rid = self.handoff
+            if child is None or child.run_id != run["id"]:
+                self.handoff = None             # its action run died: recorded by action_exited
+            elif self.ledger.acked >= rid:
+                self.handoff = None
+                self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)})
+            return
+        if child is not None:
+            return
+        run = self.ledger.head()
+        if run is None:
+            return
+        now = time.time()
+        if self.ledger.paused:
+            self.ledger.dequeue(run, "skipped", "paused", now)
+            return
+        section = config.section_for(run["host"], run["from"], run["to"])
+        try:
+            if section is None or section.name != run["section"]:
+                raise ValueError("no section [%s] in this member's %s" % (
+                    run["section"], os.path.join(config.config_dir, "actions.conf")))
+            commands = expand_commands(section, run.get("variables") or {})
+        except ValueError as exc:
+            self.ledger.dequeue(run, "failed", str(exc), now)
+            return
+        child = self.pool.runner(config.config_dir)
+        if child is None:
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
+            return
+        if child.conn is None:
+            return                      # not connected yet: a later pass hands it the run
+        settings = self.member.settings
+        run["commands"], run["node"], run["epoch"] = commands, settings.node, self.member.epoch
+        run["env"] = dict(run["env"], HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=self.ledger.state_dir,
+                          HA_CLUSTER=settings.name, HA_NODE=settings.node,
+                          HA_LEADER_EPOCH=str(self.member.epoch))
+        self.ledger.dequeue(run, "running", None, now)
+        rid = self.ledger.store.flush()     # with the transition, if it came in this pass
+        if rid is None:
+            return                      # not written (no longer leading): nothing handed
+        child.run_id = run["id"]
+        self.handoff = (run, rid)
+
+    def next_wake(self, now):
+        """When the loop must pass again for the cluster, at the latest."""
+        member = self.member
+        if member.outbox or member.notes:
+            return now
+        times = [member.next_renew]
+        if member.stepping is not None:
+            times.append(member.stepping["kill_at"])
+        elif member.role == "leader" and member.valid_until is not None:
+            times.append(member.stop_at())
+        if member.valid_until is not None:
+            times.append(member.valid_until)
+        return min(times)
+
+    def may(self):
+        """The answer to an action run that asks before its next command."""
+        until = self.member.may_start(time.monotonic())
+        if until is None:
+            why = (self.member.stepping or {}).get("why") or "its lease is not renewed"
+            return {"t": "stop", "reason": "the leader may not start commands: %s" % why}
+        return {"t": "go", "until": until, "kill_at": self.member.kill_by()}
+
+    def interrupted(self):
+        """Why a run ends now, if the leader is stepping down (None otherwise)."""
+        step = self.member.stepping
+        return "the leader stepped down: %s" % step["why"] if step else None
+
+    def agent_exited(self, child, how, stopping):
+        self.member.agent_lost(time.monotonic())
+        if stopping or self.leave_by is not None or child.pid == self.restarting:
+            return
+        log.error("cluster agent %d died (%s); replacing it", child.pid, how)
+        if time.monotonic() - child.started < 1.0:
+            self.agent_after = time.monotonic() + 1.0
+
+    def stop(self, now):
+        """The daemon stops: a leader steps down (its command ended, its run interrupted),
+        then the lease is revoked, and the agent goes."""
+        if self.member.role == "leader":
+            self.member.step_down("the daemon stops", now)
+        elif self.member.lease is not None:
+            self.member.stepped_down(now)
+        self.leave_by = now + 2.0 + self.member.settings.ttl / 4.0
+
+    def reconfigure(self, settings):
+        """quorum and ttl on reload (a new ttl with the next lease; the agent's timeouts too)."""
+        ttl_changed = settings.ttl != self.member.settings.ttl
+        self.member.settings = settings
+        self.ledger.views_changed = True        # a new quorum may move a host now
+        agent = self.agent()
+        if ttl_changed and agent is not None:
+            log.info("cluster: ttl is now %ds; the cluster agent restarts with its timeouts", settings.ttl)
+            self.restarting = agent.pid
+            agent.signal(signal.SIGTERM, time.monotonic() + KILL_GRACE)
+
+
+# ============================================================================
+# What if: --simulate (SPEC §11)
+# ============================================================================
+
+# --simulate answers with the functions the daemon itself uses (the precedence of
+# Config.precedence, plan_run) over states it only reads: the running daemon's,
+# asked with the status verb (which logs nothing and writes nothing), else the
+# state db's (Store.read, which never opens it for writing).  It runs nothing,
+# writes nothing and logs nothing, so it is safe on a live pair at any time.
+
+def parse_what_if(host, transition, sets):
+    """--simulate's words -> (host, from, to, {host: state} of every --set).
+
+    ValueError names the bad value: a host or state name SPEC §3 does not allow,
+    a transition that is not FROM_to_TO, a --set without ``=``.
+    """
+    if not valid_name(host):
+        raise ValueError("bad host name %r (letters, digits, _ . : -, a letter or digit first)"
+                         % host)
+    parts = transition.split("_to_")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError("%r is not FROM_to_TO (slave_to_master, say)" % transition)
+    for part in parts:
+        if not valid_state(part):
+            raise ValueError("bad state %r in %r" % (part, transition))
+    overrides = {}
+    for item in sets:
+        name, eq, state = item.partition("=")
+        name, state = name.strip(), state.strip()
+        if not eq:
+            raise ValueError("--set %r: write HOST=STATE" % item)
+        if not valid_name(name):
+            raise ValueError("--set %r: bad host name %r" % (item, name))
+        if not valid_state(state):
+            raise ValueError("--set %r: bad state %r" % (item, state))
+        overrides[name] = state.lower()
+    return host, parts[0].lower(), parts[1].lower(), overrides
+
+
+def simulate(config, state_dir, host, from_state, to_state, states, sets=None, **context):
+    """What the daemon would do if HOST had just gone FROM -> TO: the --simulate --json document.
+
+    ``states`` are the known hosts' states; every --set in ``sets`` is applied on
+    top, then HOST is put in TO, as a transition leaves it.  ``context`` goes into
+    the document as it is (source, pid, paused).  ``would_run`` is False when no
+    section matches or a variable would be empty (``error`` says which).
+    """
+    sets = dict(sets or {})
+    after = dict(states, **sets)
+    after[host] = to_state
+    section, tried = None, []
+    for key in config.precedence(host, from_state, to_state):
+        tried.append(section_name(*key))
+        section = config.sections.get(key)
+        if section is not None:
+            break
+    doc = {"host": host, "from": from_state, "to": to_state,
+           "transition": "%s_to_%s" % (from_state, to_state)}
+    doc.update(context)
+    doc.update(states=dict(sorted(after.items())), set=sets, tried=tried, section=None,
+               commands=[], expanded=False, variables={}, env={}, would_run=False, error=None)
+    if section is None:
+        doc["error"] = "no section matches %s %s_to_%s in %s" % (
+            host, from_state, to_state, os.path.join(config.config_dir, "actions.conf"))
+        return doc
+    plan = plan_run(section, host, from_state, to_state, after, config.config_dir, state_dir)
+    doc.update(section={"name": section.name, "where": section.where, "timeout": section.timeout},
+               variables=plan.variables, env=plan.env, would_run=plan.error is None,
+               error=plan.error, expanded=plan.error is None)
+    if plan.error:      # as written: the one that cannot be expanded is named by the error
+        doc["commands"] = [{"argv": list(c.argv), "ignore": c.ignore, "where": c.where}
+                           for c in section.commands]
+    else:
+        doc["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c["where"]}
+                           for c in plan.commands]
+    return doc
+
+
+def _wrap(head, items, indent="  "):
+    """HEAD then ITEMS in lines of at most 78 columns, the next lines indented; an item
+    (a path, ``[db1: any_to_any]``) is never split."""
+    lines, line = [], head
+    for item in items:
+        if line.strip() and len(line) + 1 + len(item) > 78:
+            lines.append(line)
+            line = indent + item
+        else:
+            line += (" " if line.strip() else "") + item
+    return lines + [line]
+
+
+def render_simulation(doc):
+    """The --simulate document for a person."""
+    out = ["%s: %s -> %s, as if it had just happened (nothing is run or changed)"
+           % (doc["host"], doc["from"], doc["to"])]
+    source = {"daemon": "the running daemon (pid %s)" % doc.get("pid"),
+              "db": "the state db (no daemon running)",
+              "none": "nowhere yet (no state db): every other host unknown"}[doc["source"]]
+    sets = " ".join("%s=%s" % kv for kv in sorted(doc["set"].items()))
+    out.append("states: from %s%s" % (source, "; --set " + sets if sets else ""))
+    out += _wrap("  ", ["%s=%s" % kv for kv in doc["states"].items()])
+    if doc.get("paused"):
+        out += _wrap("ACTIONS ARE PAUSED:", "this sequence would be recorded as skipped (paused) "
+                     "and not run, until hadaemon --resume".split())
+    section = doc["section"]
+    if section is None:
+        out.append("no section matches; tried, in the order of precedence:")
+        out += _wrap("  ", ["[%s]" % name for name in doc["tried"]])
+        out += _wrap("would run nothing:", doc["error"].split())
+        return "\n".join(out)
+    passed = doc["tried"][:-1]
+    out.append("section [%s] at %s%s" % (section["name"], section["where"],
+                                         ", timeout %s per command" % format_duration(section["timeout"])))
+    if passed:
+        out += _wrap("  before it, not in the config:", ["[%s]" % n for n in passed], "    ")
+    out.append("commands%s, in order (- = its failure is ignored):"
+               % ("" if doc.get("expanded") else " as written"))
+    for i, cmd in enumerate(doc["commands"], 1):
+        out.append("%3d %s %s" % (i, "-" if cmd["ignore"] else " ", shlex.join(cmd["argv"])))
+    if not doc["commands"]:
+        out.append("    none: the run would end ok at once")
+    out += _wrap("variables:", ["%%%s%%=%s" % (k, shlex.quote(v)) for k, v in doc["variables"].items()])
+    out += _wrap("environment:", ["%s=%s" % (k, shlex.quote(v)) for k, v in doc["env"].items()]
+                 + ["HA_RUN_ID=(the new run's id)"])
+    if doc["would_run"]:
+        out.append("would run: %d command%s" % (len(doc["commands"]), "s" * (len(doc["commands"]) != 1)))
+    else:
+        out += _wrap("would NOT run:", ("%s; the run would be recorded as failed" % doc["error"]).split())
+    return "\n".join(out)
 
 
 # ============================================================================
@@ -4482,12 +6432,17 @@ class Master:
         self.ready_fd = ready_fd
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
-        self.ledger = Ledger(self.store, state_dir, config)
+        if config.cluster is None:
+            self.ledger = Ledger(self.store, state_dir, config)
+        else:
+            member = ClusterMember(config.cluster, time.monotonic())
+            self.ledger = ClusterLedger(self.store, state_dir, config, member)
         self.scheduler = Scheduler(once)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
-                                    self.check_finished, self.action_event, self.answer)
+                                    self.check_finished, self.child_event, self.answer)
+        self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -4582,13 +6537,18 @@ class Master:
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
             if self.stopping:
+                if self.cluster is not None:
+                    self.cluster.tick(now, self.config)     # step down, resign
                 if not self.pool.children or now >= self.stop_deadline:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
             self.scheduler.fire_due(now)
             self.dispatch(now)
-            self.start_next_run()
+            if self.cluster is None:
+                self.start_next_run()
+            else:
+                self.cluster.tick(now, self.config)
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)
@@ -4602,6 +6562,8 @@ class Master:
             deadlines.append(self.scheduler.next_due())
         if self.notifier.watchdog:
             deadlines.append(self.next_watchdog)
+        if self.cluster is not None:
+            deadlines.append(self.cluster.next_wake(now))
         if self.http.wakeup() is not None:
             deadlines.append(self.http.wakeup())
         return max(0.0, min(deadlines) - now)
@@ -4626,8 +6588,12 @@ class Master:
             for line in exc.errors:
                 log.error("reload refused: %s", line)
             return exc.errors
+        problem = cluster_reload_problem(self.config.cluster, config.cluster)
+        if problem:
+            log.error("reload refused: %s", problem)
+            return [problem]
         try:
-            self.http.configure(config.daemon)  # first: a busy port refuses the whole reload
+            self.http.configure(config.daemon)  # last: it binds; a busy port refuses the reload
         except HadaemonError as exc:
             log.error("reload refused: %s", exc)
             return [str(exc)]
@@ -4635,6 +6601,8 @@ class Master:
         log_changed = config.daemon.log != self.config.daemon.log
         self.config = self.ledger.config = config
         self.scheduler.configure(config.checks, time.monotonic())
+        if self.cluster is not None:
+            self.cluster.reconfigure(config.cluster)
         if log_changed:
             target = config.daemon.log or self.default_log
             if target == "stderr":
@@ -4666,6 +6634,8 @@ class Master:
         self.scheduler.ready.clear()
         now = time.monotonic()
         self.pool.stop(now)
+        if self.cluster is not None:
+            self.cluster.stop(now)
         action = self.pool.action_child()
         budget = 10.0
         if action is not None:
@@ -4716,6 +6686,8 @@ class Master:
                 self.worker_exited(child, how)
             elif child.kind == "ssh":
                 self.pool.ssh.reaped(child, how)
+            elif child.kind == "cluster":
+                self.cluster.agent_exited(child, how, self.stopping)
             else:
                 self.action_exited(child, how)
 
@@ -4753,8 +6725,16 @@ class Master:
         child.run_id = run["id"]
         self.server.send(child.conn, {"t": "run", "run": run})
 
+    def child_event(self, child, msg):
+        """What the cluster agent or an action run says."""
+        if child.kind == "cluster":
+            self.ledger.member.on_message(msg, time.monotonic())
+        else:
+            self.action_event(child, msg)
+
     def action_event(self, child, msg):
-        """The action run reports: a command started, spawned, ended; the sequence is done."""
+        """The action run reports: a command started, spawned, ended; the sequence is done;
+        in a cluster it asks before each command (``may``) whether it still may."""
         run = self.ledger.runs.get(child.run_id)
         if run is None or msg.get("run") != run["id"]:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
@@ -4767,8 +6747,11 @@ class Master:
         elif kind == "end":
             child.pgid = None
             self.ledger.command_ended(run, _command_index(run, msg), msg)
+        elif kind == "may" and self.cluster is not None:
+            _command_index(run, msg)
+            self.server.send(child.conn, self.cluster.may())
         elif kind == "done":
-            state = "ok" if msg.get("result") == "ok" else "failed"
+            state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             self.ledger.finish(run, state, msg.get("reason"), time.time())
         else:
             raise ProtocolError("unknown action event %r" % (kind,))
@@ -4782,7 +6765,10 @@ class Master:
         run = self.ledger.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
-        if self.stopping:
+        stepped = self.cluster.interrupted() if self.cluster is not None else None
+        if stepped:
+            self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
+        elif self.stopping:
             self.ledger.finish(run, "interrupted", "the daemon stopped while it ran (%s)" % how, time.time())
         else:
             self.ledger.finish(run, "failed", "the action run died (%s)" % how, time.time())
@@ -4798,18 +6784,40 @@ class Master:
             errors = self.reload()
             return {"ok": not errors, "errors": errors}
         if cmd in ("pause", "resume"):
-            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request")}
+            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request"),
+                    "cluster": self.cluster is not None}
         if cmd == "history":
             return {"ok": True, "history": self.ledger.history(
                 msg.get("n") if isinstance(msg.get("n"), int) else 20)}
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid()}
+        if cmd in ("rerun", "run"):
+            return self.answer_run(cmd, msg.get("run"))
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):
+        """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
         self.ledger.set_paused(paused)
-        log.warning("actions %s by %s", "paused" if paused else "resumed", by)
-        return self.ledger.paused
+        log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
+                    " (the whole cluster, once etcd has it)" if self.cluster else "")
+        return paused if self.cluster else self.ledger.paused
+
+    def answer_run(self, cmd, run_id):
+        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
+        if not isinstance(run_id, int) or isinstance(run_id, bool):
+            return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
+        if cmd == "run":
+            run = self.ledger.runs.get(run_id)
+            return {"ok": True, "run": summarize_run(run)} if run else \
+                {"ok": False, "errors": ["no run #%d in the history" % run_id]}
+        if self.cluster is not None and not self.ledger.member.acting:
+            leader, _ = self.ledger.member.leader()
+            return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
+                                            "the leader (%s)" % (leader or "none now")]}
+        try:
+            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
+        except ValueError as exc:
+            return {"ok": False, "errors": [str(exc)]}
 
     def status_document(self):
         """--status --json: the daemon's block, then what each part says of itself."""
@@ -4821,6 +6829,11 @@ class Master:
                   "counters": self.ledger.counters()}
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
+        if self.cluster is not None:
+            daemon["cluster"] = dict(self.ledger.member.status(now_m),
+                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
+        else:
+            daemon["cluster"] = None
         return dict(self.ledger.status(), daemon=daemon,
                     checks=self.scheduler.status(now_m, now))
 
@@ -4839,9 +6852,18 @@ def offline_status(state_dir, config=None, last=20):
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
               "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
-              "http": None, "counters": None}
+              "http": None, "counters": None,
+              "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
     daemon.update(ledger.daemon_status())
     return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
+
+
+def offline_cluster(cluster):
+    """daemon.cluster when no daemon answers: this member is none of the cluster now."""
+    return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
+            "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
+            "requests": None, "agent_pid": None,
+            "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -4898,6 +6920,25 @@ def _clock(then):
     return time.strftime("%m-%d %H:%M", time.localtime(then))
 
 
+def render_cluster(c):
+    """The cluster block of --status: who leads, and what each live member sees."""
+    if c["role"] == "leader":
+        role = "the LEADER (epoch %s)" % c["epoch"]
+    elif c["role"] == "follower":
+        role = "a follower of %s (epoch %s)" % (c["leader"], c["epoch"]) if c["leader"] else \
+            "a follower; no leader yet"
+    else:
+        role = "not a live member (no etcd, or not joined)"
+    out = [_clip("cluster %s: node %s is %s" % (c["name"], c["node"], role), 80),
+           "  quorum %d; %s; etcd: %d of %d endpoints answering" % (
+               c["quorum"], "%d live members" % len(c["members"]) if c["role"] != "none"
+               else "no member acts without etcd", sum(1 for e in c["etcd"] if e["ok"]), len(c["etcd"]))]
+    for node, view in sorted(c["members"].items()):
+        seen = " ".join("%s=%s" % hv for hv in sorted(view["hosts"].items())) or "sees no host yet"
+        out.append(_clip("  %-12s %s" % (node + (" *" if node == c["leader"] else ""), seen), 80))
+    return out
+
+
 def render_status(doc):
     """The status document for a person, in 80 columns."""
     d = doc["daemon"]
@@ -4921,6 +6962,8 @@ def render_status(doc):
         run = next((r for r in doc["runs"] if r["state"] == "running"), None)
         out.append("%s, %d queued" % ("action run #%d running (pid %s)" % (run["id"], d["action_pid"])
                                       if run else "no action running", len(d["queue"])))
+    if d.get("cluster"):
+        out += render_cluster(d["cluster"])
     for m in d.get("ssh") or []:
         if m["connected"]:
             what = "master connection up since %s (pid %d)" % (_clock(m["since"]), m["pid"])
@@ -4967,11 +7010,28 @@ def render_status(doc):
         done = sum(1 for c in run["commands"] if c.get("result"))
         took = format_duration(run["ended"] - run["started"]) if run.get("ended") and run.get("started") \
             and run["ended"] > run["started"] else "-"
-        result = run["state"] + (": " + run["reason"] if run.get("reason") else "")
+        result = run["state"] + (" (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "") \
+            + (": " + run["reason"] if run.get("reason") else "")
         rows.append((run["id"], "[%s]" % run["section"], run["host"], result,
                      "%d/%d" % (done, len(run["commands"])), took))
     out += _table(rows, (5, 22, 10, 26, 5, 6)) if len(rows) > 1 else ["  none"]
     return "\n".join(out)
+
+
+def render_run(run, indent="      "):
+    """A run and its commands, as --history and --rerun --wait show them."""
+    out = ["%srun #%d [%s]: %s%s%s%s" % (indent, run["id"], run["section"], run["state"],
+                                        " (rerun of #%d)" % run["rerun_of"] if run.get("rerun_of") else "",
+                                        (" (%s)" % run["reason"]) if run.get("reason") else "",
+                                        " on %s, epoch %s" % (run["node"], run["epoch"])
+                                        if run.get("node") else "")]
+    for cmd in run["commands"]:
+        res = cmd.get("result")
+        what = "not run" if res is None else (res.get("error") or "ok")
+        out.append("%s  %s%s  -> %s" % (indent, "-" if cmd["ignore"] else "",
+                                        " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
+                                        what))
+    return out
 
 
 def render_history(entries):
@@ -4985,14 +7045,8 @@ def render_history(entries):
         if run is None:
             out.append("      no action section")
             continue
-        out.append("      run #%d [%s]: %s%s" % (run["id"], run["section"], run["state"],
-                                               (" (%s)" % run["reason"]) if run.get("reason") else ""))
-        for cmd in run["commands"]:
-            res = cmd.get("result")
-            what = "not run" if res is None else (res.get("error") or "ok")
-            out.append("        %s%s  -> %s" % ("-" if cmd["ignore"] else "",
-                                               " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]),
-                                               what))
+        for each in [run] + (tr.get("reruns") or []):
+            out += render_run(each)
     return "\n".join(out)
 
 
@@ -5000,16 +7054,47 @@ def render_history(entries):
 # Command line
 # ============================================================================
 
+def default_config_dir(environ):
+    """The config dir when --config-dir is not given, and where it comes from.
+
+    HADAEMON_CONFIG_DIR; else the folder holding this file when it holds a
+    checks.conf (copy-and-run, SPEC §1); else /etc/hadaemon (an installed
+    hadaemon lives in site-packages, a folder of no config).
+    """
+    if environ.get("HADAEMON_CONFIG_DIR"):
+        return environ["HADAEMON_CONFIG_DIR"], "from HADAEMON_CONFIG_DIR"
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(here, "checks.conf")):
+        return here, "the folder of %s" % os.path.basename(__file__)
+    return SYSTEM_CONFIG_DIR, "the default: neither --config-dir nor HADAEMON_CONFIG_DIR is " \
+        "given, and %s holds no checks.conf" % here
+
+
+def default_state_dir(config_dir, environ):
+    """HADAEMON_STATE_DIR; else /var/lib/hadaemon for /etc/hadaemon (/etc holds no state);
+    else CONFIGDIR/var."""
+    if environ.get("HADAEMON_STATE_DIR"):
+        return environ["HADAEMON_STATE_DIR"]
+    if os.path.abspath(config_dir) == SYSTEM_CONFIG_DIR:
+        return SYSTEM_STATE_DIR
+    return os.path.join(config_dir, "var")
+
+
 def build_parser():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(
-        prog="hadaemon.py",
         description="Watch a master / hot-standby pair and run ordered actions when a role changes.",
-        epilog="Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status).")
-    p.add_argument("--config-dir", metavar="DIR", default=here,
-                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: %(default)s)")
+        epilog="Config dir: --config-dir, else $HADAEMON_CONFIG_DIR, else the folder holding this "
+               "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
+               "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
+               "config dir is %s, else CONFIGDIR/var.  "
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
+                        "see below; now %s)" % default_config_dir(os.environ)[0])
     p.add_argument("--state-dir", metavar="DIR",
-                   help="pid file, socket, state db and log (default: CONFIGDIR/var)")
+                   help="pid file, socket, state db and log (default: see below)")
     cmd = p.add_mutually_exclusive_group()
     add = cmd.add_argument
     add("--start", dest="command", action="store_const", const="start",
@@ -5032,30 +7117,45 @@ def build_parser():
         help="stop running action sequences (they are recorded as skipped); checks go on")
     add("--resume", dest="command", action="store_const", const="resume",
         help="run action sequences again")
+    add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
+        help="print the section and the commands that would run if HOST went FROM -> TO now "
+             "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
+             "it would run, 1 no section or an empty variable")
+    add("--rerun", type=int, metavar="RUN_ID",
+        help="queue the section of an ended run again (same host and transition, the "
+             "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
     add("--version", action="version", version="hadaemon " + __version__)
-    p.add_argument("--json", action="store_true", help="with --status or --history: print JSON")
+    p.add_argument("--wait", action="store_true",
+                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
+                   help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
+    p.add_argument("--json", action="store_true",
+                   help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence) or --start (default: 30)")
+                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
 
-def _config_or_exit(config_dir):
+def _config_or_exit(config_dir, origin=None):
     try:
         return load_config(config_dir)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
         print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
               file=sys.stderr)
         sys.exit(EXIT_FAIL)
 
 
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -5072,7 +7172,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -5215,6 +7315,12 @@ def cmd_reload(args):
 
 
 def cmd_pause(args, paused):
+    try:
+        cluster = load_config(args.config_dir).cluster
+    except ConfigError:
+        cluster = None
+    if cluster is not None:
+        return cmd_pause_cluster(args, cluster, paused)
     if locked_pid(args.state_dir):
         _ask(args, {"cmd": "pause" if paused else "resume"})
     else:
@@ -5235,8 +7341,37 @@ def cmd_pause(args, paused):
     return EXIT_OK
 
 
+def cmd_pause_cluster(args, cluster, paused):
+    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
+    word = "paused" if paused else "resumed"
+    if locked_pid(args.state_dir):
+        _ask(args, {"cmd": "pause" if paused else "resume"})
+        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
+        while time.monotonic() < deadline:
+            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
+                print("cluster %s: actions %s on every member" % (cluster.name, word))
+                return EXIT_OK
+            time.sleep(0.05)
+        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    _, timeout = etcd_timeouts(cluster.ttl)
+    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
+    try:
+        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
+            {"paused": paused, "by": cluster.node, "time": time.time()}))
+    except EtcdError as exc:
+        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        client.close()
+    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
+          % (cluster.name, word))
+    return EXIT_OK
+
+
 def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir)
+    config = _config_or_exit(args.config_dir, args.config_origin)
     print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
           % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
     for group in config.groups:
@@ -5249,12 +7384,108 @@ def cmd_check_config(args):
     for group, error, took in results:
         print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
                                      "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    if not results:
-        print("no ssh targets to try")
-    return EXIT_FAIL if any(error for _, error, _ in results) else EXIT_OK
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_simulate(args):
+    """--simulate: the section and commands a transition would run; nothing run, written or logged."""
+    try:
+        host, from_state, to_state, sets = parse_what_if(args.simulate[0], args.simulate[1], args.set)
+    except ValueError as exc:
+        print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    config = _config_or_exit(args.config_dir, args.config_origin)
+    pid = locked_pid(args.state_dir)
+    if pid and pid > 0:
+        status = _ask(args, {"cmd": "status"})
+        source = "daemon"
+    else:
+        try:
+            status, _ = offline_status(args.state_dir)
+        except OSError as exc:
+            print("hadaemon: cannot read the state db in %s: %s" % (args.state_dir, exc),
+                  file=sys.stderr)
+            return EXIT_FAIL
+        source = "db" if any(os.path.exists(os.path.join(args.state_dir, DB_NAME + suffix))
+                             for suffix in (".dat", ".journal")) else "none"
+    states = {name: h["state"] for name, h in status["hosts"].items()}
+    doc = simulate(config, args.state_dir, host, from_state, to_state, states, sets,
+                   source=source, pid=pid if source == "daemon" else None,
+                   paused=bool(status["daemon"]["paused"]))
+    print(json.dumps(doc, indent=2) if args.json else render_simulation(doc))
+    return EXIT_OK if doc["would_run"] else EXIT_FAIL
+
+
+def cmd_rerun(args):
+    """--rerun RUN_ID [--wait]: the daemon queues the run's section again, as a new run."""
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        return _no_pid(args.state_dir)
+    if not pid:
+        print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    if not answer.get("ok"):
+        for line in answer.get("errors") or ["refused"]:
+            print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
+        return EXIT_FAIL
+    run = answer["run"]
+    what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
+                                                  run["from"], run["to"])
+    if run["state"] == "skipped":
+        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
+              "then --rerun %d again" % (run["id"], what, args.rerun))
+        return EXIT_FAIL
+    if run["state"] != "queued":
+        print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
+        return EXIT_FAIL
+    print("run #%d queued: %s" % (run["id"], what))
+    return wait_run(args, run["id"]) if args.wait else EXIT_OK
+
+
+def wait_run(args, run_id):
+    """Poll the daemon until run ``run_id`` ends (or --timeout): 0 when it ended ok, else 1."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pause = 0.05
+    while True:
+        try:
+            answer = request(args.state_dir, {"cmd": "run", "run": run_id}, timeout=10.0)
+        except (OSError, HadaemonError):
+            answer = None
+        run = answer.get("run") if answer and answer.get("ok") else None
+        if run is None and not locked_pid(args.state_dir):
+            # The daemon stopped: the db has the run's last state (a queued run stays
+            # queued, and runs when the daemon starts again).
+            run = offline_status(args.state_dir)[1].runs.get(run_id)
+            if run is None or run["state"] not in RUN_FINAL:
+                print("hadaemon: the daemon stopped; run #%d is %s" % (
+                    run_id, run["state"] if run else "not in the state db"), file=sys.stderr)
+                return EXIT_FAIL
+        if run is not None and run["state"] in RUN_FINAL:
+            print("\n".join(render_run(run, indent="")))
+            return EXIT_OK if run["state"] == "ok" else EXIT_FAIL
+        if deadline is not None and time.monotonic() >= deadline:
+            print("hadaemon: run #%d still %s after %gs" % (
+                run_id, run["state"] if run else "unknown", args.timeout), file=sys.stderr)
+            return EXIT_FAIL
+        left = deadline - time.monotonic() if deadline is not None else pause
+        time.sleep(max(0.0, min(pause, left)))
+        pause = min(pause * 1.5, 0.5)
 
 
 def cmd_once(args):
+    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+        print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
+              "leader alone acts; run it as a daemon", file=sys.stderr)
+        return EXIT_FAIL
     pid = locked_pid(args.state_dir)
     if pid:
         print("hadaemon: refusing --once: a daemon runs on %s (pid %s)"
@@ -5265,13 +7496,26 @@ def cmd_once(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.config_origin = None
+    if args.config_dir is None:
+        args.config_dir, args.config_origin = default_config_dir(os.environ)
     args.config_dir = os.path.abspath(args.config_dir)
-    args.state_dir = os.path.abspath(args.state_dir or os.path.join(args.config_dir, "var"))
+    args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
+    if args.set and args.simulate is None:
+        build_parser().error("--set goes with --simulate")
     if args.history is not None:
         return cmd_history(args)
+    if args.simulate is not None:
+        return cmd_simulate(args)
+    if args.wait and args.rerun is None:
+        build_parser().error("--wait goes with --rerun")
+    if args.rerun is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_rerun(args)
     command = args.command or "start"
     if args.json and command != "status":
-        build_parser().error("--json goes with --status or --history")
+        build_parser().error("--json goes with --status, --history or --simulate")
     if args.connect and command != "check":
         build_parser().error("--connect goes with --check-config")
     try:

@@ -18,15 +18,21 @@ One run measures, on this machine and under its current load:
                transition (stamped when the check's result reached the master) to
                the start of the first action command, and from flipping the file.
 5. idle        10 checks at a 10 s interval: CPU % and RSS / PSS of each process.
-6. http        50 hosts (100 checks at 200 checks/s) and the HTTP server on: latency
+6. monit       /usr/bin/monit in the foreground with the same check and action at
+               its fastest cycle (1 s): reaction latency and CPU per check.
+7. cluster     three daemons (quorum 2, ttl 2s, interval 100ms) on a three-member
+               etcd on loopback (tests/etcd.py), 200 checks/s in all besides:
+               leader kill -9 -> the new leader's action (the world flipped at
+               the kill), flip -> action with agreement, and etcd requests per
+               second in steady state (the members' count, and etcd's own).
+8. http        50 hosts (100 checks at 200 checks/s) and the HTTP server on: latency
                p50 / p99 of GET /status and GET /hosts/db1/master (kept-alive, and
                a new connection each), the schedule lag meanwhile, ``ab -c 20`` on
                /metrics, and the master's extra CPU per request.
-7. monit       /usr/bin/monit in the foreground with the same check and action at
-               its fastest cycle (1 s): reaction latency and CPU per check.
 
 Standard library only.  Everything runs in a temp dir; every process started is
-ended by its pid; the only network is the daemon's UNIX socket.
+ended by its pid; the only network is the daemon's UNIX socket (and loopback to
+the cluster section's etcd and to the http section's port).
 
     python3 bench/bench.py                 full run (a few minutes)
     python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
@@ -56,7 +62,7 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "http", "monit")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
            "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
            "http_p99_ms": 5.0}
@@ -590,7 +596,7 @@ def section_throughput(tmp, quick, workers, launcher=()):
 
 
 # ----------------------------------------------------------------------------
-# 4 + 7. Reaction latency (the same flag-file check and action for both daemons)
+# 4 + 6. Reaction latency (the same flag-file check and action for both daemons)
 # ----------------------------------------------------------------------------
 # bash for its $EPOCHREALTIME (a builtin: no fork to read the clock).  The check
 # exits 0 (up) or 2 (down), as a Nagios plugin does, and appends "TIME STATE" to
@@ -730,7 +736,276 @@ def section_idle(tmp, quick, workers, launcher=()):
 
 
 # ----------------------------------------------------------------------------
-# 6. HTTP: the status page's server under check load
+# 6. Beside Monit
+# ----------------------------------------------------------------------------
+
+def monit_reaction(tmp, quick):
+    root = os.path.join(tmp, "monit-reaction")
+    world = os.path.join(root, "world")
+    os.makedirs(world)
+    check = write_script(os.path.join(root, "check_flag"), FLAG_CHECK.format(world=world))
+    action = write_script(os.path.join(root, "react"), REACT_ACTION.format(world=world))
+    flip(os.path.join(world, "role"), "up")
+    m = Monit(os.path.join(root, "monit"), """\
+        check program role with path "{check}"
+            if status != 0 then exec "{action} down"
+            else if succeeded then exec "{action} up"
+        """.format(check=check, action=action))
+    n = 3 if quick else 20
+    try:
+        m.start()
+        # Two evaluated cycles before the first flip: monit has seen "up".
+        wait_for(lambda: len(read_lines(os.path.join(world, "checks.log"))) >= 2, 20,
+                 "monit to run the check twice", 0.05)
+        flips = flip_until_acted(world, n, 1.0, 20)
+    finally:
+        m.stop()
+    actions = read_lines(os.path.join(world, "actions.log"))
+    checks = read_lines(os.path.join(world, "checks.log"))
+    reaction, e2e = [], []
+    for t, state in flips:
+        act = first_after(actions, t, state)
+        seen = first_after(checks, t, state)
+        if act is None:
+            continue
+        e2e.append(act - t)
+        if seen is not None:
+            reaction.append(act - seen)
+    return {"cycle_s": 1, "transitions": len(e2e), "check_exit_to_action": summarize(reaction),
+            "flip_to_action": summarize(e2e)}
+
+
+def monit_cpu(tmp, quick, nchecks=100):
+    """``nchecks`` trivial program checks per 1 s cycle, plus one that counts the cycles."""
+    root = os.path.join(tmp, "monit-cpu")
+    check = write_script(os.path.join(root, "check_trivial"), TRIVIAL_CHECK)
+    counter = os.path.join(root, "cycles.log")
+    count = write_script(os.path.join(root, "count_cycle"),
+                         "#!/bin/sh\necho state=up\necho x >> %s\n" % counter)
+    services = "".join('check program trivial%d with path "%s %d"\n    if status != 0 then alert\n'
+                       % (i, check, i) for i in range(nchecks))
+    services += 'check program counter with path "%s"\n    if status != 0 then alert\n' % count
+    m = Monit(os.path.join(root, "monit"), services)
+    window = 4.0 if quick else 15.0
+    try:
+        m.start()
+        wait_for(lambda: len(read_lines(counter)) >= 2, 20, "monit's second cycle", 0.05)
+        own0, kids0 = proc_times(m.proc.pid)
+        n0, t0 = len(read_lines(counter)), time.monotonic()
+        time.sleep(window)
+        own1, kids1 = proc_times(m.proc.pid)
+        n1, t1 = len(read_lines(counter)), time.monotonic()
+        rss, pss = proc_memory(m.proc.pid)
+    finally:
+        m.stop()
+    cycles = n1 - n0
+    runs = cycles * (nchecks + 1)
+    cpu = (own1 - own0) + (kids1 - kids0)
+    return {"checks": nchecks + 1, "window_s": round(t1 - t0, 2), "cycles": cycles, "runs": runs,
+            "achieved_per_s": round(runs / (t1 - t0), 1),
+            "cpu_per_check_ms": ms(cpu / runs) if runs else None,
+            "cpu_per_check_split_ms": {"monit": ms((own1 - own0) / runs) if runs else None,
+                                       "checks": ms((kids1 - kids0) / runs) if runs else None},
+            "rss_mb": round(rss, 1), "pss_mb": round(pss, 1) if pss is not None else None}
+
+
+def section_monit(tmp, quick):
+    if not os.access(MONIT, os.X_OK):
+        return {"skipped": "%s is not installed" % MONIT}
+    version = subprocess.run([MONIT, "-V"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {"version": version.replace("This is Monit version ", ""),
+            "reaction": monit_reaction(tmp, quick), "cpu": monit_cpu(tmp, quick)}
+
+
+# ----------------------------------------------------------------------------
+# 7. Cluster: three daemons, one acting, on etcd (SPEC §10)
+# ----------------------------------------------------------------------------
+# The flag check of section 4 (its own world file per member, all flipped at
+# once); the action appends "TIME RUN STATE NODE" to one file shared by all.
+
+CLUSTER_ACTION = """#!/bin/bash
+printf '%s %s %s %s\\n' "$EPOCHREALTIME" "$HA_RUN_ID" "$HA_TO" "$HA_NODE" >> {log}
+"""
+CLUSTER_TTL = 2
+
+
+def cluster_config(endpoints, node, quorum):
+    return """\
+        [daemon]
+        workers = 2
+
+        [cluster]
+        etcd = %s
+        name = bench
+        node = %s
+        ttl = %ds
+        quorum = %d
+
+        [local]
+        interval = 100ms
+        host = role
+        check_flag
+
+        [local]
+        interval = 300ms
+        %s
+        """ % (", ".join(endpoints), node, CLUSTER_TTL, quorum,
+               "\n        ".join("check_trivial %d" % i for i in range(20)))
+
+
+class ClusterBench:
+    """Three Hadaemons (a, b, c) on one etcd; ``flip`` writes every member's world."""
+
+    def __init__(self, root, etcd, quorum=2):
+        self.log = os.path.join(root, "actions.log")
+        self.members = {}
+        for node in ("a", "b", "c"):
+            d = Hadaemon(os.path.join(root, node), cluster_config(etcd.endpoints, node, quorum),
+                         "[any_to_any]\nreact\n")
+            d.script("checks/check_flag", FLAG_CHECK.format(world=d.world))
+            d.script("checks/check_trivial", TRIVIAL_CHECK)
+            d.script("actions/react", CLUSTER_ACTION.format(log=self.log))
+            flip(os.path.join(d.world, "role"), "up")
+            self.members[node] = d
+
+    def flip(self, state):
+        t = time.time()
+        for d in self.members.values():
+            flip(os.path.join(d.world, "role"), state)
+        return t
+
+    def clusters(self):
+        out = {}
+        for node, d in self.members.items():
+            if d.proc is not None and d.proc.poll() is None:
+                try:
+                    out[node] = d.status()["daemon"]["cluster"]
+                except OSError:
+                    pass
+        return out
+
+    def leader(self, without=()):
+        """The acting leader every live member agrees on, or None."""
+        docs = self.clusters()
+        names = {(c["leader"], c["epoch"]) for c in docs.values()}
+        if len(names) != 1:
+            return None
+        node = names.pop()[0]
+        if node is None or node in without or not docs.get(node, {}).get("acting"):
+            return None
+        if any(c["role"] != "follower" for n, c in docs.items() if n != node):
+            return None
+        return node
+
+    def actions(self):
+        return read_lines(self.log)
+
+    def stop(self):
+        for d in self.members.values():
+            d.stop()
+
+
+def cluster_failover(cl, kills):
+    """Kill -9 the leader and flip the world at once: until the new leader's action."""
+    took, to_status = [], []
+    state = "up"
+    for _ in range(kills):
+        leader = wait_for(cl.leader, 30, "an agreed leader", 0.02)
+        state = "down" if state == "up" else "up"
+        before = len(cl.actions())
+        d = cl.members[leader]
+        d.proc.kill()
+        t = cl.flip(state)
+        t_m = time.monotonic()
+        d.proc.wait()
+        wait_for(lambda: cl.leader(without=(leader,)), 30, "a new leader", 0.01)
+        to_status.append(time.monotonic() - t_m)
+        acted = wait_for(lambda: [r for r in cl.actions()[before:] if r[2] == state], 30,
+                         "the new leader's action", 0.01)
+        took.append(float(acted[0][0]) - t)
+        stop_process_group(d.proc, "HA_CONFIG_DIR=" + d.conf)
+        d.start()                               # back, as a follower
+    return {"kills": kills, "ttl_s": CLUSTER_TTL, "kill_to_action": summarize(took),
+            "kill_to_leader_status": summarize(to_status)}
+
+
+def cluster_flips(cl, n):
+    """Flip every member's world; from the flip to the leader's action, through agreement
+    (split at the transition: seen and agreed, then recorded in etcd and started)."""
+    e2e, agreed, started = [], [], []
+    state = "up"
+    for _ in range(n):
+        time.sleep(random.uniform(0, 0.1))
+        state = "down" if state == "up" else "up"
+        before = len(cl.actions())
+        t = cl.flip(state)
+        acted = wait_for(lambda: [r for r in cl.actions()[before:] if r[2] == state], 20,
+                         "the action for %s" % state, 0.005)
+        e2e.append(float(acted[0][0]) - t)
+        history = cl.members[acted[0][3]].history(3)
+        tr = next((h for h in history if h["run"] and str(h["run"]["id"]) == acted[0][1]), None)
+        if tr is not None:
+            agreed.append(tr["time"] - t)
+            started.append(float(acted[0][0]) - tr["time"])
+    return {"flip_to_action": summarize(e2e), "flip_to_transition": summarize(agreed),
+            "transition_to_action": summarize(started)}
+
+
+def cluster_steady(cl, etcd, window):
+    """etcd requests per second while nothing changes, 200 checks/s running."""
+    def counts():
+        docs = cl.clusters()
+        return sum(c["requests"] or 0 for c in docs.values()), \
+            etcd.metric("etcd_server_proposals_committed_total")
+    time.sleep(1.0)
+    agents = [c["agent_pid"] for c in cl.clusters().values()]
+    a0 = sum(sum(proc_times(pid)) for pid in agents)
+    r0, p0, t0 = counts() + (time.monotonic(),)
+    time.sleep(window)
+    r1, p1, t1 = counts() + (time.monotonic(),)
+    a1 = sum(sum(proc_times(pid)) for pid in agents)
+    seconds = t1 - t0
+    members = len(cl.clusters())
+    memory = [proc_memory(pid) for pid in agents]
+    return {"window_s": round(seconds, 1), "members": members, "checks_per_s": round(members * (10 + 20 / 0.3)),
+            "agent_cpu_pct": round(100.0 * (a1 - a0) / len(agents) / seconds, 3),
+            "agent_rss_mb": round(memory[0][0], 1), "agent_pss_mb": memory[0][1] and round(memory[0][1], 1),
+            "requests_per_s": round((r1 - r0) / seconds, 2),
+            "keepalives_expected_per_s": round(members * 4.0 / CLUSTER_TTL, 2),
+            # every member commits every proposal: the cluster's writes are the total / 3
+            "etcd_writes_per_s": round((p1 - p0) / len(etcd.members) / seconds, 2)
+            if p0 is not None and p1 is not None else None}
+
+
+def section_cluster(tmp, quick):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from etcd import ETCD, EtcdCluster
+    if not os.access(ETCD, os.X_OK):
+        return {"skipped": "%s is not installed (etcd-server)" % ETCD}
+    root = os.path.join(tmp, "cluster")
+    os.makedirs(os.path.join(root, "etcd"))
+    etcd = EtcdCluster(os.path.join(root, "etcd"))
+    cl = None
+    try:
+        etcd.start()
+        cl = ClusterBench(root, etcd)
+        for d in cl.members.values():
+            d.start()
+        wait_for(cl.leader, 30, "an agreed leader", 0.02)
+        wait_for(lambda: cl.actions(), 30, "the first action")
+        result = {"quorum": 2, "ttl_s": CLUSTER_TTL, "interval_ms": 100}
+        result["steady"] = cluster_steady(cl, etcd, 4.0 if quick else 20.0)
+        result["flips"] = cluster_flips(cl, 6 if quick else 30)
+        result["failover"] = cluster_failover(cl, 2 if quick else 10)
+        return result
+    finally:
+        if cl is not None:
+            cl.stop()
+        etcd.stop()
+
+
+# ----------------------------------------------------------------------------
+# 8. HTTP: the status page's server under check load
 # ----------------------------------------------------------------------------
 
 HOST_CHECK = "#!/bin/sh\necho host=$1\necho state=$2\n"
@@ -873,88 +1148,6 @@ def section_http(tmp, quick, workers, launcher=()):
     finally:
         d.stop()
     return out
-
-
-# ----------------------------------------------------------------------------
-# 7. Beside Monit
-# ----------------------------------------------------------------------------
-
-def monit_reaction(tmp, quick):
-    root = os.path.join(tmp, "monit-reaction")
-    world = os.path.join(root, "world")
-    os.makedirs(world)
-    check = write_script(os.path.join(root, "check_flag"), FLAG_CHECK.format(world=world))
-    action = write_script(os.path.join(root, "react"), REACT_ACTION.format(world=world))
-    flip(os.path.join(world, "role"), "up")
-    m = Monit(os.path.join(root, "monit"), """\
-        check program role with path "{check}"
-            if status != 0 then exec "{action} down"
-            else if succeeded then exec "{action} up"
-        """.format(check=check, action=action))
-    n = 3 if quick else 20
-    try:
-        m.start()
-        # Two evaluated cycles before the first flip: monit has seen "up".
-        wait_for(lambda: len(read_lines(os.path.join(world, "checks.log"))) >= 2, 20,
-                 "monit to run the check twice", 0.05)
-        flips = flip_until_acted(world, n, 1.0, 20)
-    finally:
-        m.stop()
-    actions = read_lines(os.path.join(world, "actions.log"))
-    checks = read_lines(os.path.join(world, "checks.log"))
-    reaction, e2e = [], []
-    for t, state in flips:
-        act = first_after(actions, t, state)
-        seen = first_after(checks, t, state)
-        if act is None:
-            continue
-        e2e.append(act - t)
-        if seen is not None:
-            reaction.append(act - seen)
-    return {"cycle_s": 1, "transitions": len(e2e), "check_exit_to_action": summarize(reaction),
-            "flip_to_action": summarize(e2e)}
-
-
-def monit_cpu(tmp, quick, nchecks=100):
-    """``nchecks`` trivial program checks per 1 s cycle, plus one that counts the cycles."""
-    root = os.path.join(tmp, "monit-cpu")
-    check = write_script(os.path.join(root, "check_trivial"), TRIVIAL_CHECK)
-    counter = os.path.join(root, "cycles.log")
-    count = write_script(os.path.join(root, "count_cycle"),
-                         "#!/bin/sh\necho state=up\necho x >> %s\n" % counter)
-    services = "".join('check program trivial%d with path "%s %d"\n    if status != 0 then alert\n'
-                       % (i, check, i) for i in range(nchecks))
-    services += 'check program counter with path "%s"\n    if status != 0 then alert\n' % count
-    m = Monit(os.path.join(root, "monit"), services)
-    window = 4.0 if quick else 15.0
-    try:
-        m.start()
-        wait_for(lambda: len(read_lines(counter)) >= 2, 20, "monit's second cycle", 0.05)
-        own0, kids0 = proc_times(m.proc.pid)
-        n0, t0 = len(read_lines(counter)), time.monotonic()
-        time.sleep(window)
-        own1, kids1 = proc_times(m.proc.pid)
-        n1, t1 = len(read_lines(counter)), time.monotonic()
-        rss, pss = proc_memory(m.proc.pid)
-    finally:
-        m.stop()
-    cycles = n1 - n0
-    runs = cycles * (nchecks + 1)
-    cpu = (own1 - own0) + (kids1 - kids0)
-    return {"checks": nchecks + 1, "window_s": round(t1 - t0, 2), "cycles": cycles, "runs": runs,
-            "achieved_per_s": round(runs / (t1 - t0), 1),
-            "cpu_per_check_ms": ms(cpu / runs) if runs else None,
-            "cpu_per_check_split_ms": {"monit": ms((own1 - own0) / runs) if runs else None,
-                                       "checks": ms((kids1 - kids0) / runs) if runs else None},
-            "rss_mb": round(rss, 1), "pss_mb": round(pss, 1) if pss is not None else None}
-
-
-def section_monit(tmp, quick):
-    if not os.access(MONIT, os.X_OK):
-        return {"skipped": "%s is not installed" % MONIT}
-    version = subprocess.run([MONIT, "-V"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {"version": version.replace("This is Monit version ", ""),
-            "reaction": monit_reaction(tmp, quick), "cpu": monit_cpu(tmp, quick)}
 
 
 # ----------------------------------------------------------------------------
@@ -1115,11 +1308,59 @@ def render(result):
             TARGETS["idle_master_cpu_pct"], "met" if d["idle"]["met_cpu"] else "NOT met",
             TARGETS["idle_rss_mb"], "met" if d["idle"]["met_rss"] else "NOT met"))
         load("idle")
+    monit = result.get("monit")
+    if monit:
+        add("")
+        if "skipped" in monit:
+            add("6. beside Monit: skipped (%s)" % monit["skipped"])
+        else:
+            mr, mc = monit["reaction"], monit["cpu"]
+            vs = d.get("vs_monit", {})
+            ha_cpu = next((r for r in result.get("throughput", []) if r["rate"] == 100), {})
+            add("6. beside Monit %s (set daemon 1; check program, if status != 0 then exec)" % monit["version"])
+            add("                                  hadaemon      Monit   hadaemon/Monit")
+            add("   check exits -> action p50 ms %s %s %s" % (
+                fmt(reaction and reaction["check_exit_to_action"]["p50_ms"], 10),
+                fmt(mr["check_exit_to_action"]["p50_ms"], 10), fmt(vs.get("check_exit_to_action_p50"), 10)))
+            add("   file flip -> action p50 ms   %s %s %s  (interval 100ms vs cycle 1s)" % (
+                fmt(reaction and reaction["flip_to_action"]["p50_ms"], 10),
+                fmt(mr["flip_to_action"]["p50_ms"], 10), fmt(vs.get("flip_to_action_p50"), 10)))
+            add("   CPU per check ms, ~100/s     %s %s %s" % (
+                fmt(ha_cpu.get("cpu_per_check_ms"), 10), fmt(mc["cpu_per_check_ms"], 10),
+                fmt(vs.get("cpu_per_check_at_100_per_s"), 10)))
+            add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
+                mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
+            load("monit")
+    cluster = result.get("cluster")
+    if cluster:
+        add("")
+        if "skipped" in cluster:
+            add("7. cluster: skipped (%s)" % cluster["skipped"])
+        else:
+            f, st = cluster["failover"], cluster["steady"]
+            add("7. cluster: 3 daemons on a 3-member etcd, quorum %d, ttl %ds, interval %dms   p50 ms"
+                "    p99 ms    max ms" % (cluster["quorum"], cluster["ttl_s"], cluster["interval_ms"]))
+            flips = cluster["flips"]
+            for s, label in ((f["kill_to_action"], "leader kill -9 -> new leader's action"),
+                             (f["kill_to_leader_status"], "  (-> new leader in --status)"),
+                             (flips["flip_to_action"], "file flipped -> action (agreement)"),
+                             (flips["flip_to_transition"], "  of which: seen, agreed, accepted"),
+                             (flips["transition_to_action"], "  and: in etcd, handed, started")):
+                add("   %-38s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
+            add("   (%d kills; the world flipped at each kill; section 4's flip -> action: %s ms)" % (
+                f["kills"], fmt(reaction and reaction["flip_to_action"]["p50_ms"], 1).strip()))
+            add("   steady, %d checks/s in all: %.2f etcd requests/s from %d members (keep-alives at "
+                "ttl/4: %.1f/s); etcd's own writes %s/s" % (
+                    st["checks_per_s"], st["requests_per_s"], st["members"], st["keepalives_expected_per_s"],
+                    fmt(st["etcd_writes_per_s"], 1).strip()))
+            add("   the cluster agent (one per member): %.3f %% CPU, RSS %.1f MB, PSS %s MB" % (
+                st["agent_cpu_pct"], st["agent_rss_mb"], fmt(st["agent_pss_mb"], 1).strip()))
+            load("cluster")
     http = result.get("http")
     if http:
         h = d["http"]
         add("")
-        add("6. http: %d hosts, %d checks at %d/s, %d workers          p50 ms    p99 ms    max ms"
+        add("8. http: %d hosts, %d checks at %d/s, %d workers          p50 ms    p99 ms    max ms"
             % (http["hosts"], http["checks"], http["rate"], http["workers"]))
         for key, label in (("status", "GET /status (%d bytes), kept alive" % http["status_bytes"]),
                            ("host", "GET /hosts/db1/master, kept alive"),
@@ -1142,29 +1383,6 @@ def render(result):
             TARGETS["http_p99_ms"], "met" if h["met"] else "NOT met", TARGETS["lag_p99_ms"],
             "met" if h["lag_met"] else "NOT met"))
         load("http")
-    monit = result.get("monit")
-    if monit:
-        add("")
-        if "skipped" in monit:
-            add("7. beside Monit: skipped (%s)" % monit["skipped"])
-        else:
-            mr, mc = monit["reaction"], monit["cpu"]
-            vs = d.get("vs_monit", {})
-            ha_cpu = next((r for r in result.get("throughput", []) if r["rate"] == 100), {})
-            add("7. beside Monit %s (set daemon 1; check program, if status != 0 then exec)" % monit["version"])
-            add("                                  hadaemon      Monit   hadaemon/Monit")
-            add("   check exits -> action p50 ms %s %s %s" % (
-                fmt(reaction and reaction["check_exit_to_action"]["p50_ms"], 10),
-                fmt(mr["check_exit_to_action"]["p50_ms"], 10), fmt(vs.get("check_exit_to_action_p50"), 10)))
-            add("   file flip -> action p50 ms   %s %s %s  (interval 100ms vs cycle 1s)" % (
-                fmt(reaction and reaction["flip_to_action"]["p50_ms"], 10),
-                fmt(mr["flip_to_action"]["p50_ms"], 10), fmt(vs.get("flip_to_action_p50"), 10)))
-            add("   CPU per check ms, ~100/s     %s %s %s" % (
-                fmt(ha_cpu.get("cpu_per_check_ms"), 10), fmt(mc["cpu_per_check_ms"], 10),
-                fmt(vs.get("cpu_per_check_at_100_per_s"), 10)))
-            add("   (Monit: %d transitions; %d checks x %d cycles in %.1f s, RSS %.1f MB)" % (
-                mr["transitions"], mc["checks"], mc["cycles"], mc["window_s"], mc["rss_mb"]))
-            load("monit")
     return "\n".join(lines)
 
 
@@ -1197,8 +1415,9 @@ def main(argv=None):
              ("throughput", lambda: section_throughput(tmp, args.quick, args.workers, launcher)),
              ("reaction", lambda: section_reaction(tmp, args.quick, 2, launcher)),
              ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
-             ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)),
-             ("monit", lambda: section_monit(tmp, args.quick)))
+             ("monit", lambda: section_monit(tmp, args.quick)),
+             ("cluster", lambda: section_cluster(tmp, args.quick)),
+             ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)))
     result["load"] = {}
     try:
         for name, step in steps:

@@ -91,6 +91,26 @@ def alive(pid):
         return False
 
 
+def keygen(path):
+    """An ed25519 key pair without passphrase at ``path`` (and ``path``.pub)."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hadaemon-test", "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL)
+    return path
+
+
+def with_private_run(argv):
+    """``argv`` (an sshd command line) as it can run here.
+
+    sshd as root wants its privilege separation dir /run/sshd; rather than create
+    it on the machine, give it a private /run (a tmpfs in a mount namespace of its
+    own, unshare(1)) holding one.  Unchanged when not root or /run/sshd exists.
+    """
+    if os.getuid() != 0 or os.path.isdir("/run/sshd"):
+        return list(argv)
+    script = 'mount -t tmpfs -o mode=0755 hadaemon-test /run && mkdir -m 0755 /run/sshd && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, "sshd"] + list(argv)
+
+
 class Daemon:
     """One hadaemon under test, with its own config dir and state dir."""
 
@@ -106,6 +126,7 @@ class Daemon:
         self._log = None
         self.started = []                      # every master pid this Daemon started (or a test adds)
         self.python, self.program = sys.executable, HADAEMON   # what start() runs
+        self.wrap = []                         # argv prefix, e.g. ip netns exec NS (it execs: same pid)
 
     # -- building a config --------------------------------------------------------
 
@@ -150,8 +171,8 @@ class Daemon:
     # -- running it -----------------------------------------------------------------
 
     def argv(self, *args):
-        return [self.python, str(self.program), "--config-dir", str(self.dir),
-                "--state-dir", str(self.state)] + list(args)
+        return self.wrap + [self.python, str(self.program), "--config-dir", str(self.dir),
+                            "--state-dir", str(self.state)] + list(args)
 
     def cli(self, *args, timeout=60, env=None, check=False):
         """Run one hadaemon command to completion and return the CompletedProcess."""

@@ -20,6 +20,10 @@ SECTIONS = {
     "reaction": ["result_to_action.p50_ms", "result_to_action.p99_ms", "result_to_spawn.p50_ms",
                  "check_exit_to_action.p50_ms", "flip_to_action.p50_ms", "transitions"],
     "idle": ["cpu_pct.master", "cpu_pct.workers", "rss_mb.master", "rss_total_mb", "pss_total_mb"],
+    "cluster": ["failover.kill_to_action.p50_ms", "failover.kill_to_action.max_ms",
+                "failover.kill_to_leader_status.p50_ms", "flips.flip_to_action.p50_ms",
+                "flips.flip_to_transition.p50_ms", "flips.transition_to_action.p50_ms",
+                "steady.requests_per_s", "steady.keepalives_expected_per_s", "steady.etcd_writes_per_s"],
     "http": ["status.p50_ms", "status.p99_ms", "host.p50_ms", "host.p99_ms", "host_new_connection.p99_ms",
              "lag_p99_ms", "cpu_per_request_ms", "checks_per_s_meanwhile", "status_bytes"],
 }
@@ -65,7 +69,7 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert _number(doc["derived"]["vs_monit"]["cpu_per_check_at_100_per_s"])
     # The table names each section and the load it ran under.
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
-                    "6. http", "7. beside Monit", "load average"):
+                    "6. beside Monit", "7. cluster", "8. http", "load average"):
         assert heading in result.stdout, heading
 
 

@@ -1,4 +1,6 @@
-"""PostgreSQL failover end to end: a real primary and hot standby, hadaemon on examples/postgresql.
+"""PostgreSQL failover end to end: a real primary and hot standby, hadaemon on examples/postgresql
+in its repoint shape (actions-repoint.conf; test_stack.py runs its production shape, with a
+service address that moves, across hosts made of network namespaces).
 
 The test builds the pair itself in a temp dir: ``initdb`` the primary (trust on
 127.0.0.1 only, synchronous replication so an acknowledged commit is on both),
@@ -15,252 +17,29 @@ history showing master_to_down then slave_to_master with their runs ok.
 The failover figures are printed (run with ``-s`` to see them), never asserted.
 """
 
-import glob
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import pytest
 
 from conftest import ROOT, alive, wait_for
+from pgpair import Pair, free_ports, server_setup
 
 import hadaemon
 
 EXAMPLE = ROOT / "examples" / "postgresql"
-PG_TOOLS = ("initdb", "postgres", "pg_basebackup", "pg_ctl", "psql", "pg_isready")
-
-
-def pg_bindir():
-    """The newest /usr/lib/postgresql/N/bin holding every tool we need, or None."""
-    def version(path):
-        try:
-            return float(path.split("/")[-2])
-        except ValueError:
-            return 0.0
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
-        if all(os.access(os.path.join(bindir, t), os.X_OK) for t in PG_TOOLS):
-            return bindir
-    return None
-
-
-def free_ports(n):
-    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def pids_in(directory):
-    """Pids of live processes whose cwd is ``directory`` or below (PostgreSQL's
-    backends chdir to their data dir and run in sessions of their own)."""
-    found = []
-    prefix = directory.rstrip("/") + "/"
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cwd = os.readlink("/proc/%s/cwd" % name)
-        except OSError:
-            continue
-        if (cwd == directory or cwd.startswith(prefix)) and alive(int(name)):
-            found.append(int(name))
-    return found
-
-
-class Server:
-    """One PostgreSQL server of the pair: a data dir, a port, a postmaster we started."""
-
-    def __init__(self, pair, name, port):
-        self.pair, self.name, self.port = pair, name, port
-        self.datadir = os.path.join(pair.dir, name)
-        self.log_path = os.path.join(pair.dir, name + ".log")
-        self.proc = None
-
-    @property
-    def host(self):
-        """The name hadaemon knows it by: check_pg_role's HOST:PORT for a port that is not 5432."""
-        return "127.0.0.1:%d" % self.port
-
-    def start(self):
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = self.pair.spawn([self.pair.tool("postgres"), "-D", self.datadir], log)
-        finally:
-            log.close()
-        wait_for(lambda: self.proc.poll() is not None or self.ready(), timeout=30,
-                 what="%s to accept connections" % self.name)
-        if self.proc.poll() is not None:
-            raise AssertionError("%s exited %s at start:\n%s" % (self.name, self.proc.returncode,
-                                                                 self.log()))
-
-    def ready(self):
-        return subprocess.run([self.pair.tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p",
-                               str(self.port), "-t", "2"], env=self.pair.client_env,
-                              stdin=subprocess.DEVNULL, timeout=20).returncode == 0
-
-    def postmaster_pid(self):
-        with open(os.path.join(self.datadir, "postmaster.pid")) as f:
-            return int(f.readline())
-
-    def sql(self, query, timeout=20):
-        """Run one statement as the superuser over TCP; its rows as a list of lines."""
-        r = subprocess.run([self.pair.tool("psql"), "-h", "127.0.0.1", "-p", str(self.port),
-                            "-X", "-w", "-At", "-v", "ON_ERROR_STOP=1", "-c", query],
-                           env=self.pair.client_env, stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, "%s: %s failed: %s" % (self.name, query, r.stderr)
-        return r.stdout.splitlines()
-
-    def log(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self):
-        """pg_ctl stop -m immediate, then SIGKILL whatever of it is left, by pid."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.pair.run([self.pair.tool("pg_ctl"), "stop", "-D", self.datadir,
-                               "-m", "immediate", "-w", "-t", "10"], check=False, timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.proc.poll() is None:
-                self.proc.kill()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in pids_in(self.datadir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-class Pair:
-    """A primary and a synchronous hot standby in a temp dir the server user owns."""
-
-    def __init__(self, bindir, user):
-        self.bindir = bindir
-        self.user = user                    # pwd entry to run the servers as, or None (ourselves)
-        self.dir = tempfile.mkdtemp(prefix="hadaemon-pg-")
-        if user is not None:
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self.server_env = {"PATH": bindir + ":/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC",
-                           "HOME": self.dir}
-        # Clients connect as the superuser initdb -U names; no PG* variable of
-        # the caller's (PGHOST, PGSERVICE, ...) leaks in.
-        self.client_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        self.client_env.update(PGUSER="postgres", PGDATABASE="postgres", PGCONNECT_TIMEOUT="5",
-                               PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
-        p1, p2 = free_ports(2)
-        self.primary = Server(self, "db1", p1)
-        self.standby = Server(self, "db2", p2)
-        self.others = []                    # other processes to kill at teardown
-
-    def tool(self, name):
-        return os.path.join(self.bindir, name)
-
-    def as_user(self, argv):
-        """argv run as the server user: setpriv execs, so the pid is the tool's own."""
-        if self.user is None:
-            return list(argv)
-        return ["setpriv", "--reuid", str(self.user.pw_uid), "--regid", str(self.user.pw_gid),
-                "--clear-groups", "--"] + list(argv)
-
-    def run(self, argv, check=True, timeout=60):
-        r = subprocess.run(self.as_user(argv), env=self.server_env, cwd=self.dir,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError("%s exited %d:\n%s%s" % (argv[0], r.returncode, r.stdout, r.stderr))
-        return r
-
-    def spawn(self, argv, log):
-        return subprocess.Popen(self.as_user(argv), env=self.server_env, cwd=self.dir,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-    def build(self):
-        p = self.primary
-        self.run([self.tool("initdb"), "-D", p.datadir, "-U", "postgres", "--auth=trust",
-                  "--no-sync", "-E", "UTF8", "--locale=C"])
-        with open(os.path.join(p.datadir, "postgresql.conf"), "a") as f:
-            f.write("\n# hadaemon test\n"
-                    "listen_addresses = '127.0.0.1'\n"
-                    "port = %d\n"
-                    "unix_socket_directories = '%s'\n"
-                    "wal_level = replica\n"
-                    "synchronous_standby_names = '*'\n"
-                    "shared_buffers = 16MB\n"
-                    "max_connections = 40\n"
-                    "logging_collector = off\n" % (p.port, self.dir))
-        with open(os.path.join(p.datadir, "pg_hba.conf"), "w") as f:
-            f.write("host all all 127.0.0.1/32 trust\n"
-                    "host replication all 127.0.0.1/32 trust\n")
-        p.start()
-        s = self.standby
-        self.run([self.tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(p.port), "-U",
-                  "postgres", "-D", s.datadir, "-R", "-X", "stream", "-c", "fast", "--no-sync"])
-        with open(os.path.join(s.datadir, "postgresql.conf"), "a") as f:
-            f.write("port = %d\n" % s.port)
-        s.start()
-
-        def streaming_sync():
-            return p.sql("SELECT state, sync_state FROM pg_stat_replication") == ["streaming|sync"]
-        wait_for(streaming_sync, timeout=30, interval=0.1,
-                 what="the standby to stream synchronously (log:\n%s)" % s.log())
-        p.sql("CREATE TABLE ha_rows (n integer PRIMARY KEY, at timestamptz DEFAULT now())")
-
-    def teardown(self):
-        for server in (self.primary, self.standby):
-            server.stop()
-        for proc in self.others:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        for pid in pids_in(self.dir):       # anything that still runs in there
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
 def pg_pair():
-    bindir = pg_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin "
-                    "(Debian's postgresql package provides them; tests/run installs it as root)")
-    user = None
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root, and initdb refuses root: no 'postgres' user to run "
-                        "the servers as (Debian's postgresql package creates one)")
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop to "
-                        "the postgres user")
+    bindir, user = server_setup()
     pair = Pair(bindir, user)
     try:
         pair.build()
@@ -364,8 +143,10 @@ class Writer(threading.Thread):
 
 
 def install_example(d, pair):
-    """The example config in the daemon's dir, db1 / db2 rewritten to the pair's ports."""
-    shutil.copy(EXAMPLE / "actions.conf", d.dir / "actions.conf")
+    """The example config in the daemon's dir, in its repoint shape (actions-repoint.conf
+    as actions.conf: no service address to move on one host), db1 / db2 rewritten to
+    the pair's ports."""
+    shutil.copy(EXAMPLE / "actions-repoint.conf", d.dir / "actions.conf")
     for sub in ("checks", "actions"):
         shutil.copytree(EXAMPLE / sub, d.dir / sub, dirs_exist_ok=True)
     text = (EXAMPLE / "checks.conf").read_text()

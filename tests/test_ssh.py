@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, alive, pids_with_env, wait_for
+from conftest import ROOT, alive, keygen, pids_with_env, wait_for, with_private_run
 
 sys.path.insert(0, str(ROOT))
 import hadaemon  # noqa: E402
@@ -29,12 +29,6 @@ if not (os.access(SSHD, os.X_OK) and shutil.which("ssh") and shutil.which("ssh-k
     pytest.skip("OpenSSH (%s, ssh, ssh-keygen) is not installed" % SSHD, allow_module_level=True)
 
 USER = "root" if os.getuid() == 0 else os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
-
-
-def keygen(path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hadaemon-test", "-f", str(path)],
-                   check=True, stdin=subprocess.DEVNULL)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +102,10 @@ class Sshd:
 
     def argv(self):
         sshd = [SSHD, "-D", "-e", "-f", str(self.config), "-p", str(self.port), "-E", str(self.log_path)]
-        if os.getuid() != 0 or os.path.isdir("/run/sshd"):
-            return sshd
-        # sshd as root wants its privilege separation dir /run/sshd; rather than create it
-        # on the machine, give this sshd a private /run in a mount namespace of its own.
-        if not shutil.which("unshare"):
+        wrapped = with_private_run(sshd)
+        if wrapped[0] == "unshare" and not shutil.which("unshare"):
             pytest.skip("sshd needs /run/sshd and unshare(1) is missing")
-        script = 'mount -t tmpfs -o mode=0755 hadaemon-test /run && mkdir -m 0755 /run/sshd && exec "$@"'
-        return ["unshare", "--mount", "sh", "-c", script, "sshd"] + sshd
+        return wrapped
 
     def start(self):
         mark = self.log_text().count("Server listening on")
