@@ -3804,7 +3804,7 @@ HTTP_SEND_TIME = 10.0           # an answer the client does not take in this tim
 HTTP_LINGER = 2.0               # after an answer that closes: reading what the client still sends
 HTTP_RECV = 65536
 HTTP_PASS_BUDGET = 0.005        # seconds of answering in one pass of the loop, at most;
-HTTP_SHARE = 0.5                # and under a flood at most this share of the master's time
+HTTP_SHARE = 0.25               # and under a flood at most this share of the master's time
 HTTP_AUTH_LOG_EVERY = 60.0      # one line per client address per minute about a refused token
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
                 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",

@@ -976,10 +976,10 @@ def test_without_a_token_a_host_header_must_be_an_address(host, status):
     assert http.answer(request("GET", "/status", headers), "127.0.0.1", 0.0).status == 200
 
 
-def test_answering_is_bounded_per_pass_and_to_half_of_the_time(server):
+def test_answering_is_bounded_per_pass_and_to_a_share_of_the_time(server):
     """A flood of costly requests is answered a few milliseconds per pass of the loop, and
-    at most half of the time over all: the master's other work and the workers come
-    between.  Here each answer takes 20 ms: one a pass, and 40 ms apart at the least."""
+    for HTTP_SHARE of the time over all: the master's other work and the workers come
+    between.  Here each answer takes 20 ms: one a pass, and 80 ms apart at the least."""
     passes, costs = [], []
 
     class SlowApp(FakeApp):
