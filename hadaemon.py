@@ -6186,18 +6186,27 @@ class ClusterLink:
         self.handoff = (run, rid)
 
     def next_wake(self, now):
-        """When the loop must pass again for the cluster, at the latest."""
+        """When the loop must pass again for the cluster, at the latest.
+
+        Only what a pass can act on counts: a deadline already past whose work waits
+        for the agent (a renewal in flight, requests while it is not connected) would
+        make the loop spin until the agent answers.
+        """
         member = self.member
-        if member.outbox or member.notes:
+        agent = self.agent()
+        connected = agent is not None and agent.conn is not None
+        if member.notes or (connected and member.outbox):
             return now
-        times = [member.next_renew]
+        times = [member.next_renew, member.next_put, member.next_campaign, member.next_revoke]
+        if agent is None and self.leave_by is None:
+            times.append(self.agent_after)
         if member.stepping is not None:
             times.append(member.stepping["kill_at"])
         elif member.role == "leader" and member.valid_until is not None:
             times.append(member.stop_at())
         if member.valid_until is not None:
             times.append(member.valid_until)
-        return min(times)
+        return min([t for t in times if t > now] or [now + 1.0])
 
     def may(self):
         """The answer to an action run that asks before its next command."""
