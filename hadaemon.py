@@ -13,7 +13,9 @@ master      one thread, one ``selectors`` loop over the UNIX socket, its client
             timers and keeps the worker pool full, so a lost signal never matters.
             Its parts, each a class of its own: the Ledger (states, transitions,
             runs, the queue), the Scheduler (when checks run), the Pool (every
-            forked child), the ControlServer (the socket); the Master wires them.
+            forked child), the ControlServer (the socket), the HttpServer (the
+            status page, JSON, load-balancer checks and metrics, when ``http`` is
+            set: its connections in the same loop); the Master wires them.
 worker      ``workers`` processes forked up front.  Each connects to the socket,
             says hello, then runs one check at a time as the master hands them out:
             the check gets its own session (process group), its output is parsed
@@ -49,6 +51,7 @@ Ledger                                  SPEC §4 and §5: reports in, transition
 Scheduler                               the timer heap: when each check runs, its last result
 Pool                                    every forked child: fork, hello, reap, retire, replace
 Control server                          the socket's connections and the control verbs
+HTTP                                    SPEC §9: parser, answers, page, metrics, HttpServer
 etcd                                    a v3 client on the JSON gateway (http.client, ssl)
 Cluster agent                           the process that makes the etcd calls
 Cluster member                          the lease clock, roles, views, quorum (no I/O)
@@ -88,6 +91,9 @@ import errno
 import fcntl
 import gc
 import heapq
+import hmac
+import html
+import ipaddress
 import itertools
 import json
 import logging
@@ -106,6 +112,7 @@ import struct
 import sys
 import time
 import typing
+import urllib.parse
 
 __version__ = "0.1.0"
 
@@ -155,6 +162,9 @@ DAEMON_DEFAULTS = {
     "ssh_identity": None,
     "ssh_options": (),
     "connect_timeout": 5.0,
+    "http": None,         # the status page, JSON and metrics: off unless set (SPEC §9)
+    "http_token": None,
+    "http_cert": None,
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -478,6 +488,10 @@ class DaemonSettings:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = DAEMON_DEFAULTS["connect_timeout"]
+    http: typing.Optional["HttpAddress"] = None
+    # The token itself, read from the file the setting names; kept out of every repr.
+    http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
+    http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
 
 
 @dataclasses.dataclass
@@ -744,10 +758,147 @@ def _setting_value(key, words, where, errors):
             raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
         if key == "host" and not valid_name(value):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
+        if key == "http":
+            return parse_http_address(value)
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpAddress:
+    """Where the HTTP server listens (SPEC §9): an IP address and a port."""
+    host: str           # normalised: 127.0.0.1, ::1, 0.0.0.0, ::
+    port: int
+    text: str           # as written in checks.conf, for messages
+
+    @property
+    def family(self):
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def loopback(self):
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def url(self, tls=False):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s:%d/" % ("https" if tls else "http", host, self.port)
+
+
+_HTTP_ADDRESS_RE = re.compile(r"(?:\[([^\]]*)\]|([^\[\]:]*)):(\d{1,5})\Z")
+_HTTP_FORMS = "write IP:PORT, :PORT, [::1]:PORT, 0.0.0.0:PORT or localhost:PORT"
+
+
+def parse_http_address(text):
+    """``IP:PORT``, ``:PORT`` (127.0.0.1), ``[IPv6]:PORT``, ``localhost:PORT`` -> HttpAddress.
+
+    Only addresses, and ``localhost``: a name to resolve would make the listener
+    depend on the resolver at every start and reload.
+    """
+    m = _HTTP_ADDRESS_RE.match(text)
+    if not m:
+        raise ValueError("http = %s is not an address with a port; %s" % (text, _HTTP_FORMS))
+    port = int(m.group(3))
+    if not 0 < port < 65536:
+        raise ValueError("http = %s: port %d is not between 1 and 65535" % (text, port))
+    bracketed = m.group(1) is not None
+    host = m.group(1) if bracketed else (m.group(2) or "127.0.0.1")
+    if host == "localhost" and not bracketed:
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("http = %s: %r is not an IP address; %s" % (text, host, _HTTP_FORMS)) from None
+    if bracketed != (ip.version == 6):
+        raise ValueError("http = %s: %s" % (text, "brackets are for IPv6 addresses only" if bracketed
+                                             else "an IPv6 address goes in brackets: [%s]:%d" % (ip, port)))
+    return HttpAddress(str(ip), port, text)
+
+
+def _private_file(path):
+    """(bytes, None) of a regular file that only its owner may read, or (None, the problem)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "%s is not a file" % path
+        if st.st_mode & 0o044:
+            return None, ("%s is readable by group or others (mode %04o): chmod 600 %s"
+                          % (path, stat.S_IMODE(st.st_mode), path))
+        with open(path, "rb") as f:
+            return f.read(), None
+    except FileNotFoundError:
+        return None, "%s does not exist" % path
+    except OSError as exc:
+        return None, "cannot read %s: %s" % (path, exc.strerror)
+
+
+def read_http_token(path):
+    """The access token in ``path`` (its content without surrounding whitespace): (token, problem)."""
+    data, problem = _private_file(path)
+    if problem:
+        return None, problem
+    token = data.strip()
+    if not token:
+        return None, "%s is empty" % path
+    if not re.match(rb"[\x21-\x7e]+\Z", token):
+        return None, ("%s: the token must be one word of printable ASCII (it travels in an "
+                      "Authorization header)" % path)
+    return token.decode("ascii"), None
+
+
+def _no_password():
+    return b""          # an encrypted key fails to load instead of prompting on a terminal
+
+
+def http_ssl_context(path):
+    """The server's TLS context from one PEM holding certificate and key; ValueError says what is wrong."""
+    data, problem = _private_file(path)
+    if problem:
+        raise ValueError(problem)
+    text = data.decode("ascii", "replace")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError("%s holds no certificate (-----BEGIN CERTIFICATE-----)" % path)
+    if "ENCRYPTED PRIVATE KEY" in text or "Proc-Type: 4,ENCRYPTED" in text:
+        raise ValueError("%s: the private key is encrypted; the daemon needs it without a "
+                         "passphrase (openssl pkey -in KEY -out KEY.plain)" % path)
+    if not re.search(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----", text):
+        raise ValueError("%s holds no private key: put the key and the certificate in one PEM file"
+                         % path)
+    import ssl                          # only for https: 3 MB of modules a daemon without does without
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(path, password=_no_password)
+    except ssl.SSLError as exc:
+        raise ValueError("%s: not a certificate and key ssl can use (%s)"
+                         % (path, exc.reason or exc)) from None
+    return context
+
+
+def _http_settings(daemon, config_dir, errors):
+    """Check the [daemon] http settings together; the token's setting becomes the token itself."""
+    if "http_token" in daemon:
+        where, name = daemon["http_token"]
+        token, problem = read_http_token(os.path.join(config_dir, name))
+        if problem:
+            errors.append("%s: http_token = %s: %s" % (where, name, problem))
+            token = ""          # set, but bad: no second error for the address below
+        daemon["http_token"] = (where, token)
+    if "http_cert" in daemon:
+        where, name = daemon["http_cert"]
+        path = os.path.abspath(os.path.join(config_dir, name))
+        try:
+            http_ssl_context(path)
+        except ValueError as exc:
+            errors.append("%s: http_cert = %s: %s" % (where, name, exc))
+        daemon["http_cert"] = (where, path)
+    if "http" in daemon:
+        where, address = daemon["http"]
+        if not address.loopback and "http_token" not in daemon:
+            errors.append("%s: http = %s is not a loopback address: set http_token too (a file "
+                          "holding the access token), or anyone who reaches it reads the status"
+                          % (where, address.text))
 
 
 _ETCD_URL_RE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(\d{1,5}))?/?\Z")
@@ -921,6 +1072,7 @@ def _parse_checks(path, config_dir, errors):
             errors.append("%s: [daemon] holds only KEY = VALUE settings, not %r" % (where, text))
         elif words:
             current[1][3].append((where, words, text))
+    _http_settings(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
@@ -3158,16 +3310,29 @@ class Ledger:
     def host_entries(self):
         """(host, what --status --json says of it), by name, made one by one as they are read."""
         for name in sorted(self.hosts):
-            record = self.hosts[name]
-            pending = None
-            if record.get("pending"):
-                pending = {"state": record["pending"], "count": record.get("count", 0)}
-            yield name, {"state": record.get("state"), "since": record.get("since"),
-                         "pending": pending, "last_report": self.reports.get(name)}
+            yield name, self.host_status(name)
+
+    def host_status(self, name):
+        """One host as the document's ``hosts`` shows it; None for a host never seen."""
+        record = self.hosts.get(name)
+        if record is None:
+            return None
+        pending = None
+        if record.get("pending"):
+            pending = {"state": record["pending"], "count": record.get("count", 0)}
+        return {"state": record.get("state"), "since": record.get("since"),
+                "pending": pending, "last_report": self.reports.get(name)}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
         return {"paused": self.paused, "queue": list(self.queue)}
+
+    def counters(self):
+        """Transitions and ended runs since this process started (Prometheus' counters)."""
+        return {"transitions": [{"host": h, "from": f, "to": t, "count": n}
+                                for (h, f, t), n in sorted(self.transition_counts.items())],
+                "action_runs": [{"section": sec, "result": result, "count": n}
+                                for (sec, result), n in sorted(self.run_counts.items())]}
 
     def history(self, n):
         return history_entries(list(self.transitions), self.runs, n)
@@ -3253,6 +3418,8 @@ class Scheduler:
         self.stale = 0                  # heap entries of checks a reload removed or rescheduled
         self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
         self.lags = collections.deque(maxlen=10000)
+        self.lag_count, self.lag_sum = 0, 0.0     # since the start: the window above forgets
+        self.lag_cache = None                       # (when, lag_count, percentiles of the window)
         self.heap_seq = itertools.count()
         self.tokens = itertools.count()     # never reused: a removed check that comes back is new
         self.running = set()            # keys of the checks queued or running (busy)
@@ -3274,14 +3441,14 @@ class Scheduler:
                 return
 
     def configure_steps(self, checks, now=None):
-        """(Re)build the schedule; keep what is known of checks whose schedule is unchanged.
+        """(Re)build the schedule: plan_steps() then swap() (see there)."""
+        plan = yield from self.plan_steps(checks)
+        return self.swap(plan, now)
 
-        A generator: it looks at CONFIG_STEP checks between yields, changing nothing,
-        then swaps the new schedule in at once.  A check whose schedule is unchanged
-        keeps its runtime and its place in the heap; new ones and rescheduled ones
-        start afresh, their first runs spread over their first interval from ``now``
-        (default: the time of the swap).
-        """
+    def plan_steps(self, checks):
+        """The new schedule, prepared: keep what is known of checks whose schedule is
+        unchanged.  A generator that looks at CONFIG_STEP checks between yields and
+        changes nothing; it returns the plan for swap()."""
         old = self.runtimes
         runtimes, kept, fresh, cron = {}, [], [], []
         for i, check in enumerate(checks, 1):
@@ -3307,7 +3474,15 @@ class Scheduler:
             rt.waiting = since
         fresh = collections.deque(sorted(((rt.next_due, rt) for rt in fresh), key=lambda e: e[0]))
         yield
-        # The swap: nothing in between may see half of it.
+        return old, runtimes, kept, fresh, cron, since
+
+    def swap(self, plan, now=None):
+        """Put the planned schedule in at once.  A check whose schedule is unchanged keeps
+        its runtime and its place in the heap; new ones and rescheduled ones start
+        afresh, their first runs spread over their first interval from ``now`` (default:
+        the time of the swap).  Returns the runtimes replaced, for the caller to let go
+        of a slice at a time."""
+        old, runtimes, kept, fresh, cron, since = plan
         since[0] = time.monotonic() if now is None else now
         for rt, check in kept:
             rt.check = check
@@ -3331,7 +3506,7 @@ class Scheduler:
                 self.running.discard(rt.check.key)
         self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
                                        if rt.check.key in runtimes)
-        return list(old.values())       # for the caller to let go of a slice at a time
+        return list(old.values())
 
     def _push_fresh(self, until):
         """Checks waiting for their first run due by ``until`` go into the heap."""
@@ -3390,6 +3565,8 @@ class Scheduler:
             return None
         rt, due = self.ready.popleft()
         self.lags.append(now - due)
+        self.lag_count += 1
+        self.lag_sum += now - due
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -3474,9 +3651,18 @@ class Scheduler:
             yield entry
 
     def lag_summary(self):
-        lags = sorted(self.lags)
-        return {"p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
-                "max": percentile(lags, 1.0), "samples": len(lags)}
+        # Sorting 10000 samples takes a millisecond or more, and the status page, /status
+        # and /metrics ask often: the percentiles of a window this long are recomputed
+        # at most once a second (at once while they have no sample yet).
+        now = time.monotonic()
+        cache = self.lag_cache
+        if cache is None or (cache[1] != self.lag_count
+                             and (now - cache[0] >= 1.0 or not cache[2]["samples"])):
+            lags = sorted(self.lags)
+            cache = self.lag_cache = (now, self.lag_count, {
+                "p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+                "max": percentile(lags, 1.0), "samples": len(lags)})
+        return dict(cache[2], count=self.lag_count, sum=round(self.lag_sum * 1000, 3))
 
 
 # ============================================================================
@@ -4018,6 +4204,959 @@ class ControlServer:
 
 
 # ============================================================================
+# HTTP: status page, JSON, load-balancer checks, metrics
+# ============================================================================
+#
+# SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
+# a non-blocking listener and connections on the master's selector, no thread.  The
+# answers are pure functions of the status document (the one --status --json
+# prints), so the page, the JSON, the load balancer's check and the metrics can
+# never disagree with each other or with --status.
+#
+# Why not http.server: its request handler reads a blocking file object, one
+# request per call, and writes its answer before returning; nothing of it fits a
+# loop that must never wait on a client.  http.client.parse_headers would fit (on
+# a whole head; the etcd client below has the module loaded anyway), but measured it
+# takes 52 us per head against 15 us for the parser below, and it quietly drops a
+# malformed line or accepts a folded one, where a server must refuse both (RFC 9112 §5).
+
+HTTP_HEAD_MAX = 8192            # request line plus headers: past it 431 (414: the line alone)
+HTTP_MAX_CONNS = 64             # a new connection past this closes the oldest waiting one
+HTTP_REQUEST_TIME = 10.0        # from a request's first byte (or the TLS handshake's) to its end
+HTTP_IDLE = 10.0                # a kept-alive connection idle this long is closed
+HTTP_SEND_TIME = 10.0           # an answer the client does not take in this time is dropped
+HTTP_LINGER = 2.0               # after an answer that closes: reading what the client still sends
+HTTP_RECV = 65536
+HTTP_PASS_BUDGET = 0.005        # seconds of answering in one pass of the loop, at most;
+HTTP_SHARE = 0.25               # and under a flood at most this share of the master's time
+HTTP_AUTH_LOG_EVERY = 60.0      # one line per client address per minute about a refused token
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+                413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 503: "Service Unavailable",
+                505: "HTTP Version Not Supported"}
+HTTP_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+# Without a token, a Host header must name the server by address (or localhost): a web
+# page elsewhere could otherwise point a name of its own at 127.0.0.1 and read the
+# answers with the browser of someone on this host (DNS rebinding).
+_LOCAL_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9.]+|localhost|[A-Za-z0-9.-]+\.localhost)(:[0-9]+)?\Z",
+                            re.I)
+
+
+class HttpError(HadaemonError):
+    """A request answered with an error status; ``close``: the connection ends after it."""
+
+    def __init__(self, status, message, close=False, headers=()):
+        super().__init__(message)
+        self.status, self.message, self.close, self.headers = status, message, close, tuple(headers)
+
+
+@dataclasses.dataclass
+class HttpRequest:
+    method: str
+    target: str         # as sent, for the debug log
+    path: tuple         # the path's segments, each percent-decoded: () is "/"
+    query: dict         # name -> value (the last one when repeated)
+    version: tuple      # (1, 1)
+    headers: dict       # lower-cased name -> value; repeated ones joined with ", "
+    keep_alive: bool
+
+
+_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE_RE = re.compile(rb"(" + _TCHAR + rb") (\S+) HTTP/(\d)\.(\d)\Z")
+_HEADER_RE = re.compile(rb"(" + _TCHAR + rb"):[ \t]*(.*?)[ \t]*\Z", re.S)
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+_BLANK_LINES_RE = re.compile(rb"[\r\n]*")
+_FIELD_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class RequestReader:
+    """Bytes in, request heads out, one at a time, within the limits of SPEC §9.
+
+    Incremental: ``feed`` whatever arrived, then ``next_request`` until it returns
+    None.  The end of a head is searched only in bytes not searched before, so a
+    client sending one byte at a time costs no more than one sending it all.
+    """
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.scanned = 0
+
+    def feed(self, data):
+        self.buf += data
+
+    def started(self):
+        """True once part of a request is in (blank lines between requests do not count)."""
+        return _BLANK_LINES_RE.match(self.buf).end() < len(self.buf)
+
+    def next_request(self):
+        """The next whole request head, taken from the buffer; None until one is in.
+
+        Raises HttpError (closing the connection) when the head breaks a limit or the
+        grammar, or announces a body.
+        """
+        blank = _BLANK_LINES_RE.match(self.buf).end()   # RFC 9112 §2.2: ignore CRLFs before a request
+        if blank:
+            del self.buf[:blank]
+            self.scanned = 0
+        end = _HEAD_END_RE.search(self.buf, max(0, self.scanned - 3))
+        if end is None or end.end() > HTTP_HEAD_MAX:
+            if end is None and len(self.buf) < HTTP_HEAD_MAX:
+                self.scanned = len(self.buf)
+                return None
+            if self.buf.find(b"\n", 0, HTTP_HEAD_MAX) < 0:
+                raise HttpError(414, "the request line is longer than %d bytes" % HTTP_HEAD_MAX, True)
+            raise HttpError(431, "the request line and headers are longer than %d bytes"
+                            % HTTP_HEAD_MAX, True)
+        head = bytes(self.buf[:end.start()])
+        del self.buf[:end.end()]
+        self.scanned = 0
+        return parse_request_head(head)
+
+
+def parse_request_head(head):
+    """One request head (without its blank line) -> HttpRequest; HttpError when malformed."""
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+    m = _REQUEST_LINE_RE.match(lines[0])
+    if not m:
+        raise HttpError(400, "malformed request line", True)
+    version = (int(m.group(3)), int(m.group(4)))
+    if version[0] != 1:
+        raise HttpError(505, "HTTP/%d.%d is not served: speak HTTP/1.1" % version, True)
+    headers = {}
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "a folded header line (obsolete line folding is refused)", True)
+        hm = _HEADER_RE.match(line)
+        if not hm or _FIELD_CTL_RE.search(hm.group(2)):
+            raise HttpError(400, "malformed header line", True)
+        name, value = hm.group(1).decode("ascii").lower(), hm.group(2).decode("latin-1")
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    if "transfer-encoding" in headers:
+        raise HttpError(413, "no request here takes a body", True)
+    if "content-length" in headers:
+        lengths = {v.strip() for v in headers["content-length"].split(",")}
+        length = lengths.pop()
+        if lengths or not re.match(r"[0-9]{1,18}\Z", length):
+            raise HttpError(400, "bad Content-Length", True)
+        if int(length) > 0:
+            raise HttpError(413, "no request here takes a body", True)
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
+    method = m.group(1).decode("ascii")
+    path, query = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+
+
+def _parse_target(raw, method):
+    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    try:
+        target = raw.decode("ascii")
+        if target == "*" and method == "OPTIONS":
+            return (), {}       # the server as a whole: answered as "/"
+        if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        if not target.startswith("/"):
+            raise ValueError("not a path")
+        path, _, query = target.partition("#")[0].partition("?")
+        segments = tuple(urllib.parse.unquote(seg, errors="strict") for seg in path.split("/")[1:])
+        if segments == ("",):
+            segments = ()
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
+                                       max_num_fields=32)
+        return segments, dict(pairs)
+    except (UnicodeError, ValueError):
+        raise HttpError(400, "malformed request target", True) from None
+
+
+def token_problem(header, token):
+    """None when ``header`` (Authorization) carries ``token``, else why not (never the token).
+
+    ``Bearer TOKEN``, or Basic with any user name and TOKEN as password (so a browser
+    can log in); compared in constant time.
+    """
+    if not header:
+        return "no token"
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip().encode("latin-1")
+    if scheme.lower() == "bearer":
+        given = credentials
+    elif scheme.lower() == "basic":
+        try:
+            user_pass = base64.b64decode(credentials, validate=True)
+        except ValueError:
+            return "malformed Basic credentials"
+        given = user_pass.partition(b":")[2]
+    else:
+        return "not Bearer or Basic"     # never the word itself: it may be the token
+    return None if hmac.compare_digest(given, token.encode("ascii")) else "wrong token"
+
+
+@dataclasses.dataclass
+class HttpAnswer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple = ()                 # extra (name, value) pairs
+    close: bool = False                 # end the connection after it
+
+
+def json_answer(status, obj, headers=()):
+    return HttpAnswer(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n",
+                      headers=tuple(headers))
+
+
+def error_answer(status, message, headers=(), close=False):
+    answer = json_answer(status, {"error": message}, headers)
+    answer.close = close
+    return answer
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(when):
+    """RFC 9110's IMF-fixdate, whatever the locale."""
+    t = time.gmtime(when)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1],
+                                                    t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def encode_answer(answer, method, version, keep_alive, now=None):
+    """The bytes of an answer: status line, headers, and the body unless HEAD or OPTIONS."""
+    lines = ["HTTP/1.1 %d %s" % (answer.status, HTTP_REASONS.get(answer.status, "Unknown")),
+             "Date: " + http_date(time.time() if now is None else now),
+             "Server: hadaemon",
+             "Content-Type: " + answer.content_type,
+             "Content-Length: %d" % len(answer.body),
+             "Cache-Control: no-store",
+             "X-Content-Type-Options: nosniff"]
+    lines += ["%s: %s" % pair for pair in answer.headers]
+    if not keep_alive or answer.close:
+        lines.append("Connection: close")
+    elif version < (1, 1):
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if method in ("HEAD", "OPTIONS") else head + answer.body
+
+
+# -- the answers: pure functions of the status document ------------------------------
+
+def http_route(request, app, writable):
+    """The answer to one authorised request, as SPEC §9's table says.
+
+    ``app`` is an HttpApp: the --status --json document, one host of it, the history,
+    the pause; ``writable``: a token is configured, so POST may change something.
+    """
+    path = request.path
+    if path in (("pause",), ("resume",)):
+        if request.method != "POST":
+            return error_answer(405, "/%s takes POST" % path[0], [("Allow", "POST")])
+        if not writable:
+            return error_answer(403, "POST /%s needs http_token in [daemon]: without a token "
+                                     "anyone who reaches the port could do it" % path[0])
+        return json_answer(200, {"paused": app.pause(path[0] == "pause")})
+    resource = _read_resource(path)
+    if resource is None:
+        return error_answer(404, "no such resource: %s" % _shorten("/" + "/".join(path), 200))
+    if request.method not in HTTP_READ_METHODS:
+        return error_answer(405, "%s takes GET, HEAD or OPTIONS" % _shorten("/" + "/".join(path), 200),
+                            [("Allow", "GET, HEAD, OPTIONS")])
+    return resource(app, request)
+
+
+def _read_resource(path):
+    if not path:
+        return _answer_page
+    if len(path) == 1:
+        return {"status": _answer_status, "history": _answer_history,
+                "metrics": _answer_metrics}.get(path[0])
+    if path[0] == "hosts" and len(path) in (2, 3) and all(path[1:]):
+        return _answer_host
+    return None
+
+
+def _answer_page(app, request):
+    return HttpAnswer(200, render_page(app.document()).encode("utf-8"), "text/html; charset=utf-8",
+                      (("Content-Security-Policy", PAGE_CSP), ("Referrer-Policy", "no-referrer")))
+
+
+def _answer_status(app, request):
+    return json_answer(200, app.document())
+
+
+def _answer_history(app, request):
+    n = request.query.get("n", "20")
+    if not re.match(r"[0-9]{1,7}\Z", n):
+        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+    return json_answer(200, app.history(int(n)))
+
+
+def _answer_metrics(app, request):
+    return HttpAnswer(200, render_metrics(app.document()).encode("utf-8"),
+                      "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _answer_host(app, request):
+    name = request.path[1]
+    record = app.host(name)     # a load balancer asks often: this one host, not the whole document
+    if record is None:
+        return error_answer(404, "host %s was never seen" % _shorten(name, 100))
+    body = dict({"host": name}, **record)
+    if len(request.path) == 2:
+        return json_answer(200, body)
+    same = str(record.get("state")).lower() == request.path[2].lower()
+    return json_answer(200 if same else 503, body)
+
+
+# Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
+
+def _label_value(value):
+    text = str(value)
+    if "\\" in text or "\n" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return text
+
+
+def _sample_value(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def _labels(*pairs):
+    return "{%s}" % ",".join('%s="%s"' % (name, _label_value(value)) for name, value in pairs)
+
+
+def render_metrics(doc):
+    """The status document in the Prometheus text format (SPEC §9's families).
+
+    ``daemon.counters`` (transitions and action runs since the start) and
+    ``daemon.lag_ms`` count / sum come from the running daemon; a document
+    without them leaves those series out.
+    """
+    d = doc["daemon"]
+    out = []
+
+    def family(name, kind, text, samples):
+        """``samples``: (what follows the name: a suffix and labels, value); None is left out."""
+        out.append("# HELP %s %s\n# TYPE %s %s" % (name, text, name, kind))
+        out.extend("%s%s %s" % (name, tail, _sample_value(value)) for tail, value in samples
+                   if value is not None)
+
+    hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
+    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    counters = d.get("counters") or {}
+    lag = d.get("lag_ms") or {}
+    workers = collections.Counter(w["state"] for w in d.get("workers") or [])
+    family("hadaemon_up", "gauge", "1 while the daemon answers.", [("", 1)])
+    family("hadaemon_info", "gauge", "The daemon's version.", [(_labels(("version", d["version"])), 1)])
+    family("hadaemon_host_state", "gauge", "1 for each host's accepted state.",
+           [(_labels(("host", h), ("state", r["state"])), 1) for _, h, r in hosts])
+    family("hadaemon_host_state_since_seconds", "gauge", "When each host entered its state (epoch).",
+           [(labels, r.get("since")) for labels, _, r in hosts])
+    family("hadaemon_transitions_total", "counter", "Transitions since the daemon started.",
+           [(_labels(("host", t["host"]), ("from", t["from"]), ("to", t["to"])), t["count"])
+            for t in counters.get("transitions", ())])
+    family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
+           [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
+            for r in counters.get("action_runs", ())])
+    family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
+           [(labels, c.get("runs")) for labels, c in checks])
+    family("hadaemon_check_skipped_total", "counter",
+           "Runs of each check skipped because the previous one still ran.",
+           [(labels, c.get("skipped")) for labels, c in checks])
+    family("hadaemon_check_duration_seconds", "gauge", "How long each check's last run took.",
+           [(labels, (c.get("last") or {}).get("duration")) for labels, c in checks])
+    lag_samples = [(_labels(("quantile", q)), lag[key] / 1000.0 if lag.get(key) is not None else None)
+                   for q, key in (("0.5", "p50"), ("0.99", "p99"))]
+    if lag.get("count") is not None:
+        lag_samples += [("_sum", lag.get("sum", 0.0) / 1000.0), ("_count", lag["count"])]
+    family("hadaemon_schedule_lag_seconds", "summary",
+           "From a check's due time to its start on a worker.", lag_samples)
+    family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
+           [("", len(d.get("queue") or ()))])
+    family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    family("hadaemon_workers", "gauge", "Check workers by state.",
+           [(_labels(("state", s)), workers.get(s, 0))
+            for s in sorted(set(workers) | {"idle", "busy", "starting"})])
+    return "\n".join(out) + "\n"
+
+
+# The page: the tables of --status for a person.  It loads nothing from elsewhere and
+# runs no script at all; it refreshes itself with a meta refresh.  Its one style sheet
+# is inline, allowed by its hash in the Content-Security-Policy (tests/test_http.py
+# checks the hash against the sheet), so the policy can forbid everything else.
+PAGE_CSS = (
+    "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
+    "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
+    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
+    "white-space:nowrap}"
+    "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
+    ".s{display:inline-block;padding:0 .55em;border-radius:.8em;font-weight:600}"
+    ".good{background:#d3f2d6;color:#0b5a16}.bad{background:#fbd3d3;color:#8c1111}"
+    ".warn{background:#fbeec0;color:#6a5100}.standby{background:#d5e4fa;color:#12407c}"
+    ".other{background:#e6e8eb;color:#3d4650}.dim{color:#6a737d}"
+    ".paused{background:#8c1111;color:#fff;padding:.3em .7em;display:inline-block;font-weight:700}"
+    "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
+    "font-family:ui-monospace,monospace;font-size:.88em}"
+    "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
+PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
+PAGE_REFRESH = 2
+
+_STATE_CLASSES = {
+    "good": ("master", "primary", "up", "ok", "active", "leader"),
+    "standby": ("slave", "standby", "replica", "secondary", "backup", "follower", "queued"),
+    "warn": ("warning", "degraded", "running", "skipped"),
+    "bad": ("down", "failed", "critical", "interrupted", "error", "fault", "fenced"),
+}
+_STATE_CLASS = {word: cls for cls, words in _STATE_CLASSES.items() for word in words}
+
+
+def _h(value, limit=None):
+    """Text for the page: clipped, then escaped (quotes too: it may land in an attribute)."""
+    text = "-" if value is None else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 1] + "\u2026"
+    return html.escape(text, quote=True)
+
+
+def _badge(state):
+    """A state word in its colour; the class comes from a fixed table, never from the word."""
+    if state is None:
+        return "-"
+    return '<span class="s %s">%s</span>' % (_STATE_CLASS.get(str(state).lower(), "other"), _h(state, 40))
+
+
+def _when(then, now):
+    """Local clock time and how long ago, or '-'."""
+    if not then:
+        return "-"
+    clock = time.strftime("%H:%M:%S" if abs(now - then) < 86400 else "%Y-%m-%d %H:%M",
+                          time.localtime(then))
+    return '%s <span class="dim">(%s)</span>' % (clock, _h(format_ago(then, now)))
+
+
+def _html_table(headings, rows, empty):
+    if not rows:
+        return '<p class="dim">%s</p>' % empty
+    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    for row in rows:
+        out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
+                                           for cell in row))
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _page_daemon(d, now):
+    if d.get("running"):
+        line = "running, pid %s, up %s" % (d.get("pid"), format_ago(now - (d.get("uptime") or 0), now)
+                                          .replace(" ago", ""))
+    else:
+        line = "not running (the last known state)"
+    workers = collections.Counter(w["state"] for w in d.get("workers") or [])
+    parts = [_h(line),
+             "workers: %s" % _h(", ".join("%d %s" % (n, s) for s, n in sorted(workers.items())) or "none"),
+             "%s action run%s queued" % (len(d.get("queue") or ()), "" if len(d.get("queue") or ()) == 1
+                                         else "s")]
+    lag = d.get("lag_ms") or {}
+    if lag.get("p99") is not None:
+        parts.append("schedule lag p99 %s ms" % _h(lag["p99"]))
+    out = ["<p>%s</p>" % " &middot; ".join(parts)]
+    out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
+                              else '<span class="s good">actions enabled</span>'))
+    out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
+                                                                  _h(d.get("state_dir"))))
+    return "\n".join(out)
+
+
+def _page_hosts(hosts, now):
+    rows = []
+    for name, h in hosts.items():
+        pending = h.get("pending")
+        last = h.get("last_report") or {}
+        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+                     "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
+                     "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
+                                      _when(last.get("time"), now)) if last else "-"))
+    return _html_table(("Host", "State", "Since", "Pending", "Last report"), rows,
+                       "no host has reported yet")
+
+
+def _next_run(check, now):
+    if check.get("running"):
+        return "running"
+    if not check.get("next_run"):
+        return None
+    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+
+
+def _page_checks(checks, now):
+    rows = []
+    for c in checks:
+        last = c.get("last") or {}
+        reports = last.get("reports") or {}
+        said = ", ".join("%s %s" % (_h(host, 60), _badge(state)) for host, state in sorted(reports.items()))
+        message = last.get("message") or ("; ".join(last.get("rejected") or ()) or None)
+        rows.append((_h(c.get("name"), 120), "%s, %s" % (_h(c.get("scope"), 60), _h(c.get("schedule"), 40)),
+                     said or "-",
+                     '<td class="n">%s</td>' % _h(last.get("exit")),
+                     _h(format_duration(last["duration"]) if last.get("duration") else None),
+                     _when(last.get("time"), now),
+                     _h(_next_run(c, now)),
+                     '<td class="n">%s</td>' % _h(c.get("runs")),
+                     '<td class="n">%s</td>' % _h(c.get("skipped")),
+                     '<td class="msg">%s</td>' % _h(message, 300)))
+    return _html_table(("Check", "Where, when", "Reported", "Exit", "Took", "Last run", "Next", "Runs",
+                        "Skipped", "Message"), rows, "no checks configured")
+
+
+def _page_history(transitions, runs, now):
+    rows = [('<td class="n">%s</td>' % _h(tr.get("id")), _when(tr.get("time"), now), _h(tr.get("host"), 100),
+             "%s &rarr; %s" % (_badge(tr.get("from")), _badge(tr.get("to"))), _h(tr.get("check"), 80),
+             "#%s" % _h(tr["run"]) if tr.get("run") is not None else "-")
+            for tr in transitions[:10]]
+    out = ["<h2>Last transitions</h2>",
+           _html_table(("#", "When", "Host", "From &rarr; To", "By", "Run"), rows, "none")]
+    rows = []
+    for run in runs[:10]:
+        commands = run.get("commands") or []
+        took = run["ended"] - run["started"] if run.get("ended") and run.get("started") else None
+        rows.append(('<td class="n">%s</td>' % _h(run.get("id")), "[%s]" % _h(run.get("section"), 80),
+                     _h(run.get("host"), 100), "%s %s" % (_badge(run.get("state")), _h(run.get("reason"), 200)
+                                                          if run.get("reason") else ""),
+                     "%d/%d" % (sum(1 for cmd in commands if cmd.get("result")), len(commands)),
+                     _h(format_duration(took) if took and took > 0 else None),
+                     _when(run.get("ended") or run.get("started") or run.get("queued"), now)))
+    out += ["<h2>Last action runs</h2>",
+            _html_table(("#", "Section", "Host", "Result", "Commands", "Took", "When"), rows, "none")]
+    return "\n".join(out)
+
+
+def render_page(doc, now=None):
+    """The status document as an HTML page (SPEC §9 ``GET /``): every name and message escaped."""
+    now = time.time() if now is None else now
+    hosts = doc["hosts"]
+    title = ", ".join("%s %s" % (name, h.get("state")) for name, h in list(hosts.items())[:6])
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="refresh" content="%d">' % PAGE_REFRESH,
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>hadaemon%s</title>" % (": " + _h(title, 200) if title else ""),
+        "<style>%s</style></head><body>" % PAGE_CSS,
+        "<h1>hadaemon %s</h1>" % _h(doc["daemon"].get("version")),
+        _page_daemon(doc["daemon"], now),
+        "<h2>Hosts</h2>", _page_hosts(hosts, now),
+        "<h2>Checks</h2>", _page_checks(doc["checks"], now),
+        _page_history(doc["transitions"], doc["runs"], now),
+        '<footer class="dim">%s &middot; refreshes every %d s &middot; <a href="status">status</a> '
+        '&middot; <a href="history">history</a> &middot; <a href="metrics">metrics</a></footer>'
+        % (_h(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))), PAGE_REFRESH),
+        "</body></html>", ""])
+
+
+# -- the server: a part of the master's loop -----------------------------------------
+
+def http_listen(address):
+    """A non-blocking listening socket on ``address``; HadaemonError naming it when it cannot."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a restart need not wait out TIME_WAIT
+        sock.bind((address.host, address.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise HadaemonError("cannot listen on %s (http = %s): %s%s" % (
+            address.url(), address.text, exc.strerror,
+            "; another process holds the port" if exc.errno == errno.EADDRINUSE else "")) from None
+    sock.setblocking(False)
+    return sock
+
+
+class HttpApp(typing.NamedTuple):
+    """What HttpServer answers from: the master's own views, so nothing can be stale."""
+    document: typing.Callable       # () -> the --status --json document
+    host: typing.Callable           # (name) -> that document's hosts[name], built alone; None: never seen
+    history: typing.Callable        # (n) -> --history n --json
+    pause: typing.Callable          # (flag) -> the paused state after it
+
+
+class HttpConn:
+    """One HTTP client connection and where it is in its life."""
+
+    def __init__(self, sock, peer, now, tls):
+        self.sock = sock
+        self.peer = peer                    # the client's address, for the log
+        self.reader = RequestReader()
+        self.out = bytearray()              # the answer still to send
+        self.handshake = tls                # a TLS handshake is yet to finish
+        self.since = now                    # when its current wait began: accepted, or last answered
+        self.request_at = now if tls else None  # first byte of the request on its way (or the handshake)
+        self.sent_at = None                 # when ``out`` began to wait for the client
+        self.closing = False                # end the connection once ``out`` is sent
+        self.linger_until = None            # half-closed: reading what the client still sends until then
+        self.events = selectors.EVENT_READ     # 0: out of the selector, waiting for credit
+        self.handler = None
+
+    def waiting_since(self):
+        return self.since if self.request_at is None else self.request_at
+
+
+class HttpServer:
+    """SPEC §9's server: a listener and its connections on the master's own selector.
+
+    The master calls ``configure(settings)`` at start and on reload, ``tick(now)`` on
+    every pass of its loop and ``close()`` at stop; the rest happens in selector
+    callbacks, and none of them waits.  ``app`` (an HttpApp) is what it answers
+    from.  While an answer waits to go out its connection is not read, so a client
+    that never reads holds one answer, not more.
+    """
+
+    def __init__(self, sel, app):
+        self.sel, self.app = sel, app
+        self.address = None
+        self.listener = None
+        self.tls = None                     # ssl.SSLContext with http_cert
+        self.token = None
+        self.conns = {}                     # fd -> HttpConn
+        self.refused = {}                   # client address -> when its refused token was last logged
+        self.accept_paused_until = None
+        self.next_tick = 0.0
+        # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
+        # the time that passes, never more than HTTP_PASS_BUDGET.  Without credit a
+        # connection leaves the selector (``waiting``) until there is some again.
+        self.credit, self.credit_at = HTTP_PASS_BUDGET, None
+        self.waiting = []
+        self.would_block = (BlockingIOError, InterruptedError)     # and ssl's, with http_cert
+
+    @property
+    def url(self):
+        return self.address.url(self.tls is not None) if self.listener is not None else None
+
+    def configure(self, settings):
+        """Apply the [daemon] http settings: listen, move, or stop.
+
+        Raises HadaemonError naming the address when it cannot listen there; then
+        everything stays as it was (the old listener too).
+        """
+        tls = None
+        if settings.http and settings.http_cert:
+            try:
+                tls = http_ssl_context(settings.http_cert)
+            except ValueError as exc:
+                raise HadaemonError("http_cert: %s" % exc) from None
+        before = (self.url, self.token is not None)
+        if settings.http != self.address:
+            self._move(settings.http)
+        elif (tls is None) != (self.tls is None):
+            for conn in list(self.conns.values()):     # they speak the other protocol
+                self._close(conn)
+        self.tls, self.token = tls, settings.http_token
+        if tls is not None:
+            import ssl
+            self.would_block = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                                ssl.SSLWantWriteError)
+        if (self.url, self.token is not None) != before:
+            log.info("http: %s%s", "serving " + self.url if self.url else "off",
+                     " (token required)" if self.url and self.token else "")
+
+    def _move(self, address):
+        new = None
+        if address is not None:
+            try:
+                new = http_listen(address)
+            except HadaemonError:
+                if self.listener is None or address.port != self.address.port:
+                    raise
+                # The old listener may be what holds the port (127.0.0.1:P -> 0.0.0.0:P):
+                # let it go, and take it back if the new address still cannot be had.
+                old = self.address
+                self._stop_listening()
+                try:
+                    new = http_listen(address)
+                except HadaemonError:
+                    self._start_listening(http_listen(old), old)
+                    raise
+        self._stop_listening()
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        if new is not None:
+            self._start_listening(new, address)
+
+    def _start_listening(self, sock, address):
+        self.listener, self.address = sock, address
+        self.sel.register(sock, selectors.EVENT_READ, self.accept)
+
+    def _stop_listening(self):
+        if self.listener is not None:
+            if self.accept_paused_until is None:
+                self.sel.unregister(self.listener)
+            self.listener.close()
+        self.listener = self.address = self.accept_paused_until = None
+
+    def close(self):
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self._stop_listening()
+
+    # -- connections ------------------------------------------------------------------
+
+    def accept(self, mask):
+        now = time.monotonic()
+        for _ in range(HTTP_MAX_CONNS):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("http: cannot accept connections: too many open files; new ones wait 1s")
+                    self.sel.unregister(self.listener)
+                    self.accept_paused_until = now + 1.0
+                else:
+                    log.warning("http: accept failed: %s", exc)
+                return
+            if len(self.conns) >= HTTP_MAX_CONNS:
+                oldest = min(self.conns.values(), key=lambda c: (bool(c.out), c.waiting_since()))
+                log.debug("http: %d connections open; closing the one from %s waiting since %.1fs",
+                          len(self.conns), oldest.peer, now - oldest.waiting_since())
+                self._close(oldest)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.tls is not None:
+                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:
+                log.debug("http: connection from %s lost at once: %s", peer[0], exc)
+                sock.close()
+                continue
+            conn = HttpConn(sock, peer[0], now, self.tls is not None)
+            conn.handler = lambda m, c=conn: self.on_io(c, m)
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn.handler)
+
+    def on_io(self, conn, mask):
+        now = time.monotonic()
+        if conn.linger_until is not None:
+            self._linger(conn)
+        elif conn.handshake:
+            self._handshake(conn, now)
+        else:
+            if conn.out:
+                self._flush(conn, now)
+            if not conn.out and not conn.closing and conn.sock.fileno() >= 0:
+                self._pump(conn, now)
+
+    def _handshake(self, conn, now):
+        import ssl                      # a handshake: there is a TLS context, ssl is loaded
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(conn, selectors.EVENT_WRITE)
+            return
+        except OSError as exc:          # ssl.SSLError too: not TLS, a bad client, a reset
+            log.debug("http: TLS handshake with %s failed: %s", conn.peer, exc)
+            self._close(conn)
+            return
+        conn.handshake = False
+        conn.request_at, conn.since = None, now
+        self._pump(conn, now)
+
+    def _pump(self, conn, now):
+        """Answer what the buffer holds, reading more while no answer waits to go out."""
+        for _ in range(16):             # then a later pass: one client does not hold the loop
+            if self.credit <= 0:
+                # Enough answering for now: due checks go out first, and the workers
+                # and their checks get the CPU.  tick() lets the connection back.
+                self._wait(conn)
+                return
+            try:
+                request = conn.reader.next_request()
+            except HttpError as exc:
+                self._send(conn, None, error_answer(exc.status, exc.message, exc.headers, True), now)
+                return
+            if request is not None:
+                conn.request_at = now if conn.reader.started() else None
+                started = time.monotonic()
+                self._send(conn, request, self.answer(request, conn.peer, now), now)
+                self.credit -= time.monotonic() - started
+                if conn.out or conn.closing:
+                    return
+                continue
+            try:
+                data = conn.sock.recv(HTTP_RECV)
+            except self.would_block:
+                self._want(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(conn)
+                return
+            conn.reader.feed(data)
+            if conn.request_at is None and conn.reader.started():
+                conn.request_at = now
+        self._want(conn, selectors.EVENT_WRITE)   # bytes may wait where the selector cannot see them
+
+    def answer(self, request, peer, now):
+        """The answer to one request: the token first, then SPEC §9's table."""
+        if self.token is not None:
+            problem = token_problem(request.headers.get("authorization"), self.token)
+            if problem:
+                self._log_refused(peer, request, problem, now)
+                return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
+                                         "with the token as password",
+                                    [("WWW-Authenticate", 'Basic realm="hadaemon"')])
+        elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
+            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
+                                     "names this server" % _shorten(request.headers["host"], 100))
+        try:
+            return http_route(request, self.app, self.token is not None)
+        except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
+            log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
+            return error_answer(500, "internal error; the daemon's log has the details")
+
+    def _log_refused(self, peer, request, problem, now):
+        last = self.refused.get(peer)
+        if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
+            return
+        if len(self.refused) > 1024:
+            self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
+        self.refused[peer] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+                    request.method, _shorten(request.target, 100), peer, problem)
+
+    def _send(self, conn, request, answer, now):
+        keep = request is not None and request.keep_alive and not answer.close
+        conn.out += encode_answer(answer, request.method if request else "GET",
+                                  request.version if request else (1, 1), keep)
+        conn.closing = not keep
+        conn.since = now
+        log.debug("http %s %s %s: %d, %d bytes", conn.peer, request.method if request else "-",
+                  _shorten(request.target if request else "(malformed)", 200), answer.status,
+                  len(answer.body))
+        self._flush(conn, now)
+
+    def _flush(self, conn, now):
+        try:
+            while conn.out:
+                del conn.out[:conn.sock.send(conn.out)]
+        except self.would_block:
+            pass
+        except OSError:
+            self._close(conn)
+            return
+        if conn.out:
+            conn.sent_at = conn.sent_at or now
+            self._want(conn, selectors.EVENT_WRITE)
+            return
+        conn.sent_at = None
+        if conn.closing:
+            self._finish(conn, now)
+
+    def _finish(self, conn, now):
+        """After an answer that ends the connection: half-close, then read out what the
+        client still sends, so our answer is not lost to a reset (RFC 9112 §9.6)."""
+        if conn.sock.fileno() < 0:
+            return
+        if self.tls is not None or not conn.reader.started():
+            self._close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.linger_until = now + HTTP_LINGER
+        self._want(conn, selectors.EVENT_READ)
+
+    def _linger(self, conn):
+        try:
+            if conn.sock.recv(HTTP_RECV):
+                return
+        except self.would_block:
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _want(self, conn, events):
+        if conn.events == events or conn.sock.fileno() < 0:
+            return
+        if conn.events:
+            self.sel.modify(conn.sock, events, conn.handler)
+        else:
+            self.waiting.remove(conn)
+            self.sel.register(conn.sock, events, conn.handler)
+        conn.events = events
+
+    def _wait(self, conn):
+        """Out of the selector until there is credit (level-triggered, it would spin)."""
+        if conn.events:
+            self.sel.unregister(conn.sock)
+            conn.events = 0
+            self.waiting.append(conn)
+
+    def _close(self, conn):
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.events:
+            self.sel.unregister(conn.sock)
+        else:
+            self.waiting.remove(conn)
+        del self.conns[fd]
+        conn.sock.close()
+
+    def wakeup(self):
+        """When the loop must wake for connections waiting for credit (monotonic), or None."""
+        if not self.waiting or self.credit_at is None:
+            return None
+        return self.credit_at + max(0.0, -self.credit) / HTTP_SHARE + 0.001
+
+    def tick(self, now):
+        """Every pass: credit earned, and waiting connections back once there is some.
+        Twice a second: the deadlines of half-sent requests, idle keep-alives, unread answers."""
+        if self.credit_at is not None:
+            self.credit = min(HTTP_PASS_BUDGET, self.credit + (now - self.credit_at) * HTTP_SHARE)
+        self.credit_at = now
+        if self.credit > 0:
+            for conn in list(self.waiting):
+                self._want(conn, selectors.EVENT_WRITE)     # writable: back in the next pass
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
+        if now < self.next_tick:
+            return
+        self.next_tick = now + 0.5
+        for conn in list(self.conns.values()):
+            if conn.linger_until is not None:
+                if now >= conn.linger_until:
+                    self._close(conn)
+            elif conn.out:
+                if now - conn.sent_at > HTTP_SEND_TIME:
+                    log.debug("http: %s did not take its answer in %ds; closed", conn.peer, HTTP_SEND_TIME)
+                    self._close(conn)
+            elif conn.request_at is not None:
+                if now - conn.request_at > HTTP_REQUEST_TIME:
+                    if conn.handshake:
+                        self._close(conn)
+                    else:
+                        self._send(conn, None, error_answer(
+                            408, "the request was not complete within %ds" % HTTP_REQUEST_TIME,
+                            close=True), now)
+            elif now - conn.since > HTTP_IDLE:
+                self._close(conn)
 # etcd: a v3 client on its JSON gateway (SPEC §10)
 # ============================================================================
 #
@@ -5317,13 +6456,15 @@ class ClusterLedger(Ledger):
         if result == "ok":
             self.acked = max(self.acked, rid)
 
-    def host_entries(self):
-        """As a local ledger's, with the candidate this member sees pending."""
-        for host, entry in super().host_entries():
-            seen = self.seen.get(host) or {}
+    def host_status(self, name):
+        """The pending candidate is this member's own (the leader's record has none):
+        /status, --status and /hosts/HOST alike."""
+        entry = super().host_status(name)
+        if entry is not None:
+            seen = self.seen.get(name) or {}
             entry["pending"] = {"state": seen["pending"], "count": seen["count"]} \
                 if seen.get("pending") else None
-            yield host, entry
+        return entry
 
     def new_run(self, tr, section, changes, now, rerun_of=None):
         """The run, with the variables it was expanded with: the member that runs it may
@@ -5480,18 +6621,27 @@ class ClusterLink:
         self.handoff = (run, rid)
 
     def next_wake(self, now):
-        """When the loop must pass again for the cluster, at the latest."""
+        """When the loop must pass again for the cluster, at the latest.
+
+        Only what a pass can act on counts: a deadline already past whose work waits
+        for the agent (a renewal in flight, requests while it is not connected) would
+        make the loop spin until the agent answers.
+        """
         member = self.member
-        if member.outbox or member.notes:
+        agent = self.agent()
+        connected = agent is not None and agent.conn is not None
+        if member.notes or (connected and member.outbox):
             return now
-        times = [member.next_renew]
+        times = [member.next_renew, member.next_put, member.next_campaign, member.next_revoke]
+        if agent is None and self.leave_by is None:
+            times.append(self.agent_after)
         if member.stepping is not None:
             times.append(member.stepping["kill_at"])
         elif member.role == "leader" and member.valid_until is not None:
             times.append(member.stop_at())
         if member.valid_until is not None:
             times.append(member.valid_until)
-        return min(times)
+        return min([t for t in times if t > now] or [now + 1.0])
 
     def may(self):
         """The answer to an action run that asks before its next command."""
@@ -5737,6 +6887,9 @@ class Master:
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
                                     self.check_finished, self.child_event, self.answer)
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
+        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
+                                                 self.ledger.history,
+                                                 lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
         self.signals = []
         self.stopping = False
@@ -5788,6 +6941,7 @@ class Master:
             log.error("state db: %s", note)
         self.ledger.open(time.time())
         self.scheduler.adopt_results(self.store)
+        self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
         self.server.listen()
         self.install_signals()
         self.scheduler.configure(self.config.checks, time.monotonic())
@@ -5835,6 +6989,7 @@ class Master:
                 # While stopping too: the loop is healthy while a sequence finishes.
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
+            self.http.tick(now)         # while stopping too: it answers until the end
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -5871,6 +7026,8 @@ class Master:
             deadlines.append(self.next_watchdog)
         if self.cluster is not None:
             deadlines.append(self.cluster.next_wake(now))
+        if self.http.wakeup() is not None:
+            deadlines.append(self.http.wakeup())
         return max(0.0, min(deadlines) - now)
 
     def handle_signals(self):
@@ -5946,8 +7103,12 @@ class Master:
         problem = cluster_reload_problem(self.config.cluster, config.cluster)
         if problem:
             raise ConfigError([problem])
-        replaced = yield from self.scheduler.configure_steps(config.checks)
-        self.graveyard.append(replaced)
+        plan = yield from self.scheduler.plan_steps(config.checks)
+        try:
+            self.http.configure(config.daemon)  # it binds: a busy port refuses the reload
+        except HadaemonError as exc:
+            raise ConfigError([str(exc)])       # before anything is swapped in
+        self.graveyard.append(self.scheduler.swap(plan))
         return self.reload(config)
 
     def reload(self, config):
@@ -6010,6 +7171,7 @@ class Master:
             if child.kind == "action":
                 self.action_exited(child, "killed at stop")
         self.server.close_all()
+        self.http.close()
         try:
             self.checkpoint(time.monotonic())
             self.store.close()
@@ -6143,10 +7305,7 @@ class Master:
                 return {"ok": False, "errors": ["the daemon is stopping"]}
             return self.reload_answer()
         if cmd in ("pause", "resume"):
-            self.ledger.set_paused(cmd == "pause")
-            log.warning("actions %s by request%s", "paused" if cmd == "pause" else "resumed",
-                        " (the whole cluster, once etcd has it)" if self.cluster else "")
-            return {"ok": True, "paused": cmd == "pause" if self.cluster else self.ledger.paused,
+            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request"),
                     "cluster": self.cluster is not None}
         if cmd == "history":
             return {"ok": True, "history": self.ledger.history(
@@ -6156,6 +7315,13 @@ class Master:
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
+
+    def set_paused(self, paused, by):
+        """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.ledger.set_paused(paused)
+        log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
+                    " (the whole cluster, once etcd has it)" if self.cluster else "")
+        return paused if self.cluster else self.ledger.paused
 
     def answer_run(self, cmd, run_id):
         """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
@@ -6174,15 +7340,13 @@ class Master:
         except ValueError as exc:
             return {"ok": False, "errors": [str(exc)]}
 
-    def status_stream(self):
-        """--status --json as pieces of its one line: the daemon's block, then what each
-        part says of itself, the hosts and checks a few hundred at a time (the loop
-        goes on between the pieces, so ten thousand checks hold up nothing due)."""
-        now_m, now = time.monotonic(), time.time()
+    def daemon_status(self, now_m):
+        """The daemon block of --status --json."""
         daemon = {"running": True, "pid": os.getpid(), "version": __version__,
                   "started": self.started_wall, "uptime": now_m - self.started,
                   "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "lag_ms": self.scheduler.lag_summary()}
+                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
+                  "counters": self.ledger.counters()}
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
         if self.cluster is not None:
@@ -6190,15 +7354,25 @@ class Master:
                                      agent_pid=getattr(self.cluster.agent(), "pid", None))
         else:
             daemon["cluster"] = None
-        yield encode_message(dict(self.ledger.recent(), daemon=daemon))[:-2] + b',"hosts":'
+        return daemon
+
+    def status_stream(self):
+        """--status --json as pieces of its one line: the daemon's block, then what each
+        part says of itself, the hosts and checks a few hundred at a time (the loop
+        goes on between the pieces, so ten thousand checks hold up nothing due)."""
+        now_m, now = time.monotonic(), time.time()
+        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
+            b',"hosts":'
         yield from json_pieces(self.ledger.host_entries(), as_object=True)
         yield b',"checks":'
         yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
         yield b"}\n"
 
     def status_document(self):
-        """--status --json, whole (the same document, made in one go)."""
-        return json.loads(b"".join(self.status_stream()))
+        """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
+        now_m, now = time.monotonic(), time.time()
+        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
+                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
 
 
 # ============================================================================
@@ -6216,6 +7390,7 @@ def offline_status(state_dir, config=None, last=20):
     daemon = {"running": False, "pid": None, "version": __version__, "started": None,
               "uptime": None, "config_dir": config.config_dir if config else None,
               "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
+              "http": None, "counters": None,
               "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
     daemon.update(ledger.daemon_status())
     return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
@@ -6343,6 +7518,8 @@ def render_status(doc):
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
     out.append("state   %s" % d["state_dir"])
+    if d.get("http"):
+        out.append("http    %s" % d["http"])
     if d["running"]:
         states = collections.Counter(w["state"] for w in d["workers"])
         out.append("workers %d: %s" % (len(d["workers"]), ", ".join(

@@ -25,7 +25,11 @@ One run measures, on this machine and under its current load:
                leader kill -9 -> the new leader's action (the world flipped at
                the kill), flip -> action with agreement, and etcd requests per
                second in steady state (the members' count, and etcd's own).
-8. scale       300, 3,000 and 10,000 trivial checks (one host each) at the same
+8. http        50 hosts (100 checks at 200 checks/s) and the HTTP server on: latency
+               p50 / p99 of GET /status and GET /hosts/db1/master, one every 20 ms
+               (kept-alive, and a new connection each), the schedule lag meanwhile,
+               ``ab -c 20`` on /metrics, and the master's extra CPU per request.
+9. scale       300, 3,000 and 10,000 trivial checks (one host each) at the same
                aggregate rate, 100 checks/s: schedule lag, master CPU %, master RSS
                and PSS, start-up (exec -> first check's result at the master), reload,
                --status and --check-config of that config.  Cost should follow the
@@ -33,7 +37,7 @@ One run measures, on this machine and under its current load:
 
 Standard library only.  Everything runs in a temp dir; every process started is
 ended by its pid; the only network is the daemon's UNIX socket (and loopback to
-the cluster section's etcd).
+the cluster section's etcd and to the http section's port).
 
     python3 bench/bench.py                 full run (a few minutes)
     python3 bench/bench.py --quick         ~30 s smoke run (what CI runs)
@@ -65,12 +69,14 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "scale")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http", "scale")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
            "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
+           "http_p99_ms": 5.0,
            "idle_pss_mb": 24.0 * 1.048576,            # 24 MiB, in the MB (10^6) the bench prints
            "scale_lag_p99_ms": 5.0, "scale_lag_vs_small": 2.0, "scale_cpu_vs_small": 1.3,
            "scale_start_s": 2.0, "scale_reload_s": 2.0, "scale_check_config_s": 2.0}
+AB = "/usr/bin/ab"
 
 TRIVIAL_CHECK = "#!/bin/sh\necho state=up\n"
 RATES = {False: (100, 200, 500, 1000), True: (100, 500)}      # checks/s; by --quick
@@ -497,7 +503,7 @@ def interpreter_rss():
 
 def section_limit(tmp, quick):
     script = write_script(os.path.join(tmp, "limit", "check_trivial"), TRIVIAL_CHECK)
-    n = 300 if quick else 2000
+    n = 150 if quick else 2000
     bench_spawn(script, 20, False)          # warm the page cache
     return {"spawn": bench_spawn(script, n, False),
             "spawn_paced": [bench_spawn_paced(script, rate, 1.0 if quick else 2.0) for rate in RATES[quick]],
@@ -1025,7 +1031,153 @@ def section_cluster(tmp, quick):
 
 
 # ----------------------------------------------------------------------------
-# 8. Scale: the count of checks grows, the rate does not
+# 8. HTTP: the status page's server under check load
+# ----------------------------------------------------------------------------
+
+HOST_CHECK = "#!/bin/sh\necho host=$1\necho state=$2\n"
+
+
+def http_config(port, hosts, interval, workers):
+    lines = ["[daemon]", "workers = %d" % workers, "timeout = 5s", "http = 127.0.0.1:%d" % port, "",
+             "[local]", "interval = %gms" % (interval * 1000)]
+    for i in range(1, hosts + 1):
+        state = "master" if i == 1 else "slave"
+        lines += ["check_host db%d %s a" % (i, state), "check_host db%d %s b" % (i, state)]
+    return "\n".join(lines) + "\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpClient:
+    """A bare HTTP/1.1 client: one kept-alive connection, or a new one per request."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = None
+
+    def get(self, path, keep=True):
+        """Seconds from sending the request to the whole answer; raises on anything but 200/503."""
+        t0 = time.perf_counter()
+        if self.sock is None or not keep:
+            self.close()
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n"
+                          % (path.encode(), b"" if keep else b"Connection: close\r\n"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed before the answer to %s" % path)
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed in the answer to %s" % path)
+            body += chunk
+        took = time.perf_counter() - t0
+        if status not in (200, 503):
+            raise RuntimeError("%s answered %d" % (path, status))
+        if not keep:
+            self.close()
+        return took
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def http_latency(port, path, n, keep, period=0.02):
+    """``n`` GETs of ``path``, one every ``period`` (no pile-up: each waits for its answer)."""
+    client, times = HttpClient(port), []
+    try:
+        for _ in range(n):
+            t0 = time.monotonic()
+            times.append(client.get(path, keep))
+            pause = period - (time.monotonic() - t0)
+            if pause > 0:
+                time.sleep(pause)
+    finally:
+        client.close()
+    times.sort()
+    return {"requests": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99)),
+            "max_ms": ms(times[-1])}
+
+
+def run_ab(port, path, n, concurrency):
+    result = subprocess.run([AB, "-q", "-l", "-n", str(n), "-c", str(concurrency), "-s", "10",
+                             "http://127.0.0.1:%d%s" % (port, path)],
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout
+
+    def field(label, cast=float):
+        for line in out.splitlines():
+            if line.startswith(label):
+                return cast(line.split(":", 1)[1].split()[0])
+        return None
+    if result.returncode != 0:
+        raise RuntimeError("ab failed: %s%s" % (out[-500:], result.stderr[-500:]))
+    return {"requests": field("Complete requests", int), "failed": field("Failed requests", int),
+            "per_s": field("Requests per second"), "mean_ms": field("Time per request"),
+            "seconds": field("Time taken for tests")}
+
+
+def section_http(tmp, quick, workers, launcher=()):
+    hosts, rate = 50, 200
+    n = 100 if quick else 1000
+    port = free_port()
+    d = Hadaemon(os.path.join(tmp, "http"), http_config(port, hosts, 60.0, workers), launcher=launcher)
+    d.script("checks/check_host", HOST_CHECK)
+    out = {"hosts": hosts, "checks": 2 * hosts, "rate": rate, "workers": workers}
+    try:
+        d.start()
+        write_file(os.path.join(d.conf, "checks.conf"), http_config(port, hosts, 2 * hosts / rate, workers))
+        if not d.request({"cmd": "reload"}).get("ok"):
+            raise RuntimeError("reload refused")
+        wait_for(lambda: len(d.status()["hosts"]) >= hosts, 20, "every host to report", 0.1)
+        master = d.proc.pid
+        quiet = 2.0 if quick else 5.0
+        c0, t0 = proc_cpu(master), time.monotonic()
+        time.sleep(quiet)
+        base = (proc_cpu(master) - c0) / (time.monotonic() - t0)     # master CPU/s without HTTP
+        runs0, t0 = runs_total(d.status())[0], time.monotonic()
+        c0 = proc_cpu(master)
+        for key, path, keep in (("status", "/status", True), ("host", "/hosts/db1/master", True),
+                                ("host_new_connection", "/hosts/db1/master", False)):
+            out[key] = http_latency(port, path, n, keep)
+        c1, t1 = proc_cpu(master), time.monotonic()
+        st = d.status()
+        out["requests"] = 3 * n
+        out["cpu_per_request_ms"] = ms((c1 - c0 - base * (t1 - t0)) / (3 * n))
+        out["checks_per_s_meanwhile"] = round((runs_total(st)[0] - runs0) / (t1 - t0), 1)
+        out["lag_p50_ms"], out["lag_p99_ms"] = st["daemon"]["lag_ms"]["p50"], st["daemon"]["lag_ms"]["p99"]
+        out["status_bytes"] = len(json.dumps(st, separators=(",", ":")))
+        if os.access(AB, os.X_OK):
+            c0, t0 = proc_cpu(master), time.monotonic()
+            ab = run_ab(port, "/metrics", 1000 if quick else 5000, 20)
+            c1, t1 = proc_cpu(master), time.monotonic()
+            ab["cpu_per_request_ms"] = ms((c1 - c0 - base * (t1 - t0)) / ab["requests"])
+            lag = d.status()["daemon"]["lag_ms"]        # its last 10000 dispatches: ab's time in them
+            ab["lag_p50_ms"], ab["lag_p99_ms"] = lag["p50"], lag["p99"]
+            out["ab_metrics"] = ab
+        else:
+            out["ab_metrics"] = {"skipped": "%s is not installed (apache2-utils)" % AB}
+        out["base_master_cpu_pct"] = round(100.0 * base, 2)
+    finally:
+        d.stop()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 9. Scale: the count of checks grows, the rate does not
 # ----------------------------------------------------------------------------
 # Every check its own host (h0, h1, ...): the worst case for anything that walks
 # every host or every check.  The state db is seeded with every host but h0 up, so
@@ -1168,6 +1320,11 @@ def derive(result):
         out["idle"] = {"master_cpu_pct": idle["cpu_pct"]["master"], "rss_total_mb": idle["rss_total_mb"],
                        "met_cpu": idle["cpu_pct"]["master"] < TARGETS["idle_master_cpu_pct"],
                        "met_rss": idle["rss_total_mb"] <= TARGETS["idle_rss_mb"]}
+    http = result.get("http")
+    if http:
+        worst = max(http["status"]["p99_ms"], http["host"]["p99_ms"])
+        out["http"] = {"p99_ms": worst, "met": worst <= TARGETS["http_p99_ms"],
+                       "lag_met": http["lag_p99_ms"] is not None and http["lag_p99_ms"] <= TARGETS["lag_p99_ms"]}
     scale = result.get("scale")
     if scale:
         small, big = scale[0], scale[-1]
@@ -1347,10 +1504,37 @@ def render(result):
             add("   the cluster agent (one per member): %.3f %% CPU, RSS %.1f MB, PSS %s MB" % (
                 st["agent_cpu_pct"], st["agent_rss_mb"], fmt(st["agent_pss_mb"], 1).strip()))
             load("cluster")
+    http = result.get("http")
+    if http:
+        h = d["http"]
+        add("")
+        add("8. http: %d hosts, %d checks at %d/s, %d workers          p50 ms    p99 ms    max ms"
+            % (http["hosts"], http["checks"], http["rate"], http["workers"]))
+        for key, label in (("status", "GET /status (%d bytes), kept alive" % http["status_bytes"]),
+                           ("host", "GET /hosts/db1/master, kept alive"),
+                           ("host_new_connection", "  the same, a new connection each")):
+            s = http[key]
+            add("   %-44s %s %s %s" % (label, fmt(s["p50_ms"]), fmt(s["p99_ms"]), fmt(s["max_ms"])))
+        add("   meanwhile: %.1f checks/s, schedule lag p50 %s ms, p99 %s ms; master CPU %.3f ms per request"
+            % (http["checks_per_s_meanwhile"], fmt(http["lag_p50_ms"], 0), fmt(http["lag_p99_ms"], 0),
+               http["cpu_per_request_ms"]))
+        ab = http["ab_metrics"]
+        if "skipped" in ab:
+            add("   ab: skipped (%s)" % ab["skipped"])
+        else:
+            add("   ab -c 20 -n %d /metrics: %.0f requests/s, %d failed, mean %.2f ms; master CPU %.3f ms"
+                " per request" % (ab["requests"], ab["per_s"], ab["failed"], ab["mean_ms"],
+                                  ab["cpu_per_request_ms"]))
+            add("   schedule lag over the last 10000 dispatches, ab's included: p50 %s ms, p99 %s ms"
+                % (fmt(ab["lag_p50_ms"], 0), fmt(ab["lag_p99_ms"], 0)))
+        add("   (targets: p99 <= %.0f ms: %s; schedule lag p99 <= %.0f ms meanwhile: %s)" % (
+            TARGETS["http_p99_ms"], "met" if h["met"] else "NOT met", TARGETS["lag_p99_ms"],
+            "met" if h["lag_met"] else "NOT met"))
+        load("http")
     scale = result.get("scale")
     if scale:
         add("")
-        add("8. scale: the same %d checks/s spread over more checks (one host each, %d workers)"
+        add("9. scale: the same %d checks/s spread over more checks (one host each, %d workers)"
             % (SCALE_RATE, scale[0]["workers"]))
         add("   %s" % "".join(h.rjust(9) for h in ("checks", "interval", "lag p50", "lag p99", "lag max",
                                                     "master%", "ms/chk", "RSS MB", "PSS MB", "rate/s")))
@@ -1419,6 +1603,7 @@ def main(argv=None):
              ("idle", lambda: section_idle(tmp, args.quick, 2, launcher)),
              ("monit", lambda: section_monit(tmp, args.quick)),
              ("cluster", lambda: section_cluster(tmp, args.quick)),
+             ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)),
              ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)))
     result["load"] = {}
     try:

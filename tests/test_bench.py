@@ -24,6 +24,8 @@ SECTIONS = {
                 "failover.kill_to_leader_status.p50_ms", "flips.flip_to_action.p50_ms",
                 "flips.flip_to_transition.p50_ms", "flips.transition_to_action.p50_ms",
                 "steady.requests_per_s", "steady.keepalives_expected_per_s", "steady.etcd_writes_per_s"],
+    "http": ["status.p50_ms", "status.p99_ms", "host.p50_ms", "host.p99_ms", "host_new_connection.p99_ms",
+             "lag_p99_ms", "cpu_per_request_ms", "checks_per_s_meanwhile", "status_bytes"],
 }
 
 
@@ -56,6 +58,10 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert _number(overhead["ratio"]) and _number(overhead["cpu_per_check_ms"])
     assert doc["reaction"]["transitions"] >= 10
     assert _number(doc["meta"]["loadavg_start"][0])
+    ab = doc["http"]["ab_metrics"]
+    if "skipped" not in ab:
+        assert _number(ab["per_s"]) and _number(ab["cpu_per_request_ms"]) and ab["failed"] == 0, ab
+    assert isinstance(doc["derived"]["http"]["met"], bool)
     monit = doc["monit"]
     if "skipped" not in monit:
         assert _number(monit["reaction"]["check_exit_to_action"]["p50_ms"])
@@ -73,7 +79,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert _number(doc["idle"]["pss_mb"]["master"]) and isinstance(doc["derived"]["idle"]["met_pss"], bool)
     # The table names each section and the load it ran under.
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
-                    "6. beside Monit", "7. cluster", "8. scale", "load average"):
+                    "6. beside Monit", "7. cluster", "8. http", "9. scale", "load average"):
         assert heading in result.stdout, heading
 
 
