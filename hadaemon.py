@@ -15,7 +15,9 @@ master      one thread, one ``selectors`` loop over the UNIX socket, its client
             runs, the queue), the Scheduler (when checks run), the Pool (every
             forked child), the ControlServer (the socket), the HttpServer (the
             status page, JSON, load-balancer checks and metrics, when ``http`` is
-            set: its connections in the same loop); the Master wires them.
+            set: its connections in the same loop), ActionRuns (the queue's head
+            to the action run) and Reload (a config read in steps); the Master
+            wires them.
 worker      ``workers`` processes forked up front.  Each connects to the socket,
             says hello, then runs one check at a time as the master hands them out:
             the check gets its own session (process group), its output is parsed
@@ -43,7 +45,9 @@ Configuration                           checks.conf and actions.conf -> Config, 
 Cron                                    the five fields of a cron schedule
 Wire protocol                           one JSON object per line over the UNIX socket
 Check output                            a check's stdout -> the serialized hash (SPEC §3)
-State store                             dbm.dumb with a write-ahead journal (kill -9 safe)
+State store                             dbm.dumb's files (DumbFiles) under a write-ahead
+                                        journal (Store): kill -9 safe, a checkpoint costs
+                                        what changed
 Running a process                       a session of its own, bounded output, group kill
 Check worker, Action runner             what the forked children run
 Remote checks                           the ssh: scope and its master connections
@@ -57,8 +61,10 @@ Cluster agent                           the process that makes the etcd calls
 Cluster member                          the lease clock, roles, views, quorum (no I/O)
 Cluster ledger                          the Ledger in etcd, written by the leader alone;
                                         ClusterLink wires agent, member and ledger in
-What if                                 --simulate: the section and commands a transition runs
+Action runs                             the queue's head to the action run, its events back
+Reload                                  SIGHUP / --reload: the config read in steps, swapped in
 Master                                  the loop, signals, readiness, shutdown; the wiring
+What if                                 --simulate: the section and commands a transition runs
 Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
 
 Signals (master)
@@ -1641,33 +1647,34 @@ _INDEX_LINE_RE = re.compile(r"'([^'\\]*)', \((\d+), (\d+)\)\Z")
 _INDEX_REWRITE_MIN = 4096       # appended index lines tolerated before .dir is rewritten whole
 
 
-class Store:
-    """Every durable thing the master knows, as key -> JSON value."""
+class DumbFiles:
+    """The db's two files, read and written as dbm.dumb does (dbm.dumb.open reads them).
 
-    def __init__(self, state_dir):
-        self.base = os.path.join(state_dir, DB_NAME)
-        self.journal_path = self.base + ".journal"
-        self.data = {}
-        self.dirty = set()
+    A value starts on a 512-byte boundary of .dat (NUL padding before it); a new
+    value, or one grown past its blocks, goes at the end; one that still fits is
+    overwritten in place.  .dir holds one line per key, as repr((key, (pos, size))).
+    Written here, each checkpoint's new values go in one write, so a checkpoint
+    costs a few system calls, not two opens of a file per key.  The Store above it
+    decides what is written when; this class only knows the format.
+    """
+
+    def __init__(self, base):
+        self.base = base
         self.dat_fd = None      # .dat, open for writing (None: not open, or to be made anew)
         self.dat_end = 0
-        self.jfd = None
-        self.notes = []         # what recovery did, for the log
+        self.index = {}         # key -> (pos, size): the index recovery used, then the live one
         self.sizes = {}         # key -> bytes its value takes in .dat (512-byte blocks)
         self.live = 0           # their sum: what .dat would take compacted
-        self.index = {}         # key -> (pos, size): the index recovery used, then the live one
-        self.torn = False       # the journal may end in part of a line
-        self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
-        self.encoded = {}           # soft values (dirty) as JSON text, made when they came
-        self.error = None           # the write error of an outage (disk full), logged once
-        self.damage = None          # why the db files cannot be used, when they cannot
-        self.created = False        # open() found no db and started a new one
-        self.appended = 0           # index lines appended to .dir since it was last written whole
-        self.index_whole = False    # the next checkpoint writes .dir whole (an append failed)
+        self.appended = 0       # index lines appended to .dir since it was last written whole
+        self.index_whole = False    # the next write of the index is whole (an append failed)
+
+    def paths(self):
+        return [self.base + s for s in (".dat", ".dir", ".bak")]
 
     # -- reading ---------------------------------------------------------------
 
-    def _read_index(self, path):
+    @staticmethod
+    def read_index(path):
         """key -> (pos, size) from a dumb index file (None when missing).
 
         Only lines exactly as dbm.dumb writes them count: a line the disk had no
@@ -1697,7 +1704,8 @@ class Store:
                 continue
         return index
 
-    def _read_values(self, index):
+    def read_values(self, index):
+        """(key -> decoded JSON value, keys whose value does not read back)."""
         values, bad = {}, []
         try:
             with open(self.base + ".dat", "rb") as f:
@@ -1718,6 +1726,152 @@ class Store:
             return {}, list(index)
         return values, bad
 
+    # -- writing ---------------------------------------------------------------
+
+    def open_dat(self):
+        self.dat_fd = os.open(self.base + ".dat", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.dat_end = os.fstat(self.dat_fd).st_size
+        self.sizes = {key: _blocks(size) for key, (pos, size) in self.index.items()}
+        self.live = sum(self.sizes.values())
+
+    def close_dat(self):
+        if self.dat_fd is not None:
+            try:
+                os.close(self.dat_fd)
+            except OSError:
+                pass
+            self.dat_fd = None
+
+    def create(self):
+        """New, empty db files: .dat with meta's value, .dir with its line (meta is the
+        first key, so an index cut short always lacks it or carries a count that shows
+        it is short)."""
+        self.close_dat()
+        for path in self.paths():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.index, self.appended = {_META_KEY: (0, _META_WIDTH)}, 0
+        self.open_dat()
+        try:
+            self.put_meta()
+            self.dat_end = _META_WIDTH
+            self.write_index([], True)
+        except OSError:
+            self.close_dat()            # half made: the next checkpoint makes them anew
+            raise
+
+    def put_meta(self):
+        """The count of keys the index holds, in its fixed-size value."""
+        meta = json.dumps({"keys": len(self.index), "time": int(time.time())}).encode()
+        self._pwrite(meta.ljust(_META_WIDTH), self.index[_META_KEY][0])
+
+    def _pwrite(self, data, pos):
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.dat_fd, view, pos)
+            view, pos = view[written:], pos + written
+
+    def put_values(self, keys, text_of):
+        """Write the values of ``keys`` (``text_of(key)``: its JSON text) into .dat; returns
+        the keys, whose index lines are then to be written.  New and grown values go at
+        the end in one write."""
+        grown = []
+        for key in keys:
+            value = text_of(key).encode("utf-8")
+            old = self.index.get(key)
+            if old is not None and _blocks(len(value)) <= _blocks(old[1]):
+                self._pwrite(value, old[0])
+                self.index[key] = (old[0], len(value))
+                # The last value of the file may have grown within its blocks.
+                self.dat_end = max(self.dat_end, old[0] + len(value))
+            else:
+                grown.append((key, value))
+        tail, end = bytearray(), self.dat_end
+        for i, (key, value) in enumerate(grown):
+            pos = -(-end // 512) * 512
+            tail += bytes(pos - end) + value
+            end = pos + len(value)
+            grown[i] = (key, (pos, len(value)))
+        if tail:
+            self._pwrite(tail, self.dat_end)
+            self.dat_end = end
+            self.index.update(grown)
+        for key in keys:
+            size = _blocks(self.index[key][1])
+            self.live += size - self.sizes.get(key, 0)
+            self.sizes[key] = size
+        return list(keys)
+
+    def write_index(self, keys, whole):
+        """Make the index lines of ``keys`` durable: appended to .dir, or .dir written whole."""
+        index = self.index
+        whole = whole or self.index_whole or \
+            self.appended + len(keys) > max(_INDEX_REWRITE_MIN, len(index))
+        self.index_whole = True         # until the write below is whole
+        if whole:
+            lines = [_index_line(k, pos, size) for k, (pos, size) in index.items()]
+            # As dbm.dumb's sync(): the old index becomes .bak, the new one is written.
+            try:
+                os.unlink(self.base + ".bak")
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(self.base + ".dir", self.base + ".bak")
+            except FileNotFoundError:
+                pass
+        else:
+            lines = [_index_line(k, *index[k]) for k in keys]
+        text = "".join(lines).encode("latin-1")
+        try:
+            fd = os.open(self.base + ".dir", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC |
+                         (os.O_TRUNC if whole else os.O_APPEND), 0o600)
+            try:
+                view = memoryview(text)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError:
+            if whole:
+                # The whole index is in .bak and .dir is cut (disk full): put .bak
+                # back, or the next rewrite would delete it for the cut one.
+                try:
+                    os.replace(self.base + ".bak", self.base + ".dir")
+                except OSError:
+                    pass
+            raise
+        self.index_whole = False
+        self.appended = 0 if whole else self.appended + len(keys)
+
+    def replace_index(self):
+        """.dir made anew from ``index``: written beside it, then renamed over it."""
+        with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
+            f.write("".join(_index_line(k, pos, size) for k, (pos, size) in self.index.items()))
+        os.replace(self.base + ".dir.tmp", self.base + ".dir")
+
+
+class Store:
+    """Every durable thing the master knows, as key -> JSON value."""
+
+    def __init__(self, state_dir):
+        self.base = os.path.join(state_dir, DB_NAME)
+        self.journal_path = self.base + ".journal"
+        self.data = {}
+        self.dirty = set()
+        self.files = DumbFiles(self.base)
+        self.jfd = None
+        self.notes = []         # what recovery did, for the log
+        self.torn = False       # the journal may end in part of a line
+        self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
+        self.encoded = {}           # soft values (dirty) as JSON text, made when they came
+        self.error = None           # the write error of an outage (disk full), logged once
+        self.damage = None          # why the db files cannot be used, when they cannot
+        self.created = False        # open() found no db and started a new one
+
+    # -- reading ---------------------------------------------------------------
+
     def _load_db(self):
         """(values, undecodable keys, index file used or None); damage leaves values empty.
 
@@ -1725,10 +1879,10 @@ class Store:
         """
         self.damage = None
         for suffix in (".dir", ".bak"):
-            index = self._read_index(self.base + suffix)
+            index = self.files.read_index(self.base + suffix)
             if index is None:
                 continue
-            values, bad = self._read_values(index)
+            values, bad = self.files.read_values(index)
             meta = values.get(_META_KEY)
             if not isinstance(meta, dict):
                 # Not our index, or a .dir cut (maybe to nothing) by sync(), or damage.
@@ -1740,7 +1894,7 @@ class Store:
                 continue        # a .dir cut short while sync() rewrote it
             # .bak may lack keys whose index line found the disk full: those came
             # after the last checkpoint, so the journal has them.
-            self.index = index
+            self.files.index = index
             return values, [key for key in bad if key != _META_KEY], suffix
         return {}, [], None
 
@@ -1802,13 +1956,10 @@ class Store:
 
     # -- opening for writing ---------------------------------------------------
 
-    def _db_files(self):
-        return [self.base + s for s in (".dat", ".dir", ".bak")]
-
     def _move_aside(self, why):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         moved = []
-        for path in self._db_files():
+        for path in self.files.paths():
             if os.path.exists(path):
                 target = "%s.corrupt-%s%s" % (self.base, stamp, path[len(self.base):])
                 os.rename(path, target)
@@ -1849,10 +2000,10 @@ class Store:
             self.torn = True            # after a torn last line, start a new one
             self._append({"full": True, "s": self.data})
             self._move_aside(damage)
-            self._close_dat()           # the next checkpoint writes new files
+            self.files.close_dat()           # the next checkpoint writes new files
             self.checkpoint()
             return
-        index = dict(self.index) if suffix is not None else {}
+        index = dict(self.files.index) if suffix is not None else {}
         # Keys the index holds that recovery did not take: torn by a crash, or behind
         # a full snapshot.  The count in meta goes down first: an index that holds
         # more keys than it says is whole, one that holds fewer is not.
@@ -1861,19 +2012,17 @@ class Store:
             del index[key]
         self.created = not exists and not entries
         if suffix is None:
-            self._create_db()
+            self.files.create()
         else:
-            self.index = index
-            self._open_dat()
+            self.files.index = index
+            self.files.open_dat()
             if stale:
-                self._put_meta()
+                self.files.put_meta()
             if suffix == ".bak":
                 self.notes.append("state db index was cut short by a crash; using its backup")
             # The lines recovery used, whole (dbm.dumb reads .dir strictly, and the
             # lines appended since it was last written whole go).
-            with open(self.base + ".dir.tmp", "w", encoding="latin-1") as f:
-                f.write("".join(_index_line(k, pos, size) for k, (pos, size) in index.items()))
-            os.replace(self.base + ".dir.tmp", self.base + ".dir")
+            self.files.replace_index()
         if entries or suffix != ".dir" or lost:
             self.dirty = set(self.data) if suffix != ".dir" or lost else \
                 {k for e in entries for k in e}
@@ -1882,88 +2031,6 @@ class Store:
             # Only damaged lines are left (a torn last write): the next commit would be
             # glued to one of them and be lost with it.
             os.ftruncate(self.jfd, 0)
-
-    # -- the db files, written as dbm.dumb writes them ---------------------------
-    #
-    # A value starts on a 512-byte boundary of .dat (NUL padding before it); a new
-    # value, or one grown past its blocks, goes at the end; one that still fits is
-    # overwritten in place.  .dir holds one line per key, as repr((key, (pos, size))).
-    # The store writes them itself, each checkpoint's new values in one write, so a
-    # checkpoint costs a few system calls, not two opens of a file per key.
-
-    def _open_dat(self):
-        self.dat_fd = os.open(self.base + ".dat", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.dat_end = os.fstat(self.dat_fd).st_size
-        self.sizes = {key: _blocks(size) for key, (pos, size) in self.index.items()}
-        self.live = sum(self.sizes.values())
-
-    def _close_dat(self):
-        if self.dat_fd is not None:
-            try:
-                os.close(self.dat_fd)
-            except OSError:
-                pass
-            self.dat_fd = None
-
-    def _create_db(self):
-        """New, empty db files: .dat with meta's value, .dir with its line (meta is the
-        first key, so an index cut short always lacks it or carries a count that shows
-        it is short)."""
-        self._close_dat()
-        for path in self._db_files():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self.index, self.appended = {_META_KEY: (0, _META_WIDTH)}, 0
-        self._open_dat()
-        try:
-            self._put_meta()
-            self.dat_end = _META_WIDTH
-            self._write_index([], True)
-        except OSError:
-            self._close_dat()           # half made: the next checkpoint makes them anew
-            raise
-
-    def _put_meta(self):
-        meta = json.dumps({"keys": len(self.index), "time": int(time.time())}).encode()
-        self._pwrite(meta.ljust(_META_WIDTH), self.index[_META_KEY][0])
-
-    def _pwrite(self, data, pos):
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.dat_fd, view, pos)
-            view, pos = view[written:], pos + written
-
-    def _put_values(self, keys):
-        """Write the values of ``keys`` into .dat; returns the keys, whose index lines
-        are then to be written.  New and grown values go at the end in one write."""
-        grown = []
-        for key in keys:
-            value = self._text(key).encode("utf-8")
-            old = self.index.get(key)
-            if old is not None and _blocks(len(value)) <= _blocks(old[1]):
-                self._pwrite(value, old[0])
-                self.index[key] = (old[0], len(value))
-                # The last value of the file may have grown within its blocks.
-                self.dat_end = max(self.dat_end, old[0] + len(value))
-            else:
-                grown.append((key, value))
-        tail, end = bytearray(), self.dat_end
-        for i, (key, value) in enumerate(grown):
-            pos = -(-end // 512) * 512
-            tail += bytes(pos - end) + value
-            end = pos + len(value)
-            grown[i] = (key, (pos, len(value)))
-        if tail:
-            self._pwrite(tail, self.dat_end)
-            self.dat_end = end
-            self.index.update(grown)
-        for key in keys:
-            size = _blocks(self.index[key][1])
-            self.live += size - self.sizes.get(key, 0)
-            self.sizes[key] = size
-        return list(keys)
 
     def _append(self, entry):
         self._append_text(_ENCODE(entry))
@@ -2039,13 +2106,13 @@ class Store:
             self.error = None
 
     def _checkpoint(self):
-        rebuild = self.dat_fd is None
+        rebuild = self.files.dat_fd is None
         if rebuild:
             # New files, from memory: after a compaction cut short by a crash, or
             # after a damaged db was moved aside.  (Even with nothing in them, the
             # index write below ends with the journal and its snapshot emptied.)
             self.dirty = set(self.data)     # first: whatever fails below, all are written later
-            self._create_db()
+            self.files.create()
         if not self.dirty and not rebuild:
             return
         if self.unjournaled:
@@ -2054,82 +2121,41 @@ class Store:
             self._journal(self.unjournaled)
             self.unjournaled.clear()
         try:
-            self._write_index(self._put_values(sorted(self.dirty)), rebuild)
+            self.files.write_index(self.files.put_values(sorted(self.dirty), self._text), rebuild)
             # The count of keys last: a .dir that holds fewer is one cut short.
-            self._put_meta()
+            self.files.put_meta()
         except OSError:
             # .dir may end in part of a line: an append would be glued to it.  The
             # next checkpoint writes it whole.
-            self.index_whole = True
+            self.files.index_whole = True
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
         self.encoded.clear()
-        if self.dat_end > max(1 << 20, 4 * self.live):
+        if self.files.dat_end > max(1 << 20, 4 * self.files.live):
             self.compact()
-
-    def _write_index(self, keys, whole):
-        """Make the index lines of ``keys`` durable: appended to .dir, or .dir written whole."""
-        index = self.index
-        whole = whole or self.index_whole or \
-            self.appended + len(keys) > max(_INDEX_REWRITE_MIN, len(index))
-        self.index_whole = True         # until the write below is whole
-        if whole:
-            lines = [_index_line(k, pos, size) for k, (pos, size) in index.items()]
-            # As dbm.dumb's sync(): the old index becomes .bak, the new one is written.
-            try:
-                os.unlink(self.base + ".bak")
-            except FileNotFoundError:
-                pass
-            try:
-                os.rename(self.base + ".dir", self.base + ".bak")
-            except FileNotFoundError:
-                pass
-        else:
-            lines = [_index_line(k, *index[k]) for k in keys]
-        text = "".join(lines).encode("latin-1")
-        try:
-            fd = os.open(self.base + ".dir", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC |
-                         (os.O_TRUNC if whole else os.O_APPEND), 0o600)
-            try:
-                view = memoryview(text)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-        except OSError:
-            if whole:
-                # The whole index is in .bak and .dir is cut (disk full): put .bak
-                # back, or the next rewrite would delete it for the cut one.
-                try:
-                    os.replace(self.base + ".bak", self.base + ".dir")
-                except OSError:
-                    pass
-            raise
-        self.index_whole = False
-        self.appended = 0 if whole else self.appended + len(keys)
 
     def compact(self):
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
-        before = self.dat_end
+        before = self.files.dat_end
         self._append({"full": True, "s": self.data})
         self.unjournaled.clear()
         # From here every key is dirty, so whatever fails below (the disk full), the
         # next checkpoint writes them all before it drops the snapshot from the journal.
         self.dirty = set(self.data)
-        self._close_dat()               # the next checkpoint makes the files anew
+        self.files.close_dat()               # the next checkpoint makes the files anew
         self.checkpoint()
-        self.notes.append("state db compacted: %d -> %d bytes" % (before, self.dat_end))
+        self.notes.append("state db compacted: %d -> %d bytes" % (before, self.files.dat_end))
 
     def close(self):
         if self.jfd is not None:
             try:
-                if self.dat_fd is not None:
+                if self.files.dat_fd is not None:
                     self.checkpoint()
                     # As dbm.dumb's close(): .dir whole, the one before kept as .bak.
-                    self._write_index([], True)
+                    self.files.write_index([], True)
             finally:
-                self._close_dat()
+                self.files.close_dat()
                 os.close(self.jfd)
                 self.jfd = None
 
@@ -6579,7 +6605,7 @@ class ClusterLink:
         if self.handoff is not None:
             run, rid = self.handoff
             if child is None or child.run_id != run["id"]:
-                self.handoff = None             # its action run died: recorded by action_exited
+                self.handoff = None             # its action run died: recorded by ActionRuns.exited
             elif self.ledger.acked >= rid:
                 self.handoff = None
                 self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)})
@@ -6683,6 +6709,612 @@ class ClusterLink:
             log.info("cluster: ttl is now %ds; the cluster agent restarts with its timeouts", settings.ttl)
             self.restarting = agent.pid
             agent.signal(signal.SIGTERM, time.monotonic() + KILL_GRACE)
+
+
+# ============================================================================
+# Action runs: the queue's head, handed to the action run, and what it says back
+# ============================================================================
+#
+# At most one sequence runs at a time, in the action run the Pool keeps waiting.
+# The head of the Ledger's queue is handed to it; its events (a command started,
+# spawned, ended; the sequence done; in a cluster's leader, whether it still may)
+# go to the Ledger; its death ends the run as failed, or interrupted when the
+# daemon stops or a cluster's leader steps down.
+
+def _command_index(run, msg):
+    index = msg.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run["commands"]):
+        raise ProtocolError("bad command index %r" % (index,))
+    return index
+
+
+def _spawned_pid(msg):
+    """The pid of a {t: spawned} message: an action run's command, leader of its group."""
+    pid = msg.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
+    return pid
+
+
+class ActionRuns:
+    """Ledger -> the action run -> Ledger."""
+
+    def __init__(self, ledger, pool, server, cluster):
+        self.ledger, self.pool, self.server = ledger, pool, server
+        self.cluster = cluster          # a ClusterLink, or None
+
+    def start_next(self, config_dir):
+        if self.pool.action_child() is not None:
+            return
+        run = self.ledger.head()
+        if run is None:
+            return
+        if self.ledger.paused:
+            self.ledger.dequeue(run, "skipped", "paused", time.time())
+            return
+        child = self.pool.runner(config_dir)
+        if child is None:
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", time.time())
+            return
+        if child.conn is None:
+            return                      # not connected yet: a later pass hands it the run
+        self.ledger.dequeue(run, "running", None, time.time())
+        child.run_id = run["id"]
+        self.server.send(child.conn, {"t": "run", "run": run})
+
+    def event(self, child, msg):
+        """The action run reports: a command started, spawned, ended; the sequence is done;
+        in a cluster it asks before each command (``may``) whether it still may."""
+        run = self.ledger.runs.get(child.run_id)
+        if run is None or msg.get("run") != run["id"]:
+            raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
+        kind = msg.get("t")
+        if kind == "start":
+            self.ledger.command_started(run, _command_index(run, msg), msg.get("time"))
+        elif kind == "spawned":
+            _command_index(run, msg)
+            child.pgid = _spawned_pid(msg)
+        elif kind == "end":
+            child.pgid = None
+            self.ledger.command_ended(run, _command_index(run, msg), msg)
+        elif kind == "may" and self.cluster is not None:
+            _command_index(run, msg)
+            self.server.send(child.conn, self.cluster.may())
+        elif kind == "done":
+            state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
+            self.ledger.finish(run, state, msg.get("reason"), time.time())
+        else:
+            raise ProtocolError("unknown action event %r" % (kind,))
+
+    def exited(self, child, how, stopping):
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
+        if child.run_id is None:        # the spare, before it had a sequence
+            self.pool.spare_gone(child, how)
+            return
+        run = self.ledger.runs.get(child.run_id)
+        if run is None or run["state"] != "running":
+            return
+        stepped = self.cluster.interrupted() if self.cluster is not None else None
+        if stepped:
+            self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
+        elif stopping:
+            self.ledger.finish(run, "interrupted", "the daemon stopped while it ran (%s)" % how, time.time())
+        else:
+            self.ledger.finish(run, "failed", "the action run died (%s)" % how, time.time())
+
+    def stop_budget(self, now):
+        """The daemon stops: the time the running sequence has left to finish in (its
+        commands' timeouts), or 10 s when none runs; its kill is set for then."""
+        action = self.pool.action_child()
+        if action is None:
+            return 10.0
+        run = self.ledger.runs.get(action.run_id) or {}
+        pending = [c for c in run.get("commands", []) if "result" not in c]
+        budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
+        log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
+        action.kill_at = now + budget
+        return budget
+
+
+# ============================================================================
+# Reload: a new configuration, read in steps between the loop's other work
+# ============================================================================
+#
+# SIGHUP and --reload read both files again.  Ten thousand checks take a second to
+# read: the reading goes a slice per pass of the loop, so due checks wait for a
+# slice, never for the whole of it; the new config is swapped in at once when it is
+# read whole (a bad one is refused whole, SPEC §2).  What the swap replaced is freed
+# a slice per pass too: freed at once, it held the loop up for tens of milliseconds.
+
+class Reload:
+    """The reloads asked for and done, by number, and the reading under way."""
+
+    def __init__(self, steps):
+        self.steps = steps              # () -> generator: reads, prepares, swaps in; returns errors
+        self.asked = self.done = 0
+        self.reading = None             # (request number, generator)
+        self.errors = []                # of the last reading done
+        self.graveyard = []             # lists a swap replaced, emptied from their ends
+
+    def want(self):
+        """A reload is asked for: the reading starts now, or starts over if one is under
+        way (the files may have changed since).  Returns the request's number."""
+        self.asked += 1
+        if self.reading is not None:
+            self.reading = None
+            gc.enable()
+        return self.asked
+
+    def busy(self):
+        return self.done < self.asked or bool(self.graveyard)
+
+    def step(self, until):
+        """Read until monotonic ``until``; the steps swap the config in once it is read."""
+        if self.done >= self.asked:
+            return
+        if self.reading is None:
+            log.info("reloading the configuration")
+            self.reading = (self.asked, self.steps())
+            # Reading makes tens of thousands of objects that live on: the collector
+            # would walk them all, again and again, while they are made.  They are
+            # frozen once swapped in (settle_heap); a refused config is freed by
+            # reference counts alone.
+            gc.disable()
+        number, steps = self.reading
+        try:
+            next(steps)
+            while time.monotonic() < until:
+                next(steps)
+            return
+        except StopIteration as done:
+            errors = done.value
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload refused: %s", line)
+            errors = exc.errors
+        self.reading = None
+        gc.enable()
+        self.done, self.errors = number, errors
+
+    def drop(self, why):
+        """The daemon stops: a reading under way ends, refused with ``why``."""
+        if self.done < self.asked:
+            self.done, self.reading = self.asked, None
+            gc.enable()
+            self.errors = [why]
+
+    def bury(self, *dead):
+        """Lists a swap replaced, to be freed a slice at a time."""
+        self.graveyard += dead
+
+    def let_go(self, n=ANSWER_STEP):
+        """Free ``n`` of the objects a reload replaced."""
+        while n > 0 and self.graveyard:
+            dead = self.graveyard[-1]
+            k = min(n, len(dead))
+            del dead[len(dead) - k:]
+            n -= k
+            if not dead:
+                self.graveyard.pop()
+
+    def answer(self):
+        """--reload's answer, once the reading it asked for (or a later one) is done."""
+        number = self.want()
+        while self.done < number:
+            yield None
+        yield encode_message({"ok": not self.errors, "errors": self.errors})
+
+
+# ============================================================================
+# Master: the loop, signals, readiness and shutdown
+# ============================================================================
+#
+# The story of the daemon's life, in run(): set up (lock, state db, socket,
+# signals, schedule), say ready, loop, shut down.  Each pass of the loop is
+# level-triggered: it handles recorded signals, reaps, enforces kill deadlines,
+# keeps the pool full, fires due checks, hands them to idle workers and starts
+# the next queued action run, so a lost signal or wake-up never matters.  The
+# parts do the work; the master only wires them:
+#
+#   Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
+#   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
+#   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
+
+class Notifier:
+    """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
+
+    def __init__(self):
+        self.address = os.environ.get("NOTIFY_SOCKET")
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+        if self.address and self.address.startswith("@"):
+            self.address = "\0" + self.address[1:]
+
+    def send(self, text):
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(text.encode(), self.address)
+        except OSError as exc:
+            log.warning("systemd notify %r failed: %s", text, exc)
+
+
+class Master:
+    """The daemon: ``run()`` is setup, ready, loop, shutdown; the parts do the rest."""
+
+    def __init__(self, config, state_dir, once=False, default_log="stderr", ready_fd=None):
+        self.config = config
+        self.state_dir = state_dir
+        self.once = once
+        self.default_log = default_log      # where logs go when ``log`` is not set
+        self.ready_fd = ready_fd
+        self.lock = PidLock(state_dir)
+        self.store = Store(state_dir)
+        if config.cluster is None:
+            self.ledger = Ledger(self.store, state_dir, config)
+        else:
+            member = ClusterMember(config.cluster, time.monotonic())
+            self.ledger = ClusterLedger(self.store, state_dir, config, member)
+        self.scheduler = Scheduler(once, self.store)
+        self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
+        self.sel = selectors.DefaultSelector()
+        self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
+                                    self.check_finished, self.child_event, self.answer)
+        self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
+        self.runs = ActionRuns(self.ledger, self.pool, self.server, self.cluster)
+        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
+                                                 self.ledger.history,
+                                                 lambda flag: self.set_paused(flag, "an http request")))
+        self.notifier = Notifier()
+        self.signals = []
+        self.stopping = False
+        self.stop_deadline = None
+        self.started_wall, self.started = time.time(), time.monotonic()
+        self.next_checkpoint = self.started + CHECKPOINT_EVERY
+        self.next_watchdog = self.started
+        self.reloads = Reload(self.reload_steps)
+
+    # -- the life of the daemon --------------------------------------------------
+
+    def run(self):
+        """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
+        try:
+            self.setup()
+        except (HadaemonError, OSError) as exc:
+            self.signal_ready("error: %s" % exc)
+            raise
+        log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
+                 "state in %s", __version__, os.getpid(), len(self.config.checks),
+                 self.config.daemon.workers, len(self.config.sections), self.state_dir)
+        if self.store.created:
+            log.info("state db: none in %s; a new one is created", self.state_dir)
+        self.signal_ready("ok %d" % os.getpid())
+        self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+        failed = sum(n for (_, result), n in self.ledger.run_counts.items() if result == "failed")
+        return EXIT_FAIL if self.once and failed else EXIT_OK
+
+    def setup(self):
+        ensure_state_dir(self.state_dir)
+        if not self.lock.acquire():
+            pid = PidLock.holder(self.state_dir)
+            raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
+        self.lock.write_pid()
+        raise_open_files_limit()
+        self.store.open()
+        for note in self.store.notes:
+            log.error("state db: %s", note)
+        self.ledger.open(time.time())
+        self.scheduler.adopt_results(self.store)
+        self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
+        self.server.listen()
+        self.install_signals()
+        self.scheduler.configure(self.config.checks, time.monotonic())
+        settle_heap()
+
+    def install_signals(self):
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, self.record_signal)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self.drain_wakeup)
+
+    def record_signal(self, signum, frame):
+        self.signals.append(signum)     # only record: the loop does the work
+
+    def drain_wakeup(self, mask):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def signal_ready(self, text):
+        """Tell ``--start``, waiting on a pipe, that we are up (or why not)."""
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, text.encode() + b"\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def loop(self):
+        while True:
+            now = time.monotonic()
+            for key, mask in self.sel.select(self.timeout(now)):
+                key.data(mask)
+            now = time.monotonic()
+            self.handle_signals()
+            self.reap()
+            self.pool.enforce_kills(now)
+            if self.notifier.watchdog and now >= self.next_watchdog:
+                # While stopping too: the loop is healthy while a sequence finishes.
+                self.notifier.send("WATCHDOG=1")
+                self.next_watchdog = now + self.notifier.watchdog
+            self.http.tick(now)         # while stopping too: it answers until the end
+            # Answers that touch every check or host are made a slice per pass: due
+            # checks wait for a slice, never for the whole of them.
+            self.server.answer_some(time.monotonic() + ANSWER_SLICE)
+            if self.stopping:
+                if self.cluster is not None:
+                    self.cluster.tick(now, self.config)     # step down, resign
+                if not self.pool.children or now >= self.stop_deadline:
+                    return
+                continue
+            self.pool.manage(self.config, now, ssh=not self.once)
+            self.scheduler.fire_due(now)
+            self.dispatch(now)
+            if self.cluster is None:
+                self.runs.start_next(self.config.config_dir)
+            else:
+                self.cluster.tick(now, self.config)
+            self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
+            self.reloads.let_go()
+            self.server.tick(now)
+            if now >= self.next_checkpoint:
+                self.checkpoint(now)
+            if self.once and self.scheduler.all_ran() and not self.ledger.queue \
+                    and self.pool.action_child() is None:
+                self.begin_stop("--once pass complete")
+
+    def timeout(self, now):
+        if self.reloads.busy() or self.server.busy():
+            return 0.0                  # work in steps under way: look at the sockets, go on
+        deadlines = [self.next_checkpoint, now + 1.0]
+        due = self.scheduler.next_due()
+        if due is not None and not self.stopping:
+            deadlines.append(due)
+        if self.notifier.watchdog:
+            deadlines.append(self.next_watchdog)
+        if self.cluster is not None:
+            deadlines.append(self.cluster.next_wake(now))
+        if self.http.wakeup() is not None:
+            deadlines.append(self.http.wakeup())
+        return max(0.0, min(deadlines) - now)
+
+    def handle_signals(self):
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGHUP:
+                self.reloads.want()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                self.begin_stop("%s received" % signal_name(sig))
+            elif sig == signal.SIGUSR1:
+                reopen_log()
+                log.info("log reopened")
+
+    def reload_steps(self):
+        """A reload in steps: read both files, prepare the schedule, swap it all in at
+        once (no step between the scheduler's swap and the rest).  Returns the errors."""
+        config = yield from load_config_steps(self.config.config_dir)
+        problem = cluster_reload_problem(self.config.cluster, config.cluster)
+        if problem:
+            raise ConfigError([problem])
+        plan = yield from self.scheduler.plan_steps(config.checks)
+        try:
+            self.http.configure(config.daemon)  # it binds: a busy port refuses the reload
+        except HadaemonError as exc:
+            raise ConfigError([str(exc)])       # before anything is swapped in
+        self.reloads.bury(self.scheduler.swap(plan))
+        return self.reload(config)
+
+    def reload(self, config):
+        """Swap in ``config``, read and checked whole (the schedule is swapped already).
+        Returns the errors (none)."""
+        self.notifier.send("RELOADING=1")
+        log_changed = config.daemon.log != self.config.daemon.log
+        self.reloads.bury(self.config.checks, self.config.groups)
+        self.config = self.ledger.config = config
+        settle_heap(collect=False)      # a collection now would walk all of them once more
+        if self.cluster is not None:
+            self.cluster.reconfigure(config.cluster)
+        if log_changed:
+            target = config.daemon.log or self.default_log
+            if target == "stderr":
+                target = self.default_log   # daemonized, stderr is /dev/null
+            setup_logging(target, self.state_dir, log.level == logging.DEBUG)
+        else:
+            reopen_log()
+        log.info("configuration reloaded: %d checks, %d action sections",
+                 len(config.checks), len(config.sections))
+        self.notifier.send("READY=1")
+        return []
+
+    def checkpoint(self, now):
+        self.next_checkpoint = now + CHECKPOINT_EVERY
+        try:
+            self.store.checkpoint()
+        except OSError:
+            pass        # logged by the store; everything stays dirty for the next one
+
+    def begin_stop(self, why):
+        """No new checks or runs; the running sequence may finish within its timeouts."""
+        if self.stopping:
+            return
+        log.info("stopping: %s", why)
+        self.notifier.send("STOPPING=1")
+        self.stopping = True
+        self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
+        self.scheduler.ready.clear()
+        now = time.monotonic()
+        self.pool.stop(now)
+        if self.cluster is not None:
+            self.cluster.stop(now)
+        self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+
+    def shutdown(self):
+        for child in self.pool.kill_all():
+            if child.kind == "action":
+                self.runs.exited(child, "killed at stop", self.stopping)
+        self.server.close_all()
+        self.http.close()
+        try:
+            self.checkpoint(time.monotonic())
+            self.store.close()
+        except OSError as exc:
+            log.error("closing the state db: %s", exc)
+        self.lock.release()
+        log.info("stopped")
+
+    # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
+
+    def dispatch(self, now):
+        if self.stopping or not self.scheduler.ready:
+            return
+        for child in self.pool.workers("idle"):
+            job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
+            if job is None:
+                break
+            self.server.send(child.conn, self.pool.hand(child, job, now))
+
+    def check_finished(self, job, msg):
+        done = self.scheduler.finished(job, msg)
+        if done is not None:
+            rt, reports = done
+            for host, state in reports:
+                self.ledger.report(host, state, rt.check, time.time())
+
+    def reap(self):
+        for child, how in self.pool.reap():
+            self.server.drain(child)        # what it sent before it went
+            self.pool.forget(child)
+            if child.kind == "worker":
+                self.worker_exited(child, how)
+            elif child.kind == "ssh":
+                self.pool.ssh.reaped(child, how)
+            elif child.kind == "cluster":
+                self.cluster.agent_exited(child, how, self.stopping)
+            else:
+                self.runs.exited(child, how, self.stopping)
+
+    def worker_exited(self, child, how):
+        self.pool.worker_gone(child, how)
+        job, child.job = child.job, None
+        if job is not None and not self.stopping:   # a check the stop ended is no report
+            pgid = child.check_pgid()
+            if pgid:
+                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
+            self.check_finished(job, {"data": {"state": "unknown",
+                                               "message": "worker died (%s) while running the check" % how},
+                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
+                                      "duration": time.monotonic() - job["sent"]})
+        child.close_slot()
+
+    def child_event(self, child, msg):
+        """What the cluster agent or an action run says."""
+        if child.kind == "cluster":
+            self.ledger.member.on_message(msg, time.monotonic())
+        else:
+            self.runs.event(child, msg)
+
+    # -- what the daemon answers -------------------------------------------------------
+
+    def answer(self, msg):
+        """A control verb (from the socket): its answer."""
+        cmd = msg.get("cmd")
+        if cmd == "status":
+            return self.status_stream()
+        if cmd == "reload":
+            if self.stopping:
+                return {"ok": False, "errors": ["the daemon is stopping"]}
+            return self.reloads.answer()
+        if cmd in ("pause", "resume"):
+            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request"),
+                    "cluster": self.cluster is not None}
+        if cmd == "history":
+            return {"ok": True, "history": self.ledger.history(
+                msg.get("n") if isinstance(msg.get("n"), int) else 20)}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd in ("rerun", "run"):
+            return self.answer_run(cmd, msg.get("run"))
+        return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
+
+    def set_paused(self, paused, by):
+        """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.ledger.set_paused(paused)
+        log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
+                    " (the whole cluster, once etcd has it)" if self.cluster else "")
+        return paused if self.cluster else self.ledger.paused
+
+    def answer_run(self, cmd, run_id):
+        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
+        if not isinstance(run_id, int) or isinstance(run_id, bool):
+            return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
+        if cmd == "run":
+            run = self.ledger.runs.get(run_id)
+            return {"ok": True, "run": summarize_run(run)} if run else \
+                {"ok": False, "errors": ["no run #%d in the history" % run_id]}
+        if self.cluster is not None and not self.ledger.member.acting:
+            leader, _ = self.ledger.member.leader()
+            return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
+                                            "the leader (%s)" % (leader or "none now")]}
+        try:
+            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
+        except ValueError as exc:
+            return {"ok": False, "errors": [str(exc)]}
+
+    def daemon_status(self, now_m):
+        """The daemon block of --status --json."""
+        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
+                  "started": self.started_wall, "uptime": now_m - self.started,
+                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
+                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
+                  "counters": self.ledger.counters()}
+        daemon.update(self.ledger.daemon_status())
+        daemon.update(self.pool.status())
+        if self.cluster is not None:
+            daemon["cluster"] = dict(self.ledger.member.status(now_m),
+                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
+        else:
+            daemon["cluster"] = None
+        return daemon
+
+    def status_stream(self):
+        """--status --json as pieces of its one line: the daemon's block, then what each
+        part says of itself, the hosts and checks a few hundred at a time (the loop
+        goes on between the pieces, so ten thousand checks hold up nothing due)."""
+        now_m, now = time.monotonic(), time.time()
+        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
+            b',"hosts":'
+        yield from json_pieces(self.ledger.host_entries(), as_object=True)
+        yield b',"checks":'
+        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
+        yield b"}\n"
+
+    def status_document(self):
+        """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
+        now_m, now = time.monotonic(), time.time()
+        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
+                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
 
 
 # ============================================================================
@@ -6817,565 +7449,6 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# Master: the loop, signals, readiness and shutdown
-# ============================================================================
-#
-# The story of the daemon's life, in run(): set up (lock, state db, socket,
-# signals, schedule), say ready, loop, shut down.  Each pass of the loop is
-# level-triggered: it handles recorded signals, reaps, enforces kill deadlines,
-# keeps the pool full, fires due checks, hands them to idle workers and starts
-# the next queued action run, so a lost signal or wake-up never matters.  The
-# parts do the work; the master only wires them:
-#
-#   Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
-#   Ledger.head --run--> Pool (an action run) --events--> ControlServer --> Ledger
-
-class Notifier:
-    """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
-
-    def __init__(self):
-        self.address = os.environ.get("NOTIFY_SOCKET")
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self.watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
-        if self.address and self.address.startswith("@"):
-            self.address = "\0" + self.address[1:]
-
-    def send(self, text):
-        if not self.address:
-            return
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(text.encode(), self.address)
-        except OSError as exc:
-            log.warning("systemd notify %r failed: %s", text, exc)
-
-
-def _command_index(run, msg):
-    index = msg.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run["commands"]):
-        raise ProtocolError("bad command index %r" % (index,))
-    return index
-
-
-def _spawned_pid(msg):
-    """The pid of a {t: spawned} message: an action run's command, leader of its group."""
-    pid = msg.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
-        raise ProtocolError("bad pid %r in a spawned message" % (pid,))
-    return pid
-
-
-class Master:
-    """The daemon: ``run()`` is setup, ready, loop, shutdown; the parts do the rest."""
-
-    def __init__(self, config, state_dir, once=False, default_log="stderr", ready_fd=None):
-        self.config = config
-        self.state_dir = state_dir
-        self.once = once
-        self.default_log = default_log      # where logs go when ``log`` is not set
-        self.ready_fd = ready_fd
-        self.lock = PidLock(state_dir)
-        self.store = Store(state_dir)
-        if config.cluster is None:
-            self.ledger = Ledger(self.store, state_dir, config)
-        else:
-            member = ClusterMember(config.cluster, time.monotonic())
-            self.ledger = ClusterLedger(self.store, state_dir, config, member)
-        self.scheduler = Scheduler(once, self.store)
-        self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
-        self.sel = selectors.DefaultSelector()
-        self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
-                                    self.check_finished, self.child_event, self.answer)
-        self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
-        self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
-                                                 self.ledger.history,
-                                                 lambda flag: self.set_paused(flag, "an http request")))
-        self.notifier = Notifier()
-        self.signals = []
-        self.stopping = False
-        self.stop_deadline = None
-        self.started_wall, self.started = time.time(), time.monotonic()
-        self.next_checkpoint = self.started + CHECKPOINT_EVERY
-        self.next_watchdog = self.started
-        # A reload reads the config in steps between the loop's other work; the
-        # requests since the reading began, and the last reading done, by number.
-        self.reload_asked = self.reload_done = 0
-        self.reload_reading = None      # (request number, load_config_steps generator)
-        self.reload_errors = []
-        # What a reload replaced (ten thousand checks and runtimes), let go of a slice
-        # per pass: freed at once, they held the loop up for tens of milliseconds.
-        self.graveyard = []             # lists, emptied from their ends
-
-    # -- the life of the daemon --------------------------------------------------
-
-    def run(self):
-        """Process flow: setup, say ready, loop, shut down.  Returns the exit code."""
-        try:
-            self.setup()
-        except (HadaemonError, OSError) as exc:
-            self.signal_ready("error: %s" % exc)
-            raise
-        log.info("hadaemon %s started (pid %d): %d checks, %d workers, %d action sections, "
-                 "state in %s", __version__, os.getpid(), len(self.config.checks),
-                 self.config.daemon.workers, len(self.config.sections), self.state_dir)
-        if self.store.created:
-            log.info("state db: none in %s; a new one is created", self.state_dir)
-        self.signal_ready("ok %d" % os.getpid())
-        self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
-        try:
-            self.loop()
-        finally:
-            self.shutdown()
-        failed = sum(n for (_, result), n in self.ledger.run_counts.items() if result == "failed")
-        return EXIT_FAIL if self.once and failed else EXIT_OK
-
-    def setup(self):
-        ensure_state_dir(self.state_dir)
-        if not self.lock.acquire():
-            pid = PidLock.holder(self.state_dir)
-            raise HadaemonError("a daemon already runs on %s (pid %s)" % (self.state_dir, pid))
-        self.lock.write_pid()
-        raise_open_files_limit()
-        self.store.open()
-        for note in self.store.notes:
-            log.error("state db: %s", note)
-        self.ledger.open(time.time())
-        self.scheduler.adopt_results(self.store)
-        self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
-        self.server.listen()
-        self.install_signals()
-        self.scheduler.configure(self.config.checks, time.monotonic())
-        settle_heap()
-
-    def install_signals(self):
-        self.wake_r, wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(sig, self.record_signal)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self.drain_wakeup)
-
-    def record_signal(self, signum, frame):
-        self.signals.append(signum)     # only record: the loop does the work
-
-    def drain_wakeup(self, mask):
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def signal_ready(self, text):
-        """Tell ``--start``, waiting on a pipe, that we are up (or why not)."""
-        if self.ready_fd is not None:
-            try:
-                os.write(self.ready_fd, text.encode() + b"\n")
-                os.close(self.ready_fd)
-            except OSError:
-                pass
-            self.ready_fd = None
-
-    def loop(self):
-        while True:
-            now = time.monotonic()
-            for key, mask in self.sel.select(self.timeout(now)):
-                key.data(mask)
-            now = time.monotonic()
-            self.handle_signals()
-            self.reap()
-            self.pool.enforce_kills(now)
-            if self.notifier.watchdog and now >= self.next_watchdog:
-                # While stopping too: the loop is healthy while a sequence finishes.
-                self.notifier.send("WATCHDOG=1")
-                self.next_watchdog = now + self.notifier.watchdog
-            self.http.tick(now)         # while stopping too: it answers until the end
-            # Answers that touch every check or host are made a slice per pass: due
-            # checks wait for a slice, never for the whole of them.
-            self.server.answer_some(time.monotonic() + ANSWER_SLICE)
-            if self.stopping:
-                if self.cluster is not None:
-                    self.cluster.tick(now, self.config)     # step down, resign
-                if not self.pool.children or now >= self.stop_deadline:
-                    return
-                continue
-            self.pool.manage(self.config, now, ssh=not self.once)
-            self.scheduler.fire_due(now)
-            self.dispatch(now)
-            if self.cluster is None:
-                self.start_next_run()
-            else:
-                self.cluster.tick(now, self.config)
-            self.read_config(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
-            self.let_go()
-            self.server.tick(now)
-            if now >= self.next_checkpoint:
-                self.checkpoint(now)
-            if self.once and self.scheduler.all_ran() and not self.ledger.queue \
-                    and self.pool.action_child() is None:
-                self.begin_stop("--once pass complete")
-
-    def timeout(self, now):
-        if self.reload_reading is not None or self.server.busy() or self.graveyard:
-            return 0.0                  # work in steps under way: look at the sockets, go on
-        deadlines = [self.next_checkpoint, now + 1.0]
-        due = self.scheduler.next_due()
-        if due is not None and not self.stopping:
-            deadlines.append(due)
-        if self.notifier.watchdog:
-            deadlines.append(self.next_watchdog)
-        if self.cluster is not None:
-            deadlines.append(self.cluster.next_wake(now))
-        if self.http.wakeup() is not None:
-            deadlines.append(self.http.wakeup())
-        return max(0.0, min(deadlines) - now)
-
-    def handle_signals(self):
-        while self.signals:
-            sig = self.signals.pop(0)
-            if sig == signal.SIGHUP:
-                self.want_reload()
-            elif sig in (signal.SIGTERM, signal.SIGINT):
-                self.begin_stop("%s received" % signal_name(sig))
-            elif sig == signal.SIGUSR1:
-                reopen_log()
-                log.info("log reopened")
-
-    def want_reload(self):
-        """Re-read both files (SIGHUP, --reload): the reading starts now, or starts over if
-        one is under way (the files may have changed since).  Returns the request's number."""
-        self.reload_asked += 1
-        if self.reload_reading is not None:
-            self.reload_reading = None
-            gc.enable()
-        return self.reload_asked
-
-    def read_config(self, until):
-        """Read the config in steps until monotonic ``until``; apply it once it is read,
-        whole: a bad one is refused whole (SPEC §2), a good one swapped in at once."""
-        if self.reload_done >= self.reload_asked:
-            return
-        if self.reload_reading is None:
-            log.info("reloading the configuration")
-            self.reload_reading = (self.reload_asked, self.reload_steps())
-            # Reading makes tens of thousands of objects that live on: the collector
-            # would walk them all, again and again, while they are made.  They are
-            # frozen once swapped in (settle_heap); a refused config is freed by
-            # reference counts alone.
-            gc.disable()
-        number, steps = self.reload_reading
-        try:
-            next(steps)
-            while time.monotonic() < until:
-                next(steps)
-            return
-        except StopIteration as done:
-            errors = done.value
-        except ConfigError as exc:
-            for line in exc.errors:
-                log.error("reload refused: %s", line)
-            errors = exc.errors
-        self.reload_reading = None
-        gc.enable()
-        self.reload_done, self.reload_errors = number, errors
-
-    def let_go(self, n=ANSWER_STEP):
-        """Free ``n`` of the objects a reload replaced."""
-        while n > 0 and self.graveyard:
-            dead = self.graveyard[-1]
-            k = min(n, len(dead))
-            del dead[len(dead) - k:]
-            n -= k
-            if not dead:
-                self.graveyard.pop()
-
-    def reload_answer(self):
-        """--reload's answer, once the reading it asked for (or a later one) is done."""
-        number = self.want_reload()
-        while self.reload_done < number:
-            yield None
-        yield encode_message({"ok": not self.reload_errors, "errors": self.reload_errors})
-
-    def reload_steps(self):
-        """A reload in steps: read both files, prepare the schedule, swap it all in at
-        once (no step between the scheduler's swap and the rest).  Returns the errors."""
-        config = yield from load_config_steps(self.config.config_dir)
-        problem = cluster_reload_problem(self.config.cluster, config.cluster)
-        if problem:
-            raise ConfigError([problem])
-        plan = yield from self.scheduler.plan_steps(config.checks)
-        try:
-            self.http.configure(config.daemon)  # it binds: a busy port refuses the reload
-        except HadaemonError as exc:
-            raise ConfigError([str(exc)])       # before anything is swapped in
-        self.graveyard.append(self.scheduler.swap(plan))
-        return self.reload(config)
-
-    def reload(self, config):
-        """Swap in ``config``, read and checked whole (the schedule is swapped already).
-        Returns the errors (none)."""
-        self.notifier.send("RELOADING=1")
-        log_changed = config.daemon.log != self.config.daemon.log
-        self.graveyard += [self.config.checks, self.config.groups]
-        self.config = self.ledger.config = config
-        settle_heap(collect=False)      # a collection now would walk all of them once more
-        if self.cluster is not None:
-            self.cluster.reconfigure(config.cluster)
-        if log_changed:
-            target = config.daemon.log or self.default_log
-            if target == "stderr":
-                target = self.default_log   # daemonized, stderr is /dev/null
-            setup_logging(target, self.state_dir, log.level == logging.DEBUG)
-        else:
-            reopen_log()
-        log.info("configuration reloaded: %d checks, %d action sections",
-                 len(config.checks), len(config.sections))
-        self.notifier.send("READY=1")
-        return []
-
-    def checkpoint(self, now):
-        self.next_checkpoint = now + CHECKPOINT_EVERY
-        try:
-            self.store.checkpoint()
-        except OSError:
-            pass        # logged by the store; everything stays dirty for the next one
-
-    def begin_stop(self, why):
-        """No new checks or runs; the running sequence may finish within its timeouts."""
-        if self.stopping:
-            return
-        log.info("stopping: %s", why)
-        self.notifier.send("STOPPING=1")
-        self.stopping = True
-        if self.reload_done < self.reload_asked:        # a reload under way is dropped
-            self.reload_done, self.reload_reading = self.reload_asked, None
-            gc.enable()
-            self.reload_errors = ["the daemon is stopping; the configuration was not reloaded"]
-        self.scheduler.ready.clear()
-        now = time.monotonic()
-        self.pool.stop(now)
-        if self.cluster is not None:
-            self.cluster.stop(now)
-        action = self.pool.action_child()
-        budget = 10.0
-        if action is not None:
-            run = self.ledger.runs.get(action.run_id) or {}
-            pending = [c for c in run.get("commands", []) if "result" not in c]
-            budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
-            log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
-            action.kill_at = now + budget
-        self.stop_deadline = now + budget + 10.0
-
-    def shutdown(self):
-        for child in self.pool.kill_all():
-            if child.kind == "action":
-                self.action_exited(child, "killed at stop")
-        self.server.close_all()
-        self.http.close()
-        try:
-            self.checkpoint(time.monotonic())
-            self.store.close()
-        except OSError as exc:
-            log.error("closing the state db: %s", exc)
-        self.lock.release()
-        log.info("stopped")
-
-    # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
-
-    def dispatch(self, now):
-        if self.stopping or not self.scheduler.ready:
-            return
-        for child in self.pool.workers("idle"):
-            job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
-            if job is None:
-                break
-            self.server.send(child.conn, self.pool.hand(child, job, now))
-
-    def check_finished(self, job, msg):
-        done = self.scheduler.finished(job, msg)
-        if done is not None:
-            rt, reports = done
-            for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
-
-    def reap(self):
-        for child, how in self.pool.reap():
-            self.server.drain(child)        # what it sent before it went
-            self.pool.forget(child)
-            if child.kind == "worker":
-                self.worker_exited(child, how)
-            elif child.kind == "ssh":
-                self.pool.ssh.reaped(child, how)
-            elif child.kind == "cluster":
-                self.cluster.agent_exited(child, how, self.stopping)
-            else:
-                self.action_exited(child, how)
-
-    def worker_exited(self, child, how):
-        self.pool.worker_gone(child, how)
-        job, child.job = child.job, None
-        if job is not None and not self.stopping:   # a check the stop ended is no report
-            pgid = child.check_pgid()
-            if pgid:
-                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_finished(job, {"data": {"state": "unknown",
-                                               "message": "worker died (%s) while running the check" % how},
-                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
-                                      "duration": time.monotonic() - job["sent"]})
-        child.close_slot()
-
-    # -- action runs: Ledger -> the action run -> Ledger -------------------------------
-
-    def start_next_run(self):
-        if self.stopping or self.pool.action_child() is not None:
-            return
-        run = self.ledger.head()
-        if run is None:
-            return
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", time.time())
-            return
-        child = self.pool.runner(self.config.config_dir)
-        if child is None:
-            self.ledger.dequeue(run, "failed", "cannot fork the action run", time.time())
-            return
-        if child.conn is None:
-            return                      # not connected yet: a later pass hands it the run
-        self.ledger.dequeue(run, "running", None, time.time())
-        child.run_id = run["id"]
-        self.server.send(child.conn, {"t": "run", "run": run})
-
-    def child_event(self, child, msg):
-        """What the cluster agent or an action run says."""
-        if child.kind == "cluster":
-            self.ledger.member.on_message(msg, time.monotonic())
-        else:
-            self.action_event(child, msg)
-
-    def action_event(self, child, msg):
-        """The action run reports: a command started, spawned, ended; the sequence is done;
-        in a cluster it asks before each command (``may``) whether it still may."""
-        run = self.ledger.runs.get(child.run_id)
-        if run is None or msg.get("run") != run["id"]:
-            raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
-        kind = msg.get("t")
-        if kind == "start":
-            self.ledger.command_started(run, _command_index(run, msg), msg.get("time"))
-        elif kind == "spawned":
-            _command_index(run, msg)
-            child.pgid = _spawned_pid(msg)
-        elif kind == "end":
-            child.pgid = None
-            self.ledger.command_ended(run, _command_index(run, msg), msg)
-        elif kind == "may" and self.cluster is not None:
-            _command_index(run, msg)
-            self.server.send(child.conn, self.cluster.may())
-        elif kind == "done":
-            state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
-            self.ledger.finish(run, state, msg.get("reason"), time.time())
-        else:
-            raise ProtocolError("unknown action event %r" % (kind,))
-
-    def action_exited(self, child, how):
-        if child.pgid:
-            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
-        if child.run_id is None:        # the spare, before it had a sequence
-            self.pool.spare_gone(child, how)
-            return
-        run = self.ledger.runs.get(child.run_id)
-        if run is None or run["state"] != "running":
-            return
-        stepped = self.cluster.interrupted() if self.cluster is not None else None
-        if stepped:
-            self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
-        elif self.stopping:
-            self.ledger.finish(run, "interrupted", "the daemon stopped while it ran (%s)" % how, time.time())
-        else:
-            self.ledger.finish(run, "failed", "the action run died (%s)" % how, time.time())
-
-    # -- what the daemon answers -------------------------------------------------------
-
-    def answer(self, msg):
-        """A control verb (from the socket): its answer."""
-        cmd = msg.get("cmd")
-        if cmd == "status":
-            return self.status_stream()
-        if cmd == "reload":
-            if self.stopping:
-                return {"ok": False, "errors": ["the daemon is stopping"]}
-            return self.reload_answer()
-        if cmd in ("pause", "resume"):
-            return {"ok": True, "paused": self.set_paused(cmd == "pause", "request"),
-                    "cluster": self.cluster is not None}
-        if cmd == "history":
-            return {"ok": True, "history": self.ledger.history(
-                msg.get("n") if isinstance(msg.get("n"), int) else 20)}
-        if cmd == "ping":
-            return {"ok": True, "pid": os.getpid()}
-        if cmd in ("rerun", "run"):
-            return self.answer_run(cmd, msg.get("run"))
-        return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
-
-    def set_paused(self, paused, by):
-        """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
-        self.ledger.set_paused(paused)
-        log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
-                    " (the whole cluster, once etcd has it)" if self.cluster else "")
-        return paused if self.cluster else self.ledger.paused
-
-    def answer_run(self, cmd, run_id):
-        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
-        if not isinstance(run_id, int) or isinstance(run_id, bool):
-            return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
-        if cmd == "run":
-            run = self.ledger.runs.get(run_id)
-            return {"ok": True, "run": summarize_run(run)} if run else \
-                {"ok": False, "errors": ["no run #%d in the history" % run_id]}
-        if self.cluster is not None and not self.ledger.member.acting:
-            leader, _ = self.ledger.member.leader()
-            return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
-                                            "the leader (%s)" % (leader or "none now")]}
-        try:
-            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
-        except ValueError as exc:
-            return {"ok": False, "errors": [str(exc)]}
-
-    def daemon_status(self, now_m):
-        """The daemon block of --status --json."""
-        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
-                  "started": self.started_wall, "uptime": now_m - self.started,
-                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
-                  "counters": self.ledger.counters()}
-        daemon.update(self.ledger.daemon_status())
-        daemon.update(self.pool.status())
-        if self.cluster is not None:
-            daemon["cluster"] = dict(self.ledger.member.status(now_m),
-                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
-        else:
-            daemon["cluster"] = None
-        return daemon
-
-    def status_stream(self):
-        """--status --json as pieces of its one line: the daemon's block, then what each
-        part says of itself, the hosts and checks a few hundred at a time (the loop
-        goes on between the pieces, so ten thousand checks hold up nothing due)."""
-        now_m, now = time.monotonic(), time.time()
-        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
-            b',"hosts":'
-        yield from json_pieces(self.ledger.host_entries(), as_object=True)
-        yield b',"checks":'
-        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
-        yield b"}\n"
-
-    def status_document(self):
-        """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
-        now_m, now = time.monotonic(), time.time()
-        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
-                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
-
-
-# ============================================================================
 # Control client: --status, --stop, --reload, --history, --pause, --resume
 # ============================================================================
 
@@ -7504,8 +7577,8 @@ def render_cluster(c):
     return out
 
 
-def render_status(doc):
-    """The status document for a person, in 80 columns."""
+def _render_daemon(doc):
+    """The head of --status: the daemon, its paths, workers, action run, cluster, ssh."""
     d = doc["daemon"]
     out = []
     if d["running"]:
@@ -7535,11 +7608,14 @@ def render_status(doc):
         else:
             what = "no master connection (checks connect on their own)"
         out.append(_clip("ssh [%s]: %s" % (m["scope"], what), 80))
-    out.append("")
-    hosts = doc["hosts"]
+    return out
+
+
+def _render_hosts(hosts):
+    """The hosts table; past STATUS_ROWS, a count by state and those in trouble."""
+    out = []
     shown = hosts
     if len(hosts) > STATUS_ROWS:
-        # Too many to read: count them by state, list those in trouble.
         shown = {name: h for name, h in hosts.items() if _host_in_trouble(h)}
         states = collections.Counter(h["state"] for h in hosts.values())
         out.append(_clip("%d hosts: %s; %s" % (len(hosts), ", ".join(
@@ -7554,8 +7630,12 @@ def render_status(doc):
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))
     elif not hosts:
         out.append("no hosts reported yet")
-    out.append("")
-    checks = doc["checks"]
+    return out
+
+
+def _render_checks(checks):
+    """The checks table, by scope; past STATUS_ROWS, a count and those in trouble."""
+    out = []
     if len(checks) > STATUS_ROWS:
         trouble = [c for c in checks if _check_in_trouble(c)]
         not_run = sum(1 for c in checks if not c.get("last"))
@@ -7582,7 +7662,12 @@ def render_status(doc):
     if len(rows) > 1:
         out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5)) + _more(len(checks))
         out.append("")
-    out.append("LAST TRANSITIONS")
+    return out
+
+
+def _render_history(doc):
+    """The last transitions and action runs."""
+    out = ["LAST TRANSITIONS"]
     rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
     for tr in doc["transitions"][:8]:
         rows.append((tr["id"], _clock(tr["time"]), tr["host"], "%s -> %s" % (tr["from"], tr["to"]),
@@ -7600,6 +7685,13 @@ def render_status(doc):
         rows.append((run["id"], "[%s]" % run["section"], run["host"], result,
                      "%d/%d" % (done, len(run["commands"])), took))
     out += _table(rows, (5, 22, 10, 26, 5, 6)) if len(rows) > 1 else ["  none"]
+    return out
+
+
+def render_status(doc):
+    """The status document for a person, in 80 columns."""
+    out = _render_daemon(doc) + [""] + _render_hosts(doc["hosts"]) + [""]
+    out += _render_checks(doc["checks"]) + _render_history(doc)
     return "\n".join(out)
 
 

@@ -160,7 +160,7 @@ def test_store_repair_survives_kill9(tmp_path):
         # One value unreadable: the db is moved aside, the rest is kept.
         index = hadaemon.Store(state_dir)
         index.load()
-        pos, size = index.index["k:0"]
+        pos, size = index.files.index["k:0"]
         with open(os.path.join(state_dir, "state.db.dat"), "r+b") as f:
             f.seek(pos)
             f.write(b"\xff" * size)

@@ -53,7 +53,7 @@ class World:
         if self.store is not None and self.store.jfd is not None:
             import os
             os.close(self.store.jfd)        # a kill -9: nothing flushed, nothing closed
-            os.close(self.store.dat_fd)
+            os.close(self.store.files.dat_fd)
         self.store = hadaemon.Store(str(self.state))
         self.store.open()
         self.ledger = hadaemon.Ledger(self.store, str(self.state), self.config)

@@ -447,13 +447,13 @@ def faulty_files(faults):
 
 def abandon(store):
     """What kill -9 leaves: no close, no checkpoint, the fds gone."""
-    for fd in (store.dat_fd, store.jfd):
+    for fd in (store.files.dat_fd, store.jfd):
         if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
-    store.dat_fd = store.jfd = None
+    store.files.dat_fd = store.jfd = None
 
 
 ABSENT = object()
@@ -590,7 +590,7 @@ def run_round(state_dir, faults, model, ops, crash_at, enospc, tear, ending, ind
                 model.last_commit_torn()
         elif ending == "torn-index":
             # kill -9 while .dir is rewritten whole: .bak complete, .dir a prefix, journal intact
-            store.index_whole = True
+            store.files.index_whole = True
             if not store.dirty:
                 store.dirty = set(store.data) or {"s:0"}
                 if "s:0" not in store.data:

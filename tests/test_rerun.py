@@ -9,9 +9,7 @@ and the exit codes of ``--wait`` (with ``--timeout``).
 """
 
 import json
-import os
 import re
-import signal
 import textwrap
 
 import pytest

@@ -50,7 +50,7 @@ def seed_db(state_dir, states, paused=False, crashed=None):
         store.commit({"host:" + h: {"state": s, "since": 1.0e9, "pending": None, "count": 0}
                       for h, s in crashed.items()})
         os.close(store.jfd)             # no checkpoint, no close: as kill -9 leaves it
-        os.close(store.dat_fd)
+        os.close(store.files.dat_fd)
         return
     store.close()
 
