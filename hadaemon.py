@@ -5183,6 +5183,9 @@ class HttpServer:
                             close=True), now)
             elif now - conn.since > HTTP_IDLE:
                 self._close(conn)
+
+
+# ============================================================================
 # etcd: a v3 client on its JSON gateway (SPEC §10)
 # ============================================================================
 #
