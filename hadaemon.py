@@ -8179,13 +8179,17 @@ def cmd_once(args):
 # by every process it forks.  So the commands that become the daemon, started as a
 # script, exec python3 once more, with the same flags and arguments, to run this
 # file as a module instead.  Its code comes compiled, marshalled in a memory file
-# (fd N) this process wrote: the new one compiles nothing, so it is not left with
-# the few MB of freed memory a compilation scatters.  (-1: compile it there.)
-_AS_MODULE = ("import marshal, os, sys, types; path, fd = sys.argv[1], int(sys.argv[2]); "
-              "m = sys.modules['hadaemon'] = types.ModuleType('hadaemon'); m.__file__ = path; "
-              "code = marshal.load(os.fdopen(fd, 'rb')) if fd >= 0 else "
-              "compile(open(path, 'rb').read(), path, 'exec'); "
-              "exec(code, m.__dict__); del code; sys.exit(m.main(sys.argv[3:]))")
+# (HADAEMON_CODE_FD) this process wrote: the new one compiles nothing, so it is not
+# left with the few MB of freed memory a compilation scatters.  The loader travels
+# in the environment (and leaves it), so that ps shows a short line that ends as the
+# operator typed it: python3 -c "import os; exec(...)" /path/hadaemon.py --start
+_LOADER = ("import marshal, os, sys, types; path = sys.argv[1]; "
+           "fd = int(os.environ.pop('HADAEMON_CODE_FD', '-1')); "
+           "m = sys.modules['hadaemon'] = types.ModuleType('hadaemon'); m.__file__ = path; "
+           "code = marshal.load(os.fdopen(fd, 'rb')) if fd >= 0 else "
+           "compile(open(path, 'rb').read(), path, 'exec'); "
+           "exec(code, m.__dict__); del code; sys.exit(m.main(sys.argv[2:]))")
+_AS_MODULE = "import os; exec(os.environ.pop('HADAEMON_LOADER'))"
 
 
 def _interpreter_flags():
@@ -8223,8 +8227,9 @@ def relaunch_as_module(argv):
     except (OSError, AttributeError, ValueError):   # no memfd here: the new one compiles
         fd = -1
     try:
-        os.execv(sys.executable, [sys.executable] + _interpreter_flags() +
-                 ["-c", _AS_MODULE, path, str(fd)] + list(argv))
+        env = dict(os.environ, HADAEMON_LOADER=_LOADER, HADAEMON_CODE_FD=str(fd))
+        os.execve(sys.executable, [sys.executable] + _interpreter_flags() +
+                  ["-c", _AS_MODULE, path] + list(argv), env)
     except OSError:
         if fd >= 0:
             os.close(fd)
