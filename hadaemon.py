@@ -6850,7 +6850,8 @@ class Reload:
         return self.asked
 
     def busy(self):
-        return self.done < self.asked or bool(self.graveyard)
+        """Reading, or freeing: the loop should pass again at once."""
+        return self.reading is not None or bool(self.graveyard)
 
     def step(self, until):
         """Read until monotonic ``until``; the steps swap the config in once it is read."""
@@ -7089,7 +7090,7 @@ class Master:
                 self.begin_stop("--once pass complete")
 
     def timeout(self, now):
-        if self.reloads.busy() or self.server.busy():
+        if self.server.busy() or (self.reloads.busy() and not self.stopping):
             return 0.0                  # work in steps under way: look at the sockets, go on
         deadlines = [self.next_checkpoint, now + 1.0]
         due = self.scheduler.next_due()

@@ -653,6 +653,38 @@ def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
     assert gone(d)
 
 
+def _cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_sighup_while_stopping_is_not_read_and_the_loop_idles(daemon):
+    """A reload asked for once the stop began is dropped: the loop must not spin on it
+    (nor on anything else) while the running sequence finishes."""
+    d = daemon
+    d.script("actions/slow", """
+        echo "start $1" >> "%s/slow.log"
+        sleep 3
+        echo "end $1" >> "%s/slow.log"
+    """ % (d.world, d.world))
+    setup_config(d, hosts=("db1",), actions="[any_to_master]\nslow one\n")
+    d.start()
+    d.set("db1", "master")
+    wait_for(lambda: (d.world / "slow.log").exists(), timeout=15, what="the slow action to start")
+    d.signal(signal.SIGTERM)
+    d.wait_log("stopping: SIGTERM received")
+    d.signal(signal.SIGHUP)
+    cpu, wall = _cpu_seconds(d.proc.pid), time.monotonic()
+    time.sleep(1.0)
+    used = _cpu_seconds(d.proc.pid) - cpu
+    assert "end one" not in (d.world / "slow.log").read_text()     # still stopping, measured then
+    assert used < 0.5 * (time.monotonic() - wall), "the stopping master spun: %.2fs of CPU" % used
+    assert d.proc.wait(timeout=30) == 0
+    assert (d.world / "slow.log").read_text().splitlines() == ["start one", "end one"]
+    assert "reloading the configuration" not in d.log()
+
+
 # -- --history, --version, --help, --check-config ------------------------------------------
 
 def test_history_running_and_not_running(daemon):
