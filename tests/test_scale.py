@@ -35,7 +35,7 @@ def test_the_daemon_drops_the_scripts_syntax_tree_and_keeps_its_python_flags(dae
     arguments) to load hadaemon.py as a module: CPython would keep the script's syntax
     tree for as long as it runs, and every forked child with it."""
     d = daemon
-    d.script("checks/check_up", "echo state=up\n")
+    d.script("checks/check_up", "env > \"%s/check.env\"\necho state=up\n" % d.world)
     d.write("checks.conf", "[local]\ninterval = 200ms\nhost = db1\ncheck_up\n")
     d.write("actions.conf", "")
     argv = d.argv("--foreground")
@@ -49,8 +49,15 @@ def test_the_daemon_drops_the_scripts_syntax_tree_and_keeps_its_python_flags(dae
     boot = words.index("-c")
     flags = words[1:boot]             # -B too when PYTHONDONTWRITEBYTECODE is set
     assert "-S" in flags and "-X faulthandler" in " ".join(flags), words
-    # the file, the fd of its compiled code (marshalled, in a memory file), the arguments
-    assert words[boot + 2] == str(HADAEMON) and int(words[boot + 3]) > 2 and words[boot + 4:] == argv[5:], words
+    # the file, then the arguments as typed: ps and pgrep -f see what the operator ran
+    assert words[boot + 2] == str(HADAEMON) and words[boot + 3:] == argv[5:], words
+    # The loader and the fd of its compiled code (marshalled, in a memory file) came in
+    # the environment exec was given, and left it: a check never sees them.
+    with open("/proc/%d/environ" % proc.pid, "rb") as f:
+        given = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    assert int(given[b"HADAEMON_CODE_FD"]) > 2 and b"HADAEMON_LOADER" in given, sorted(given)
+    wait_for(lambda: (d.world / "check.env").exists(), what="a check to dump its environment")
+    assert "HADAEMON_" not in (d.world / "check.env").read_text()
     assert d.status()["daemon"]["pid"] == proc.pid              # the same process, exec'd in place
     workers = [w["pid"] for w in d.status()["daemon"]["workers"]]
     assert workers and all(cmdline(pid) == words for pid in workers)   # forked from the lean one
