@@ -314,6 +314,16 @@ def settle_heap(collect=True):
     gc.freeze()
 
 
+def run_steps(steps):
+    """Run a generator made to go in steps (it yields between them) to its end, at once;
+    what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def reset_child_signals():
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
                 signal.SIGCHLD, signal.SIGPIPE):
@@ -1221,12 +1231,7 @@ def load_config_steps(config_dir):
 
 def load_config(config_dir):
     """Read and check checks.conf and actions.conf whole; raise ConfigError with every problem."""
-    steps = load_config_steps(config_dir)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_steps(load_config_steps(config_dir))
 
 
 # ============================================================================
@@ -3456,18 +3461,9 @@ class Scheduler:
         self.job_ids = itertools.count(1)
 
     def configure(self, checks, now):
-        """(Re)build the schedule at once (at start-up; a reload goes in steps)."""
-        steps = self.configure_steps(checks, now)
-        while True:
-            try:
-                next(steps)
-            except StopIteration:
-                return
-
-    def configure_steps(self, checks, now=None):
-        """(Re)build the schedule: plan_steps() then swap() (see there)."""
-        plan = yield from self.plan_steps(checks)
-        return self.swap(plan, now)
+        """(Re)build the schedule at once (at start-up; a reload goes in steps):
+        plan_steps() then swap() (see there)."""
+        self.swap(run_steps(self.plan_steps(checks)), now)
 
     def plan_steps(self, checks):
         """The new schedule, prepared: keep what is known of checks whose schedule is

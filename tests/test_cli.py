@@ -623,13 +623,18 @@ def test_stop_signal_leaves_no_process_pid_file_or_socket(daemon, sig):
     assert "stopping: %s received" % signal.Signals(sig).name in d.log()
 
 
-def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
-    d = daemon
+def slow_action(d, seconds):
+    """actions/slow NAME: logs its start and end in world/slow.log, ``seconds`` apart."""
     d.script("actions/slow", """
         echo "start $1" >> "%s/slow.log"
-        sleep 2
+        sleep %d
         echo "end $1" >> "%s/slow.log"
-    """ % (d.world, d.world))
+    """ % (d.world, seconds, d.world))
+
+
+def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
+    d = daemon
+    slow_action(d, 2)
     setup_config(d, hosts=("db1",), actions="[any_to_master]\nslow one\nrecord %HOST% %TO%\n")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
@@ -663,11 +668,7 @@ def test_sighup_while_stopping_is_not_read_and_the_loop_idles(daemon):
     """A reload asked for once the stop began is dropped: the loop must not spin on it
     (nor on anything else) while the running sequence finishes."""
     d = daemon
-    d.script("actions/slow", """
-        echo "start $1" >> "%s/slow.log"
-        sleep 3
-        echo "end $1" >> "%s/slow.log"
-    """ % (d.world, d.world))
+    slow_action(d, 3)
     setup_config(d, hosts=("db1",), actions="[any_to_master]\nslow one\n")
     d.start()
     d.set("db1", "master")
