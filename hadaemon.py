@@ -4,6 +4,9 @@
 One self-contained file, the standard library only, Python 3.8 or newer.  Copy the
 folder that holds it to a host and run ``python3 hadaemon.py --start``.
 
+Developed as the modules of the package src/hadaemon/, one job each; the shipped
+hadaemon.py is made from them by tools/amalgamate.py (docs/HACKING.md).
+
 Process model
 -------------
 master      one thread, one ``selectors`` loop over the UNIX socket, its client
@@ -38,34 +41,51 @@ agent       call (lease, campaign, guarded ledger writes, a watch of the cluster
             nothing but the next etcd call.  The master decides; the agent only
             talks.  It leaves when the master goes (the lease then expires).
 
-Sections of this file (each behind a banner; each uses only those above it)
----------------------------------------------------------------------------
-Constants, Errors, Small utilities      exit codes, limits; durations, fds, lock, logging
-Configuration                           checks.conf and actions.conf -> Config, every error
-Cron                                    the five fields of a cron schedule
-Wire protocol                           one JSON object per line over the UNIX socket
-Check output                            a check's stdout -> the serialized hash (SPEC §3)
-State store                             dbm.dumb's files (DumbFiles) under a write-ahead
-                                        journal (Store): kill -9 safe, a checkpoint costs
-                                        what changed
-Running a process                       a session of its own, bounded output, group kill
-Check worker, Action runner             what the forked children run
-Remote checks                           the ssh: scope and its master connections
-Ledger                                  SPEC §4 and §5: reports in, transitions and runs out
-Scheduler                               the timer heap: when each check runs, its last result
-Pool                                    every forked child: fork, hello, reap, retire, replace
-Control server                          the socket's connections and the control verbs
-HTTP                                    SPEC §9: parser, answers, page, metrics, HttpServer
-etcd                                    a v3 client on the JSON gateway (http.client, ssl)
-Cluster agent                           the process that makes the etcd calls
-Cluster member                          the lease clock, roles, views, quorum (no I/O)
-Cluster ledger                          the Ledger in etcd, written by the leader alone;
-                                        ClusterLink wires agent, member and ledger in
-Action runs                             the queue's head to the action run, its events back
-Reload                                  SIGHUP / --reload: the config read in steps, swapped in
-Master                                  the loop, signals, readiness, shutdown; the wiring
-What if                                 --simulate: the section and commands a transition runs
-Control client, Command line, main()    --status, --stop, ...; argparse; the entry point
+Modules (src/hadaemon/, in the order of hadaemon.py: each uses only those above it)
+---------------------------------------------------------------------------------
+base.py            Constants, errors and small utilities: durations, names, fds, the pid
+                   lock, logging.
+cron.py            Cron: the five fields of a schedule.
+config.py          Configuration: checks.conf and actions.conf.
+netsettings.py     The network settings of the config: the HTTP address, token and TLS
+                   files, the [cluster] keys.
+configfiles.py     checks.conf and actions.conf, read whole into one Config, every
+                   problem as FILE:LINE.
+wire.py            Wire protocol: one JSON object per line over the UNIX socket.
+dumbfiles.py       dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's
+                   own format.
+store.py           State store: dbm.dumb with a write-ahead journal.
+proc.py            Running a process: its own session, bounded output, deadline, group
+                   kill.
+children.py        Check worker.
+ssh.py             Remote checks: the ssh: scope.
+ledger.py          Ledger: host states, transitions, action runs and their queue (SPEC
+                   §4, §5).
+scheduler.py       Scheduler: when each check runs, and what it last said.
+pool.py            Pool: every forked child of the master.
+control.py         Control server: the daemon's UNIX socket and everyone on it.
+http_proto.py      HTTP: status page, JSON, load-balancer checks, metrics.
+http_views.py      The HTTP answers: pure functions of the status document (JSON, the
+                   page, metrics).
+http_server.py     The HTTP server: a part of the master's loop, its connections and
+                   their budget.
+etcd.py            etcd: a v3 client on its JSON gateway (SPEC §10).
+cluster_agent.py   Cluster agent: the process that talks to etcd.
+cluster_member.py  Cluster member: the lease by our own clock, the leader, the views
+                   (SPEC §10).
+cluster_ledger.py  Cluster ledger: the Ledger kept in etcd, written by the leader alone
+                   (SPEC §10).
+cluster_link.py    The cluster as a part of the master: agent, member and cluster ledger
+                   wired together.
+actions.py         Action runs: the queue's head, handed to the action run, and what it
+                   says back.
+reload.py          Reload: a new configuration, read in steps between the loop's other
+                   work.
+master.py          Master: the loop, signals, readiness and shutdown.
+whatif.py          What if: --simulate (SPEC §11).
+client.py          Control client: --status, --stop, --reload, --history, --pause,
+                   --resume.
+cli.py             Command line.
 
 Signals (master)
 ----------------
@@ -88,6 +108,9 @@ Exit codes
 ----------
 0 ok   1 failure or invalid config   2 usage   3 not running (``--status``, ``--rerun``)
 """
+
+# Made by tools/amalgamate.py from src/hadaemon/: change the modules, then run it.
+# Each part below names its source file, so a line here leads back to its module.
 
 import argparse
 import base64
@@ -118,12 +141,18 @@ import time
 import typing
 import urllib.parse
 
+
+# ============================================================================
+# base.py: Constants, errors and small utilities: durations, names, fds, the
+# pid lock, logging.
+# ============================================================================
+#
+# Uses: the standard library only.
+
 __version__ = "0.1.0"
 
 
-# ============================================================================
-# Constants and exit codes
-# ============================================================================
+# -- Constants and exit codes ------------------------------------------------------------
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -179,9 +208,7 @@ CLUSTER_TTL = 5                 # seconds of the leader lease when [cluster] set
 ETCD_PORT = 2379                # an etcd URL without a port
 
 
-# ============================================================================
-# Errors
-# ============================================================================
+# -- Errors ------------------------------------------------------------------------------
 
 class HadaemonError(Exception):
     """The root of every error hadaemon raises on purpose."""
@@ -199,9 +226,7 @@ class ProtocolError(HadaemonError):
     """A peer broke the wire protocol; the connection is closed, nothing else."""
 
 
-# ============================================================================
-# Small utilities: durations, names, fds, lock, logging
-# ============================================================================
+# -- Small utilities: durations, names, fds, lock, logging -------------------------------
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
@@ -300,6 +325,13 @@ def raise_open_files_limit():
             _CHILD_NOFILE = soft
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the limit of open files from %d: %s", soft, exc)
+
+
+def restore_open_files_limit():
+    """In a forked child: the limit of open files the daemon was started with."""
+    if _CHILD_NOFILE is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_CHILD_NOFILE, hard))
 
 
 def settle_heap(collect=True):
@@ -477,8 +509,111 @@ def reopen_log():
 
 
 # ============================================================================
-# Configuration: checks.conf and actions.conf
+# cron.py: Cron: the five fields of a schedule.
 # ============================================================================
+#
+# Uses: the standard library only.
+
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+class CronSpec:
+    """Five cron fields (minute hour day-of-month month day-of-week), read as cron(8) does.
+
+    As in cron, when both day fields are restricted a day matches if either does.
+    """
+
+    _FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
+               ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
+
+    def __init__(self, text):
+        self.text = " ".join(str(text).split())
+        fields = self.text.split()
+        if len(fields) != 5:
+            raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
+                             % (len(fields), text))
+        sets = []
+        for field, (what, low, high, names) in zip(fields, self._FIELDS):
+            sets.append(self._parse_field(field, what, low, high, names))
+        self.minutes, self.hours, self.days, self.months, weekdays = sets
+        self.weekdays = {d % 7 for d in weekdays}
+        self.days_star = fields[2].startswith("*")
+        self.weekdays_star = fields[4].startswith("*")
+        import datetime                 # here: a daemon without cron checks does without it
+        if self.next_after(datetime.datetime(2000, 1, 1)) is None:
+            raise ValueError("cron %r never matches a real date" % self.text)
+
+    @staticmethod
+    def _parse_field(field, what, low, high, names):
+        def number(token):
+            token = token.lower()
+            if names and token[:3] in names and token.isalpha():
+                return names.index(token[:3]) + (1 if what == "month" else 0)
+            if not token.isdigit():
+                raise ValueError("bad %s %r in cron" % (what, token))
+            value = int(token)
+            if not low <= value <= high:
+                raise ValueError("%s %d out of range %d-%d in cron" % (what, value, low, high))
+            return value
+
+        values = set()
+        for part in field.split(","):
+            rng, slash, step = part.partition("/")
+            if slash:
+                if not step.isdigit() or int(step) < 1:
+                    raise ValueError("bad step %r in cron %s field" % (step, what))
+            if rng == "*":
+                start, end = low, high
+            elif "-" in rng:
+                a, _, b = rng.partition("-")
+                start, end = number(a), number(b)
+                if start > end:
+                    raise ValueError("backwards range %r in cron %s field" % (rng, what))
+            else:
+                start = number(rng)
+                end = high if step else start
+            values.update(range(start, end + 1, int(step) if step else 1))
+        return values
+
+    def _day_matches(self, dt):
+        dom = dt.day in self.days
+        dow = (dt.isoweekday() % 7) in self.weekdays
+        if self.days_star or self.weekdays_star:
+            return dom and dow
+        return dom or dow
+
+    def matches(self, dt):
+        return (dt.minute in self.minutes and dt.hour in self.hours
+                and dt.month in self.months and self._day_matches(dt))
+
+    def next_after(self, dt):
+        """The first matching minute strictly after ``dt`` (naive local time), or None."""
+        import datetime
+        dt = dt.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        limit = dt + datetime.timedelta(days=366 * 8)
+        while dt < limit:
+            if dt.month not in self.months:
+                dt = (dt.replace(day=1) + datetime.timedelta(days=32)).replace(day=1, hour=0, minute=0)
+            elif not self._day_matches(dt):
+                dt = (dt + datetime.timedelta(days=1)).replace(hour=0, minute=0)
+            elif dt.hour not in self.hours:
+                dt = (dt + datetime.timedelta(hours=1)).replace(minute=0)
+            elif dt.minute not in self.minutes:
+                dt += datetime.timedelta(minutes=1)
+            else:
+                return dt
+        return None
+
+    def __repr__(self):
+        return "CronSpec(%r)" % self.text
+
+
+# ============================================================================
+# config.py: Configuration: checks.conf and actions.conf.
+# ============================================================================
+#
+# Uses: base, cron.
 
 @dataclasses.dataclass(frozen=True)
 class Scope:
@@ -488,6 +623,26 @@ class Scope:
     user: typing.Optional[str] = None
     host: typing.Optional[str] = None
     port: typing.Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpAddress:
+    """Where the HTTP server listens (SPEC §9): an IP address and a port."""
+    host: str           # normalised: 127.0.0.1, ::1, 0.0.0.0, ::
+    port: int
+    text: str           # as written in checks.conf, for messages
+
+    @property
+    def family(self):
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def loopback(self):
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def url(self, tls=False):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s:%d/" % ("https" if tls else "http", host, self.port)
 
 
 @dataclasses.dataclass
@@ -502,7 +657,7 @@ class DaemonSettings:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = DAEMON_DEFAULTS["connect_timeout"]
-    http: typing.Optional["HttpAddress"] = None
+    http: typing.Optional[HttpAddress] = None
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
@@ -513,7 +668,7 @@ class Group:
     scope: Scope
     where: str
     interval: float
-    cron: typing.Optional["CronSpec"]
+    cron: typing.Optional[CronSpec]
     timeout: float
     confirm: int
     host: typing.Optional[str]
@@ -750,55 +905,12 @@ def resolve_command(word, subdir, config_dir, seen=None):
     return None, "command not found: %s (looked in %s/, the config dir and PATH)" % (word, subdir)
 
 
-def _setting_value(key, words, where, errors):
-    """Convert one KEY = VALUE setting; append an error and return None when bad."""
-    try:
-        if key == "ssh_options":
-            return tuple(words)
-        if len(words) != 1 and key != "cron":
-            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
-        value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
-            return parse_duration(value)
-        if key in ("confirm", "workers", "history"):
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
-            if key == "workers" and int(value) > MAX_WORKERS:
-                raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
-        if key == "cron":
-            return CronSpec(value)
-        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
-            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
-        if key == "host" and not valid_name(value):
-            raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
-        if key == "http":
-            return parse_http_address(value)
-        return value
-    except ValueError as exc:
-        errors.append("%s: %s" % (where, exc))
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpAddress:
-    """Where the HTTP server listens (SPEC §9): an IP address and a port."""
-    host: str           # normalised: 127.0.0.1, ::1, 0.0.0.0, ::
-    port: int
-    text: str           # as written in checks.conf, for messages
-
-    @property
-    def family(self):
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    @property
-    def loopback(self):
-        return ipaddress.ip_address(self.host).is_loopback
-
-    def url(self, tls=False):
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s://%s:%d/" % ("https" if tls else "http", host, self.port)
-
+# ============================================================================
+# netsettings.py: The network settings of the config: the HTTP address, token
+# and TLS files, the [cluster] keys.
+# ============================================================================
+#
+# Uses: base, config.
 
 _HTTP_ADDRESS_RE = re.compile(r"(?:\[([^\]]*)\]|([^\[\]:]*)):(\d{1,5})\Z")
 _HTTP_FORMS = "write IP:PORT, :PORT, [::1]:PORT, 0.0.0.0:PORT or localhost:PORT"
@@ -1015,6 +1127,43 @@ def _cluster_settings(where, entries, errors):
             errors.append("%s: cannot load the TLS files: %s" % (
                 entries[key][0] if key in entries else where, exc))
     return settings
+
+
+# ============================================================================
+# configfiles.py: checks.conf and actions.conf, read whole into one Config,
+# every problem as FILE:LINE.
+# ============================================================================
+#
+# Uses: base, cron, config, netsettings.
+
+def _setting_value(key, words, where, errors):
+    """Convert one KEY = VALUE setting; append an error and return None when bad."""
+    try:
+        if key == "ssh_options":
+            return tuple(words)
+        if len(words) != 1 and key != "cron":
+            raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
+        value = " ".join(words)
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+            return parse_duration(value)
+        if key in ("confirm", "workers", "history"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
+            if key == "workers" and int(value) > MAX_WORKERS:
+                raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
+            return int(value)
+        if key == "cron":
+            return CronSpec(value)
+        if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
+            raise ValueError("log = %s: directory %s does not exist" % (value, os.path.dirname(value)))
+        if key == "host" and not valid_name(value):
+            raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
+        if key == "http":
+            return parse_http_address(value)
+        return value
+    except ValueError as exc:
+        errors.append("%s: %s" % (where, exc))
+        return None
 
 
 def _parse_checks(path, config_dir, errors):
@@ -1234,108 +1383,24 @@ def load_config(config_dir):
     return run_steps(load_config_steps(config_dir))
 
 
-# ============================================================================
-# Cron: the five fields of a schedule
-# ============================================================================
-
-_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-
-
-class CronSpec:
-    """Five cron fields (minute hour day-of-month month day-of-week), read as cron(8) does.
-
-    As in cron, when both day fields are restricted a day matches if either does.
-    """
-
-    _FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
-               ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
-
-    def __init__(self, text):
-        self.text = " ".join(str(text).split())
-        fields = self.text.split()
-        if len(fields) != 5:
-            raise ValueError("cron needs 5 fields (minute hour day month weekday), got %d in %r"
-                             % (len(fields), text))
-        sets = []
-        for field, (what, low, high, names) in zip(fields, self._FIELDS):
-            sets.append(self._parse_field(field, what, low, high, names))
-        self.minutes, self.hours, self.days, self.months, weekdays = sets
-        self.weekdays = {d % 7 for d in weekdays}
-        self.days_star = fields[2].startswith("*")
-        self.weekdays_star = fields[4].startswith("*")
-        import datetime                 # here: a daemon without cron checks does without it
-        if self.next_after(datetime.datetime(2000, 1, 1)) is None:
-            raise ValueError("cron %r never matches a real date" % self.text)
-
-    @staticmethod
-    def _parse_field(field, what, low, high, names):
-        def number(token):
-            token = token.lower()
-            if names and token[:3] in names and token.isalpha():
-                return names.index(token[:3]) + (1 if what == "month" else 0)
-            if not token.isdigit():
-                raise ValueError("bad %s %r in cron" % (what, token))
-            value = int(token)
-            if not low <= value <= high:
-                raise ValueError("%s %d out of range %d-%d in cron" % (what, value, low, high))
-            return value
-
-        values = set()
-        for part in field.split(","):
-            rng, slash, step = part.partition("/")
-            if slash:
-                if not step.isdigit() or int(step) < 1:
-                    raise ValueError("bad step %r in cron %s field" % (step, what))
-            if rng == "*":
-                start, end = low, high
-            elif "-" in rng:
-                a, _, b = rng.partition("-")
-                start, end = number(a), number(b)
-                if start > end:
-                    raise ValueError("backwards range %r in cron %s field" % (rng, what))
-            else:
-                start = number(rng)
-                end = high if step else start
-            values.update(range(start, end + 1, int(step) if step else 1))
-        return values
-
-    def _day_matches(self, dt):
-        dom = dt.day in self.days
-        dow = (dt.isoweekday() % 7) in self.weekdays
-        if self.days_star or self.weekdays_star:
-            return dom and dow
-        return dom or dow
-
-    def matches(self, dt):
-        return (dt.minute in self.minutes and dt.hour in self.hours
-                and dt.month in self.months and self._day_matches(dt))
-
-    def next_after(self, dt):
-        """The first matching minute strictly after ``dt`` (naive local time), or None."""
-        import datetime
-        dt = dt.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-        limit = dt + datetime.timedelta(days=366 * 8)
-        while dt < limit:
-            if dt.month not in self.months:
-                dt = (dt.replace(day=1) + datetime.timedelta(days=32)).replace(day=1, hour=0, minute=0)
-            elif not self._day_matches(dt):
-                dt = (dt + datetime.timedelta(days=1)).replace(hour=0, minute=0)
-            elif dt.hour not in self.hours:
-                dt = (dt + datetime.timedelta(hours=1)).replace(minute=0)
-            elif dt.minute not in self.minutes:
-                dt += datetime.timedelta(minutes=1)
-            else:
-                return dt
-        return None
-
-    def __repr__(self):
-        return "CronSpec(%r)" % self.text
+def remote_problem(path):
+    """Why the file at ``path`` cannot be a remote check (a binary), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return "cannot read %s: %s" % (path, exc.strerror)
+    if not head.startswith(b"#!") and b"\0" in head:
+        return ("%s is a binary: a remote check is a script, sent to the interpreter of its "
+                "#! line over there (wrap a plugin in a script)" % path)
+    return None
 
 
 # ============================================================================
-# Wire protocol: one JSON object per line over the UNIX socket
+# wire.py: Wire protocol: one JSON object per line over the UNIX socket.
 # ============================================================================
+#
+# Uses: base.
 
 # One encoder for every message and value: json.dumps with options makes a new one each call.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -1445,9 +1510,7 @@ def request(state_dir, message, timeout=30.0):
         chan.close()
 
 
-# ============================================================================
-# Check output: the serialized hash (SPEC §3)
-# ============================================================================
+# -- Check output: the serialized hash (SPEC §3) -----------------------------------------
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
 _JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
@@ -1538,98 +1601,14 @@ def reports_from_result(data, exit_code, default_host):
 
 
 # ============================================================================
-# State store: dbm.dumb with a write-ahead journal
+# dumbfiles.py: dbm.dumb's two files (.dat and .dir), read and written in
+# dbm.dumb's own format.
 # ============================================================================
 #
-# The db is a dbm.dumb database (the one dbm format every Python reads): values
-# in state.db.dat, an index of one line per key in state.db.dir.  The store writes
-# both itself, in dbm.dumb's format (dbm.dumb.open reads them), because dbm.dumb
-# is not crash-safe (values change in place, its sync() rewrites the whole index)
-# and opens a file twice per key written.  The discipline that makes it safe
-# against kill -9 at any moment:
-#
-#   commit      every change is first appended to state.db.journal as one JSON
-#               line in one write(2); from then on it is acknowledged.
-#   checkpoint  every few seconds the dirty keys go into .dat (the new and grown
-#               ones in one write at its end), the index lines of the keys written
-#               are appended to .dir (a later line of a key wins), a fixed-size
-#               "meta:checkpoint" records how many keys the index holds, and only
-#               then is the journal truncated.  Soft values (last check results) are
-#               appended to the journal first, so that every value the db files hold
-#               since the last checkpoint is also in the journal: a value overwritten
-#               in place and cut short by a crash always has its newer copy there.
-#               So a checkpoint costs what changed, not what the db holds.  Once .dir
-#               holds more appended lines than keys, or an append failed, it is
-#               rewritten whole as dbm.dumb's sync() does it (the old one kept as .bak).
-#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
-#               least the recorded number of keys (a .dir cut short by a kill while
-#               it is rewritten, maybe to nothing, does not), else from .bak (the
-#               .dir before that rewrite began, appended lines and all);
-#               only lines exactly as dbm.dumb writes them count.  Values that no
-#               longer decode were changed since the last checkpoint and come back
-#               from the journal, replayed on top; keys that do not come back are
-#               deleted, and the journal emptied (a torn last line would otherwise
-#               swallow the next commit appended to it).  A value that decodes but
-#               does not have the shape the master writes is dropped with a note.
-#   disk full   a commit that cannot be written stays in memory (and in --status)
-#               and is written with the next commit or checkpoint that can; the
-#               outage is logged once, its end too.  A failed journal write makes
-#               the next one start a new line; a failed rewrite of .dir puts .bak
-#               back (a second one would delete the last whole index); a failed
-#               compaction leaves every key dirty.
-#   compaction  the space of a value that grew is never reused, so the .dat
-#               file is rewritten when it is mostly dead: a full snapshot goes into
-#               the journal first, then the db files are recreated from memory.
-#               Recovery starts from the newest full snapshot when it finds one, and
-#               rebuilds the files from it.
-#
-# Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
+# Uses: the standard library only.
 
 _META_KEY = "meta:checkpoint"
 _META_WIDTH = 64
-_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
-
-
-def _is_str(*values):
-    return all(isinstance(v, str) for v in values)
-
-
-def _is_time(value):
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def well_formed(key, value):
-    """Whether ``value``, read back from the db, has the shape the master writes at ``key``.
-
-    A value that parses as JSON but is not (a damaged or hand-edited db) would take
-    the master down later; recovery drops it instead.
-    """
-    kind = key.split(":", 1)[0]
-    if kind == "host":
-        return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
-            and (value.get("pending") is None or valid_state(value["pending"])) \
-            and isinstance(value.get("count"), int)
-    if kind == "tr":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
-            and (value.get("run") is None or isinstance(value["run"], int))
-    if kind == "run":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) \
-            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
-            and isinstance(value.get("commands"), list) and all(
-                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
-                for c in value["commands"])
-    if key == "queue":
-        return isinstance(value, list) and all(isinstance(i, int) for i in value)
-    if key == "meta":
-        return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
-                                               for k in ("next_transition", "next_run"))
-    if kind == "report":
-        return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
-    if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
-        return isinstance(value, dict)
-    return True
 
 
 def _blocks(size):
@@ -1854,6 +1833,100 @@ class DumbFiles:
             f.write("".join(_index_line(k, pos, size) for k, (pos, size) in self.index.items()))
         os.replace(self.base + ".dir.tmp", self.base + ".dir")
 
+
+# ============================================================================
+# store.py: State store: dbm.dumb with a write-ahead journal.
+# ============================================================================
+#
+# The db is a dbm.dumb database (the one dbm format every Python reads): values
+# in state.db.dat, an index of one line per key in state.db.dir.  The store writes
+# both itself, in dbm.dumb's format (dbm.dumb.open reads them), because dbm.dumb
+# is not crash-safe (values change in place, its sync() rewrites the whole index)
+# and opens a file twice per key written.  The discipline that makes it safe
+# against kill -9 at any moment:
+#
+#   commit      every change is first appended to state.db.journal as one JSON
+#               line in one write(2); from then on it is acknowledged.
+#   checkpoint  every few seconds the dirty keys go into .dat (the new and grown
+#               ones in one write at its end), the index lines of the keys written
+#               are appended to .dir (a later line of a key wins), a fixed-size
+#               "meta:checkpoint" records how many keys the index holds, and only
+#               then is the journal truncated.  Soft values (last check results) are
+#               appended to the journal first, so that every value the db files hold
+#               since the last checkpoint is also in the journal: a value overwritten
+#               in place and cut short by a crash always has its newer copy there.
+#               So a checkpoint costs what changed, not what the db holds.  Once .dir
+#               holds more appended lines than keys, or an append failed, it is
+#               rewritten whole as dbm.dumb's sync() does it (the old one kept as .bak).
+#   recovery    the index is taken from .dir if it holds meta:checkpoint and at
+#               least the recorded number of keys (a .dir cut short by a kill while
+#               it is rewritten, maybe to nothing, does not), else from .bak (the
+#               .dir before that rewrite began, appended lines and all);
+#               only lines exactly as dbm.dumb writes them count.  Values that no
+#               longer decode were changed since the last checkpoint and come back
+#               from the journal, replayed on top; keys that do not come back are
+#               deleted, and the journal emptied (a torn last line would otherwise
+#               swallow the next commit appended to it).  A value that decodes but
+#               does not have the shape the master writes is dropped with a note.
+#   disk full   a commit that cannot be written stays in memory (and in --status)
+#               and is written with the next commit or checkpoint that can; the
+#               outage is logged once, its end too.  A failed journal write makes
+#               the next one start a new line; a failed rewrite of .dir puts .bak
+#               back (a second one would delete the last whole index); a failed
+#               compaction leaves every key dirty.
+#   compaction  the space of a value that grew is never reused, so the .dat
+#               file is rewritten when it is mostly dead: a full snapshot goes into
+#               the journal first, then the db files are recreated from memory.
+#               Recovery starts from the newest full snapshot when it finds one, and
+#               rebuilds the files from it.
+#
+# Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
+#
+# Uses: base, wire, dumbfiles.
+
+_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
+
+
+def _is_str(*values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _is_time(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def well_formed(key, value):
+    """Whether ``value``, read back from the db, has the shape the master writes at ``key``.
+
+    A value that parses as JSON but is not (a damaged or hand-edited db) would take
+    the master down later; recovery drops it instead.
+    """
+    kind = key.split(":", 1)[0]
+    if kind == "host":
+        return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
+            and (value.get("pending") is None or valid_state(value["pending"])) \
+            and isinstance(value.get("count"), int)
+    if kind == "tr":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
+            and (value.get("run") is None or isinstance(value["run"], int))
+    if kind == "run":
+        return isinstance(value, dict) and isinstance(value.get("id"), int) \
+            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
+            and isinstance(value.get("commands"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
+                for c in value["commands"])
+    if key == "queue":
+        return isinstance(value, list) and all(isinstance(i, int) for i in value)
+    if key == "meta":
+        return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
+                                               for k in ("next_transition", "next_run"))
+    if kind == "report":
+        return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
+    if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
+        return isinstance(value, dict)
+    return True
 
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
@@ -2164,8 +2237,11 @@ class Store:
 
 
 # ============================================================================
-# Running a process: its own session, bounded output, deadline, group kill
+# proc.py: Running a process: its own session, bounded output, deadline, group
+# kill.
 # ============================================================================
+#
+# Uses: base.
 
 class _Terminate(BaseException):
     """Raised in a worker or action run by SIGTERM, so cleanup runs on the way out."""
@@ -2438,8 +2514,10 @@ class _Watched:
 
 
 # ============================================================================
-# Check worker
+# children.py: Check worker.
 # ============================================================================
+#
+# Uses: base, wire, proc.
 
 def _raise_terminate(signum, frame):
     raise _Terminate()
@@ -2448,9 +2526,7 @@ def _raise_terminate(signum, frame):
 def child_setup():
     """What every forked child does first: default signals, a clean slate of fds."""
     reset_child_signals()
-    if _CHILD_NOFILE is not None:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (_CHILD_NOFILE, hard))
+    restore_open_files_limit()
     signal.signal(signal.SIGTERM, _raise_terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a ^C in the foreground is the master's
     close_inherited()
@@ -2525,9 +2601,7 @@ def worker_main(sock_path, config_dir, slot=None):
             chan.send(run_check(job, watch, master=chan.sock, environ=environ, slot=slot))
 
 
-# ============================================================================
-# Action runner
-# ============================================================================
+# -- Action runner -----------------------------------------------------------------------
 
 _VAR_RE = re.compile(r"%%|%([A-Z0-9][A-Z0-9_.:-]*)%")
 
@@ -2681,7 +2755,7 @@ def action_main(sock_path, config_dir):
 
 
 # ============================================================================
-# Remote checks: the ssh: scope
+# ssh.py: Remote checks: the ssh: scope.
 # ============================================================================
 #
 # A check of an [ssh:...] group is the local ssh client, run by a worker like any
@@ -2701,6 +2775,8 @@ def action_main(sock_path, config_dir):
 # would fork the master, which daemonizes into a session of its own, escapes the
 # kill of the check's process group and outlives the daemon; and two checks
 # starting at once race to become the master.
+#
+# Uses: base, children.
 
 _SHELLS = {"sh", "bash", "dash", "ksh", "zsh", "ash", "mksh", "busybox"}
 _SUN_PATH = 108                 # sizeof(sockaddr_un.sun_path) on Linux, its NUL included
@@ -2720,19 +2796,6 @@ def remote_interpreter(path):
         if words:
             return words
     return ["sh"]
-
-
-def remote_problem(path):
-    """Why the file at ``path`` cannot be a remote check (a binary), or None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        return "cannot read %s: %s" % (path, exc.strerror)
-    if not head.startswith(b"#!") and b"\0" in head:
-        return ("%s is a binary: a remote check is a script, sent to the interpreter of its "
-                "#! line over there (wrap a plugin in a script)" % path)
-    return None
 
 
 def remote_run(interp):
@@ -2851,7 +2914,7 @@ class SshMaster:
     scope: str                          # the section name, for the log
     argv: list
     control: str                        # its ControlPath
-    child: typing.Optional["Child"] = None
+    child: object = None                # the Pool's Child running ssh -M, while it runs
     since: float = 0.0                  # wall clock: when it (last) connected
     connected: bool = False             # its control socket has appeared
     failures: int = 0                   # exits in a row without connecting: the backoff
@@ -3010,7 +3073,8 @@ def connect_ssh_targets(config):
 
 
 # ============================================================================
-# Ledger: host states, transitions, action runs and their queue (SPEC §4, §5)
+# ledger.py: Ledger: host states, transitions, action runs and their queue
+# (SPEC §4, §5).
 # ============================================================================
 #
 # What the daemon has decided, and the rules that decide it: a report goes in,
@@ -3029,6 +3093,8 @@ def connect_ssh_targets(config):
 # This is the local backend: one daemon decides alone and keeps the ledger in its
 # own state db.  A cluster (SPEC §10) keeps the same verbs with a ledger that the
 # leader alone writes elsewhere.
+#
+# Uses: base, children.
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
 # without running (paused, an empty variable).
@@ -3372,7 +3438,7 @@ def _command_words(cmd):
 
 
 # ============================================================================
-# Scheduler: when each check runs, and what it last said
+# scheduler.py: Scheduler: when each check runs, and what it last said.
 # ============================================================================
 #
 # One timer heap of (due, seq, key, token) over every configured check.  Interval
@@ -3380,6 +3446,8 @@ def _command_words(cmd):
 # bursts); cron checks at their next matching minute.  A check due while its last
 # run is still queued or running is skipped and counted: it never overlaps itself.
 # Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+#
+# Uses: base, config, wire, ssh.
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -3686,7 +3754,7 @@ class Scheduler:
 
 
 # ============================================================================
-# Pool: every forked child of the master
+# pool.py: Pool: every forked child of the master.
 # ============================================================================
 #
 # One ``children`` map, keyed by pid, holds every process the master forks: the
@@ -3694,6 +3762,8 @@ class Scheduler:
 # handed a sequence) and the ssh master connections.  One fork shape registers
 # them; one reaping loop (waitpid until 0, level-triggered) collects them; one
 # deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
+#
+# Uses: base, proc, children, ssh.
 
 # A worker: starting -> idle <-> busy -> exiting.
 WORKER_EDGES = {
@@ -3968,7 +4038,7 @@ class Pool:
 
 
 # ============================================================================
-# Control server: the daemon's UNIX socket and everyone on it
+# control.py: Control server: the daemon's UNIX socket and everyone on it.
 # ============================================================================
 #
 # Workers, action runs and control clients (--status, --reload, ...) all connect
@@ -3976,6 +4046,8 @@ class Pool:
 # are refused (SO_PEERCRED).  A connection's first message says who it is: a
 # ``hello`` from a child the Pool knows, or else a control request.  One bad
 # message closes one connection, never the master.
+#
+# Uses: base, wire, proc.
 
 class Conn:
     """One accepted connection: a worker, an action run, or a control client."""
@@ -4224,7 +4296,7 @@ class ControlServer:
 
 
 # ============================================================================
-# HTTP: status page, JSON, load-balancer checks, metrics
+# http_proto.py: HTTP: status page, JSON, load-balancer checks, metrics.
 # ============================================================================
 #
 # SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
@@ -4239,6 +4311,8 @@ class ControlServer:
 # a whole head; the etcd client below has the module loaded anyway), but measured it
 # takes 52 us per head against 15 us for the parser below, and it quietly drops a
 # malformed line or accepts a folded one, where a server must refuse both (RFC 9112 §5).
+#
+# Uses: base.
 
 HTTP_HEAD_MAX = 8192            # request line plus headers: past it 431 (414: the line alone)
 HTTP_MAX_CONNS = 64             # a new connection past this closes the oldest waiting one
@@ -4433,14 +4507,14 @@ def error_answer(status, message, headers=(), close=False):
     return answer
 
 
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_HTTP_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_HTTP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def http_date(when):
     """RFC 9110's IMF-fixdate, whatever the locale."""
     t = time.gmtime(when)
-    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1],
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_HTTP_WEEKDAYS[t.tm_wday], t.tm_mday, _HTTP_MONTHS[t.tm_mon - 1],
                                                     t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
@@ -4461,6 +4535,13 @@ def encode_answer(answer, method, version, keep_alive, now=None):
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if method in ("HEAD", "OPTIONS") else head + answer.body
 
+
+# ============================================================================
+# http_views.py: The HTTP answers: pure functions of the status document
+# (JSON, the page, metrics).
+# ============================================================================
+#
+# Uses: base, wire, http_proto.
 
 # -- the answers: pure functions of the status document ------------------------------
 
@@ -4783,6 +4864,13 @@ def render_page(doc, now=None):
         % (_h(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))), PAGE_REFRESH),
         "</body></html>", ""])
 
+
+# ============================================================================
+# http_server.py: The HTTP server: a part of the master's loop, its
+# connections and their budget.
+# ============================================================================
+#
+# Uses: base, netsettings, wire, http_proto, http_views.
 
 # -- the server: a part of the master's loop -----------------------------------------
 
@@ -5182,7 +5270,7 @@ class HttpServer:
 
 
 # ============================================================================
-# etcd: a v3 client on its JSON gateway (SPEC §10)
+# etcd.py: etcd: a v3 client on its JSON gateway (SPEC §10).
 # ============================================================================
 #
 # What this client is built on, measured on etcd 3.4 (../shared/notes/etcd-v3-gateway.md):
@@ -5199,6 +5287,8 @@ class HttpServer:
 #
 # Every call blocks for at most ``timeout``: the client runs in the cluster agent,
 # a process of its own, so a call etcd never answers stalls nothing of the master.
+#
+# Uses: base, netsettings, wire, proc.
 
 class EtcdError(HadaemonError):
     """etcd refused a call (``status`` / ``code`` say why), or no endpoint answered."""
@@ -5587,7 +5677,7 @@ class EtcdWatch:
 
 
 # ============================================================================
-# Cluster agent: the process that talks to etcd
+# cluster_agent.py: Cluster agent: the process that talks to etcd.
 # ============================================================================
 #
 # Every etcd call of a member runs here, in a child of the master forked like the
@@ -5618,6 +5708,8 @@ class EtcdWatch:
 # Keys in messages are relative to /hadaemon/NAME/; values are JSON.  A write of an
 # epoch that failed or was lost stops every later write of that epoch unsent: the
 # ledger never holds a later write of a leader without an earlier one.
+#
+# Uses: base, wire, proc, children, etcd.
 
 RENEWS_PER_TTL = 4              # renewals sent per ttl
 SNAPSHOT_PART = 1 << 20         # bytes of keys per snapshot message (the socket takes 4 MiB)
@@ -5828,7 +5920,8 @@ def cluster_agent_main(sock_path, cluster):
 
 
 # ============================================================================
-# Cluster member: the lease by our own clock, the leader, the views (SPEC §10)
+# cluster_member.py: Cluster member: the lease by our own clock, the leader,
+# the views (SPEC §10).
 # ============================================================================
 #
 # What this daemon knows and decides as one member of the cluster, with no socket
@@ -5855,6 +5948,8 @@ def cluster_agent_main(sock_path, cluster):
 # txn; its create revision is the epoch) -> stepping down -> none.  A leader acts
 # only once its mirror holds its own leader key (so it holds every ledger write of
 # the leaders before it) and while its lease clock runs.
+#
+# Uses: base, cluster_agent.
 
 # A member: none -> follower (a lease, its view published) -> leader (the leader key on
 # its lease) -> none (stepped down, or the lease lost: a new lease makes it a follower).
@@ -6247,7 +6342,8 @@ class ClusterMember:
 
 
 # ============================================================================
-# Cluster ledger: the Ledger kept in etcd, written by the leader alone (SPEC §10)
+# cluster_ledger.py: Cluster ledger: the Ledger kept in etcd, written by the
+# leader alone (SPEC §10).
 # ============================================================================
 #
 # The Ledger's verbs over a ledger that lives in etcd:
@@ -6269,6 +6365,8 @@ class ClusterMember:
 # Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
 # ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
 # they sort; the leader deletes what falls out of its history).
+#
+# Uses: base, store, children, ledger, cluster_member.
 
 ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
 
@@ -6514,6 +6612,13 @@ def cluster_reload_problem(old, new):
     return None
 
 
+# ============================================================================
+# cluster_link.py: The cluster as a part of the master: agent, member and
+# cluster ledger wired together.
+# ============================================================================
+#
+# Uses: base, children, pool, cluster_agent.
+
 class ClusterLink:
     """The cluster as a part of the master: the agent (a child in the Pool), the member
     and the cluster ledger.  The master calls ``tick`` every pass of its loop, hands it
@@ -6711,7 +6816,8 @@ class ClusterLink:
 
 
 # ============================================================================
-# Action runs: the queue's head, handed to the action run, and what it says back
+# actions.py: Action runs: the queue's head, handed to the action run, and
+# what it says back.
 # ============================================================================
 #
 # At most one sequence runs at a time, in the action run the Pool keeps waiting.
@@ -6719,6 +6825,8 @@ class ClusterLink:
 # spawned, ended; the sequence done; in a cluster's leader, whether it still may)
 # go to the Ledger; its death ends the run as failed, or interrupted when the
 # daemon stops or a cluster's leader steps down.
+#
+# Uses: base.
 
 def _command_index(run, msg):
     index = msg.get("index")
@@ -6817,7 +6925,8 @@ class ActionRuns:
 
 
 # ============================================================================
-# Reload: a new configuration, read in steps between the loop's other work
+# reload.py: Reload: a new configuration, read in steps between the loop's
+# other work.
 # ============================================================================
 #
 # SIGHUP and --reload read both files again.  Ten thousand checks take a second to
@@ -6825,6 +6934,8 @@ class ActionRuns:
 # slice, never for the whole of it; the new config is swapped in at once when it is
 # read whole (a bad one is refused whole, SPEC §2).  What the swap replaced is freed
 # a slice per pass too: freed at once, it held the loop up for tens of milliseconds.
+#
+# Uses: base, wire.
 
 class Reload:
     """The reloads asked for and done, by number, and the reading under way."""
@@ -6907,7 +7018,7 @@ class Reload:
 
 
 # ============================================================================
-# Master: the loop, signals, readiness and shutdown
+# master.py: Master: the loop, signals, readiness and shutdown.
 # ============================================================================
 #
 # The story of the daemon's life, in run(): set up (lock, state db, socket,
@@ -6920,6 +7031,8 @@ class Reload:
 #   Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
+#
+# Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server, cluster_member, cluster_ledger, cluster_link, actions, reload.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -7318,8 +7431,10 @@ class Master:
 
 
 # ============================================================================
-# What if: --simulate (SPEC §11)
+# whatif.py: What if: --simulate (SPEC §11).
 # ============================================================================
+#
+# Uses: base, config, children.
 
 # --simulate answers with the functions the daemon itself uses (the precedence of
 # Config.precedence, plan_run) over states it only reads: the running daemon's,
@@ -7449,8 +7564,11 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# Control client: --status, --stop, --reload, --history, --pause, --resume
+# client.py: Control client: --status, --stop, --reload, --history, --pause,
+# --resume.
 # ============================================================================
+#
+# Uses: base, store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
@@ -7728,8 +7846,10 @@ def render_history(entries):
 
 
 # ============================================================================
-# Command line
+# cli.py: Command line.
 # ============================================================================
+#
+# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member, master, whatif, client.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.

@@ -1,0 +1,326 @@
+"""Scheduler: when each check runs, and what it last said.
+
+One timer heap of (due, seq, key, token) over every configured check.  Interval
+checks run at a fixed rate from their schedule (a late pass skips, it never
+bursts); cron checks at their next matching minute.  A check due while its last
+run is still queued or running is skipped and counted: it never overlaps itself.
+Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+
+Uses: base, config, wire, ssh.
+"""
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import time
+import typing
+
+from .base import CONFIG_STEP, format_duration, log, run_steps, signal_name
+from .config import Check
+from .wire import _shorten, reports_from_result
+from .ssh import ssh_command
+
+
+@dataclasses.dataclass
+class CheckRuntime:
+    """What the master knows of one configured check between reloads."""
+    check: Check
+    next_due: float = 0.0
+    token: int = 0                      # heap entries with an older token are stale
+    busy: bool = False                  # queued or running: a check never overlaps itself
+    waiting: typing.Optional[list] = None   # its first run is not in the heap yet: next_due
+                                            # is an offset from waiting[0] (Scheduler.fresh)
+    runs: int = 0
+    skipped: int = 0
+    last: typing.Optional[dict] = None
+    trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
+    hosts: tuple = ()                   # the hosts its last own report was about
+
+
+def percentile(ordered, q):
+    """The q-quantile of an ascending list of seconds, in milliseconds (None when empty)."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+
+def describe_schedule(group):
+    return ("cron " + group.cron.text) if group.cron else "every " + format_duration(group.interval)
+
+
+def check_entry(check, last, rt=None, next_run=None, schedules=None):
+    """One check as --status --json shows it (``rt`` None: from the state db).
+
+    ``schedules``: a dict that keeps each group's schedule text, made once.
+    """
+    group = check.group
+    if schedules is None:
+        schedule = describe_schedule(group)
+    else:
+        schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    return {"key": check.key, "name": check.name, "scope": group.scope.name,
+            "host": check.host, "where": check.where, "schedule": schedule,
+            "next_run": next_run, "running": rt.busy if rt else False,
+            "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
+
+
+def _same_schedule(a, b):
+    return (a.group.interval, a.group.cron and a.group.cron.text) == \
+           (b.group.interval, b.group.cron and b.group.cron.text)
+
+
+def _cron_due(cron, now_wall=None):
+    now_wall = time.time() if now_wall is None else now_wall
+    import datetime
+    nxt = cron.next_after(datetime.datetime.fromtimestamp(now_wall))
+    return time.monotonic() + max(0.0, time.mktime(nxt.timetuple()) - now_wall)
+
+
+class Scheduler:
+    """The checks' runtimes and timers; hands out due checks as jobs for the workers."""
+
+    def __init__(self, once=False, store=None):
+        self.once = once                # --once: every check due now, and only once
+        self.store = store              # where each last result goes (check:KEY, soft)
+        self.runtimes = {}              # check key -> CheckRuntime
+        self.heap = []                  # (due, seq, key, token)
+        self.stale = 0                  # heap entries of checks a reload removed or rescheduled
+        self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
+        self.lags = collections.deque(maxlen=10000)
+        self.lag_count, self.lag_sum = 0, 0.0     # since the start: the window above forgets
+        self.lag_cache = None                       # (when, lag_count, percentiles of the window)
+        self.heap_seq = itertools.count()
+        self.tokens = itertools.count()     # never reused: a removed check that comes back is new
+        self.running = set()            # keys of the checks queued or running (busy)
+        # After a (re)configuration, the checks that start afresh wait here, by the
+        # offset of their first run from the swap, and go into the heap when due: the
+        # swap does not push ten thousand of them at once.  One batch per swap: [its
+        # time], deque of (offset, CheckRuntime), earliest first.  The entry of a
+        # check that a later reload replaced is dropped when its time comes.
+        self.fresh = []
+        self.job_ids = itertools.count(1)
+
+    def configure(self, checks, now):
+        """(Re)build the schedule at once (at start-up; a reload goes in steps):
+        plan_steps() then swap() (see there)."""
+        self.swap(run_steps(self.plan_steps(checks)), now)
+
+    def plan_steps(self, checks):
+        """The new schedule, prepared: keep what is known of checks whose schedule is
+        unchanged.  A generator that looks at CONFIG_STEP checks between yields and
+        changes nothing; it returns the plan for swap()."""
+        old = self.runtimes
+        runtimes, kept, fresh, cron = {}, [], [], []
+        for i, check in enumerate(checks, 1):
+            if i % CONFIG_STEP == 0:
+                yield
+            rt = old.get(check.key)
+            if rt is not None and _same_schedule(rt.check, check):
+                kept.append((rt, check))
+                runtimes[check.key] = rt
+                continue
+            rt = runtimes[check.key] = CheckRuntime(check, token=next(self.tokens))
+            if check.group.cron and not self.once:
+                rt.next_due = _cron_due(check.group.cron)
+                cron.append(rt)
+            else:
+                fresh.append(rt)
+        # The first runs spread over the first interval (--once: all at once).
+        since = [None]                  # the time of the swap, when it comes
+        for i, rt in enumerate(fresh):
+            if i % CONFIG_STEP == 0:
+                yield
+            rt.next_due = 0.0 if self.once else rt.check.group.interval * i / len(fresh)
+            rt.waiting = since
+        fresh = collections.deque(sorted(((rt.next_due, rt) for rt in fresh), key=lambda e: e[0]))
+        yield
+        return old, runtimes, kept, fresh, cron, since
+
+    def swap(self, plan, now=None):
+        """Put the planned schedule in at once.  A check whose schedule is unchanged keeps
+        its runtime and its place in the heap; new ones and rescheduled ones start
+        afresh, their first runs spread over their first interval from ``now`` (default:
+        the time of the swap).  Returns the runtimes replaced, for the caller to let go
+        of a slice at a time."""
+        old, runtimes, kept, fresh, cron, since = plan
+        since[0] = time.monotonic() if now is None else now
+        for rt, check in kept:
+            rt.check = check
+        for rt in cron:
+            self._push(rt)
+        if fresh:
+            self.fresh.append((since, fresh))
+        for key in self.running:                # queued or running as they are now
+            if key in runtimes:
+                runtimes[key].busy = True
+        self.stale += len(old) - len(kept)
+        self.runtimes = runtimes
+        if self.stale > max(len(runtimes), 1000):
+            # Entries left by reloads wait for their due time, a year for a cron check:
+            # drop them once they outnumber the checks.
+            self.heap = [e for e in self.heap if e[2] in runtimes and runtimes[e[2]].token == e[3]]
+            heapq.heapify(self.heap)
+            self.stale = 0
+        for rt, _ in self.ready:
+            if rt.check.key not in runtimes:    # removed before it ran: not running any more
+                self.running.discard(rt.check.key)
+        self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
+                                       if rt.check.key in runtimes)
+        return list(old.values())
+
+    def _push_fresh(self, until):
+        """Checks waiting for their first run due by ``until`` go into the heap."""
+        for since, queue in self.fresh:
+            while queue and since[0] + queue[0][0] <= until:
+                offset, rt = queue.popleft()
+                if self.runtimes.get(rt.check.key) is rt:
+                    rt.next_due, rt.waiting = since[0] + offset, None
+                    self._push(rt)
+        self.fresh = [batch for batch in self.fresh if batch[1]]
+
+    def due_of(self, rt):
+        """When ``rt`` runs next (monotonic)."""
+        return rt.waiting[0] + rt.next_due if rt.waiting else rt.next_due
+
+    def _push(self, rt):
+        heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
+
+    def next_due(self):
+        dues = [since[0] + queue[0][0] for since, queue in self.fresh]
+        if self.heap:
+            dues.append(self.heap[0][0])
+        return min(dues) if dues else None
+
+    def fire_due(self, now):
+        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        self._push_fresh(now)
+        while self.heap and self.heap[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.heap)
+            rt = self.runtimes.get(key)
+            if rt is None or rt.token != token:
+                continue
+            if rt.busy:
+                rt.skipped += 1
+                log.debug("check %s: still running at its next run; skipped", rt.check.name)
+            else:
+                rt.busy = True
+                self.running.add(key)
+                self.ready.append((rt, due))
+            if self.once:
+                continue
+            group = rt.check.group
+            if group.cron:
+                rt.next_due = _cron_due(group.cron)
+            else:
+                rt.next_due = due + group.interval
+                if rt.next_due <= now:          # we fell behind: skip, never burst
+                    missed = int((now - rt.next_due) // group.interval) + 1
+                    rt.skipped += missed
+                    rt.next_due += missed * group.interval
+            self._push(rt)
+
+    def take(self, now, host_state, config_dir, state_dir):
+        """The next ready check as a job message (None when none waits); its lag is sampled."""
+        if not self.ready:
+            return None
+        rt, due = self.ready.popleft()
+        self.lags.append(now - due)
+        self.lag_count += 1
+        self.lag_sum += now - due
+        check = rt.check
+        env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
+               "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
+               "HA_STATE_DIR": state_dir}
+        if check.group.host:
+            env["HA_HOST"] = check.group.host
+        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
+               "env": env, "argv": list(check.argv)}
+        if check.group.scope.kind == "ssh":
+            job["argv"], job["stdin"] = ssh_command(check, env, state_dir)
+            job["ssh"] = True
+        return job
+
+    def finished(self, job, msg):
+        """A job's result message -> (its runtime, [(host, state)] reported), None if unknown."""
+        self.running.discard(job["key"])
+        rt = self.runtimes.get(job["key"])
+        if rt is None:
+            return None                 # removed by a reload while it ran
+        rt.busy = False
+        rt.runs += 1
+        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
+        reports, problems = reports_from_result(data, exit_code, rt.check.host)
+        if msg.get("failed") is True and rt.hosts:
+            # It never said whom it is about this time: its unknown goes to the hosts
+            # it watches, not to a host named after its file.
+            reports = [(host, "unknown") for host in rt.hosts]
+        elif reports:
+            rt.hosts = tuple(host for host, _ in reports)
+        for problem in problems:
+            log.warning("check %s: %s", rt.check.name, problem)
+        self._note_trouble(rt, msg.get("trouble") if isinstance(msg.get("trouble"), str) else None)
+        message = data.get("message")
+        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
+                   "exit": exit_code, "signal": msg.get("signal"),
+                   "reports": {h: s for h, s in reports},
+                   "message": message[:500] if isinstance(message, str) else None,
+                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
+                                  for k, v in list(data.items())[:20]
+                                  if k not in ("state", "states", "host", "message")},
+                   "rejected": tuple(problems)}    # a tuple: untracked by the collector, as the rest
+        if msg.get("stderr"):
+            rt.last["stderr"] = msg["stderr"][:500]
+        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
+                  else "exit %s" % exit_code, msg.get("duration") or 0)
+        if self.store is not None:
+            self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
+        return rt, reports
+
+    @staticmethod
+    def _note_trouble(rt, trouble):
+        """What the daemon had to do about a check's runs: logged when it starts and ends."""
+        if trouble != rt.trouble:
+            if trouble:
+                log.warning("check %s: %s", rt.check.name, trouble[:200])
+            else:
+                log.info("check %s: runs normally again", rt.check.name)
+            rt.trouble = trouble
+
+    def all_ran(self):
+        return all(rt.runs >= 1 for rt in self.runtimes.values())
+
+    @staticmethod
+    def adopt_results(store):
+        """An older state db keeps every last result in one key, ``checks``: one key per
+        check from now on (written at the next checkpoint)."""
+        old = store.data.get("checks")
+        if old:
+            for key, last in old.items():
+                store.soft("check:" + key, last)
+            store.soft("checks", {})
+
+    def status(self, now_m, now):
+        """checks of the --status --json document, one by one (made as they are read)."""
+        schedules = {}                  # per group: ten thousand checks share a few
+        for rt in list(self.runtimes.values()):
+            entry = check_entry(rt.check, rt.last, rt, now + max(0.0, self.due_of(rt) - now_m),
+                                schedules)
+            yield entry
+
+    def lag_summary(self):
+        # Sorting 10000 samples takes a millisecond or more, and the status page, /status
+        # and /metrics ask often: the percentiles of a window this long are recomputed
+        # at most once a second (at once while they have no sample yet).
+        now = time.monotonic()
+        cache = self.lag_cache
+        if cache is None or (cache[1] != self.lag_count
+                             and (now - cache[0] >= 1.0 or not cache[2]["samples"])):
+            lags = sorted(self.lags)
+            cache = self.lag_cache = (now, self.lag_count, {
+                "p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+                "max": percentile(lags, 1.0), "samples": len(lags)})
+        return dict(cache[2], count=self.lag_count, sum=round(self.lag_sum * 1000, 3))
