@@ -18,8 +18,19 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-HADAEMON = ROOT / "hadaemon.py"
-sys.path.insert(0, str(ROOT))
+HADAEMON = ROOT / "hadaemon.py"             # the shipped file: what every daemon test runs
+sys.path.insert(0, str(ROOT / "src"))       # the package: what unit tests import (import hadaemon.cron)
+
+
+def load_shipped():
+    """hadaemon.py, the file users run, imported as the module ``hadaemon_shipped``."""
+    import importlib.util
+    if "hadaemon_shipped" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("hadaemon_shipped", HADAEMON)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["hadaemon_shipped"] = module
+    return sys.modules["hadaemon_shipped"]
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, what="the condition"):
@@ -205,8 +216,8 @@ class Daemon:
 
     def ask(self, cmd, timeout=10, **fields):
         """One control request over the socket, in-process (what --status / --history send)."""
-        import hadaemon
-        return hadaemon.request(str(self.state), dict(fields, cmd=cmd), timeout=timeout)
+        import hadaemon.wire
+        return hadaemon.wire.request(str(self.state), dict(fields, cmd=cmd), timeout=timeout)
 
     def running(self):
         return (self.state / "hadaemon.sock").exists() and self.cli("--status", "--json").returncode == 0

@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.wire
+import hadaemon.cli
 from conftest import HADAEMON, alive, wait_for
 
 HOSTS = ("db1", "db2")
@@ -89,7 +91,7 @@ def test_start_daemonizes_and_a_second_start_says_already_running(daemon):
     assert first.returncode == 0, first.stderr
     assert pid and "started (pid %d)" % pid in first.stdout
     # --start returned only once the daemon answers: no wait needed before asking.
-    assert hadaemon.request(str(d.state), {"cmd": "ping"})["pid"] == pid
+    assert hadaemon.wire.request(str(d.state), {"cmd": "ping"})["pid"] == pid
     assert d.cli("--status").returncode == 0
 
     ppid, pgrp, sid = proc_stat(pid)
@@ -148,7 +150,7 @@ def test_start_with_a_bad_config_fails_and_leaves_nothing_running(daemon):
     assert "%s:2: unknown key 'bogus'" % conf in result.stderr
     assert "%s:4: command not found: no_such_check" % conf in result.stderr
     assert "nothing was started" in result.stderr
-    assert hadaemon.PidLock.holder(str(d.state)) is None
+    assert hadaemon.base.PidLock.holder(str(d.state)) is None
     assert not (d.state / "hadaemon.sock").exists()
     assert d.cli("--status").returncode == 3
 
@@ -162,7 +164,7 @@ def test_start_reports_a_daemon_that_fails_after_the_fork(daemon):
     result = d.cli("--start")
     assert result.returncode == 1
     assert "did not start" in result.stderr and "hadaemon.sock" in result.stderr
-    assert hadaemon.PidLock.holder(str(d.state)) is None
+    assert hadaemon.base.PidLock.holder(str(d.state)) is None
     assert "hadaemon failed" in (d.state / "hadaemon.log").read_text()
 
 
@@ -174,7 +176,7 @@ def test_start_refused_when_the_state_dir_is_open_to_others(daemon):
     result = d.cli("--start")
     assert result.returncode == 1
     assert "mode 0755" in result.stderr and "chmod 700" in result.stderr
-    assert hadaemon.PidLock.holder(str(d.state)) is None
+    assert hadaemon.base.PidLock.holder(str(d.state)) is None
 
 
 def test_stop_twice(daemon):
@@ -207,7 +209,7 @@ def test_stop_never_signals_a_pid_it_does_not_know(daemon, monkeypatch, capsys):
     kills = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
     try:
-        code = hadaemon.main(["--config-dir", str(d.dir), "--state-dir", str(d.state),
+        code = hadaemon.cli.main(["--config-dir", str(d.dir), "--state-dir", str(d.state),
                               "--stop", "--timeout", "0.3"])
     finally:
         os.close(fd)
@@ -304,7 +306,7 @@ def test_status_json_schema(daemon):
     daemon_doc = doc["daemon"]
     assert DAEMON_FIELDS <= set(daemon_doc)
     assert daemon_doc["running"] is True and daemon_doc["pid"] == d.proc.pid
-    assert daemon_doc["version"] == hadaemon.__version__
+    assert daemon_doc["version"] == hadaemon.base.__version__
     assert daemon_doc["config_dir"] == str(d.dir) and daemon_doc["state_dir"] == str(d.state)
     assert daemon_doc["paused"] is False
     assert daemon_doc["uptime"] > 0 and abs(daemon_doc["started"] - time.time()) < 3600
@@ -723,7 +725,7 @@ def test_history_on_a_fresh_state_dir(daemon):
 
 def test_version_and_help(daemon):
     version = daemon.cli("--version")
-    assert version.returncode == 0 and version.stdout.strip() == "hadaemon " + hadaemon.__version__
+    assert version.returncode == 0 and version.stdout.strip() == "hadaemon " + hadaemon.base.__version__
     helptext = daemon.cli("--help")
     assert helptext.returncode == 0
     for flag in ("--start", "--foreground", "-f", "--stop", "--status", "--json", "--reload",
@@ -835,11 +837,11 @@ def test_syslog_lines_carry_ident_facility_and_level(tmp_path, monkeypatch):
     path = str(tmp_path / "devlog")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
-    monkeypatch.setattr(hadaemon, "SYSLOG_SOCKET", path)
-    logger = hadaemon.log
+    monkeypatch.setattr(hadaemon.base, "SYSLOG_SOCKET", path)
+    logger = hadaemon.base.log
     saved = list(logger.handlers), logger.level, logger.propagate
     try:
-        hadaemon.setup_logging("syslog", str(tmp_path))
+        hadaemon.base.setup_logging("syslog", str(tmp_path))
         logger.info("transition %s: %s -> %s", "db1", "slave", "master")
         logger.error("run %d failed", 3)
         first = read_notify(sock, 5)
@@ -909,7 +911,7 @@ def test_init_script_maps_the_lsb_verbs(daemon):
     def init(verb):
         result = subprocess.run(["sh", str(CONTRIB / "hadaemon.init"), verb], env=env,
                                 capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        pid = hadaemon.PidLock.holder(str(d.state))
+        pid = hadaemon.base.PidLock.holder(str(d.state))
         if pid and pid > 0 and pid not in d.started:
             d.started.append(pid)
         return result.returncode, result.stdout + result.stderr

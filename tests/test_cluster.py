@@ -20,7 +20,15 @@ import time
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.config
+import hadaemon.netsettings
+import hadaemon.configfiles
+import hadaemon.wire
+import hadaemon.proc
+import hadaemon.etcd
+import hadaemon.cluster_agent
+import hadaemon.cluster_member
 from conftest import HADAEMON, wait_for
 from etcd import ETCD, EtcdCluster, make_tls
 
@@ -74,8 +82,8 @@ def config_dir(tmp_path, cluster, extra_files=()):
 
 def cluster_errors(tmp_path, cluster, extra_files=()):
     d = config_dir(tmp_path, cluster, extra_files)
-    with pytest.raises(hadaemon.ConfigError) as info:
-        hadaemon.load_config(str(d))
+    with pytest.raises(hadaemon.base.ConfigError) as info:
+        hadaemon.configfiles.load_config(str(d))
     return d, info.value.errors
 
 
@@ -87,18 +95,18 @@ def test_a_valid_cluster_section(tmp_path):
         ttl = 1m
         quorum = 2
     """)
-    cluster = hadaemon.load_config(str(d)).cluster
+    cluster = hadaemon.configfiles.load_config(str(d)).cluster
     assert cluster.etcd == ("http://10.0.0.5:2379", "http://10.0.0.6", "https://[fd00::7]:2381")
     assert (cluster.name, cluster.node, cluster.ttl, cluster.quorum) == ("pg-main", "watcher-a", 60, 2)
     assert cluster.prefix == "/hadaemon/pg-main/"
     assert cluster.where == "%s:4" % (d / "checks.conf")
-    assert hadaemon.parse_etcd_url("http://10.0.0.6") == ("http", "10.0.0.6", 2379)
-    assert hadaemon.parse_etcd_url("https://[fd00::7]:2381/") == ("https", "fd00::7", 2381)
+    assert hadaemon.netsettings.parse_etcd_url("http://10.0.0.6") == ("http", "10.0.0.6", 2379)
+    assert hadaemon.netsettings.parse_etcd_url("https://[fd00::7]:2381/") == ("https", "fd00::7", 2381)
 
 
 def test_defaults_node_is_the_host_name(tmp_path):
     d = config_dir(tmp_path, "etcd = http://127.0.0.1:2379\nname = c1\n")
-    cluster = hadaemon.load_config(str(d)).cluster
+    cluster = hadaemon.configfiles.load_config(str(d)).cluster
     assert (cluster.node, cluster.ttl, cluster.quorum) == (socket.gethostname(), 5, 1)
 
 
@@ -107,7 +115,7 @@ def test_no_cluster_section_means_no_cluster(tmp_path):
     (d / "checks").mkdir(parents=True)
     (d / "checks.conf").write_text("[daemon]\ninterval = 1s\n")
     (d / "actions.conf").write_text("")
-    assert hadaemon.load_config(str(d)).cluster is None
+    assert hadaemon.configfiles.load_config(str(d)).cluster is None
 
 
 # (cluster section, line of the error in checks.conf, words it must contain)
@@ -161,12 +169,12 @@ def test_tls_files_relative_to_the_config_dir(tmp_path):
              (("ca", "ca"), ("client", "client_cert"), ("client-key", "client_key"))]
     d = config_dir(tmp_path, "etcd = https://127.0.0.1:2379\nname = c\netcd_ca = ca.pem\n"
                              "etcd_cert = client.pem\netcd_key = client-key.pem\n", files)
-    cluster = hadaemon.load_config(str(d)).cluster
+    cluster = hadaemon.configfiles.load_config(str(d)).cluster
     assert cluster.etcd_ca == str(d / "ca.pem") and cluster.etcd_key == str(d / "client-key.pem")
     # A key that does not go with the certificate.
     (d / "client-key.pem").write_text(open(tls["server_key"]).read())
-    with pytest.raises(hadaemon.ConfigError) as info:
-        hadaemon.load_config(str(d))
+    with pytest.raises(hadaemon.base.ConfigError) as info:
+        hadaemon.configfiles.load_config(str(d))
     assert "cannot load the TLS files" in info.value.errors[0] and ":8: " in info.value.errors[0]
 
 
@@ -216,7 +224,7 @@ def test_check_config_connect_reaches_every_endpoint(tmp_path, etcd_shared):
 # ============================================================================
 
 def test_lease_grant_keepalive_expiry_and_revoke(etcd_shared):
-    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    client = hadaemon.etcd.EtcdClient(etcd_shared.endpoints, 1.0)
     prefix = unique()
     lease, ttl = client.grant(1)
     assert lease > 0 and ttl >= 1
@@ -238,36 +246,36 @@ def test_lease_grant_keepalive_expiry_and_revoke(etcd_shared):
 
 
 def test_txn_compare_failure_returns_the_holder(etcd_shared):
-    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    client = hadaemon.etcd.EtcdClient(etcd_shared.endpoints, 1.0)
     key = unique() + "leader"
     lease, _ = client.grant(5)
-    create = [hadaemon.etcd_compare(key, "CREATE", 0)]
-    ok, revision, _ = client.txn(create, [hadaemon.etcd_put(key, "a", lease)], [hadaemon.etcd_get(key)])
+    create = [hadaemon.etcd.etcd_compare(key, "CREATE", 0)]
+    ok, revision, _ = client.txn(create, [hadaemon.etcd.etcd_put(key, "a", lease)], [hadaemon.etcd.etcd_get(key)])
     assert ok and revision > 0
-    ok, _, responses = client.txn(create, [hadaemon.etcd_put(key, "b", lease)], [hadaemon.etcd_get(key)])
+    ok, _, responses = client.txn(create, [hadaemon.etcd.etcd_put(key, "b", lease)], [hadaemon.etcd.etcd_get(key)])
     assert ok is False
-    holder = hadaemon.decode_kv(responses[0]["response_range"]["kvs"][0])
+    holder = hadaemon.etcd.decode_kv(responses[0]["response_range"]["kvs"][0])
     assert (holder["value"], holder["create"], holder["lease"]) == ("a", revision, lease)
     # A write guarded by the holder's create revision goes through; by another, not.
-    guard = lambda rev: [hadaemon.etcd_compare(key, "CREATE", rev)]  # noqa: E731
-    assert client.txn(guard(revision), [hadaemon.etcd_put(key + "/x", "1")])[0] is True
-    assert client.txn(guard(revision + 1), [hadaemon.etcd_put(key + "/x", "2")])[0] is False
+    guard = lambda rev: [hadaemon.etcd.etcd_compare(key, "CREATE", rev)]  # noqa: E731
+    assert client.txn(guard(revision), [hadaemon.etcd.etcd_put(key + "/x", "1")])[0] is True
+    assert client.txn(guard(revision + 1), [hadaemon.etcd.etcd_put(key + "/x", "2")])[0] is False
     assert client.range(key + "/x")[1][0]["value"] == "1"
     client.revoke(lease)
     # Once the holder's lease is gone the guard fails: a deposed leader cannot write.
-    assert client.txn(guard(revision), [hadaemon.etcd_put(key + "/x", "3")])[0] is False
+    assert client.txn(guard(revision), [hadaemon.etcd.etcd_put(key + "/x", "3")])[0] is False
 
 
 def test_an_error_answer_names_the_endpoint_and_the_reason(etcd_shared):
-    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
-    with pytest.raises(hadaemon.EtcdError) as info:
+    client = hadaemon.etcd.EtcdClient(etcd_shared.endpoints, 1.0)
+    with pytest.raises(hadaemon.etcd.EtcdError) as info:
         client.put(unique() + "k", "v", lease=12345)
     assert info.value.status == 404 and "lease not found" in str(info.value)
-    assert not isinstance(info.value, hadaemon.EtcdUnknown)
+    assert not isinstance(info.value, hadaemon.etcd.EtcdUnknown)
 
 
 def test_failover_between_endpoints_and_no_quorum_timeouts(etcd):
-    client = hadaemon.EtcdClient(etcd.endpoints, 1.0)
+    client = hadaemon.etcd.EtcdClient(etcd.endpoints, 1.0)
     prefix = unique()
     lease, _ = client.grant(5)
     # Talk to a member that is not the raft leader (killing that one would add an election).
@@ -293,15 +301,15 @@ def test_failover_between_endpoints_and_no_quorum_timeouts(etcd):
     second = next(m for m in etcd.members if m.running() and m.url != client.last.url)
     second.kill()
     started = time.monotonic()
-    with pytest.raises(hadaemon.EtcdUnknown):
+    with pytest.raises(hadaemon.etcd.EtcdUnknown):
         client.put(prefix + "c", "3")
     assert 0.9 < time.monotonic() - started < 4
     started = time.monotonic()
-    with pytest.raises(hadaemon.EtcdError) as info:
+    with pytest.raises(hadaemon.etcd.EtcdError) as info:
         client.range(prefix, prefix=True)
     assert "no etcd endpoint answered" in str(info.value) and "timed out" in str(info.value)
     assert time.monotonic() - started < 4
-    with pytest.raises(hadaemon.EtcdError):
+    with pytest.raises(hadaemon.etcd.EtcdError):
         client.keepalive(lease)
     # Back: the cluster answers again on the same client.
     etcd.restart(member)
@@ -312,7 +320,7 @@ def _answers(client, prefix):
     try:
         client.range(prefix, prefix=True)
         return True
-    except hadaemon.EtcdError:
+    except hadaemon.etcd.EtcdError:
         return False
 
 
@@ -322,21 +330,21 @@ def test_tls_with_a_client_certificate(tmp_path):
     os.mkdir(cluster.root)
     try:
         cluster.start()
-        settings = hadaemon.ClusterSettings(etcd=tuple(cluster.endpoints), name="c", node="a",
+        settings = hadaemon.config.ClusterSettings(etcd=tuple(cluster.endpoints), name="c", node="a",
                                             etcd_ca=tls["ca"], etcd_cert=tls["client_cert"],
                                             etcd_key=tls["client_key"])
-        client = hadaemon.EtcdClient.for_cluster(settings, 2.0)
+        client = hadaemon.etcd.EtcdClient.for_cluster(settings, 2.0)
         client.put("/tls/k", "v")
         assert client.range("/tls/k")[1][0]["value"] == "v"
         # Without the client certificate etcd refuses the handshake.
-        bare = hadaemon.EtcdClient(cluster.endpoints, 2.0,
-                                   hadaemon.etcd_ssl_context(hadaemon.ClusterSettings(
+        bare = hadaemon.etcd.EtcdClient(cluster.endpoints, 2.0,
+                                   hadaemon.netsettings.etcd_ssl_context(hadaemon.config.ClusterSettings(
                                        etcd=(), name="c", node="a", etcd_ca=tls["ca"])))
-        with pytest.raises(hadaemon.EtcdError):
+        with pytest.raises(hadaemon.etcd.EtcdError):
             bare.range("/tls/k")
         # And one that does not trust etcd's CA refuses etcd.
-        untrusting = hadaemon.EtcdClient(cluster.endpoints, 2.0)
-        with pytest.raises(hadaemon.EtcdError) as info:
+        untrusting = hadaemon.etcd.EtcdClient(cluster.endpoints, 2.0)
+        with pytest.raises(hadaemon.etcd.EtcdError) as info:
             untrusting.range("/tls/k")
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
     finally:
@@ -344,24 +352,24 @@ def test_tls_with_a_client_certificate(tmp_path):
 
 
 def test_watch_streams_changes(etcd_shared):
-    client = hadaemon.EtcdClient(etcd_shared.endpoints, 1.0)
+    client = hadaemon.etcd.EtcdClient(etcd_shared.endpoints, 1.0)
     prefix = unique()
     revision, _ = client.range(prefix, prefix=True)
-    watch = hadaemon.EtcdWatch(client.endpoints[0], prefix, revision + 1, 1.0)
+    watch = hadaemon.etcd.EtcdWatch(client.endpoints[0], prefix, revision + 1, 1.0)
     try:
         client.put(prefix + "a", "1")
         client.put(prefix + "b", "2")
-        client.txn([], [hadaemon.etcd_delete(prefix + "a")])
+        client.txn([], [hadaemon.etcd.etcd_delete(prefix + "a")])
         client.put("/elsewhere/" + prefix, "x")
         events = []
 
         def three():
-            if hadaemon._select_read([watch], 0.1):
+            if hadaemon.proc._select_read([watch], 0.1):
                 for doc in watch.read():
                     events.extend(doc["result"].get("events") or [])
             return len(events) >= 3
         wait_for(three, timeout=5, what="three events")
-        seen = [(e.get("type", "PUT"), hadaemon.decode_kv(e["kv"])["key"]) for e in events]
+        seen = [(e.get("type", "PUT"), hadaemon.etcd.decode_kv(e["kv"])["key"]) for e in events]
         assert seen == [("PUT", prefix + "a"), ("PUT", prefix + "b"), ("DELETE", prefix + "a")]
     finally:
         watch.close()
@@ -383,7 +391,7 @@ class FakeMaster:
         if self.pid == 0:
             code = 1
             try:
-                code = hadaemon.cluster_agent_main(self.path, settings)
+                code = hadaemon.cluster_agent.cluster_agent_main(self.path, settings)
             except BaseException:       # noqa: B036 - the child must reach os._exit
                 code = 0
             finally:
@@ -391,7 +399,7 @@ class FakeMaster:
         self.listener.settimeout(10)
         self.conn, _ = self.listener.accept()
         self.conn.settimeout(10)
-        self.reader = hadaemon.LineReader()
+        self.reader = hadaemon.wire.LineReader()
         self.pending = []
         self.kvs = {}           # the mirror: key -> kv
         self.revision = 0
@@ -423,7 +431,7 @@ class FakeMaster:
 
     def ask(self, **request):
         request["id"] = next(self.ids)
-        self.conn.sendall(hadaemon.encode_message(request))
+        self.conn.sendall(hadaemon.wire.encode_message(request))
         while True:
             msg = self.next()
             if msg["t"] == "reply" and msg["id"] == request["id"]:
@@ -454,7 +462,7 @@ class FakeMaster:
 
 def test_agent_leases_campaigns_guards_writes_and_mirrors(tmp_path, etcd_shared):
     name = "agent%d" % time.monotonic_ns()
-    settings = hadaemon.ClusterSettings(etcd=tuple(etcd_shared.endpoints), name=name, node="a", ttl=2)
+    settings = hadaemon.config.ClusterSettings(etcd=tuple(etcd_shared.endpoints), name=name, node="a", ttl=2)
     a = FakeMaster(tmp_path, settings)
     b = None
     try:
@@ -503,7 +511,7 @@ def test_agent_leases_campaigns_guards_writes_and_mirrors(tmp_path, etcd_shared)
 
 
 def test_agent_without_etcd_quorum_answers_within_its_timeout(tmp_path, etcd):
-    settings = hadaemon.ClusterSettings(etcd=tuple(etcd.endpoints), name="q", node="a", ttl=2)
+    settings = hadaemon.config.ClusterSettings(etcd=tuple(etcd.endpoints), name="q", node="a", ttl=2)
     a = FakeMaster(tmp_path, settings)
     try:
         lease = a.ask(t="renew", lease=None, ttl=2)["lease"]
@@ -556,17 +564,17 @@ def test_agent_without_etcd_quorum_answers_within_its_timeout(tmp_path, etcd):
     ("master", {"a": "down", "b": "unknown", "c": "unknown"}, 2, "unknown"),
 ])
 def test_agreed_state(current, seen, quorum, expected):
-    assert hadaemon.agreed_state(current, seen, quorum) == expected
+    assert hadaemon.cluster_member.agreed_state(current, seen, quorum) == expected
 
 
 class Member:
     """A ClusterMember with a pretend agent: the test answers its requests."""
 
     def __init__(self, node="a", ttl=2, quorum=1):
-        settings = hadaemon.ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node=node, ttl=ttl,
+        settings = hadaemon.config.ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node=node, ttl=ttl,
                                             quorum=quorum)
         self.now = 100.0
-        self.m = hadaemon.ClusterMember(settings, self.now)
+        self.m = hadaemon.cluster_member.ClusterMember(settings, self.now)
         self.revision = 10
 
     def tick(self, dt=0.0):
@@ -763,7 +771,7 @@ class HaCluster:
         self.etcd = etcd
         self.log = tmp_path / "actions.log"
         self.steps = tmp_path / "steps"
-        self.ttl, self.interval = ttl, hadaemon.parse_duration(interval)
+        self.ttl, self.interval = ttl, hadaemon.base.parse_duration(interval)
         self.daemons = {}
         for node in nodes:
             d = Daemon(tmp_path / node)
@@ -822,7 +830,7 @@ class HaCluster:
     def status(self, node):
         try:
             return self.daemons[node].ask("status", timeout=5)
-        except (OSError, hadaemon.HadaemonError):
+        except (OSError, hadaemon.base.HadaemonError):
             return None
 
     def clusters(self):
@@ -1012,7 +1020,7 @@ def test_leader_killed_mid_sequence(ha):
         assert [(c.node, c.epoch, c.ended) for c in commands if c.run == run] == [(new, new_epoch, True)] * 2
     assert cl.overlaps(commands) == []
     hadaemon_figure("leader kill -9 -> new leader acting in %.2fs (ttl %ds, interval %s)"
-                    % (took, cl.ttl, hadaemon.format_duration(cl.interval)))
+                    % (took, cl.ttl, hadaemon.base.format_duration(cl.interval)))
 
 
 def hadaemon_figure(line):

@@ -5,12 +5,16 @@ error line must start with the right absolute FILE:LINE and name the offending v
 """
 
 import os
+import shutil
 import stat
 import textwrap
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.cron
+import hadaemon.config
+import hadaemon.configfiles
 
 CHECKS = ("check_a", "check_b", "check+x")
 ACTIONS = ("act", "notify")
@@ -47,8 +51,8 @@ def write(path, text):
 
 
 def errors_of(d):
-    with pytest.raises(hadaemon.ConfigError) as info:
-        hadaemon.load_config(str(d))
+    with pytest.raises(hadaemon.base.ConfigError) as info:
+        hadaemon.configfiles.load_config(str(d))
     assert str(info.value) == "\n".join(info.value.errors)
     return info.value.errors
 
@@ -222,14 +226,14 @@ def test_group_settings_apply_regardless_of_order_and_default_from_daemon(tmp_pa
         [local]
         check_a one
     """)
-    cfg = hadaemon.load_config(str(d))
+    cfg = hadaemon.configfiles.load_config(str(d))
     assert cfg.config_dir == str(d)
     assert (cfg.daemon.interval, cfg.daemon.timeout, cfg.daemon.confirm, cfg.daemon.workers,
             cfg.daemon.action_timeout, cfg.daemon.history) == (7, 3, 2, 4, 30, 50)
     g1, g2 = cfg.groups
     assert (g1.interval, g1.timeout, g1.confirm, g1.host, g1.cron) == (0.5, 3, 3, "db1", None)
     assert (g2.interval, g2.timeout, g2.confirm, g2.host, g2.cron) == (7, 3, 2, None, None)
-    assert g1.scope == g2.scope == hadaemon.Scope("local")
+    assert g1.scope == g2.scope == hadaemon.config.Scope("local")
     assert g1.where == "%s/checks.conf:9" % d
     assert [(c.name, c.host, c.group is g1) for c in cfg.checks] == [
         ("check_a one", "db1", True), ("check_b", "db1", True), ("check_a one", "check_a", False)]
@@ -239,16 +243,16 @@ def test_group_settings_apply_regardless_of_order_and_default_from_daemon(tmp_pa
 
 
 def test_daemon_defaults_when_unset(tmp_path):
-    cfg = hadaemon.load_config(str(make_dir(tmp_path)))
-    assert cfg.daemon == hadaemon.DaemonSettings()
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path)))
+    assert cfg.daemon == hadaemon.config.DaemonSettings()
     assert (cfg.daemon.interval, cfg.daemon.timeout, cfg.daemon.confirm, cfg.daemon.workers) == (10, 5, 1, 2)
     assert cfg.sections == {}
 
 
 def test_cron_group(tmp_path):
-    cfg = hadaemon.load_config(str(make_dir(tmp_path, "[local]\ncron = */15 9-17 * * mon-fri\ncheck_a\n")))
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path, "[local]\ncron = */15 9-17 * * mon-fri\ncheck_a\n")))
     cron = cfg.groups[0].cron
-    assert isinstance(cron, hadaemon.CronSpec) and cron.text == "*/15 9-17 * * mon-fri"
+    assert isinstance(cron, hadaemon.cron.CronSpec) and cron.text == "*/15 9-17 * * mon-fri"
     assert cron.minutes == {0, 15, 30, 45} and cron.weekdays == {1, 2, 3, 4, 5}
 
 
@@ -266,7 +270,7 @@ def test_comments(tmp_path):
         [a_to_b] ; comment
         act "#1" # comment
     """)
-    cfg = hadaemon.load_config(str(d))
+    cfg = hadaemon.configfiles.load_config(str(d))
     assert cfg.daemon.interval == 2
     a, b = cfg.checks
     assert a.argv[1:] == ("#kept", "x ; y", "a#b", "c;d")
@@ -277,7 +281,7 @@ def test_comments(tmp_path):
 
 def test_shell_like_splitting_and_name_normalised(tmp_path):
     d = make_dir(tmp_path, "[local]\n  check_a    x \t 'two words'  \"q\\\"uote\"  back\\ slash  \n")
-    (check,) = hadaemon.load_config(str(d)).checks
+    (check,) = hadaemon.configfiles.load_config(str(d)).checks
     assert check.argv[1:] == ("x", "two words", 'q"uote', "back slash")
     assert check.name == "check_a x 'two words' \"q\\\"uote\" back\\ slash"
 
@@ -285,7 +289,7 @@ def test_shell_like_splitting_and_name_normalised(tmp_path):
 def test_default_host_is_the_file_name_of_the_first_word(tmp_path):
     plugin = exe(tmp_path / "plugins" / "check_tcp")
     d = make_dir(tmp_path, "[local]\n%s -H 127.0.0.1 -p 5432\ncheck_b\n" % plugin)
-    tcp, b = hadaemon.load_config(str(d)).checks
+    tcp, b = hadaemon.configfiles.load_config(str(d)).checks
     assert (tcp.host, tcp.argv) == ("check_tcp", (str(plugin), "-H", "127.0.0.1", "-p", "5432"))
     assert b.host == "check_b"
 
@@ -302,7 +306,7 @@ def test_same_check_for_two_hosts_or_two_scopes_is_fine(tmp_path):
         host = db1
         check_a
     """)
-    assert [c.key for c in hadaemon.load_config(str(d)).checks] == \
+    assert [c.key for c in hadaemon.configfiles.load_config(str(d)).checks] == \
         ["local|db1|check_a", "local|db2|check_a", "ssh:db3|db1|check_a"]
 
 
@@ -321,8 +325,8 @@ def test_ssh_scope(tmp_path, name, user, host, port):
         ssh_identity = /etc/hadaemon/id_ed25519
         check_a
     """ % name)
-    (group,) = hadaemon.load_config(str(d)).groups
-    assert group.scope == hadaemon.Scope(name, "ssh", user, host, port)
+    (group,) = hadaemon.configfiles.load_config(str(d)).groups
+    assert group.scope == hadaemon.config.Scope(name, "ssh", user, host, port)
     assert group.ssh_identity == "/etc/hadaemon/id_ed25519"
     assert group.ssh_options == ("-o", "UserKnownHostsFile=/etc/my hosts")
     assert group.connect_timeout == 2
@@ -345,7 +349,7 @@ def test_actions(tmp_path):
         [DB3 :Any_to_MASTER]
         act
     """)
-    cfg = hadaemon.load_config(str(d))
+    cfg = hadaemon.configfiles.load_config(str(d))
     act, notify = str(d / "actions" / "act"), str(d / "actions" / "notify")
     assert set(cfg.sections) == {(None, "slave", "master"), (None, "any", "down"),
                                  ("db2", "slave", "master"), ("DB3", "any", "master")}
@@ -363,7 +367,7 @@ def test_actions(tmp_path):
 
 
 def test_empty_files_are_a_valid_config(tmp_path):
-    cfg = hadaemon.load_config(str(make_dir(tmp_path, "", "")))
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path, "", "")))
     assert cfg.checks == [] and cfg.groups == [] and cfg.sections == {}
 
 
@@ -378,7 +382,7 @@ def test_command_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "%s:/usr/bin:/bin" % bindir)
 
     def first_words():
-        cfg = hadaemon.load_config(str(d))
+        cfg = hadaemon.configfiles.load_config(str(d))
         return ([c.argv[0] for c in cfg.checks],
                 cfg.sections[(None, "a", "b")].commands[0].argv[0])
 
@@ -397,9 +401,9 @@ def test_command_resolution_order(tmp_path, monkeypatch):
 
 def test_absolute_command_and_path_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    true = hadaemon.shutil.which("true")
+    true = shutil.which("true")
     d = make_dir(tmp_path, "[local]\nhost = h\ntrue\n/bin/sh -c 'exit 0'\n")
-    a, b = hadaemon.load_config(str(d)).checks
+    a, b = hadaemon.configfiles.load_config(str(d)).checks
     assert a.argv == (true,)
     assert b.argv == ("/bin/sh", "-c", "exit 0")
 
@@ -429,9 +433,9 @@ ORDER = [("db1", "slave", "master"), ("db1", "any", "master"), ("db1", "slave", 
 
 
 def config_with(keys):
-    sections = {k: hadaemon.Section(k[0], k[1], k[2], [], 60.0, "actions.conf:%d" % i)
+    sections = {k: hadaemon.config.Section(k[0], k[1], k[2], [], 60.0, "actions.conf:%d" % i)
                 for i, k in enumerate(keys)}
-    return hadaemon.Config("/nowhere", hadaemon.DaemonSettings(), [], [], sections)
+    return hadaemon.config.Config("/nowhere", hadaemon.config.DaemonSettings(), [], [], sections)
 
 
 @pytest.mark.parametrize("mask", range(256))
@@ -466,7 +470,7 @@ PRECEDENCE = [
 @pytest.mark.parametrize("names, transition, expected", PRECEDENCE)
 def test_precedence_through_the_parser(tmp_path, names, transition, expected):
     actions = "".join("[%s]\nact\n" % n for n in names)
-    cfg = hadaemon.load_config(str(make_dir(tmp_path, VALID_CHECKS, actions)))
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path, VALID_CHECKS, actions)))
     section = cfg.section_for(*transition)
     assert (section.name if section else None) == expected
 
@@ -474,10 +478,10 @@ def test_precedence_through_the_parser(tmp_path, names, transition, expected):
 def test_eight_candidates_are_distinct_sections(tmp_path):
     names = ["db1: slave_to_master", "db1: any_to_master", "db1: slave_to_any", "db1: any_to_any",
              "slave_to_master", "any_to_master", "slave_to_any", "any_to_any"]
-    cfg = hadaemon.load_config(str(make_dir(tmp_path, VALID_CHECKS,
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path, VALID_CHECKS,
                                             "".join("[%s]\nact\n" % n for n in names))))
     assert set(cfg.sections) == set(ORDER)
     for drop in range(len(names)):
         remaining = {k: v for k, v in cfg.sections.items() if k not in ORDER[:drop]}
-        cfg2 = hadaemon.Config(cfg.config_dir, cfg.daemon, [], [], remaining)
+        cfg2 = hadaemon.config.Config(cfg.config_dir, cfg.daemon, [], [], remaining)
         assert cfg2.section_for("db1", "slave", "master").name == names[drop]

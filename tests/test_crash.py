@@ -26,7 +26,9 @@ import time
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.store
+import hadaemon.ledger
 from conftest import figure, pids_in_group, wait_for
 
 SEED = int(os.environ.get("HADAEMON_CRASH_SEED") or time.time())
@@ -51,7 +53,7 @@ def store_op(seed, i):
 
 def store_writer(state_dir, seed, first, ack_fd):
     """The forked child: recover, then commit from ``first`` on, ack each, until killed."""
-    store = hadaemon.Store(state_dir)
+    store = hadaemon.store.Store(state_dir)
     store.open()
     rng = random.Random(seed ^ first)
     i = first
@@ -110,7 +112,7 @@ def test_store_survives_kill9(tmp_path):
                 journal = f.read()
         except FileNotFoundError:       # killed before it made one
             journal = b""
-        store = hadaemon.Store(state_dir)
+        store = hadaemon.store.Store(state_dir)
         suffix, _, _, full = store.load()
         seen["index from .bak (killed in sync)"] += suffix == ".bak"
         seen["compaction cut short"] += full
@@ -149,7 +151,7 @@ def test_store_repair_survives_kill9(tmp_path):
         rounds += 1
         for path in os.listdir(state_dir):
             os.unlink(os.path.join(state_dir, path))
-        store = hadaemon.Store(state_dir)
+        store = hadaemon.store.Store(state_dir)
         store.open()
         store.commit(keys)
         store.checkpoint()
@@ -158,7 +160,7 @@ def test_store_repair_survives_kill9(tmp_path):
         with open(os.path.join(state_dir, "state.db.journal"), "ab") as f:
             f.write(b'{"s": {"k:journal": {"i": 1}}}\n')
         # One value unreadable: the db is moved aside, the rest is kept.
-        index = hadaemon.Store(state_dir)
+        index = hadaemon.store.Store(state_dir)
         index.load()
         pos, size = index.files.index["k:0"]
         with open(os.path.join(state_dir, "state.db.dat"), "r+b") as f:
@@ -167,7 +169,7 @@ def test_store_repair_survives_kill9(tmp_path):
         pid = os.fork()
         if pid == 0:
             try:
-                hadaemon.Store(state_dir).open()
+                hadaemon.store.Store(state_dir).open()
                 time.sleep(10)
             finally:
                 os._exit(0)
@@ -175,7 +177,7 @@ def test_store_repair_survives_kill9(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         kills += 1
-        store = hadaemon.Store(state_dir)
+        store = hadaemon.store.Store(state_dir)
         store.open()                    # recovers whatever the kill left
         want = dict(keys, **{"k:last": {"i": rounds}, "k:journal": {"i": 1}})
         del want["k:0"]                 # the damaged one
@@ -241,10 +243,10 @@ def history_of(entries):
 
 def offline_history(state_dir):
     """The same, read straight from the state db files (no daemon, nothing written)."""
-    data = hadaemon.Store.read(state_dir)
+    data = hadaemon.store.Store.read(state_dir)
     trs = sorted((v for k, v in data.items() if k.startswith("tr:")), key=lambda r: r["id"])
     runs = collections.OrderedDict(sorted((v["id"], v) for k, v in data.items() if k.startswith("run:")))
-    return history_of(hadaemon.history_entries(trs, runs, len(trs)))
+    return history_of(hadaemon.ledger.history_entries(trs, runs, len(trs)))
 
 
 def compare(seen_trs, seen_runs, trs, runs, where):
@@ -294,7 +296,7 @@ def test_daemon_survives_kill9(daemon):
     def ready():
         try:
             return d.ask("ping", timeout=2).get("ok")
-        except (OSError, hadaemon.HadaemonError):
+        except (OSError, hadaemon.base.HadaemonError):
             return d.proc.poll() is not None
 
     def snapshot():

@@ -8,7 +8,8 @@ import datetime
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import hadaemon
+import hadaemon.base
+import hadaemon.cron
 
 D = datetime.datetime
 
@@ -65,7 +66,7 @@ NEXT = [
 
 @pytest.mark.parametrize("spec, now, expected", NEXT)
 def test_next_after(spec, now, expected):
-    cron = hadaemon.CronSpec(spec)
+    cron = hadaemon.cron.CronSpec(spec)
     assert cron.next_after(now) == expected
     assert cron.matches(expected)
 
@@ -84,7 +85,7 @@ FIELDS = [
 
 @pytest.mark.parametrize("spec, minutes, hours, days, months, weekdays", FIELDS)
 def test_fields(spec, minutes, hours, days, months, weekdays):
-    cron = hadaemon.CronSpec(spec)
+    cron = hadaemon.cron.CronSpec(spec)
     assert (cron.minutes, cron.hours, cron.days, cron.months, cron.weekdays) == \
         (minutes, hours, days, months, weekdays)
     assert cron.text == " ".join(spec.split())
@@ -127,7 +128,7 @@ INVALID = [
 @pytest.mark.parametrize("spec, needles", INVALID)
 def test_invalid(spec, needles):
     with pytest.raises(ValueError) as info:
-        hadaemon.CronSpec(spec)
+        hadaemon.cron.CronSpec(spec)
     for needle in needles:
         assert needle in str(info.value), (needle, str(info.value))
 
@@ -164,8 +165,8 @@ def field(low, high, names=()):
     return st.lists(part, min_size=1, max_size=3).map(",".join)
 
 
-SPECS = st.tuples(field(0, 59), field(0, 23), field(1, 31), field(1, 12, hadaemon._MONTHS),
-                  field(0, 7, hadaemon._DAYS)).map(" ".join)
+SPECS = st.tuples(field(0, 59), field(0, 23), field(1, 31), field(1, 12, hadaemon.cron._MONTHS),
+                  field(0, 7, hadaemon.cron._DAYS)).map(" ".join)
 NOWS = st.datetimes(min_value=D(1999, 1, 1), max_value=D(2099, 12, 31))
 
 
@@ -173,7 +174,7 @@ NOWS = st.datetimes(min_value=D(1999, 1, 1), max_value=D(2099, 12, 31))
 @given(SPECS, NOWS)
 def test_next_after_matches_an_independent_search(spec, now):
     try:
-        cron = hadaemon.CronSpec(spec)
+        cron = hadaemon.cron.CronSpec(spec)
     except ValueError as exc:
         assert "never matches" in str(exc)
         return
@@ -194,7 +195,7 @@ DURATIONS = [
 
 @pytest.mark.parametrize("text, seconds", DURATIONS)
 def test_parse_duration(text, seconds):
-    assert hadaemon.parse_duration(text) == pytest.approx(seconds)
+    assert hadaemon.base.parse_duration(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", [
@@ -203,7 +204,7 @@ def test_parse_duration(text, seconds):
 ])
 def test_parse_duration_invalid(text):
     with pytest.raises(ValueError) as info:
-        hadaemon.parse_duration(text)
+        hadaemon.base.parse_duration(text)
     assert repr(text) in str(info.value)
 
 
@@ -212,10 +213,10 @@ def test_parse_duration_invalid(text):
     (90, "90s"), (59.5, "59.5s"), (1.25, "1.25s"), (10.0, "10s"), (1, "1s"), (61, "61s"),
 ])
 def test_format_duration(seconds, text):
-    assert hadaemon.format_duration(seconds) == text
+    assert hadaemon.base.format_duration(seconds) == text
 
 
 @pytest.mark.parametrize("text", ["250ms", "5s", "1.5s", "2m", "1h", "90s", "0.75s", "3h"])
 def test_format_parse_round_trip(text):
-    seconds = hadaemon.parse_duration(text)
-    assert hadaemon.parse_duration(hadaemon.format_duration(seconds)) == pytest.approx(seconds)
+    seconds = hadaemon.base.parse_duration(text)
+    assert hadaemon.base.parse_duration(hadaemon.base.format_duration(seconds)) == pytest.approx(seconds)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-import hadaemon
+import hadaemon.wire
 from conftest import ROOT, alive, wait_for
 
 
@@ -24,7 +24,7 @@ def daemon(daemon):
     """The conftest daemon, polled over its socket from this process: the request
     ``--status --json`` sends, without starting an interpreter per poll (the tests
     poll a lot, on a loaded 2-core machine).  ``d.start()`` still waits on the CLI."""
-    daemon.status = lambda: hadaemon.request(str(daemon.state), {"cmd": "status"})
+    daemon.status = lambda: hadaemon.wire.request(str(daemon.state), {"cmd": "status"})
     return daemon
 
 
@@ -805,7 +805,7 @@ def test_interval_checks_do_not_drift(daemon):
 READ_DB = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import hadaemon
+import hadaemon.wire
 data = hadaemon.Store.read(sys.argv[2])
 print(json.dumps(sorted((v["host"], v["from"], v["to"])
                         for k, v in data.items() if k.startswith("tr:"))))

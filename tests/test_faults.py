@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.wire
 from conftest import HADAEMON, Daemon, alive, wait_for
 
 NOBODY = 65534
@@ -505,7 +506,7 @@ def test_hostile_socket_clients(daemon):
         pass
     sock.close()
     assert sent < 100 << 20, "the daemon read 100 MB of one line"
-    d.wait_log("message longer than %d bytes; closed" % hadaemon.MAX_MESSAGE)
+    d.wait_log("message longer than %d bytes; closed" % hadaemon.base.MAX_MESSAGE)
     grown = rss_kib(master) - before
     assert grown < 64 * 1024, "the master grew by %d KiB" % grown
     still_working(d)
@@ -561,8 +562,8 @@ def test_hostile_socket_clients(daemon):
 
     # The idle client is closed after its idle time; the others were served meanwhile.
     assert closed_by_daemon(idle)
-    assert time.monotonic() - idle_since >= hadaemon.CLIENT_IDLE - 1
-    d.wait_log("idle for %ds; closed" % hadaemon.CLIENT_IDLE)
+    assert time.monotonic() - idle_since >= hadaemon.base.CLIENT_IDLE - 1
+    d.wait_log("idle for %ds; closed" % hadaemon.base.CLIENT_IDLE)
     still_working(d)
     assert d.proc.poll() is None
 
@@ -599,7 +600,7 @@ def test_many_clients_at_once(daemon, clients, soft, hard):
             sock.sendall(b'{"cmd": "ping"}\n')
         answered = 0
         for sock in socks:
-            reader = hadaemon.LineReader()
+            reader = hadaemon.wire.LineReader()
             answer = []
             while not answer:
                 data = sock.recv(65536)
@@ -810,9 +811,9 @@ def test_bad_host_and_state_names_are_rejected_at_the_report(daemon):
     d.start()
     d.wait_state("db1", "master")
     for host in BAD_HOSTS:
-        d.wait_log("check liar: rejected report: bad host name %s" % hadaemon._shorten(host))
+        d.wait_log("check liar: rejected report: bad host name %s" % hadaemon.wire._shorten(host))
     for host, state in BAD_STATES.items():
-        d.wait_log("check liar: rejected report for %s: bad state %s" % (host, hadaemon._shorten(state)))
+        d.wait_log("check liar: rejected report for %s: bad state %s" % (host, hadaemon.wire._shorten(state)))
     d.wait_log("check liar_kv: rejected report: bad host name '../etc'")
     assert set(d.status()["hosts"]) == {"db1"}
     assert not (d.dir / "pwned").exists()

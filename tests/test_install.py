@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-import hadaemon
-from conftest import HADAEMON, ROOT, figure
+import hadaemon.base
+from conftest import HADAEMON, ROOT, figure, load_shipped
 
 PACKAGE_FILES = ("pyproject.toml", "setup.cfg", "hadaemon.py", "README.md")
 
@@ -87,7 +87,7 @@ def test_pip_install_gives_a_hadaemon_command(tmp_path):
         assert command.is_file()
 
         version = run([command, "--version"], env=clean_env())
-        assert version.returncode == 0 and version.stdout.strip() == "hadaemon " + hadaemon.__version__
+        assert version.returncode == 0 and version.stdout.strip() == "hadaemon " + hadaemon.base.__version__
         where = run([venv / "bin" / "python", "-c", "import hadaemon; print(hadaemon.__file__)"],
                     cwd=str(tmp_path))
         assert where.stdout.strip().startswith(str(venv / "lib"))  # the installed copy, not ours
@@ -109,9 +109,9 @@ def test_pip_install_gives_a_hadaemon_command(tmp_path):
         # Nothing given: an installed hadaemon (site-packages has no checks.conf) says
         # /etc/hadaemon, and how it came to it.
         helptext = run([command, "--help"], env=clean_env()).stdout
-        assert "now %s)" % hadaemon.SYSTEM_CONFIG_DIR in helptext
+        assert "now %s)" % hadaemon.base.SYSTEM_CONFIG_DIR in helptext
         assert "$HADAEMON_CONFIG_DIR" in helptext and "$HADAEMON_STATE_DIR" in helptext
-        if not os.path.exists(hadaemon.SYSTEM_CONFIG_DIR):
+        if not os.path.exists(hadaemon.base.SYSTEM_CONFIG_DIR):
             check = run([command, "--check-config"], env=clean_env())
             assert check.returncode == 1
             assert "/etc/hadaemon/checks.conf: cannot read" in check.stderr
@@ -151,10 +151,11 @@ def test_copy_and_run_still_uses_its_own_folder(tmp_path):
     ({"HADAEMON_CONFIG_DIR": ""}, "HERE", "HERE/var"),          # set but empty: not set
 ])
 def test_the_default_dirs(environ, config_dir, state_dir):
-    here = os.path.dirname(hadaemon.__file__)      # the repo: it holds a checks.conf
-    got, _ = hadaemon.default_config_dir(environ)
+    shipped = load_shipped()                        # the file users run, not the package's module
+    here = os.path.dirname(shipped.__file__)        # the repo: it holds a checks.conf
+    got, _ = shipped.default_config_dir(environ)
     assert got == config_dir.replace("HERE", here)
-    assert hadaemon.default_state_dir(got, environ) == state_dir.replace("HERE", here)
+    assert shipped.default_state_dir(got, environ) == state_dir.replace("HERE", here)
 
 
 def test_a_lone_hadaemon_py_defaults_to_etc(tmp_path):

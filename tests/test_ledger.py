@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-import hadaemon
+import hadaemon.configfiles
+import hadaemon.store
+import hadaemon.ledger
 
 T0 = 1_800_000_000.0        # the wall clock the tests hand in
 
@@ -31,7 +33,7 @@ def write_config(root, actions, confirm=2, history=50):
         /bin/true
         """ % (history, confirm)))
     (root / "actions.conf").write_text(textwrap.dedent(actions))
-    return hadaemon.load_config(str(root))
+    return hadaemon.configfiles.load_config(str(root))
 
 
 class World:
@@ -54,9 +56,9 @@ class World:
             import os
             os.close(self.store.jfd)        # a kill -9: nothing flushed, nothing closed
             os.close(self.store.files.dat_fd)
-        self.store = hadaemon.Store(str(self.state))
+        self.store = hadaemon.store.Store(str(self.state))
         self.store.open()
-        self.ledger = hadaemon.Ledger(self.store, str(self.state), self.config)
+        self.ledger = hadaemon.ledger.Ledger(self.store, str(self.state), self.config)
         self.ledger.open(T0)
         return self.ledger
 

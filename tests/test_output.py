@@ -8,13 +8,16 @@ import json
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.config
+import hadaemon.wire
+import hadaemon.children
 
 
 def encodable(obj):
     """What the worker does with a parsed result: one JSON line in UTF-8."""
-    line = hadaemon.encode_message({"t": "result", "data": obj})
-    assert hadaemon.decode_message(line[:-1])["data"] == json.loads(line.decode("utf-8"))["data"]
+    line = hadaemon.wire.encode_message({"t": "result", "data": obj})
+    assert hadaemon.wire.decode_message(line[:-1])["data"] == json.loads(line.decode("utf-8"))["data"]
     return True
 
 
@@ -60,7 +63,7 @@ OUTPUTS = [
 
 @pytest.mark.parametrize("raw, expected", OUTPUTS)
 def test_parse_check_output(raw, expected):
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert result == expected
     assert encodable(result)
 
@@ -68,7 +71,7 @@ def test_parse_check_output(raw, expected):
 @pytest.mark.parametrize("depth", [100, 990, 1000, 5000, 100000])
 def test_deeply_nested_json_is_refused_not_a_crash(depth):
     raw = b'{"state": "up", "a": ' + b"[" * depth + b"]" * depth + b"}"
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert isinstance(result, dict) and "a" not in result and "state" not in result
     assert "nested" in result["message"]
     assert encodable(result)
@@ -76,7 +79,7 @@ def test_deeply_nested_json_is_refused_not_a_crash(depth):
 
 def test_moderately_nested_json_is_kept():
     raw = b'{"state": "up", "a": ' + b"[" * 20 + b"]" * 20 + b"}"
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert result["state"] == "up"
     assert encodable(result)
 
@@ -88,19 +91,19 @@ def test_moderately_nested_json_is_kept():
 ])
 def test_lone_surrogate_in_json_is_replaced(raw):
     """Valid JSON, but no UTF-8: it used to kill the worker at every run of the check."""
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert result["state"] == "up"
     assert encodable(result)
     assert "\ufffd" in json.dumps(result, ensure_ascii=False)
 
 
 def test_surrogate_pair_is_kept():
-    assert hadaemon.parse_check_output(b'{"x": "\\ud83d\\ude00"}') == {"x": "\U0001F600"}
+    assert hadaemon.wire.parse_check_output(b'{"x": "\\ud83d\\ude00"}') == {"x": "\U0001F600"}
 
 
 def test_huge_output_is_parsed():
     raw = b"state=up\n" + b"x" * (64 * 1024) + b"\n"
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert result["state"] == "up" and len(result["message"]) == 64 * 1024
 
 
@@ -131,7 +134,7 @@ REPORTS = [
 
 @pytest.mark.parametrize("data, exit_code, expected", REPORTS)
 def test_reports(data, exit_code, expected):
-    reports, problems = hadaemon.reports_from_result(data, exit_code, "dflt")
+    reports, problems = hadaemon.wire.reports_from_result(data, exit_code, "dflt")
     assert (reports, problems) == (expected, [])
 
 
@@ -164,13 +167,13 @@ REJECTED = [
 
 @pytest.mark.parametrize("data, shown", REJECTED)
 def test_rejected_reports_show_the_bad_value(data, shown):
-    reports, problems = hadaemon.reports_from_result(data, 0, "dflt")
+    reports, problems = hadaemon.wire.reports_from_result(data, 0, "dflt")
     assert reports == []
     assert len(problems) == 1 and shown in problems[0], problems
 
 
 def test_one_bad_entry_of_states_rejects_only_itself():
-    reports, problems = hadaemon.reports_from_result(
+    reports, problems = hadaemon.wire.reports_from_result(
         {"states": {"db1": "master", "db;2": "slave", "db3": "a_to_b", "db4": 7}}, 0, "dflt")
     assert reports == [("db1", "master")]
     assert len(problems) == 3
@@ -178,7 +181,7 @@ def test_one_bad_entry_of_states_rejects_only_itself():
 
 
 def test_problem_text_is_bounded():
-    _, problems = hadaemon.reports_from_result({"host": "x;" * 10000}, 0, "dflt")
+    _, problems = hadaemon.wire.reports_from_result({"host": "x;" * 10000}, 0, "dflt")
     assert len(problems[0]) < 200
 
 
@@ -186,7 +189,7 @@ def test_deep_value_in_a_report_does_not_raise():
     deep = []
     for _ in range(100000):
         deep = [deep]
-    reports, problems = hadaemon.reports_from_result({"host": deep}, 0, "dflt")
+    reports, problems = hadaemon.wire.reports_from_result({"host": deep}, 0, "dflt")
     assert reports == [] and len(problems) == 1
 
 
@@ -196,19 +199,19 @@ STATES = {"db1": "slave", "db2": "master", "db3": "master", "db4": "down", "web"
 
 
 def test_action_variables():
-    v = hadaemon.action_variables("db2", "slave", "master", STATES)
+    v = hadaemon.children.action_variables("db2", "slave", "master", STATES)
     assert v == {"HOST": "db2", "FROM": "slave", "TO": "master", "MASTER": "db2,db3",
                  "SLAVE": "db1", "DOWN": "db4", "UP": "web"}
 
 
 def test_action_variables_sorted_and_never_shadowing_host_from_to():
-    v = hadaemon.action_variables("h", "a", "b", {"z9": "master", "a1": "master", "m": "master",
+    v = hadaemon.children.action_variables("h", "a", "b", {"z9": "master", "a1": "master", "m": "master",
                                                   "x": "host", "y": "from", "w": "to"})
     assert v["MASTER"] == "a1,m,z9"
     assert (v["HOST"], v["FROM"], v["TO"]) == ("h", "a", "b")
 
 
-VARS = hadaemon.action_variables("db2", "slave", "master", STATES)
+VARS = hadaemon.children.action_variables("db2", "slave", "master", STATES)
 EXPANSIONS = [
     # (argument, expanded, names of empty variables)
     ("%MASTER%", "db2,db3", []),
@@ -232,19 +235,19 @@ EXPANSIONS = [
 
 @pytest.mark.parametrize("arg, expanded, empty", EXPANSIONS)
 def test_expand_argument(arg, expanded, empty):
-    assert hadaemon.expand_argument(arg, VARS) == (expanded, empty)
+    assert hadaemon.children.expand_argument(arg, VARS) == (expanded, empty)
 
 
 def section(*lines, timeout=60.0):
-    commands = [hadaemon.Command(tuple(words), ignore, "/c/actions.conf:%d" % (i + 2))
+    commands = [hadaemon.config.Command(tuple(words), ignore, "/c/actions.conf:%d" % (i + 2))
                 for i, (words, ignore) in enumerate(lines)]
-    return hadaemon.Section(None, "slave", "master", commands, timeout, "/c/actions.conf:1")
+    return hadaemon.config.Section(None, "slave", "master", commands, timeout, "/c/actions.conf:1")
 
 
 def test_expand_commands():
     s = section((("/c/actions/move", "%MASTER%", "a%%b"), False),
                 (("/c/actions/%HOST%", "%HOST% went %FROM% to %TO%"), True), timeout=20.0)
-    assert hadaemon.expand_commands(s, VARS) == [
+    assert hadaemon.children.expand_commands(s, VARS) == [
         {"argv": ["/c/actions/move", "db2,db3", "a%b"], "ignore": False, "timeout": 20.0,
          "where": "/c/actions.conf:2"},
         {"argv": ["/c/actions/%HOST%", "db2 went slave to master"], "ignore": True, "timeout": 20.0,
@@ -254,15 +257,15 @@ def test_expand_commands():
 def test_expand_commands_refuses_an_empty_variable_naming_it_and_where():
     s = section((("/c/actions/ok", "%HOST%"), False), (("/c/actions/promote", "%PRIMARY%"), False))
     with pytest.raises(ValueError) as info:
-        hadaemon.expand_commands(s, VARS)
+        hadaemon.children.expand_commands(s, VARS)
     assert "%PRIMARY%" in str(info.value) and "/c/actions.conf:3" in str(info.value)
 
 
 def test_expand_commands_refuses_an_empty_state_variable():
-    variables = hadaemon.action_variables("db1", "master", "down", {"db1": "down", "db2": "slave"})
+    variables = hadaemon.children.action_variables("db1", "master", "down", {"db1": "down", "db2": "slave"})
     s = section((("/c/actions/promote", "%MASTER%"), False))
     with pytest.raises(ValueError) as info:
-        hadaemon.expand_commands(s, variables)
+        hadaemon.children.expand_commands(s, variables)
     assert "%MASTER%" in str(info.value) and "no host is master" in str(info.value)
 
 
@@ -296,20 +299,20 @@ SPLITS = [
 
 @pytest.mark.parametrize("line, words, end", SPLITS)
 def test_split_words(line, words, end):
-    assert hadaemon.split_words(line) == (words, end)
+    assert hadaemon.config.split_words(line) == (words, end)
 
 
 @pytest.mark.parametrize("line", ["'open", 'say "hi', "a 'b' 'c", '"a\\"'])
 def test_split_words_unterminated(line):
     with pytest.raises(ValueError) as info:
-        hadaemon.split_words(line)
+        hadaemon.config.split_words(line)
     assert "unterminated" in str(info.value)
 
 
 # -- the wire protocol ----------------------------------------------------------------------
 
 def test_line_reader_splits_messages_across_chunks():
-    r = hadaemon.LineReader()
+    r = hadaemon.wire.LineReader()
     assert r.feed(b'{"a": 1}\n{"b"') == [{"a": 1}]
     assert r.feed(b': 2}') == []
     assert r.feed(b'\n\n  \n{"c": [3]}\n') == [{"b": 2}, {"c": [3]}]
@@ -319,20 +322,20 @@ def test_line_reader_splits_messages_across_chunks():
 @pytest.mark.parametrize("line", [b"[1, 2]", b"42", b'"x"', b"null", b"{bad", b"\xff\xfe",
                                   b"{" * 100000, b"[" * 100000, b'{"a": 1} x'])
 def test_line_reader_refuses_anything_but_a_json_object(line):
-    with pytest.raises(hadaemon.ProtocolError):
-        hadaemon.LineReader().feed(line + b"\n")
+    with pytest.raises(hadaemon.base.ProtocolError):
+        hadaemon.wire.LineReader().feed(line + b"\n")
 
 
 def test_line_reader_refuses_an_endless_line():
-    r = hadaemon.LineReader(limit=100)
+    r = hadaemon.wire.LineReader(limit=100)
     r.feed(b"x" * 60)
-    with pytest.raises(hadaemon.ProtocolError) as info:
+    with pytest.raises(hadaemon.base.ProtocolError) as info:
         r.feed(b"x" * 60)
     assert "longer than 100" in str(info.value)
 
 
 def test_encode_decode_round_trip():
     msg = {"t": "result", "data": {"message": "caf\u00e9 \U0001F600", "n": [1, 2.5, None, True]}}
-    line = hadaemon.encode_message(msg)
+    line = hadaemon.wire.encode_message(msg)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert hadaemon.decode_message(line[:-1]) == msg
+    assert hadaemon.wire.decode_message(line[:-1]) == msg

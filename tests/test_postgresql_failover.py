@@ -32,7 +32,7 @@ import pytest
 from conftest import ROOT, alive, wait_for
 from pgpair import Pair, free_ports, server_setup
 
-import hadaemon
+import hadaemon.configfiles
 
 EXAMPLE = ROOT / "examples" / "postgresql"
 
@@ -155,7 +155,7 @@ def install_example(d, pair):
                               "check_pg_role 127.0.0.1 %d" % server.port, text)
         assert count == 1, "examples/postgresql/checks.conf no longer checks %s on 5432" % name
     (d.dir / "checks.conf").write_text(text)
-    config = hadaemon.load_config(str(d.dir))
+    config = hadaemon.configfiles.load_config(str(d.dir))
     groups = {(g.interval, g.confirm) for g in config.groups if g.scope.kind == "local"}
     # The figures below are for the example as shipped: checked, not assumed.
     assert groups == {(0.5, 2)}, groups

@@ -19,7 +19,13 @@ import tempfile
 
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
-import hadaemon
+import hadaemon.base
+import hadaemon.config
+import hadaemon.configfiles
+import hadaemon.wire
+import hadaemon.dumbfiles
+import hadaemon.store
+import hadaemon.children
 
 BOUNDED = settings(max_examples=200, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,15 +58,15 @@ def config_dir(checks, actions):
 
 def assert_config_or_errors(d):
     try:
-        cfg = hadaemon.load_config(d)
-    except hadaemon.ConfigError as exc:
+        cfg = hadaemon.configfiles.load_config(d)
+    except hadaemon.base.ConfigError as exc:
         event("errors: %s" % ("1" if len(exc.errors) == 1 else "several"))
         assert exc.errors, "a ConfigError with no errors"
         for line in exc.errors:
             assert ERROR_LINE.match(line) or READ_ERROR.match(line), line
             assert line.startswith(d + "/"), line
         return None
-    assert isinstance(cfg, hadaemon.Config)
+    assert isinstance(cfg, hadaemon.config.Config)
     event("a config with %s" % ("checks" if cfg.checks else "sections" if cfg.sections else "nothing"))
     for check in cfg.checks:
         assert NAME.match(check.host) and os.path.isabs(check.argv[0])
@@ -154,9 +160,9 @@ def test_config_bytes_give_a_config_or_file_line_errors(checks, actions):
 def test_missing_files_are_named(which):
     with config_dir(None if which in ("checks", "both") else "",
                     None if which in ("actions", "both") else "") as d:
-        errors = hadaemon.ConfigError
+        errors = hadaemon.base.ConfigError
         try:
-            hadaemon.load_config(d)
+            hadaemon.configfiles.load_config(d)
         except errors as exc:
             assert all(READ_ERROR.match(line) for line in exc.errors)
             assert len(exc.errors) == (2 if which == "both" else 1)
@@ -180,8 +186,8 @@ REPORT_DATA = st.dictionaries(
 
 def assert_encodable(result):
     assert isinstance(result, dict)
-    line = hadaemon.encode_message({"t": "result", "data": result})
-    assert hadaemon.decode_message(line[:-1])["data"] is not None
+    line = hadaemon.wire.encode_message({"t": "result", "data": result})
+    assert hadaemon.wire.decode_message(line[:-1])["data"] is not None
 
 
 @BOUNDED
@@ -190,14 +196,14 @@ def assert_encodable(result):
 @example(b'{"a":' + b"[" * 3000 + b"]" * 3000 + b"}")
 @example(b"\x00\xff{")
 def test_check_output_bytes_always_give_an_encodable_dict(raw):
-    assert_encodable(hadaemon.parse_check_output(raw))
+    assert_encodable(hadaemon.wire.parse_check_output(raw))
 
 
 @BOUNDED
 @given(st.dictionaries(st.text(max_size=8), JSONISH, max_size=6), st.sampled_from(["", "\n", "  \n\n"]))
 def test_check_output_json_objects_come_back(obj, pad):
     raw = (pad + json.dumps(obj) + pad).encode("utf-8", "surrogatepass")
-    result = hadaemon.parse_check_output(raw)
+    result = hadaemon.wire.parse_check_output(raw)
     assert_encodable(result)
     if not re.search(r"[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
         assert result == obj
@@ -208,7 +214,7 @@ def test_check_output_json_objects_come_back(obj, pad):
     st.tuples(st.text(max_size=10), st.sampled_from(["=", " = ", "=  "]), st.text(max_size=10)).map("".join),
     st.text(max_size=20)), max_size=10).map("\n".join))
 def test_check_output_lines_always_give_a_dict(text):
-    result = hadaemon.parse_check_output(text.encode("utf-8", "surrogatepass"))
+    result = hadaemon.wire.parse_check_output(text.encode("utf-8", "surrogatepass"))
     assert_encodable(result)
     assert all(isinstance(k, str) and isinstance(v, (str, dict, list, int, float, bool, type(None)))
                for k, v in result.items())
@@ -220,7 +226,7 @@ def test_check_output_lines_always_give_a_dict(text):
 @example({"host": "db1;rm -rf /"}, 0, "dflt")
 @example({"states": {"db1": "A_TO_B", "../x": "up", "": "up"}}, 0, "dflt")
 def test_reports_never_carry_a_bad_name(data, exit_code, default_host):
-    reports, problems = hadaemon.reports_from_result(data, exit_code, default_host)
+    reports, problems = hadaemon.wire.reports_from_result(data, exit_code, default_host)
     assert isinstance(reports, list) and isinstance(problems, list)
     for host, state in reports:
         assert isinstance(host, str) and NAME.match(host), host
@@ -234,8 +240,8 @@ def test_reports_never_carry_a_bad_name(data, exit_code, default_host):
 @given(st.text(max_size=40), st.dictionaries(st.sampled_from(["db1", "db2", "db3"]),
                                               st.sampled_from(["master", "slave", "down", "host"])))
 def test_expansion_never_raises(arg, states):
-    variables = hadaemon.action_variables("db1", "slave", "master", states)
-    text, empty = hadaemon.expand_argument(arg, variables)
+    variables = hadaemon.children.action_variables("db1", "slave", "master", states)
+    text, empty = hadaemon.children.expand_argument(arg, variables)
     assert isinstance(text, str) and all(isinstance(n, str) for n in empty)
     if "%" not in arg:
         assert text == arg and empty == []
@@ -248,21 +254,21 @@ def test_expansion_never_raises(arg, states):
 @example([b'{"a": 1}\n{"b"', b': 2}\n'])
 @example([b"[" * 5000 + b"\n"])
 def test_line_reader_gives_dicts_or_protocol_error(chunks):
-    reader = hadaemon.LineReader(limit=1000)
+    reader = hadaemon.wire.LineReader(limit=1000)
     try:
         for chunk in chunks:
             for msg in reader.feed(chunk):
                 assert isinstance(msg, dict)
-    except hadaemon.ProtocolError:
+    except hadaemon.base.ProtocolError:
         pass
 
 
 @BOUNDED
 @given(st.lists(st.dictionaries(st.text(max_size=6), JSONISH, max_size=4), max_size=6), st.data())
 def test_line_reader_round_trips_messages_cut_anywhere(messages, data):
-    stream = b"".join(hadaemon.encode_message(m) for m in messages)
+    stream = b"".join(hadaemon.wire.encode_message(m) for m in messages)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-    reader, got, last = hadaemon.LineReader(), [], 0
+    reader, got, last = hadaemon.wire.LineReader(), [], 0
     for cut in cuts + [len(stream)]:
         got += reader.feed(stream[last:cut])
         last = cut
@@ -433,10 +439,11 @@ class FaultyIo:
 def faulty_files(faults):
     """Route hadaemon's and dbm.dumb's writes through ``faults`` (restored afterwards)."""
     fos, fio = FaultyOs(faults), FaultyIo(faults)
-    saved = [(hadaemon, "os", hadaemon.os), (dbm.dumb, "_os", dbm.dumb._os), (dbm.dumb, "_io", dbm.dumb._io),
+    saved = [(hadaemon.store, "os", hadaemon.store.os), (hadaemon.dumbfiles, "os", hadaemon.dumbfiles.os),
+             (dbm.dumb, "_os", dbm.dumb._os), (dbm.dumb, "_io", dbm.dumb._io),
              (dbm.dumb._Database, "_os", dbm.dumb._Database._os),
              (dbm.dumb._Database, "_io", dbm.dumb._Database._io)]
-    hadaemon.os = dbm.dumb._os = dbm.dumb._Database._os = fos
+    hadaemon.store.os = hadaemon.dumbfiles.os = dbm.dumb._os = dbm.dumb._Database._os = fos
     dbm.dumb._io = dbm.dumb._Database._io = fio
     try:
         yield
@@ -551,7 +558,7 @@ ROUND = st.tuples(
 
 
 def run_round(state_dir, faults, model, ops, crash_at, enospc, tear, ending, index_line, rnd):
-    store = hadaemon.Store(state_dir)
+    store = hadaemon.store.Store(state_dir)
     store.open()
     model.check(store.data)
     faults.arm(crash_at, enospc, tear)
@@ -624,13 +631,13 @@ def test_store_gives_back_every_committed_value_after_a_crash(rounds, rnd):
         with faulty_files(faults):
             for args in rounds:
                 run_round(state_dir, faults, model, *args, rnd)
-            store = hadaemon.Store(state_dir)
+            store = hadaemon.store.Store(state_dir)
             store.open()
             model.check(store.data)
             store.close()
-            assert hadaemon.Store.read(state_dir) == store.data
+            assert hadaemon.store.Store.read(state_dir) == store.data
             # recovery left a clean db: opening it again finds nothing to repair
-            again = hadaemon.Store(state_dir)
+            again = hadaemon.store.Store(state_dir)
             again.open()
             assert again.data == store.data and again.notes == []
             again.close()
@@ -643,7 +650,7 @@ def test_store_survives_the_disk_filling_up_during_two_index_rewrites(tmp_path):
     (after an append to it failed) must not leave both cut short."""
     faults = Faults()
     with faulty_files(faults):
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         store.commit({"c:%d" % i: {"n": i} for i in range(20)})
         store.checkpoint()
@@ -659,7 +666,7 @@ def test_store_survives_the_disk_filling_up_during_two_index_rewrites(tmp_path):
         store.commit({"c:21": {"n": 21}})
         faults.enabled = False
         abandon(store)
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         assert store.data == {"c:%d" % i: {"n": i} for i in range(22)}
         store.close()
@@ -670,7 +677,7 @@ def test_store_checkpoints_again_once_the_disk_has_room(tmp_path):
     again: the next checkpoint works, empties the journal, and the db holds everything."""
     faults = Faults()
     with faulty_files(faults):
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         store.commit({"c:%d" % i: [i] * i for i in range(8)})
         store.checkpoint()
@@ -691,10 +698,10 @@ def test_store_checkpoints_again_once_the_disk_has_room(tmp_path):
                 store.checkpoint()
                 assert os.path.getsize(store.journal_path) == 0, (op, step)
                 # the journal is empty: the db files alone must hold everything
-                assert hadaemon.Store.read(str(tmp_path)) == store.data, (op, step)
+                assert hadaemon.store.Store.read(str(tmp_path)) == store.data, (op, step)
         expected = dict(store.data)
         abandon(store)
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         assert store.data == expected and store.data["c:changing"] == ["compact", steps]
         store.close()
@@ -708,7 +715,7 @@ def test_store_survives_an_index_line_cut_by_the_disk_full_then_a_crash(tmp_path
     faults = Faults()
     faults.page = 1                     # the disk may fill at any byte
     with faulty_files(faults):
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         store.commit({"c:%02d" % i: {"n": i} for i in range(20)})
         store.checkpoint()
@@ -734,7 +741,7 @@ def test_store_survives_an_index_line_cut_by_the_disk_full_then_a_crash(tmp_path
         abandon(store)
         with open(store.base + ".bak", "rb") as f:
             assert not f.read().endswith(b"\n")        # the half line, in the old index
-        store = hadaemon.Store(str(tmp_path))
+        store = hadaemon.store.Store(str(tmp_path))
         store.open()
         assert store.data == dict({"c:%02d" % i: {"n": i} for i in range(20)},
                                   **{"c:new1": {"n": 21}, "c:new2": {"n": 22}})
@@ -764,14 +771,14 @@ def test_store_opens_whatever_garbage_the_files_hold(files):
     state_dir = tempfile.mkdtemp(prefix="hadaemon-garbage-")
     try:
         for suffix, content in files.items():
-            with open(os.path.join(state_dir, hadaemon.DB_NAME + suffix), "wb") as f:
+            with open(os.path.join(state_dir, hadaemon.base.DB_NAME + suffix), "wb") as f:
                 f.write(content)
-        assert isinstance(hadaemon.Store.read(state_dir), dict)
-        store = hadaemon.Store(state_dir)
+        assert isinstance(hadaemon.store.Store.read(state_dir), dict)
+        store = hadaemon.store.Store(state_dir)
         store.open()
         store.commit({"after": [1]})
         store.close()
-        again = hadaemon.Store(state_dir)
+        again = hadaemon.store.Store(state_dir)
         again.open()
         assert again.data == store.data and again.data["after"] == [1]
         again.close()

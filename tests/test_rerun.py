@@ -14,7 +14,9 @@ import textwrap
 
 import pytest
 
-import hadaemon
+import hadaemon.configfiles
+import hadaemon.store
+import hadaemon.ledger
 from conftest import alive, wait_for
 
 T0 = 1_800_000_000.0
@@ -37,15 +39,15 @@ class Book:
         self.write_actions(actions)
         self.state = tmp_path / "state"
         self.state.mkdir(mode=0o700)
-        self.store = hadaemon.Store(str(self.state))
+        self.store = hadaemon.store.Store(str(self.state))
         self.store.open()
-        self.ledger = hadaemon.Ledger(self.store, str(self.state), self.config)
+        self.ledger = hadaemon.ledger.Ledger(self.store, str(self.state), self.config)
         self.ledger.open(T0)
         self.checks = {c.host: c for c in self.config.checks}
 
     def write_actions(self, actions):
         (self.root / "actions.conf").write_text(textwrap.dedent(actions))
-        self.config = hadaemon.load_config(str(self.root))
+        self.config = hadaemon.configfiles.load_config(str(self.root))
         if getattr(self, "ledger", None) is not None:
             self.ledger.config = self.config
 
@@ -61,7 +63,7 @@ class Book:
 
     def reread(self):
         """The runs as the state db has them (what a restarted daemon reads)."""
-        data = hadaemon.Store.read(str(self.state))
+        data = hadaemon.store.Store.read(str(self.state))
         return {v["id"]: v for k, v in data.items() if k.startswith("run:")}, data.get("queue")
 
 
@@ -86,8 +88,8 @@ def test_ledger_rerun(tmp_path):
     assert ledger.queue == [2] and rerun["queued"] == T0 + 2
     runs, queue = book.reread()             # committed before the answer goes out
     assert runs[2]["rerun_of"] == 1 and queue == [2]
-    assert hadaemon.summarize_run(rerun)["rerun_of"] == 1
-    assert hadaemon.summarize_run(first)["rerun_of"] is None
+    assert hadaemon.ledger.summarize_run(rerun)["rerun_of"] == 1
+    assert hadaemon.ledger.summarize_run(first)["rerun_of"] is None
 
     # Queued or running: refused; once ended, a rerun of the rerun is fine.
     with pytest.raises(ValueError, match=r"run #2 is queued"):

@@ -16,7 +16,11 @@ import time
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.configfiles
+import hadaemon.store
+import hadaemon.children
+import hadaemon.scheduler
 from conftest import HADAEMON, alive, figure, pids_in_group, wait_for
 
 
@@ -131,7 +135,7 @@ def test_the_state_db_keeps_one_key_per_check_and_host_and_dbm_reads_it(daemon):
     wait_for(lambda: len(d.status()["hosts"]) == 6, what="six hosts reported")
     wait_for(lambda: (d.state / "state.db.dir").exists(), what="a checkpoint")
     index = (d.state / "state.db.dir").read_bytes()
-    time.sleep(2 * hadaemon.CHECKPOINT_EVERY + 0.5)          # two more checkpoints
+    time.sleep(2 * hadaemon.base.CHECKPOINT_EVERY + 0.5)          # two more checkpoints
     later = (d.state / "state.db.dir").read_bytes()
     assert later.startswith(index) and len(later) > len(index), "the index was rewritten, not appended to"
     keys = {c["key"] for c in d.status()["checks"]}
@@ -146,7 +150,7 @@ def test_the_state_db_keeps_one_key_per_check_and_host_and_dbm_reads_it(daemon):
     assert values["report:h4"]["state"] == "down" and values["host:h4"]["state"] == "down"
     assert values["check:local|check_h|check_h 4"]["reports"] == {"h4": "down"}
     assert "checks" not in values and "reports" not in values
-    assert hadaemon.Store.read(str(d.state)) == {k: v for k, v in values.items() if k != "meta:checkpoint"}
+    assert hadaemon.store.Store.read(str(d.state)) == {k: v for k, v in values.items() if k != "meta:checkpoint"}
 
 
 def test_an_older_db_with_all_results_in_one_key_is_taken_over(daemon):
@@ -159,7 +163,7 @@ def test_an_older_db_with_all_results_in_one_key_is_taken_over(daemon):
     key = "local|check_h|check_h 2"
     last = {"time": 1.0e9, "duration": 0.01, "exit": 0, "signal": None, "reports": {"h2": "up"},
             "message": "from before", "attributes": {}, "rejected": []}
-    store = hadaemon.Store(str(d.state))
+    store = hadaemon.store.Store(str(d.state))
     store.open()
     store.commit({"host:h2": {"state": "up", "since": 1.0e9, "pending": None, "count": 0},
                   "checks": {key: last}, "reports": {"h2": {"time": 1.0e9, "check": "check_h 2", "state": "up"}}})
@@ -169,7 +173,7 @@ def test_an_older_db_with_all_results_in_one_key_is_taken_over(daemon):
     assert offline["hosts"]["h2"]["last_report"]["time"] == 1.0e9
     d.start()
     assert d.stop() == 0
-    data = hadaemon.Store.read(str(d.state))
+    data = hadaemon.store.Store.read(str(d.state))
     assert data["checks"] == {} and data["reports"] == {}
     assert data["check:" + key]["message"] == "from before"      # check_h 2 has not run yet (1h)
     assert data["report:h2"]["time"] == 1.0e9
@@ -195,13 +199,13 @@ def test_kill9_of_a_master_with_many_keys_leaves_a_db_that_opens_whole(daemon):
         wait_for(lambda: not pids_in_group(pid), what="the killed master's children to go")
         d.started.remove(pid)
         d.proc = None
-        data = hadaemon.Store.read(str(d.state))           # as the kill left it, before recovery
+        data = hadaemon.store.Store.read(str(d.state))           # as the kill left it, before recovery
         assert {h for h in accepted if "host:" + h in data} == accepted, k
     d.start()
     wait_for(lambda: len(d.status()["hosts"]) == 100, timeout=20, what="a hundred hosts")
     assert d.stop() == 0
     assert "damaged" not in d.log() and not list(d.state.glob("*corrupt*")), d.tail()
-    data = hadaemon.Store.read(str(d.state))
+    data = hadaemon.store.Store.read(str(d.state))
     assert len([k for k in data if k.startswith("check:")]) == 100
     assert sum(1 for k, v in data.items() if k.startswith("host:") and v["state"] == "down") == 10
 
@@ -284,7 +288,7 @@ def test_the_scheduler_starts_a_check_added_back_as_a_new_one(tmp_path):
 
     def config(names):
         (conf / "checks.conf").write_text("[local]\ninterval = 10s\n%s\n" % "\n".join("c %s" % n for n in names))
-        return hadaemon.load_config(str(conf)).checks
+        return hadaemon.configfiles.load_config(str(conf)).checks
 
     def run(sch, until, step=0.5, now=[0.0]):
         fired = []
@@ -297,7 +301,7 @@ def test_the_scheduler_starts_a_check_added_back_as_a_new_one(tmp_path):
                 sch.finished({"key": rt.check.key}, {"data": {}, "exit": 0})
         return fired
 
-    sch = hadaemon.Scheduler()
+    sch = hadaemon.scheduler.Scheduler()
     sch.configure(config(["x", "y", "z", "w"]), 0.0)
     first = run(sch, 9.5)
     assert sorted(name for _, name in first) == ["c w", "c x", "c y", "c z"]   # spread, once each
@@ -326,9 +330,9 @@ def test_state_variables_from_the_index_are_the_variables_of_all_states():
         by_state = {}
         for h, st in states.items():
             by_state.setdefault(st, set()).add(h)
-        lazy = hadaemon.StateVariables(host, frm, to, by_state)
-        whole = hadaemon.action_variables(host, frm, to, states)
+        lazy = hadaemon.children.StateVariables(host, frm, to, by_state)
+        whole = hadaemon.children.action_variables(host, frm, to, states)
         for name in ("HOST", "FROM", "TO", "MASTER", "SLAVE", "DOWN", "UP", "A.B-C:D", "NONE"):
             assert lazy.get(name, "") == whole.get(name, ""), (name, states)
         for arg in ("%MASTER%,%SLAVE%", "%HOST% %TO%", "%A.B-C:D%", "%NONE%x", "%%"):
-            assert hadaemon.expand_argument(arg, lazy) == hadaemon.expand_argument(arg, whole)
+            assert hadaemon.children.expand_argument(arg, lazy) == hadaemon.children.expand_argument(arg, whole)

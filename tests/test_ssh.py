@@ -22,7 +22,9 @@ import pytest
 from conftest import ROOT, alive, keygen, pids_with_env, wait_for, with_private_run
 
 sys.path.insert(0, str(ROOT))
-import hadaemon  # noqa: E402
+import hadaemon.config  # noqa: E402
+import hadaemon.configfiles
+import hadaemon.ssh
 
 SSHD = "/usr/sbin/sshd"
 if not (os.access(SSHD, os.X_OK) and shutil.which("ssh") and shutil.which("ssh-keygen")):
@@ -207,7 +209,7 @@ def wait_master(daemon, timeout=20, not_pid=None):
     ("ssh:a_b.c@10.0.0.1", "a_b.c", "10.0.0.1", None),
 ])
 def test_parse_scope(name, user, host, port):
-    scope = hadaemon.parse_scope(name)
+    scope = hadaemon.config.parse_scope(name)
     assert (scope.kind, scope.user, scope.host, scope.port) == ("ssh", user, host, port)
 
 
@@ -215,7 +217,7 @@ def test_parse_scope(name, user, host, port):
                                   "ssh:a@b@c", "ssh:db 2", "remote:db2"])
 def test_parse_scope_refuses(name):
     with pytest.raises(ValueError):
-        hadaemon.parse_scope(name)
+        hadaemon.config.parse_scope(name)
 
 
 @pytest.mark.parametrize("interp, run", [
@@ -227,16 +229,16 @@ def test_parse_scope_refuses(name):
     (["/usr/bin/perl", "-w"], ["/usr/bin/perl", "-w", "-"]),
 ])
 def test_remote_run(interp, run):
-    assert hadaemon.remote_run(interp) == run
+    assert hadaemon.ssh.remote_run(interp) == run
 
 
 def test_control_path_fits_a_unix_socket(tmp_path):
-    g = hadaemon.Group(hadaemon.parse_scope("ssh:db2"), "x:1", 1.0, None, 1.0, 1, None)
-    short = hadaemon.ssh_control_path(g, "/var/lib/hadaemon")
+    g = hadaemon.config.Group(hadaemon.config.parse_scope("ssh:db2"), "x:1", 1.0, None, 1.0, 1, None)
+    short = hadaemon.ssh.ssh_control_path(g, "/var/lib/hadaemon")
     assert short.startswith("/var/lib/hadaemon/ssh-") and len(short) + 17 < 108
-    assert hadaemon.ssh_control_path(g, "/" + "d" * 80) is None
-    other = hadaemon.Group(g.scope, "x:2", 1.0, None, 1.0, 1, None, ssh_options=("-o", "Port=22"))
-    assert hadaemon.ssh_control_path(other, "/var/lib/hadaemon") != short
+    assert hadaemon.ssh.ssh_control_path(g, "/" + "d" * 80) is None
+    other = hadaemon.config.Group(g.scope, "x:2", 1.0, None, 1.0, 1, None, ssh_options=("-o", "Port=22"))
+    assert hadaemon.ssh.ssh_control_path(other, "/var/lib/hadaemon") != short
 
 
 def test_config_refuses_a_binary_remote_check(daemon):
@@ -518,14 +520,14 @@ def test_cost_per_check_with_and_without_reuse(daemon, sshd):
     daemon.set("db2", "master")
     config_text = group(sshd, "check_role db2")
     configure(daemon, config_text)
-    config = hadaemon.load_config(str(daemon.dir))
+    config = hadaemon.configfiles.load_config(str(daemon.dir))
     check = config.checks[0]
     daemon.state.mkdir(mode=0o700)
     env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name, "HA_STATE": "unknown",
            "HA_CONFIG_DIR": str(daemon.dir), "HA_STATE_DIR": str(daemon.state)}
-    argv, stdin_path = hadaemon.ssh_command(check, env, str(daemon.state))
+    argv, stdin_path = hadaemon.ssh.ssh_command(check, env, str(daemon.state))
     assert stdin_path == str(check_path)
-    control = hadaemon.ssh_control_path(check.group, str(daemon.state))
+    control = hadaemon.ssh.ssh_control_path(check.group, str(daemon.state))
 
     def run(n):
         started = time.monotonic()
@@ -539,7 +541,7 @@ def test_cost_per_check_with_and_without_reuse(daemon, sshd):
     before = sshd.accepted()
     without = run(n)
     assert sshd.accepted() - before == n        # no master: one connection per check
-    master = subprocess.Popen(hadaemon.ssh_master_command(check.group, control), stdin=subprocess.DEVNULL,
+    master = subprocess.Popen(hadaemon.ssh.ssh_master_command(check.group, control), stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_for(lambda: os.path.exists(control), timeout=15, what="the master's control socket")

@@ -47,7 +47,7 @@ import pytest
 from conftest import ROOT, figure, keygen, wait_for, with_private_run
 from pgpair import Pair, pg_bindir
 
-import hadaemon
+import hadaemon.configfiles
 
 EXAMPLE = ROOT / "examples" / "postgresql"
 WRITER = ROOT / "tests" / "stack_writer.py"
@@ -437,7 +437,7 @@ class Stack:
         pgpass = d.state / "pgpass"
         pgpass.write_text("app:%d:pgbouncer:pgbouncer:%s\n" % (PGBOUNCER_PORT, ADMIN_PASSWORD))
         pgpass.chmod(0o600)
-        config = hadaemon.load_config(str(d.dir))
+        config = hadaemon.configfiles.load_config(str(d.dir))
         groups = {(g.interval, g.confirm) for g in config.groups if g.scope.kind == "local"}
         # The figures are for the example as shipped: checked, not assumed.
         assert groups == {(0.5, 2)}, groups

@@ -14,7 +14,10 @@ import stat
 
 import pytest
 
-import hadaemon
+import hadaemon.base
+import hadaemon.configfiles
+import hadaemon.store
+import hadaemon.whatif
 from conftest import wait_for
 
 
@@ -38,8 +41,8 @@ def seed_db(state_dir, states, paused=False, crashed=None):
     ``crashed``: more host states committed to the journal only, as a daemon killed
     before its next checkpoint leaves them (the db files do not have them yet).
     """
-    hadaemon.ensure_state_dir(str(state_dir))
-    store = hadaemon.Store(str(state_dir))
+    hadaemon.base.ensure_state_dir(str(state_dir))
+    store = hadaemon.store.Store(str(state_dir))
     store.open()
     changes = {"host:" + h: {"state": s, "since": 1.0e9, "pending": None, "count": 0}
                for h, s in states.items()}
@@ -90,8 +93,8 @@ def test_each_case_of_the_precedence(daemon, first):
     present = PRECEDENCE[first:] + DECOYS
     base_config(daemon, "".join("[%s]\nrecord %s\n" % (name, name.replace(": ", "-"))
                                 for name in present))
-    config = hadaemon.load_config(str(daemon.dir))
-    doc = hadaemon.simulate(config, str(daemon.state), "db2", "slave", "master", {"db1": "slave"})
+    config = hadaemon.configfiles.load_config(str(daemon.dir))
+    doc = hadaemon.whatif.simulate(config, str(daemon.state), "db2", "slave", "master", {"db1": "slave"})
     assert doc["section"]["name"] == PRECEDENCE[first]
     assert doc["tried"] == PRECEDENCE[:first + 1]
     assert doc["commands"][0]["argv"][1] == PRECEDENCE[first].replace(": ", "-")
@@ -103,8 +106,8 @@ def test_each_case_of_the_precedence(daemon, first):
 
 def test_no_section_matches(daemon):
     base_config(daemon, "".join("[%s]\nrecord\n" % name for name in DECOYS))
-    config = hadaemon.load_config(str(daemon.dir))
-    doc = hadaemon.simulate(config, str(daemon.state), "db2", "slave", "master", {})
+    config = hadaemon.configfiles.load_config(str(daemon.dir))
+    doc = hadaemon.whatif.simulate(config, str(daemon.state), "db2", "slave", "master", {})
     assert doc["section"] is None and doc["commands"] == [] and not doc["would_run"]
     assert doc["tried"] == PRECEDENCE
     assert doc["error"] == "no section matches db2 slave_to_master in %s" % (daemon.dir / "actions.conf")
@@ -136,8 +139,8 @@ VARIABLES = [
                          ids=["%s-%d" % (v[0], i) for i, v in enumerate(VARIABLES)])
 def test_each_variable(daemon, written, states, sets, expanded):
     base_config(daemon, "[slave_to_master]\nrecord first\nrecord '%s' last\n" % written)
-    config = hadaemon.load_config(str(daemon.dir))
-    doc = hadaemon.simulate(config, str(daemon.state), "db2", "slave", "master", states, sets)
+    config = hadaemon.configfiles.load_config(str(daemon.dir))
+    doc = hadaemon.whatif.simulate(config, str(daemon.state), "db2", "slave", "master", states, sets)
     if expanded is None:
         name = written.strip("%")
         assert not doc["would_run"]
