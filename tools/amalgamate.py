@@ -75,7 +75,8 @@ class Module:
 
     @property
     def rel(self):
-        return os.path.relpath(self.path, ROOT)
+        rel = os.path.relpath(self.path, ROOT)
+        return self.path if rel.startswith("..") else rel
 
     def _read_top(self):
         body = self.tree.body
@@ -141,17 +142,18 @@ def defined_names(statements, imports=False):
     return names
 
 
-def load_modules(package=PACKAGE):
+def load_modules(package=PACKAGE, order=ORDER):
     present = sorted(f[:-3] for f in os.listdir(package)
                      if f.endswith(".py") and f != "__init__.py")
-    unlisted = [m for m in present if m not in ORDER]
+    unlisted = [m for m in present if m not in order]
     if unlisted:
-        raise Refused("src/hadaemon/%s.py is not in tools/amalgamate.py's ORDER: add it where "
-                      "the modules it uses are above it" % unlisted[0])
-    missing = [m for m in ORDER if m not in present]
+        raise Refused("%s.py is not in tools/amalgamate.py's ORDER: add it where the modules "
+                      "it uses are above it" % os.path.join(package, unlisted[0]))
+    missing = [m for m in order if m not in present]
     if missing:
-        raise Refused("ORDER names %s, but src/hadaemon/%s.py does not exist" % (missing[0], missing[0]))
-    return [Module(name, os.path.join(package, name + ".py")) for name in ORDER]
+        raise Refused("ORDER names %s, but %s.py does not exist" % (
+            missing[0], os.path.join(package, missing[0])))
+    return [Module(name, os.path.join(package, name + ".py")) for name in order]
 
 
 def check_imports(modules):
@@ -180,7 +182,7 @@ def check_uses_line(modules):
                           "imports from" % m.rel)
         words = said[-1][len("Uses:"):].strip().rstrip(".")
         named = [] if words == "the standard library only" else [w.strip() for w in words.split(",")]
-        real = [name for name in ORDER if name in m.uses]
+        real = [other.name for other in modules if other.name in m.uses]
         if named != real:
             raise Refused("%s:1: its docstring says 'Uses: %s.', its imports say %s" % (
                 m.rel, words, ", ".join(real) or "the standard library only"))
@@ -300,13 +302,13 @@ def module_map(modules):
     return rows
 
 
-def package_doc(modules):
-    path = os.path.join(PACKAGE, "__init__.py")
+def package_doc(modules, package):
+    path = os.path.join(package, "__init__.py")
     with open(path, encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read(), path), clean=True)
     if MAP_PLACEHOLDER not in doc:
-        raise Refused("src/hadaemon/__init__.py: its docstring has no line %r where the map of "
-                      "the modules goes" % MAP_PLACEHOLDER)
+        raise Refused("%s: its docstring has no line %r where the map of the modules goes" % (
+            path, MAP_PLACEHOLDER))
     return doc.replace(MAP_PLACEHOLDER, "\n".join(module_map(modules)))
 
 
@@ -320,7 +322,8 @@ def banner(m):
     return out
 
 
-def amalgamate(modules):
+def amalgamate(modules, package=PACKAGE):
+    """The text of hadaemon.py, or Refused."""
     check_imports(modules)
     check_uses_line(modules)
     check_rebound(modules)
@@ -328,7 +331,7 @@ def amalgamate(modules):
     check_import_time(modules)
     std = sorted(set(line for m in modules for line in m.std_imports),
                  key=lambda line: (line.startswith("from "), line.split()[1]))
-    doc = package_doc(modules)
+    doc = package_doc(modules, package)
     out = ["#!/usr/bin/env python3", '"""' + doc + '\n"""', "",
            "# Made by tools/amalgamate.py from src/hadaemon/: change the modules, then run it.",
            "# Each part below names its source file, so a line here leads back to its module.",
