@@ -45,26 +45,29 @@ Modules (src/hadaemon/, in the order of hadaemon.py: each uses only those above 
 ---------------------------------------------------------------------------------
 base.py            Constants, errors and small utilities: durations, names, fds, the pid
                    lock, logging.
-cron.py            Cron: the five fields of a schedule.
-config.py          Configuration: checks.conf and actions.conf.
+cron.py            Cron: the five fields of a schedule (``cron = */5 * * * *``), read as
+                   cron(8) does.
+config.py          The configuration's records and its grammar.
 netsettings.py     The network settings of the config: the HTTP address, token and TLS
                    files, the [cluster] keys.
 configfiles.py     checks.conf and actions.conf, read whole into one Config, every
                    problem as FILE:LINE.
-wire.py            Wire protocol: one JSON object per line over the UNIX socket.
+wire.py            Wire protocol and check output: what crosses the UNIX socket, and
+                   what a check prints.
 dumbfiles.py       dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's
                    own format.
 store.py           State store: dbm.dumb with a write-ahead journal.
 proc.py            Running a process: its own session, bounded output, deadline, group
                    kill.
-children.py        Check worker.
+children.py        What the forked children run: the check worker and the action run.
 ssh.py             Remote checks: the ssh: scope.
 ledger.py          Ledger: host states, transitions, action runs and their queue (SPEC
                    §4, §5).
 scheduler.py       Scheduler: when each check runs, and what it last said.
 pool.py            Pool: every forked child of the master.
 control.py         Control server: the daemon's UNIX socket and everyone on it.
-http_proto.py      HTTP: status page, JSON, load-balancer checks, metrics.
+http_proto.py      HTTP/1.1 on the wire: requests read, answers written, the token
+                   checked.
 http_views.py      The HTTP answers: pure functions of the status document (JSON, the
                    page, metrics).
 http_server.py     The HTTP server: a part of the master's loop, its connections and
@@ -82,10 +85,11 @@ actions.py         Action runs: the queue's head, handed to the action run, and 
 reload.py          Reload: a new configuration, read in steps between the loop's other
                    work.
 master.py          Master: the loop, signals, readiness and shutdown.
-whatif.py          What if: --simulate (SPEC §11).
+whatif.py          What if: --simulate (docs/operating.md): the section and the commands
+                   a transition would run.
 client.py          Control client: --status, --stop, --reload, --history, --pause,
                    --resume.
-cli.py             Command line.
+cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
 ----------------
@@ -146,6 +150,11 @@ import urllib.parse
 # base.py: Constants, errors and small utilities: durations, names, fds, the
 # pid lock, logging.
 # ============================================================================
+#
+# Owns the exit codes, the file names of the state dir, the limits every part shares,
+# the error hierarchy (HadaemonError, ConfigError, ProtocolError), the helpers every
+# process needs (close inherited fds, reset signals, decode a wait status, kill a
+# process group), the pid file and its lock, and the logger ``log``.
 #
 # Uses: the standard library only.
 
@@ -509,8 +518,11 @@ def reopen_log():
 
 
 # ============================================================================
-# cron.py: Cron: the five fields of a schedule.
+# cron.py: Cron: the five fields of a schedule (``cron = */5 * * * *``), read
+# as cron(8) does.
 # ============================================================================
+#
+# Owns CronSpec: parse once, then the next matching minute after a wall-clock time.
 #
 # Uses: the standard library only.
 
@@ -610,8 +622,14 @@ class CronSpec:
 
 
 # ============================================================================
-# config.py: Configuration: checks.conf and actions.conf.
+# config.py: The configuration's records and its grammar.
 # ============================================================================
+#
+# Owns the frozen records a Config is made of (DaemonSettings, Group, Check, Section,
+# ClusterSettings, HttpAddress) and the reading of a line: ini sections and
+# ``key = value`` settings, shell-like words, scopes (``[local]``, ``[ssh:...]``),
+# commands resolved to checks/ or actions/ or the PATH.  No file is read whole
+# here: configfiles does that.
 #
 # Uses: base, cron.
 
@@ -910,6 +928,10 @@ def resolve_command(word, subdir, config_dir, seen=None):
 # and TLS files, the [cluster] keys.
 # ============================================================================
 #
+# Owns the parsing and validation of ``http``, ``http_token``, ``http_cert`` and of
+# the [cluster] section (etcd URLs, name, node, ttl, quorum, TLS files), and the
+# TLS contexts made from them (ssl is imported only where one is made).
+#
 # Uses: base, config.
 
 _HTTP_ADDRESS_RE = re.compile(r"(?:\[([^\]]*)\]|([^\[\]:]*)):(\d{1,5})\Z")
@@ -1133,6 +1155,11 @@ def _cluster_settings(where, entries, errors):
 # configfiles.py: checks.conf and actions.conf, read whole into one Config,
 # every problem as FILE:LINE.
 # ============================================================================
+#
+# Owns load_config (and load_config_steps, the same in slices for a reload): the
+# [daemon] settings, the groups and their checks, remote scripts' problems, the
+# sections of actions.conf and their precedence keys.  A bad config raises one
+# ConfigError that carries every problem found, never only the first.
 #
 # Uses: base, cron, config, netsettings.
 
@@ -1397,8 +1424,14 @@ def remote_problem(path):
 
 
 # ============================================================================
-# wire.py: Wire protocol: one JSON object per line over the UNIX socket.
+# wire.py: Wire protocol and check output: what crosses the UNIX socket, and
+# what a check prints.
 # ============================================================================
+#
+# Owns the framing (one JSON object per line, at most MAX_MESSAGE bytes), the
+# LineReader and Channel every process speaks through, ``request`` (a client's one
+# question), and the reading of a check's stdout into the serialized hash and its
+# reports (docs/configuration.md: what a check reports).
 #
 # Uses: base.
 
@@ -1604,6 +1637,10 @@ def reports_from_result(data, exit_code, default_host):
 # dumbfiles.py: dbm.dumb's two files (.dat and .dir), read and written in
 # dbm.dumb's own format.
 # ============================================================================
+#
+# Owns the byte layout alone: values in 512-byte blocks of .dat, one index line per
+# key in .dir (a later line of a key wins), the fixed-size meta:checkpoint record.
+# The journal discipline that makes the files safe under kill -9 is the store's.
 #
 # Uses: the standard library only.
 
@@ -2241,6 +2278,11 @@ class Store:
 # kill.
 # ============================================================================
 #
+# Owns run_process (what a worker does to run a check and an action run to run a
+# command): a new session, stdout and stderr read up to OUTPUT_CAP, a deadline then
+# SIGTERM, a grace then SIGKILL of the whole group; the pid shared with the master
+# so a dead worker's check is killed too (ChildWatch, CommandLease).
+#
 # Uses: base.
 
 class _Terminate(BaseException):
@@ -2514,8 +2556,14 @@ class _Watched:
 
 
 # ============================================================================
-# children.py: Check worker.
+# children.py: What the forked children run: the check worker and the action
+# run.
 # ============================================================================
+#
+# Owns child_setup (every child's first step), worker_main (hello, then one check
+# at a time as the master hands them out, each result sent back as one line),
+# action_main (one sequence of commands, run serially, each start and end reported),
+# and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 #
 # Uses: base, wire, proc.
 
@@ -4296,8 +4344,14 @@ class ControlServer:
 
 
 # ============================================================================
-# http_proto.py: HTTP: status page, JSON, load-balancer checks, metrics.
+# http_proto.py: HTTP/1.1 on the wire: requests read, answers written, the
+# token checked.
 # ============================================================================
+#
+# Owns the limits of the HTTP server, the request parser (RequestReader,
+# parse_request_head), the Bearer/Basic token check, and the encoding of an answer.
+# The answers themselves are http_views'; the server in the master's loop is
+# http_server's.
 #
 # SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
 # a non-blocking listener and connections on the master's selector, no thread.  The
@@ -4540,6 +4594,10 @@ def encode_answer(answer, method, version, keep_alive, now=None):
 # http_views.py: The HTTP answers: pure functions of the status document
 # (JSON, the page, metrics).
 # ============================================================================
+#
+# Owns the routing table of docs/http.md, the status page's HTML and its CSS (with
+# the hash its Content-Security-Policy names), and the Prometheus text format.
+# Nothing here reads a socket or the clock: a test hands in the document.
 #
 # Uses: base, wire, http_proto.
 
@@ -4869,6 +4927,11 @@ def render_page(doc, now=None):
 # http_server.py: The HTTP server: a part of the master's loop, its
 # connections and their budget.
 # ============================================================================
+#
+# Owns HttpServer: a non-blocking listener and its connections on the master's
+# selector (no thread), TLS when ``http_cert`` is set, the per-connection deadlines,
+# and the answering budget that keeps a flood of requests from holding due checks
+# back (at most a share of the loop's time).
 #
 # Uses: base, netsettings, wire, http_proto, http_views.
 
@@ -6617,6 +6680,10 @@ def cluster_reload_problem(old, new):
 # cluster ledger wired together.
 # ============================================================================
 #
+# Owns ClusterLink: the agent child (forked by the Pool), the messages between it and
+# the ClusterMember, the cluster ledger's writes in flight, and the answer to "may
+# this command start?" that the action run asks before each command in a leader.
+#
 # Uses: base, children, pool, cluster_agent.
 
 class ClusterLink:
@@ -7431,8 +7498,13 @@ class Master:
 
 
 # ============================================================================
-# whatif.py: What if: --simulate (SPEC §11).
+# whatif.py: What if: --simulate (docs/operating.md): the section and the
+# commands a transition would run.
 # ============================================================================
+#
+# Owns the parsing of ``HOST FROM TO`` and ``HOST=STATE`` words, the simulation
+# against the current states (from the daemon or its state db), and its rendering.
+# It runs nothing.
 #
 # Uses: base, config, children.
 
@@ -7567,6 +7639,10 @@ def render_simulation(doc):
 # client.py: Control client: --status, --stop, --reload, --history, --pause,
 # --resume.
 # ============================================================================
+#
+# Owns what the command line asks the running daemon over its socket, and what it
+# reads from the state db when no daemon runs (offline status, history), and the
+# rendering of both for a person.
 #
 # Uses: base, store, ledger, scheduler.
 
@@ -7846,8 +7922,13 @@ def render_history(entries):
 
 
 # ============================================================================
-# cli.py: Command line.
+# cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
+#
+# Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
+# start, stop, status, reload, pause, check-config, simulate, rerun, once), the
+# relaunch that runs the daemon with this file as a module, and main(), which the
+# file calls last.
 #
 # Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member, master, whatif, client.
 

@@ -1,5 +1,10 @@
 """Constants, errors and small utilities: durations, names, fds, the pid lock, logging.
 
+Owns the exit codes, the file names of the state dir, the limits every part shares,
+the error hierarchy (HadaemonError, ConfigError, ProtocolError), the helpers every
+process needs (close inherited fds, reset signals, decode a wait status, kill a
+process group), the pid file and its lock, and the logger ``log``.
+
 Uses: the standard library only.
 """
 

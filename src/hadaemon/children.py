@@ -1,4 +1,9 @@
-"""Check worker.
+"""What the forked children run: the check worker and the action run.
+
+Owns child_setup (every child's first step), worker_main (hello, then one check
+at a time as the master hands them out, each result sent back as one line),
+action_main (one sequence of commands, run serially, each start and end reported),
+and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 
 Uses: base, wire, proc.
 """

@@ -1,4 +1,9 @@
-"""Command line.
+"""Command line: argparse, the commands, the relaunch, main().
+
+Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
+start, stop, status, reload, pause, check-config, simulate, rerun, once), the
+relaunch that runs the daemon with this file as a module, and main(), which the
+file calls last.
 
 Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member, master, whatif, client.
 """

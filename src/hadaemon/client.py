@@ -1,5 +1,9 @@
 """Control client: --status, --stop, --reload, --history, --pause, --resume.
 
+Owns what the command line asks the running daemon over its socket, and what it
+reads from the state db when no daemon runs (offline status, history), and the
+rendering of both for a person.
+
 Uses: base, store, ledger, scheduler.
 """
 

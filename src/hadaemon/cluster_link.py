@@ -1,5 +1,9 @@
 """The cluster as a part of the master: agent, member and cluster ledger wired together.
 
+Owns ClusterLink: the agent child (forked by the Pool), the messages between it and
+the ClusterMember, the cluster ledger's writes in flight, and the answer to "may
+this command start?" that the action run asks before each command in a leader.
+
 Uses: base, children, pool, cluster_agent.
 """
 

@@ -1,4 +1,10 @@
-"""Configuration: checks.conf and actions.conf.
+"""The configuration's records and its grammar.
+
+Owns the frozen records a Config is made of (DaemonSettings, Group, Check, Section,
+ClusterSettings, HttpAddress) and the reading of a line: ini sections and
+``key = value`` settings, shell-like words, scopes (``[local]``, ``[ssh:...]``),
+commands resolved to checks/ or actions/ or the PATH.  No file is read whole
+here: configfiles does that.
 
 Uses: base, cron.
 """

@@ -1,5 +1,10 @@
 """checks.conf and actions.conf, read whole into one Config, every problem as FILE:LINE.
 
+Owns load_config (and load_config_steps, the same in slices for a reload): the
+[daemon] settings, the groups and their checks, remote scripts' problems, the
+sections of actions.conf and their precedence keys.  A bad config raises one
+ConfigError that carries every problem found, never only the first.
+
 Uses: base, cron, config, netsettings.
 """
 

@@ -1,4 +1,6 @@
-"""Cron: the five fields of a schedule.
+"""Cron: the five fields of a schedule (``cron = */5 * * * *``), read as cron(8) does.
+
+Owns CronSpec: parse once, then the next matching minute after a wall-clock time.
 
 Uses: the standard library only.
 """

@@ -1,5 +1,9 @@
 """dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's own format.
 
+Owns the byte layout alone: values in 512-byte blocks of .dat, one index line per
+key in .dir (a later line of a key wins), the fixed-size meta:checkpoint record.
+The journal discipline that makes the files safe under kill -9 is the store's.
+
 Uses: the standard library only.
 """
 

@@ -1,4 +1,9 @@
-"""HTTP: status page, JSON, load-balancer checks, metrics.
+"""HTTP/1.1 on the wire: requests read, answers written, the token checked.
+
+Owns the limits of the HTTP server, the request parser (RequestReader,
+parse_request_head), the Bearer/Basic token check, and the encoding of an answer.
+The answers themselves are http_views'; the server in the master's loop is
+http_server's.
 
 SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
 a non-blocking listener and connections on the master's selector, no thread.  The

@@ -1,5 +1,10 @@
 """The HTTP server: a part of the master's loop, its connections and their budget.
 
+Owns HttpServer: a non-blocking listener and its connections on the master's
+selector (no thread), TLS when ``http_cert`` is set, the per-connection deadlines,
+and the answering budget that keeps a flood of requests from holding due checks
+back (at most a share of the loop's time).
+
 Uses: base, netsettings, wire, http_proto, http_views.
 """
 

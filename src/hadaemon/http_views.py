@@ -1,5 +1,9 @@
 """The HTTP answers: pure functions of the status document (JSON, the page, metrics).
 
+Owns the routing table of docs/http.md, the status page's HTML and its CSS (with
+the hash its Content-Security-Policy names), and the Prometheus text format.
+Nothing here reads a socket or the clock: a test hands in the document.
+
 Uses: base, wire, http_proto.
 """
 

@@ -1,5 +1,9 @@
 """The network settings of the config: the HTTP address, token and TLS files, the [cluster] keys.
 
+Owns the parsing and validation of ``http``, ``http_token``, ``http_cert`` and of
+the [cluster] section (etcd URLs, name, node, ttl, quorum, TLS files), and the
+TLS contexts made from them (ssl is imported only where one is made).
+
 Uses: base, config.
 """
 

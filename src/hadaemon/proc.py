@@ -1,5 +1,10 @@
 """Running a process: its own session, bounded output, deadline, group kill.
 
+Owns run_process (what a worker does to run a check and an action run to run a
+command): a new session, stdout and stderr read up to OUTPUT_CAP, a deadline then
+SIGTERM, a grace then SIGKILL of the whole group; the pid shared with the master
+so a dead worker's check is killed too (ChildWatch, CommandLease).
+
 Uses: base.
 """
 

@@ -1,4 +1,8 @@
-"""What if: --simulate (SPEC §11).
+"""What if: --simulate (docs/operating.md): the section and the commands a transition would run.
+
+Owns the parsing of ``HOST FROM TO`` and ``HOST=STATE`` words, the simulation
+against the current states (from the daemon or its state db), and its rendering.
+It runs nothing.
 
 Uses: base, config, children.
 """

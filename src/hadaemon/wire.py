@@ -1,4 +1,9 @@
-"""Wire protocol: one JSON object per line over the UNIX socket.
+"""Wire protocol and check output: what crosses the UNIX socket, and what a check prints.
+
+Owns the framing (one JSON object per line, at most MAX_MESSAGE bytes), the
+LineReader and Channel every process speaks through, ``request`` (a client's one
+question), and the reading of a check's stdout into the serialized hash and its
+reports (docs/configuration.md: what a check reports).
 
 Uses: base.
 """
