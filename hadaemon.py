@@ -11,7 +11,7 @@ Process model
 -------------
 master      one thread, one ``selectors`` loop over the UNIX socket, its client
             connections and a self-pipe fed by ``signal.set_wakeup_fd``.  It owns
-            the state db alone, schedules checks, applies reports (SPEC §4) and
+            the state db alone, schedules checks, applies reports (docs/configuration.md) and
             queues action runs.  Every pass of the loop reaps children, fires due
             timers and keeps the worker pool full, so a lost signal never matters.
             Its parts, each a class of its own: the Ledger (states, transitions,
@@ -35,7 +35,7 @@ action run  one forked child per action sequence, at most one at a time.  It is
             either dies (SIGKILL, OOM) the master kills that process group.
             In a cluster's leader it asks the master before each command and
             keeps its command's deadlines by the leader's lease clock itself.
-cluster     with ``[cluster]`` (SPEC §10): one forked agent that makes every etcd
+cluster     with ``[cluster]`` (docs/cluster.md): one forked agent that makes every etcd
 agent       call (lease, campaign, guarded ledger writes, a watch of the cluster's
             keys) on the master's request, so a call etcd never answers blocks
             nothing but the next etcd call.  The master decides; the agent only
@@ -61,8 +61,8 @@ proc.py            Running a process: its own session, bounded output, deadline,
                    kill.
 children.py        What the forked children run: the check worker and the action run.
 ssh.py             Remote checks: the ssh: scope.
-ledger.py          Ledger: host states, transitions, action runs and their queue (SPEC
-                   §4, §5).
+ledger.py          Ledger: host states, transitions, action runs and their queue
+                   (docs/configuration.md).
 scheduler.py       Scheduler: when each check runs, and what it last said.
 pool.py            Pool: every forked child of the master.
 control.py         Control server: the daemon's UNIX socket and everyone on it.
@@ -72,12 +72,12 @@ http_views.py      The HTTP answers: pure functions of the status document (JSON
                    page, metrics).
 http_server.py     The HTTP server: a part of the master's loop, its connections and
                    their budget.
-etcd.py            etcd: a v3 client on its JSON gateway (SPEC §10).
+etcd.py            etcd: a v3 client on its JSON gateway (docs/cluster.md).
 cluster_agent.py   Cluster agent: the process that talks to etcd.
 cluster_member.py  Cluster member: the lease by our own clock, the leader, the views
-                   (SPEC §10).
+                   (docs/cluster.md).
 cluster_ledger.py  Cluster ledger: the Ledger kept in etcd, written by the leader alone
-                   (SPEC §10).
+                   (docs/cluster.md).
 cluster_link.py    The cluster as a part of the master: agent, member and cluster ledger
                    wired together.
 actions.py         Action runs: the queue's head, handed to the action run, and what it
@@ -204,7 +204,7 @@ DAEMON_DEFAULTS = {
     "ssh_identity": None,
     "ssh_options": (),
     "connect_timeout": 5.0,
-    "http": None,         # the status page, JSON and metrics: off unless set (SPEC §9)
+    "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
 }
@@ -292,7 +292,7 @@ def format_time(then):
 
 
 def valid_name(name):
-    """A host or state name as SPEC §3 allows it."""
+    """A host or state name as a check may report it (docs/configuration.md)."""
     return isinstance(name, str) and NAME_RE.match(name) is not None
 
 
@@ -645,7 +645,7 @@ class Scope:
 
 @dataclasses.dataclass(frozen=True)
 class HttpAddress:
-    """Where the HTTP server listens (SPEC §9): an IP address and a port."""
+    """Where the HTTP server listens (docs/http.md): an IP address and a port."""
     host: str           # normalised: 127.0.0.1, ::1, 0.0.0.0, ::
     port: int
     text: str           # as written in checks.conf, for messages
@@ -734,7 +734,7 @@ def section_name(host, from_state, to_state):
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSettings:
-    """The [cluster] section of SPEC §10: this daemon is one member of NAME on etcd."""
+    """The [cluster] section of docs/cluster.md: this daemon is one member of NAME on etcd."""
     etcd: tuple             # endpoint URLs, scheme://host:port
     name: str
     node: str
@@ -762,7 +762,7 @@ class Config:
 
     @staticmethod
     def precedence(host, from_state, to_state):
-        """The eight section keys SPEC §5 tries for HOST going FROM -> TO, first first."""
+        """The eight section keys actions.conf's precedence tries for HOST going FROM -> TO, first first."""
         return [(h, f, t) for h in (host, None)
                 for f, t in ((from_state, to_state), ("any", to_state),
                              (from_state, "any"), ("any", "any"))]
@@ -775,7 +775,7 @@ class Config:
         return None
 
     def section_for(self, host, from_state, to_state):
-        """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
+        """The one section actions.conf's precedence runs for HOST going FROM -> TO, or None."""
         for key in self.precedence(host, from_state, to_state):
             section = self.sections.get(key)
             if section is not None:
@@ -1543,7 +1543,7 @@ def request(state_dir, message, timeout=30.0):
         chan.close()
 
 
-# -- Check output: the serialized hash (SPEC §3) -----------------------------------------
+# -- Check output: the serialized hash (docs/configuration.md) ------------------------
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
 _JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
@@ -3122,7 +3122,7 @@ def connect_ssh_targets(config):
 
 # ============================================================================
 # ledger.py: Ledger: host states, transitions, action runs and their queue
-# (SPEC §4, §5).
+# (docs/configuration.md).
 # ============================================================================
 #
 # What the daemon has decided, and the rules that decide it: a report goes in,
@@ -3131,15 +3131,15 @@ def connect_ssh_targets(config):
 # the clock: every time is handed in (wall-clock seconds), so a test can drive it
 # with no process started.
 #
-#   report()      SPEC §4: the pending candidate and its confirm count; a confirmed
+#   report()      the pending candidate and its confirm count; a confirmed
 #                 state goes to accept()
-#   accept()      the transition FROM_to_TO and the run of its section (§5): queued,
+#   accept()      the transition FROM_to_TO and the run of its section (actions.conf): queued,
 #                 or skipped (paused), or failed (an empty variable)
 #   head(), dequeue(), command_started(), command_ended(), finish()
 #                 a run's life: queued -> running -> ok | failed | interrupted
 #
 # This is the local backend: one daemon decides alone and keeps the ledger in its
-# own state db.  A cluster (SPEC §10) keeps the same verbs with a ledger that the
+# own state db.  A cluster (docs/cluster.md) keeps the same verbs with a ledger that the
 # leader alone writes elsewhere.
 #
 # Uses: base, children.
@@ -3259,7 +3259,7 @@ class Ledger:
     def states(self):
         return {host: record["state"] for host, record in self.hosts.items()}
 
-    # -- SPEC §4: reports, candidates, transitions -------------------------------
+    # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
     def report(self, host, state, check, now):
         """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
@@ -3289,7 +3289,7 @@ class Ledger:
         self.store.commit({"host:" + host: record})
 
     def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run (§5)."""
+        """``host`` moves to ``state``: record the transition and its section's run."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
         record.update(state=state, since=now, pending=None, count=0)
@@ -3316,7 +3316,7 @@ class Ledger:
                  "; no action section matches")
         return tr
 
-    # -- SPEC §5: action runs and their queue ------------------------------------
+    # -- action runs and their queue (docs/configuration.md: actions.conf) -------
 
     def new_run(self, tr, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
@@ -3346,7 +3346,7 @@ class Ledger:
         return run
 
     def rerun(self, run_id, now):
-        """SPEC §11: the section of ended run ``run_id`` (by its name, in the current
+        """--rerun: the section of ended run ``run_id`` (by its name, in the current
         config) again, for its host, FROM and TO, expanded against the states of now;
         a new run with ``rerun_of``, through the queue like any (or skipped, paused).
 
@@ -4353,7 +4353,7 @@ class ControlServer:
 # The answers themselves are http_views'; the server in the master's loop is
 # http_server's.
 #
-# SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
+# docs/http.md.  HttpServer is a part of the master's loop beside the control socket:
 # a non-blocking listener and connections on the master's selector, no thread.  The
 # answers are pure functions of the status document (the one --status --json
 # prints), so the page, the JSON, the load balancer's check and the metrics can
@@ -4419,7 +4419,7 @@ _FIELD_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RequestReader:
-    """Bytes in, request heads out, one at a time, within the limits of SPEC §9.
+    """Bytes in, request heads out, one at a time, within the limits of docs/http.md.
 
     Incremental: ``feed`` whatever arrived, then ``next_request`` until it returns
     None.  The end of a head is searched only in bytes not searched before, so a
@@ -4604,7 +4604,7 @@ def encode_answer(answer, method, version, keep_alive, now=None):
 # -- the answers: pure functions of the status document ------------------------------
 
 def http_route(request, app, writable):
-    """The answer to one authorised request, as SPEC §9's table says.
+    """The answer to one authorised request, as docs/http.md's table says.
 
     ``app`` is an HttpApp: the --status --json document, one host of it, the history,
     the pause; ``writable``: a token is configured, so POST may change something.
@@ -4692,7 +4692,7 @@ def _labels(*pairs):
 
 
 def render_metrics(doc):
-    """The status document in the Prometheus text format (SPEC §9's families).
+    """The status document in the Prometheus text format (docs/http.md's families).
 
     ``daemon.counters`` (transitions and action runs since the start) and
     ``daemon.lag_ms`` count / sum come from the running daemon; a document
@@ -4901,7 +4901,7 @@ def _page_history(transitions, runs, now):
 
 
 def render_page(doc, now=None):
-    """The status document as an HTML page (SPEC §9 ``GET /``): every name and message escaped."""
+    """The status document as an HTML page (``GET /``): every name and message escaped."""
     now = time.time() if now is None else now
     hosts = doc["hosts"]
     title = ", ".join("%s %s" % (name, h.get("state")) for name, h in list(hosts.items())[:6])
@@ -4983,7 +4983,7 @@ class HttpConn:
 
 
 class HttpServer:
-    """SPEC §9's server: a listener and its connections on the master's own selector.
+    """The HTTP server of docs/http.md: a listener and its connections on the master's selector.
 
     The master calls ``configure(settings)`` at start and on reload, ``tick(now)`` on
     every pass of its loop and ``close()`` at stop; the rest happens in selector
@@ -5182,7 +5182,7 @@ class HttpServer:
         self._want(conn, selectors.EVENT_WRITE)   # bytes may wait where the selector cannot see them
 
     def answer(self, request, peer, now):
-        """The answer to one request: the token first, then SPEC §9's table."""
+        """The answer to one request: the token first, then docs/http.md's table."""
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
@@ -5333,7 +5333,7 @@ class HttpServer:
 
 
 # ============================================================================
-# etcd.py: etcd: a v3 client on its JSON gateway (SPEC §10).
+# etcd.py: etcd: a v3 client on its JSON gateway (docs/cluster.md).
 # ============================================================================
 #
 # What this client is built on, measured on etcd 3.4 (../shared/notes/etcd-v3-gateway.md):
@@ -5984,7 +5984,7 @@ def cluster_agent_main(sock_path, cluster):
 
 # ============================================================================
 # cluster_member.py: Cluster member: the lease by our own clock, the leader,
-# the views (SPEC §10).
+# the views (docs/cluster.md).
 # ============================================================================
 #
 # What this daemon knows and decides as one member of the cluster, with no socket
@@ -6028,7 +6028,7 @@ PAUSE_KEY = "pause"
 
 
 def agreed_state(current, seen, quorum):
-    """The state a host moves to by SPEC §10, or None: the state at least ``quorum``
+    """The state a host moves to in a cluster, or None: the state at least ``quorum``
     live members see, seen by more of them than the current one (a tie keeps it).
 
     ``seen`` maps each live member that sees the host to the state it sees."""
@@ -6390,7 +6390,7 @@ class ClusterMember:
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
     def status(self, now):
-        """daemon.cluster of --status --json (SPEC §10)."""
+        """daemon.cluster of --status --json (docs/cluster.md)."""
         node, epoch = self.leader() if self.role != "none" else (None, None)
         return {"name": self.settings.name, "node": self.node,
                 "role": "leader" if self.role == "leader" and self.stepping is None else
@@ -6406,12 +6406,12 @@ class ClusterMember:
 
 # ============================================================================
 # cluster_ledger.py: Cluster ledger: the Ledger kept in etcd, written by the
-# leader alone (SPEC §10).
+# leader alone (docs/cluster.md).
 # ============================================================================
 #
 # The Ledger's verbs over a ledger that lives in etcd:
 #
-#   report()     a member's own confirm (SPEC §4) decides what it *sees*: its view,
+#   report()     a member's own confirm (docs/configuration.md) decides what it *sees*: its view,
 #                published under members/NODE on its lease.  No member accepts a
 #                state by itself.
 #   agree()      the acting leader moves each host that quorum live members see in
@@ -6556,7 +6556,7 @@ class ClusterLedger(Ledger):
     # -- what this member sees ---------------------------------------------------------
 
     def report(self, host, state, check, now):
-        """SPEC §4 against this member's own view: a confirmed state changes the view."""
+        """confirm against this member's own view: a confirmed state changes the view."""
         self.reports[host] = {"time": now, "check": check.name, "state": state}
         self.store.soft("report:" + host, self.reports[host])   # the local db; a crash may lose it
         seen = self.seen.get(host) or {"state": "unknown", "pending": None, "count": 0}
@@ -6999,7 +6999,7 @@ class ActionRuns:
 # SIGHUP and --reload read both files again.  Ten thousand checks take a second to
 # read: the reading goes a slice per pass of the loop, so due checks wait for a
 # slice, never for the whole of it; the new config is swapped in at once when it is
-# read whole (a bad one is refused whole, SPEC §2).  What the swap replaced is freed
+# read whole (a bad one is refused whole).  What the swap replaced is freed
 # a slice per pass too: freed at once, it held the loop up for tens of milliseconds.
 #
 # Uses: base, wire.
@@ -7099,7 +7099,8 @@ class Reload:
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server, cluster_member, cluster_ledger, cluster_link, actions, reload.
+# Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server,
+#       cluster_member, cluster_ledger, cluster_link, actions, reload.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -7446,7 +7447,7 @@ class Master:
         return paused if self.cluster else self.ledger.paused
 
     def answer_run(self, cmd, run_id):
-        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
+        """``rerun``: queue run ``run_id``'s section again (docs/operating.md); ``run``: how it is now."""
         if not isinstance(run_id, int) or isinstance(run_id, bool):
             return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
         if cmd == "run":
@@ -7517,7 +7518,7 @@ class Master:
 def parse_what_if(host, transition, sets):
     """--simulate's words -> (host, from, to, {host: state} of every --set).
 
-    ValueError names the bad value: a host or state name SPEC §3 does not allow,
+    ValueError names the bad value: a host or state name a check may not report,
     a transition that is not FROM_to_TO, a --set without ``=``.
     """
     if not valid_name(host):
@@ -7930,13 +7931,14 @@ def render_history(entries):
 # relaunch that runs the daemon with this file as a module, and main(), which the
 # file calls last.
 #
-# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member, master, whatif, client.
+# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
+#       master, whatif, client.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
 
     HADAEMON_CONFIG_DIR; else the folder holding this file when it holds a
-    checks.conf (copy-and-run, SPEC §1); else /etc/hadaemon (an installed
+    checks.conf (copy-and-run, README.md); else /etc/hadaemon (an installed
     hadaemon lives in site-packages, a folder of no config).
     """
     if environ.get("HADAEMON_CONFIG_DIR"):

@@ -20,6 +20,7 @@ Usage:  python3 tools/amalgamate.py            write hadaemon.py
         python3 tools/amalgamate.py --check    exit 1 when hadaemon.py is not what the
                                                modules make (CI runs this first)
         python3 tools/amalgamate.py --output F write F instead
+        python3 tools/amalgamate.py --map      the modules as a Markdown table
 """
 
 import argparse
@@ -176,7 +177,7 @@ def check_imports(modules):
 def check_uses_line(modules):
     """A module's docstring says what it uses ("Uses: base, wire."): the imports agree."""
     for m in modules:
-        said = [line for line in m.doc.splitlines() if line.startswith("Uses:")]
+        said = [" ".join(p.split()) for p in m.doc.split("\n\n") if p.startswith("Uses:")]
         if not said:
             raise Refused("%s:1: its docstring has no line 'Uses: ...' naming the modules it "
                           "imports from" % m.rel)
@@ -302,6 +303,16 @@ def module_map(modules):
     return rows
 
 
+def markdown_map(modules):
+    """The modules as a Markdown table, for docs/HACKING.md and notes."""
+    rows = ["| module | lines | what it owns | uses |", "|---|---:|---|---|"]
+    for m in modules:
+        summary = m.doc.split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
+        uses = [other.name for other in modules if other.name in m.uses]
+        rows.append("| %s.py | %d | %s | %s |" % (m.name, len(m.lines), summary, ", ".join(uses) or "-"))
+    return rows
+
+
 def package_doc(modules, package):
     path = os.path.join(package, "__init__.py")
     with open(path, encoding="utf-8") as f:
@@ -347,12 +358,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when hadaemon.py is stale")
     parser.add_argument("--output", default=TARGET, help="the file to write (default hadaemon.py)")
+    parser.add_argument("--map", action="store_true",
+                        help="print the modules as a Markdown table (module, lines, what it owns, uses)")
     args = parser.parse_args(argv)
     try:
-        text = amalgamate(load_modules())
+        modules = load_modules()
+        text = amalgamate(modules)
     except Refused as exc:
         print("amalgamate: %s" % exc, file=sys.stderr)
         return 1
+    if args.map:
+        print("\n".join(markdown_map(modules)))
+        return 0
     if args.check:
         try:
             with open(args.output, encoding="utf-8") as f:

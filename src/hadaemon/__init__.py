@@ -10,7 +10,7 @@ Process model
 -------------
 master      one thread, one ``selectors`` loop over the UNIX socket, its client
             connections and a self-pipe fed by ``signal.set_wakeup_fd``.  It owns
-            the state db alone, schedules checks, applies reports (SPEC §4) and
+            the state db alone, schedules checks, applies reports (docs/configuration.md) and
             queues action runs.  Every pass of the loop reaps children, fires due
             timers and keeps the worker pool full, so a lost signal never matters.
             Its parts, each a class of its own: the Ledger (states, transitions,
@@ -34,7 +34,7 @@ action run  one forked child per action sequence, at most one at a time.  It is
             either dies (SIGKILL, OOM) the master kills that process group.
             In a cluster's leader it asks the master before each command and
             keeps its command's deadlines by the leader's lease clock itself.
-cluster     with ``[cluster]`` (SPEC §10): one forked agent that makes every etcd
+cluster     with ``[cluster]`` (docs/cluster.md): one forked agent that makes every etcd
 agent       call (lease, campaign, guarded ledger writes, a watch of the cluster's
             keys) on the master's request, so a call etcd never answers blocks
             nothing but the next etcd call.  The master decides; the agent only

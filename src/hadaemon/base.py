@@ -68,7 +68,7 @@ DAEMON_DEFAULTS = {
     "ssh_identity": None,
     "ssh_options": (),
     "connect_timeout": 5.0,
-    "http": None,         # the status page, JSON and metrics: off unless set (SPEC §9)
+    "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
 }
@@ -156,7 +156,7 @@ def format_time(then):
 
 
 def valid_name(name):
-    """A host or state name as SPEC §3 allows it."""
+    """A host or state name as a check may report it (docs/configuration.md)."""
     return isinstance(name, str) and NAME_RE.match(name) is not None
 
 

@@ -5,7 +5,8 @@ start, stop, status, reload, pause, check-config, simulate, rerun, once), the
 relaunch that runs the daemon with this file as a module, and main(), which the
 file calls last.
 
-Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member, master, whatif, client.
+Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
+      master, whatif, client.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
 
     HADAEMON_CONFIG_DIR; else the folder holding this file when it holds a
-    checks.conf (copy-and-run, SPEC §1); else /etc/hadaemon (an installed
+    checks.conf (copy-and-run, README.md); else /etc/hadaemon (an installed
     hadaemon lives in site-packages, a folder of no config).
     """
     if environ.get("HADAEMON_CONFIG_DIR"):

@@ -1,8 +1,8 @@
-"""Cluster ledger: the Ledger kept in etcd, written by the leader alone (SPEC §10).
+"""Cluster ledger: the Ledger kept in etcd, written by the leader alone (docs/cluster.md).
 
 The Ledger's verbs over a ledger that lives in etcd:
 
-  report()     a member's own confirm (SPEC §4) decides what it *sees*: its view,
+  report()     a member's own confirm (docs/configuration.md) decides what it *sees*: its view,
                published under members/NODE on its lease.  No member accepts a
                state by itself.
   agree()      the acting leader moves each host that quorum live members see in
@@ -158,7 +158,7 @@ class ClusterLedger(Ledger):
     # -- what this member sees ---------------------------------------------------------
 
     def report(self, host, state, check, now):
-        """SPEC §4 against this member's own view: a confirmed state changes the view."""
+        """confirm against this member's own view: a confirmed state changes the view."""
         self.reports[host] = {"time": now, "check": check.name, "state": state}
         self.store.soft("report:" + host, self.reports[host])   # the local db; a crash may lose it
         seen = self.seen.get(host) or {"state": "unknown", "pending": None, "count": 0}

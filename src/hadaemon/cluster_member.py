@@ -1,4 +1,4 @@
-"""Cluster member: the lease by our own clock, the leader, the views (SPEC §10).
+"""Cluster member: the lease by our own clock, the leader, the views (docs/cluster.md).
 
 What this daemon knows and decides as one member of the cluster, with no socket
 and no process: the master hands it the agent's messages and the time, sends the
@@ -51,7 +51,7 @@ PAUSE_KEY = "pause"
 
 
 def agreed_state(current, seen, quorum):
-    """The state a host moves to by SPEC §10, or None: the state at least ``quorum``
+    """The state a host moves to in a cluster, or None: the state at least ``quorum``
     live members see, seen by more of them than the current one (a tie keeps it).
 
     ``seen`` maps each live member that sees the host to the state it sees."""
@@ -413,7 +413,7 @@ class ClusterMember:
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
     def status(self, now):
-        """daemon.cluster of --status --json (SPEC §10)."""
+        """daemon.cluster of --status --json (docs/cluster.md)."""
         node, epoch = self.leader() if self.role != "none" else (None, None)
         return {"name": self.settings.name, "node": self.node,
                 "role": "leader" if self.role == "leader" and self.stepping is None else

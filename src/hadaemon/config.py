@@ -33,7 +33,7 @@ class Scope:
 
 @dataclasses.dataclass(frozen=True)
 class HttpAddress:
-    """Where the HTTP server listens (SPEC §9): an IP address and a port."""
+    """Where the HTTP server listens (docs/http.md): an IP address and a port."""
     host: str           # normalised: 127.0.0.1, ::1, 0.0.0.0, ::
     port: int
     text: str           # as written in checks.conf, for messages
@@ -122,7 +122,7 @@ def section_name(host, from_state, to_state):
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSettings:
-    """The [cluster] section of SPEC §10: this daemon is one member of NAME on etcd."""
+    """The [cluster] section of docs/cluster.md: this daemon is one member of NAME on etcd."""
     etcd: tuple             # endpoint URLs, scheme://host:port
     name: str
     node: str
@@ -150,7 +150,7 @@ class Config:
 
     @staticmethod
     def precedence(host, from_state, to_state):
-        """The eight section keys SPEC §5 tries for HOST going FROM -> TO, first first."""
+        """The eight section keys actions.conf's precedence tries for HOST going FROM -> TO, first first."""
         return [(h, f, t) for h in (host, None)
                 for f, t in ((from_state, to_state), ("any", to_state),
                              (from_state, "any"), ("any", "any"))]
@@ -163,7 +163,7 @@ class Config:
         return None
 
     def section_for(self, host, from_state, to_state):
-        """The one section SPEC §5 runs for HOST going FROM -> TO, or None."""
+        """The one section actions.conf's precedence runs for HOST going FROM -> TO, or None."""
         for key in self.precedence(host, from_state, to_state):
             section = self.sections.get(key)
             if section is not None:

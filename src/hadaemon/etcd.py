@@ -1,4 +1,4 @@
-"""etcd: a v3 client on its JSON gateway (SPEC §10).
+"""etcd: a v3 client on its JSON gateway (docs/cluster.md).
 
 What this client is built on, measured on etcd 3.4 (../shared/notes/etcd-v3-gateway.md):
 

@@ -5,7 +5,7 @@ parse_request_head), the Bearer/Basic token check, and the encoding of an answer
 The answers themselves are http_views'; the server in the master's loop is
 http_server's.
 
-SPEC §9.  HttpServer is a part of the master's loop beside the control socket:
+docs/http.md.  HttpServer is a part of the master's loop beside the control socket:
 a non-blocking listener and connections on the master's selector, no thread.  The
 answers are pure functions of the status document (the one --status --json
 prints), so the page, the JSON, the load balancer's check and the metrics can
@@ -82,7 +82,7 @@ _FIELD_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RequestReader:
-    """Bytes in, request heads out, one at a time, within the limits of SPEC §9.
+    """Bytes in, request heads out, one at a time, within the limits of docs/http.md.
 
     Incremental: ``feed`` whatever arrived, then ``next_request`` until it returns
     None.  The end of a head is searched only in bytes not searched before, so a

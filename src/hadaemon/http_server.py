@@ -73,7 +73,7 @@ class HttpConn:
 
 
 class HttpServer:
-    """SPEC §9's server: a listener and its connections on the master's own selector.
+    """The HTTP server of docs/http.md: a listener and its connections on the master's selector.
 
     The master calls ``configure(settings)`` at start and on reload, ``tick(now)`` on
     every pass of its loop and ``close()`` at stop; the rest happens in selector
@@ -272,7 +272,7 @@ class HttpServer:
         self._want(conn, selectors.EVENT_WRITE)   # bytes may wait where the selector cannot see them
 
     def answer(self, request, peer, now):
-        """The answer to one request: the token first, then SPEC §9's table."""
+        """The answer to one request: the token first, then docs/http.md's table."""
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:

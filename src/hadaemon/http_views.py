@@ -19,7 +19,7 @@ from .http_proto import HTTP_READ_METHODS, HttpAnswer, error_answer, json_answer
 # -- the answers: pure functions of the status document ------------------------------
 
 def http_route(request, app, writable):
-    """The answer to one authorised request, as SPEC §9's table says.
+    """The answer to one authorised request, as docs/http.md's table says.
 
     ``app`` is an HttpApp: the --status --json document, one host of it, the history,
     the pause; ``writable``: a token is configured, so POST may change something.
@@ -107,7 +107,7 @@ def _labels(*pairs):
 
 
 def render_metrics(doc):
-    """The status document in the Prometheus text format (SPEC §9's families).
+    """The status document in the Prometheus text format (docs/http.md's families).
 
     ``daemon.counters`` (transitions and action runs since the start) and
     ``daemon.lag_ms`` count / sum come from the running daemon; a document
@@ -316,7 +316,7 @@ def _page_history(transitions, runs, now):
 
 
 def render_page(doc, now=None):
-    """The status document as an HTML page (SPEC §9 ``GET /``): every name and message escaped."""
+    """The status document as an HTML page (``GET /``): every name and message escaped."""
     now = time.time() if now is None else now
     hosts = doc["hosts"]
     title = ", ".join("%s %s" % (name, h.get("state")) for name, h in list(hosts.items())[:6])

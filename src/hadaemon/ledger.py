@@ -1,4 +1,4 @@
-"""Ledger: host states, transitions, action runs and their queue (SPEC §4, §5).
+"""Ledger: host states, transitions, action runs and their queue (docs/configuration.md).
 
 What the daemon has decided, and the rules that decide it: a report goes in,
 transitions and action runs come out.  Every change is committed to the Store
@@ -6,15 +6,15 @@ before anything acts on it.  The ledger knows nothing of sockets, processes or
 the clock: every time is handed in (wall-clock seconds), so a test can drive it
 with no process started.
 
-  report()      SPEC §4: the pending candidate and its confirm count; a confirmed
+  report()      the pending candidate and its confirm count; a confirmed
                 state goes to accept()
-  accept()      the transition FROM_to_TO and the run of its section (§5): queued,
+  accept()      the transition FROM_to_TO and the run of its section (actions.conf): queued,
                 or skipped (paused), or failed (an empty variable)
   head(), dequeue(), command_started(), command_ended(), finish()
                 a run's life: queued -> running -> ok | failed | interrupted
 
 This is the local backend: one daemon decides alone and keeps the ledger in its
-own state db.  A cluster (SPEC §10) keeps the same verbs with a ledger that the
+own state db.  A cluster (docs/cluster.md) keeps the same verbs with a ledger that the
 leader alone writes elsewhere.
 
 Uses: base, children.
@@ -143,7 +143,7 @@ class Ledger:
     def states(self):
         return {host: record["state"] for host, record in self.hosts.items()}
 
-    # -- SPEC §4: reports, candidates, transitions -------------------------------
+    # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
     def report(self, host, state, check, now):
         """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
@@ -173,7 +173,7 @@ class Ledger:
         self.store.commit({"host:" + host: record})
 
     def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run (§5)."""
+        """``host`` moves to ``state``: record the transition and its section's run."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
         record.update(state=state, since=now, pending=None, count=0)
@@ -200,7 +200,7 @@ class Ledger:
                  "; no action section matches")
         return tr
 
-    # -- SPEC §5: action runs and their queue ------------------------------------
+    # -- action runs and their queue (docs/configuration.md: actions.conf) -------
 
     def new_run(self, tr, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
@@ -230,7 +230,7 @@ class Ledger:
         return run
 
     def rerun(self, run_id, now):
-        """SPEC §11: the section of ended run ``run_id`` (by its name, in the current
+        """--rerun: the section of ended run ``run_id`` (by its name, in the current
         config) again, for its host, FROM and TO, expanded against the states of now;
         a new run with ``rerun_of``, through the queue like any (or skipped, paused).
 

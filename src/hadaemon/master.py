@@ -11,7 +11,8 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server, cluster_member, cluster_ledger, cluster_link, actions, reload.
+Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server,
+      cluster_member, cluster_ledger, cluster_link, actions, reload.
 """
 
 import logging
@@ -386,7 +387,7 @@ class Master:
         return paused if self.cluster else self.ledger.paused
 
     def answer_run(self, cmd, run_id):
-        """``rerun``: queue run ``run_id``'s section again (SPEC §11); ``run``: how it is now."""
+        """``rerun``: queue run ``run_id``'s section again (docs/operating.md); ``run``: how it is now."""
         if not isinstance(run_id, int) or isinstance(run_id, bool):
             return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
         if cmd == "run":

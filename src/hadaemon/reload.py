@@ -3,7 +3,7 @@
 SIGHUP and --reload read both files again.  Ten thousand checks take a second to
 read: the reading goes a slice per pass of the loop, so due checks wait for a
 slice, never for the whole of it; the new config is swapped in at once when it is
-read whole (a bad one is refused whole, SPEC §2).  What the swap replaced is freed
+read whole (a bad one is refused whole).  What the swap replaced is freed
 a slice per pass too: freed at once, it held the loop up for tens of milliseconds.
 
 Uses: base, wire.

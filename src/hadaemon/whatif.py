@@ -24,7 +24,7 @@ from .children import plan_run
 def parse_what_if(host, transition, sets):
     """--simulate's words -> (host, from, to, {host: state} of every --set).
 
-    ValueError names the bad value: a host or state name SPEC §3 does not allow,
+    ValueError names the bad value: a host or state name a check may not report,
     a transition that is not FROM_to_TO, a --set without ``=``.
     """
     if not valid_name(host):

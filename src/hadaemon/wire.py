@@ -129,7 +129,7 @@ def request(state_dir, message, timeout=30.0):
         chan.close()
 
 
-# -- Check output: the serialized hash (SPEC §3) -----------------------------------------
+# -- Check output: the serialized hash (docs/configuration.md) ------------------------
 
 _KV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*\Z")
 _JSON_DEPTH = 32        # deeper check output is refused: json.dumps and repr recurse on it
