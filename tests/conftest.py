@@ -4,6 +4,9 @@ Every test that starts hadaemon gets a ``Daemon`` from the ``daemon`` fixture.  
 teardown every process it started is killed by pid: the master's process group
 (master, workers, action runs) and every process whose environment names the
 test's config dir (checks and action commands run in sessions of their own).
+
+It also puts each test in its tier (the section "tiers" at the end): the tests that
+start the daemon or a server are marked ``daemon``; ``tests/run --fast`` runs the rest.
 """
 
 import json
@@ -314,3 +317,133 @@ def daemon(tmp_path):
     d = Daemon(tmp_path)
     yield d
     d.cleanup()
+
+
+# -- tiers --------------------------------------------------------------------------
+#
+# A test that starts the daemon (hadaemon.py or the hadaemon command in a process of
+# its own, for any command: --foreground, --check-config, --simulate, --help) or a
+# server (sshd, postgres, etcd, haproxy, chromium, ...) is marked ``daemon``
+# (setup.cfg); ``tests/run --fast`` runs the others (-m "not daemon"), in seconds.
+# The mark is given here, not in each test: by the fixtures a test uses, and by the
+# lists below of modules and tests that start processes themselves (and of tests that
+# take a daemon fixture but start nothing).  A test left unmarked that starts one
+# anyway fails (an audit hook sees it), so the fast tier stays what it says.
+
+DAEMON_FIXTURES = {
+    "daemon",                                   # conftest: one hadaemon
+    "etcd", "etcd_shared", "ha",                # test_cluster: etcd members; hadaemon members
+    "nobody_daemon", "small_disk",              # test_faults
+    "procs",                                    # test_http_daemon: haproxy, chromium, curl
+    "pg_pair",                                  # test_postgresql_failover
+    "sshd",                                     # test_ssh
+    "pg_template", "stack",                     # test_stack: network namespaces, postgres
+}
+
+DAEMON_MODULES = {
+    "test_bench.py",                            # bench/bench.py runs daemons
+    "test_crash.py",                            # kill -9 loops: forked store writers, the daemon
+    "test_http_daemon.py",                      # the real clients (haproxy, promtool, chromium)
+    "test_smoke.py",                            # the demo on a Daemon of its own
+    "test_stack.py",                            # hosts of network namespaces; the examples' -t
+}
+
+DAEMON_TESTS = {                                # module::test (any parameters)
+    "test_cluster.py::test_check_config_finds_the_errors",
+    "test_cluster.py::test_tls_with_a_client_certificate",
+    "test_http.py::test_check_config_finds_http_mistakes",
+    "test_install.py::test_pip_install_gives_a_hadaemon_command",
+    "test_install.py::test_copy_and_run_still_uses_its_own_folder",
+}
+
+
+FAST_TESTS = {                                  # they take the daemon fixture for its config dir only
+    "test_cli.py::test_stop_never_signals_a_pid_it_does_not_know",
+    "test_whatif.py::test_each_case_of_the_precedence",
+    "test_whatif.py::test_each_variable",
+    "test_whatif.py::test_no_section_matches",
+}
+
+
+def starts_daemon(item):
+    """True when ``item`` starts the daemon or a server (by its name, fixtures or module)."""
+    name = "%s::%s" % (item.path.name, getattr(item, "originalname", None) or item.name)
+    if name in FAST_TESTS:
+        return False
+    return (name in DAEMON_TESTS or item.path.name in DAEMON_MODULES
+            or not DAEMON_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if starts_daemon(item):
+            item.add_marker(pytest.mark.daemon)
+
+
+# What only a ``daemon`` test may start: these programs, as a command or as the script
+# an interpreter runs (an argument's value such as ``--output x/hadaemon.py`` is not).
+DAEMON_PROGRAMS = {"hadaemon.py", "hadaemon", "bench.py", "sshd", "etcd", "postgres", "pg_ctl",
+                   "initdb", "pgbouncer", "haproxy", "monit", "chromium"}
+
+_guard = {"pid": None, "item": None, "started": []}
+
+
+def _words(argv):
+    """The words of a command line: an argv list, or a string for a shell (os.system, sh -c)."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        return os.fsdecode(argv).split()
+    words = [os.fsdecode(arg) for arg in argv]
+    if words and os.path.basename(words[0]) in ("sh", "bash", "dash"):
+        words = [word for arg in words for word in arg.split()]
+    return words
+
+
+def _daemon_program(argv):
+    """The first word of ``argv`` that runs one of DAEMON_PROGRAMS, else None."""
+    words = _words(argv)
+    for before, word in zip([""] + words, words):
+        if os.path.basename(word) in DAEMON_PROGRAMS and (before == "-m" or not before.startswith("-")):
+            return word
+    return None
+
+
+def _audit(event, args):
+    """Audit hook: note what a test not marked ``daemon`` starts that only daemon tests may."""
+    if _guard["item"] is None or os.getpid() != _guard["pid"]:
+        return
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.system"):
+        argv = args[0] if event == "os.system" else args[1]
+        if _daemon_program(argv):
+            _guard["started"].append(" ".join(_words(argv))[:300])
+    elif event == "os.fork":
+        _guard["started"].append("os.fork(): a child of the test process")
+
+
+def pytest_configure(config):
+    if _guard["pid"] is None:
+        _guard["pid"] = os.getpid()
+        sys.addaudithook(_audit)               # for the whole session: hooks cannot be removed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _guard["item"] = None if item.get_closest_marker("daemon") else item
+    _guard["started"] = []
+    try:
+        yield
+    finally:
+        _guard["item"] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    started, _guard["started"] = _guard["started"], []
+    if started and _guard["item"] is item:
+        why = ("%s is not marked daemon (tests/run --fast runs it) but started:\n  %s\n"
+               "Use a fixture of tests/conftest.py's DAEMON_FIXTURES, or name the test in its "
+               "DAEMON_TESTS or its module in DAEMON_MODULES." % (item.nodeid, "\n  ".join(started)))
+        if report.failed:                       # keep the test's own failure, say this too
+            report.sections.append(("not marked daemon", why))
+        else:
+            report.outcome, report.longrepr = "failed", why
