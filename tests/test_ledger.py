@@ -13,9 +13,11 @@ import pytest
 import hadaemon.configfiles
 import hadaemon.store
 import hadaemon.ledger
+import hadaemon.ledger_store
 import hadaemon.cluster_member
 import hadaemon.cluster_ledger
 import hadaemon.cluster_link
+import hadaemon.actions
 from hadaemon.config import ClusterSettings
 
 T0 = 1_800_000_000.0        # the wall clock the tests hand in
@@ -253,6 +255,9 @@ class FakePool:
         self.child = self.child or FakeChild()
         return self.child
 
+    def fork(self, kind, *args):
+        return None                     # the cluster agent: these tests are its answers
+
 
 class FakeServer:
     def __init__(self):
@@ -275,33 +280,41 @@ class ClusterWorld(World):
         self.store.open()
         settings = ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node=self.node, quorum=1)
         self.member = m = hadaemon.cluster_member.ClusterMember(settings, 0.0)
-        self.ledger = hadaemon.cluster_ledger.ClusterLedger(self.store, str(self.state), self.config, m)
-        self.ledger.open(T0)
+        etcd = hadaemon.cluster_ledger.EtcdStore(hadaemon.ledger_store.LocalStore(self.store), m)
+        self.ledger = hadaemon.ledger.Ledger(etcd, str(self.state), self.config)
+        self.ledger.open(T0, acting=False)
         m.role, m.lease = self.role, 7
         if self.role == "leader":
             m.acting, m.epoch = True, self.epoch
         self.pool, self.server = FakePool(), FakeServer()
         self.link = hadaemon.cluster_link.ClusterLink(self.ledger, self.pool, self.server)
+        self.runs = hadaemon.actions.ActionRuns(self.ledger, self.pool, self.server, self.link)
         return self.ledger
 
     def agree(self, now=T0):
-        self.ledger.agree(now)
+        self.link.agree(now)
 
     def take_over(self, now=T0):
-        self.ledger.take_over(now)
+        self.link.take_over(now)
 
     def flush(self):
         return self.ledger.store.flush()
 
     def written(self, rid, result="ok"):
-        self.ledger.written(rid, result)
+        self.ledger.store.written(rid, result)
 
     def start(self, config=None):
         """One pass of the acting leader's start of the next run."""
-        self.link.start_next_run(config or self.config)
+        self.runs.start_next(config or self.config)
 
     def mirror(self, key, value, mod=10):
         self.member.mirror[key] = {"value": value, "lease": 0, "create": mod, "mod": mod}
+
+    def mirror_event(self, key, value, mod=10):
+        """etcd's watch says ``key`` changed: one pass of the link over the note."""
+        self.mirror(key, value, mod)
+        self.member.notes.append(("mirror", [key]))
+        self.link.tick(0.0)
 
     def txns(self):
         return [r for r in self.member.outbox if r["t"] == "txn"]
@@ -390,3 +403,4 @@ def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
     run = w.ledger.runs[1]
     assert run["state"] == "failed" and w.pool.child is None
     assert run["reason"] == "no section [any_to_master] in this member's %s" % (w.root / "actions.conf")
+
