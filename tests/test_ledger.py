@@ -404,3 +404,22 @@ def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
     assert run["state"] == "failed" and w.pool.child is None
     assert run["reason"] == "no section [any_to_master] in this member's %s" % (w.root / "actions.conf")
 
+
+def test_cluster_a_restart_fires_no_transition_while_a_candidate_is_counted(tmp_path):
+    # B1: a host with only a pending candidate was published as "unknown", and the
+    # leader moved it there (docs/configuration.md: a restart never fires a transition).
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", epoch=5)
+    w.mirror("ledger/host/db1", {"state": "master", "since": T0 - 60})
+    w.mirror("ledger/host/db2", {"state": "slave", "since": T0 - 60})
+    w.take_over()
+    assert w.ledger.states() == {"db1": "master", "db2": "slave"}
+    w.report("db1", "master")                               # confirm 2: 1/2
+    w.report("db2", "slave")                                # confirm 1: seen
+    assert w.member.view == {"db2": "slave"}
+    w.agree()
+    assert not w.ledger.transitions
+    w.report("db1", "master")
+    assert w.member.view == {"db1": "master", "db2": "slave"}
+    w.agree()
+    assert not w.ledger.transitions and w.ledger.host_status("db1")["pending"] is None
+

@@ -106,6 +106,7 @@ class Ledger:
         self.meta = {"next_transition": 1, "next_run": 1}
         self.hosts = {}                 # host -> {state, since, pending, count}, as accepted
         self.seen = {}                  # shared: host -> {state, pending, count}, this member's own
+        self.view = {}                  # shared: host -> the state this member confirmed
         self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.by_state = collections.defaultdict(set)    # state -> hosts in it
         self.transitions = collections.deque()
@@ -205,8 +206,10 @@ class Ledger:
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
+                # Confirmed states only: a host with only a candidate is not "unknown" to it.
                 log.info("host %s: %s sees %s (by %s)", host, self.store.node, state, check.name)
-                self.store.publish_view({h: c["state"] for h, c in self.seen.items()})
+                self.view[host] = state
+                self.store.publish_view(self.view)
             return None
         if what == "confirmed":
             return self.accept(host, state, check.name, now)
