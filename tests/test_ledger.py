@@ -423,3 +423,21 @@ def test_cluster_a_restart_fires_no_transition_while_a_candidate_is_counted(tmp_
     w.agree()
     assert not w.ledger.transitions and w.ledger.host_status("db1")["pending"] is None
 
+
+def test_cluster_a_run_started_in_a_big_pass_is_handed_once_etcd_has_it(tmp_path):
+    # B2: the start's own change filled the txn, which was sent inside put(); flush()
+    # then found nothing and the run stayed running, never handed.
+    w = ClusterWorld(tmp_path, "[h0: any_to_any]\n/bin/true\n", epoch=5)
+    w.ledger.agree([("h0", "master", ["a"])], T0)
+    w.flush()
+    w.ledger.agree([("h%d" % i, "master", ["a"]) for i in range(1, 32)], T0 + 1)
+    w.start()
+    assert w.ledger.runs[1]["state"] == "running"
+    [txn] = [t for t in w.txns() if t["puts"].get("ledger/run/0000000001", {}).get("state") == "running"]
+    w.start()
+    assert w.server.sent == []                              # not before etcd acknowledged it
+    w.written(txn["id"])
+    w.start()
+    [(conn, msg)] = w.server.sent
+    assert msg["run"]["id"] == 1 and msg["run"]["state"] == "running"
+

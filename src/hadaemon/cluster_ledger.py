@@ -98,7 +98,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
-        self.last_write = 0             # request id of our newest ledger write
+        self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
     def load(self, cap=None):
@@ -133,18 +133,18 @@ class EtcdStore(LedgerStore):
         self.local.put_report(host, report)
 
     def flush(self):
-        """Send what was gathered as one guarded txn; its request id (None: nothing sent)."""
+        """Send what was gathered as one guarded txn.  The ticket: the request id of the
+        newest txn, which holds every change put so far (with nothing gathered, the one
+        put() sent when the txn grew big); None when that one could not be sent."""
         if not self.puts and not self.deletes:
-            return None
+            return self.last_write
         puts, deletes = self.puts, sorted(self.deletes)
         self.discard()
-        rid = self.member.write(puts, deletes)
+        self.last_write = rid = self.member.write(puts, deletes)
         if rid is None:
             # Only the leader decides; a change here while not leading is a bug.
             log.error("cluster: a ledger change while not leading was dropped: %s",
                       ", ".join(sorted(puts)))
-            return None
-        self.last_write = rid
         return rid
 
     def durable(self, ticket):
