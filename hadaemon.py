@@ -3414,7 +3414,9 @@ class Ledger:
         """Memory becomes what the store holds (a cluster: etcd; writes gathered and not
         sent are dropped); ``log_new``: say which transitions are new (the leader's)."""
         known = self.transitions[-1]["id"] if self.transitions else 0
+        reports = self.reports          # this member's own, in no other store's ledger
         self.take(self.store.reread(self.cap))
+        self.reports = reports
         if log_new:
             for tr in self.transitions:
                 if tr["id"] > known:

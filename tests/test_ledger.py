@@ -245,6 +245,8 @@ class FakeChild:
 
 
 class FakePool:
+    sock_path = None
+
     def __init__(self):
         self.child, self.children = None, {}
 
@@ -440,4 +442,16 @@ def test_cluster_a_run_started_in_a_big_pass_is_handed_once_etcd_has_it(tmp_path
     w.start()
     [(conn, msg)] = w.server.sent
     assert msg["run"]["id"] == 1 and msg["run"]["state"] == "running"
+
+
+def test_cluster_a_followers_last_reports_survive_the_leaders_changes(tmp_path):
+    # B3: every ledger change a follower mirrored wiped every host's last report.
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", node="b", role="follower")
+    w.mirror_event("ledger/host/db1", {"state": "master", "since": T0 - 60})
+    assert w.ledger.state_of("db1") == "master"
+    w.report("db1", "master", T0 + 1)
+    w.mirror_event("ledger/host/db2", {"state": "slave", "since": T0 + 2})
+    assert w.ledger.state_of("db2") == "slave"
+    assert w.ledger.host_status("db1")["last_report"] == {"time": T0 + 1, "check": w.checks["db1"].name,
+                                                          "state": "master"}
 
