@@ -3608,12 +3608,13 @@ class Ledger:
 
     def commands_for(self, run, config):
         """The commands ``run`` starts with: as planned when it was queued; a run with
-        ``variables`` (a cluster's) expands its section in this member's ``config``.
+        ``variables`` (a cluster's) expands its section, found by its name as a rerun
+        finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
         if run.get("variables") is None:
             return run["commands"]
-        section = config.section_for(run["host"], run["from"], run["to"])
-        if section is None or section.name != run["section"]:
+        section = config.section_named(run["section"])
+        if section is None:
             raise ValueError("no section [%s] in this member's %s" % (
                 run["section"], os.path.join(config.config_dir, "actions.conf")))
         return expand_commands(section, run["variables"])

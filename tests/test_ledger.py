@@ -455,3 +455,24 @@ def test_cluster_a_followers_last_reports_survive_the_leaders_changes(tmp_path):
     assert w.ledger.host_status("db1")["last_report"] == {"time": T0 + 1, "check": w.checks["db1"].name,
                                                           "state": "master"}
 
+
+def test_cluster_a_section_is_found_by_name_at_start_as_a_rerun_finds_it(tmp_path):
+    # B4: the start demanded that the run's section also win by precedence in this
+    # member's config, so a rerun of a section a more specific one now overrides failed.
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/echo general %HOST%\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    w.start()
+    w.written(w.txns()[-1]["id"])
+    w.start()                                               # handed to its action run
+    run = w.ledger.runs[1]
+    w.ledger.finish(run, "failed", "it failed", T0 + 1)
+    w.pool.child = None                                     # which exits
+    (w.root / "actions.conf").write_text("[any_to_master]\n/bin/echo general %HOST%\n"
+                                         "[db2: any_to_master]\n/bin/echo special\n")
+    w.ledger.config = config = hadaemon.configfiles.load_config(str(w.root))
+    again = w.ledger.rerun(1, T0 + 2)
+    assert again["section"] == "any_to_master"
+    w.start(config)
+    assert again["state"] == "running", again["reason"]
+    assert again["commands"][0]["argv"][1:] == ["general", "db2"]
