@@ -61,6 +61,8 @@ proc.py            Running a process: its own session, bounded output, deadline,
                    kill.
 children.py        What the forked children run: the check worker and the action run.
 ssh.py             Remote checks: the ssh: scope.
+ledger_store.py    Ledger stores: where the ledger's decisions are kept, and the local
+                   one.
 ledger.py          Ledger: host states, transitions, action runs and their queue
                    (docs/configuration.md).
 scheduler.py       Scheduler: when each check runs, and what it last said.
@@ -76,10 +78,10 @@ etcd.py            etcd: a v3 client on its JSON gateway (docs/cluster.md).
 cluster_agent.py   Cluster agent: the process that talks to etcd.
 cluster_member.py  Cluster member: the lease by our own clock, the leader, the views
                    (docs/cluster.md).
-cluster_ledger.py  Cluster ledger: the Ledger kept in etcd, written by the leader alone
-                   (docs/cluster.md).
-cluster_link.py    The cluster as a part of the master: agent, member and cluster ledger
-                   wired together.
+cluster_ledger.py  Cluster ledger: EtcdStore, the ledger kept in etcd, written by the
+                   leader alone (docs/cluster.md).
+cluster_link.py    The cluster as a part of the master: agent, member and the ledger's
+                   etcd store wired together.
 actions.py         Action runs: the queue's head, handed to the action run, and what it
                    says back.
 reload.py          Reload: a new configuration, read in steps between the loop's other
@@ -3121,28 +3123,178 @@ def connect_ssh_targets(config):
 
 
 # ============================================================================
+# ledger_store.py: Ledger stores: where the ledger's decisions are kept, and
+# the local one.
+# ============================================================================
+#
+# The Ledger (ledger.py) decides; a store keeps what it decided.  One decision of
+# the rules is one Changes: one journal line in a LocalStore (a daemon alone, its
+# own state db), part of one txn guarded by the leader's key in an EtcdStore (a
+# cluster member, cluster_ledger.py; docs/cluster.md).  A LedgerStore answers:
+#
+#   load(cap)           the ledger as stored, a Snapshot (at start)
+#   reread(cap)         the same, as the store holds it now; what was gathered and
+#                       not sent is dropped (a cluster member: what etcd holds)
+#   put(changes, cap)   keep a change set: at once (local), or in the txn being
+#                       gathered (etcd); never fails back to the rules
+#   put_report(h, r)    a host's last report (soft: a crash may lose it)
+#   flush()             send what is gathered: a ticket, None when nothing may be
+#                       written; durable(ticket) says when the store has it
+#   paused(), set_paused(flag)    the pause of actions
+#   publish_view(view)  a shared store only: what this member sees
+#
+# ``shared`` is the one mode bit of the rules: True when other members read this
+# ledger (docs/cluster.md: each member confirms for itself, the leader accepts).
+#
+# Uses: the standard library only.
+
+class Changes:
+    """One change set of the rules; the store lays out its keys."""
+
+    __slots__ = ("hosts", "transitions", "runs", "queue", "meta")
+
+    def __init__(self, hosts=None, runs=None, queue=None, meta=None):
+        self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
+        self.transitions = []           # transition dicts
+        self.runs = runs or {}          # run id -> run dict
+        self.queue = queue              # the whole queue (run ids), when it changed
+        self.meta = meta                # {"next_transition", "next_run"}, when they changed
+
+    def __bool__(self):
+        return bool(self.hosts or self.transitions or self.runs) or \
+            self.queue is not None or self.meta is not None
+
+
+def _by_id(data, prefix):
+    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
+                  key=lambda r: r.get("id", 0))
+
+
+class Snapshot(typing.NamedTuple):
+    """The ledger as a store holds it: every transition and run it has, oldest first."""
+    meta: dict                  # next_transition, next_run
+    hosts: dict
+    reports: dict
+    transitions: list
+    runs: list
+    queue: list
+
+    @classmethod
+    def from_db(cls, data):
+        """From the state db's key -> value ``data`` (the local db, or etcd's as its keys)."""
+        meta = dict(data.get("meta") or {})
+        meta.pop("paused", None)
+        # One key per host (report:HOST); an older db has them all in one key, ``reports``.
+        reports = dict(data.get("reports") or {})
+        reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
+        return cls(meta=meta,
+                   hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
+                   reports=reports, transitions=_by_id(data, "tr:"), runs=_by_id(data, "run:"),
+                   queue=list(data.get("queue") or []))
+
+
+class LedgerStore:
+    """Where the ledger is kept; see the comment above."""
+
+    shared = False
+
+    def publish_view(self, view):
+        raise AssertionError("only a shared ledger publishes a view")
+
+
+def db_changes(changes, cap):
+    """A Changes as the state db's keys: host:H, tr:N, run:N (N = id % cap), queue, meta."""
+    out = {"host:" + host: record for host, record in changes.hosts.items()}
+    for tr in changes.transitions:
+        out["tr:%d" % (tr["id"] % cap)] = tr
+    for run_id, run in changes.runs.items():
+        out["run:%d" % (run_id % cap)] = run
+    if changes.queue is not None:
+        out["queue"] = changes.queue
+    return out
+
+
+class LocalStore(LedgerStore):
+    """The ledger in this daemon's own state db (a Store): every put is one journal
+    line, durable before it returns."""
+
+    def __init__(self, store, data=None):
+        self.store = store              # None: a read-only copy of ``data`` (offline --status)
+        self._data = data
+
+    @classmethod
+    def of_data(cls, data):
+        return cls(None, data)
+
+    @property
+    def data(self):
+        return self.store.data if self.store is not None else self._data
+
+    def load(self, cap=None):
+        snapshot = Snapshot.from_db(self.data)
+        if self.store is not None and self.data.get("reports"):
+            for host, report in snapshot.reports.items():   # one key per host from now on
+                self.store.soft("report:" + host, report)
+            self.store.soft("reports", {})
+        return snapshot
+
+    def reread(self, cap=None):
+        return Snapshot.from_db(self.data)
+
+    def put(self, changes, cap):
+        out = db_changes(changes, cap)
+        if changes.meta is not None:
+            out["meta"] = dict(changes.meta, paused=self.paused())
+        self.store.commit(out)
+
+    def put_report(self, host, report):
+        self.store.soft("report:" + host, report)
+
+    def flush(self):
+        return 0
+
+    def durable(self, ticket):
+        return True
+
+    def paused(self):
+        return bool((self.data.get("meta") or {}).get("paused"))
+
+    def set_paused(self, paused):
+        self.store.commit({"meta": dict(self.data.get("meta") or {}, paused=bool(paused))})
+        return self.paused()
+
+
+# ============================================================================
 # ledger.py: Ledger: host states, transitions, action runs and their queue
 # (docs/configuration.md).
 # ============================================================================
 #
 # What the daemon has decided, and the rules that decide it: a report goes in,
-# transitions and action runs come out.  Every change is committed to the Store
-# before anything acts on it.  The ledger knows nothing of sockets, processes or
-# the clock: every time is handed in (wall-clock seconds), so a test can drive it
-# with no process started.
+# transitions and action runs come out.  The rules exist once, for a daemon alone
+# and for a cluster member alike; only where the ledger is kept differs (a
+# LedgerStore, ledger_store.py: the daemon's own state db, or etcd written by the
+# cluster's leader alone, docs/cluster.md).  Every change goes to the store before
+# anything acts on it.  The ledger knows nothing of sockets, processes or the
+# clock: every time is handed in (wall-clock seconds), so a test can drive it with
+# no process started.
 #
-#   report()      the pending candidate and its confirm count; a confirmed
-#                 state goes to accept()
+#   report()      the pending candidate and its confirm count (confirm_step); a
+#                 confirmed state goes to accept() -- or, in a cluster, into this
+#                 member's view, and the leader accepts what quorum sees (agree())
 #   accept()      the transition FROM_to_TO and the run of its section (actions.conf): queued,
 #                 or skipped (paused), or failed (an empty variable)
-#   head(), dequeue(), command_started(), command_ended(), finish()
+#   head(), dequeue(), commands_for(), start(), command_started(), command_ended(), finish()
 #                 a run's life: queued -> running -> ok | failed | interrupted
+#   open(), reread(), interrupt_running()
+#                 the ledger as the store holds it; what was running when its
+#                 runner died (or its leader lost the lead) is interrupted
 #
-# This is the local backend: one daemon decides alone and keeps the ledger in its
-# own state db.  A cluster (docs/cluster.md) keeps the same verbs with a ledger that the
-# leader alone writes elsewhere.
+# ``shared`` (the store's) is read where a cluster genuinely differs: whose
+# candidate a report moves (this member's own view), who accepts a confirmed
+# state (the leader, from quorum's views), and a run recording its variables (so
+# another member can expand its own section).
 #
-# Uses: base, children.
+# Uses: base, children, ledger_store.
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
 # without running (paused, an empty variable).
@@ -3182,20 +3334,38 @@ def history_entries(transitions, runs, n):
     return out
 
 
-def _by_id(data, prefix):
-    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
-                  key=lambda r: r.get("id", 0))
+def confirm_step(cand, state, confirm):
+    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
+    {state, pending, count, ...}: (the record after it, what happened), what being
+    "same", "dropped" (its own state again: the candidate goes), "counted" (not
+    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
+    if state == cand["state"]:
+        if cand["pending"] is None:
+            return cand, "same"
+        return dict(cand, pending=None, count=0), "dropped"
+    cand = dict(cand)
+    if cand["pending"] == state:
+        cand["count"] += 1
+    else:
+        cand["pending"], cand["count"] = state, 1
+    if cand["count"] < confirm:
+        return cand, "counted"
+    return dict(cand, state=state, pending=None, count=0), "confirmed"
 
 
 class Ledger:
-    """Host states, transitions, action runs and the queue, kept in the Store."""
+    """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
     def __init__(self, store, state_dir, config=None):
-        self.store = store
+        # A Store (the state db) is this daemon's own: a LocalStore over it.
+        self.store = store if isinstance(store, LedgerStore) else LocalStore(store)
+        self.shared = self.store.shared
         self.state_dir = state_dir
         self.config = config
-        self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
-        self.hosts = {}                 # host -> {state, since, pending, count}
+        self.meta = {"next_transition": 1, "next_run": 1}
+        self.hosts = {}                 # host -> {state, since, pending, count}, as accepted
+        self.seen = {}                  # shared: host -> {state, pending, count}, this member's own
+        self.view = {}                  # shared: host -> the state this member confirmed
         self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.by_state = collections.defaultdict(set)    # state -> hosts in it
         self.transitions = collections.deque()
@@ -3212,46 +3382,65 @@ class Ledger:
 
     @property
     def paused(self):
-        return bool(self.meta.get("paused"))
+        return self.store.paused()
 
-    def load(self, data):
-        """Take the ledger from the state db's key -> value ``data``."""
-        self.meta.update(data.get("meta") or {})
-        self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+    def take(self, snapshot):
+        """The ledger becomes ``snapshot`` (a store's), its history capped."""
+        self.meta.update(snapshot.meta)
+        self.hosts = snapshot.hosts
         self.by_state.clear()
         for host, record in self.hosts.items():
             self.by_state[record["state"]].add(host)
-        # One key per host (report:HOST); an older db has them all in one key, ``reports``.
-        self.reports = dict(data.get("reports") or {})
-        self.reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
+        self.reports = snapshot.reports
         cap = self.cap
-        self.transitions = collections.deque(_by_id(data, "tr:")[-cap if cap else 0:], maxlen=cap)
-        self.runs = collections.OrderedDict((r["id"], r) for r in _by_id(data, "run:")[-cap if cap else 0:])
-        self.queue = [rid for rid in data.get("queue") or [] if rid in self.runs]
+        self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
+        self.runs = collections.OrderedDict((r["id"], r) for r in snapshot.runs[-cap if cap else 0:])
+        self.queue = [rid for rid in snapshot.queue if rid in self.runs]
 
-    def open(self, now):
-        """Load the opened store: a run that was running when the daemon died is interrupted."""
-        self.load(self.store.data)
-        changes = {}
-        for run in self.runs.values():
-            if run.get("state") == "running":
-                self._set_run_state(run, "interrupted", "the daemon died while it ran", changes, now)
-                self.queue = [rid for rid in self.queue if rid != run["id"]]
-                changes["queue"] = self.queue
-        if changes:
-            self.store.commit(changes)
-        if self.store.data.get("reports"):
-            for host, report in self.reports.items():   # one key per host from now on
-                self.store.soft("report:" + host, report)
-            self.store.soft("reports", {})
+    def open(self, now, acting=True):
+        """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
+        its start, which waits for etcd's ledger): a run that was running when the
+        daemon died is interrupted."""
+        self.take(self.store.load(self.cap))
+        if not acting:
+            return
+        self.interrupt_running(lambda run: "the daemon died while it ran", now)
         if self.paused:
             log.warning("actions are paused (hadaemon --resume to run them again)")
         if self.queue:
             log.info("%d queued action runs from before the restart", len(self.queue))
 
+    def reread(self, log_new=False):
+        """Memory becomes what the store holds (a cluster: etcd; writes gathered and not
+        sent are dropped); ``log_new``: say which transitions are new (the leader's)."""
+        known = self.transitions[-1]["id"] if self.transitions else 0
+        reports = self.reports          # this member's own, in no other store's ledger
+        self.take(self.store.reread(self.cap))
+        self.reports = reports
+        if log_new:
+            for tr in self.transitions:
+                if tr["id"] > known:
+                    log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
+                             tr["host"], tr["from"], tr["to"], tr.get("check"))
+
+    def interrupt_running(self, reason_of, now):
+        """Every run still running is interrupted, ``reason_of(run)`` saying why."""
+        changes = Changes()
+        for run in list(self.runs.values()):
+            if run.get("state") == "running":
+                self._set_run_state(run, "interrupted", reason_of(run), changes, now)
+                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                changes.queue = self.queue
+        if changes:
+            self._put(changes)
+
     def set_paused(self, paused):
-        self.meta["paused"] = bool(paused)
-        self.store.commit({"meta": self.meta})
+        """Pause or resume actions: the paused state to answer (a cluster: the one asked,
+        once etcd has it)."""
+        return self.store.set_paused(paused)
+
+    def _put(self, changes):
+        self.store.put(changes, self.cap)
 
     def state_of(self, host):
         return self.hosts.get(host, NEW_HOST)["state"]
@@ -3262,31 +3451,37 @@ class Ledger:
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
     def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
-        record = self.hosts.get(host, NEW_HOST)
-        self.reports[host] = {"time": now, "check": check.name, "state": state}
-        self.store.soft("report:" + host, self.reports[host])   # a crash may lose it
-        if state == record["state"]:
-            if record["pending"] is not None:
-                log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
-                self._put_host(host, dict(record, pending=None, count=0))
-            return None
-        record = dict(record)
-        if record["pending"] == state:
-            record["count"] += 1
-        else:
-            record["pending"], record["count"] = state, 1
+        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
+        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+        self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        self.store.put_report(host, report)         # a crash may lose it
+        cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
+        if state == cand["state"] and cand["pending"] is None:
+            return None                             # the usual report: nothing new
         confirm = check.group.confirm
-        if record["count"] < confirm:
-            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name,
-                     record["count"], confirm)
-            self._put_host(host, record)
+        new, what = confirm_step(cand, state, confirm)
+        if what == "dropped":
+            log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        if self.shared:                             # docs/cluster.md: after this member's own confirm
+            self.seen[host] = new
+            if what == "confirmed":
+                # Confirmed states only: a host with only a candidate is not "unknown" to it.
+                log.info("host %s: %s sees %s (by %s)", host, self.store.node, state, check.name)
+                self.view[host] = state
+                self.store.publish_view(self.view)
             return None
-        return self.accept(host, state, check.name, now)
+        if what == "confirmed":
+            return self.accept(host, state, check.name, now)
+        self.hosts[host] = new                      # the candidate survives a restart
+        self._put(Changes(hosts={host: new}))
+        return None
 
-    def _put_host(self, host, record):
-        self.hosts[host] = record
-        self.store.commit({"host:" + host: record})
+    def agree(self, moves, now):
+        """The cluster's leader: each (host, state, voters) that quorum sees moves."""
+        for host, state, voters in moves:
+            self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
     def accept(self, host, state, by, now):
         """``host`` moves to ``state``: record the transition and its section's run."""
@@ -3301,15 +3496,15 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
               "check": by, "run": None}
-        changes = {"host:" + host: record, "meta": self.meta}
+        changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
         if section is not None:
             tr["run"] = self.new_run(tr, section, changes, now)["id"]
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
-        changes["tr:%d" % (tr_id % cap)] = tr
-        self.store.commit(changes)
+        changes.transitions.append(tr)
+        self._put(changes)
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
                  "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
@@ -3331,6 +3526,10 @@ class Ledger:
                "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
         if rerun_of is not None:
             run["rerun_of"] = rerun_of
+        if self.shared:
+            # The member that runs it may be another leader: it expands the section of
+            # its own actions.conf with these (commands_for).
+            run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
@@ -3339,7 +3538,7 @@ class Ledger:
             else:
                 self._set_run_state(run, "queued", None, changes, now)
                 self.queue.append(run_id)
-                changes["queue"] = self.queue
+                changes.queue = self.queue
         self.runs[run_id] = run
         while len(self.runs) > cap:
             self.runs.popitem(last=False)
@@ -3364,9 +3563,9 @@ class Ledger:
             raise ValueError("section [%s] of run #%d is no longer in %s" % (
                 old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
         tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
-        changes = {"meta": self.meta}
+        changes = Changes(meta=self.meta)
         run = self.new_run(tr, section, changes, now, rerun_of=run_id)
-        self.store.commit(changes)
+        self._put(changes)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
                  section.name, run["host"], run["from"], run["to"], run["state"])
         return run
@@ -3387,10 +3586,7 @@ class Ledger:
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
             log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
                     run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
-        changes[self._run_key(run)] = run
-
-    def _run_key(self, run):
-        return "run:%d" % (run["id"] % self.cap)
+        changes.runs[run["id"]] = run
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -3399,23 +3595,47 @@ class Ledger:
             if run is not None:
                 return run
             self.queue.pop(0)
-            self.store.commit({"queue": self.queue})
+            self._put(Changes(queue=self.queue))
         return None
 
     def dequeue(self, run, state, reason, now):
         """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
         assert self.queue and self.queue[0] == run["id"], "run %s is not first" % run["id"]
         self.queue.pop(0)
-        changes = {"queue": self.queue}
+        changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
-        self.store.commit(changes)
+        self._put(changes)
+
+    def commands_for(self, run, config):
+        """The commands ``run`` starts with: as planned when it was queued; a run with
+        ``variables`` (a cluster's) expands its section, found by its name as a rerun
+        finds it (precedence chose it when it was queued), in this member's ``config``.
+        ValueError says why it cannot start."""
+        if run.get("variables") is None:
+            return run["commands"]
+        section = config.section_named(run["section"])
+        if section is None:
+            raise ValueError("no section [%s] in this member's %s" % (
+                run["section"], os.path.join(config.config_dir, "actions.conf")))
+        return expand_commands(section, run["variables"])
+
+    def start(self, run, commands, stamp, config_dir, now):
+        """The head of the queue starts with ``commands``; ``stamp`` (a cluster's leader:
+        cluster, node, epoch) says who runs it, in the run and in its environment."""
+        run["commands"] = commands
+        if stamp is not None:
+            cluster, node, epoch = stamp
+            run["node"], run["epoch"] = node, epoch
+            run["env"] = dict(run["env"], HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
+                              HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
+        self.dequeue(run, "running", None, now)
 
     def command_started(self, run, index, when):
         cmd = run["commands"][index]
         cmd["started"] = when
         log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                  _command_words(cmd))
-        self.store.commit({self._run_key(run): run})
+        self._put(Changes(runs={run["id"]: run}))
 
     def command_ended(self, run, index, msg):
         """Record a command's end, as its action run reported it in ``msg``."""
@@ -3430,13 +3650,13 @@ class Ledger:
                 msg.get("duration") or 0, " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
         for line in output.splitlines()[:20]:
             log.info("run %d:   | %s", run["id"], line)
-        self.store.commit({self._run_key(run): run})
+        self._put(Changes(runs={run["id"]: run}))
 
     def finish(self, run, state, reason, now):
         """A running run ends: ``ok``, ``failed`` or ``interrupted``."""
-        changes = {}
+        changes = Changes()
         self._set_run_state(run, state, reason, changes, now)
-        self.store.commit(changes)
+        self._put(changes)
 
     # -- what it reports about itself --------------------------------------------
 
@@ -3460,9 +3680,10 @@ class Ledger:
         record = self.hosts.get(name)
         if record is None:
             return None
+        cand = self.seen.get(name) if self.shared else record     # a member's candidate is its own
         pending = None
-        if record.get("pending"):
-            pending = {"state": record["pending"], "count": record.get("count", 0)}
+        if cand and cand.get("pending"):
+            pending = {"state": cand["pending"], "count": cand.get("count", 0)}
         return {"state": record.get("state"), "since": record.get("since"),
                 "pending": pending, "last_report": self.reports.get(name)}
 
@@ -6405,31 +6626,33 @@ class ClusterMember:
 
 
 # ============================================================================
-# cluster_ledger.py: Cluster ledger: the Ledger kept in etcd, written by the
-# leader alone (docs/cluster.md).
+# cluster_ledger.py: Cluster ledger: EtcdStore, the ledger kept in etcd,
+# written by the leader alone (docs/cluster.md).
 # ============================================================================
 #
-# The Ledger's verbs over a ledger that lives in etcd:
+# The Ledger's rules are the same for a cluster member (ledger.py); this is where
+# they keep what they decide when the ledger is shared:
 #
-#   report()     a member's own confirm (docs/configuration.md) decides what it *sees*: its view,
-#                published under members/NODE on its lease.  No member accepts a
-#                state by itself.
-#   agree()      the acting leader moves each host that quorum live members see in
-#                a new state through accept(), as a local daemon's confirmed
-#                reports do; runs are queued, dequeued, recorded the same way.
-#   commit       through LeaderGate: each change set of the leader becomes one etcd
-#                txn guarded by its leader key (ClusterMember.write).  The local state
-#                db is written only from what etcd holds (the mirror), the leader's
-#                own writes included: a read copy for --status when etcd is down.
-#   mirrored()   a follower takes each ledger change from the mirror; a leader, whose
-#                memory runs ahead of etcd by its writes in flight, reads the ledger
-#                whole when it takes over, and again when it steps down.
+#   put()        each change set of the leader goes into the pass's txn, sent by
+#                flush() as one etcd txn guarded by its leader key
+#                (ClusterMember.write); durable() once etcd acknowledged it.  The
+#                local state db is written only from what etcd holds (the mirror),
+#                the leader's own writes included: a read copy for --status when
+#                etcd is down.
+#   publish_view()  what this member sees, under members/NODE on its lease; no
+#                member accepts a state by itself, the leader weighs the views
+#                (views_changed).
+#   mirrored()   each change of the mirror goes into the local copy; a follower's
+#                ledger then rereads it (ClusterLink); a leader, whose memory runs
+#                ahead of etcd by its writes in flight, rereads it whole when it
+#                takes over, and again when it steps down.
+#   paused()     the /pause key, which any member may write.
 #
 # Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
 # ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
 # they sort; the leader deletes what falls out of its history).
 #
-# Uses: base, store, children, ledger, cluster_member.
+# Uses: base, store, ledger_store, cluster_member.
 
 ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
 
@@ -6445,21 +6668,20 @@ def _etcd_run(run):
 
 
 def ledger_to_etcd(changes, cap):
-    """A Ledger change set (state db keys) -> (puts, deletes) of etcd keys."""
+    """A Ledger change set (Changes) -> (puts, deletes) of etcd keys."""
     puts, deletes = {}, []
-    for key, value in changes.items():
-        kind = key.split(":", 1)[0]
-        if kind == "host":
-            puts[LEDGER_KEYS + "host/" + key[5:]] = {"state": value["state"], "since": value["since"]}
-        elif kind in ("tr", "run"):
+    for host, record in changes.hosts.items():
+        puts[LEDGER_KEYS + "host/" + host] = {"state": record["state"], "since": record["since"]}
+    for kind, values in (("tr", changes.transitions), ("run", changes.runs.values())):
+        for value in values:
             puts[LEDGER_KEYS + "%s/%010d" % (kind, value["id"])] = \
                 _etcd_run(value) if kind == "run" else value
             if cap and value["id"] > cap:
                 deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, value["id"] - cap))
-        elif key == "queue":
-            puts[LEDGER_KEYS + "queue"] = list(value)
-        elif key == "meta":
-            puts[LEDGER_KEYS + "meta"] = {k: value[k] for k in ("next_transition", "next_run")}
+    if changes.queue is not None:
+        puts[LEDGER_KEYS + "queue"] = list(changes.queue)
+    if changes.meta is not None:
+        puts[LEDGER_KEYS + "meta"] = {k: changes.meta[k] for k in ("next_transition", "next_run")}
     return puts, deletes
 
 
@@ -6486,25 +6708,41 @@ TXN_OPS = 64                    # puts and deletes in one txn (etcd takes 128 by
 TXN_BYTES = 512 * 1024          # ... and bytes of values (its requests: 1.5 MiB)
 
 
-class LeaderGate:
-    """The store a ClusterLedger writes through: reads and soft values go to the local
-    state db, commits to etcd as the leader's guarded writes.  The commits of one pass
-    of the loop go as one txn (``flush``): a transition and the start of its run are
-    one write, not two."""
+class EtcdStore(LedgerStore):
+    """The ledger of a cluster member; see the comment above."""
 
-    def __init__(self, store, ledger):
-        self.store, self.ledger = store, ledger
+    shared = True
+
+    def __init__(self, local, member):
+        self.local = local              # a LocalStore: the read copy in the state db
+        self.member = member
+        self.node = member.node
+        self.puts, self.deletes, self.size = {}, set(), 0
+        self.views_changed = False      # the leader has views to weigh
+        self.last_write = 0             # request id of our newest ledger write (None: dropped)
+        self.acked = 0                  # ... and of the newest etcd acknowledged
+
+    def load(self, cap=None):
+        """The local copy: --status shows it until etcd's ledger arrives.  Only a leader,
+        from etcd's ledger, decides what happened to runs that were running."""
+        return self.local.load(cap)
+
+    def reread(self, cap=None):
+        """What etcd holds, as the mirror shows it (our writes gathered are dropped)."""
+        self.discard()
+        data = {}
+        for key, kv in self.member.mirror.items():
+            entry = ledger_from_etcd(key, kv.get("value"), cap)
+            if entry is not None:
+                data[entry[0]] = entry[1]
+        return Snapshot.from_db(data)
+
+    def discard(self):
         self.puts, self.deletes, self.size = {}, set(), 0
 
-    @property
-    def data(self):
-        return self.store.data
-
-    def soft(self, key, value):
-        self.store.soft(key, value)
-
-    def commit(self, changes):
-        puts, deletes = ledger_to_etcd(changes, self.ledger.cap)
+    def put(self, changes, cap):
+        """Gathered into the pass's txn; sent at once when it grows big."""
+        puts, deletes = ledger_to_etcd(changes, cap)
         self.puts.update(puts)
         self.deletes.update(deletes)
         self.deletes.difference_update(puts)
@@ -6512,85 +6750,46 @@ class LeaderGate:
         if len(self.puts) + len(self.deletes) >= TXN_OPS or self.size >= TXN_BYTES:
             self.flush()
 
+    def put_report(self, host, report):
+        self.local.put_report(host, report)
+
     def flush(self):
-        """Send what was committed as one guarded txn; its request id (None: nothing sent)."""
+        """Send what was gathered as one guarded txn.  The ticket: the request id of the
+        newest txn, which holds every change put so far (with nothing gathered, the one
+        put() sent when the txn grew big); None when that one could not be sent."""
         if not self.puts and not self.deletes:
-            return None
+            return self.last_write
         puts, deletes = self.puts, sorted(self.deletes)
-        self.puts, self.deletes, self.size = {}, set(), 0
-        rid = self.ledger.member.write(puts, deletes)
+        self.discard()
+        self.last_write = rid = self.member.write(puts, deletes)
         if rid is None:
             # Only the leader decides; a change here while not leading is a bug.
             log.error("cluster: a ledger change while not leading was dropped: %s",
                       ", ".join(sorted(puts)))
-            return None
-        self.ledger.last_write = rid
         return rid
 
+    def durable(self, ticket):
+        return self.acked >= ticket
 
-class ClusterLedger(Ledger):
-    """The ledger of a cluster member; see the comment above."""
+    def written(self, rid, result):
+        if result == "ok":
+            self.acked = max(self.acked, rid)
 
-    def __init__(self, store, state_dir, config, member):
-        super().__init__(LeaderGate(store, self), state_dir, config)
-        self.local = store
-        self.member = member
-        self.seen = {}                  # host -> {state, pending, count}: what this member sees
-        self.views_changed = False      # the leader has views to weigh
-        self.last_write = 0             # request id of our newest ledger write
-        self.acked = 0                  # ... and of the newest etcd acknowledged
-
-    @property
     def paused(self):
         return self.member.paused()
 
-    def open(self, now):
-        """Load the local copy: --status shows it until etcd's ledger arrives.  Only a
-        leader, from etcd's ledger, decides what happened to runs that were running."""
-        self.load(self.local.data)
-        self.meta["paused"] = False
-
     def set_paused(self, paused):
         self.member.set_pause(paused)
+        return paused
 
-    # -- what this member sees ---------------------------------------------------------
-
-    def report(self, host, state, check, now):
-        """confirm against this member's own view: a confirmed state changes the view."""
-        self.reports[host] = {"time": now, "check": check.name, "state": state}
-        self.store.soft("report:" + host, self.reports[host])   # the local db; a crash may lose it
-        seen = self.seen.get(host) or {"state": "unknown", "pending": None, "count": 0}
-        if state == seen["state"]:
-            if seen["pending"] is not None:
-                self.seen[host] = dict(seen, pending=None, count=0)
-            return None
-        seen = dict(seen)
-        if seen["pending"] == state:
-            seen["count"] += 1
-        else:
-            seen["pending"], seen["count"] = state, 1
-        if seen["count"] < check.group.confirm:
-            self.seen[host] = seen
-            return None
-        log.info("host %s: %s sees %s (by %s)", host, self.member.node, state, check.name)
-        self.seen[host] = {"state": state, "pending": None, "count": 0}
-        self.member.set_view({h: r["state"] for h, r in self.seen.items()})
+    def publish_view(self, view):
+        self.member.set_view(view)
         self.views_changed = True
-        return None
 
-    def agree(self, now):
-        """The acting leader: every host that quorum live members see in a new state moves."""
-        if not self.views_changed or not self.member.acting:
-            return
-        self.views_changed = False
-        for host, state, voters in self.member.agreement(self.states()):
-            self.accept(host, state, "cluster: %s" % ",".join(voters), now)
-
-    # -- what etcd holds -----------------------------------------------------------------
-
-    def mirrored(self, keys):
-        """Mirror changes: into the local copy always; into memory unless we lead."""
-        cap, changes = self.cap, {}
+    def mirrored(self, keys, cap):
+        """Mirror changes into the local copy; True when the ledger's keys (or the
+        pause) changed there."""
+        changes = {}
         for key in keys:
             kv = self.member.mirror.get(key)
             entry = ledger_from_etcd(key, kv and kv.get("value"), cap)
@@ -6602,62 +6801,8 @@ class ClusterLedger(Ledger):
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
         if changes:
-            self.local.commit(changes)
-            if self.member.role != "leader":
-                known = self.transitions[-1]["id"] if self.transitions else 0
-                self.reload()
-                if len(keys) < 100:     # an event, not a whole snapshot: say what the leader did
-                    for tr in self.transitions:
-                        if tr["id"] > known:
-                            log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
-                                     tr["host"], tr["from"], tr["to"], tr.get("check"))
-
-    def reload(self):
-        """Memory becomes what etcd holds (our writes in flight are dropped)."""
-        self.store.puts, self.store.deletes, self.store.size = {}, set(), 0
-        cap, data = self.cap, {}
-        for key, kv in self.member.mirror.items():
-            entry = ledger_from_etcd(key, kv.get("value"), cap)
-            if entry is not None:
-                data[entry[0]] = entry[1]
-        self.hosts, self.transitions, self.runs, self.queue = {}, collections.deque(), \
-            collections.OrderedDict(), []
-        self.load(data)
-        self.meta["paused"] = False
-
-    def take_over(self, now):
-        """We lead now: the ledger as etcd holds it, with every earlier leader's writes;
-        what was running under one of them is interrupted, never run again."""
-        self.reload()
-        for run in list(self.runs.values()):
-            if run["state"] == "running":
-                self.finish(run, "interrupted", "its leader (%s, epoch %s) lost the lead while it ran"
-                            % (run.get("node", "?"), run.get("epoch", "?")), now)
-        self.views_changed = True
-        log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
-                 self.member.settings.name, self.member.node, len(self.hosts), len(self.transitions),
-                 len(self.runs), len(self.queue))
-
-    def written(self, rid, result):
-        if result == "ok":
-            self.acked = max(self.acked, rid)
-
-    def host_status(self, name):
-        """The pending candidate is this member's own (the leader's record has none):
-        /status, --status and /hosts/HOST alike."""
-        entry = super().host_status(name)
-        if entry is not None:
-            seen = self.seen.get(name) or {}
-            entry["pending"] = {"state": seen["pending"], "count": seen["count"]} \
-                if seen.get("pending") else None
-        return entry
-
-    def new_run(self, tr, section, changes, now, rerun_of=None):
-        """The run, with the variables it was expanded with: the member that runs it may
-        be another leader, which expands the section of its own actions.conf with them."""
-        run = super().new_run(tr, section, changes, now, rerun_of)
-        run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
-        return run
+            self.local.store.commit(changes)
+        return bool(changes)
 
 
 def cluster_reload_problem(old, new):
@@ -6676,15 +6821,18 @@ def cluster_reload_problem(old, new):
 
 
 # ============================================================================
-# cluster_link.py: The cluster as a part of the master: agent, member and
-# cluster ledger wired together.
+# cluster_link.py: The cluster as a part of the master: agent, member and the
+# ledger's etcd store wired together.
 # ============================================================================
 #
 # Owns ClusterLink: the agent child (forked by the Pool), the messages between it and
-# the ClusterMember, the cluster ledger's writes in flight, and the answer to "may
-# this command start?" that the action run asks before each command in a leader.
+# the ClusterMember, what the mirror's news and taking over mean for the Ledger
+# (reread, interrupt_running), when the leader weighs the members' views (agree),
+# the lease clock told to the running command, and the cluster's face of the
+# leadership ActionRuns asks (acting, stamp, may, interrupted; a daemon alone's is
+# actions.Alone).
 #
-# Uses: base, children, pool, cluster_agent.
+# Uses: base, pool, cluster_agent.
 
 class ClusterLink:
     """The cluster as a part of the master: the agent (a child in the Pool), the member
@@ -6692,10 +6840,9 @@ class ClusterLink:
     the agent's messages, and asks it before an action command starts."""
 
     def __init__(self, ledger, pool, server):
-        self.ledger, self.member = ledger, ledger.member
+        self.ledger, self.store, self.member = ledger, ledger.store, ledger.store.member
         self.pool, self.server = pool, server
         self.agent_after = 0.0          # no agent forked before (after quick deaths)
-        self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
         self.extended = None            # the lease clock the running command was last told
         self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
         self.restarting = None          # the pid of an agent asked to go (a new ttl)
@@ -6703,7 +6850,7 @@ class ClusterLink:
     def agent(self):
         return next((c for c in self.pool.children.values() if c.kind == "cluster"), None)
 
-    def tick(self, now, config):
+    def tick(self, now):
         """One pass: keep the agent, send what the member asks, act on what it noted."""
         agent = self.agent()
         if agent is None and self.leave_by is None and now >= self.agent_after:
@@ -6716,11 +6863,13 @@ class ClusterLink:
         while self.member.notes:
             note = self.member.notes.popleft()
             if note[0] == "mirror":
-                self.ledger.mirrored(note[1])
+                if self.store.mirrored(note[1], self.ledger.cap) and self.member.role != "leader":
+                    # an event, not a whole snapshot: say what the leader did
+                    self.ledger.reread(log_new=len(note[1]) < 100)
             elif note[0] == "acting":
-                self.ledger.take_over(time.time())
+                self.take_over(time.time())
             elif note[0] == "written":
-                self.ledger.written(note[1], note[2])
+                self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
                 log.error("cluster: pause / resume not written: %s", note[2])
         if self.member.stepping is not None:
@@ -6729,27 +6878,38 @@ class ClusterLink:
                 (now >= self.leave_by or not self.member.inflight):
             agent.signal(signal.SIGTERM, now + KILL_GRACE)
         if self.leave_by is None:
-            self.ledger.agree(time.time())
-            self.start_next_run(config)
-            self.extend_lease()
-        self.ledger.store.flush()
+            self.agree(time.time())
 
-    def extend_lease(self):
+    # -- the leadership ActionRuns asks (a daemon alone's is Alone) ----------------------
+
+    confirms = True                     # the action run asks ``may`` before each command
+
+    def acting(self):
+        return self.member.acting
+
+    def stamp(self):
+        """Who runs a run: (cluster, node, epoch)."""
+        return self.member.settings.name, self.member.settings.node, self.member.epoch
+
+    def leader_name(self):
+        return self.member.leader()[0]
+
+    def extend_lease(self, handing):
         """A renewal moved the lease clock on: the running command's deadlines move with it
-        (its action run keeps them itself, so a frozen master cannot keep it running)."""
+        (its action run keeps them itself, so a frozen master cannot keep it running).
+        ``handing``: a run waits to be handed; its ``run`` must reach it first."""
         member = self.member
         if not member.acting or member.stepping or member.renew_failed or \
                 member.valid_until == self.extended:
             return
         child = self.pool.action_child()
-        if child is None or child.conn is None or self.handoff is not None:
+        if child is None or child.conn is None or handing:
             return
         self.extended = member.valid_until
         self.server.send(child.conn, {"t": "lease", "until": member.stop_at(), "kill_at": member.kill_by()})
 
     def stepping(self, now):
         """Stepping down: the running command gets SIGTERM, SIGKILL by kill_at; then resign."""
-        self.handoff = None
         step = self.member.stepping
         child = self.pool.action_child()
         if child is not None:
@@ -6765,57 +6925,26 @@ class ClusterLink:
             return
         self.ledger.store.flush()           # the run it ended, before the lease is revoked
         self.member.stepped_down(now)
-        self.ledger.reload()
+        self.ledger.reread()
 
-    def start_next_run(self, config):
-        """The acting leader runs the queue: each run is recorded running in etcd, and
-        only once etcd acknowledged that is it handed to its action run."""
-        if not self.member.acting:
+    def agree(self, now):
+        """The acting leader: every host that quorum live members see in a new state moves."""
+        if not self.store.views_changed or not self.member.acting:
             return
-        child = self.pool.action_child()
-        if self.handoff is not None:
-            run, rid = self.handoff
-            if child is None or child.run_id != run["id"]:
-                self.handoff = None             # its action run died: recorded by ActionRuns.exited
-            elif self.ledger.acked >= rid:
-                self.handoff = None
-                self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)})
-            return
-        if child is not None:
-            return
-        run = self.ledger.head()
-        if run is None:
-            return
-        now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
-            return
-        section = config.section_for(run["host"], run["from"], run["to"])
-        try:
-            if section is None or section.name != run["section"]:
-                raise ValueError("no section [%s] in this member's %s" % (
-                    run["section"], os.path.join(config.config_dir, "actions.conf")))
-            commands = expand_commands(section, run.get("variables") or {})
-        except ValueError as exc:
-            self.ledger.dequeue(run, "failed", str(exc), now)
-            return
-        child = self.pool.runner(config.config_dir)
-        if child is None:
-            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
-            return
-        if child.conn is None:
-            return                      # not connected yet: a later pass hands it the run
-        settings = self.member.settings
-        run["commands"], run["node"], run["epoch"] = commands, settings.node, self.member.epoch
-        run["env"] = dict(run["env"], HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=self.ledger.state_dir,
-                          HA_CLUSTER=settings.name, HA_NODE=settings.node,
-                          HA_LEADER_EPOCH=str(self.member.epoch))
-        self.ledger.dequeue(run, "running", None, now)
-        rid = self.ledger.store.flush()     # with the transition, if it came in this pass
-        if rid is None:
-            return                      # not written (no longer leading): nothing handed
-        child.run_id = run["id"]
-        self.handoff = (run, rid)
+        self.store.views_changed = False
+        self.ledger.agree(self.member.agreement(self.ledger.states()), now)
+
+    def take_over(self, now):
+        """We lead now: the ledger as etcd holds it, with every earlier leader's writes;
+        what was running under one of them is interrupted, never run again."""
+        ledger = self.ledger
+        ledger.reread()
+        ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
+                                 % (run.get("node", "?"), run.get("epoch", "?")), now)
+        self.store.views_changed = True
+        log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
+                 self.member.settings.name, self.member.node, len(ledger.hosts), len(ledger.transitions),
+                 len(ledger.runs), len(ledger.queue))
 
     def next_wake(self, now):
         """When the loop must pass again for the cluster, at the latest.
@@ -6874,7 +7003,7 @@ class ClusterLink:
         """quorum and ttl on reload (a new ttl with the next lease; the agent's timeouts too)."""
         ttl_changed = settings.ttl != self.member.settings.ttl
         self.member.settings = settings
-        self.ledger.views_changed = True        # a new quorum may move a host now
+        self.store.views_changed = True         # a new quorum may move a host now
         agent = self.agent()
         if ttl_changed and agent is not None:
             log.info("cluster: ttl is now %ds; the cluster agent restarts with its timeouts", settings.ttl)
@@ -6910,31 +7039,80 @@ def _spawned_pid(msg):
     return pid
 
 
+class Alone:
+    """The leadership of a daemon alone: it always acts, asks no one, stamps nothing.
+    (A cluster member's is its ClusterLink.)"""
+
+    confirms = False                    # its action run asks nobody before a command
+
+    def acting(self):
+        return True
+
+    def stamp(self):
+        return None
+
+    def interrupted(self):
+        return None
+
+    def leader_name(self):
+        return None
+
+
 class ActionRuns:
     """Ledger -> the action run -> Ledger."""
 
-    def __init__(self, ledger, pool, server, cluster):
+    def __init__(self, ledger, pool, server, leadership):
         self.ledger, self.pool, self.server = ledger, pool, server
-        self.cluster = cluster          # a ClusterLink, or None
+        self.leadership = leadership    # Alone, or a cluster member's ClusterLink
+        self.handoff = None             # (run, ticket): handed to its action run once durable
 
-    def start_next(self, config_dir):
+    def start_next(self, config):
+        """docs/configuration.md: one sequence at a time, in order; docs/cluster.md: only
+        the acting leader, and a run goes to its action run only once its ``running``
+        is durable (at once in a daemon alone's state db; in etcd once it acknowledged)."""
+        if not self.leadership.acting():
+            self.handoff = None         # stepping down: nothing is handed any more
+            return
+        if self.handoff is not None:
+            self._deliver()
+            return
         if self.pool.action_child() is not None:
             return
         run = self.ledger.head()
         if run is None:
             return
+        now = time.time()
         if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", time.time())
+            self.ledger.dequeue(run, "skipped", "paused", now)
             return
-        child = self.pool.runner(config_dir)
+        try:
+            commands = self.ledger.commands_for(run, config)
+        except ValueError as exc:
+            self.ledger.dequeue(run, "failed", str(exc), now)
+            return
+        child = self.pool.runner(config.config_dir)
         if child is None:
-            self.ledger.dequeue(run, "failed", "cannot fork the action run", time.time())
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
             return
         if child.conn is None:
             return                      # not connected yet: a later pass hands it the run
-        self.ledger.dequeue(run, "running", None, time.time())
+        self.ledger.start(run, commands, self.leadership.stamp(), config.config_dir, now)
+        ticket = self.ledger.store.flush()  # with the transition, if it came in this pass
+        if ticket is None:
+            return                      # not written (no longer leading): nothing handed
         child.run_id = run["id"]
-        self.server.send(child.conn, {"t": "run", "run": run})
+        self.handoff = (run, ticket)
+        self._deliver()
+
+    def _deliver(self):
+        run, ticket = self.handoff
+        child = self.pool.action_child()
+        if child is None or child.run_id != run["id"]:
+            self.handoff = None         # its action run died: recorded by exited()
+        elif self.ledger.store.durable(ticket):
+            self.handoff = None
+            self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)
+                                          if self.leadership.confirms else run})
 
     def event(self, child, msg):
         """The action run reports: a command started, spawned, ended; the sequence is done;
@@ -6951,9 +7129,9 @@ class ActionRuns:
         elif kind == "end":
             child.pgid = None
             self.ledger.command_ended(run, _command_index(run, msg), msg)
-        elif kind == "may" and self.cluster is not None:
+        elif kind == "may" and self.leadership.confirms:
             _command_index(run, msg)
-            self.server.send(child.conn, self.cluster.may())
+            self.server.send(child.conn, self.leadership.may())
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             self.ledger.finish(run, state, msg.get("reason"), time.time())
@@ -6969,7 +7147,7 @@ class ActionRuns:
         run = self.ledger.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
-        stepped = self.cluster.interrupted() if self.cluster is not None else None
+        stepped = self.leadership.interrupted()
         if stepped:
             self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
         elif stopping:
@@ -7099,7 +7277,7 @@ class Reload:
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server,
+# Uses: base, configfiles, wire, store, ledger_store, ledger, scheduler, pool, control, http_server,
 #       cluster_member, cluster_ledger, cluster_link, actions, reload.
 
 class Notifier:
@@ -7134,17 +7312,18 @@ class Master:
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
         if config.cluster is None:
-            self.ledger = Ledger(self.store, state_dir, config)
+            ledger_store = LocalStore(self.store)
         else:
-            member = ClusterMember(config.cluster, time.monotonic())
-            self.ledger = ClusterLedger(self.store, state_dir, config, member)
+            ledger_store = EtcdStore(LocalStore(self.store), ClusterMember(config.cluster, time.monotonic()))
+        self.ledger = Ledger(ledger_store, state_dir, config)
         self.scheduler = Scheduler(once, self.store)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
                                     self.check_finished, self.child_event, self.answer)
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
-        self.runs = ActionRuns(self.ledger, self.pool, self.server, self.cluster)
+        self.leadership = Alone() if self.cluster is None else self.cluster
+        self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -7190,7 +7369,7 @@ class Master:
         self.store.open()
         for note in self.store.notes:
             log.error("state db: %s", note)
-        self.ledger.open(time.time())
+        self.ledger.open(time.time(), self.leadership.acting())
         self.scheduler.adopt_results(self.store)
         self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
         self.server.listen()
@@ -7246,17 +7425,20 @@ class Master:
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
             if self.stopping:
                 if self.cluster is not None:
-                    self.cluster.tick(now, self.config)     # step down, resign
+                    self.cluster.tick(now)     # step down, resign
+                self.ledger.store.flush()
                 if not self.pool.children or now >= self.stop_deadline:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
             self.scheduler.fire_due(now)
             self.dispatch(now)
-            if self.cluster is None:
-                self.runs.start_next(self.config.config_dir)
-            else:
-                self.cluster.tick(now, self.config)
+            if self.cluster is not None:
+                self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.runs.start_next(self.config)
+            if self.cluster is not None:                    # after the run it may have handed
+                self.cluster.extend_lease(self.runs.handoff is not None)
+            self.ledger.store.flush()       # a cluster: the pass's changes as one txn
             self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
             self.reloads.let_go()
             self.server.tick(now)
@@ -7412,7 +7594,7 @@ class Master:
     def child_event(self, child, msg):
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
-            self.ledger.member.on_message(msg, time.monotonic())
+            self.cluster.member.on_message(msg, time.monotonic())
         else:
             self.runs.event(child, msg)
 
@@ -7441,10 +7623,10 @@ class Master:
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
-        self.ledger.set_paused(paused)
+        paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
-        return paused if self.cluster else self.ledger.paused
+        return paused
 
     def answer_run(self, cmd, run_id):
         """``rerun``: queue run ``run_id``'s section again (docs/operating.md); ``run``: how it is now."""
@@ -7454,8 +7636,8 @@ class Master:
             run = self.ledger.runs.get(run_id)
             return {"ok": True, "run": summarize_run(run)} if run else \
                 {"ok": False, "errors": ["no run #%d in the history" % run_id]}
-        if self.cluster is not None and not self.ledger.member.acting:
-            leader, _ = self.ledger.member.leader()
+        if not self.leadership.acting():
+            leader = self.leadership.leader_name()
             return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
                                             "the leader (%s)" % (leader or "none now")]}
         try:
@@ -7473,7 +7655,7 @@ class Master:
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
         if self.cluster is not None:
-            daemon["cluster"] = dict(self.ledger.member.status(now_m),
+            daemon["cluster"] = dict(self.cluster.member.status(now_m),
                                      agent_pid=getattr(self.cluster.agent(), "pid", None))
         else:
             daemon["cluster"] = None
@@ -7645,13 +7827,13 @@ def render_simulation(doc):
 # reads from the state db when no daemon runs (offline status, history), and the
 # rendering of both for a person.
 #
-# Uses: base, store, ledger, scheduler.
+# Uses: base, store, ledger_store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
     data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
-    ledger = Ledger(None, state_dir)
-    ledger.load(data)
+    ledger = Ledger(LocalStore.of_data(data), state_dir)
+    ledger.take(ledger.store.load())
     results = dict(data.get("checks") or {})       # an older db: all in one key
     results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []

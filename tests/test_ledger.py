@@ -1,4 +1,5 @@
-"""The Ledger alone: reports in, transitions and runs out (SPEC §4, §5), no process started.
+"""The Ledger alone: reports in, transitions and runs out (SPEC §4, §5), no process started;
+and a cluster member's ledger over a real ClusterMember whose role is set by hand (no etcd).
 
 Each test builds a real config dir and a real state db in a temp dir, drives reports
 through ``Ledger.report`` with pinned times, and reads what it decided; some reopen
@@ -12,6 +13,12 @@ import pytest
 import hadaemon.configfiles
 import hadaemon.store
 import hadaemon.ledger
+import hadaemon.ledger_store
+import hadaemon.cluster_member
+import hadaemon.cluster_ledger
+import hadaemon.cluster_link
+import hadaemon.actions
+from hadaemon.config import ClusterSettings
 
 T0 = 1_800_000_000.0        # the wall clock the tests hand in
 
@@ -228,3 +235,244 @@ def test_history_is_capped_in_memory_and_in_the_db(tmp_path):
     ledger = w.reopen()
     assert [t["id"] for t in ledger.transitions] == [6, 7, 8]
     assert ledger.status(last=2)["transitions"][0]["id"] == 8
+
+
+# -- the cluster's ledger, no etcd: a real ClusterMember with its role set by hand ----------
+
+class FakeChild:
+    """The waiting action run, as ActionRuns sees it: connected, no sequence yet."""
+    conn, run_id, pgid = "conn", None, None
+
+
+class FakePool:
+    sock_path = None
+
+    def __init__(self):
+        self.child, self.children = None, {}
+
+    def action_child(self):
+        return self.child
+
+    def runner(self, config_dir):
+        self.child = self.child or FakeChild()
+        return self.child
+
+    def fork(self, kind, *args):
+        return None                     # the cluster agent: these tests are its answers
+
+
+class FakeServer:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, conn, msg):
+        self.sent.append((conn, msg))
+
+
+class ClusterWorld(World):
+    """A member ``node`` of cluster c over the same config and state db, with its role,
+    epoch and mirror set by hand (what etcd and the agent would have made)."""
+
+    def __init__(self, tmp_path, actions="", node="a", role="leader", epoch=5, **kw):
+        self.node, self.role, self.epoch = node, role, epoch
+        super().__init__(tmp_path, actions, **kw)
+
+    def reopen(self):
+        self.store = hadaemon.store.Store(str(self.state))
+        self.store.open()
+        settings = ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node=self.node, quorum=1)
+        self.member = m = hadaemon.cluster_member.ClusterMember(settings, 0.0)
+        etcd = hadaemon.cluster_ledger.EtcdStore(hadaemon.ledger_store.LocalStore(self.store), m)
+        self.ledger = hadaemon.ledger.Ledger(etcd, str(self.state), self.config)
+        self.ledger.open(T0, acting=False)
+        m.role, m.lease = self.role, 7
+        if self.role == "leader":
+            m.acting, m.epoch = True, self.epoch
+        self.pool, self.server = FakePool(), FakeServer()
+        self.link = hadaemon.cluster_link.ClusterLink(self.ledger, self.pool, self.server)
+        self.runs = hadaemon.actions.ActionRuns(self.ledger, self.pool, self.server, self.link)
+        return self.ledger
+
+    def agree(self, now=T0):
+        self.link.agree(now)
+
+    def take_over(self, now=T0):
+        self.link.take_over(now)
+
+    def flush(self):
+        return self.ledger.store.flush()
+
+    def written(self, rid, result="ok"):
+        self.ledger.store.written(rid, result)
+
+    def start(self, config=None):
+        """One pass of the acting leader's start of the next run."""
+        self.runs.start_next(config or self.config)
+
+    def mirror(self, key, value, mod=10):
+        self.member.mirror[key] = {"value": value, "lease": 0, "create": mod, "mod": mod}
+
+    def mirror_event(self, key, value, mod=10):
+        """etcd's watch says ``key`` changed: one pass of the link over the note."""
+        self.mirror(key, value, mod)
+        self.member.notes.append(("mirror", [key]))
+        self.link.tick(0.0)
+
+    def txns(self):
+        return [r for r in self.member.outbox if r["t"] == "txn"]
+
+
+def test_cluster_a_members_report_changes_its_view_and_accepts_nothing(tmp_path):
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", node="b", role="follower")
+    assert w.report("db2", "master") is None                # confirm 1: b sees it
+    assert w.member.view == {"db2": "master"}
+    assert w.report("db1", "master") is None                # confirm 2: 1/2, not seen yet
+    assert w.member.view == {"db2": "master"}
+    assert w.ledger.hosts == {} and not w.ledger.transitions and not w.ledger.runs
+    assert w.ledger.reports["db1"]["state"] == "master"
+    w.agree()                                               # a follower moves nothing
+    assert not w.ledger.transitions and not w.txns()
+
+
+def test_cluster_the_leader_accepts_what_quorum_sees_in_one_txn_guarded_by_its_epoch(tmp_path):
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/echo %HOST% %MASTER%\n", epoch=5)
+    w.report("db2", "master")
+    assert not w.ledger.transitions                         # seen, not accepted
+    w.agree(T0 + 1)
+    tr = w.ledger.transitions[-1]
+    assert (tr["host"], tr["from"], tr["to"], tr["check"], tr["time"]) == \
+        ("db2", "unknown", "master", "cluster: a", T0 + 1)
+    run = w.ledger.runs[tr["run"]]
+    assert run["state"] == "queued" and w.ledger.queue == [run["id"]]
+    assert run["variables"]["HOST"] == "db2" and run["variables"]["MASTER"] == "db2"
+    assert not w.txns()                                     # gathered until the pass ends
+    rid = w.flush()
+    [txn] = w.txns()
+    assert txn["id"] == rid and txn["epoch"] == 5
+    assert txn["puts"]["ledger/host/db2"] == {"state": "master", "since": T0 + 1}
+    assert txn["puts"]["ledger/tr/0000000001"]["run"] == run["id"]
+    assert txn["puts"]["ledger/run/%010d" % run["id"]]["state"] == "queued"
+    assert txn["puts"]["ledger/queue"] == [run["id"]]
+    assert txn["puts"]["ledger/meta"] == {"next_transition": 2, "next_run": run["id"] + 1}
+
+
+def test_cluster_take_over_interrupts_a_run_of_an_earlier_leader(tmp_path):
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", epoch=9)
+    run = {"id": 1, "transition": 1, "host": "db2", "from": "unknown", "to": "master",
+           "section": "any_to_any", "state": "running", "reason": None, "queued": T0,
+           "started": T0, "ended": None, "env": {}, "commands": [], "node": "b", "epoch": 4}
+    w.mirror("ledger/run/0000000001", run)
+    w.mirror("ledger/meta", {"next_transition": 2, "next_run": 2})
+    w.take_over(T0 + 3)
+    got = w.ledger.runs[1]
+    assert (got["state"], got["reason"], got["ended"]) == \
+        ("interrupted", "its leader (b, epoch 4) lost the lead while it ran", T0 + 3)
+    w.flush()
+    assert w.txns()[-1]["puts"]["ledger/run/0000000001"]["state"] == "interrupted"
+
+
+def test_cluster_a_run_starts_from_this_members_config_and_is_handed_once_etcd_has_it(tmp_path):
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/echo old %HOST%\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    w.flush()
+    (w.root / "actions.conf").write_text("[any_to_master]\n/bin/echo new %HOST% %MASTER%\n")
+    config = hadaemon.configfiles.load_config(str(w.root))
+    w.start(config)
+    run = w.ledger.runs[1]
+    assert run["state"] == "running" and w.pool.child.run_id == 1
+    assert run["commands"][0]["argv"][1:] == ["new", "db2", "db2"]     # expanded in its config
+    assert (run["node"], run["epoch"]) == ("a", 5)
+    assert (run["env"]["HA_CLUSTER"], run["env"]["HA_NODE"], run["env"]["HA_LEADER_EPOCH"]) == \
+        ("c", "a", "5")
+    rid = w.txns()[-1]["id"]
+    assert w.txns()[-1]["puts"]["ledger/run/0000000001"]["state"] == "running"
+    w.start(config)
+    assert w.server.sent == []                              # not before etcd acknowledged it
+    w.written(rid)
+    w.start(config)
+    [(conn, msg)] = w.server.sent
+    assert msg["t"] == "run" and msg["run"]["id"] == 1 and msg["run"]["confirm"] is True
+
+
+def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/true\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    (w.root / "actions.conf").write_text("[any_to_slave]\n/bin/true\n")
+    config = hadaemon.configfiles.load_config(str(w.root))
+    w.start(config)
+    run = w.ledger.runs[1]
+    assert run["state"] == "failed" and w.pool.child is None
+    assert run["reason"] == "no section [any_to_master] in this member's %s" % (w.root / "actions.conf")
+
+
+def test_cluster_a_restart_fires_no_transition_while_a_candidate_is_counted(tmp_path):
+    # B1: a host with only a pending candidate was published as "unknown", and the
+    # leader moved it there (docs/configuration.md: a restart never fires a transition).
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", epoch=5)
+    w.mirror("ledger/host/db1", {"state": "master", "since": T0 - 60})
+    w.mirror("ledger/host/db2", {"state": "slave", "since": T0 - 60})
+    w.take_over()
+    assert w.ledger.states() == {"db1": "master", "db2": "slave"}
+    w.report("db1", "master")                               # confirm 2: 1/2
+    w.report("db2", "slave")                                # confirm 1: seen
+    assert w.member.view == {"db2": "slave"}
+    w.agree()
+    assert not w.ledger.transitions
+    w.report("db1", "master")
+    assert w.member.view == {"db1": "master", "db2": "slave"}
+    w.agree()
+    assert not w.ledger.transitions and w.ledger.host_status("db1")["pending"] is None
+
+
+def test_cluster_a_run_started_in_a_big_pass_is_handed_once_etcd_has_it(tmp_path):
+    # B2: the start's own change filled the txn, which was sent inside put(); flush()
+    # then found nothing and the run stayed running, never handed.
+    w = ClusterWorld(tmp_path, "[h0: any_to_any]\n/bin/true\n", epoch=5)
+    w.ledger.agree([("h0", "master", ["a"])], T0)
+    w.flush()
+    w.ledger.agree([("h%d" % i, "master", ["a"]) for i in range(1, 32)], T0 + 1)
+    w.start()
+    assert w.ledger.runs[1]["state"] == "running"
+    [txn] = [t for t in w.txns() if t["puts"].get("ledger/run/0000000001", {}).get("state") == "running"]
+    w.start()
+    assert w.server.sent == []                              # not before etcd acknowledged it
+    w.written(txn["id"])
+    w.start()
+    [(conn, msg)] = w.server.sent
+    assert msg["run"]["id"] == 1 and msg["run"]["state"] == "running"
+
+
+def test_cluster_a_followers_last_reports_survive_the_leaders_changes(tmp_path):
+    # B3: every ledger change a follower mirrored wiped every host's last report.
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", node="b", role="follower")
+    w.mirror_event("ledger/host/db1", {"state": "master", "since": T0 - 60})
+    assert w.ledger.state_of("db1") == "master"
+    w.report("db1", "master", T0 + 1)
+    w.mirror_event("ledger/host/db2", {"state": "slave", "since": T0 + 2})
+    assert w.ledger.state_of("db2") == "slave"
+    assert w.ledger.host_status("db1")["last_report"] == {"time": T0 + 1, "check": w.checks["db1"].name,
+                                                          "state": "master"}
+
+
+def test_cluster_a_section_is_found_by_name_at_start_as_a_rerun_finds_it(tmp_path):
+    # B4: the start demanded that the run's section also win by precedence in this
+    # member's config, so a rerun of a section a more specific one now overrides failed.
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/echo general %HOST%\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    w.start()
+    w.written(w.txns()[-1]["id"])
+    w.start()                                               # handed to its action run
+    run = w.ledger.runs[1]
+    w.ledger.finish(run, "failed", "it failed", T0 + 1)
+    w.pool.child = None                                     # which exits
+    (w.root / "actions.conf").write_text("[any_to_master]\n/bin/echo general %HOST%\n"
+                                         "[db2: any_to_master]\n/bin/echo special\n")
+    w.ledger.config = config = hadaemon.configfiles.load_config(str(w.root))
+    again = w.ledger.rerun(1, T0 + 2)
+    assert again["section"] == "any_to_master"
+    w.start(config)
+    assert again["state"] == "running", again["reason"]
+    assert again["commands"][0]["argv"][1:] == ["general", "db2"]

@@ -30,31 +30,80 @@ def _spawned_pid(msg):
     return pid
 
 
+class Alone:
+    """The leadership of a daemon alone: it always acts, asks no one, stamps nothing.
+    (A cluster member's is its ClusterLink.)"""
+
+    confirms = False                    # its action run asks nobody before a command
+
+    def acting(self):
+        return True
+
+    def stamp(self):
+        return None
+
+    def interrupted(self):
+        return None
+
+    def leader_name(self):
+        return None
+
+
 class ActionRuns:
     """Ledger -> the action run -> Ledger."""
 
-    def __init__(self, ledger, pool, server, cluster):
+    def __init__(self, ledger, pool, server, leadership):
         self.ledger, self.pool, self.server = ledger, pool, server
-        self.cluster = cluster          # a ClusterLink, or None
+        self.leadership = leadership    # Alone, or a cluster member's ClusterLink
+        self.handoff = None             # (run, ticket): handed to its action run once durable
 
-    def start_next(self, config_dir):
+    def start_next(self, config):
+        """docs/configuration.md: one sequence at a time, in order; docs/cluster.md: only
+        the acting leader, and a run goes to its action run only once its ``running``
+        is durable (at once in a daemon alone's state db; in etcd once it acknowledged)."""
+        if not self.leadership.acting():
+            self.handoff = None         # stepping down: nothing is handed any more
+            return
+        if self.handoff is not None:
+            self._deliver()
+            return
         if self.pool.action_child() is not None:
             return
         run = self.ledger.head()
         if run is None:
             return
+        now = time.time()
         if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", time.time())
+            self.ledger.dequeue(run, "skipped", "paused", now)
             return
-        child = self.pool.runner(config_dir)
+        try:
+            commands = self.ledger.commands_for(run, config)
+        except ValueError as exc:
+            self.ledger.dequeue(run, "failed", str(exc), now)
+            return
+        child = self.pool.runner(config.config_dir)
         if child is None:
-            self.ledger.dequeue(run, "failed", "cannot fork the action run", time.time())
+            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
             return
         if child.conn is None:
             return                      # not connected yet: a later pass hands it the run
-        self.ledger.dequeue(run, "running", None, time.time())
+        self.ledger.start(run, commands, self.leadership.stamp(), config.config_dir, now)
+        ticket = self.ledger.store.flush()  # with the transition, if it came in this pass
+        if ticket is None:
+            return                      # not written (no longer leading): nothing handed
         child.run_id = run["id"]
-        self.server.send(child.conn, {"t": "run", "run": run})
+        self.handoff = (run, ticket)
+        self._deliver()
+
+    def _deliver(self):
+        run, ticket = self.handoff
+        child = self.pool.action_child()
+        if child is None or child.run_id != run["id"]:
+            self.handoff = None         # its action run died: recorded by exited()
+        elif self.ledger.store.durable(ticket):
+            self.handoff = None
+            self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)
+                                          if self.leadership.confirms else run})
 
     def event(self, child, msg):
         """The action run reports: a command started, spawned, ended; the sequence is done;
@@ -71,9 +120,9 @@ class ActionRuns:
         elif kind == "end":
             child.pgid = None
             self.ledger.command_ended(run, _command_index(run, msg), msg)
-        elif kind == "may" and self.cluster is not None:
+        elif kind == "may" and self.leadership.confirms:
             _command_index(run, msg)
-            self.server.send(child.conn, self.cluster.may())
+            self.server.send(child.conn, self.leadership.may())
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             self.ledger.finish(run, state, msg.get("reason"), time.time())
@@ -89,7 +138,7 @@ class ActionRuns:
         run = self.ledger.runs.get(child.run_id)
         if run is None or run["state"] != "running":
             return
-        stepped = self.cluster.interrupted() if self.cluster is not None else None
+        stepped = self.leadership.interrupted()
         if stepped:
             self.ledger.finish(run, "interrupted", "%s (%s)" % (stepped, how), time.time())
         elif stopping:

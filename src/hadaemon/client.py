@@ -4,7 +4,7 @@ Owns what the command line asks the running daemon over its socket, and what it
 reads from the state db when no daemon runs (offline status, history), and the
 rendering of both for a person.
 
-Uses: base, store, ledger, scheduler.
+Uses: base, store, ledger_store, ledger, scheduler.
 """
 
 import collections
@@ -13,6 +13,7 @@ import time
 
 from .base import ACTION_KILL_GRACE, PidLock, __version__, format_ago, format_duration, format_time
 from .store import Store
+from .ledger_store import LocalStore
 from .ledger import Ledger
 from .scheduler import check_entry
 
@@ -20,8 +21,8 @@ from .scheduler import check_entry
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
     data = Store.read(state_dir) if os.path.isdir(state_dir) else {}
-    ledger = Ledger(None, state_dir)
-    ledger.load(data)
+    ledger = Ledger(LocalStore.of_data(data), state_dir)
+    ledger.take(ledger.store.load())
     results = dict(data.get("checks") or {})       # an older db: all in one key
     results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []

@@ -1,18 +1,19 @@
-"""The cluster as a part of the master: agent, member and cluster ledger wired together.
+"""The cluster as a part of the master: agent, member and the ledger's etcd store wired together.
 
 Owns ClusterLink: the agent child (forked by the Pool), the messages between it and
-the ClusterMember, the cluster ledger's writes in flight, and the answer to "may
-this command start?" that the action run asks before each command in a leader.
+the ClusterMember, what the mirror's news and taking over mean for the Ledger
+(reread, interrupt_running), when the leader weighs the members' views (agree),
+the lease clock told to the running command, and the cluster's face of the
+leadership ActionRuns asks (acting, stamp, may, interrupted; a daemon alone's is
+actions.Alone).
 
-Uses: base, children, pool, cluster_agent.
+Uses: base, pool, cluster_agent.
 """
 
-import os
 import signal
 import time
 
 from .base import killpg_quietly, log
-from .children import expand_commands
 from .pool import KILL_GRACE
 from .cluster_agent import cluster_agent_main
 
@@ -23,10 +24,9 @@ class ClusterLink:
     the agent's messages, and asks it before an action command starts."""
 
     def __init__(self, ledger, pool, server):
-        self.ledger, self.member = ledger, ledger.member
+        self.ledger, self.store, self.member = ledger, ledger.store, ledger.store.member
         self.pool, self.server = pool, server
         self.agent_after = 0.0          # no agent forked before (after quick deaths)
-        self.handoff = None             # (run, rid): handed to its action run once rid is acknowledged
         self.extended = None            # the lease clock the running command was last told
         self.leave_by = None            # stopping: the agent goes once the lease is revoked, or then
         self.restarting = None          # the pid of an agent asked to go (a new ttl)
@@ -34,7 +34,7 @@ class ClusterLink:
     def agent(self):
         return next((c for c in self.pool.children.values() if c.kind == "cluster"), None)
 
-    def tick(self, now, config):
+    def tick(self, now):
         """One pass: keep the agent, send what the member asks, act on what it noted."""
         agent = self.agent()
         if agent is None and self.leave_by is None and now >= self.agent_after:
@@ -47,11 +47,13 @@ class ClusterLink:
         while self.member.notes:
             note = self.member.notes.popleft()
             if note[0] == "mirror":
-                self.ledger.mirrored(note[1])
+                if self.store.mirrored(note[1], self.ledger.cap) and self.member.role != "leader":
+                    # an event, not a whole snapshot: say what the leader did
+                    self.ledger.reread(log_new=len(note[1]) < 100)
             elif note[0] == "acting":
-                self.ledger.take_over(time.time())
+                self.take_over(time.time())
             elif note[0] == "written":
-                self.ledger.written(note[1], note[2])
+                self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
                 log.error("cluster: pause / resume not written: %s", note[2])
         if self.member.stepping is not None:
@@ -60,27 +62,38 @@ class ClusterLink:
                 (now >= self.leave_by or not self.member.inflight):
             agent.signal(signal.SIGTERM, now + KILL_GRACE)
         if self.leave_by is None:
-            self.ledger.agree(time.time())
-            self.start_next_run(config)
-            self.extend_lease()
-        self.ledger.store.flush()
+            self.agree(time.time())
 
-    def extend_lease(self):
+    # -- the leadership ActionRuns asks (a daemon alone's is Alone) ----------------------
+
+    confirms = True                     # the action run asks ``may`` before each command
+
+    def acting(self):
+        return self.member.acting
+
+    def stamp(self):
+        """Who runs a run: (cluster, node, epoch)."""
+        return self.member.settings.name, self.member.settings.node, self.member.epoch
+
+    def leader_name(self):
+        return self.member.leader()[0]
+
+    def extend_lease(self, handing):
         """A renewal moved the lease clock on: the running command's deadlines move with it
-        (its action run keeps them itself, so a frozen master cannot keep it running)."""
+        (its action run keeps them itself, so a frozen master cannot keep it running).
+        ``handing``: a run waits to be handed; its ``run`` must reach it first."""
         member = self.member
         if not member.acting or member.stepping or member.renew_failed or \
                 member.valid_until == self.extended:
             return
         child = self.pool.action_child()
-        if child is None or child.conn is None or self.handoff is not None:
+        if child is None or child.conn is None or handing:
             return
         self.extended = member.valid_until
         self.server.send(child.conn, {"t": "lease", "until": member.stop_at(), "kill_at": member.kill_by()})
 
     def stepping(self, now):
         """Stepping down: the running command gets SIGTERM, SIGKILL by kill_at; then resign."""
-        self.handoff = None
         step = self.member.stepping
         child = self.pool.action_child()
         if child is not None:
@@ -96,57 +109,26 @@ class ClusterLink:
             return
         self.ledger.store.flush()           # the run it ended, before the lease is revoked
         self.member.stepped_down(now)
-        self.ledger.reload()
+        self.ledger.reread()
 
-    def start_next_run(self, config):
-        """The acting leader runs the queue: each run is recorded running in etcd, and
-        only once etcd acknowledged that is it handed to its action run."""
-        if not self.member.acting:
+    def agree(self, now):
+        """The acting leader: every host that quorum live members see in a new state moves."""
+        if not self.store.views_changed or not self.member.acting:
             return
-        child = self.pool.action_child()
-        if self.handoff is not None:
-            run, rid = self.handoff
-            if child is None or child.run_id != run["id"]:
-                self.handoff = None             # its action run died: recorded by ActionRuns.exited
-            elif self.ledger.acked >= rid:
-                self.handoff = None
-                self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)})
-            return
-        if child is not None:
-            return
-        run = self.ledger.head()
-        if run is None:
-            return
-        now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
-            return
-        section = config.section_for(run["host"], run["from"], run["to"])
-        try:
-            if section is None or section.name != run["section"]:
-                raise ValueError("no section [%s] in this member's %s" % (
-                    run["section"], os.path.join(config.config_dir, "actions.conf")))
-            commands = expand_commands(section, run.get("variables") or {})
-        except ValueError as exc:
-            self.ledger.dequeue(run, "failed", str(exc), now)
-            return
-        child = self.pool.runner(config.config_dir)
-        if child is None:
-            self.ledger.dequeue(run, "failed", "cannot fork the action run", now)
-            return
-        if child.conn is None:
-            return                      # not connected yet: a later pass hands it the run
-        settings = self.member.settings
-        run["commands"], run["node"], run["epoch"] = commands, settings.node, self.member.epoch
-        run["env"] = dict(run["env"], HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=self.ledger.state_dir,
-                          HA_CLUSTER=settings.name, HA_NODE=settings.node,
-                          HA_LEADER_EPOCH=str(self.member.epoch))
-        self.ledger.dequeue(run, "running", None, now)
-        rid = self.ledger.store.flush()     # with the transition, if it came in this pass
-        if rid is None:
-            return                      # not written (no longer leading): nothing handed
-        child.run_id = run["id"]
-        self.handoff = (run, rid)
+        self.store.views_changed = False
+        self.ledger.agree(self.member.agreement(self.ledger.states()), now)
+
+    def take_over(self, now):
+        """We lead now: the ledger as etcd holds it, with every earlier leader's writes;
+        what was running under one of them is interrupted, never run again."""
+        ledger = self.ledger
+        ledger.reread()
+        ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
+                                 % (run.get("node", "?"), run.get("epoch", "?")), now)
+        self.store.views_changed = True
+        log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
+                 self.member.settings.name, self.member.node, len(ledger.hosts), len(ledger.transitions),
+                 len(ledger.runs), len(ledger.queue))
 
     def next_wake(self, now):
         """When the loop must pass again for the cluster, at the latest.
@@ -205,7 +187,7 @@ class ClusterLink:
         """quorum and ttl on reload (a new ttl with the next lease; the agent's timeouts too)."""
         ttl_changed = settings.ttl != self.member.settings.ttl
         self.member.settings = settings
-        self.ledger.views_changed = True        # a new quorum may move a host now
+        self.store.views_changed = True         # a new quorum may move a host now
         agent = self.agent()
         if ttl_changed and agent is not None:
             log.info("cluster: ttl is now %ds; the cluster agent restarts with its timeouts", settings.ttl)

@@ -1,23 +1,31 @@
 """Ledger: host states, transitions, action runs and their queue (docs/configuration.md).
 
 What the daemon has decided, and the rules that decide it: a report goes in,
-transitions and action runs come out.  Every change is committed to the Store
-before anything acts on it.  The ledger knows nothing of sockets, processes or
-the clock: every time is handed in (wall-clock seconds), so a test can drive it
-with no process started.
+transitions and action runs come out.  The rules exist once, for a daemon alone
+and for a cluster member alike; only where the ledger is kept differs (a
+LedgerStore, ledger_store.py: the daemon's own state db, or etcd written by the
+cluster's leader alone, docs/cluster.md).  Every change goes to the store before
+anything acts on it.  The ledger knows nothing of sockets, processes or the
+clock: every time is handed in (wall-clock seconds), so a test can drive it with
+no process started.
 
-  report()      the pending candidate and its confirm count; a confirmed
-                state goes to accept()
+  report()      the pending candidate and its confirm count (confirm_step); a
+                confirmed state goes to accept() -- or, in a cluster, into this
+                member's view, and the leader accepts what quorum sees (agree())
   accept()      the transition FROM_to_TO and the run of its section (actions.conf): queued,
                 or skipped (paused), or failed (an empty variable)
-  head(), dequeue(), command_started(), command_ended(), finish()
+  head(), dequeue(), commands_for(), start(), command_started(), command_ended(), finish()
                 a run's life: queued -> running -> ok | failed | interrupted
+  open(), reread(), interrupt_running()
+                the ledger as the store holds it; what was running when its
+                runner died (or its leader lost the lead) is interrupted
 
-This is the local backend: one daemon decides alone and keeps the ledger in its
-own state db.  A cluster (docs/cluster.md) keeps the same verbs with a ledger that the
-leader alone writes elsewhere.
+``shared`` (the store's) is read where a cluster genuinely differs: whose
+candidate a report moves (this member's own view), who accepts a confirmed
+state (the leader, from quorum's views), and a run recording its variables (so
+another member can expand its own section).
 
-Uses: base, children.
+Uses: base, children, ledger_store.
 """
 
 import collections
@@ -25,7 +33,8 @@ import logging
 import os
 
 from .base import OUTPUT_CAP, log
-from .children import StateVariables, plan_run
+from .children import StateVariables, action_variables, expand_commands, plan_run
+from .ledger_store import Changes, LedgerStore, LocalStore
 
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
@@ -66,20 +75,38 @@ def history_entries(transitions, runs, n):
     return out
 
 
-def _by_id(data, prefix):
-    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
-                  key=lambda r: r.get("id", 0))
+def confirm_step(cand, state, confirm):
+    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
+    {state, pending, count, ...}: (the record after it, what happened), what being
+    "same", "dropped" (its own state again: the candidate goes), "counted" (not
+    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
+    if state == cand["state"]:
+        if cand["pending"] is None:
+            return cand, "same"
+        return dict(cand, pending=None, count=0), "dropped"
+    cand = dict(cand)
+    if cand["pending"] == state:
+        cand["count"] += 1
+    else:
+        cand["pending"], cand["count"] = state, 1
+    if cand["count"] < confirm:
+        return cand, "counted"
+    return dict(cand, state=state, pending=None, count=0), "confirmed"
 
 
 class Ledger:
-    """Host states, transitions, action runs and the queue, kept in the Store."""
+    """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
     def __init__(self, store, state_dir, config=None):
-        self.store = store
+        # A Store (the state db) is this daemon's own: a LocalStore over it.
+        self.store = store if isinstance(store, LedgerStore) else LocalStore(store)
+        self.shared = self.store.shared
         self.state_dir = state_dir
         self.config = config
-        self.meta = {"next_transition": 1, "next_run": 1, "paused": False}
-        self.hosts = {}                 # host -> {state, since, pending, count}
+        self.meta = {"next_transition": 1, "next_run": 1}
+        self.hosts = {}                 # host -> {state, since, pending, count}, as accepted
+        self.seen = {}                  # shared: host -> {state, pending, count}, this member's own
+        self.view = {}                  # shared: host -> the state this member confirmed
         self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.by_state = collections.defaultdict(set)    # state -> hosts in it
         self.transitions = collections.deque()
@@ -96,46 +123,65 @@ class Ledger:
 
     @property
     def paused(self):
-        return bool(self.meta.get("paused"))
+        return self.store.paused()
 
-    def load(self, data):
-        """Take the ledger from the state db's key -> value ``data``."""
-        self.meta.update(data.get("meta") or {})
-        self.hosts = {k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)}
+    def take(self, snapshot):
+        """The ledger becomes ``snapshot`` (a store's), its history capped."""
+        self.meta.update(snapshot.meta)
+        self.hosts = snapshot.hosts
         self.by_state.clear()
         for host, record in self.hosts.items():
             self.by_state[record["state"]].add(host)
-        # One key per host (report:HOST); an older db has them all in one key, ``reports``.
-        self.reports = dict(data.get("reports") or {})
-        self.reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
+        self.reports = snapshot.reports
         cap = self.cap
-        self.transitions = collections.deque(_by_id(data, "tr:")[-cap if cap else 0:], maxlen=cap)
-        self.runs = collections.OrderedDict((r["id"], r) for r in _by_id(data, "run:")[-cap if cap else 0:])
-        self.queue = [rid for rid in data.get("queue") or [] if rid in self.runs]
+        self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
+        self.runs = collections.OrderedDict((r["id"], r) for r in snapshot.runs[-cap if cap else 0:])
+        self.queue = [rid for rid in snapshot.queue if rid in self.runs]
 
-    def open(self, now):
-        """Load the opened store: a run that was running when the daemon died is interrupted."""
-        self.load(self.store.data)
-        changes = {}
-        for run in self.runs.values():
-            if run.get("state") == "running":
-                self._set_run_state(run, "interrupted", "the daemon died while it ran", changes, now)
-                self.queue = [rid for rid in self.queue if rid != run["id"]]
-                changes["queue"] = self.queue
-        if changes:
-            self.store.commit(changes)
-        if self.store.data.get("reports"):
-            for host, report in self.reports.items():   # one key per host from now on
-                self.store.soft("report:" + host, report)
-            self.store.soft("reports", {})
+    def open(self, now, acting=True):
+        """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
+        its start, which waits for etcd's ledger): a run that was running when the
+        daemon died is interrupted."""
+        self.take(self.store.load(self.cap))
+        if not acting:
+            return
+        self.interrupt_running(lambda run: "the daemon died while it ran", now)
         if self.paused:
             log.warning("actions are paused (hadaemon --resume to run them again)")
         if self.queue:
             log.info("%d queued action runs from before the restart", len(self.queue))
 
+    def reread(self, log_new=False):
+        """Memory becomes what the store holds (a cluster: etcd; writes gathered and not
+        sent are dropped); ``log_new``: say which transitions are new (the leader's)."""
+        known = self.transitions[-1]["id"] if self.transitions else 0
+        reports = self.reports          # this member's own, in no other store's ledger
+        self.take(self.store.reread(self.cap))
+        self.reports = reports
+        if log_new:
+            for tr in self.transitions:
+                if tr["id"] > known:
+                    log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
+                             tr["host"], tr["from"], tr["to"], tr.get("check"))
+
+    def interrupt_running(self, reason_of, now):
+        """Every run still running is interrupted, ``reason_of(run)`` saying why."""
+        changes = Changes()
+        for run in list(self.runs.values()):
+            if run.get("state") == "running":
+                self._set_run_state(run, "interrupted", reason_of(run), changes, now)
+                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                changes.queue = self.queue
+        if changes:
+            self._put(changes)
+
     def set_paused(self, paused):
-        self.meta["paused"] = bool(paused)
-        self.store.commit({"meta": self.meta})
+        """Pause or resume actions: the paused state to answer (a cluster: the one asked,
+        once etcd has it)."""
+        return self.store.set_paused(paused)
+
+    def _put(self, changes):
+        self.store.put(changes, self.cap)
 
     def state_of(self, host):
         return self.hosts.get(host, NEW_HOST)["state"]
@@ -146,31 +192,37 @@ class Ledger:
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
     def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None."""
-        record = self.hosts.get(host, NEW_HOST)
-        self.reports[host] = {"time": now, "check": check.name, "state": state}
-        self.store.soft("report:" + host, self.reports[host])   # a crash may lose it
-        if state == record["state"]:
-            if record["pending"] is not None:
-                log.info("host %s: %s again; candidate %s dropped", host, state, record["pending"])
-                self._put_host(host, dict(record, pending=None, count=0))
-            return None
-        record = dict(record)
-        if record["pending"] == state:
-            record["count"] += 1
-        else:
-            record["pending"], record["count"] = state, 1
+        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
+        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+        self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        self.store.put_report(host, report)         # a crash may lose it
+        cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
+        if state == cand["state"] and cand["pending"] is None:
+            return None                             # the usual report: nothing new
         confirm = check.group.confirm
-        if record["count"] < confirm:
-            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name,
-                     record["count"], confirm)
-            self._put_host(host, record)
+        new, what = confirm_step(cand, state, confirm)
+        if what == "dropped":
+            log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        if self.shared:                             # docs/cluster.md: after this member's own confirm
+            self.seen[host] = new
+            if what == "confirmed":
+                # Confirmed states only: a host with only a candidate is not "unknown" to it.
+                log.info("host %s: %s sees %s (by %s)", host, self.store.node, state, check.name)
+                self.view[host] = state
+                self.store.publish_view(self.view)
             return None
-        return self.accept(host, state, check.name, now)
+        if what == "confirmed":
+            return self.accept(host, state, check.name, now)
+        self.hosts[host] = new                      # the candidate survives a restart
+        self._put(Changes(hosts={host: new}))
+        return None
 
-    def _put_host(self, host, record):
-        self.hosts[host] = record
-        self.store.commit({"host:" + host: record})
+    def agree(self, moves, now):
+        """The cluster's leader: each (host, state, voters) that quorum sees moves."""
+        for host, state, voters in moves:
+            self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
     def accept(self, host, state, by, now):
         """``host`` moves to ``state``: record the transition and its section's run."""
@@ -185,15 +237,15 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
               "check": by, "run": None}
-        changes = {"host:" + host: record, "meta": self.meta}
+        changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
         if section is not None:
             tr["run"] = self.new_run(tr, section, changes, now)["id"]
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
-        changes["tr:%d" % (tr_id % cap)] = tr
-        self.store.commit(changes)
+        changes.transitions.append(tr)
+        self._put(changes)
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
                  "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
@@ -215,6 +267,10 @@ class Ledger:
                "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
         if rerun_of is not None:
             run["rerun_of"] = rerun_of
+        if self.shared:
+            # The member that runs it may be another leader: it expands the section of
+            # its own actions.conf with these (commands_for).
+            run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
@@ -223,7 +279,7 @@ class Ledger:
             else:
                 self._set_run_state(run, "queued", None, changes, now)
                 self.queue.append(run_id)
-                changes["queue"] = self.queue
+                changes.queue = self.queue
         self.runs[run_id] = run
         while len(self.runs) > cap:
             self.runs.popitem(last=False)
@@ -248,9 +304,9 @@ class Ledger:
             raise ValueError("section [%s] of run #%d is no longer in %s" % (
                 old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
         tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
-        changes = {"meta": self.meta}
+        changes = Changes(meta=self.meta)
         run = self.new_run(tr, section, changes, now, rerun_of=run_id)
-        self.store.commit(changes)
+        self._put(changes)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
                  section.name, run["host"], run["from"], run["to"], run["state"])
         return run
@@ -271,10 +327,7 @@ class Ledger:
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
             log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
                     run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
-        changes[self._run_key(run)] = run
-
-    def _run_key(self, run):
-        return "run:%d" % (run["id"] % self.cap)
+        changes.runs[run["id"]] = run
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -283,23 +336,47 @@ class Ledger:
             if run is not None:
                 return run
             self.queue.pop(0)
-            self.store.commit({"queue": self.queue})
+            self._put(Changes(queue=self.queue))
         return None
 
     def dequeue(self, run, state, reason, now):
         """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
         assert self.queue and self.queue[0] == run["id"], "run %s is not first" % run["id"]
         self.queue.pop(0)
-        changes = {"queue": self.queue}
+        changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
-        self.store.commit(changes)
+        self._put(changes)
+
+    def commands_for(self, run, config):
+        """The commands ``run`` starts with: as planned when it was queued; a run with
+        ``variables`` (a cluster's) expands its section, found by its name as a rerun
+        finds it (precedence chose it when it was queued), in this member's ``config``.
+        ValueError says why it cannot start."""
+        if run.get("variables") is None:
+            return run["commands"]
+        section = config.section_named(run["section"])
+        if section is None:
+            raise ValueError("no section [%s] in this member's %s" % (
+                run["section"], os.path.join(config.config_dir, "actions.conf")))
+        return expand_commands(section, run["variables"])
+
+    def start(self, run, commands, stamp, config_dir, now):
+        """The head of the queue starts with ``commands``; ``stamp`` (a cluster's leader:
+        cluster, node, epoch) says who runs it, in the run and in its environment."""
+        run["commands"] = commands
+        if stamp is not None:
+            cluster, node, epoch = stamp
+            run["node"], run["epoch"] = node, epoch
+            run["env"] = dict(run["env"], HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
+                              HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
+        self.dequeue(run, "running", None, now)
 
     def command_started(self, run, index, when):
         cmd = run["commands"][index]
         cmd["started"] = when
         log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
                  _command_words(cmd))
-        self.store.commit({self._run_key(run): run})
+        self._put(Changes(runs={run["id"]: run}))
 
     def command_ended(self, run, index, msg):
         """Record a command's end, as its action run reported it in ``msg``."""
@@ -314,13 +391,13 @@ class Ledger:
                 msg.get("duration") or 0, " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
         for line in output.splitlines()[:20]:
             log.info("run %d:   | %s", run["id"], line)
-        self.store.commit({self._run_key(run): run})
+        self._put(Changes(runs={run["id"]: run}))
 
     def finish(self, run, state, reason, now):
         """A running run ends: ``ok``, ``failed`` or ``interrupted``."""
-        changes = {}
+        changes = Changes()
         self._set_run_state(run, state, reason, changes, now)
-        self.store.commit(changes)
+        self._put(changes)
 
     # -- what it reports about itself --------------------------------------------
 
@@ -344,9 +421,10 @@ class Ledger:
         record = self.hosts.get(name)
         if record is None:
             return None
+        cand = self.seen.get(name) if self.shared else record     # a member's candidate is its own
         pending = None
-        if record.get("pending"):
-            pending = {"state": record["pending"], "count": record.get("count", 0)}
+        if cand and cand.get("pending"):
+            pending = {"state": cand["pending"], "count": cand.get("count", 0)}
         return {"state": record.get("state"), "since": record.get("since"),
                 "pending": pending, "last_report": self.reports.get(name)}
 

@@ -11,7 +11,7 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server,
+Uses: base, configfiles, wire, store, ledger_store, ledger, scheduler, pool, control, http_server,
       cluster_member, cluster_ledger, cluster_link, actions, reload.
 """
 
@@ -30,15 +30,16 @@ from .base import (
 from .configfiles import load_config_steps
 from .wire import encode_message, json_pieces
 from .store import Store
+from .ledger_store import LocalStore
 from .ledger import Ledger, summarize_run
 from .scheduler import Scheduler
 from .pool import Pool
 from .control import ControlServer
 from .http_server import HttpApp, HttpServer
 from .cluster_member import ClusterMember
-from .cluster_ledger import ClusterLedger, cluster_reload_problem
+from .cluster_ledger import EtcdStore, cluster_reload_problem
 from .cluster_link import ClusterLink
-from .actions import ActionRuns
+from .actions import ActionRuns, Alone
 from .reload import Reload
 
 
@@ -74,17 +75,18 @@ class Master:
         self.lock = PidLock(state_dir)
         self.store = Store(state_dir)
         if config.cluster is None:
-            self.ledger = Ledger(self.store, state_dir, config)
+            ledger_store = LocalStore(self.store)
         else:
-            member = ClusterMember(config.cluster, time.monotonic())
-            self.ledger = ClusterLedger(self.store, state_dir, config, member)
+            ledger_store = EtcdStore(LocalStore(self.store), ClusterMember(config.cluster, time.monotonic()))
+        self.ledger = Ledger(ledger_store, state_dir, config)
         self.scheduler = Scheduler(once, self.store)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
         self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
                                     self.check_finished, self.child_event, self.answer)
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
-        self.runs = ActionRuns(self.ledger, self.pool, self.server, self.cluster)
+        self.leadership = Alone() if self.cluster is None else self.cluster
+        self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -130,7 +132,7 @@ class Master:
         self.store.open()
         for note in self.store.notes:
             log.error("state db: %s", note)
-        self.ledger.open(time.time())
+        self.ledger.open(time.time(), self.leadership.acting())
         self.scheduler.adopt_results(self.store)
         self.http.configure(self.config.daemon)    # a busy port fails the start before the socket exists
         self.server.listen()
@@ -186,17 +188,20 @@ class Master:
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
             if self.stopping:
                 if self.cluster is not None:
-                    self.cluster.tick(now, self.config)     # step down, resign
+                    self.cluster.tick(now)     # step down, resign
+                self.ledger.store.flush()
                 if not self.pool.children or now >= self.stop_deadline:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
             self.scheduler.fire_due(now)
             self.dispatch(now)
-            if self.cluster is None:
-                self.runs.start_next(self.config.config_dir)
-            else:
-                self.cluster.tick(now, self.config)
+            if self.cluster is not None:
+                self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.runs.start_next(self.config)
+            if self.cluster is not None:                    # after the run it may have handed
+                self.cluster.extend_lease(self.runs.handoff is not None)
+            self.ledger.store.flush()       # a cluster: the pass's changes as one txn
             self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
             self.reloads.let_go()
             self.server.tick(now)
@@ -352,7 +357,7 @@ class Master:
     def child_event(self, child, msg):
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
-            self.ledger.member.on_message(msg, time.monotonic())
+            self.cluster.member.on_message(msg, time.monotonic())
         else:
             self.runs.event(child, msg)
 
@@ -381,10 +386,10 @@ class Master:
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
-        self.ledger.set_paused(paused)
+        paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
-        return paused if self.cluster else self.ledger.paused
+        return paused
 
     def answer_run(self, cmd, run_id):
         """``rerun``: queue run ``run_id``'s section again (docs/operating.md); ``run``: how it is now."""
@@ -394,8 +399,8 @@ class Master:
             run = self.ledger.runs.get(run_id)
             return {"ok": True, "run": summarize_run(run)} if run else \
                 {"ok": False, "errors": ["no run #%d in the history" % run_id]}
-        if self.cluster is not None and not self.ledger.member.acting:
-            leader, _ = self.ledger.member.leader()
+        if not self.leadership.acting():
+            leader = self.leadership.leader_name()
             return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
                                             "the leader (%s)" % (leader or "none now")]}
         try:
@@ -413,7 +418,7 @@ class Master:
         daemon.update(self.ledger.daemon_status())
         daemon.update(self.pool.status())
         if self.cluster is not None:
-            daemon["cluster"] = dict(self.ledger.member.status(now_m),
+            daemon["cluster"] = dict(self.cluster.member.status(now_m),
                                      agent_pid=getattr(self.cluster.agent(), "pid", None))
         else:
             daemon["cluster"] = None
