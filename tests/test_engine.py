@@ -805,7 +805,7 @@ def test_interval_checks_do_not_drift(daemon):
 READ_DB = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import hadaemon.wire
+import hadaemon
 data = hadaemon.Store.read(sys.argv[2])
 print(json.dumps(sorted((v["host"], v["from"], v["to"])
                         for k, v in data.items() if k.startswith("tr:"))))
