@@ -11,7 +11,7 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, wire, store, ledger, scheduler, pool, control, http_server,
+Uses: base, configfiles, wire, records, store, ledger, scheduler, pool, control, http_server,
       cluster_member, cluster_ledger, cluster_link, actions, reload.
 """
 
@@ -29,6 +29,7 @@ from .base import (
 )
 from .configfiles import load_config_steps
 from .wire import encode_message, json_pieces
+from .records import CheckResult
 from .store import Store
 from .ledger import Ledger, summarize_run
 from .scheduler import Scheduler
@@ -317,7 +318,11 @@ class Master:
             self.server.send(child.conn, self.pool.hand(child, job, now))
 
     def check_finished(self, job, msg):
-        done = self.scheduler.finished(job, msg)
+        """A worker's result message for its Job."""
+        self.check_result(job, CheckResult.from_wire(msg))
+
+    def check_result(self, job, result):
+        done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
             for host, state in reports:
@@ -343,10 +348,7 @@ class Master:
             pgid = child.check_pgid()
             if pgid:
                 killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_finished(job, {"data": {"state": "unknown",
-                                               "message": "worker died (%s) while running the check" % how},
-                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
-                                      "duration": time.monotonic() - job["sent"]})
+            self.check_result(job, CheckResult.lost(job, how, time.monotonic()))
         child.close_slot()
 
     def child_event(self, child, msg):
