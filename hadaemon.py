@@ -54,7 +54,8 @@ configfiles.py     checks.conf and actions.conf, read whole into one Config, eve
                    problem as FILE:LINE.
 wire.py            Wire protocol and check output: what crosses the UNIX socket, and
                    what a check prints.
-records.py         Typed records: what crosses the socket, one type each.
+records.py         Typed records: what crosses the socket and what --status --json says,
+                   one type each.
 dumbfiles.py       dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's
                    own format.
 store.py           State store: dbm.dumb with a write-ahead journal.
@@ -1635,7 +1636,8 @@ def reports_from_result(data, exit_code, default_host):
 
 
 # ============================================================================
-# records.py: Typed records: what crosses the socket, one type each.
+# records.py: Typed records: what crosses the socket and what --status --json
+# says, one type each.
 # ============================================================================
 #
 # Owns the records that were dicts built by hand in several places, each with its
@@ -1644,11 +1646,16 @@ def reports_from_result(data, exit_code, default_host):
 #   Job          master -> worker: one check to run (``{"t": "job"}``)
 #   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
 #                master's own result for a worker that died; the check's ``last``
+#   StatusDoc    the --status --json document (socket, HTTP /status, offline), with
+#   DaemonBlock  its ``daemon`` block and
+#   ClusterStatus  that block's ``cluster``
 #
-# The wire forms are what the processes read: their keys, values and order are kept
-# exactly; an optional key is left out when it is None, as before.
+# The wire forms are the published contract (docs/operating.md, docs/http.md,
+# docs/cluster.md): their keys, values and order are kept exactly; an optional key is
+# left out when it is None, as before.  The status document has no ``from_wire``: its
+# readers (the renderers, the page, the metrics, the tests) read the JSON.
 #
-# Uses: wire.
+# Uses: base, wire.
 
 # -- Master -> worker: a job ---------------------------------------------------------
 
@@ -1742,6 +1749,94 @@ class CheckResult(typing.NamedTuple):
         if self.stderr:
             last["stderr"] = self.stderr[:500]
         return last
+
+
+# -- The status document ------------------------------------------------------------
+
+class ClusterStatus(typing.NamedTuple):
+    """daemon.cluster of --status --json (docs/cluster.md)."""
+    name: str
+    node: str
+    role: str                           # leader | follower | none
+    leader: typing.Optional[str]
+    epoch: typing.Optional[int]
+    quorum: int
+    members: dict                       # node -> {"hosts": {host: state}}
+    etcd: list                          # [{"endpoint", "ok"}]
+    ttl: float
+    acting: bool
+    requests: typing.Optional[int]
+    agent_pid: typing.Optional[int] = None
+
+    def to_wire(self):
+        return self._asdict()
+
+    @classmethod
+    def offline(cls, settings):
+        """When no daemon answers: this member is none of the cluster now."""
+        return cls(settings.name, settings.node, "none", None, None, settings.quorum, {},
+                   [{"endpoint": url, "ok": False} for url in settings.etcd],
+                   settings.ttl, False, None, None)
+
+
+class DaemonBlock(typing.NamedTuple):
+    """daemon of --status --json: the process, its paths, its parts' state."""
+    running: bool
+    pid: typing.Optional[int]
+    version: str
+    started: typing.Optional[float]     # wall clock
+    uptime: typing.Optional[float]
+    config_dir: typing.Optional[str]
+    state_dir: str
+    lag_ms: typing.Optional[dict]
+    http: typing.Optional[str]
+    counters: typing.Optional[dict]
+    paused: bool
+    queue: list
+    workers: list
+    action_pid: typing.Optional[int]
+    ssh: list
+    cluster: typing.Optional[ClusterStatus]
+
+    def to_wire(self):
+        block = self._asdict()
+        if self.cluster is not None:
+            block["cluster"] = self.cluster.to_wire()
+        return block
+
+    @classmethod
+    def offline(cls, state_dir, config, ledger):
+        """When no daemon answers: what the state db (``ledger``) and the config say."""
+        actions = ledger.daemon_status()
+        return cls(False, None, __version__, None, None, config.config_dir if config else None,
+                   state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+
+
+class StatusDoc(typing.NamedTuple):
+    """The --status --json document.  ``hosts`` (pairs of name and entry) and
+    ``checks`` may be generators, made as they are read: convert a StatusDoc once."""
+    transitions: list                   # newest first, as the ledger keeps them
+    runs: list                          # newest first, summarized
+    daemon: DaemonBlock
+    hosts: typing.Iterable              # (name, entry), by name
+    checks: typing.Iterable             # entries, in the order of the checks
+
+    def to_wire(self):
+        """The document as one dict (HTTP, offline --status)."""
+        return {"transitions": self.transitions, "runs": self.runs, "daemon": self.daemon.to_wire(),
+                "hosts": dict(self.hosts), "checks": list(self.checks)}
+
+    def pieces(self):
+        """The document's one JSON line in pieces, byte for byte what to_wire() encodes:
+        the hosts and checks a few hundred at a time, as they are made."""
+        yield b'{"transitions":' + encode_message(self.transitions)[:-1] + \
+            b',"runs":' + encode_message(self.runs)[:-1] + \
+            b',"daemon":' + encode_message(self.daemon.to_wire())[:-1] + b',"hosts":'
+        yield from json_pieces(self.hosts, as_object=True)
+        yield b',"checks":'
+        yield from json_pieces(self.checks, as_object=False)
+        yield b"}\n"
 
 
 # ============================================================================
@@ -6107,7 +6202,7 @@ def cluster_agent_main(sock_path, cluster):
 # only once its mirror holds its own leader key (so it holds every ledger write of
 # the leaders before it) and while its lease clock runs.
 #
-# Uses: base, cluster_agent.
+# Uses: base, records, cluster_agent.
 
 # A member: none -> follower (a lease, its view published) -> leader (the leader key on
 # its lease) -> none (stepped down, or the lease lost: a new lease makes it a follower).
@@ -6484,19 +6579,20 @@ class ClusterMember:
             return None
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
-    def status(self, now):
-        """daemon.cluster of --status --json (docs/cluster.md)."""
+    def status(self, now, agent_pid=None):
+        """daemon.cluster of --status --json (docs/cluster.md), a ClusterStatus."""
         node, epoch = self.leader() if self.role != "none" else (None, None)
-        return {"name": self.settings.name, "node": self.node,
-                "role": "leader" if self.role == "leader" and self.stepping is None else
-                        ("follower" if self.role in ("follower", "leader") else "none"),
-                "leader": node, "epoch": epoch, "quorum": self.settings.quorum,
-                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
-                if self.role != "none" else {},
-                "etcd": [{"endpoint": e["endpoint"],
-                          "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
-                         for e in self.endpoints],
-                "ttl": self.settings.ttl, "acting": self.acting, "requests": self.requests}
+        return ClusterStatus(
+            name=self.settings.name, node=self.node,
+            role="leader" if self.role == "leader" and self.stepping is None else
+                 ("follower" if self.role in ("follower", "leader") else "none"),
+            leader=node, epoch=epoch, quorum=self.settings.quorum,
+            members={n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
+            if self.role != "none" else {},
+            etcd=[{"endpoint": e["endpoint"],
+                   "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
+                  for e in self.endpoints],
+            ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)
 
 
 # ============================================================================
@@ -7194,7 +7290,7 @@ class Reload:
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, wire, records, store, ledger, scheduler, pool, control, http_server,
+# Uses: base, configfiles, records, store, ledger, scheduler, pool, control, http_server,
 #       cluster_member, cluster_ledger, cluster_link, actions, reload.
 
 class Notifier:
@@ -7560,38 +7656,33 @@ class Master:
             return {"ok": False, "errors": [str(exc)]}
 
     def daemon_status(self, now_m):
-        """The daemon block of --status --json."""
-        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
-                  "started": self.started_wall, "uptime": now_m - self.started,
-                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
-                  "counters": self.ledger.counters()}
-        daemon.update(self.ledger.daemon_status())
-        daemon.update(self.pool.status())
+        """The DaemonBlock of --status --json."""
+        cluster = None
         if self.cluster is not None:
-            daemon["cluster"] = dict(self.ledger.member.status(now_m),
-                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
-        else:
-            daemon["cluster"] = None
-        return daemon
+            cluster = self.ledger.member.status(now_m, getattr(self.cluster.agent(), "pid", None))
+        return DaemonBlock(running=True, pid=os.getpid(), version=__version__,
+                           started=self.started_wall, uptime=now_m - self.started,
+                           config_dir=self.config.config_dir, state_dir=self.state_dir,
+                           lag_ms=self.scheduler.lag_summary(), http=self.http.url,
+                           counters=self.ledger.counters(), cluster=cluster,
+                           **self.ledger.daemon_status(), **self.pool.status())
+
+    def status_doc(self):
+        """The StatusDoc, its hosts and checks made as they are read."""
+        now_m, now = time.monotonic(), time.time()
+        recent = self.ledger.recent()
+        return StatusDoc(recent["transitions"], recent["runs"], self.daemon_status(now_m),
+                         self.ledger.host_entries(), self.scheduler.status(now_m, now))
 
     def status_stream(self):
         """--status --json as pieces of its one line: the daemon's block, then what each
         part says of itself, the hosts and checks a few hundred at a time (the loop
         goes on between the pieces, so ten thousand checks hold up nothing due)."""
-        now_m, now = time.monotonic(), time.time()
-        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
-            b',"hosts":'
-        yield from json_pieces(self.ledger.host_entries(), as_object=True)
-        yield b',"checks":'
-        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
-        yield b"}\n"
+        yield from self.status_doc().pieces()
 
     def status_document(self):
         """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
-        now_m, now = time.monotonic(), time.time()
-        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
-                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
+        return self.status_doc().to_wire()
 
 
 # ============================================================================
@@ -7741,7 +7832,7 @@ def render_simulation(doc):
 # reads from the state db when no daemon runs (offline status, history), and the
 # rendering of both for a person.
 #
-# Uses: base, store, ledger, scheduler.
+# Uses: base, records, store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
@@ -7751,21 +7842,10 @@ def offline_status(state_dir, config=None, last=20):
     results = dict(data.get("checks") or {})       # an older db: all in one key
     results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
-    daemon = {"running": False, "pid": None, "version": __version__, "started": None,
-              "uptime": None, "config_dir": config.config_dir if config else None,
-              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
-              "http": None, "counters": None,
-              "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
-    daemon.update(ledger.daemon_status())
-    return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
-
-
-def offline_cluster(cluster):
-    """daemon.cluster when no daemon answers: this member is none of the cluster now."""
-    return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
-            "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
-            "requests": None, "agent_pid": None,
-            "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
+    recent = ledger.recent(last)
+    doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
+                    ledger.host_entries(), checks)
+    return doc.to_wire(), ledger
 
 
 def locked_pid(state_dir, wait=2.0):

@@ -11,10 +11,14 @@ import time
 import pytest
 
 import hadaemon.base
+import hadaemon.client
+import hadaemon.config
+import hadaemon.cluster_member
 import hadaemon.pool
 import hadaemon.records
+import hadaemon.store
 import hadaemon.wire
-from hadaemon.records import CheckResult, Job
+from hadaemon.records import CheckResult, ClusterStatus, DaemonBlock, Job, StatusDoc
 
 enc = hadaemon.wire.encode_message
 
@@ -158,3 +162,115 @@ def test_to_last_is_the_checks_last_as_status_shows_it():
     assert last["attributes"]["a03"] == "3"
     assert "stderr" not in result._replace(stderr=None).to_last([], [])
     assert result._replace(data={"message": 5}).to_last([], [])["message"] is None
+
+
+# -- The status document ------------------------------------------------------------------
+
+SETTINGS = hadaemon.config.ClusterSettings(etcd=("http://10.0.0.1:2379", "http://10.0.0.2:2379"),
+                                           name="c", node="a", ttl=6, quorum=2)
+
+
+def online_daemon(cluster=None):
+    return DaemonBlock(running=True, pid=123, version="1.0", started=1700000000.0, uptime=5.5,
+                       config_dir="/etc/hadaemon", state_dir="/var/lib/hadaemon",
+                       lag_ms={"p50": 0.1}, http="http://127.0.0.1:8080/", counters={"transitions": []},
+                       paused=False, queue=[4], workers=[{"pid": 5, "state": "idle"}], action_pid=None,
+                       ssh=[], cluster=cluster)
+
+
+def old_daemon_block(cluster=None):
+    """Master.daemon_status as it was built before the record, for a key-by-key comparison."""
+    daemon = {"running": True, "pid": 123, "version": "1.0", "started": 1700000000.0, "uptime": 5.5,
+              "config_dir": "/etc/hadaemon", "state_dir": "/var/lib/hadaemon", "lag_ms": {"p50": 0.1},
+              "http": "http://127.0.0.1:8080/", "counters": {"transitions": []}}
+    daemon.update({"paused": False, "queue": [4]})
+    daemon.update({"workers": [{"pid": 5, "state": "idle"}], "action_pid": None, "ssh": []})
+    daemon["cluster"] = cluster
+    return daemon
+
+
+HOSTS = [("db%d" % i, {"state": "up", "since": 1.0 * i, "pending": None, "last_report": None})
+         for i in range(7)]
+CHECKS = [{"key": "k%d" % i, "name": "c %d" % i, "last": None} for i in range(5)]
+TRANSITIONS = [{"id": 2, "time": 2.0, "host": "db1", "from": "unknown", "to": "up", "check": "c", "run": None}]
+RUNS = [{"id": 1, "state": "ok", "commands": []}]
+
+
+def test_daemon_block_is_the_dict_the_master_built():
+    assert enc(online_daemon().to_wire()) == enc(old_daemon_block())
+
+
+def test_cluster_block_is_the_members_status_with_the_agents_pid():
+    member = hadaemon.cluster_member.ClusterMember(SETTINGS, 100.0)
+    status = member.status(100.0, 77)
+    assert isinstance(status, ClusterStatus)
+    old = {"name": "c", "node": "a", "role": "none", "leader": None, "epoch": None, "quorum": 2,
+           "members": {}, "etcd": [{"endpoint": "http://10.0.0.1:2379", "ok": False},
+                                   {"endpoint": "http://10.0.0.2:2379", "ok": False}],
+           "ttl": 6, "acting": False, "requests": member.requests}
+    assert enc(status.to_wire()) == enc(dict(old, agent_pid=77))
+    assert member.status(100.0).agent_pid is None
+    assert enc(online_daemon(status).to_wire()) == enc(old_daemon_block(dict(old, agent_pid=77)))
+
+
+def test_offline_cluster_block_has_the_online_keys():
+    offline = ClusterStatus.offline(SETTINGS).to_wire()
+    assert offline == {"name": "c", "node": "a", "role": "none", "leader": None, "epoch": None,
+                       "quorum": 2, "members": {}, "ttl": 6, "acting": False, "requests": None,
+                       "agent_pid": None, "etcd": [{"endpoint": "http://10.0.0.1:2379", "ok": False},
+                                                   {"endpoint": "http://10.0.0.2:2379", "ok": False}]}
+    online = hadaemon.cluster_member.ClusterMember(SETTINGS, 100.0).status(100.0)
+    assert list(offline) == list(online.to_wire())
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_status_pieces_are_the_old_spliced_line_and_the_dict(step, monkeypatch):
+    monkeypatch.setattr(hadaemon.wire, "ANSWER_STEP", step)
+    for cluster in (None, ClusterStatus.offline(SETTINGS)):
+        def doc():
+            return StatusDoc(TRANSITIONS, RUNS, online_daemon(cluster), iter(HOSTS), iter(CHECKS))
+        pieces = list(doc().pieces())
+        assert len(pieces) > 4
+        line = b"".join(pieces)
+        # What Master.status_stream spliced before: encode_message(...)[:-2] + the rest.
+        old = enc({"transitions": TRANSITIONS, "runs": RUNS,
+                   "daemon": old_daemon_block(cluster and cluster.to_wire())})[:-2] + b',"hosts":'
+        old += b"".join(hadaemon.wire.json_pieces(iter(HOSTS), as_object=True)) + b',"checks":'
+        old += b"".join(hadaemon.wire.json_pieces(iter(CHECKS), as_object=False)) + b"}\n"
+        assert line == old
+        assert line == enc(doc().to_wire())
+        assert list(json.loads(line)) == ["transitions", "runs", "daemon", "hosts", "checks"]
+
+
+def test_offline_daemon_block_has_the_online_keys_and_values(tmp_path):
+    class Ledger:
+        def daemon_status(self):
+            return {"paused": True, "queue": [3, 4]}
+
+    class Config:
+        config_dir = "/etc/hadaemon"
+        cluster = SETTINGS
+    block = DaemonBlock.offline(str(tmp_path), Config, Ledger()).to_wire()
+    assert list(block) == list(online_daemon().to_wire())
+    assert block == {"running": False, "pid": None, "version": hadaemon.base.__version__,
+                     "started": None, "uptime": None, "config_dir": "/etc/hadaemon",
+                     "state_dir": str(tmp_path), "lag_ms": None, "http": None, "counters": None,
+                     "paused": True, "queue": [3, 4], "workers": [], "action_pid": None, "ssh": [],
+                     "cluster": ClusterStatus.offline(SETTINGS).to_wire()}
+    Config.cluster = None
+    assert DaemonBlock.offline(str(tmp_path), Config, Ledger()).cluster is None
+    assert DaemonBlock.offline(str(tmp_path), None, Ledger()).config_dir is None
+
+
+def test_offline_status_from_a_state_db(tmp_path):
+    store = hadaemon.store.Store(str(tmp_path))
+    store.open()
+    store.commit({"host:db1": {"state": "master", "since": 5.0, "pending": "slave", "count": 1},
+                  "meta": {"next_transition": 1, "next_run": 1, "paused": True}})
+    store.close()
+    doc, ledger = hadaemon.client.offline_status(str(tmp_path))
+    assert list(doc) == ["transitions", "runs", "daemon", "hosts", "checks"]
+    assert doc["hosts"] == {"db1": {"state": "master", "since": 5.0,
+                                    "pending": {"state": "slave", "count": 1}, "last_report": None}}
+    assert doc["daemon"]["running"] is False and doc["daemon"]["paused"] is True
+    assert doc["daemon"]["state_dir"] == str(tmp_path) and doc["checks"] == []

@@ -1,4 +1,4 @@
-"""Typed records: what crosses the socket, one type each.
+"""Typed records: what crosses the socket and what --status --json says, one type each.
 
 Owns the records that were dicts built by hand in several places, each with its
 one conversion to and from the form it travels or is stored in:
@@ -6,17 +6,23 @@ one conversion to and from the form it travels or is stored in:
   Job          master -> worker: one check to run (``{"t": "job"}``)
   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
                master's own result for a worker that died; the check's ``last``
+  StatusDoc    the --status --json document (socket, HTTP /status, offline), with
+  DaemonBlock  its ``daemon`` block and
+  ClusterStatus  that block's ``cluster``
 
-The wire forms are what the processes read: their keys, values and order are kept
-exactly; an optional key is left out when it is None, as before.
+The wire forms are the published contract (docs/operating.md, docs/http.md,
+docs/cluster.md): their keys, values and order are kept exactly; an optional key is
+left out when it is None, as before.  The status document has no ``from_wire``: its
+readers (the renderers, the page, the metrics, the tests) read the JSON.
 
-Uses: wire.
+Uses: base, wire.
 """
 
 import dataclasses
 import typing
 
-from .wire import _shorten
+from .base import __version__
+from .wire import _shorten, encode_message, json_pieces
 
 
 # -- Master -> worker: a job ---------------------------------------------------------
@@ -111,3 +117,91 @@ class CheckResult(typing.NamedTuple):
         if self.stderr:
             last["stderr"] = self.stderr[:500]
         return last
+
+
+# -- The status document ------------------------------------------------------------
+
+class ClusterStatus(typing.NamedTuple):
+    """daemon.cluster of --status --json (docs/cluster.md)."""
+    name: str
+    node: str
+    role: str                           # leader | follower | none
+    leader: typing.Optional[str]
+    epoch: typing.Optional[int]
+    quorum: int
+    members: dict                       # node -> {"hosts": {host: state}}
+    etcd: list                          # [{"endpoint", "ok"}]
+    ttl: float
+    acting: bool
+    requests: typing.Optional[int]
+    agent_pid: typing.Optional[int] = None
+
+    def to_wire(self):
+        return self._asdict()
+
+    @classmethod
+    def offline(cls, settings):
+        """When no daemon answers: this member is none of the cluster now."""
+        return cls(settings.name, settings.node, "none", None, None, settings.quorum, {},
+                   [{"endpoint": url, "ok": False} for url in settings.etcd],
+                   settings.ttl, False, None, None)
+
+
+class DaemonBlock(typing.NamedTuple):
+    """daemon of --status --json: the process, its paths, its parts' state."""
+    running: bool
+    pid: typing.Optional[int]
+    version: str
+    started: typing.Optional[float]     # wall clock
+    uptime: typing.Optional[float]
+    config_dir: typing.Optional[str]
+    state_dir: str
+    lag_ms: typing.Optional[dict]
+    http: typing.Optional[str]
+    counters: typing.Optional[dict]
+    paused: bool
+    queue: list
+    workers: list
+    action_pid: typing.Optional[int]
+    ssh: list
+    cluster: typing.Optional[ClusterStatus]
+
+    def to_wire(self):
+        block = self._asdict()
+        if self.cluster is not None:
+            block["cluster"] = self.cluster.to_wire()
+        return block
+
+    @classmethod
+    def offline(cls, state_dir, config, ledger):
+        """When no daemon answers: what the state db (``ledger``) and the config say."""
+        actions = ledger.daemon_status()
+        return cls(False, None, __version__, None, None, config.config_dir if config else None,
+                   state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+
+
+class StatusDoc(typing.NamedTuple):
+    """The --status --json document.  ``hosts`` (pairs of name and entry) and
+    ``checks`` may be generators, made as they are read: convert a StatusDoc once."""
+    transitions: list                   # newest first, as the ledger keeps them
+    runs: list                          # newest first, summarized
+    daemon: DaemonBlock
+    hosts: typing.Iterable              # (name, entry), by name
+    checks: typing.Iterable             # entries, in the order of the checks
+
+    def to_wire(self):
+        """The document as one dict (HTTP, offline --status)."""
+        return {"transitions": self.transitions, "runs": self.runs, "daemon": self.daemon.to_wire(),
+                "hosts": dict(self.hosts), "checks": list(self.checks)}
+
+    def pieces(self):
+        """The document's one JSON line in pieces, byte for byte what to_wire() encodes:
+        the hosts and checks a few hundred at a time, as they are made."""
+        yield b'{"transitions":' + encode_message(self.transitions)[:-1] + \
+            b',"runs":' + encode_message(self.runs)[:-1] + \
+            b',"daemon":' + encode_message(self.daemon.to_wire())[:-1] + b',"hosts":'
+        yield from json_pieces(self.hosts, as_object=True)
+        yield b',"checks":'
+        yield from json_pieces(self.checks, as_object=False)
+        yield b"}\n"
