@@ -54,6 +54,8 @@ configfiles.py     checks.conf and actions.conf, read whole into one Config, eve
                    problem as FILE:LINE.
 wire.py            Wire protocol and check output: what crosses the UNIX socket, and
                    what a check prints.
+records.py         Typed records: what crosses the socket and what --status --json says,
+                   one type each.
 dumbfiles.py       dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's
                    own format.
 store.py           State store: dbm.dumb with a write-ahead journal.
@@ -1636,6 +1638,210 @@ def reports_from_result(data, exit_code, default_host):
 
 
 # ============================================================================
+# records.py: Typed records: what crosses the socket and what --status --json
+# says, one type each.
+# ============================================================================
+#
+# Owns the records that were dicts built by hand in several places, each with its
+# one conversion to and from the form it travels or is stored in:
+#
+#   Job          master -> worker: one check to run (``{"t": "job"}``)
+#   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
+#                master's own result for a worker that died; the check's ``last``
+#   StatusDoc    the --status --json document (socket, HTTP /status, offline), with
+#   DaemonBlock  its ``daemon`` block and
+#   ClusterStatus  that block's ``cluster``
+#
+# The wire forms are the published contract (docs/operating.md, docs/http.md,
+# docs/cluster.md): their keys, values and order are kept exactly; an optional key is
+# left out when it is None, as before.  The status document has no ``from_wire``: its
+# readers (the renderers, the page, the metrics, the tests) read the JSON.
+#
+# Uses: base, wire.
+
+# -- Master -> worker: a job ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+    """One check handed to a worker.  ``sent`` / ``sent_wall`` are the master's own
+    (when it was handed: the hang deadline, the lost result's start) and never sent."""
+    id: int
+    key: str                            # the check's key
+    argv: list                          # what runs (ssh: the ssh command)
+    env: dict                           # HA_CHECK, HA_SCOPE, HA_STATE, HA_CONFIG_DIR, HA_STATE_DIR[, HA_HOST]
+    timeout: float
+    stdin: typing.Optional[str] = None  # ssh: the file the remote command reads
+    ssh: bool = False
+    sent: typing.Optional[float] = None         # monotonic
+    sent_wall: typing.Optional[float] = None    # wall clock
+
+    def to_wire(self):
+        """The ``job`` message a worker reads."""
+        msg = {"t": "job", "id": self.id, "key": self.key, "timeout": self.timeout,
+               "env": self.env, "argv": self.argv}
+        if self.ssh:
+            msg["stdin"], msg["ssh"] = self.stdin, True
+        return msg
+
+    @classmethod
+    def from_wire(cls, msg, _new=tuple.__new__):
+        """The worker's side; a message without id, key, argv, env or timeout raises
+        KeyError (the worker exits with its traceback: the master gave it nonsense)."""
+        return cls(msg["id"], msg["key"], msg["argv"], msg["env"], msg["timeout"],
+                   msg.get("stdin"), bool(msg.get("ssh")))
+
+
+# -- Worker -> master: a check's result ------------------------------------------------
+
+class CheckResult(typing.NamedTuple):
+    """What one run of a check said, and how it ran."""
+    job: typing.Optional[int]           # the Job's id
+    key: typing.Optional[str]           # the check's key
+    data: dict                          # its output parsed ({} when the worker sent no dict)
+    failed: bool                        # cut short, or ssh failed: it said nothing of its own
+    exit: typing.Optional[int]
+    signal: typing.Optional[int]
+    started: typing.Optional[float]     # wall clock
+    duration: typing.Optional[float]    # seconds
+    trouble: typing.Optional[str]       # what the daemon had to do about it, for the log
+    stderr: typing.Optional[str] = None     # its first 2048 characters; None when it wrote none
+
+    def to_wire(self):
+        """The ``result`` message a worker sends (``stderr`` only when there was some)."""
+        msg = {"t": "result", "job": self.job, "key": self.key, "data": self.data,
+               "failed": self.failed, "exit": self.exit, "signal": self.signal,
+               "started": self.started, "duration": self.duration, "trouble": self.trouble}
+        if self.stderr:
+            msg["stderr"] = self.stderr
+        return msg
+
+    @classmethod
+    def from_wire(cls, msg, _new=tuple.__new__):
+        """The master's side, lenient as the worker is its own child: ``data`` that is
+        not an object reads as {}, ``exit`` not an int and ``trouble`` not a string as
+        None, ``failed`` is True only when it is ``true``; the rest is taken as sent.
+        (Whether the message is a result for the job the worker runs is the Pool's.)"""
+        get = msg.get
+        data, exit_code, trouble = get("data"), get("exit"), get("trouble")
+        # tuple.__new__: the hottest message, and the NamedTuple's __new__ is one call more.
+        return _new(cls, (get("job"), get("key"), data if isinstance(data, dict) else {},
+                          get("failed") is True, exit_code if isinstance(exit_code, int) else None,
+                          get("signal"), get("started"), get("duration"),
+                          trouble if isinstance(trouble, str) else None, get("stderr") or None))
+
+    @classmethod
+    def lost(cls, job, how, now_m):
+        """The result of a check whose worker died while it ran: unknown, and failed
+        (its unknown goes to the hosts the check last reported on)."""
+        return cls(job.id, job.key, {"state": "unknown",
+                                     "message": "worker died (%s) while running the check" % how},
+                   True, None, None, job.sent_wall, now_m - job.sent, None)
+
+    def to_last(self, reports, problems):
+        """The check's ``last``, as --status --json shows it and ``check:KEY`` keeps it."""
+        data = self.data
+        message = data.get("message")
+        last = {"time": self.started, "duration": self.duration, "exit": self.exit,
+                "signal": self.signal, "reports": {h: s for h, s in reports},
+                "message": message[:500] if isinstance(message, str) else None,
+                "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
+                               for k, v in list(data.items())[:20]
+                               if k not in ("state", "states", "host", "message")},
+                "rejected": tuple(problems)}    # a tuple: untracked by the collector, as the rest
+        if self.stderr:
+            last["stderr"] = self.stderr[:500]
+        return last
+
+
+# -- The status document ------------------------------------------------------------
+
+class ClusterStatus(typing.NamedTuple):
+    """daemon.cluster of --status --json (docs/cluster.md)."""
+    name: str
+    node: str
+    role: str                           # leader | follower | none
+    leader: typing.Optional[str]
+    epoch: typing.Optional[int]
+    quorum: int
+    members: dict                       # node -> {"hosts": {host: state}}
+    etcd: list                          # [{"endpoint", "ok"}]
+    ttl: float
+    acting: bool
+    requests: typing.Optional[int]
+    agent_pid: typing.Optional[int] = None
+
+    def to_wire(self):
+        return self._asdict()
+
+    @classmethod
+    def offline(cls, settings):
+        """When no daemon answers: this member is none of the cluster now."""
+        return cls(settings.name, settings.node, "none", None, None, settings.quorum, {},
+                   [{"endpoint": url, "ok": False} for url in settings.etcd],
+                   settings.ttl, False, None, None)
+
+
+class DaemonBlock(typing.NamedTuple):
+    """daemon of --status --json: the process, its paths, its parts' state."""
+    running: bool
+    pid: typing.Optional[int]
+    version: str
+    started: typing.Optional[float]     # wall clock
+    uptime: typing.Optional[float]
+    config_dir: typing.Optional[str]
+    state_dir: str
+    lag_ms: typing.Optional[dict]
+    http: typing.Optional[str]
+    counters: typing.Optional[dict]
+    paused: bool
+    queue: list
+    workers: list
+    action_pid: typing.Optional[int]
+    ssh: list
+    cluster: typing.Optional[ClusterStatus]
+
+    def to_wire(self):
+        block = self._asdict()
+        if self.cluster is not None:
+            block["cluster"] = self.cluster.to_wire()
+        return block
+
+    @classmethod
+    def offline(cls, state_dir, config, ledger):
+        """When no daemon answers: what the state db (``ledger``) and the config say."""
+        actions = ledger.daemon_status()
+        return cls(False, None, __version__, None, None, config.config_dir if config else None,
+                   state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+
+
+class StatusDoc(typing.NamedTuple):
+    """The --status --json document.  ``hosts`` (pairs of name and entry) and
+    ``checks`` may be generators, made as they are read: convert a StatusDoc once."""
+    transitions: list                   # newest first, as the ledger keeps them
+    runs: list                          # newest first, summarized
+    daemon: DaemonBlock
+    hosts: typing.Iterable              # (name, entry), by name
+    checks: typing.Iterable             # entries, in the order of the checks
+
+    def to_wire(self):
+        """The document as one dict (HTTP, offline --status)."""
+        return {"transitions": self.transitions, "runs": self.runs, "daemon": self.daemon.to_wire(),
+                "hosts": dict(self.hosts), "checks": list(self.checks)}
+
+    def pieces(self):
+        """The document's one JSON line in pieces, byte for byte what to_wire() encodes:
+        the hosts and checks a few hundred at a time, as they are made."""
+        yield b'{"transitions":' + encode_message(self.transitions)[:-1] + \
+            b',"runs":' + encode_message(self.runs)[:-1] + \
+            b',"daemon":' + encode_message(self.daemon.to_wire())[:-1] + b',"hosts":'
+        yield from json_pieces(self.hosts, as_object=True)
+        yield b',"checks":'
+        yield from json_pieces(self.checks, as_object=False)
+        yield b"}\n"
+
+
+# ============================================================================
 # dumbfiles.py: dbm.dumb's two files (.dat and .dir), read and written in
 # dbm.dumb's own format.
 # ============================================================================
@@ -2567,7 +2773,7 @@ class _Watched:
 # action_main (one sequence of commands, run serially, each start and end reported),
 # and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 #
-# Uses: base, wire, proc.
+# Uses: base, wire, records, proc.
 
 def _raise_terminate(signum, frame):
     raise _Terminate()
@@ -2583,7 +2789,7 @@ def child_setup():
 
 
 def run_check(job, watch, master=None, environ=None, slot=None):
-    """Run one check job and return the result message for the master.
+    """Run one check ``job`` (a Job) and return its CheckResult for the master.
 
     ``environ``: the environment to start from (default os.environ); a worker passes
     one copy made at its start, as os.environ decodes every entry on every copy.
@@ -2591,7 +2797,7 @@ def run_check(job, watch, master=None, environ=None, slot=None):
     check is kept (0 when none runs).
     """
     env = dict(os.environ if environ is None else environ)
-    env.update(job["env"])
+    env.update(job.env)
     started = time.time()
 
     def announce(pid):
@@ -2600,14 +2806,14 @@ def run_check(job, watch, master=None, environ=None, slot=None):
         if slot is not None:
             struct.pack_into("q", slot, 0, pid)
     try:
-        res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                          stdin_path=job.get("stdin"), master=master, on_spawn=announce)
+        res = run_process(job.argv, env, job.timeout, 0, watch,
+                          stdin_path=job.stdin, master=master, on_spawn=announce)
     finally:
         if slot is not None:
             struct.pack_into("q", slot, 0, 0)
     # Why the check said nothing of its own: cut short by us or the system, or ssh failed.
-    cut_short = res.failure(job["timeout"]) if res.error or res.timed_out or res.signal else None
-    ssh_failed = cut_short is None and bool(job.get("ssh")) and res.exit_code == 255
+    cut_short = res.failure(job.timeout) if res.error or res.timed_out or res.signal else None
+    ssh_failed = cut_short is None and job.ssh and res.exit_code == 255
     if cut_short:
         data = {"state": "unknown", "message": cut_short}
     elif ssh_failed:
@@ -2626,13 +2832,9 @@ def run_check(job, watch, master=None, environ=None, slot=None):
             res.output.decode("utf-8")
         except UnicodeDecodeError:
             trouble.append("output is not UTF-8 text")
-    failed = bool(cut_short or ssh_failed)
-    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data, "failed": failed,
-               "exit": res.exit_code, "signal": res.signal, "started": started,
-               "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
-    if res.stderr:
-        message["stderr"] = res.stderr[:2048].decode("utf-8", "replace")
-    return message
+    return CheckResult(job.id, job.key, data, bool(cut_short or ssh_failed), res.exit_code,
+                       res.signal, started, round(res.duration, 6), "; ".join(trouble) or None,
+                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
 
 
 def worker_main(sock_path, config_dir, slot=None):
@@ -2648,7 +2850,8 @@ def worker_main(sock_path, config_dir, slot=None):
         if job is None or job.get("t") == "exit":
             return 0
         if job.get("t") == "job":
-            chan.send(run_check(job, watch, master=chan.sock, environ=environ, slot=slot))
+            chan.send(run_check(Job.from_wire(job), watch, master=chan.sock, environ=environ,
+                                slot=slot).to_wire())
 
 
 # -- Action runner -----------------------------------------------------------------------
@@ -3716,7 +3919,7 @@ def _command_words(cmd):
 # run is still queued or running is skipped and counted: it never overlaps itself.
 # Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
 #
-# Uses: base, config, wire, ssh.
+# Uses: base, config, wire, records, ssh.
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -3917,7 +4120,7 @@ class Scheduler:
             self._push(rt)
 
     def take(self, now, host_state, config_dir, state_dir):
-        """The next ready check as a job message (None when none waits); its lag is sampled."""
+        """The next ready check as a Job (None when none waits); its lag is sampled."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
@@ -3930,25 +4133,21 @@ class Scheduler:
                "HA_STATE_DIR": state_dir}
         if check.group.host:
             env["HA_HOST"] = check.group.host
-        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
-               "env": env, "argv": list(check.argv)}
         if check.group.scope.kind == "ssh":
-            job["argv"], job["stdin"] = ssh_command(check, env, state_dir)
-            job["ssh"] = True
-        return job
+            argv, stdin = ssh_command(check, env, state_dir)
+            return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
+        return Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
 
-    def finished(self, job, msg):
-        """A job's result message -> (its runtime, [(host, state)] reported), None if unknown."""
-        self.running.discard(job["key"])
-        rt = self.runtimes.get(job["key"])
+    def finished(self, key, result):
+        """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
+        self.running.discard(key)
+        rt = self.runtimes.get(key)
         if rt is None:
             return None                 # removed by a reload while it ran
         rt.busy = False
         rt.runs += 1
-        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
-        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
-        reports, problems = reports_from_result(data, exit_code, rt.check.host)
-        if msg.get("failed") is True and rt.hosts:
+        reports, problems = reports_from_result(result.data, result.exit, rt.check.host)
+        if result.failed and rt.hosts:
             # It never said whom it is about this time: its unknown goes to the hosts
             # it watches, not to a host named after its file.
             reports = [(host, "unknown") for host in rt.hosts]
@@ -3956,22 +4155,13 @@ class Scheduler:
             rt.hosts = tuple(host for host, _ in reports)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
-        self._note_trouble(rt, msg.get("trouble") if isinstance(msg.get("trouble"), str) else None)
-        message = data.get("message")
-        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
-                   "exit": exit_code, "signal": msg.get("signal"),
-                   "reports": {h: s for h, s in reports},
-                   "message": message[:500] if isinstance(message, str) else None,
-                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
-                                  for k, v in list(data.items())[:20]
-                                  if k not in ("state", "states", "host", "message")},
-                   "rejected": tuple(problems)}    # a tuple: untracked by the collector, as the rest
-        if msg.get("stderr"):
-            rt.last["stderr"] = msg["stderr"][:500]
-        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
-                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
-                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
-                  else "exit %s" % exit_code, msg.get("duration") or 0)
+        self._note_trouble(rt, result.trouble)
+        rt.last = result.to_last(reports, problems)
+        if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
+            log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                      ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                      "killed by %s" % signal_name(result.signal) if isinstance(result.signal, int)
+                      else "exit %s" % result.exit, result.duration or 0)
         if self.store is not None:
             self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports
@@ -4032,7 +4222,7 @@ class Scheduler:
 # them; one reaping loop (waitpid until 0, level-triggered) collects them; one
 # deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
 #
-# Uses: base, proc, children, ssh.
+# Uses: base, records, proc, children, ssh.
 
 # A worker: starting -> idle <-> busy -> exiting.
 WORKER_EDGES = {
@@ -4053,7 +4243,7 @@ class Child:
     state: str
     started: float                      # monotonic
     conn: typing.Any = None
-    job: typing.Optional[dict] = None   # the check job a busy worker runs
+    job: typing.Optional[Job] = None    # the check a busy worker runs
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
@@ -4148,15 +4338,15 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its job; returns the message to send it."""
-        job["sent"], job["sent_wall"] = now, time.time()
+        """Give an idle worker its Job; returns the message to send it."""
+        job.sent, job.sent_wall = now, time.time()
         child.job = job
         self.set_worker_state(child, "busy")
-        return {k: v for k, v in job.items() if k not in ("sent", "sent_wall")}
+        return job.to_wire()
 
     def job_done(self, child, msg):
-        """A worker's result message: the job it answers (the worker is idle again)."""
-        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
+        """A worker's result message: the Job it answers (the worker is idle again)."""
+        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job.id:
             raise ProtocolError("unexpected message from worker %d" % child.pid)
         job, child.job = child.job, None
         if child.state == "busy":
@@ -4199,9 +4389,9 @@ class Pool:
             # Workers enforce their checks' timeouts; one silent long past it is hung
             # (stopped, stuck), and its check must not freeze its host's state.
             job = child.job
-            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
+            if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                          child.pid, job["env"]["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+                          child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
         if now >= self.runner_after and self.spare_runner() is None:
             # One action run forked and waiting, so a sequence starts without a fork.
@@ -6233,7 +6423,7 @@ def cluster_agent_main(sock_path, cluster):
 # only once its mirror holds its own leader key (so it holds every ledger write of
 # the leaders before it) and while its lease clock runs.
 #
-# Uses: base, cluster_agent.
+# Uses: base, records, cluster_agent.
 
 # A member: none -> follower (a lease, its view published) -> leader (the leader key on
 # its lease) -> none (stepped down, or the lease lost: a new lease makes it a follower).
@@ -6610,19 +6800,20 @@ class ClusterMember:
             return None
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
-    def status(self, now):
-        """daemon.cluster of --status --json (docs/cluster.md)."""
+    def status(self, now, agent_pid=None):
+        """daemon.cluster of --status --json (docs/cluster.md), a ClusterStatus."""
         node, epoch = self.leader() if self.role != "none" else (None, None)
-        return {"name": self.settings.name, "node": self.node,
-                "role": "leader" if self.role == "leader" and self.stepping is None else
-                        ("follower" if self.role in ("follower", "leader") else "none"),
-                "leader": node, "epoch": epoch, "quorum": self.settings.quorum,
-                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
-                if self.role != "none" else {},
-                "etcd": [{"endpoint": e["endpoint"],
-                          "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
-                         for e in self.endpoints],
-                "ttl": self.settings.ttl, "acting": self.acting, "requests": self.requests}
+        return ClusterStatus(
+            name=self.settings.name, node=self.node,
+            role="leader" if self.role == "leader" and self.stepping is None else
+                 ("follower" if self.role in ("follower", "leader") else "none"),
+            leader=node, epoch=epoch, quorum=self.settings.quorum,
+            members={n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
+            if self.role != "none" else {},
+            etcd=[{"endpoint": e["endpoint"],
+                   "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
+                  for e in self.endpoints],
+            ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)
 
 
 # ============================================================================
@@ -7277,7 +7468,7 @@ class Reload:
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, wire, store, ledger_store, ledger, scheduler, pool, control, http_server,
+# Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
 #       cluster_member, cluster_ledger, cluster_link, actions, reload.
 
 class Notifier:
@@ -7559,7 +7750,11 @@ class Master:
             self.server.send(child.conn, self.pool.hand(child, job, now))
 
     def check_finished(self, job, msg):
-        done = self.scheduler.finished(job, msg)
+        """A worker's result message for its Job."""
+        self.check_result(job, CheckResult.from_wire(msg))
+
+    def check_result(self, job, result):
+        done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
             for host, state in reports:
@@ -7585,10 +7780,7 @@ class Master:
             pgid = child.check_pgid()
             if pgid:
                 killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_finished(job, {"data": {"state": "unknown",
-                                               "message": "worker died (%s) while running the check" % how},
-                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
-                                      "duration": time.monotonic() - job["sent"]})
+            self.check_result(job, CheckResult.lost(job, how, time.monotonic()))
         child.close_slot()
 
     def child_event(self, child, msg):
@@ -7646,38 +7838,33 @@ class Master:
             return {"ok": False, "errors": [str(exc)]}
 
     def daemon_status(self, now_m):
-        """The daemon block of --status --json."""
-        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
-                  "started": self.started_wall, "uptime": now_m - self.started,
-                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
-                  "counters": self.ledger.counters()}
-        daemon.update(self.ledger.daemon_status())
-        daemon.update(self.pool.status())
+        """The DaemonBlock of --status --json."""
+        cluster = None
         if self.cluster is not None:
-            daemon["cluster"] = dict(self.cluster.member.status(now_m),
-                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
-        else:
-            daemon["cluster"] = None
-        return daemon
+            cluster = self.cluster.member.status(now_m, getattr(self.cluster.agent(), "pid", None))
+        return DaemonBlock(running=True, pid=os.getpid(), version=__version__,
+                           started=self.started_wall, uptime=now_m - self.started,
+                           config_dir=self.config.config_dir, state_dir=self.state_dir,
+                           lag_ms=self.scheduler.lag_summary(), http=self.http.url,
+                           counters=self.ledger.counters(), cluster=cluster,
+                           **self.ledger.daemon_status(), **self.pool.status())
+
+    def status_doc(self):
+        """The StatusDoc, its hosts and checks made as they are read."""
+        now_m, now = time.monotonic(), time.time()
+        recent = self.ledger.recent()
+        return StatusDoc(recent["transitions"], recent["runs"], self.daemon_status(now_m),
+                         self.ledger.host_entries(), self.scheduler.status(now_m, now))
 
     def status_stream(self):
         """--status --json as pieces of its one line: the daemon's block, then what each
         part says of itself, the hosts and checks a few hundred at a time (the loop
         goes on between the pieces, so ten thousand checks hold up nothing due)."""
-        now_m, now = time.monotonic(), time.time()
-        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
-            b',"hosts":'
-        yield from json_pieces(self.ledger.host_entries(), as_object=True)
-        yield b',"checks":'
-        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
-        yield b"}\n"
+        yield from self.status_doc().pieces()
 
     def status_document(self):
         """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
-        now_m, now = time.monotonic(), time.time()
-        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
-                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
+        return self.status_doc().to_wire()
 
 
 # ============================================================================
@@ -7827,7 +8014,7 @@ def render_simulation(doc):
 # reads from the state db when no daemon runs (offline status, history), and the
 # rendering of both for a person.
 #
-# Uses: base, store, ledger_store, ledger, scheduler.
+# Uses: base, records, store, ledger_store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
@@ -7837,21 +8024,10 @@ def offline_status(state_dir, config=None, last=20):
     results = dict(data.get("checks") or {})       # an older db: all in one key
     results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
-    daemon = {"running": False, "pid": None, "version": __version__, "started": None,
-              "uptime": None, "config_dir": config.config_dir if config else None,
-              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
-              "http": None, "counters": None,
-              "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
-    daemon.update(ledger.daemon_status())
-    return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
-
-
-def offline_cluster(cluster):
-    """daemon.cluster when no daemon answers: this member is none of the cluster now."""
-    return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
-            "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
-            "requests": None, "agent_pid": None,
-            "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
+    recent = ledger.recent(last)
+    doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
+                    ledger.host_entries(), checks)
+    return doc.to_wire(), ledger
 
 
 def locked_pid(state_dir, wait=2.0):

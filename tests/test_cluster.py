@@ -672,7 +672,7 @@ def test_a_leader_frozen_past_its_lease_steps_down_before_anything():
     assert t.m.may_start(t.now) is None
     t.tick()
     assert t.m.stepping is not None and t.m.role == "leader"
-    assert t.m.status(t.now)["role"] == "follower"
+    assert t.m.status(t.now).role == "follower"
 
 
 def test_a_leader_whose_key_goes_or_whose_write_fails_steps_down():
@@ -719,7 +719,7 @@ def test_a_follower_sees_the_leader_and_every_view():
     assert t.m.agreement({"db1": "master"}) == [("db1", "down", ["a", "c"])]
     t.event("members/c", delete=True)                                  # c's lease expired
     assert t.m.agreement({"db1": "master"}) == []
-    doc = t.m.status(t.now)
+    doc = t.m.status(t.now).to_wire()
     assert (doc["role"], doc["leader"], doc["quorum"]) == ("follower", "a", 2)
     assert doc["members"] == {"a": {"hosts": {"db1": "down"}}, "b": {"hosts": {"db1": "master"}}}
 

@@ -21,6 +21,7 @@ import hadaemon.configfiles
 import hadaemon.store
 import hadaemon.children
 import hadaemon.scheduler
+import hadaemon.records
 from conftest import HADAEMON, alive, figure, pids_in_group, wait_for
 
 
@@ -298,7 +299,7 @@ def test_the_scheduler_starts_a_check_added_back_as_a_new_one(tmp_path):
             while sch.ready:
                 rt, _ = sch.ready.popleft()
                 fired.append((now[0], rt.check.name))
-                sch.finished({"key": rt.check.key}, {"data": {}, "exit": 0})
+                sch.finished(rt.check.key, hadaemon.records.CheckResult.from_wire({"data": {}, "exit": 0}))
         return fired
 
     sch = hadaemon.scheduler.Scheduler()

@@ -37,7 +37,7 @@ TARGET = os.path.join(ROOT, "hadaemon.py")
 
 # The modules in the order of the shipped file: each uses only those above it.
 ORDER = [
-    "base", "cron", "config", "netsettings", "configfiles", "wire", "dumbfiles", "store",
+    "base", "cron", "config", "netsettings", "configfiles", "wire", "records", "dumbfiles", "store",
     "proc", "children", "ssh", "ledger_store", "ledger", "scheduler", "pool", "control",
     "http_proto", "http_views", "http_server",
     "etcd", "cluster_agent", "cluster_member", "cluster_ledger", "cluster_link",

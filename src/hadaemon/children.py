@@ -5,7 +5,7 @@ at a time as the master hands them out, each result sent back as one line),
 action_main (one sequence of commands, run serially, each start and end reported),
 and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 
-Uses: base, wire, proc.
+Uses: base, wire, records, proc.
 """
 
 import collections
@@ -20,6 +20,7 @@ from .base import (
     ACTION_KILL_GRACE, OUTPUT_CAP, close_inherited, reset_child_signals, restore_open_files_limit,
 )
 from .wire import Channel, parse_check_output
+from .records import CheckResult, Job
 from .proc import ChildWatch, CommandLease, _Terminate, run_process
 
 
@@ -37,7 +38,7 @@ def child_setup():
 
 
 def run_check(job, watch, master=None, environ=None, slot=None):
-    """Run one check job and return the result message for the master.
+    """Run one check ``job`` (a Job) and return its CheckResult for the master.
 
     ``environ``: the environment to start from (default os.environ); a worker passes
     one copy made at its start, as os.environ decodes every entry on every copy.
@@ -45,7 +46,7 @@ def run_check(job, watch, master=None, environ=None, slot=None):
     check is kept (0 when none runs).
     """
     env = dict(os.environ if environ is None else environ)
-    env.update(job["env"])
+    env.update(job.env)
     started = time.time()
 
     def announce(pid):
@@ -54,14 +55,14 @@ def run_check(job, watch, master=None, environ=None, slot=None):
         if slot is not None:
             struct.pack_into("q", slot, 0, pid)
     try:
-        res = run_process(job["argv"], env, job["timeout"], 0, watch,
-                          stdin_path=job.get("stdin"), master=master, on_spawn=announce)
+        res = run_process(job.argv, env, job.timeout, 0, watch,
+                          stdin_path=job.stdin, master=master, on_spawn=announce)
     finally:
         if slot is not None:
             struct.pack_into("q", slot, 0, 0)
     # Why the check said nothing of its own: cut short by us or the system, or ssh failed.
-    cut_short = res.failure(job["timeout"]) if res.error or res.timed_out or res.signal else None
-    ssh_failed = cut_short is None and bool(job.get("ssh")) and res.exit_code == 255
+    cut_short = res.failure(job.timeout) if res.error or res.timed_out or res.signal else None
+    ssh_failed = cut_short is None and job.ssh and res.exit_code == 255
     if cut_short:
         data = {"state": "unknown", "message": cut_short}
     elif ssh_failed:
@@ -80,13 +81,9 @@ def run_check(job, watch, master=None, environ=None, slot=None):
             res.output.decode("utf-8")
         except UnicodeDecodeError:
             trouble.append("output is not UTF-8 text")
-    failed = bool(cut_short or ssh_failed)
-    message = {"t": "result", "job": job["id"], "key": job["key"], "data": data, "failed": failed,
-               "exit": res.exit_code, "signal": res.signal, "started": started,
-               "duration": round(res.duration, 6), "trouble": "; ".join(trouble) or None}
-    if res.stderr:
-        message["stderr"] = res.stderr[:2048].decode("utf-8", "replace")
-    return message
+    return CheckResult(job.id, job.key, data, bool(cut_short or ssh_failed), res.exit_code,
+                       res.signal, started, round(res.duration, 6), "; ".join(trouble) or None,
+                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
 
 
 def worker_main(sock_path, config_dir, slot=None):
@@ -102,7 +99,8 @@ def worker_main(sock_path, config_dir, slot=None):
         if job is None or job.get("t") == "exit":
             return 0
         if job.get("t") == "job":
-            chan.send(run_check(job, watch, master=chan.sock, environ=environ, slot=slot))
+            chan.send(run_check(Job.from_wire(job), watch, master=chan.sock, environ=environ,
+                                slot=slot).to_wire())
 
 
 # -- Action runner -----------------------------------------------------------------------

@@ -4,14 +4,15 @@ Owns what the command line asks the running daemon over its socket, and what it
 reads from the state db when no daemon runs (offline status, history), and the
 rendering of both for a person.
 
-Uses: base, store, ledger_store, ledger, scheduler.
+Uses: base, records, store, ledger_store, ledger, scheduler.
 """
 
 import collections
 import os
 import time
 
-from .base import ACTION_KILL_GRACE, PidLock, __version__, format_ago, format_duration, format_time
+from .base import ACTION_KILL_GRACE, PidLock, format_ago, format_duration, format_time
+from .records import DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
 from .ledger import Ledger
@@ -26,21 +27,10 @@ def offline_status(state_dir, config=None, last=20):
     results = dict(data.get("checks") or {})       # an older db: all in one key
     results.update((k[6:], v) for k, v in data.items() if k.startswith("check:"))
     checks = [check_entry(c, results.get(c.key)) for c in config.checks] if config else []
-    daemon = {"running": False, "pid": None, "version": __version__, "started": None,
-              "uptime": None, "config_dir": config.config_dir if config else None,
-              "state_dir": state_dir, "workers": [], "action_pid": None, "ssh": [], "lag_ms": None,
-              "http": None, "counters": None,
-              "cluster": offline_cluster(config.cluster) if config and config.cluster else None}
-    daemon.update(ledger.daemon_status())
-    return dict(ledger.status(last), daemon=daemon, checks=checks), ledger
-
-
-def offline_cluster(cluster):
-    """daemon.cluster when no daemon answers: this member is none of the cluster now."""
-    return {"name": cluster.name, "node": cluster.node, "role": "none", "leader": None, "epoch": None,
-            "quorum": cluster.quorum, "members": {}, "ttl": cluster.ttl, "acting": False,
-            "requests": None, "agent_pid": None,
-            "etcd": [{"endpoint": url, "ok": False} for url in cluster.etcd]}
+    recent = ledger.recent(last)
+    doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
+                    ledger.host_entries(), checks)
+    return doc.to_wire(), ledger
 
 
 def locked_pid(state_dir, wait=2.0):

@@ -25,7 +25,7 @@ txn; its create revision is the epoch) -> stepping down -> none.  A leader acts
 only once its mirror holds its own leader key (so it holds every ledger write of
 the leaders before it) and while its lease clock runs.
 
-Uses: base, cluster_agent.
+Uses: base, records, cluster_agent.
 """
 
 import collections
@@ -34,6 +34,7 @@ import os
 import time
 
 from .base import ACTION_KILL_GRACE, ProtocolError, log
+from .records import ClusterStatus
 from .cluster_agent import RENEWS_PER_TTL
 
 
@@ -412,16 +413,17 @@ class ClusterMember:
             return None
         return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
 
-    def status(self, now):
-        """daemon.cluster of --status --json (docs/cluster.md)."""
+    def status(self, now, agent_pid=None):
+        """daemon.cluster of --status --json (docs/cluster.md), a ClusterStatus."""
         node, epoch = self.leader() if self.role != "none" else (None, None)
-        return {"name": self.settings.name, "node": self.node,
-                "role": "leader" if self.role == "leader" and self.stepping is None else
-                        ("follower" if self.role in ("follower", "leader") else "none"),
-                "leader": node, "epoch": epoch, "quorum": self.settings.quorum,
-                "members": {n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
-                if self.role != "none" else {},
-                "etcd": [{"endpoint": e["endpoint"],
-                          "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
-                         for e in self.endpoints],
-                "ttl": self.settings.ttl, "acting": self.acting, "requests": self.requests}
+        return ClusterStatus(
+            name=self.settings.name, node=self.node,
+            role="leader" if self.role == "leader" and self.stepping is None else
+                 ("follower" if self.role in ("follower", "leader") else "none"),
+            leader=node, epoch=epoch, quorum=self.settings.quorum,
+            members={n: {"hosts": dict(sorted(h.items()))} for n, h in sorted(self.views().items())}
+            if self.role != "none" else {},
+            etcd=[{"endpoint": e["endpoint"],
+                   "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
+                  for e in self.endpoints],
+            ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)

@@ -11,7 +11,7 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, wire, store, ledger_store, ledger, scheduler, pool, control, http_server,
+Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
       cluster_member, cluster_ledger, cluster_link, actions, reload.
 """
 
@@ -28,7 +28,7 @@ from .base import (
     reopen_log, settle_heap, setup_logging, signal_name,
 )
 from .configfiles import load_config_steps
-from .wire import encode_message, json_pieces
+from .records import CheckResult, DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
 from .ledger import Ledger, summarize_run
@@ -322,7 +322,11 @@ class Master:
             self.server.send(child.conn, self.pool.hand(child, job, now))
 
     def check_finished(self, job, msg):
-        done = self.scheduler.finished(job, msg)
+        """A worker's result message for its Job."""
+        self.check_result(job, CheckResult.from_wire(msg))
+
+    def check_result(self, job, result):
+        done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
             for host, state in reports:
@@ -348,10 +352,7 @@ class Master:
             pgid = child.check_pgid()
             if pgid:
                 killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_finished(job, {"data": {"state": "unknown",
-                                               "message": "worker died (%s) while running the check" % how},
-                                      "failed": True, "exit": None, "signal": None, "started": job["sent_wall"],
-                                      "duration": time.monotonic() - job["sent"]})
+            self.check_result(job, CheckResult.lost(job, how, time.monotonic()))
         child.close_slot()
 
     def child_event(self, child, msg):
@@ -409,35 +410,30 @@ class Master:
             return {"ok": False, "errors": [str(exc)]}
 
     def daemon_status(self, now_m):
-        """The daemon block of --status --json."""
-        daemon = {"running": True, "pid": os.getpid(), "version": __version__,
-                  "started": self.started_wall, "uptime": now_m - self.started,
-                  "config_dir": self.config.config_dir, "state_dir": self.state_dir,
-                  "lag_ms": self.scheduler.lag_summary(), "http": self.http.url,
-                  "counters": self.ledger.counters()}
-        daemon.update(self.ledger.daemon_status())
-        daemon.update(self.pool.status())
+        """The DaemonBlock of --status --json."""
+        cluster = None
         if self.cluster is not None:
-            daemon["cluster"] = dict(self.cluster.member.status(now_m),
-                                     agent_pid=getattr(self.cluster.agent(), "pid", None))
-        else:
-            daemon["cluster"] = None
-        return daemon
+            cluster = self.cluster.member.status(now_m, getattr(self.cluster.agent(), "pid", None))
+        return DaemonBlock(running=True, pid=os.getpid(), version=__version__,
+                           started=self.started_wall, uptime=now_m - self.started,
+                           config_dir=self.config.config_dir, state_dir=self.state_dir,
+                           lag_ms=self.scheduler.lag_summary(), http=self.http.url,
+                           counters=self.ledger.counters(), cluster=cluster,
+                           **self.ledger.daemon_status(), **self.pool.status())
+
+    def status_doc(self):
+        """The StatusDoc, its hosts and checks made as they are read."""
+        now_m, now = time.monotonic(), time.time()
+        recent = self.ledger.recent()
+        return StatusDoc(recent["transitions"], recent["runs"], self.daemon_status(now_m),
+                         self.ledger.host_entries(), self.scheduler.status(now_m, now))
 
     def status_stream(self):
         """--status --json as pieces of its one line: the daemon's block, then what each
         part says of itself, the hosts and checks a few hundred at a time (the loop
         goes on between the pieces, so ten thousand checks hold up nothing due)."""
-        now_m, now = time.monotonic(), time.time()
-        yield encode_message(dict(self.ledger.recent(), daemon=self.daemon_status(now_m)))[:-2] + \
-            b',"hosts":'
-        yield from json_pieces(self.ledger.host_entries(), as_object=True)
-        yield b',"checks":'
-        yield from json_pieces(self.scheduler.status(now_m, now), as_object=False)
-        yield b"}\n"
+        yield from self.status_doc().pieces()
 
     def status_document(self):
         """--status --json whole, as a dict, made in one go (the HTTP server's pages)."""
-        now_m, now = time.monotonic(), time.time()
-        return dict(self.ledger.recent(), daemon=self.daemon_status(now_m),
-                    hosts=dict(self.ledger.host_entries()), checks=list(self.scheduler.status(now_m, now)))
+        return self.status_doc().to_wire()

@@ -6,7 +6,7 @@ handed a sequence) and the ssh master connections.  One fork shape registers
 them; one reaping loop (waitpid until 0, level-triggered) collects them; one
 deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
 
-Uses: base, proc, children, ssh.
+Uses: base, records, proc, children, ssh.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ import typing
 from .base import (
     ProtocolError, WORKER_HANG_GRACE, decode_wait_status, format_duration, log, signal_name,
 )
+from .records import Job
 from .proc import _Orphaned, _Terminate
 from .children import action_main, worker_main
 from .ssh import SshMasters
@@ -45,7 +46,7 @@ class Child:
     state: str
     started: float                      # monotonic
     conn: typing.Any = None
-    job: typing.Optional[dict] = None   # the check job a busy worker runs
+    job: typing.Optional[Job] = None    # the check a busy worker runs
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
@@ -140,15 +141,15 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its job; returns the message to send it."""
-        job["sent"], job["sent_wall"] = now, time.time()
+        """Give an idle worker its Job; returns the message to send it."""
+        job.sent, job.sent_wall = now, time.time()
         child.job = job
         self.set_worker_state(child, "busy")
-        return {k: v for k, v in job.items() if k not in ("sent", "sent_wall")}
+        return job.to_wire()
 
     def job_done(self, child, msg):
-        """A worker's result message: the job it answers (the worker is idle again)."""
-        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job["id"]:
+        """A worker's result message: the Job it answers (the worker is idle again)."""
+        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job.id:
             raise ProtocolError("unexpected message from worker %d" % child.pid)
         job, child.job = child.job, None
         if child.state == "busy":
@@ -191,9 +192,9 @@ class Pool:
             # Workers enforce their checks' timeouts; one silent long past it is hung
             # (stopped, stuck), and its check must not freeze its host's state.
             job = child.job
-            if job is not None and now - job["sent"] > job["timeout"] + WORKER_HANG_GRACE:
+            if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                          child.pid, job["env"]["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+                          child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
         if now >= self.runner_after and self.spare_runner() is None:
             # One action run forked and waiting, so a sequence starts without a fork.

@@ -6,19 +6,21 @@ bursts); cron checks at their next matching minute.  A check due while its last
 run is still queued or running is skipped and counted: it never overlaps itself.
 Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
 
-Uses: base, config, wire, ssh.
+Uses: base, config, wire, records, ssh.
 """
 
 import collections
 import dataclasses
 import heapq
 import itertools
+import logging
 import time
 import typing
 
 from .base import CONFIG_STEP, format_duration, log, run_steps, signal_name
 from .config import Check
-from .wire import _shorten, reports_from_result
+from .wire import reports_from_result
+from .records import Job
 from .ssh import ssh_command
 
 
@@ -221,7 +223,7 @@ class Scheduler:
             self._push(rt)
 
     def take(self, now, host_state, config_dir, state_dir):
-        """The next ready check as a job message (None when none waits); its lag is sampled."""
+        """The next ready check as a Job (None when none waits); its lag is sampled."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
@@ -234,25 +236,21 @@ class Scheduler:
                "HA_STATE_DIR": state_dir}
         if check.group.host:
             env["HA_HOST"] = check.group.host
-        job = {"t": "job", "id": next(self.job_ids), "key": check.key, "timeout": check.group.timeout,
-               "env": env, "argv": list(check.argv)}
         if check.group.scope.kind == "ssh":
-            job["argv"], job["stdin"] = ssh_command(check, env, state_dir)
-            job["ssh"] = True
-        return job
+            argv, stdin = ssh_command(check, env, state_dir)
+            return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
+        return Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
 
-    def finished(self, job, msg):
-        """A job's result message -> (its runtime, [(host, state)] reported), None if unknown."""
-        self.running.discard(job["key"])
-        rt = self.runtimes.get(job["key"])
+    def finished(self, key, result):
+        """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
+        self.running.discard(key)
+        rt = self.runtimes.get(key)
         if rt is None:
             return None                 # removed by a reload while it ran
         rt.busy = False
         rt.runs += 1
-        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
-        exit_code = msg.get("exit") if isinstance(msg.get("exit"), int) else None
-        reports, problems = reports_from_result(data, exit_code, rt.check.host)
-        if msg.get("failed") is True and rt.hosts:
+        reports, problems = reports_from_result(result.data, result.exit, rt.check.host)
+        if result.failed and rt.hosts:
             # It never said whom it is about this time: its unknown goes to the hosts
             # it watches, not to a host named after its file.
             reports = [(host, "unknown") for host in rt.hosts]
@@ -260,22 +258,13 @@ class Scheduler:
             rt.hosts = tuple(host for host, _ in reports)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
-        self._note_trouble(rt, msg.get("trouble") if isinstance(msg.get("trouble"), str) else None)
-        message = data.get("message")
-        rt.last = {"time": msg.get("started"), "duration": msg.get("duration"),
-                   "exit": exit_code, "signal": msg.get("signal"),
-                   "reports": {h: s for h, s in reports},
-                   "message": message[:500] if isinstance(message, str) else None,
-                   "attributes": {str(k)[:64]: _shorten(v, 200) if not isinstance(v, str) else v[:200]
-                                  for k, v in list(data.items())[:20]
-                                  if k not in ("state", "states", "host", "message")},
-                   "rejected": tuple(problems)}    # a tuple: untracked by the collector, as the rest
-        if msg.get("stderr"):
-            rt.last["stderr"] = msg["stderr"][:500]
-        log.debug("check %s: %s; %s in %.3fs", rt.check.name,
-                  ", ".join("%s %s" % pair for pair in reports) or "no valid report",
-                  "killed by %s" % signal_name(msg["signal"]) if isinstance(msg.get("signal"), int)
-                  else "exit %s" % exit_code, msg.get("duration") or 0)
+        self._note_trouble(rt, result.trouble)
+        rt.last = result.to_last(reports, problems)
+        if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
+            log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                      ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                      "killed by %s" % signal_name(result.signal) if isinstance(result.signal, int)
+                      else "exit %s" % result.exit, result.duration or 0)
         if self.store is not None:
             self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports

@@ -1,0 +1,276 @@
+"""The typed records (src/hadaemon/records.py): each conversion round trip, the wire
+forms byte for byte as the dicts built by hand before them, and malformed messages
+read the way the master always read them.
+
+No processes.
+"""
+
+import json
+import time
+
+import pytest
+
+import hadaemon.base
+import hadaemon.client
+import hadaemon.config
+import hadaemon.cluster_member
+import hadaemon.pool
+import hadaemon.records
+import hadaemon.store
+import hadaemon.wire
+from hadaemon.records import CheckResult, ClusterStatus, DaemonBlock, Job, StatusDoc
+
+enc = hadaemon.wire.encode_message
+
+
+# -- Job ------------------------------------------------------------------------------
+
+ENV = {"HA_CHECK": "check_role db1", "HA_SCOPE": "local", "HA_STATE": "master",
+       "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/var/lib/hadaemon"}
+
+
+def test_job_to_wire_is_the_message_the_scheduler_built():
+    job = Job(7, "k1", ["/bin/check", "db1"], ENV, 10.0)
+    assert enc(job.to_wire()) == enc({"t": "job", "id": 7, "key": "k1", "timeout": 10.0,
+                                      "env": ENV, "argv": ["/bin/check", "db1"]})
+    ssh = Job(8, "k2", ["ssh", "-T", "db1", "sh"], ENV, 5.0, "/bin/check", True)
+    assert enc(ssh.to_wire()) == enc({"t": "job", "id": 8, "key": "k2", "timeout": 5.0, "env": ENV,
+                                      "argv": ["ssh", "-T", "db1", "sh"], "stdin": "/bin/check",
+                                      "ssh": True})
+
+
+@pytest.mark.parametrize("job", [
+    Job(7, "k1", ["/bin/check"], ENV, 10.0),
+    Job(8, "k2", ["ssh", "db1"], ENV, 5.0, "/bin/check", True),
+    Job(9, "k3", ["ssh", "db1"], ENV, 5.0, None, True),
+])
+def test_job_round_trip_leaves_the_masters_own_fields_behind(job):
+    handed = Job(**{**job.__dict__, "sent": 12.5, "sent_wall": time.time()})
+    msg = json.loads(enc(handed.to_wire()))
+    assert "sent" not in msg and "sent_wall" not in msg
+    assert Job.from_wire(msg) == job
+
+
+@pytest.mark.parametrize("missing", ["id", "key", "argv", "env", "timeout"])
+def test_a_job_without_a_field_is_refused(missing):
+    msg = Job(7, "k1", ["/bin/check"], ENV, 10.0).to_wire()
+    del msg[missing]
+    with pytest.raises(KeyError):
+        Job.from_wire(msg)
+
+
+def test_pool_hands_the_job_and_keeps_its_times(tmp_path):
+    pool = hadaemon.pool.Pool(str(tmp_path / "sock"), str(tmp_path))
+    child = hadaemon.pool.Child(4242, "worker", "idle", 0.0)
+    job = Job(3, "k", ["/bin/true"], ENV, 10.0)
+    assert pool.hand(child, job, 55.0) == job.to_wire()
+    assert child.job is job and job.sent == 55.0 and job.sent_wall is not None
+    assert child.state == "busy"
+
+
+# -- CheckResult -------------------------------------------------------------------------
+
+RESULT = {"t": "result", "job": 3, "key": "k", "data": {"state": "up", "lag": "3"}, "failed": False,
+          "exit": 0, "signal": None, "started": 1700000000.25, "duration": 0.004512, "trouble": None}
+
+
+@pytest.mark.parametrize("msg", [
+    RESULT,
+    dict(RESULT, stderr="warning: something\n"),
+    dict(RESULT, data={"state": "unknown", "message": "timed out after 10s"}, failed=True, exit=None,
+         signal=9, trouble="timed out after 10s; output cut at 64 KiB"),
+])
+def test_check_result_round_trip(msg):
+    result = CheckResult.from_wire(json.loads(enc(msg)))
+    assert isinstance(result, CheckResult)
+    assert enc(result.to_wire()) == enc(msg)        # same keys, same order, same values
+
+
+def test_check_result_as_run_check_made_it():
+    # The worker's message before the record: stderr only when the check wrote some.
+    result = CheckResult(3, "k", {"state": "up"}, False, 0, None, 1.5, 0.25, None)
+    assert list(result.to_wire()) == ["t", "job", "key", "data", "failed", "exit", "signal",
+                                      "started", "duration", "trouble"]
+    assert "stderr" not in result.to_wire()
+    assert result._replace(stderr="oops").to_wire()["stderr"] == "oops"
+
+
+@pytest.mark.parametrize("field, sent, read", [
+    # What Scheduler.finished did with each field of a worker's message, kept.
+    ("data", ["not", "a", "dict"], {}),
+    ("data", "state=up", {}),
+    ("data", None, {}),
+    ("exit", "0", None),
+    ("exit", 1.0, None),
+    ("exit", 2, 2),
+    ("failed", "yes", False),
+    ("failed", 1, False),
+    ("failed", True, True),
+    ("trouble", 42, None),
+    ("trouble", "cut short", "cut short"),
+    ("stderr", "", None),
+    ("stderr", "err", "err"),
+    ("signal", "KILL", "KILL"),          # kept as sent (only the log line asks for an int)
+])
+def test_check_result_reads_a_malformed_message_as_the_master_always_did(field, sent, read):
+    result = CheckResult.from_wire(dict(RESULT, **{field: sent}))
+    assert getattr(result, field) == read
+    assert type(getattr(result, field)) is type(read)
+
+
+def test_check_result_of_a_message_missing_everything():
+    result = CheckResult.from_wire({})
+    assert result == CheckResult(None, None, {}, False, None, None, None, None, None, None)
+
+
+def test_a_result_for_another_job_is_refused_by_the_pool(tmp_path):
+    pool = hadaemon.pool.Pool(str(tmp_path / "sock"), str(tmp_path))
+    child = hadaemon.pool.Child(4242, "worker", "idle", 0.0)
+    job = Job(3, "k", ["/bin/true"], ENV, 10.0)
+    pool.hand(child, job, 1.0)
+    for msg in (dict(RESULT, job=4), dict(RESULT, t="hello"), {"job": 3}):
+        with pytest.raises(hadaemon.base.ProtocolError):
+            pool.job_done(child, msg)
+    assert pool.job_done(child, RESULT) is job and child.job is None and child.state == "idle"
+
+
+def test_the_result_of_a_worker_that_died():
+    job = Job(3, "k", ["/bin/true"], ENV, 10.0, sent=100.0, sent_wall=1700000000.0)
+    result = CheckResult.lost(job, "killed by SIGKILL", 102.5)
+    assert result.data == {"state": "unknown", "message": "worker died (killed by SIGKILL) while running the check"}
+    assert result.failed is True and result.exit is None and result.signal is None
+    assert result.started == 1700000000.0 and result.duration == 2.5
+    assert result.trouble is None and result.stderr is None
+
+
+def test_to_last_is_the_checks_last_as_status_shows_it():
+    data = {"state": "up", "host": "db1", "message": "m" * 600, "lag": "x" * 300, "n": [1] * 100}
+    data.update(("a%02d" % i, i) for i in range(30))
+    result = CheckResult(3, "k", data, False, 0, None, 1.5, 0.25, None, "e" * 3000)
+    last = result.to_last([("db1", "up")], ["rejected report: bad host name '../x'"])
+    assert list(last) == ["time", "duration", "exit", "signal", "reports", "message", "attributes",
+                          "rejected", "stderr"]
+    assert (last["time"], last["duration"], last["exit"], last["signal"]) == (1.5, 0.25, 0, None)
+    assert last["reports"] == {"db1": "up"} and last["message"] == "m" * 500
+    assert last["rejected"] == ("rejected report: bad host name '../x'",)
+    assert last["stderr"] == "e" * 500
+    # At most 20 of the output's fields, state/states/host/message left out; strings cut at
+    # 200, other values shown by repr and cut.
+    assert list(last["attributes"]) == ["lag", "n"] + ["a%02d" % i for i in range(15)]
+    assert last["attributes"]["lag"] == "x" * 200
+    assert last["attributes"]["n"] == hadaemon.wire._shorten([1] * 100, 200)
+    assert last["attributes"]["a03"] == "3"
+    assert "stderr" not in result._replace(stderr=None).to_last([], [])
+    assert result._replace(data={"message": 5}).to_last([], [])["message"] is None
+
+
+# -- The status document ------------------------------------------------------------------
+
+SETTINGS = hadaemon.config.ClusterSettings(etcd=("http://10.0.0.1:2379", "http://10.0.0.2:2379"),
+                                           name="c", node="a", ttl=6, quorum=2)
+
+
+def online_daemon(cluster=None):
+    return DaemonBlock(running=True, pid=123, version="1.0", started=1700000000.0, uptime=5.5,
+                       config_dir="/etc/hadaemon", state_dir="/var/lib/hadaemon",
+                       lag_ms={"p50": 0.1}, http="http://127.0.0.1:8080/", counters={"transitions": []},
+                       paused=False, queue=[4], workers=[{"pid": 5, "state": "idle"}], action_pid=None,
+                       ssh=[], cluster=cluster)
+
+
+def old_daemon_block(cluster=None):
+    """Master.daemon_status as it was built before the record, for a key-by-key comparison."""
+    daemon = {"running": True, "pid": 123, "version": "1.0", "started": 1700000000.0, "uptime": 5.5,
+              "config_dir": "/etc/hadaemon", "state_dir": "/var/lib/hadaemon", "lag_ms": {"p50": 0.1},
+              "http": "http://127.0.0.1:8080/", "counters": {"transitions": []}}
+    daemon.update({"paused": False, "queue": [4]})
+    daemon.update({"workers": [{"pid": 5, "state": "idle"}], "action_pid": None, "ssh": []})
+    daemon["cluster"] = cluster
+    return daemon
+
+
+HOSTS = [("db%d" % i, {"state": "up", "since": 1.0 * i, "pending": None, "last_report": None})
+         for i in range(7)]
+CHECKS = [{"key": "k%d" % i, "name": "c %d" % i, "last": None} for i in range(5)]
+TRANSITIONS = [{"id": 2, "time": 2.0, "host": "db1", "from": "unknown", "to": "up", "check": "c", "run": None}]
+RUNS = [{"id": 1, "state": "ok", "commands": []}]
+
+
+def test_daemon_block_is_the_dict_the_master_built():
+    assert enc(online_daemon().to_wire()) == enc(old_daemon_block())
+
+
+def test_cluster_block_is_the_members_status_with_the_agents_pid():
+    member = hadaemon.cluster_member.ClusterMember(SETTINGS, 100.0)
+    status = member.status(100.0, 77)
+    assert isinstance(status, ClusterStatus)
+    old = {"name": "c", "node": "a", "role": "none", "leader": None, "epoch": None, "quorum": 2,
+           "members": {}, "etcd": [{"endpoint": "http://10.0.0.1:2379", "ok": False},
+                                   {"endpoint": "http://10.0.0.2:2379", "ok": False}],
+           "ttl": 6, "acting": False, "requests": member.requests}
+    assert enc(status.to_wire()) == enc(dict(old, agent_pid=77))
+    assert member.status(100.0).agent_pid is None
+    assert enc(online_daemon(status).to_wire()) == enc(old_daemon_block(dict(old, agent_pid=77)))
+
+
+def test_offline_cluster_block_has_the_online_keys():
+    offline = ClusterStatus.offline(SETTINGS).to_wire()
+    assert offline == {"name": "c", "node": "a", "role": "none", "leader": None, "epoch": None,
+                       "quorum": 2, "members": {}, "ttl": 6, "acting": False, "requests": None,
+                       "agent_pid": None, "etcd": [{"endpoint": "http://10.0.0.1:2379", "ok": False},
+                                                   {"endpoint": "http://10.0.0.2:2379", "ok": False}]}
+    online = hadaemon.cluster_member.ClusterMember(SETTINGS, 100.0).status(100.0)
+    assert list(offline) == list(online.to_wire())
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_status_pieces_are_the_old_spliced_line_and_the_dict(step, monkeypatch):
+    monkeypatch.setattr(hadaemon.wire, "ANSWER_STEP", step)
+    for cluster in (None, ClusterStatus.offline(SETTINGS)):
+        def doc():
+            return StatusDoc(TRANSITIONS, RUNS, online_daemon(cluster), iter(HOSTS), iter(CHECKS))
+        pieces = list(doc().pieces())
+        assert len(pieces) > 4
+        line = b"".join(pieces)
+        # What Master.status_stream spliced before: encode_message(...)[:-2] + the rest.
+        old = enc({"transitions": TRANSITIONS, "runs": RUNS,
+                   "daemon": old_daemon_block(cluster and cluster.to_wire())})[:-2] + b',"hosts":'
+        old += b"".join(hadaemon.wire.json_pieces(iter(HOSTS), as_object=True)) + b',"checks":'
+        old += b"".join(hadaemon.wire.json_pieces(iter(CHECKS), as_object=False)) + b"}\n"
+        assert line == old
+        assert line == enc(doc().to_wire())
+        assert list(json.loads(line)) == ["transitions", "runs", "daemon", "hosts", "checks"]
+
+
+def test_offline_daemon_block_has_the_online_keys_and_values(tmp_path):
+    class Ledger:
+        def daemon_status(self):
+            return {"paused": True, "queue": [3, 4]}
+
+    class Config:
+        config_dir = "/etc/hadaemon"
+        cluster = SETTINGS
+    block = DaemonBlock.offline(str(tmp_path), Config, Ledger()).to_wire()
+    assert list(block) == list(online_daemon().to_wire())
+    assert block == {"running": False, "pid": None, "version": hadaemon.base.__version__,
+                     "started": None, "uptime": None, "config_dir": "/etc/hadaemon",
+                     "state_dir": str(tmp_path), "lag_ms": None, "http": None, "counters": None,
+                     "paused": True, "queue": [3, 4], "workers": [], "action_pid": None, "ssh": [],
+                     "cluster": ClusterStatus.offline(SETTINGS).to_wire()}
+    Config.cluster = None
+    assert DaemonBlock.offline(str(tmp_path), Config, Ledger()).cluster is None
+    assert DaemonBlock.offline(str(tmp_path), None, Ledger()).config_dir is None
+
+
+def test_offline_status_from_a_state_db(tmp_path):
+    store = hadaemon.store.Store(str(tmp_path))
+    store.open()
+    store.commit({"host:db1": {"state": "master", "since": 5.0, "pending": "slave", "count": 1},
+                  "meta": {"next_transition": 1, "next_run": 1, "paused": True}})
+    store.close()
+    doc, ledger = hadaemon.client.offline_status(str(tmp_path))
+    assert list(doc) == ["transitions", "runs", "daemon", "hosts", "checks"]
+    assert doc["hosts"] == {"db1": {"state": "master", "since": 5.0,
+                                    "pending": {"state": "slave", "count": 1}, "last_report": None}}
+    assert doc["daemon"]["running"] is False and doc["daemon"]["paused"] is True
+    assert doc["daemon"]["state_dir"] == str(tmp_path) and doc["checks"] == []
