@@ -22,18 +22,16 @@ Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
 ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
 they sort; the leader deletes what falls out of its history).
 
-Uses: base, store, ledger_store, cluster_member.
+Uses: base, records, store, ledger_store, cluster_member.
 """
 
 import json
 
 from .base import log
+from .records import ETCD_OUTPUT_CAP
 from .store import well_formed
 from .ledger_store import LedgerStore, Snapshot
 from .cluster_member import LEDGER_KEYS, MEMBER_KEYS, PAUSE_KEY
-
-
-ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
 
 
 def _etcd_run(run):
