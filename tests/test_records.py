@@ -414,8 +414,11 @@ def old_summarize_run(run):
 @pytest.mark.parametrize("value", [RUN, RAN, dict(RAN, rerun_of=1),
                                   dict(RAN, variables={"HOST": "db2"}, node="a", epoch=5)])
 def test_run_summary_is_what_summarize_run_made(value):
+    import hadaemon.ledger
     run = round_trip(Run, value)
     assert enc(run.summary()) == enc(old_summarize_run(value))
+    assert enc(hadaemon.ledger.summarize_run(run)) == enc(old_summarize_run(value))
+    assert enc(hadaemon.ledger.summarize_run(value)) == enc(old_summarize_run(value))   # its JSON
 
 
 BAD_TRANSITIONS = [
@@ -451,6 +454,7 @@ def test_a_malformed_run_is_refused(value):
 def test_a_state_db_with_malformed_records_loads_without_them(tmp_path):
     import os
     import hadaemon.cluster_ledger
+    import hadaemon.ledger
     store = hadaemon.store.Store(str(tmp_path))
     store.open()
     store.commit({"tr:1": TR, "run:3": RAN, "tr:2": dict(TR, id=8, run="x"),
@@ -462,6 +466,10 @@ def test_a_state_db_with_malformed_records_loads_without_them(tmp_path):
     assert "tr:2" not in again.data and "run:4" not in again.data
     notes = [n for n in again.notes if "not what hadaemon writes there; dropped" in n]
     assert sorted(n.split(" ")[0] for n in notes) == ["run:4", "tr:2"]
+    ledger = hadaemon.ledger.Ledger(again, str(tmp_path))
+    ledger.open(1700000010.0)
+    assert list(ledger.transitions) == [Transition.from_json(TR)]
+    assert list(ledger.runs) == [3] and ledger.runs[3].to_json() == RAN
     # etcd: a hand-edited value of the wrong shape is no ledger key either.
     key = hadaemon.cluster_member.LEDGER_KEYS + "run/0000000004"
     assert hadaemon.cluster_ledger.ledger_from_etcd(key, dict(RUN, state="done"), 100) is None
