@@ -54,8 +54,8 @@ configfiles.py     checks.conf and actions.conf, read whole into one Config, eve
                    problem as FILE:LINE.
 wire.py            Wire protocol and check output: what crosses the UNIX socket, and
                    what a check prints.
-records.py         Typed records: what crosses the socket and what --status --json says,
-                   one type each.
+records.py         Typed records: what crosses the socket, what the ledger keeps and
+                   what --status --json says.
 dumbfiles.py       dbm.dumb's two files (.dat and .dir), read and written in dbm.dumb's
                    own format.
 store.py           State store: dbm.dumb with a write-ahead journal.
@@ -1638,8 +1638,8 @@ def reports_from_result(data, exit_code, default_host):
 
 
 # ============================================================================
-# records.py: Typed records: what crosses the socket and what --status --json
-# says, one type each.
+# records.py: Typed records: what crosses the socket, what the ledger keeps
+# and what --status --json says.
 # ============================================================================
 #
 # Owns the records that were dicts built by hand in several places, each with its
@@ -1648,6 +1648,13 @@ def reports_from_result(data, exit_code, default_host):
 #   Job          master -> worker: one check to run (``{"t": "job"}``)
 #   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
 #                master's own result for a worker that died; the check's ``last``
+#   Transition   a host moved FROM -> TO: to_json() / from_json(), the state db's
+#                ``tr:N``, etcd's, --status --json's and --history's
+#   Run          an action run, with its RunCommands and their CommandResults:
+#                to_json() / from_json() (the state db's ``run:N``), to_etcd()
+#                (outputs cut), to_action() / from_action() (the ``{"t": "run"}``
+#                message), summary() (--status, --history, the ``run`` verb);
+#                from_json() refuses a value of the wrong shape (well_formed)
 #   StatusDoc    the --status --json document (socket, HTTP /status, offline), with
 #   DaemonBlock  its ``daemon`` block and
 #   ClusterStatus  that block's ``cluster``
@@ -1751,6 +1758,209 @@ class CheckResult(typing.NamedTuple):
         if self.stderr:
             last["stderr"] = self.stderr[:500]
         return last
+
+
+# -- The ledger's history: transitions and action runs ---------------------------------
+#
+# Their one JSON form is the state db's value (tr:N, run:N) and the wire form of
+# --status --json, --history and HTTP; etcd keeps the same, a run's outputs cut
+# (to_etcd).  The state db is read back through from_json, which refuses a value of
+# the wrong shape (a damaged or hand-edited db, a hand-edited etcd): Store.load and
+# ledger_from_etcd drop it with a note instead of letting it take the master down.
+
+RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
+ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
+
+
+def _is_str(*values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _is_time(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+class Transition(typing.NamedTuple):
+    """A host moved FROM -> TO (docs/configuration.md: states and transitions)."""
+    id: int
+    time: float                         # wall clock
+    host: str
+    frm: str                            # "from" in its JSON
+    to: str
+    check: typing.Optional[str]         # the check that reported it, or "cluster: a,b" (the voters)
+    run: typing.Optional[int]           # the run of its section; None when no section matches
+
+    def to_json(self):
+        return {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
+                "to": self.to, "check": self.check, "run": self.run}
+
+    @staticmethod
+    def well_formed(value):
+        """Whether a stored ``value`` has the shape a transition is written in."""
+        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
+            and (value.get("run") is None or isinstance(value["run"], int))
+
+    @classmethod
+    def from_json(cls, value):
+        """ValueError when ``value`` is not the shape of a transition."""
+        if not cls.well_formed(value):
+            raise ValueError("not a transition: %s" % _shorten(value))
+        get = value.get
+        return cls(value["id"], get("time"), value["host"], value["from"], value["to"],
+                   get("check"), get("run"))
+
+
+class CommandResult(typing.NamedTuple):
+    """How one command of a run ended, as its action run reported it."""
+    exit: typing.Optional[int]
+    signal: typing.Optional[int]
+    error: typing.Optional[str]         # why it counts as failed (exit 1, timed out, ...), or None
+    duration: typing.Optional[float]
+    output: str                         # stdout and stderr, at most OUTPUT_CAP characters
+    truncated: bool
+
+    def to_json(self):
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError("not a command's result: %s" % _shorten(value))
+        get = value.get
+        return cls(get("exit"), get("signal"), get("error"), get("duration"), get("output"),
+                   get("truncated"))
+
+    @classmethod
+    def from_event(cls, msg):
+        """From the action run's ``end`` message: its output (a string, or none) cut to OUTPUT_CAP."""
+        output = msg.get("output") if isinstance(msg.get("output"), str) else ""
+        return cls(msg.get("exit"), msg.get("signal"), msg.get("error"), msg.get("duration"),
+                   output[:OUTPUT_CAP], bool(msg.get("truncated")))
+
+
+@dataclasses.dataclass
+class RunCommand:
+    """One command of a run: as its section's line expanded it, and how it went."""
+    argv: list
+    ignore: bool                        # its failure does not end the sequence
+    timeout: float
+    where: str                          # FILE:LINE of its line in actions.conf
+    started: typing.Optional[float] = None      # wall clock, once started
+    result: typing.Optional[CommandResult] = None
+
+    def to_json(self):
+        out = {"argv": self.argv, "ignore": self.ignore, "timeout": self.timeout, "where": self.where}
+        if self.started is not None:
+            out["started"] = self.started
+        if self.result is not None:
+            out["result"] = self.result.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, value):
+        """From its JSON, or from a command expand_commands made (the same keys, no result)."""
+        get = value.get
+        result = get("result")
+        return cls(value["argv"], get("ignore"), get("timeout"), get("where"), get("started"),
+                   None if result is None else CommandResult.from_json(result))
+
+
+@dataclasses.dataclass
+class Run:
+    """An action run of a transition's section: queued -> running -> ok | failed |
+    interrupted, or skipped / failed without running (the Ledger's RUN_EDGES)."""
+    id: int
+    transition: typing.Optional[int]    # the transition's id
+    host: str
+    frm: str                            # "from" in its JSON
+    to: str
+    section: str                        # its name, "db2: any_to_master"
+    state: typing.Optional[str]         # None only while it is made
+    reason: typing.Optional[str]
+    queued: typing.Optional[float]      # wall clock, as the rest
+    started: typing.Optional[float]
+    ended: typing.Optional[float]
+    env: dict                           # the HA_* its commands get
+    commands: list                      # of RunCommand
+    rerun_of: typing.Optional[int] = None       # --rerun: the run it repeats
+    variables: typing.Optional[dict] = None     # a cluster's: %NAME% for the member that runs it
+    node: typing.Optional[str] = None           # a cluster's: the leader that ran it, and its epoch
+    epoch: typing.Optional[int] = None
+
+    def to_json(self):
+        """The state db's value, and the base of the other forms; an optional key is
+        left out when it is None (rerun_of, variables; node with epoch)."""
+        out = {"id": self.id, "transition": self.transition, "host": self.host, "from": self.frm,
+               "to": self.to, "section": self.section, "state": self.state, "reason": self.reason,
+               "queued": self.queued, "started": self.started, "ended": self.ended, "env": self.env,
+               "commands": [c.to_json() for c in self.commands]}
+        if self.rerun_of is not None:
+            out["rerun_of"] = self.rerun_of
+        if self.variables is not None:
+            out["variables"] = self.variables
+        if self.node is not None:
+            out["node"], out["epoch"] = self.node, self.epoch
+        return out
+
+    @staticmethod
+    def well_formed(value):
+        """Whether a stored ``value`` has the shape a run is written in."""
+        return isinstance(value, dict) and isinstance(value.get("id"), int) \
+            and value.get("state") in RUN_STATES and isinstance(value.get("env"), dict) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
+            and isinstance(value.get("commands"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
+                and (c.get("result") is None or isinstance(c["result"], dict))
+                for c in value["commands"])
+
+    @classmethod
+    def from_json(cls, value, check=True):
+        """ValueError when ``value`` is not the shape of a run.  ``check=False``: a value
+        already read, maybe partial (summarize_run's), its missing keys as None."""
+        if check and not cls.well_formed(value):
+            raise ValueError("not a run: %s" % _shorten(value))
+        get = value.get
+        return cls(get("id"), get("transition"), get("host"), get("from"), get("to"), get("section"),
+                   get("state"), get("reason"), get("queued"), get("started"), get("ended"),
+                   get("env"), [RunCommand.from_json(c) for c in get("commands") or ()],
+                   get("rerun_of"), get("variables"), get("node"), get("epoch"))
+
+    def to_etcd(self):
+        """As etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP (then ``truncated``)."""
+        out = self.to_json()
+        for cmd in out["commands"]:
+            result = cmd.get("result")
+            if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
+                cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
+        return out
+
+    def to_action(self, confirm):
+        """The ``run`` message's run, handed to the action run; ``confirm``: a cluster's
+        leader, whose action run asks before each command whether it still may."""
+        out = self.to_json()
+        if confirm:
+            out["confirm"] = True
+        return out
+
+    @classmethod
+    def from_action(cls, value):
+        """The action run's side: (the run, whether it asks before each command)."""
+        return cls.from_json(value), bool(value.get("confirm"))
+
+    def summary(self):
+        """As --status, --history and the ``run`` verb show it: its environment, variables
+        and the commands' timeouts left out; rerun_of always there; node and epoch in a cluster."""
+        out = {"id": self.id, "transition": self.transition, "host": self.host, "from": self.frm,
+               "to": self.to, "section": self.section, "state": self.state, "reason": self.reason,
+               "queued": self.queued, "started": self.started, "ended": self.ended,
+               "rerun_of": self.rerun_of,
+               "commands": [{"argv": c.argv, "ignore": c.ignore, "where": c.where, "started": c.started,
+                             "result": None if c.result is None else c.result.to_json()}
+                            for c in self.commands]}
+        if self.node is not None:
+            out["node"], out["epoch"] = self.node, self.epoch
+        return out
 
 
 # -- The status document ------------------------------------------------------------
@@ -2127,18 +2337,7 @@ class DumbFiles:
 #
 # Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
 #
-# Uses: base, wire, dumbfiles.
-
-_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
-
-
-def _is_str(*values):
-    return all(isinstance(v, str) for v in values)
-
-
-def _is_time(value):
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
+# Uses: base, wire, records, dumbfiles.
 
 def well_formed(key, value):
     """Whether ``value``, read back from the db, has the shape the master writes at ``key``.
@@ -2152,16 +2351,9 @@ def well_formed(key, value):
             and (value.get("pending") is None or valid_state(value["pending"])) \
             and isinstance(value.get("count"), int)
     if kind == "tr":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
-            and (value.get("run") is None or isinstance(value["run"], int))
+        return Transition.well_formed(value)
     if kind == "run":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) \
-            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
-            and isinstance(value.get("commands"), list) and all(
-                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
-                for c in value["commands"])
+        return Run.well_formed(value)
     if key == "queue":
         return isinstance(value, list) and all(isinstance(i, int) for i in value)
     if key == "meta":
@@ -2959,15 +3151,15 @@ def action_main(sock_path, config_dir):
     msg = chan.receive()
     if msg is None or msg.get("t") != "run":
         return 0                        # the master stopped, or needs no more runs
-    run = msg["run"]
-    env.update(run["env"])
+    run, confirm = Run.from_action(msg["run"])
+    env.update(run.env)
     outcome, reason = "ok", None
-    for index, cmd in enumerate(run["commands"]):
+    for index, cmd in enumerate(run.commands):
         not_after = lease = None
-        if run.get("confirm"):
+        if confirm:
             # A cluster's leader: before each command the master says whether it still
             # leads, and until when (by its lease clock) this command may start and run.
-            chan.send({"t": "may", "run": run["id"], "index": index})
+            chan.send({"t": "may", "run": run.id, "index": index})
             answer = chan.receive()
             while answer is not None and answer.get("t") == "lease":
                 answer = chan.receive()         # a renewal's news, from before we asked
@@ -2978,32 +3170,32 @@ def action_main(sock_path, config_dir):
                 break
             not_after = answer["until"]
             lease = CommandLease(chan, answer["until"], answer["kill_at"])
-        chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+        chan.send({"t": "start", "run": run.id, "index": index, "time": time.time()})
 
         def announce(pid, index=index):
             # The master kills this group if we die before the command ends.
-            chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
-        res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
+            chan.send({"t": "spawned", "run": run.id, "index": index, "pid": pid})
+        res = run_process(cmd.argv, env, cmd.timeout, ACTION_KILL_GRACE, watch,
                           merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after,
                           lease=lease)
-        failure = res.failure(cmd["timeout"])
+        failure = res.failure(cmd.timeout)
         if res.late:
             outcome, reason = "interrupted", failure
             break
         if lease is not None and lease.termed:
             failure = "ended: the leader's lease could run out (%s)" % failure
-        chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
+        chan.send({"t": "end", "run": run.id, "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
                    "duration": round(res.duration, 6), "truncated": res.truncated,
                    "output": res.output.decode("utf-8", "replace")})
         if lease is not None and lease.termed:
-            outcome, reason = "interrupted", "%s: %s" % (cmd["where"], failure)
+            outcome, reason = "interrupted", "%s: %s" % (cmd.where, failure)
             break
-        if failure and not cmd["ignore"]:
+        if failure and not cmd.ignore:
             outcome = "failed"
-            reason = "%s: %s (%s)" % (cmd["where"], failure, os.path.basename(cmd["argv"][0]))
+            reason = "%s: %s (%s)" % (cmd.where, failure, os.path.basename(cmd.argv[0]))
             break
-    chan.send({"t": "done", "run": run["id"], "result": outcome, "reason": reason})
+    chan.send({"t": "done", "run": run.id, "result": outcome, "reason": reason})
     return 0
 
 
@@ -3349,7 +3541,7 @@ def connect_ssh_targets(config):
 # ``shared`` is the one mode bit of the rules: True when other members read this
 # ledger (docs/cluster.md: each member confirms for itself, the leader accepts).
 #
-# Uses: the standard library only.
+# Uses: records.
 
 class Changes:
     """One change set of the rules; the store lays out its keys."""
@@ -3358,8 +3550,8 @@ class Changes:
 
     def __init__(self, hosts=None, runs=None, queue=None, meta=None):
         self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
-        self.transitions = []           # transition dicts
-        self.runs = runs or {}          # run id -> run dict
+        self.transitions = []           # Transitions
+        self.runs = runs or {}          # run id -> Run
         self.queue = queue              # the whole queue (run ids), when it changed
         self.meta = meta                # {"next_transition", "next_run"}, when they changed
 
@@ -3368,9 +3560,11 @@ class Changes:
             self.queue is not None or self.meta is not None
 
 
-def _by_id(data, prefix):
-    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
-                  key=lambda r: r.get("id", 0))
+def _by_id(data, prefix, record):
+    """The ``record``s (Transition, Run) of the keys PREFIXn in ``data``, by id (the
+    values were checked where they were read: Store.load, ledger_from_etcd)."""
+    return sorted((record.from_json(v) for k, v in data.items() if k.startswith(prefix)),
+                  key=lambda r: r.id)
 
 
 class Snapshot(typing.NamedTuple):
@@ -3378,8 +3572,8 @@ class Snapshot(typing.NamedTuple):
     meta: dict                  # next_transition, next_run
     hosts: dict
     reports: dict
-    transitions: list
-    runs: list
+    transitions: list          # Transitions
+    runs: list                 # Runs
     queue: list
 
     @classmethod
@@ -3392,7 +3586,7 @@ class Snapshot(typing.NamedTuple):
         reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
         return cls(meta=meta,
                    hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
-                   reports=reports, transitions=_by_id(data, "tr:"), runs=_by_id(data, "run:"),
+                   reports=reports, transitions=_by_id(data, "tr:", Transition), runs=_by_id(data, "run:", Run),
                    queue=list(data.get("queue") or []))
 
 
@@ -3409,9 +3603,9 @@ def db_changes(changes, cap):
     """A Changes as the state db's keys: host:H, tr:N, run:N (N = id % cap), queue, meta."""
     out = {"host:" + host: record for host, record in changes.hosts.items()}
     for tr in changes.transitions:
-        out["tr:%d" % (tr["id"] % cap)] = tr
+        out["tr:%d" % (tr.id % cap)] = tr.to_json()
     for run_id, run in changes.runs.items():
-        out["run:%d" % (run_id % cap)] = run
+        out["run:%d" % (run_id % cap)] = run.to_json()
     if changes.queue is not None:
         out["queue"] = changes.queue
     return out
@@ -3497,7 +3691,7 @@ class LocalStore(LedgerStore):
 # state (the leader, from quorum's views), and a run recording its variables (so
 # another member can expand its own section).
 #
-# Uses: base, children, ledger_store.
+# Uses: base, records, children, ledger_store.
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
 # without running (paused, an empty variable).
@@ -3511,29 +3705,25 @@ NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
 
 
 def summarize_run(run):
-    """A run as --status and --history show it (its environment left out)."""
-    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
-                                       "state", "reason", "queued", "started", "ended", "rerun_of")}
-    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
-                            "started": c.get("started"), "result": c.get("result")}
-                           for c in run.get("commands", [])]
-    if "node" in run:                   # a cluster's run: the member and epoch that ran it
-        summary["node"], summary["epoch"] = run["node"], run.get("epoch")
-    return summary
+    """A run (a Run, or its JSON as the state db holds it) as --status and --history
+    show it: Run.summary()."""
+    return (run if isinstance(run, Run) else Run.from_json(run, check=False)).summary()
 
 
 def history_entries(transitions, runs, n):
     """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history)."""
+    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
+    runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
-        if run.get("rerun_of") is not None:
-            reruns[run.get("transition")].append(summarize_run(run))
+        if run.rerun_of is not None:
+            reruns[run.transition].append(run.summary())
     out = []
     for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.get("run")) if tr.get("run") is not None else None
-        out.append(dict(tr, run=summarize_run(run) if run else None,
-                        reruns=reruns.get(tr["id"], []) if run else []))
+        run = runs.get(tr.run) if tr.run is not None else None
+        out.append(dict(tr.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(tr.id, []) if run else []))
     return out
 
 
@@ -3571,8 +3761,8 @@ class Ledger:
         self.view = {}                  # shared: host -> the state this member confirmed
         self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.by_state = collections.defaultdict(set)    # state -> hosts in it
-        self.transitions = collections.deque()
-        self.runs = collections.OrderedDict()   # id -> run, oldest first
+        self.transitions = collections.deque()    # Transitions, oldest first
+        self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
@@ -3597,7 +3787,7 @@ class Ledger:
         self.reports = snapshot.reports
         cap = self.cap
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
-        self.runs = collections.OrderedDict((r["id"], r) for r in snapshot.runs[-cap if cap else 0:])
+        self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
 
     def open(self, now, acting=True):
@@ -3616,23 +3806,23 @@ class Ledger:
     def reread(self, log_new=False):
         """Memory becomes what the store holds (a cluster: etcd; writes gathered and not
         sent are dropped); ``log_new``: say which transitions are new (the leader's)."""
-        known = self.transitions[-1]["id"] if self.transitions else 0
+        known = self.transitions[-1].id if self.transitions else 0
         reports = self.reports          # this member's own, in no other store's ledger
         self.take(self.store.reread(self.cap))
         self.reports = reports
         if log_new:
             for tr in self.transitions:
-                if tr["id"] > known:
+                if tr.id > known:
                     log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
-                             tr["host"], tr["from"], tr["to"], tr.get("check"))
+                             tr.host, tr.frm, tr.to, tr.check)
 
     def interrupt_running(self, reason_of, now):
         """Every run still running is interrupted, ``reason_of(run)`` saying why."""
         changes = Changes()
         for run in list(self.runs.values()):
-            if run.get("state") == "running":
+            if run.state == "running":
                 self._set_run_state(run, "interrupted", reason_of(run), changes, now)
-                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                self.queue = [rid for rid in self.queue if rid != run.id]
                 changes.queue = self.queue
         if changes:
             self._put(changes)
@@ -3697,12 +3887,12 @@ class Ledger:
         cap = self.cap
         tr_id = self.meta["next_transition"]
         self.meta["next_transition"] = tr_id + 1
-        tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
-              "check": by, "run": None}
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        if section is not None:
-            tr["run"] = self.new_run(tr, section, changes, now)["id"]
+        run_id = None
+        if section is not None:         # the run first: the Transition names it
+            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+        tr = Transition(tr_id, now, host, old, state, by, run_id)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
@@ -3710,29 +3900,27 @@ class Ledger:
         self._put(changes)
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
                  "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
 
-    def new_run(self, tr, section, changes, now, rerun_of=None):
-        """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
+    def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
+        """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
+        queued, or skipped / failed at once."""
         cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
-        plan = plan_run(section, tr["host"], tr["from"], tr["to"], None, self.config.config_dir,
-                        self.state_dir, StateVariables(tr["host"], tr["from"], tr["to"], self.by_state))
-        run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
-               "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": now, "started": None, "ended": None,
-               "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
-        if rerun_of is not None:
-            run["rerun_of"] = rerun_of
+        plan = plan_run(section, host, frm, to, None, self.config.config_dir,
+                        self.state_dir, StateVariables(host, frm, to, self.by_state))
+        run = Run(run_id, tr_id, host, frm, to, section.name, None, None, now, None, None,
+                  dict(plan.env, HA_RUN_ID=str(run_id)), [RunCommand.from_json(c) for c in plan.commands],
+                  rerun_of)
         if self.shared:
             # The member that runs it may be another leader: it expands the section of
             # its own actions.conf with these (commands_for).
-            run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+            run.variables = action_variables(host, frm, to, self.states())
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
@@ -3758,38 +3946,38 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
-        if old["state"] not in RUN_FINAL:
+        if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
-                             % (run_id, old["state"]))
-        section = self.config.section_named(old["section"])
+                             % (run_id, old.state))
+        section = self.config.section_named(old.section)
         if section is None:
             raise ValueError("section [%s] of run #%d is no longer in %s" % (
-                old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
-        tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
+                old.section, run_id, os.path.join(self.config.config_dir, "actions.conf")))
         changes = Changes(meta=self.meta)
-        run = self.new_run(tr, section, changes, now, rerun_of=run_id)
+        run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
+                           rerun_of=run_id)
         self._put(changes)
-        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
-                 section.name, run["host"], run["from"], run["to"], run["state"])
+        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
+                 section.name, run.host, run.frm, run.to, run.state)
         return run
 
     def _set_run_state(self, run, state, reason, changes, now):
         """Every run state change passes here: checks the edge, logs, records in ``changes``."""
-        if state not in RUN_EDGES.get(run["state"], ()):
-            raise AssertionError("run %s: %s -> %s" % (run["id"], run["state"], state))
-        run["state"] = state
+        if state not in RUN_EDGES.get(run.state, ()):
+            raise AssertionError("run %s: %s -> %s" % (run.id, run.state, state))
+        run.state = state
         if reason:
-            run["reason"] = reason
+            run.reason = reason
         if state == "running":
-            run["started"] = now
+            run.started = now
         if state in RUN_FINAL:
-            run["ended"] = now
-            self.run_counts[(run["section"], state)] += 1
+            run.ended = now
+            self.run_counts[(run.section, state)] += 1
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
-                    run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
-        changes.runs[run["id"]] = run
+            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
+                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+        changes.runs[run.id] = run
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -3803,7 +3991,7 @@ class Ledger:
 
     def dequeue(self, run, state, reason, now):
         """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run["id"], "run %s is not first" % run["id"]
+        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
         self.queue.pop(0)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
@@ -3814,46 +4002,42 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
-        if run.get("variables") is None:
-            return run["commands"]
-        section = config.section_named(run["section"])
+        if run.variables is None:
+            return run.commands
+        section = config.section_named(run.section)
         if section is None:
             raise ValueError("no section [%s] in this member's %s" % (
-                run["section"], os.path.join(config.config_dir, "actions.conf")))
-        return expand_commands(section, run["variables"])
+                run.section, os.path.join(config.config_dir, "actions.conf")))
+        return [RunCommand.from_json(c) for c in expand_commands(section, run.variables)]
 
     def start(self, run, commands, stamp, config_dir, now):
         """The head of the queue starts with ``commands``; ``stamp`` (a cluster's leader:
         cluster, node, epoch) says who runs it, in the run and in its environment."""
-        run["commands"] = commands
+        run.commands = commands
         if stamp is not None:
             cluster, node, epoch = stamp
-            run["node"], run["epoch"] = node, epoch
-            run["env"] = dict(run["env"], HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
-                              HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
+            run.node, run.epoch = node, epoch
+            run.env = dict(run.env, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
+                           HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
         self.dequeue(run, "running", None, now)
 
     def command_started(self, run, index, when):
-        cmd = run["commands"][index]
-        cmd["started"] = when
-        log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
-                 _command_words(cmd))
-        self._put(Changes(runs={run["id"]: run}))
+        cmd = run.commands[index]
+        cmd.started = when
+        log.info("run %d: command %d/%d: %s", run.id, index + 1, len(run.commands), _command_words(cmd))
+        self._put(Changes(runs={run.id: run}))
 
     def command_ended(self, run, index, msg):
         """Record a command's end, as its action run reported it in ``msg``."""
-        cmd = run["commands"][index]
-        output = msg.get("output") if isinstance(msg.get("output"), str) else ""
-        cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
-                         "error": msg.get("error"), "duration": msg.get("duration"),
-                         "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
-        level = logging.WARNING if msg.get("error") else logging.INFO
-        log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
-                len(run["commands"]), _command_words(cmd), msg.get("error") or "exit %s" % msg.get("exit"),
-                msg.get("duration") or 0, " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
-        for line in output.splitlines()[:20]:
-            log.info("run %d:   | %s", run["id"], line)
-        self._put(Changes(runs={run["id"]: run}))
+        cmd = run.commands[index]
+        cmd.result = result = CommandResult.from_event(msg)
+        level = logging.WARNING if result.error else logging.INFO
+        log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run.id, index + 1,
+                len(run.commands), _command_words(cmd), result.error or "exit %s" % result.exit,
+                result.duration or 0, " (failure ignored)" if result.error and cmd.ignore else "")
+        for line in (msg.get("output") if isinstance(msg.get("output"), str) else "").splitlines()[:20]:
+            log.info("run %d:   | %s", run.id, line)
+        self._put(Changes(runs={run.id: run}))
 
     def finish(self, run, state, reason, now):
         """A running run ends: ``ok``, ``failed`` or ``interrupted``."""
@@ -3869,8 +4053,8 @@ class Ledger:
 
     def recent(self, last=20):
         """The last transitions and runs, newest first."""
-        transitions = list(self.transitions)[-last:][::-1]
-        runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
+        transitions = [tr.to_json() for tr in list(self.transitions)[-last:][::-1]]
+        runs = [r.summary() for r in list(self.runs.values())[-last:]][::-1]
         return {"transitions": transitions, "runs": runs}
 
     def host_entries(self):
@@ -3906,7 +4090,7 @@ class Ledger:
 
 
 def _command_words(cmd):
-    return " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
+    return " ".join([os.path.basename(cmd.argv[0])] + cmd.argv[1:])
 
 
 # ============================================================================
@@ -6845,30 +7029,17 @@ class ClusterMember:
 #
 # Uses: base, store, ledger_store, cluster_member.
 
-ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
-
-
-def _etcd_run(run):
-    """A run as etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP."""
-    run = dict(run, commands=[dict(c) for c in run.get("commands", [])])
-    for cmd in run["commands"]:
-        result = cmd.get("result")
-        if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
-            cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
-    return run
-
-
 def ledger_to_etcd(changes, cap):
     """A Ledger change set (Changes) -> (puts, deletes) of etcd keys."""
     puts, deletes = {}, []
     for host, record in changes.hosts.items():
         puts[LEDGER_KEYS + "host/" + host] = {"state": record["state"], "since": record["since"]}
-    for kind, values in (("tr", changes.transitions), ("run", changes.runs.values())):
-        for value in values:
-            puts[LEDGER_KEYS + "%s/%010d" % (kind, value["id"])] = \
-                _etcd_run(value) if kind == "run" else value
-            if cap and value["id"] > cap:
-                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, value["id"] - cap))
+    for kind, records in (("tr", changes.transitions), ("run", changes.runs.values())):
+        for record in records:      # a run's outputs cut to ETCD_OUTPUT_CAP
+            puts[LEDGER_KEYS + "%s/%010d" % (kind, record.id)] = \
+                record.to_etcd() if kind == "run" else record.to_json()
+            if cap and record.id > cap:
+                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, record.id - cap))
     if changes.queue is not None:
         puts[LEDGER_KEYS + "queue"] = list(changes.queue)
     if changes.meta is not None:
@@ -7131,7 +7302,8 @@ class ClusterLink:
         ledger = self.ledger
         ledger.reread()
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
-                                 % (run.get("node", "?"), run.get("epoch", "?")), now)
+                                 % ("?" if run.node is None else run.node,
+                                    "?" if run.node is None else run.epoch), now)
         self.store.views_changed = True
         log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
                  self.member.settings.name, self.member.node, len(ledger.hosts), len(ledger.transitions),
@@ -7217,7 +7389,7 @@ class ClusterLink:
 
 def _command_index(run, msg):
     index = msg.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run["commands"]):
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run.commands):
         raise ProtocolError("bad command index %r" % (index,))
     return index
 
@@ -7291,25 +7463,24 @@ class ActionRuns:
         ticket = self.ledger.store.flush()  # with the transition, if it came in this pass
         if ticket is None:
             return                      # not written (no longer leading): nothing handed
-        child.run_id = run["id"]
+        child.run_id = run.id
         self.handoff = (run, ticket)
         self._deliver()
 
     def _deliver(self):
         run, ticket = self.handoff
         child = self.pool.action_child()
-        if child is None or child.run_id != run["id"]:
+        if child is None or child.run_id != run.id:
             self.handoff = None         # its action run died: recorded by exited()
         elif self.ledger.store.durable(ticket):
             self.handoff = None
-            self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)
-                                          if self.leadership.confirms else run})
+            self.server.send(child.conn, {"t": "run", "run": run.to_action(self.leadership.confirms)})
 
     def event(self, child, msg):
         """The action run reports: a command started, spawned, ended; the sequence is done;
         in a cluster it asks before each command (``may``) whether it still may."""
         run = self.ledger.runs.get(child.run_id)
-        if run is None or msg.get("run") != run["id"]:
+        if run is None or msg.get("run") != run.id:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
         kind = msg.get("t")
         if kind == "start":
@@ -7336,7 +7507,7 @@ class ActionRuns:
             self.pool.spare_gone(child, how)
             return
         run = self.ledger.runs.get(child.run_id)
-        if run is None or run["state"] != "running":
+        if run is None or run.state != "running":
             return
         stepped = self.leadership.interrupted()
         if stepped:
@@ -7352,9 +7523,9 @@ class ActionRuns:
         action = self.pool.action_child()
         if action is None:
             return 10.0
-        run = self.ledger.runs.get(action.run_id) or {}
-        pending = [c for c in run.get("commands", []) if "result" not in c]
-        budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
+        run = self.ledger.runs.get(action.run_id)
+        pending = [c for c in run.commands if c.result is None] if run else []
+        budget = sum(c.timeout + ACTION_KILL_GRACE for c in pending) + 1.0
         log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
         action.kill_at = now + budget
         return budget
@@ -7826,14 +7997,14 @@ class Master:
             return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
         if cmd == "run":
             run = self.ledger.runs.get(run_id)
-            return {"ok": True, "run": summarize_run(run)} if run else \
+            return {"ok": True, "run": run.summary()} if run else \
                 {"ok": False, "errors": ["no run #%d in the history" % run_id]}
         if not self.leadership.acting():
             leader = self.leadership.leader_name()
             return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
                                             "the leader (%s)" % (leader or "none now")]}
         try:
-            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
+            return {"ok": True, "run": self.ledger.rerun(run_id, time.time()).summary()}
         except ValueError as exc:
             return {"ok": False, "errors": [str(exc)]}
 
@@ -8703,6 +8874,7 @@ def wait_run(args, run_id):
             # The daemon stopped: the db has the run's last state (a queued run stays
             # queued, and runs when the daemon starts again).
             run = offline_status(args.state_dir)[1].runs.get(run_id)
+            run = run.summary() if run is not None else None
             if run is None or run["state"] not in RUN_FINAL:
                 print("hadaemon: the daemon stopped; run #%d is %s" % (
                     run_id, run["state"] if run else "not in the state db"), file=sys.stderr)

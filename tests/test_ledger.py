@@ -83,9 +83,9 @@ def test_confirm_counts_reports_in_a_row(tmp_path):
     assert w.report("db1", "master", T0 + 1) is None
     assert w.host("db1")["count"] == 2
     tr = w.report("db1", "master", T0 + 2)
-    assert (tr["host"], tr["from"], tr["to"], tr["time"]) == ("db1", "unknown", "master", T0 + 2)
+    assert (tr.host, tr.frm, tr.to, tr.time) == ("db1", "unknown", "master", T0 + 2)
     assert w.host("db1") == {"state": "master", "since": T0 + 2, "pending": None, "count": 0}
-    assert [t["id"] for t in w.ledger.transitions] == [tr["id"]]
+    assert [t.id for t in w.ledger.transitions] == [tr.id]
 
 
 def test_a_flapping_host_never_moves_and_its_own_state_drops_the_candidate(tmp_path):
@@ -108,11 +108,11 @@ def test_a_host_never_seen_is_unknown_and_its_first_state_is_a_transition(tmp_pa
     assert w.report("db2", "unknown") is None       # unknown about an unknown host: nothing
     assert w.host("db2") is None and not w.ledger.transitions
     tr = w.report("db2", "master")                  # confirm 1 for db2
-    assert (tr["from"], tr["to"]) == ("unknown", "master")
-    run = w.ledger.runs[tr["run"]]
-    assert run["section"] == "unknown_to_master" and run["state"] == "queued"
-    assert run["commands"][0]["argv"][1:] == ["hello", "db2"]
-    assert w.ledger.queue == [run["id"]]
+    assert (tr.frm, tr.to) == ("unknown", "master")
+    run = w.ledger.runs[tr.run]
+    assert run.section == "unknown_to_master" and run.state == "queued"
+    assert run.commands[0].argv[1:] == ["hello", "db2"]
+    assert w.ledger.queue == [run.id]
 
 
 PRECEDENCE = ["db2: slave_to_master", "db2: any_to_master", "db2: slave_to_any", "db2: any_to_any",
@@ -129,14 +129,14 @@ def test_the_first_section_by_precedence_runs(tmp_path, winner):
     w = World(tmp_path, text)
     w.report("db2", "slave")                        # (its run may match a section too)
     tr = w.report("db2", "master")
-    assert (tr["from"], tr["to"]) == ("slave", "master")
-    assert w.ledger.runs[tr["run"]]["section"] == PRECEDENCE[winner]
+    assert (tr.frm, tr.to) == ("slave", "master")
+    assert w.ledger.runs[tr.run].section == PRECEDENCE[winner]
 
 
 def test_no_section_records_the_transition_without_a_run(tmp_path):
     w = World(tmp_path, "[db1: slave_to_master]\n/bin/true\n")
     tr = w.report("db2", "master")
-    assert tr["run"] is None and not w.ledger.runs and not w.ledger.queue
+    assert tr.run is None and not w.ledger.runs and not w.ledger.queue
     assert list(w.ledger.transitions) == [tr]
 
 
@@ -149,12 +149,12 @@ def test_variables_are_the_states_after_the_transition(tmp_path):
     for host, state in (("db1", "master"), ("db2", "slave"), ("db3", "slave"), ("db1", "down")):
         w.report(host, state)
     tr = w.report("db2", "master")
-    run = w.ledger.runs[tr["run"]]
-    assert run["commands"][0]["argv"][1:] == ["db2", "slave", "master", "m=db2", "s=db3", "d=db1", "100%"]
-    env = run["env"]
+    run = w.ledger.runs[tr.run]
+    assert run.commands[0].argv[1:] == ["db2", "slave", "master", "m=db2", "s=db3", "d=db1", "100%"]
+    env = run.env
     assert (env["HA_HOST"], env["HA_FROM"], env["HA_TO"], env["HA_TRANSITION"]) == \
         ("db2", "slave", "master", "slave_to_master")
-    assert (env["HA_MASTER"], env["HA_SLAVE"], env["HA_RUN_ID"]) == ("db2", "db3", str(run["id"]))
+    assert (env["HA_MASTER"], env["HA_SLAVE"], env["HA_RUN_ID"]) == ("db2", "db3", str(run.id))
 
 
 def test_an_empty_variable_refuses_the_whole_sequence(tmp_path):
@@ -164,9 +164,9 @@ def test_an_empty_variable_refuses_the_whole_sequence(tmp_path):
         /bin/echo promote %MASTER% over %SLAVE%
         """)
     tr = w.report("db2", "master")          # no host is a slave: %SLAVE% is empty
-    run = w.ledger.runs[tr["run"]]
-    assert run["state"] == "failed"
-    assert "%SLAVE% is empty" in run["reason"] and "actions.conf:3" in run["reason"]
+    run = w.ledger.runs[tr.run]
+    assert run.state == "failed"
+    assert "%SLAVE% is empty" in run.reason and "actions.conf:3" in run.reason
     assert w.ledger.queue == [] and w.ledger.head() is None
 
 
@@ -174,8 +174,8 @@ def test_while_paused_runs_are_skipped_and_the_pause_survives_a_restart(tmp_path
     w = World(tmp_path, "[any_to_any]\n/bin/true\n")
     w.ledger.set_paused(True)
     tr = w.report("db2", "master")
-    run = w.ledger.runs[tr["run"]]
-    assert (run["state"], run["reason"]) == ("skipped", "paused")
+    run = w.ledger.runs[tr.run]
+    assert (run.state, run.reason) == ("skipped", "paused")
     assert w.ledger.queue == []
     w.reopen()
     assert w.ledger.paused
@@ -183,13 +183,13 @@ def test_while_paused_runs_are_skipped_and_the_pause_survives_a_restart(tmp_path
     w.reopen()
     assert not w.ledger.paused
     tr = w.report("db2", "slave")
-    assert w.ledger.runs[tr["run"]]["state"] == "queued"
+    assert w.ledger.runs[tr.run].state == "queued"
 
 
 def test_the_queue_survives_a_kill_and_a_running_run_is_interrupted(tmp_path):
     w = World(tmp_path, "[any_to_any]\n/bin/true\n/bin/true\n", confirm=1)
-    ids = [w.report("db1", "master")["run"], w.report("db2", "slave")["run"],
-           w.report("db2", "master", T0 + 5)["run"]]
+    ids = [w.report("db1", "master").run, w.report("db2", "slave").run,
+           w.report("db2", "master", T0 + 5).run]
     assert w.ledger.queue == ids
     first = w.ledger.head()
     w.ledger.dequeue(first, "running", None, T0 + 6)
@@ -198,10 +198,10 @@ def test_the_queue_survives_a_kill_and_a_running_run_is_interrupted(tmp_path):
     ledger = w.reopen()                     # killed mid-sequence: journal only
     assert ledger.queue == ids[1:]
     run = ledger.runs[ids[0]]
-    assert run["state"] == "interrupted" and "died" in run["reason"]
-    assert run["commands"][0]["result"]["output"] == "hi\n" and "result" not in run["commands"][1]
-    assert [ledger.runs[i]["state"] for i in ids[1:]] == ["queued", "queued"]
-    assert ledger.head()["id"] == ids[1]
+    assert run.state == "interrupted" and "died" in run.reason
+    assert run.commands[0].result.output == "hi\n" and run.commands[1].result is None
+    assert [ledger.runs[i].state for i in ids[1:]] == ["queued", "queued"]
+    assert ledger.head().id == ids[1]
     assert ledger.state_of("db2") == "master" and ledger.meta["next_run"] == ids[-1] + 1
     # A restart never fires a transition by itself: the states are simply there.
     assert ledger.report("db2", "master", w.checks["db2"], T0 + 9) is None
@@ -211,29 +211,29 @@ def test_a_run_goes_queued_running_ok_and_is_counted(tmp_path):
     w = World(tmp_path, "[any_to_master]\n/bin/true\n")
     tr = w.report("db2", "master")
     run = w.ledger.head()
-    assert run["id"] == tr["run"]
+    assert run.id == tr.run
     w.ledger.dequeue(run, "running", None, T0 + 1)
-    assert run["started"] == T0 + 1 and w.ledger.queue == []
+    assert run.started == T0 + 1 and w.ledger.queue == []
     with pytest.raises(AssertionError):
         w.ledger.dequeue(run, "running", None, T0 + 1)     # no longer first in the queue
     w.ledger.finish(run, "ok", None, T0 + 2)
-    assert (run["state"], run["ended"]) == ("ok", T0 + 2)
+    assert (run.state, run.ended) == ("ok", T0 + 2)
     with pytest.raises(AssertionError):
         w.ledger.finish(run, "failed", "twice", T0 + 3)     # ok is final
     assert w.ledger.run_counts == {("any_to_master", "ok"): 1}
     assert w.ledger.transition_counts == {("db2", "unknown", "master"): 1}
     entry = w.ledger.history(5)[0]
-    assert entry["id"] == tr["id"] and entry["run"]["state"] == "ok" and "env" not in entry["run"]
+    assert entry["id"] == tr.id and entry["run"]["state"] == "ok" and "env" not in entry["run"]
 
 
 def test_history_is_capped_in_memory_and_in_the_db(tmp_path):
     w = World(tmp_path, "[any_to_any]\n", confirm=1, history=3)
     for i in range(8):
         w.report("db2", "master" if i % 2 else "slave", T0 + i)
-    assert [t["id"] for t in w.ledger.transitions] == [6, 7, 8]
-    assert sorted(r["id"] for r in w.ledger.runs.values()) == [6, 7, 8]
+    assert [t.id for t in w.ledger.transitions] == [6, 7, 8]
+    assert sorted(r.id for r in w.ledger.runs.values()) == [6, 7, 8]
     ledger = w.reopen()
-    assert [t["id"] for t in ledger.transitions] == [6, 7, 8]
+    assert [t.id for t in ledger.transitions] == [6, 7, 8]
     assert ledger.status(last=2)["transitions"][0]["id"] == 8
 
 
@@ -340,20 +340,20 @@ def test_cluster_the_leader_accepts_what_quorum_sees_in_one_txn_guarded_by_its_e
     assert not w.ledger.transitions                         # seen, not accepted
     w.agree(T0 + 1)
     tr = w.ledger.transitions[-1]
-    assert (tr["host"], tr["from"], tr["to"], tr["check"], tr["time"]) == \
+    assert (tr.host, tr.frm, tr.to, tr.check, tr.time) == \
         ("db2", "unknown", "master", "cluster: a", T0 + 1)
-    run = w.ledger.runs[tr["run"]]
-    assert run["state"] == "queued" and w.ledger.queue == [run["id"]]
-    assert run["variables"]["HOST"] == "db2" and run["variables"]["MASTER"] == "db2"
+    run = w.ledger.runs[tr.run]
+    assert run.state == "queued" and w.ledger.queue == [run.id]
+    assert run.variables["HOST"] == "db2" and run.variables["MASTER"] == "db2"
     assert not w.txns()                                     # gathered until the pass ends
     rid = w.flush()
     [txn] = w.txns()
     assert txn["id"] == rid and txn["epoch"] == 5
     assert txn["puts"]["ledger/host/db2"] == {"state": "master", "since": T0 + 1}
-    assert txn["puts"]["ledger/tr/0000000001"]["run"] == run["id"]
-    assert txn["puts"]["ledger/run/%010d" % run["id"]]["state"] == "queued"
-    assert txn["puts"]["ledger/queue"] == [run["id"]]
-    assert txn["puts"]["ledger/meta"] == {"next_transition": 2, "next_run": run["id"] + 1}
+    assert txn["puts"]["ledger/tr/0000000001"]["run"] == run.id
+    assert txn["puts"]["ledger/run/%010d" % run.id]["state"] == "queued"
+    assert txn["puts"]["ledger/queue"] == [run.id]
+    assert txn["puts"]["ledger/meta"] == {"next_transition": 2, "next_run": run.id + 1}
 
 
 def test_cluster_take_over_interrupts_a_run_of_an_earlier_leader(tmp_path):
@@ -365,7 +365,7 @@ def test_cluster_take_over_interrupts_a_run_of_an_earlier_leader(tmp_path):
     w.mirror("ledger/meta", {"next_transition": 2, "next_run": 2})
     w.take_over(T0 + 3)
     got = w.ledger.runs[1]
-    assert (got["state"], got["reason"], got["ended"]) == \
+    assert (got.state, got.reason, got.ended) == \
         ("interrupted", "its leader (b, epoch 4) lost the lead while it ran", T0 + 3)
     w.flush()
     assert w.txns()[-1]["puts"]["ledger/run/0000000001"]["state"] == "interrupted"
@@ -380,10 +380,10 @@ def test_cluster_a_run_starts_from_this_members_config_and_is_handed_once_etcd_h
     config = hadaemon.configfiles.load_config(str(w.root))
     w.start(config)
     run = w.ledger.runs[1]
-    assert run["state"] == "running" and w.pool.child.run_id == 1
-    assert run["commands"][0]["argv"][1:] == ["new", "db2", "db2"]     # expanded in its config
-    assert (run["node"], run["epoch"]) == ("a", 5)
-    assert (run["env"]["HA_CLUSTER"], run["env"]["HA_NODE"], run["env"]["HA_LEADER_EPOCH"]) == \
+    assert run.state == "running" and w.pool.child.run_id == 1
+    assert run.commands[0].argv[1:] == ["new", "db2", "db2"]     # expanded in its config
+    assert (run.node, run.epoch) == ("a", 5)
+    assert (run.env["HA_CLUSTER"], run.env["HA_NODE"], run.env["HA_LEADER_EPOCH"]) == \
         ("c", "a", "5")
     rid = w.txns()[-1]["id"]
     assert w.txns()[-1]["puts"]["ledger/run/0000000001"]["state"] == "running"
@@ -403,8 +403,8 @@ def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
     config = hadaemon.configfiles.load_config(str(w.root))
     w.start(config)
     run = w.ledger.runs[1]
-    assert run["state"] == "failed" and w.pool.child is None
-    assert run["reason"] == "no section [any_to_master] in this member's %s" % (w.root / "actions.conf")
+    assert run.state == "failed" and w.pool.child is None
+    assert run.reason == "no section [any_to_master] in this member's %s" % (w.root / "actions.conf")
 
 
 def test_cluster_a_restart_fires_no_transition_while_a_candidate_is_counted(tmp_path):
@@ -434,7 +434,7 @@ def test_cluster_a_run_started_in_a_big_pass_is_handed_once_etcd_has_it(tmp_path
     w.flush()
     w.ledger.agree([("h%d" % i, "master", ["a"]) for i in range(1, 32)], T0 + 1)
     w.start()
-    assert w.ledger.runs[1]["state"] == "running"
+    assert w.ledger.runs[1].state == "running"
     [txn] = [t for t in w.txns() if t["puts"].get("ledger/run/0000000001", {}).get("state") == "running"]
     w.start()
     assert w.server.sent == []                              # not before etcd acknowledged it
@@ -472,7 +472,7 @@ def test_cluster_a_section_is_found_by_name_at_start_as_a_rerun_finds_it(tmp_pat
                                          "[db2: any_to_master]\n/bin/echo special\n")
     w.ledger.config = config = hadaemon.configfiles.load_config(str(w.root))
     again = w.ledger.rerun(1, T0 + 2)
-    assert again["section"] == "any_to_master"
+    assert again.section == "any_to_master"
     w.start(config)
-    assert again["state"] == "running", again["reason"]
-    assert again["commands"][0]["argv"][1:] == ["general", "db2"]
+    assert again.state == "running", again.reason
+    assert again.commands[0].argv[1:] == ["general", "db2"]

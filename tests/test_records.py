@@ -274,3 +274,203 @@ def test_offline_status_from_a_state_db(tmp_path):
                                     "pending": {"state": "slave", "count": 1}, "last_report": None}}
     assert doc["daemon"]["running"] is False and doc["daemon"]["paused"] is True
     assert doc["daemon"]["state_dir"] == str(tmp_path) and doc["checks"] == []
+
+
+# -- Transition, Run, RunCommand, CommandResult ---------------------------------------------
+#
+# Their JSON is the state db's value (tr:N, run:N), the wire form of --status --json,
+# --history and HTTP, and (a run's outputs cut) etcd's: byte for byte the dicts the
+# Ledger built by hand before them.
+
+from hadaemon.records import CommandResult, Run, RunCommand, Transition   # noqa: E402
+
+TR = {"id": 7, "time": 1700000000.5, "host": "db2", "from": "slave", "to": "master",
+      "check": "check_role db2", "run": 3}
+RESULT_JSON = {"exit": 0, "signal": None, "error": None, "duration": 0.012, "output": "promoted\n",
+               "truncated": False}
+RUN = {"id": 3, "transition": 7, "host": "db2", "from": "slave", "to": "master",
+       "section": "db2: any_to_master", "state": "queued", "reason": None, "queued": 1700000000.5,
+       "started": None, "ended": None,
+       "env": {"HA_HOST": "db2", "HA_FROM": "slave", "HA_TO": "master", "HA_RUN_ID": "3"},
+       "commands": [{"argv": ["/etc/hadaemon/actions/promote", "db2"], "ignore": False, "timeout": 60.0,
+                     "where": "actions.conf:2"},
+                    {"argv": ["/etc/hadaemon/actions/notify"], "ignore": True, "timeout": 60.0,
+                     "where": "actions.conf:3"}]}
+RAN = dict(RUN, state="failed", reason="actions.conf:3: exit 1 (notify)", started=1700000001.0,
+           ended=1700000002.0, commands=[
+               dict(RUN["commands"][0], started=1700000001.0, result=RESULT_JSON),
+               dict(RUN["commands"][1], started=1700000001.5,
+                    result=dict(RESULT_JSON, exit=1, error="exit 1", output="x" * 5000))])
+
+
+def round_trip(record_type, value):
+    """The value as the state db holds it, read and written again."""
+    stored = json.loads(enc(value))
+    return record_type.from_json(stored)
+
+
+def test_transition_round_trip_is_byte_for_byte():
+    tr = round_trip(Transition, TR)
+    assert tr == Transition(7, 1700000000.5, "db2", "slave", "master", "check_role db2", 3)
+    assert enc(tr.to_json()) == enc(TR)
+    no_run = dict(TR, run=None, check="cluster: a,b")
+    assert enc(round_trip(Transition, no_run).to_json()) == enc(no_run)
+
+
+@pytest.mark.parametrize("value", [
+    RUN,                                                # queued, as new_run made it
+    RAN,                                                # ran: commands started, results
+    dict(RUN, rerun_of=1),                              # --rerun
+    dict(RUN, variables={"HOST": "db2", "MASTER": "db2", "SLAVE": ""}),   # a cluster's, queued
+    dict(RAN, variables={"HOST": "db2"}, node="a", epoch=5),             # ... run by leader a
+    dict(RAN, rerun_of=2, variables={}, node="b", epoch=None),
+])
+def test_run_round_trip_is_byte_for_byte(value):
+    run = round_trip(Run, value)
+    assert isinstance(run.commands[0], RunCommand)
+    assert enc(run.to_json()) == enc(value)             # same keys, same order, same values
+    assert run.to_json() == value
+
+
+def test_run_fields_and_its_commands():
+    run = round_trip(Run, RAN)
+    assert (run.id, run.transition, run.host, run.frm, run.to, run.section) == \
+        (3, 7, "db2", "slave", "master", "db2: any_to_master")
+    assert (run.rerun_of, run.variables, run.node, run.epoch) == (None, None, None, None)
+    assert run.commands[0] == RunCommand(["/etc/hadaemon/actions/promote", "db2"], False, 60.0,
+                                         "actions.conf:2", 1700000001.0,
+                                         CommandResult(0, None, None, 0.012, "promoted\n", False))
+    assert round_trip(Run, RUN).commands[1].result is None
+
+
+def test_a_command_as_expand_commands_made_it():
+    made = {"argv": ["/bin/echo", "db2"], "ignore": False, "timeout": 10.0, "where": "actions.conf:2"}
+    cmd = RunCommand.from_json(made)
+    assert (cmd.started, cmd.result) == (None, None)
+    assert enc(cmd.to_json()) == enc(made)
+    cmd.started = 5.0
+    assert list(cmd.to_json()) == ["argv", "ignore", "timeout", "where", "started"]
+
+
+def test_command_result_from_the_action_runs_end_message():
+    msg = {"t": "end", "run": 3, "index": 0, "exit": 1, "signal": None, "error": "exit 1",
+           "timed_out": False, "duration": 0.5, "truncated": True,
+           "output": "y" * (hadaemon.base.OUTPUT_CAP + 10)}
+    result = CommandResult.from_event(msg)
+    assert result == CommandResult(1, None, "exit 1", 0.5, "y" * hadaemon.base.OUTPUT_CAP, True)
+    assert list(result.to_json()) == ["exit", "signal", "error", "duration", "output", "truncated"]
+    assert CommandResult.from_json(json.loads(enc(result.to_json()))) == result
+    # As command_ended read it: an output that is not a string is none; truncated a bool.
+    odd = CommandResult.from_event({"exit": 0, "output": 42, "truncated": 1})
+    assert (odd.output, odd.truncated, odd.error, odd.duration) == ("", True, None, None)
+
+
+def old_etcd_run(run):
+    """cluster_ledger._etcd_run as it was, over a run dict."""
+    run = dict(run, commands=[dict(c) for c in run.get("commands", [])])
+    for cmd in run["commands"]:
+        result = cmd.get("result")
+        if result and len(result.get("output") or "") > hadaemon.records.ETCD_OUTPUT_CAP:
+            cmd["result"] = dict(result, output=result["output"][:hadaemon.records.ETCD_OUTPUT_CAP],
+                                 truncated=True)
+    return run
+
+
+@pytest.mark.parametrize("value", [RUN, RAN, dict(RAN, variables={"HOST": "db2"}, node="a", epoch=5)])
+def test_run_to_etcd_cuts_the_outputs_as_etcd_run_did(value):
+    run = round_trip(Run, value)
+    assert enc(run.to_etcd()) == enc(old_etcd_run(value))
+    assert run.to_json() == value                       # the run itself keeps its whole output
+    if value is RAN:
+        cut = run.to_etcd()["commands"][1]["result"]
+        assert (len(cut["output"]), cut["truncated"]) == (hadaemon.records.ETCD_OUTPUT_CAP, True)
+        assert run.to_etcd()["commands"][0]["result"] == RESULT_JSON
+    # etcd's form read back (ledger_from_etcd) is a run like any.
+    assert Run.from_json(json.loads(enc(run.to_etcd()))).id == run.id
+
+
+@pytest.mark.parametrize("confirm", [False, True])
+def test_run_to_action_is_the_run_message_and_action_main_reads_it(confirm):
+    run = round_trip(Run, dict(RUN, state="running", started=1700000001.0))
+    msg = {"t": "run", "run": run.to_action(confirm)}
+    before = dict(RUN, state="running", started=1700000001.0)
+    assert enc(msg) == enc({"t": "run", "run": dict(before, confirm=True) if confirm else before})
+    got, asks = Run.from_action(json.loads(enc(msg))["run"])
+    assert got == run and asks is confirm
+
+
+def old_summarize_run(run):
+    """ledger.summarize_run as it was, over a run dict."""
+    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
+                                       "state", "reason", "queued", "started", "ended", "rerun_of")}
+    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
+                            "started": c.get("started"), "result": c.get("result")}
+                           for c in run.get("commands", [])]
+    if "node" in run:
+        summary["node"], summary["epoch"] = run["node"], run.get("epoch")
+    return summary
+
+
+@pytest.mark.parametrize("value", [RUN, RAN, dict(RAN, rerun_of=1),
+                                  dict(RAN, variables={"HOST": "db2"}, node="a", epoch=5)])
+def test_run_summary_is_what_summarize_run_made(value):
+    import hadaemon.ledger
+    run = round_trip(Run, value)
+    assert enc(run.summary()) == enc(old_summarize_run(value))
+    assert enc(hadaemon.ledger.summarize_run(run)) == enc(old_summarize_run(value))
+    assert enc(hadaemon.ledger.summarize_run(value)) == enc(old_summarize_run(value))   # its JSON
+
+
+BAD_TRANSITIONS = [
+    "tr", ["id", 1], None, {},
+    dict(TR, id="7"), dict(TR, time="noon"), dict(TR, time=True), dict(TR, host=None),
+    dict(TR, **{"from": 1}), dict(TR, to=["master"]), dict(TR, run="3"),
+]
+BAD_RUNS = [
+    "run", None, [], dict(RUN, id=None), dict(RUN, state="done"), dict(RUN, state=None),
+    dict(RUN, env=[]), dict(RUN, host=1), dict(RUN, section=None), dict(RUN, commands=None),
+    dict(RUN, commands=["/bin/true"]), dict(RUN, commands=[{"argv": []}]),
+    dict(RUN, commands=[{"argv": ["/bin/echo", 1]}]), dict(RUN, commands=[{"argv": "/bin/true"}]),
+    dict(RUN, commands=[dict(RUN["commands"][0], result="exit 0")]),
+]
+
+
+@pytest.mark.parametrize("value", BAD_TRANSITIONS)
+def test_a_malformed_transition_is_refused(value):
+    assert not Transition.well_formed(value)
+    assert not hadaemon.store.well_formed("tr:7", value)
+    with pytest.raises(ValueError):
+        Transition.from_json(value)
+
+
+@pytest.mark.parametrize("value", BAD_RUNS)
+def test_a_malformed_run_is_refused(value):
+    assert not Run.well_formed(value)
+    assert not hadaemon.store.well_formed("run:3", value)
+    with pytest.raises(ValueError):
+        Run.from_json(value)
+
+
+def test_a_state_db_with_malformed_records_loads_without_them(tmp_path):
+    import os
+    import hadaemon.cluster_ledger
+    import hadaemon.ledger
+    store = hadaemon.store.Store(str(tmp_path))
+    store.open()
+    store.commit({"tr:1": TR, "run:3": RAN, "tr:2": dict(TR, id=8, run="x"),
+                  "run:4": dict(RUN, id=4, state="done"), "meta": {"next_transition": 9, "next_run": 5}})
+    os.close(store.jfd)                 # killed: the journal holds all of it
+    os.close(store.files.dat_fd)
+    again = hadaemon.store.Store(str(tmp_path))
+    again.open()
+    assert "tr:2" not in again.data and "run:4" not in again.data
+    notes = [n for n in again.notes if "not what hadaemon writes there; dropped" in n]
+    assert sorted(n.split(" ")[0] for n in notes) == ["run:4", "tr:2"]
+    ledger = hadaemon.ledger.Ledger(again, str(tmp_path))
+    ledger.open(1700000010.0)
+    assert list(ledger.transitions) == [Transition.from_json(TR)]
+    assert list(ledger.runs) == [3] and ledger.runs[3].to_json() == RAN
+    # etcd: a hand-edited value of the wrong shape is no ledger key either.
+    key = hadaemon.cluster_member.LEDGER_KEYS + "run/0000000004"
+    assert hadaemon.cluster_ledger.ledger_from_etcd(key, dict(RUN, state="done"), 100) is None
+    assert hadaemon.cluster_ledger.ledger_from_etcd(key, RUN, 100) == ("run:4", RUN)

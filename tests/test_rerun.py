@@ -75,17 +75,17 @@ def test_ledger_rerun(tmp_path):
     ledger = book.ledger
     # Run 1: db1 became master while no host was slave: failed at once (empty %SLAVE%).
     tr = book.report("db1", "master", T0)
-    first = ledger.runs[tr["run"]]
-    assert first["state"] == "failed" and "%SLAVE% is empty" in first["reason"]
+    first = ledger.runs[tr.run]
+    assert first.state == "failed" and "%SLAVE% is empty" in first.reason
     # The world moves on: db2 is a slave now.  The rerun expands against that.
     book.report("db2", "slave", T0 + 1)
-    rerun = ledger.rerun(first["id"], T0 + 2)
-    assert rerun["id"] == 2 and rerun["rerun_of"] == 1 and rerun["state"] == "queued"
-    assert (rerun["host"], rerun["from"], rerun["to"], rerun["section"], rerun["transition"]) == \
-        ("db1", "unknown", "master", "any_to_master", tr["id"])
-    assert rerun["commands"][0]["argv"][1:] == ["db1", "master=db1", "slave=db2"]
-    assert rerun["env"]["HA_RUN_ID"] == "2" and rerun["env"]["HA_SLAVE"] == "db2"
-    assert ledger.queue == [2] and rerun["queued"] == T0 + 2
+    rerun = ledger.rerun(first.id, T0 + 2)
+    assert rerun.id == 2 and rerun.rerun_of == 1 and rerun.state == "queued"
+    assert (rerun.host, rerun.frm, rerun.to, rerun.section, rerun.transition) == \
+        ("db1", "unknown", "master", "any_to_master", tr.id)
+    assert rerun.commands[0].argv[1:] == ["db1", "master=db1", "slave=db2"]
+    assert rerun.env["HA_RUN_ID"] == "2" and rerun.env["HA_SLAVE"] == "db2"
+    assert ledger.queue == [2] and rerun.queued == T0 + 2
     runs, queue = book.reread()             # committed before the answer goes out
     assert runs[2]["rerun_of"] == 1 and queue == [2]
     assert hadaemon.ledger.summarize_run(rerun)["rerun_of"] == 1
@@ -99,7 +99,7 @@ def test_ledger_rerun(tmp_path):
     with pytest.raises(ValueError, match=r"run #2 is running"):
         ledger.rerun(2, T0 + 3)
     ledger.finish(run, "ok", None, T0 + 4)
-    assert ledger.rerun(2, T0 + 5)["rerun_of"] == 2
+    assert ledger.rerun(2, T0 + 5).rerun_of == 2
     book.run_to_end("ok", T0 + 6)
 
     # Unknown ids.
@@ -110,7 +110,7 @@ def test_ledger_rerun(tmp_path):
     # Paused: recorded skipped (paused), not queued.
     ledger.set_paused(True)
     paused = ledger.rerun(1, T0 + 8)
-    assert (paused["state"], paused["reason"], paused["rerun_of"]) == ("skipped", "paused", 1)
+    assert (paused.state, paused.reason, paused.rerun_of) == ("skipped", "paused", 1)
     assert ledger.queue == []
     ledger.set_paused(False)
 
@@ -120,7 +120,7 @@ def test_ledger_rerun(tmp_path):
         other %HOST%
         """)
     changed = ledger.rerun(1, T0 + 9)
-    assert changed["commands"][0]["argv"][0].endswith("/actions/other")
+    assert changed.commands[0].argv[0].endswith("/actions/other")
     book.run_to_end("ok", T0 + 10)
     # ... a section no longer there is refused, even if another would match now.
     book.write_actions("""
@@ -132,7 +132,7 @@ def test_ledger_rerun(tmp_path):
     assert ledger.queue == [] and max(ledger.runs) == 5
 
     # History: each transition with its run and its reruns.
-    entry = [e for e in ledger.history(10) if e["id"] == tr["id"]][0]
+    entry = [e for e in ledger.history(10) if e["id"] == tr.id][0]
     assert entry["run"]["id"] == 1
     assert [(r["id"], r["rerun_of"]) for r in entry["reruns"]] == [(2, 1), (3, 2), (4, 1), (5, 1)]
 

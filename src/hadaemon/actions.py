@@ -17,7 +17,7 @@ from .base import ACTION_KILL_GRACE, ProtocolError, format_duration, killpg_quie
 
 def _command_index(run, msg):
     index = msg.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run["commands"]):
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(run.commands):
         raise ProtocolError("bad command index %r" % (index,))
     return index
 
@@ -91,25 +91,24 @@ class ActionRuns:
         ticket = self.ledger.store.flush()  # with the transition, if it came in this pass
         if ticket is None:
             return                      # not written (no longer leading): nothing handed
-        child.run_id = run["id"]
+        child.run_id = run.id
         self.handoff = (run, ticket)
         self._deliver()
 
     def _deliver(self):
         run, ticket = self.handoff
         child = self.pool.action_child()
-        if child is None or child.run_id != run["id"]:
+        if child is None or child.run_id != run.id:
             self.handoff = None         # its action run died: recorded by exited()
         elif self.ledger.store.durable(ticket):
             self.handoff = None
-            self.server.send(child.conn, {"t": "run", "run": dict(run, confirm=True)
-                                          if self.leadership.confirms else run})
+            self.server.send(child.conn, {"t": "run", "run": run.to_action(self.leadership.confirms)})
 
     def event(self, child, msg):
         """The action run reports: a command started, spawned, ended; the sequence is done;
         in a cluster it asks before each command (``may``) whether it still may."""
         run = self.ledger.runs.get(child.run_id)
-        if run is None or msg.get("run") != run["id"]:
+        if run is None or msg.get("run") != run.id:
             raise ProtocolError("event for run %r, expected %r" % (msg.get("run"), child.run_id))
         kind = msg.get("t")
         if kind == "start":
@@ -136,7 +135,7 @@ class ActionRuns:
             self.pool.spare_gone(child, how)
             return
         run = self.ledger.runs.get(child.run_id)
-        if run is None or run["state"] != "running":
+        if run is None or run.state != "running":
             return
         stepped = self.leadership.interrupted()
         if stepped:
@@ -152,9 +151,9 @@ class ActionRuns:
         action = self.pool.action_child()
         if action is None:
             return 10.0
-        run = self.ledger.runs.get(action.run_id) or {}
-        pending = [c for c in run.get("commands", []) if "result" not in c]
-        budget = sum(c["timeout"] + ACTION_KILL_GRACE for c in pending) + 1.0
+        run = self.ledger.runs.get(action.run_id)
+        pending = [c for c in run.commands if c.result is None] if run else []
+        budget = sum(c.timeout + ACTION_KILL_GRACE for c in pending) + 1.0
         log.info("waiting up to %s for run %s to finish", format_duration(budget), action.run_id)
         action.kill_at = now + budget
         return budget

@@ -20,7 +20,7 @@ from .base import (
     ACTION_KILL_GRACE, OUTPUT_CAP, close_inherited, reset_child_signals, restore_open_files_limit,
 )
 from .wire import Channel, parse_check_output
-from .records import CheckResult, Job
+from .records import CheckResult, Job, Run
 from .proc import ChildWatch, CommandLease, _Terminate, run_process
 
 
@@ -208,15 +208,15 @@ def action_main(sock_path, config_dir):
     msg = chan.receive()
     if msg is None or msg.get("t") != "run":
         return 0                        # the master stopped, or needs no more runs
-    run = msg["run"]
-    env.update(run["env"])
+    run, confirm = Run.from_action(msg["run"])
+    env.update(run.env)
     outcome, reason = "ok", None
-    for index, cmd in enumerate(run["commands"]):
+    for index, cmd in enumerate(run.commands):
         not_after = lease = None
-        if run.get("confirm"):
+        if confirm:
             # A cluster's leader: before each command the master says whether it still
             # leads, and until when (by its lease clock) this command may start and run.
-            chan.send({"t": "may", "run": run["id"], "index": index})
+            chan.send({"t": "may", "run": run.id, "index": index})
             answer = chan.receive()
             while answer is not None and answer.get("t") == "lease":
                 answer = chan.receive()         # a renewal's news, from before we asked
@@ -227,30 +227,30 @@ def action_main(sock_path, config_dir):
                 break
             not_after = answer["until"]
             lease = CommandLease(chan, answer["until"], answer["kill_at"])
-        chan.send({"t": "start", "run": run["id"], "index": index, "time": time.time()})
+        chan.send({"t": "start", "run": run.id, "index": index, "time": time.time()})
 
         def announce(pid, index=index):
             # The master kills this group if we die before the command ends.
-            chan.send({"t": "spawned", "run": run["id"], "index": index, "pid": pid})
-        res = run_process(cmd["argv"], env, cmd["timeout"], ACTION_KILL_GRACE, watch,
+            chan.send({"t": "spawned", "run": run.id, "index": index, "pid": pid})
+        res = run_process(cmd.argv, env, cmd.timeout, ACTION_KILL_GRACE, watch,
                           merge_stderr=True, master=chan.sock, on_spawn=announce, not_after=not_after,
                           lease=lease)
-        failure = res.failure(cmd["timeout"])
+        failure = res.failure(cmd.timeout)
         if res.late:
             outcome, reason = "interrupted", failure
             break
         if lease is not None and lease.termed:
             failure = "ended: the leader's lease could run out (%s)" % failure
-        chan.send({"t": "end", "run": run["id"], "index": index, "exit": res.exit_code,
+        chan.send({"t": "end", "run": run.id, "index": index, "exit": res.exit_code,
                    "signal": res.signal, "error": failure, "timed_out": res.timed_out,
                    "duration": round(res.duration, 6), "truncated": res.truncated,
                    "output": res.output.decode("utf-8", "replace")})
         if lease is not None and lease.termed:
-            outcome, reason = "interrupted", "%s: %s" % (cmd["where"], failure)
+            outcome, reason = "interrupted", "%s: %s" % (cmd.where, failure)
             break
-        if failure and not cmd["ignore"]:
+        if failure and not cmd.ignore:
             outcome = "failed"
-            reason = "%s: %s (%s)" % (cmd["where"], failure, os.path.basename(cmd["argv"][0]))
+            reason = "%s: %s (%s)" % (cmd.where, failure, os.path.basename(cmd.argv[0]))
             break
-    chan.send({"t": "done", "run": run["id"], "result": outcome, "reason": reason})
+    chan.send({"t": "done", "run": run.id, "result": outcome, "reason": reason})
     return 0

@@ -446,6 +446,7 @@ def wait_run(args, run_id):
             # The daemon stopped: the db has the run's last state (a queued run stays
             # queued, and runs when the daemon starts again).
             run = offline_status(args.state_dir)[1].runs.get(run_id)
+            run = run.summary() if run is not None else None
             if run is None or run["state"] not in RUN_FINAL:
                 print("hadaemon: the daemon stopped; run #%d is %s" % (
                     run_id, run["state"] if run else "not in the state db"), file=sys.stderr)

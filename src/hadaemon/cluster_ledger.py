@@ -33,30 +33,17 @@ from .ledger_store import LedgerStore, Snapshot
 from .cluster_member import LEDGER_KEYS, MEMBER_KEYS, PAUSE_KEY
 
 
-ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
-
-
-def _etcd_run(run):
-    """A run as etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP."""
-    run = dict(run, commands=[dict(c) for c in run.get("commands", [])])
-    for cmd in run["commands"]:
-        result = cmd.get("result")
-        if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
-            cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
-    return run
-
-
 def ledger_to_etcd(changes, cap):
     """A Ledger change set (Changes) -> (puts, deletes) of etcd keys."""
     puts, deletes = {}, []
     for host, record in changes.hosts.items():
         puts[LEDGER_KEYS + "host/" + host] = {"state": record["state"], "since": record["since"]}
-    for kind, values in (("tr", changes.transitions), ("run", changes.runs.values())):
-        for value in values:
-            puts[LEDGER_KEYS + "%s/%010d" % (kind, value["id"])] = \
-                _etcd_run(value) if kind == "run" else value
-            if cap and value["id"] > cap:
-                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, value["id"] - cap))
+    for kind, records in (("tr", changes.transitions), ("run", changes.runs.values())):
+        for record in records:      # a run's outputs cut to ETCD_OUTPUT_CAP
+            puts[LEDGER_KEYS + "%s/%010d" % (kind, record.id)] = \
+                record.to_etcd() if kind == "run" else record.to_json()
+            if cap and record.id > cap:
+                deletes.append(LEDGER_KEYS + "%s/%010d" % (kind, record.id - cap))
     if changes.queue is not None:
         puts[LEDGER_KEYS + "queue"] = list(changes.queue)
     if changes.meta is not None:

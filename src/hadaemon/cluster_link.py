@@ -124,7 +124,8 @@ class ClusterLink:
         ledger = self.ledger
         ledger.reread()
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
-                                 % (run.get("node", "?"), run.get("epoch", "?")), now)
+                                 % ("?" if run.node is None else run.node,
+                                    "?" if run.node is None else run.epoch), now)
         self.store.views_changed = True
         log.info("cluster %s: %s takes over the ledger: %d hosts, %d transitions, %d runs, %d queued",
                  self.member.settings.name, self.member.node, len(ledger.hosts), len(ledger.transitions),

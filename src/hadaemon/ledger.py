@@ -25,14 +25,15 @@ candidate a report moves (this member's own view), who accepts a confirmed
 state (the leader, from quorum's views), and a run recording its variables (so
 another member can expand its own section).
 
-Uses: base, children, ledger_store.
+Uses: base, records, children, ledger_store.
 """
 
 import collections
 import logging
 import os
 
-from .base import OUTPUT_CAP, log
+from .base import log
+from .records import CommandResult, Run, RunCommand, Transition
 from .children import StateVariables, action_variables, expand_commands, plan_run
 from .ledger_store import Changes, LedgerStore, LocalStore
 
@@ -49,29 +50,25 @@ NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
 
 
 def summarize_run(run):
-    """A run as --status and --history show it (its environment left out)."""
-    summary = {k: run.get(k) for k in ("id", "transition", "host", "from", "to", "section",
-                                       "state", "reason", "queued", "started", "ended", "rerun_of")}
-    summary["commands"] = [{"argv": c["argv"], "ignore": c["ignore"], "where": c.get("where"),
-                            "started": c.get("started"), "result": c.get("result")}
-                           for c in run.get("commands", [])]
-    if "node" in run:                   # a cluster's run: the member and epoch that ran it
-        summary["node"], summary["epoch"] = run["node"], run.get("epoch")
-    return summary
+    """A run (a Run, or its JSON as the state db holds it) as --status and --history
+    show it: Run.summary()."""
+    return (run if isinstance(run, Run) else Run.from_json(run, check=False)).summary()
 
 
 def history_entries(transitions, runs, n):
     """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history)."""
+    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
+    runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
-        if run.get("rerun_of") is not None:
-            reruns[run.get("transition")].append(summarize_run(run))
+        if run.rerun_of is not None:
+            reruns[run.transition].append(run.summary())
     out = []
     for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.get("run")) if tr.get("run") is not None else None
-        out.append(dict(tr, run=summarize_run(run) if run else None,
-                        reruns=reruns.get(tr["id"], []) if run else []))
+        run = runs.get(tr.run) if tr.run is not None else None
+        out.append(dict(tr.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(tr.id, []) if run else []))
     return out
 
 
@@ -109,8 +106,8 @@ class Ledger:
         self.view = {}                  # shared: host -> the state this member confirmed
         self.reports = {}               # host -> its last report {time, check, state} (soft)
         self.by_state = collections.defaultdict(set)    # state -> hosts in it
-        self.transitions = collections.deque()
-        self.runs = collections.OrderedDict()   # id -> run, oldest first
+        self.transitions = collections.deque()    # Transitions, oldest first
+        self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
@@ -135,7 +132,7 @@ class Ledger:
         self.reports = snapshot.reports
         cap = self.cap
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
-        self.runs = collections.OrderedDict((r["id"], r) for r in snapshot.runs[-cap if cap else 0:])
+        self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
 
     def open(self, now, acting=True):
@@ -154,23 +151,23 @@ class Ledger:
     def reread(self, log_new=False):
         """Memory becomes what the store holds (a cluster: etcd; writes gathered and not
         sent are dropped); ``log_new``: say which transitions are new (the leader's)."""
-        known = self.transitions[-1]["id"] if self.transitions else 0
+        known = self.transitions[-1].id if self.transitions else 0
         reports = self.reports          # this member's own, in no other store's ledger
         self.take(self.store.reread(self.cap))
         self.reports = reports
         if log_new:
             for tr in self.transitions:
-                if tr["id"] > known:
+                if tr.id > known:
                     log.info("transition %s: %s -> %s (by %s; recorded by the leader)",
-                             tr["host"], tr["from"], tr["to"], tr.get("check"))
+                             tr.host, tr.frm, tr.to, tr.check)
 
     def interrupt_running(self, reason_of, now):
         """Every run still running is interrupted, ``reason_of(run)`` saying why."""
         changes = Changes()
         for run in list(self.runs.values()):
-            if run.get("state") == "running":
+            if run.state == "running":
                 self._set_run_state(run, "interrupted", reason_of(run), changes, now)
-                self.queue = [rid for rid in self.queue if rid != run["id"]]
+                self.queue = [rid for rid in self.queue if rid != run.id]
                 changes.queue = self.queue
         if changes:
             self._put(changes)
@@ -235,12 +232,12 @@ class Ledger:
         cap = self.cap
         tr_id = self.meta["next_transition"]
         self.meta["next_transition"] = tr_id + 1
-        tr = {"id": tr_id, "time": now, "host": host, "from": old, "to": state,
-              "check": by, "run": None}
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        if section is not None:
-            tr["run"] = self.new_run(tr, section, changes, now)["id"]
+        run_id = None
+        if section is not None:         # the run first: the Transition names it
+            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+        tr = Transition(tr_id, now, host, old, state, by, run_id)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
@@ -248,29 +245,27 @@ class Ledger:
         self._put(changes)
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, tr["run"]) if section else
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
                  "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
 
-    def new_run(self, tr, section, changes, now, rerun_of=None):
-        """The run of ``section`` for transition ``tr``: queued, or skipped / failed at once."""
+    def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
+        """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
+        queued, or skipped / failed at once."""
         cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
-        plan = plan_run(section, tr["host"], tr["from"], tr["to"], None, self.config.config_dir,
-                        self.state_dir, StateVariables(tr["host"], tr["from"], tr["to"], self.by_state))
-        run = {"id": run_id, "transition": tr["id"], "host": tr["host"], "from": tr["from"],
-               "to": tr["to"], "section": section.name, "state": None, "reason": None,
-               "queued": now, "started": None, "ended": None,
-               "env": dict(plan.env, HA_RUN_ID=str(run_id)), "commands": plan.commands}
-        if rerun_of is not None:
-            run["rerun_of"] = rerun_of
+        plan = plan_run(section, host, frm, to, None, self.config.config_dir,
+                        self.state_dir, StateVariables(host, frm, to, self.by_state))
+        run = Run(run_id, tr_id, host, frm, to, section.name, None, None, now, None, None,
+                  dict(plan.env, HA_RUN_ID=str(run_id)), [RunCommand.from_json(c) for c in plan.commands],
+                  rerun_of)
         if self.shared:
             # The member that runs it may be another leader: it expands the section of
             # its own actions.conf with these (commands_for).
-            run["variables"] = action_variables(tr["host"], tr["from"], tr["to"], self.states())
+            run.variables = action_variables(host, frm, to, self.states())
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
@@ -296,38 +291,38 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
-        if old["state"] not in RUN_FINAL:
+        if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
-                             % (run_id, old["state"]))
-        section = self.config.section_named(old["section"])
+                             % (run_id, old.state))
+        section = self.config.section_named(old.section)
         if section is None:
             raise ValueError("section [%s] of run #%d is no longer in %s" % (
-                old["section"], run_id, os.path.join(self.config.config_dir, "actions.conf")))
-        tr = {"id": old["transition"], "host": old["host"], "from": old["from"], "to": old["to"]}
+                old.section, run_id, os.path.join(self.config.config_dir, "actions.conf")))
         changes = Changes(meta=self.meta)
-        run = self.new_run(tr, section, changes, now, rerun_of=run_id)
+        run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
+                           rerun_of=run_id)
         self._put(changes)
-        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run["id"], run_id,
-                 section.name, run["host"], run["from"], run["to"], run["state"])
+        log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
+                 section.name, run.host, run.frm, run.to, run.state)
         return run
 
     def _set_run_state(self, run, state, reason, changes, now):
         """Every run state change passes here: checks the edge, logs, records in ``changes``."""
-        if state not in RUN_EDGES.get(run["state"], ()):
-            raise AssertionError("run %s: %s -> %s" % (run["id"], run["state"], state))
-        run["state"] = state
+        if state not in RUN_EDGES.get(run.state, ()):
+            raise AssertionError("run %s: %s -> %s" % (run.id, run.state, state))
+        run.state = state
         if reason:
-            run["reason"] = reason
+            run.reason = reason
         if state == "running":
-            run["started"] = now
+            run.started = now
         if state in RUN_FINAL:
-            run["ended"] = now
-            self.run_counts[(run["section"], state)] += 1
+            run.ended = now
+            self.run_counts[(run.section, state)] += 1
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run["id"], run["section"],
-                    run["host"], run["from"], run["to"], state, (" (%s)" % reason) if reason else "")
-        changes.runs[run["id"]] = run
+            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
+                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+        changes.runs[run.id] = run
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -341,7 +336,7 @@ class Ledger:
 
     def dequeue(self, run, state, reason, now):
         """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run["id"], "run %s is not first" % run["id"]
+        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
         self.queue.pop(0)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
@@ -352,46 +347,42 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
-        if run.get("variables") is None:
-            return run["commands"]
-        section = config.section_named(run["section"])
+        if run.variables is None:
+            return run.commands
+        section = config.section_named(run.section)
         if section is None:
             raise ValueError("no section [%s] in this member's %s" % (
-                run["section"], os.path.join(config.config_dir, "actions.conf")))
-        return expand_commands(section, run["variables"])
+                run.section, os.path.join(config.config_dir, "actions.conf")))
+        return [RunCommand.from_json(c) for c in expand_commands(section, run.variables)]
 
     def start(self, run, commands, stamp, config_dir, now):
         """The head of the queue starts with ``commands``; ``stamp`` (a cluster's leader:
         cluster, node, epoch) says who runs it, in the run and in its environment."""
-        run["commands"] = commands
+        run.commands = commands
         if stamp is not None:
             cluster, node, epoch = stamp
-            run["node"], run["epoch"] = node, epoch
-            run["env"] = dict(run["env"], HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
-                              HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
+            run.node, run.epoch = node, epoch
+            run.env = dict(run.env, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=self.state_dir,
+                           HA_CLUSTER=cluster, HA_NODE=node, HA_LEADER_EPOCH=str(epoch))
         self.dequeue(run, "running", None, now)
 
     def command_started(self, run, index, when):
-        cmd = run["commands"][index]
-        cmd["started"] = when
-        log.info("run %d: command %d/%d: %s", run["id"], index + 1, len(run["commands"]),
-                 _command_words(cmd))
-        self._put(Changes(runs={run["id"]: run}))
+        cmd = run.commands[index]
+        cmd.started = when
+        log.info("run %d: command %d/%d: %s", run.id, index + 1, len(run.commands), _command_words(cmd))
+        self._put(Changes(runs={run.id: run}))
 
     def command_ended(self, run, index, msg):
         """Record a command's end, as its action run reported it in ``msg``."""
-        cmd = run["commands"][index]
-        output = msg.get("output") if isinstance(msg.get("output"), str) else ""
-        cmd["result"] = {"exit": msg.get("exit"), "signal": msg.get("signal"),
-                         "error": msg.get("error"), "duration": msg.get("duration"),
-                         "output": output[:OUTPUT_CAP], "truncated": bool(msg.get("truncated"))}
-        level = logging.WARNING if msg.get("error") else logging.INFO
-        log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run["id"], index + 1,
-                len(run["commands"]), _command_words(cmd), msg.get("error") or "exit %s" % msg.get("exit"),
-                msg.get("duration") or 0, " (failure ignored)" if msg.get("error") and cmd["ignore"] else "")
-        for line in output.splitlines()[:20]:
-            log.info("run %d:   | %s", run["id"], line)
-        self._put(Changes(runs={run["id"]: run}))
+        cmd = run.commands[index]
+        cmd.result = result = CommandResult.from_event(msg)
+        level = logging.WARNING if result.error else logging.INFO
+        log.log(level, "run %d: command %d/%d %s: %s in %.3fs%s", run.id, index + 1,
+                len(run.commands), _command_words(cmd), result.error or "exit %s" % result.exit,
+                result.duration or 0, " (failure ignored)" if result.error and cmd.ignore else "")
+        for line in (msg.get("output") if isinstance(msg.get("output"), str) else "").splitlines()[:20]:
+            log.info("run %d:   | %s", run.id, line)
+        self._put(Changes(runs={run.id: run}))
 
     def finish(self, run, state, reason, now):
         """A running run ends: ``ok``, ``failed`` or ``interrupted``."""
@@ -407,8 +398,8 @@ class Ledger:
 
     def recent(self, last=20):
         """The last transitions and runs, newest first."""
-        transitions = list(self.transitions)[-last:][::-1]
-        runs = [summarize_run(r) for r in list(self.runs.values())[-last:]][::-1]
+        transitions = [tr.to_json() for tr in list(self.transitions)[-last:][::-1]]
+        runs = [r.summary() for r in list(self.runs.values())[-last:]][::-1]
         return {"transitions": transitions, "runs": runs}
 
     def host_entries(self):
@@ -444,4 +435,4 @@ class Ledger:
 
 
 def _command_words(cmd):
-    return " ".join([os.path.basename(cmd["argv"][0])] + cmd["argv"][1:])
+    return " ".join([os.path.basename(cmd.argv[0])] + cmd.argv[1:])

@@ -19,10 +19,12 @@ cluster member, cluster_ledger.py; docs/cluster.md).  A LedgerStore answers:
 ``shared`` is the one mode bit of the rules: True when other members read this
 ledger (docs/cluster.md: each member confirms for itself, the leader accepts).
 
-Uses: the standard library only.
+Uses: records.
 """
 
 import typing
+
+from .records import Run, Transition
 
 
 class Changes:
@@ -32,8 +34,8 @@ class Changes:
 
     def __init__(self, hosts=None, runs=None, queue=None, meta=None):
         self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
-        self.transitions = []           # transition dicts
-        self.runs = runs or {}          # run id -> run dict
+        self.transitions = []           # Transitions
+        self.runs = runs or {}          # run id -> Run
         self.queue = queue              # the whole queue (run ids), when it changed
         self.meta = meta                # {"next_transition", "next_run"}, when they changed
 
@@ -42,9 +44,11 @@ class Changes:
             self.queue is not None or self.meta is not None
 
 
-def _by_id(data, prefix):
-    return sorted((v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)),
-                  key=lambda r: r.get("id", 0))
+def _by_id(data, prefix, record):
+    """The ``record``s (Transition, Run) of the keys PREFIXn in ``data``, by id (the
+    values were checked where they were read: Store.load, ledger_from_etcd)."""
+    return sorted((record.from_json(v) for k, v in data.items() if k.startswith(prefix)),
+                  key=lambda r: r.id)
 
 
 class Snapshot(typing.NamedTuple):
@@ -52,8 +56,8 @@ class Snapshot(typing.NamedTuple):
     meta: dict                  # next_transition, next_run
     hosts: dict
     reports: dict
-    transitions: list
-    runs: list
+    transitions: list          # Transitions
+    runs: list                 # Runs
     queue: list
 
     @classmethod
@@ -66,7 +70,7 @@ class Snapshot(typing.NamedTuple):
         reports.update((k[7:], v) for k, v in data.items() if k.startswith("report:"))
         return cls(meta=meta,
                    hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
-                   reports=reports, transitions=_by_id(data, "tr:"), runs=_by_id(data, "run:"),
+                   reports=reports, transitions=_by_id(data, "tr:", Transition), runs=_by_id(data, "run:", Run),
                    queue=list(data.get("queue") or []))
 
 
@@ -83,9 +87,9 @@ def db_changes(changes, cap):
     """A Changes as the state db's keys: host:H, tr:N, run:N (N = id % cap), queue, meta."""
     out = {"host:" + host: record for host, record in changes.hosts.items()}
     for tr in changes.transitions:
-        out["tr:%d" % (tr["id"] % cap)] = tr
+        out["tr:%d" % (tr.id % cap)] = tr.to_json()
     for run_id, run in changes.runs.items():
-        out["run:%d" % (run_id % cap)] = run
+        out["run:%d" % (run_id % cap)] = run.to_json()
     if changes.queue is not None:
         out["queue"] = changes.queue
     return out

@@ -31,7 +31,7 @@ from .configfiles import load_config_steps
 from .records import CheckResult, DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
-from .ledger import Ledger, summarize_run
+from .ledger import Ledger
 from .scheduler import Scheduler
 from .pool import Pool
 from .control import ControlServer
@@ -398,14 +398,14 @@ class Master:
             return {"ok": False, "errors": ["bad run id %r" % (run_id,)]}
         if cmd == "run":
             run = self.ledger.runs.get(run_id)
-            return {"ok": True, "run": summarize_run(run)} if run else \
+            return {"ok": True, "run": run.summary()} if run else \
                 {"ok": False, "errors": ["no run #%d in the history" % run_id]}
         if not self.leadership.acting():
             leader = self.leadership.leader_name()
             return {"ok": False, "errors": ["this member does not lead the cluster: run --rerun on "
                                             "the leader (%s)" % (leader or "none now")]}
         try:
-            return {"ok": True, "run": summarize_run(self.ledger.rerun(run_id, time.time()))}
+            return {"ok": True, "run": self.ledger.rerun(run_id, time.time()).summary()}
         except ValueError as exc:
             return {"ok": False, "errors": [str(exc)]}
 

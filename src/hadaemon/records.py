@@ -1,4 +1,4 @@
-"""Typed records: what crosses the socket and what --status --json says, one type each.
+"""Typed records: what crosses the socket, what the ledger keeps and what --status --json says.
 
 Owns the records that were dicts built by hand in several places, each with its
 one conversion to and from the form it travels or is stored in:
@@ -6,6 +6,13 @@ one conversion to and from the form it travels or is stored in:
   Job          master -> worker: one check to run (``{"t": "job"}``)
   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
                master's own result for a worker that died; the check's ``last``
+  Transition   a host moved FROM -> TO: to_json() / from_json(), the state db's
+               ``tr:N``, etcd's, --status --json's and --history's
+  Run          an action run, with its RunCommands and their CommandResults:
+               to_json() / from_json() (the state db's ``run:N``), to_etcd()
+               (outputs cut), to_action() / from_action() (the ``{"t": "run"}``
+               message), summary() (--status, --history, the ``run`` verb);
+               from_json() refuses a value of the wrong shape (well_formed)
   StatusDoc    the --status --json document (socket, HTTP /status, offline), with
   DaemonBlock  its ``daemon`` block and
   ClusterStatus  that block's ``cluster``
@@ -21,7 +28,7 @@ Uses: base, wire.
 import dataclasses
 import typing
 
-from .base import __version__
+from .base import OUTPUT_CAP, __version__
 from .wire import _shorten, encode_message, json_pieces
 
 
@@ -117,6 +124,209 @@ class CheckResult(typing.NamedTuple):
         if self.stderr:
             last["stderr"] = self.stderr[:500]
         return last
+
+
+# -- The ledger's history: transitions and action runs ---------------------------------
+#
+# Their one JSON form is the state db's value (tr:N, run:N) and the wire form of
+# --status --json, --history and HTTP; etcd keeps the same, a run's outputs cut
+# (to_etcd).  The state db is read back through from_json, which refuses a value of
+# the wrong shape (a damaged or hand-edited db, a hand-edited etcd): Store.load and
+# ledger_from_etcd drop it with a note instead of letting it take the master down.
+
+RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
+ETCD_OUTPUT_CAP = 4096          # bytes of a command's output kept in etcd (requests <= 1.5 MiB)
+
+
+def _is_str(*values):
+    return all(isinstance(v, str) for v in values)
+
+
+def _is_time(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+class Transition(typing.NamedTuple):
+    """A host moved FROM -> TO (docs/configuration.md: states and transitions)."""
+    id: int
+    time: float                         # wall clock
+    host: str
+    frm: str                            # "from" in its JSON
+    to: str
+    check: typing.Optional[str]         # the check that reported it, or "cluster: a,b" (the voters)
+    run: typing.Optional[int]           # the run of its section; None when no section matches
+
+    def to_json(self):
+        return {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
+                "to": self.to, "check": self.check, "run": self.run}
+
+    @staticmethod
+    def well_formed(value):
+        """Whether a stored ``value`` has the shape a transition is written in."""
+        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
+            and (value.get("run") is None or isinstance(value["run"], int))
+
+    @classmethod
+    def from_json(cls, value):
+        """ValueError when ``value`` is not the shape of a transition."""
+        if not cls.well_formed(value):
+            raise ValueError("not a transition: %s" % _shorten(value))
+        get = value.get
+        return cls(value["id"], get("time"), value["host"], value["from"], value["to"],
+                   get("check"), get("run"))
+
+
+class CommandResult(typing.NamedTuple):
+    """How one command of a run ended, as its action run reported it."""
+    exit: typing.Optional[int]
+    signal: typing.Optional[int]
+    error: typing.Optional[str]         # why it counts as failed (exit 1, timed out, ...), or None
+    duration: typing.Optional[float]
+    output: str                         # stdout and stderr, at most OUTPUT_CAP characters
+    truncated: bool
+
+    def to_json(self):
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError("not a command's result: %s" % _shorten(value))
+        get = value.get
+        return cls(get("exit"), get("signal"), get("error"), get("duration"), get("output"),
+                   get("truncated"))
+
+    @classmethod
+    def from_event(cls, msg):
+        """From the action run's ``end`` message: its output (a string, or none) cut to OUTPUT_CAP."""
+        output = msg.get("output") if isinstance(msg.get("output"), str) else ""
+        return cls(msg.get("exit"), msg.get("signal"), msg.get("error"), msg.get("duration"),
+                   output[:OUTPUT_CAP], bool(msg.get("truncated")))
+
+
+@dataclasses.dataclass
+class RunCommand:
+    """One command of a run: as its section's line expanded it, and how it went."""
+    argv: list
+    ignore: bool                        # its failure does not end the sequence
+    timeout: float
+    where: str                          # FILE:LINE of its line in actions.conf
+    started: typing.Optional[float] = None      # wall clock, once started
+    result: typing.Optional[CommandResult] = None
+
+    def to_json(self):
+        out = {"argv": self.argv, "ignore": self.ignore, "timeout": self.timeout, "where": self.where}
+        if self.started is not None:
+            out["started"] = self.started
+        if self.result is not None:
+            out["result"] = self.result.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, value):
+        """From its JSON, or from a command expand_commands made (the same keys, no result)."""
+        get = value.get
+        result = get("result")
+        return cls(value["argv"], get("ignore"), get("timeout"), get("where"), get("started"),
+                   None if result is None else CommandResult.from_json(result))
+
+
+@dataclasses.dataclass
+class Run:
+    """An action run of a transition's section: queued -> running -> ok | failed |
+    interrupted, or skipped / failed without running (the Ledger's RUN_EDGES)."""
+    id: int
+    transition: typing.Optional[int]    # the transition's id
+    host: str
+    frm: str                            # "from" in its JSON
+    to: str
+    section: str                        # its name, "db2: any_to_master"
+    state: typing.Optional[str]         # None only while it is made
+    reason: typing.Optional[str]
+    queued: typing.Optional[float]      # wall clock, as the rest
+    started: typing.Optional[float]
+    ended: typing.Optional[float]
+    env: dict                           # the HA_* its commands get
+    commands: list                      # of RunCommand
+    rerun_of: typing.Optional[int] = None       # --rerun: the run it repeats
+    variables: typing.Optional[dict] = None     # a cluster's: %NAME% for the member that runs it
+    node: typing.Optional[str] = None           # a cluster's: the leader that ran it, and its epoch
+    epoch: typing.Optional[int] = None
+
+    def to_json(self):
+        """The state db's value, and the base of the other forms; an optional key is
+        left out when it is None (rerun_of, variables; node with epoch)."""
+        out = {"id": self.id, "transition": self.transition, "host": self.host, "from": self.frm,
+               "to": self.to, "section": self.section, "state": self.state, "reason": self.reason,
+               "queued": self.queued, "started": self.started, "ended": self.ended, "env": self.env,
+               "commands": [c.to_json() for c in self.commands]}
+        if self.rerun_of is not None:
+            out["rerun_of"] = self.rerun_of
+        if self.variables is not None:
+            out["variables"] = self.variables
+        if self.node is not None:
+            out["node"], out["epoch"] = self.node, self.epoch
+        return out
+
+    @staticmethod
+    def well_formed(value):
+        """Whether a stored ``value`` has the shape a run is written in."""
+        return isinstance(value, dict) and isinstance(value.get("id"), int) \
+            and value.get("state") in RUN_STATES and isinstance(value.get("env"), dict) \
+            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
+            and isinstance(value.get("commands"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
+                and (c.get("result") is None or isinstance(c["result"], dict))
+                for c in value["commands"])
+
+    @classmethod
+    def from_json(cls, value, check=True):
+        """ValueError when ``value`` is not the shape of a run.  ``check=False``: a value
+        already read, maybe partial (summarize_run's), its missing keys as None."""
+        if check and not cls.well_formed(value):
+            raise ValueError("not a run: %s" % _shorten(value))
+        get = value.get
+        return cls(get("id"), get("transition"), get("host"), get("from"), get("to"), get("section"),
+                   get("state"), get("reason"), get("queued"), get("started"), get("ended"),
+                   get("env"), [RunCommand.from_json(c) for c in get("commands") or ()],
+                   get("rerun_of"), get("variables"), get("node"), get("epoch"))
+
+    def to_etcd(self):
+        """As etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP (then ``truncated``)."""
+        out = self.to_json()
+        for cmd in out["commands"]:
+            result = cmd.get("result")
+            if result and len(result.get("output") or "") > ETCD_OUTPUT_CAP:
+                cmd["result"] = dict(result, output=result["output"][:ETCD_OUTPUT_CAP], truncated=True)
+        return out
+
+    def to_action(self, confirm):
+        """The ``run`` message's run, handed to the action run; ``confirm``: a cluster's
+        leader, whose action run asks before each command whether it still may."""
+        out = self.to_json()
+        if confirm:
+            out["confirm"] = True
+        return out
+
+    @classmethod
+    def from_action(cls, value):
+        """The action run's side: (the run, whether it asks before each command)."""
+        return cls.from_json(value), bool(value.get("confirm"))
+
+    def summary(self):
+        """As --status, --history and the ``run`` verb show it: its environment, variables
+        and the commands' timeouts left out; rerun_of always there; node and epoch in a cluster."""
+        out = {"id": self.id, "transition": self.transition, "host": self.host, "from": self.frm,
+               "to": self.to, "section": self.section, "state": self.state, "reason": self.reason,
+               "queued": self.queued, "started": self.started, "ended": self.ended,
+               "rerun_of": self.rerun_of,
+               "commands": [{"argv": c.argv, "ignore": c.ignore, "where": c.where, "started": c.started,
+                             "result": None if c.result is None else c.result.to_json()}
+                            for c in self.commands]}
+        if self.node is not None:
+            out["node"], out["epoch"] = self.node, self.epoch
+        return out
 
 
 # -- The status document ------------------------------------------------------------

@@ -44,7 +44,7 @@ against kill -9 at any moment:
 
 Nothing is ever deleted: history lives in ring slots (tr:N, run:N modulo cap).
 
-Uses: base, wire, dumbfiles.
+Uses: base, wire, records, dumbfiles.
 """
 
 import json
@@ -53,18 +53,8 @@ import time
 
 from .base import DB_NAME, log, valid_state
 from .wire import _ENCODE, _shorten
+from .records import Run, Transition, _is_time
 from .dumbfiles import DumbFiles, _META_KEY, _META_WIDTH
-
-
-_RUN_STATES = ("queued", "running", "ok", "failed", "interrupted", "skipped")
-
-
-def _is_str(*values):
-    return all(isinstance(v, str) for v in values)
-
-
-def _is_time(value):
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def well_formed(key, value):
@@ -79,16 +69,9 @@ def well_formed(key, value):
             and (value.get("pending") is None or valid_state(value["pending"])) \
             and isinstance(value.get("count"), int)
     if kind == "tr":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) and _is_time(value.get("time")) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to")) \
-            and (value.get("run") is None or isinstance(value["run"], int))
+        return Transition.well_formed(value)
     if kind == "run":
-        return isinstance(value, dict) and isinstance(value.get("id"), int) \
-            and value.get("state") in _RUN_STATES and isinstance(value.get("env"), dict) \
-            and _is_str(value.get("host"), value.get("from"), value.get("to"), value.get("section")) \
-            and isinstance(value.get("commands"), list) and all(
-                isinstance(c, dict) and isinstance(c.get("argv"), list) and c["argv"] and _is_str(*c["argv"])
-                for c in value["commands"])
+        return Run.well_formed(value)
     if key == "queue":
         return isinstance(value, list) and all(isinstance(i, int) for i in value)
     if key == "meta":
