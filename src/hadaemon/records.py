@@ -57,7 +57,7 @@ class Job:
         return msg
 
     @classmethod
-    def from_wire(cls, msg, _new=tuple.__new__):
+    def from_wire(cls, msg):
         """The worker's side; a message without id, key, argv, env or timeout raises
         KeyError (the worker exits with its traceback: the master gave it nonsense)."""
         return cls(msg["id"], msg["key"], msg["argv"], msg["env"], msg["timeout"],
