@@ -151,6 +151,8 @@ def test_two_modules_make_a_file_that_runs(tmp_path):
      "here is defined in"),
     ({"a": A.replace("LIMIT = 3", "LIMIT = LATER\nLATER = 3")}, None,
      "LATER is used at import time before hadaemon.py defines it"),
+    ({"a": A + "\n\nclass Later:\n    x = 1\n    y = x + LATER\n\n\nLATER = 2\n"}, None,
+     "LATER is used at import time before hadaemon.py defines it"),
     ({"a": A.replace("import os", "import os\nimport requests")}, None,
      "requests is not in the standard library"),
     ({"a": A.replace("import os", "import os\nimport hadaemon.cron")}, None,
@@ -185,3 +187,11 @@ def test_the_package_and_the_file_are_the_same_code():
     assert shipped.CronSpec.__doc__ == hadaemon.cron.CronSpec.__doc__
     assert shipped.RUN_EDGES == hadaemon.ledger.RUN_EDGES
     assert shutil.which("true") and shipped.parse_duration("1m") == 60
+
+
+def test_a_class_body_reads_its_own_names_as_it_goes(tmp_path):
+    text = build(tmp_path, {"a": A + "\n\nclass K:\n    x = LIMIT\n\n    def f(self):\n"
+                                 "        return 0\n\n    y = x + 1\n    g = f\n"})
+    namespace = {"__name__": "amalgam"}
+    exec(compile(text, "amalgam.py", "exec"), namespace)
+    assert namespace["K"].y == 4

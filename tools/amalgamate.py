@@ -245,6 +245,16 @@ class _ImportTime(ast.NodeVisitor):
 
     visit_FunctionDef = visit_AsyncFunctionDef = _function
 
+    def visit_ClassDef(self, node):
+        for part in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(part)
+        local = set()
+        for stmt in node.body:          # a class body reads its own names as it goes
+            inner = _ImportTime()
+            inner.visit(stmt)
+            self.loads += [n for n in inner.loads if n.id not in local]
+            local.update(defined_names([stmt]))
+
     def visit_Lambda(self, node):
         for default in node.args.defaults:
             self.visit(default)
@@ -266,23 +276,7 @@ def check_import_time(modules):
                 known.update(defined_names([node], imports=True))    # the package's: defined above already
                 continue
             visitor = _ImportTime()
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visitor._function(node)
-            elif isinstance(node, ast.ClassDef):
-                for part in node.decorator_list + node.bases + [k.value for k in node.keywords]:
-                    visitor.visit(part)
-                local = set()
-                for stmt in node.body:      # a class body reads its own names as it goes
-                    inner = _ImportTime()
-                    inner.visit(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) \
-                        else inner._function(stmt)
-                    visitor.loads += [n for n in inner.loads if n.id not in local]
-                    local.update(n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)
-                                 and isinstance(n.ctx, ast.Store))
-                    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                        local.add(stmt.name)
-            else:
-                visitor.visit(node)
+            visitor.visit(node)
             for name in visitor.loads:
                 if name.id not in known:
                     raise Refused("%s:%s: %s is used at import time before hadaemon.py defines it "
