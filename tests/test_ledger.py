@@ -234,7 +234,7 @@ def test_history_is_capped_in_memory_and_in_the_db(tmp_path):
     assert sorted(r.id for r in w.ledger.runs.values()) == [6, 7, 8]
     ledger = w.reopen()
     assert [t.id for t in ledger.transitions] == [6, 7, 8]
-    assert ledger.status(last=2)["transitions"][0]["id"] == 8
+    assert ledger.recent(last=2)["transitions"][0]["id"] == 8
 
 
 # -- the cluster's ledger, no etcd: a real ClusterMember with its role set by hand ----------

@@ -392,10 +392,6 @@ class Ledger:
 
     # -- what it reports about itself --------------------------------------------
 
-    def status(self, last=20):
-        """hosts, transitions and runs of the --status --json document."""
-        return dict(self.recent(last), hosts=dict(self.host_entries()))
-
     def recent(self, last=20):
         """The last transitions and runs, newest first."""
         transitions = [tr.to_json() for tr in list(self.transitions)[-last:][::-1]]
