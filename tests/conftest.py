@@ -338,6 +338,7 @@ DAEMON_FIXTURES = {
     "pg_pair",                                  # test_postgresql_failover
     "sshd",                                     # test_ssh
     "pg_template", "stack",                     # test_stack: network namespaces, postgres
+    "cstack",                                   # test_cluster_stack: the same, with etcd and members
 }
 
 DAEMON_MODULES = {
@@ -346,6 +347,7 @@ DAEMON_MODULES = {
     "test_http_daemon.py",                      # the real clients (haproxy, promtool, chromium)
     "test_smoke.py",                            # the demo on a Daemon of its own
     "test_stack.py",                            # hosts of network namespaces; the examples' -t
+    "test_cluster_stack.py",                    # the same hosts as a cluster (etcd, three members)
 }
 
 DAEMON_TESTS = {                                # module::test (any parameters)

@@ -1,0 +1,328 @@
+"""The cluster stack of test_cluster_stack.py: the production shape with no single point of failure.
+
+Four hosts made of network namespaces, as tests/test_stack.py makes them (its
+Topology, Sshd, Pgbouncer, Writers and Monitor are used as they are):
+
+    db1      192.0.2.11   PostgreSQL primary, sshd, etcd member, hadaemon member "db1"
+    db2      192.0.2.12   PostgreSQL synchronous standby, sshd, etcd, hadaemon "db2"
+    witness  192.0.2.13   etcd member, hadaemon member "witness"; no database
+    app      192.0.2.20   pgbouncer (examples/postgresql/pgbouncer.ini), the writers
+
+The members run examples/postgresql/cluster/checks.conf over examples/postgresql
+(its actions.conf, ssh_config, checks/ and actions/ as shipped), adapted only in
+`node` and the etcd endpoints' addresses.
+
+Each etcd member listens on an address of its own on its host's eth0
+(192.0.2.111, .112, .113), beside the host's own: so a host can be cut from etcd
+and not from the databases (``cut_from_etcd``), by routes through a neighbour
+nobody is, which drop the packets silently as a broken network does (this
+machine has no iptables, nftables or tc actions).  Pulling a host's cable (eth0
+down) cuts both.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import hadaemon.base
+import hadaemon.configfiles
+from conftest import ROOT, Daemon, keygen, wait_for
+from etcd import EtcdCluster, Member
+from pgpair import Pair
+import test_stack as st
+
+EXAMPLE = ROOT / "examples" / "postgresql"
+CLUSTER_EXAMPLE = EXAMPLE / "cluster"
+HOSTS = {"db1": "192.0.2.11", "db2": "192.0.2.12", "witness": "192.0.2.13", "app": "192.0.2.20"}
+MEMBERS = ("db1", "db2", "witness")
+ETCD_ADDRESS = {"db1": "192.0.2.111", "db2": "192.0.2.112", "witness": "192.0.2.113"}
+NOWHERE, NOWHERE_MAC = "192.0.2.99", "02:00:00:00:00:99"    # a neighbour no host is
+
+
+class Hosts(st.Topology):
+    """test_stack's Topology with the cluster's hosts, and an etcd address on each member."""
+
+    def build(self):
+        for host in ["br"] + list(HOSTS):
+            st.sh(["ip", "netns", "add", self.ns(host)])
+            self.made.append(self.ns(host))
+            self.ip(host, "link", "set", "lo", "up")
+        self.ip("br", "link", "add", "br0", "type", "bridge")
+        self.ip("br", "link", "set", "br0", "up")
+        names = "".join("%s %s\n" % (addr, host) for host, addr in HOSTS.items())
+        for host, addr in HOSTS.items():
+            self.ip("br", "link", "add", "v-" + host, "type", "veth", "peer", "name", st.DEV,
+                    "netns", self.ns(host))
+            self.ip("br", "link", "set", "v-" + host, "master", "br0", "up")
+            self.ip(host, "addr", "add", "%s/%d" % (addr, st.PREFIX), "dev", st.DEV)
+            if host in ETCD_ADDRESS:
+                self.ip(host, "addr", "add", "%s/%d" % (ETCD_ADDRESS[host], st.PREFIX), "dev", st.DEV)
+            self.ip(host, "link", "set", st.DEV, "up")
+            etc = "/etc/netns/" + self.ns(host)
+            os.makedirs(etc)
+            with open(etc + "/hosts", "w") as f:
+                f.write("127.0.0.1 localhost\n" + names)
+
+    def cut_from_etcd(self, host, cut):
+        """``host`` no longer reaches the other etcd members, nor they its own (both
+        ways, silently); the databases, app and everything else it still reaches."""
+        op = "replace" if cut else "del"
+        pairs = [(host, other) for other in ETCD_ADDRESS if other != host] + \
+                [(other, host) for other in ETCD_ADDRESS if other != host]
+        for here, there in pairs:
+            if cut:
+                self.ip(here, "neigh", "replace", NOWHERE, "lladdr", NOWHERE_MAC, "dev", st.DEV,
+                        "nud", "permanent")
+            self.ip(here, "route", op, ETCD_ADDRESS[there] + "/32", "via", NOWHERE, "dev", st.DEV,
+                    check=cut)
+
+
+class HostEtcd(Member):
+    """An etcd member on its host's etcd address, ports 2379 and 2380, in the host's namespace."""
+
+    def __init__(self, cluster, index, host):
+        super().__init__(cluster, index, 2379, 2380)
+        self.host = host
+        self.name = "e-" + host
+        self.url = "http://%s:2379" % ETCD_ADDRESS[host]
+        self.peer_url = "http://%s:2380" % ETCD_ADDRESS[host]
+        self.data_dir = os.path.join(cluster.root, self.name)
+        self.log_path = os.path.join(cluster.root, self.name + ".log")
+
+    def argv(self):
+        return self.cluster.topo.inside(self.host, super().argv())
+
+    def get(self, path, post=False, timeout=1.0):
+        """curl from the member's own host (the test runs outside every namespace)."""
+        argv = ["curl", "-s", "-m", str(timeout)] + (["-X", "POST", "-d", "{}"] if post else [])
+        return subprocess.run(self.cluster.topo.inside(self.host, argv + [self.url + path]),
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=timeout + 10).stdout
+
+    def healthy(self):
+        return '"health":"true"' in self.get("/health").replace(" ", "")
+
+
+class HostEtcdCluster(EtcdCluster):
+    """Three etcd members, one on each member host."""
+
+    def __init__(self, root, topo):
+        super().__init__(root)
+        self.topo = topo
+
+    def start(self, timeout=30.0, attempts=1):
+        self.members = [HostEtcd(self, i, host) for i, host in enumerate(MEMBERS)]
+        for m in self.members:
+            m.start()
+        self.wait_healthy(timeout)
+        return self
+
+    def by_host(self, host):
+        return next(m for m in self.members if m.host == host)
+
+    def leader(self):
+        for m in self.members:
+            if m.running():
+                text = m.get("/v3/maintenance/status", post=True)
+                ids = [part.split('"')[3] for part in text.split(",")
+                       if part.strip('{ ').startswith(('"leader"', '"member_id"'))]
+                if len(ids) >= 2 and len(set(ids)) == 1:
+                    return m
+        return None
+
+
+class ClusterStack:
+    """Everything of one test: the hosts, etcd, the pair, sshd, pgbouncer, three members, writers."""
+
+    def __init__(self, bindir, user, template):
+        self.dir = tempfile.mkdtemp(prefix="hadaemon-cstack-")
+        os.chmod(self.dir, 0o755)           # pgbouncer runs as the postgres user
+        self.topo = Hosts()
+        self.pair = self.etcd = self.pgbouncer = self.writers = None
+        self.sshd, self.members, self.monitors, self.env = {}, {}, {}, {}
+        self.bindir, self.user, self.template = bindir, user, template
+
+    # -- building ------------------------------------------------------------------
+
+    def build(self):
+        topo = self.topo
+        topo.build()
+        os.mkdir(os.path.join(self.dir, "etcd"))
+        self.etcd = HostEtcdCluster(os.path.join(self.dir, "etcd"), topo).start()
+        self.pair = Pair(self.bindir, self.user, network="192.0.2.0/24", servers=[
+            ("db1", 5432, HOSTS["db1"], topo.ns("db1")), ("db2", 5432, HOSTS["db2"], topo.ns("db2"))])
+        self.pair.build(template=self.template)
+        self.key = keygen(os.path.join(self.dir, "id_ed25519"))
+        self.sshd = {h: st.Sshd(topo, h, self.dir, self.key) for h in ("db1", "db2")}
+        self.pgbouncer = st.Pgbouncer(topo, self.user, self.dir)
+        self.admit_members()
+        for node in MEMBERS:
+            self.members[node] = self.install(node)
+
+    def admit_members(self):
+        """pgbouncer's admin console from every member host, not the one watcher test_stack has."""
+        hba = os.path.join(self.pgbouncer.dir, "pgbouncer_hba.conf")
+        with open(hba, "w") as f:
+            f.write("".join("host pgbouncer pgbouncer %s/32 scram-sha-256\n" % HOSTS[h] for h in MEMBERS)
+                    + "host %s postgres 127.0.0.1/32 trust\n" % st.APPDB)
+        before = self.pgbouncer.log().count("SIGHUP")
+        os.kill(self.pgbouncer.proc.pid, signal.SIGHUP)
+        wait_for(lambda: self.pgbouncer.log().count("SIGHUP") > before, timeout=10,
+                 what="pgbouncer to reload its hba file")
+
+    def install(self, node):
+        """examples/postgresql with cluster/checks.conf over its checks.conf, in a config dir
+        of the member's own; only ``node`` and the etcd addresses changed."""
+        d = Daemon(pathlib.Path(self.dir) / node)
+        for name in ("actions.conf", "ssh_config"):
+            shutil.copy(EXAMPLE / name, d.dir / name)
+        for sub in ("checks", "actions"):
+            shutil.copytree(EXAMPLE / sub, d.dir / sub, dirs_exist_ok=True)
+        conf = (CLUSTER_EXAMPLE / "checks.conf").read_text()
+        for old, new in [("node = db1 ", "node = %s " % node)] + [
+                ("http://%s:2379" % HOSTS[h], "http://%s:2379" % ETCD_ADDRESS[h]) for h in MEMBERS]:
+            assert old in conf, "examples/postgresql/cluster/checks.conf no longer has %r" % old
+            conf = conf.replace(old, new)
+        (d.dir / "checks.conf").write_text(conf)
+        d.state = pathlib.Path(self.dir) / node / "s"       # short: ssh's control sockets live there
+        d.state.mkdir(mode=0o700)
+        shutil.copy(self.key, d.state / "id_ed25519")
+        (d.state / "id_ed25519").chmod(0o600)
+        (d.state / "known_hosts").write_text("".join(
+            "%s %s\n" % (h, " ".join(open(str(s.host_key) + ".pub").read().split()[:2]))
+            for h, s in self.sshd.items()))
+        pgpass = d.state / "pgpass"
+        pgpass.write_text("app:%d:pgbouncer:pgbouncer:%s\n" % (st.PGBOUNCER_PORT, st.ADMIN_PASSWORD))
+        pgpass.chmod(0o600)
+        config = hadaemon.configfiles.load_config(str(d.dir))
+        assert (config.cluster.node, config.cluster.quorum) == (node, 2), config.cluster
+        d.wrap = self.topo.inside(node, [])
+        self.env[node] = dict(self.pair.client_env, PGPASSFILE=str(pgpass))
+        return d
+
+    # -- the members ------------------------------------------------------------------
+
+    def start_member(self, node):
+        d = self.members[node]
+        if d.proc is not None:
+            d.started = [p for p in d.started if p != d.proc.pid]     # gone: its pid may be reused
+        d.start(env=self.env[node], wait=False)
+
+    def cluster(self, node):
+        """daemon.cluster of one member, None when it does not answer."""
+        d = self.members[node]
+        if d.proc is None or d.proc.poll() is not None:
+            return None
+        try:
+            return d.ask("status", timeout=5)["daemon"]["cluster"]
+        except (OSError, hadaemon.base.HadaemonError):
+            return None
+
+    def leader(self, among=MEMBERS, timeout=30):
+        """(node, epoch) once every member of ``among`` agrees on one acting leader."""
+        def agreed():
+            docs = {n: self.cluster(n) for n in among}
+            if None in docs.values():
+                return None
+            leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
+            if len(leaders) != 1:
+                return None
+            node, epoch = leaders.pop()
+            if node not in docs or docs[node]["role"] != "leader" or not docs[node].get("acting"):
+                return None
+            if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
+                return None
+            return node, epoch
+        return wait_for(agreed, timeout=timeout, interval=0.05,
+                        what="members %s to agree on a leader (%s)" % (",".join(among), self.tails()))
+
+    def history(self, node):
+        """Transitions, oldest first, each with its run, from ``node``'s copy of the ledger."""
+        entries = self.members[node].ask("history", n=100000, timeout=10)["history"]
+        return sorted(entries, key=lambda e: e["id"])
+
+    def hosts(self, node):
+        doc = self.members[node].ask("status", timeout=5)
+        return {h: v["state"] for h, v in doc["hosts"].items()}
+
+    def settled(self, node, expect):
+        """``node``'s ledger holds ``expect`` and no run is queued or running."""
+        try:
+            doc = self.members[node].ask("status", timeout=5)
+        except (OSError, hadaemon.base.HadaemonError):
+            return False
+        states = {h: v["state"] for h, v in doc["hosts"].items()}
+        return all(states.get(h) == s for h, s in expect.items()) and not doc["daemon"]["queue"] \
+            and all(r["state"] not in ("queued", "running") for r in doc["runs"])
+
+    def wait_settled(self, node, expect, timeout=30):
+        wait_for(lambda: self.settled(node, expect), timeout=timeout, interval=0.1,
+                 what="%s to show %s with nothing left to run (%s)" % (node, expect, self.tails()))
+
+    def tails(self):
+        return "\n".join("--- %s:\n%s" % (n, d.tail(12)) for n, d in self.members.items())
+
+    def start(self, first="db1"):
+        """Every member up, ``first`` leading; db1 master with the address, db2 slave, rows
+        flowing through pgbouncer."""
+        self.start_member(first)
+        self.leader(among=(first,))
+        for node in MEMBERS:
+            if node != first:
+                self.start_member(node)
+        assert self.leader() [0] == first
+        self.wait_settled(first, {"db1": "master", "db2": "slave"})
+        runs = [e["run"] for e in self.history(first) if e.get("run")]
+        assert len(runs) == 2 and all(r["state"] == "ok" for r in runs), runs
+        assert self.topo.has_vip("db1") and not self.topo.has_vip("db2")
+        self.holders0 = {h: (self.topo.has_vip(h), self.topo.link_up(h)) for h in ("db1", "db2")}
+        self.monitors = {h: st.Monitor(self.topo, h, self.dir) for h in ("db1", "db2")}
+        self.monitors["app"] = st.Monitor(self.topo, "app", self.dir, what=("neigh",))
+        self.writers = st.Writers(self.topo, self.dir)
+        wait_for(lambda: len(self.writers.acked_by("db1")) >= 100, timeout=30,
+                 what="100 rows acknowledged through pgbouncer (writer errors: %s)"
+                 % [e for e in self.writers.events() if e[0] == "err"][-5:])
+
+    # -- faults and heals -------------------------------------------------------------
+
+    def kill_host(self, host):
+        """``host`` dies: its cable, then every process in it (postgres, sshd, etcd, member)."""
+        self.topo.cable(host, False)
+        self.topo.kill_host(host)
+
+    def revive_etcd(self, host):
+        m = self.etcd.by_host(host)
+        if m.running():
+            m.kill()
+        m.proc.wait(timeout=10)
+        self.etcd.restart(m)
+
+    def timeline(self, server):
+        """The timeline of ``server``'s WAL now (1 + the promotions it went through)."""
+        return int(server.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0], 16) \
+            if server.sql("SELECT pg_is_in_recovery()") == ["f"] else \
+            int(server.sql("SELECT received_tli FROM pg_stat_wal_receiver")[0] or 0)
+
+    def teardown(self):
+        for part in [self.writers] + list(self.monitors.values()):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:       # teardown goes on; the test has failed already
+                    pass
+        for d in self.members.values():
+            d.cleanup()
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self.pgbouncer is not None:
+            self.pgbouncer.stop()
+        for s in self.sshd.values():
+            s.stop()
+        if self.pair is not None:
+            self.pair.teardown()
+        self.topo.teardown()
+        shutil.rmtree(self.dir, ignore_errors=True)
