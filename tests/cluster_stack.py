@@ -222,10 +222,15 @@ class ClusterStack:
         except (OSError, hadaemon.base.HadaemonError):
             return None
 
-    def leader(self, among=MEMBERS, timeout=30):
-        """(node, epoch) once every member of ``among`` agrees on one acting leader."""
+    def live(self):
+        return [n for n in MEMBERS if self.members[n].proc is not None and self.members[n].proc.poll() is None]
+
+    def leader(self, among=None, timeout=30):
+        """(node, epoch) once every member of ``among`` (default: every live one) agrees on
+        one acting leader."""
         def agreed():
-            docs = {n: self.cluster(n) for n in among}
+            among_ = among or self.live()
+            docs = {n: self.cluster(n) for n in among_}
             if None in docs.values():
                 return None
             leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
@@ -238,7 +243,7 @@ class ClusterStack:
                 return None
             return node, epoch
         return wait_for(agreed, timeout=timeout, interval=0.05,
-                        what="members %s to agree on a leader (%s)" % (",".join(among), self.tails()))
+                        what="members %s to agree on a leader (%s)" % (among, self.tails()))
 
     def history(self, node):
         """Transitions, oldest first, each with its run, from ``node``'s copy of the ledger."""
@@ -274,7 +279,7 @@ class ClusterStack:
         for node in MEMBERS:
             if node != first:
                 self.start_member(node)
-        assert self.leader() [0] == first
+        assert self.leader()[0] == first
         self.wait_settled(first, {"db1": "master", "db2": "slave"})
         runs = [e["run"] for e in self.history(first) if e.get("run")]
         assert len(runs) == 2 and all(r["state"] == "ok" for r in runs), runs
