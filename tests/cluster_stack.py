@@ -26,11 +26,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 
 import hadaemon.base
 import hadaemon.configfiles
-from conftest import ROOT, Daemon, keygen, wait_for
+from conftest import ROOT, Daemon, keygen, wait_for, with_private_run
 from etcd import EtcdCluster, Member
 from pgpair import Pair
 import test_stack as st
@@ -305,6 +304,53 @@ class ClusterStack:
             m.kill()
         m.proc.wait(timeout=10)
         self.etcd.restart(m)
+
+    def restart_sshd(self, host):
+        """sshd again in ``host`` (after the host died), on its config and host key."""
+        s = self.sshd[host]
+        s.stop()
+        argv = with_private_run([st.SSHD, "-D", "-e", "-f", s.config, "-E", s.log_path])
+        before = s.log().count("Server listening on")
+        s.proc = subprocess.Popen(self.topo.inside(host, argv), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        wait_for(lambda: s.log().count("Server listening on") > before, timeout=15,
+                 what="sshd on %s to listen again" % host)
+
+    def rebuild(self, old, new):
+        """The old primary ``old`` as a standby of ``new``: stopped if it runs, a fresh
+        pg_basebackup -R from ``new`` over the network, started; then synchronous
+        replication back on ``new`` (the ALTER SYSTEM of sync_off reset)."""
+        servers = {"db1": self.pair.primary, "db2": self.pair.standby}
+        o, n = servers[old], servers[new]
+        o.stop()
+        shutil.rmtree(o.datadir)
+        self.pair.run([self.pair.tool("pg_basebackup"), "-h", HOSTS[new], "-p", "5432", "-U", "postgres",
+                       "-D", o.datadir, "-R", "-X", "stream", "-c", "fast", "--no-sync"], netns=o.netns)
+        o.configure()
+        o.start()
+        n.sql("ALTER SYSTEM RESET synchronous_standby_names")
+        n.sql("SELECT pg_reload_conf()")
+        wait_for(lambda: n.sql("SELECT state, sync_state FROM pg_stat_replication") == ["streaming|sync"],
+                 timeout=60, interval=0.1, what="%s to stream synchronously from %s" % (old, new))
+
+    def trace_tools(self, log):
+        """psql and ssh (every tool the actions reach the world with) wrapped for the
+        members: each use by an action run logged with its node, epoch and run, start
+        and end, to ``log``: the commands as the world saw them, not as the ledger says."""
+        wrap = os.path.join(self.dir, "trace")
+        os.mkdir(wrap)
+        for tool in ("psql", "ssh"):
+            real = shutil.which(tool, path=self.pair.client_env["PATH"])
+            with open(os.path.join(wrap, tool), "w") as f:
+                f.write('#!/bin/sh\n'
+                        '[ -n "${HA_RUN_ID:-}" ] || exec %(real)s "$@"\n'
+                        'echo "start $HA_NODE $HA_LEADER_EPOCH $HA_RUN_ID $$ $(date +%%s.%%N) %(tool)s" >>%(log)s\n'
+                        'rc=0; %(real)s "$@" || rc=$?\n'
+                        'echo "end $HA_NODE $HA_LEADER_EPOCH $HA_RUN_ID $$ $(date +%%s.%%N) %(tool)s" >>%(log)s\n'
+                        'exit $rc\n' % {"real": real, "tool": tool, "log": log})
+            os.chmod(os.path.join(wrap, tool), 0o755)
+        for env in self.env.values():
+            env["PATH"] = wrap + ":" + env["PATH"]
 
     def timeline(self, server):
         """The timeline of ``server``'s WAL now (1 + the promotions it went through)."""

@@ -26,6 +26,7 @@ prints medians.  Needs root and ``ip netns``; skips otherwise.
 """
 
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -35,7 +36,10 @@ import pytest
 
 from conftest import figure, wait_for
 from cluster_stack import ClusterStack, MEMBERS
-from test_stack import command_times, overlap, pg_template, timeline, vip_timeline  # noqa: F401
+import test_stack
+from test_stack import command_times, overlap, timeline, vip_timeline
+
+pg_template = test_stack.pg_template        # the module's initdb fixture, shared with test_stack
 
 RUNS = int(os.environ.get("CSTACK_RUNS", "1"))
 TTL = 2
@@ -325,3 +329,195 @@ def test_leader_cut_from_etcd(cstack, run):
     report(s, "leader cut from etcd", fault, "db1", 0,
            {"witness stops acting": (stopped - fault) * 1000, "new leader": took,
             "witness follows after the heal": rejoined})
+
+
+# ============================================================================
+# The nemesis
+# ============================================================================
+
+FAULTS = int(os.environ.get("HADAEMON_NEMESIS_FAULTS") or 4)
+SEED = int(os.environ.get("HADAEMON_NEMESIS_SEED") or time.time())
+KINDS = ("postmaster", "host", "cable", "witness", "etcd-quorum", "etcd-cut", "kill9", "sigstop")
+
+
+class Nemesis:
+    """One fault at a time on a running ClusterStack, each healed before the next; the
+    old primary rebuilt as a standby after every failover."""
+
+    def __init__(self, s, rng):
+        self.s, self.rng = s, rng
+        self.primary, self.standby = "db1", "db2"
+        self.servers = {"db1": s.pair.primary, "db2": s.pair.standby}
+        self.kinds, self.promotions, self.takeovers = {}, 0, []
+        self.starts = [("db1", 0.0)]        # (server, the time it began to acknowledge writes)
+        self.vip_both = 0.0
+
+    def settle(self, timeout=90):
+        """Every member live and agreeing on a leader; the ledger as the pair is; the
+        address on the primary alone; writes acknowledged by it."""
+        s = self.s
+        for node in MEMBERS:
+            d = s.members[node]
+            if d.proc is None or d.proc.poll() is not None:
+                s.start_member(node)
+        leader, _ = s.leader(MEMBERS, timeout=timeout)
+        s.wait_settled(leader, {self.primary: "master", self.standby: "slave"}, timeout=timeout)
+        assert s.topo.has_vip(self.primary) and not s.topo.has_vip(self.standby)
+        since = time.time()
+        wait_for(lambda: len(s.writers.acked_by(self.primary, after=since)) >= 20, timeout=30,
+                 what="20 rows acknowledged by %s (%s)" % (self.primary, s.tails()))
+
+    def failover(self, fault, among):
+        """Wait until the standby took over; account the promotion."""
+        s, old, new = self.s, self.primary, self.standby
+        leader, _ = s.leader(among, timeout=60)
+        s.wait_settled(leader, {old: "down", new: "master"}, timeout=60)
+        first = wait_for(lambda: s.writers.acked_by(new, after=fault), timeout=30,
+                         what="a row acknowledged by %s (%s)" % (new, s.tails()))[0]
+        self.promotions += 1
+        assert s.timeline(self.servers[new]) == 1 + self.promotions
+        self.starts.append((new, first))
+        self.primary, self.standby = new, old
+        return first - fault
+
+    def fault(self, kind):
+        s, rng = self.s, self.rng
+        old = self.primary
+        leader, _ = s.leader(MEMBERS)
+        fault = time.time()
+        if kind == "postmaster":
+            os.kill(self.servers[old].postmaster_pid(), signal.SIGKILL)
+            took = self.failover(fault, None)
+        elif kind == "host":
+            s.kill_host(old)
+            took = self.failover(fault, [m for m in MEMBERS if m != old])
+            s.topo.cable(old, True)
+            s.revive_etcd(old)
+            s.restart_sshd(old)
+            s.start_member(old)
+        elif kind == "cable":
+            s.topo.cable(old, False)
+            took = self.failover(fault, [m for m in MEMBERS if m != old])
+            time.sleep(rng.uniform(0, 2))
+            s.topo.cable(old, True)
+            # Back: the members read it master again and claim_vip takes the address off it.
+            wait_for(lambda: not s.topo.has_vip(old) and s.leader(MEMBERS, timeout=60)
+                     and s.hosts(s.leader(MEMBERS)[0]).get(old) == "master", timeout=60,
+                     what="%s back, fenced (%s)" % (old, s.tails()))
+        elif kind == "witness":
+            s.kill_host("witness")
+            took = self.hold([m for m in MEMBERS if m != "witness"], fault)
+            s.topo.cable("witness", True)
+            s.revive_etcd("witness")
+            s.start_member("witness")
+        elif kind == "etcd-quorum":
+            victims = rng.sample(s.etcd.members, 2)
+            for m in victims:
+                m.kill()
+            wait_for(lambda: all((s.cluster(n) or {}).get("role") == "none" for n in MEMBERS), timeout=30,
+                     interval=0.05, what="every member out of the cluster (%s)" % s.tails())
+            took = time.time() - fault
+            time.sleep(rng.uniform(0, TTL))
+            for m in victims:
+                s.revive_etcd(m.host)
+        elif kind == "etcd-cut":
+            s.topo.cut_from_etcd(leader, True)
+            wait_for(lambda: not (s.cluster(leader) or {}).get("acting"), timeout=30, interval=0.05,
+                     what="%s to stop acting" % leader)
+            took = self.hold([m for m in MEMBERS if m != leader], fault)
+            s.topo.cut_from_etcd(leader, False)
+        elif kind == "kill9":
+            node = leader if rng.random() < 0.5 else rng.choice(MEMBERS)
+            s.members[node].kill9()
+            took = self.hold([m for m in MEMBERS if m != node], fault) if node == leader else 0.0
+            s.start_member(node)
+        elif kind == "sigstop":
+            pid = s.members[leader].proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                took = self.hold([m for m in MEMBERS if m != leader], fault)
+                time.sleep(rng.uniform(0, TTL))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        if self.primary != old:
+            self.s.rebuild(old, self.primary)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.takeovers.append((kind, took))
+        self.settle()
+
+    def hold(self, among, fault):
+        """Wait for a leader among ``among``; nothing may fail over meanwhile."""
+        node, _ = self.s.leader(among, timeout=60)
+        return time.time() - fault
+
+
+def trace(path):
+    """(node, epoch, run, start, end or None, tool) of every traced command."""
+    found = {}
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        what, node, epoch, run, pid, at, tool = line.split()
+        key = (node, pid, tool)
+        if what == "start":
+            found[key] = [node, int(epoch), int(run), float(at), None, tool]
+        elif key in found:
+            found[key][4] = float(at)
+    return sorted(found.values(), key=lambda c: c[3])
+
+
+@pytest.mark.timeout(120 + 60 * FAULTS)
+def test_nemesis(cstack):
+    """Random faults, one at a time, healed before the next, writers running throughout:
+    no acknowledged row lost, no row acknowledged by an old primary once a new one took
+    writes, no two members' commands at once, no run on two members."""
+    s = cstack
+    rng = random.Random(SEED)
+    log = os.path.join(s.dir, "trace.log")
+    s.trace_tools(log)
+    s.start(first=rng.choice(MEMBERS))
+    n = Nemesis(s, rng)
+    begun = time.time()
+    for k in range(FAULTS):
+        n.fault(rng.choice(KINDS))
+    s.writers.stop()
+    acked = s.writers.acked()
+    final = n.servers[n.primary]
+    present = {int(x) for x in final.sql("SELECT n FROM ha_rows")}
+    lost = sorted(set(acked) - present)
+    # A row is a split write when a server acknowledged it after another took over from it.
+    split = []
+    for number, (t, server) in acked.items():
+        owner = [srv for srv, start in n.starts if start <= t][-1]
+        if server != owner:
+            split.append((number, t - begun, server, owner))
+    commands = trace(log)
+    cut = [c for c in commands if c[4] is None]
+    overlapping = [(a, b) for i, a in enumerate(commands) for b in commands[i + 1:]
+                   if a[0] != b[0] and b[3] < (a[4] if a[4] is not None else a[3] + TTL)]
+    runs_on = {}
+    for c in commands:
+        runs_on.setdefault(c[2], set()).add((c[0], c[1]))
+    twice = {run: nodes for run, nodes in runs_on.items() if len(nodes) > 1}
+    entries = s.history(s.leader(MEMBERS)[0])
+    run_ids = [e["run"]["id"] for e in entries if e.get("run")]
+    twice_ledger = len(run_ids) - len(set(run_ids))
+    assert s.timeline(final) == 1 + n.promotions
+    figure("nemesis: %d faults (%s), %d promotions, %d acknowledged, %d lost, %d split writes, "
+           "%d overlapping commands, %d transitions run twice (seed %d)"
+           % (FAULTS, ", ".join("%s %d" % kv for kv in sorted(n.kinds.items())), n.promotions, len(acked),
+              len(lost), len(split), len(overlapping), len(twice) + twice_ledger, SEED))
+    takes = {}
+    for kind, took in n.takeovers:
+        takes.setdefault(kind, []).append(took)
+    figure("nemesis: %d traced commands (%d cut short), %d transitions, %.0f s; fault -> taken over "
+           "(median, max s): %s (ttl %ds)" % (
+               len(commands), len(cut), len(entries), time.time() - begun,
+               ", ".join("%s %.1f/%.1f" % (k, statistics.median(v), max(v)) for k, v in sorted(takes.items())),
+               TTL))
+    assert not lost, lost[:20]
+    assert not split, split[:20]
+    assert not overlapping, overlapping[:5]
+    assert not twice and not twice_ledger, (twice, twice_ledger)
