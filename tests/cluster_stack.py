@@ -20,12 +20,14 @@ machine has no iptables, nftables or tc actions).  Pulling a host's cable (eth0
 down) cuts both.
 """
 
+import json
 import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 import hadaemon.base
 import hadaemon.configfiles
@@ -123,15 +125,36 @@ class HostEtcdCluster(EtcdCluster):
     def by_host(self, host):
         return next(m for m in self.members if m.host == host)
 
+    def status(self, m):
+        """(its member id, the raft leader's) as ``m`` says, or None."""
+        try:
+            doc = json.loads(m.get("/v3/maintenance/status", post=True))
+            return int(doc["header"]["member_id"]), int(doc["leader"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def leader(self):
+        """etcd's raft leader, or None."""
         for m in self.members:
-            if m.running():
-                text = m.get("/v3/maintenance/status", post=True)
-                ids = [part.split('"')[3] for part in text.split(",")
-                       if part.strip('{ ').startswith(('"leader"', '"member_id"'))]
-                if len(ids) >= 2 and len(set(ids)) == 1:
-                    return m
+            ids = self.status(m) if m.running() else None
+            if ids and ids[0] == ids[1]:
+                return m
         return None
+
+    def move_leader(self, host):
+        """Make the etcd member on ``host`` etcd's raft leader (etcdctl move-leader)."""
+        target = self.by_host(host)
+        for _ in range(5):
+            now = self.leader()
+            if now is target:
+                return
+            if now is not None:
+                subprocess.run(self.topo.inside(now.host, [
+                    "etcdctl", "--endpoints", now.url, "move-leader", "%x" % self.status(target)[0]]),
+                    capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+                    env=dict(os.environ, ETCDCTL_API="3"))
+            time.sleep(0.2)
+        wait_for(lambda: self.leader() is target, timeout=10, what="etcd's raft leader on %s" % host)
 
 
 class ClusterStack:
