@@ -1,11 +1,12 @@
 """The cluster stack of test_cluster_stack.py: the production shape with no single point of failure.
 
 Four hosts made of network namespaces, as tests/test_stack.py makes them (its
-Topology, Sshd, Pgbouncer, Writers and Monitor are used as they are):
+Topology, Stack, Sshd, Pgbouncer, Writers and Monitor are used as they are; its
+watcher is the witness here):
 
     db1      192.0.2.11   PostgreSQL primary, sshd, etcd member, hadaemon member "db1"
     db2      192.0.2.12   PostgreSQL synchronous standby, sshd, etcd, hadaemon "db2"
-    witness  192.0.2.13   etcd member, hadaemon member "witness"; no database
+    witness  192.0.2.30   etcd member, hadaemon member "witness"; no database
     app      192.0.2.20   pgbouncer (examples/postgresql/pgbouncer.ini), the writers
 
 The members run examples/postgresql/cluster/checks.conf over examples/postgresql
@@ -13,7 +14,7 @@ The members run examples/postgresql/cluster/checks.conf over examples/postgresql
 `node` and the etcd endpoints' addresses.
 
 Each etcd member listens on an address of its own on its host's eth0
-(192.0.2.111, .112, .113), beside the host's own: so a host can be cut from etcd
+(192.0.2.111, .112, .130), beside the host's own: so a host can be cut from etcd
 and not from the databases (``cut_from_etcd``), by routes through a neighbour
 nobody is, which drop the packets silently as a broken network does (this
 machine has no iptables, nftables or tc actions).  Pulling a host's cable (eth0
@@ -26,7 +27,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
 import hadaemon.base
@@ -38,35 +38,24 @@ import test_stack as st
 
 EXAMPLE = ROOT / "examples" / "postgresql"
 CLUSTER_EXAMPLE = EXAMPLE / "cluster"
-HOSTS = {"db1": "192.0.2.11", "db2": "192.0.2.12", "witness": "192.0.2.13", "app": "192.0.2.20"}
+HOSTS = {"db1": "192.0.2.11", "db2": "192.0.2.12", "witness": "192.0.2.30", "app": "192.0.2.20"}
 MEMBERS = ("db1", "db2", "witness")
-ETCD_ADDRESS = {"db1": "192.0.2.111", "db2": "192.0.2.112", "witness": "192.0.2.113"}
+ETCD_ADDRESS = {"db1": "192.0.2.111", "db2": "192.0.2.112", "witness": "192.0.2.130"}
 NOWHERE, NOWHERE_MAC = "192.0.2.99", "02:00:00:00:00:99"    # a neighbour no host is
 
 
 class Hosts(st.Topology):
-    """test_stack's Topology with the cluster's hosts, and an etcd address on each member."""
+    """test_stack's hosts, its watcher the witness, and an etcd address on each member."""
+
+    def ns(self, host):
+        return super().ns("watcher" if host == "witness" else host)
 
     def build(self):
-        for host in ["br"] + list(HOSTS):
-            st.sh(["ip", "netns", "add", self.ns(host)])
-            self.made.append(self.ns(host))
-            self.ip(host, "link", "set", "lo", "up")
-        self.ip("br", "link", "add", "br0", "type", "bridge")
-        self.ip("br", "link", "set", "br0", "up")
-        names = "".join("%s %s\n" % (addr, host) for host, addr in HOSTS.items())
-        for host, addr in HOSTS.items():
-            self.ip("br", "link", "add", "v-" + host, "type", "veth", "peer", "name", st.DEV,
-                    "netns", self.ns(host))
-            self.ip("br", "link", "set", "v-" + host, "master", "br0", "up")
+        assert {h: st.HOSTS[h] for h in ("db1", "db2", "app")} == {h: HOSTS[h] for h in ("db1", "db2", "app")}
+        assert st.HOSTS["watcher"] == HOSTS["witness"]
+        super().build()
+        for host, addr in ETCD_ADDRESS.items():
             self.ip(host, "addr", "add", "%s/%d" % (addr, st.PREFIX), "dev", st.DEV)
-            if host in ETCD_ADDRESS:
-                self.ip(host, "addr", "add", "%s/%d" % (ETCD_ADDRESS[host], st.PREFIX), "dev", st.DEV)
-            self.ip(host, "link", "set", st.DEV, "up")
-            etc = "/etc/netns/" + self.ns(host)
-            os.makedirs(etc)
-            with open(etc + "/hosts", "w") as f:
-                f.write("127.0.0.1 localhost\n" + names)
 
     def cut_from_etcd(self, host, cut):
         """``host`` no longer reaches the other etcd members, nor they its own (both
@@ -157,16 +146,29 @@ class HostEtcdCluster(EtcdCluster):
         wait_for(lambda: self.leader() is target, timeout=10, what="etcd's raft leader on %s" % host)
 
 
-class ClusterStack:
-    """Everything of one test: the hosts, etcd, the pair, sshd, pgbouncer, three members, writers."""
+class Members:
+    """The members and etcd, in the place of test_stack's one watcher: Stack.teardown
+    calls ``cleanup`` before it removes the hosts."""
+
+    def __init__(self):
+        self.daemons, self.etcd = {}, None
+
+    def cleanup(self):
+        for d in self.daemons.values():
+            d.cleanup()
+        if self.etcd is not None:
+            self.etcd.stop()
+
+
+class ClusterStack(st.Stack):
+    """Everything of one test: the hosts, etcd, the pair, sshd, pgbouncer, three members,
+    writers; test_stack's Stack with members for its watcher (and its teardown)."""
 
     def __init__(self, bindir, user, template):
-        self.dir = tempfile.mkdtemp(prefix="hadaemon-cstack-")
-        os.chmod(self.dir, 0o755)           # pgbouncer runs as the postgres user
+        super().__init__(Members(), bindir, user, template)
         self.topo = Hosts()
-        self.pair = self.etcd = self.pgbouncer = self.writers = None
-        self.sshd, self.members, self.monitors, self.env = {}, {}, {}, {}
-        self.bindir, self.user, self.template = bindir, user, template
+        self.members = self.d.daemons
+        self.sshd, self.env = {}, {}
 
     # -- building ------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class ClusterStack:
         topo = self.topo
         topo.build()
         os.mkdir(os.path.join(self.dir, "etcd"))
-        self.etcd = HostEtcdCluster(os.path.join(self.dir, "etcd"), topo).start()
+        self.etcd = self.d.etcd = HostEtcdCluster(os.path.join(self.dir, "etcd"), topo).start()
         self.pair = Pair(self.bindir, self.user, network="192.0.2.0/24", servers=[
             ("db1", 5432, HOSTS["db1"], topo.ns("db1")), ("db2", 5432, HOSTS["db2"], topo.ns("db2"))])
         self.pair.build(template=self.template)
@@ -380,23 +382,3 @@ class ClusterStack:
         return int(server.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0], 16) \
             if server.sql("SELECT pg_is_in_recovery()") == ["f"] else \
             int(server.sql("SELECT received_tli FROM pg_stat_wal_receiver")[0] or 0)
-
-    def teardown(self):
-        for part in [self.writers] + list(self.monitors.values()):
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception:       # teardown goes on; the test has failed already
-                    pass
-        for d in self.members.values():
-            d.cleanup()
-        if self.etcd is not None:
-            self.etcd.stop()
-        if self.pgbouncer is not None:
-            self.pgbouncer.stop()
-        for s in self.sshd.values():
-            s.stop()
-        if self.pair is not None:
-            self.pair.teardown()
-        self.topo.teardown()
-        shutil.rmtree(self.dir, ignore_errors=True)

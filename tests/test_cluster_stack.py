@@ -99,7 +99,10 @@ def report(s, scenario, fault, primary, promotions, parts=None, extra=""):
     spans = {h: vip_timeline(s.monitors[h], *s.holders0[h]) for h in ("db1", "db2")}
     both = overlap(spans["db1"], spans["db2"])
     if promotions:
-        outage = min(t for t, srv in acked.values() if srv == primary and t > fault) - fault
+        first = min(t for t, srv in acked.values() if srv == primary and t > fault)
+        split = sorted(t - fault for t, srv in acked.values() if srv == other and t >= first)
+        assert not split, "%s acknowledged rows after %s took writes: %s" % (other, primary, split[:10])
+        outage = first - fault
     else:
         outage = longest_pause(acked, fault, end)
     parts = dict(parts or {}, outage=outage * 1000)
@@ -284,7 +287,8 @@ def test_witness_dies(cstack, run):
     s.start_member("witness")
     assert s.leader(MEMBERS)[0] == node
     nothing_moved(s, "witness", fault, before)
-    report(s, "witness dies", fault, "db1", 0, {"new leader": took})
+    both = report(s, "witness dies", fault, "db1", 0, {"new leader": took})
+    assert both == 0
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -311,9 +315,10 @@ def test_etcd_quorum_lost(cstack, run):
     node, took = new_leader(s, MEMBERS, healed)
     hold(s, 1)
     nothing_moved(s, node, fault, before)
-    report(s, "etcd quorum lost", fault, "db1", 0,
-           {"every member out": out, "leader again after etcd is back": took},
-           extra=" (etcd members killed: %s)" % ",".join(m.host for m in victims))
+    both = report(s, "etcd quorum lost", fault, "db1", 0,
+                  {"every member out": out, "leader again after etcd is back": took},
+                  extra=" (etcd members killed: %s)" % ",".join(m.host for m in victims))
+    assert both == 0
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -335,9 +340,10 @@ def test_leader_cut_from_etcd(cstack, run):
     rejoined = (time.time() - healed) * 1000
     for n in MEMBERS:
         nothing_moved(s, n, fault, before)
-    report(s, "leader cut from etcd", fault, "db1", 0,
-           {"witness stops acting": (stopped - fault) * 1000, "new leader": took,
-            "witness follows after the heal": rejoined})
+    both = report(s, "leader cut from etcd", fault, "db1", 0,
+                  {"witness stops acting": (stopped - fault) * 1000, "new leader": took,
+                   "witness follows after the heal": rejoined})
+    assert both == 0
 
 
 # ============================================================================
