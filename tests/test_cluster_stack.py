@@ -533,6 +533,12 @@ def test_nemesis(cstack):
     takes = {}
     for kind, took in n.takeovers:
         takes.setdefault(kind, []).append(took)
+    logs = "".join(d.log() for d in s.members.values())
+    figure("nemesis: %d leaderships won, %d step-downs (%d a lease not renewed in time, %d a write lost); "
+           "%d runs interrupted" % (
+               logs.count(" leads (epoch "), logs.count(" steps down: "),
+               logs.count("steps down: its lease could not be renewed"), logs.count("steps down: a ledger write"),
+               sum(1 for e in entries if e.get("run") and e["run"]["state"] == "interrupted")))
     figure("nemesis: %d traced commands (%d cut short), %d transitions, %.0f s; fault -> taken over "
            "(median, max s): %s (ttl %ds)" % (
                len(commands), len(cut), len(entries), time.time() - begun,
