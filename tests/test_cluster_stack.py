@@ -457,8 +457,10 @@ class Nemesis:
         if self.primary != old:
             self.s.rebuild(old, self.primary)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
-        self.takeovers.append((kind, took))
         self.settle()
+        # What the application saw: the longest pause between acknowledged writes
+        # from the fault until all was healed again.
+        self.takeovers.append((kind, took, longest_pause(s.writers.acked(), fault, time.time())))
 
     def hold(self, among, fault):
         """Wait for a leader among ``among``; nothing may fail over meanwhile."""
@@ -530,9 +532,10 @@ def test_nemesis(cstack):
            "%d overlapping commands, %d transitions run twice (seed %d)"
            % (FAULTS, ", ".join("%s %d" % kv for kv in sorted(n.kinds.items())), n.promotions, len(acked),
               len(lost), len(split), len(overlapping), len(twice) + twice_ledger, SEED))
-    takes = {}
-    for kind, took in n.takeovers:
+    takes, pauses = {}, {}
+    for kind, took, pause in n.takeovers:
         takes.setdefault(kind, []).append(took)
+        pauses.setdefault(kind, []).append(pause)
     logs = "".join(d.log() for d in s.members.values())
     figure("nemesis: %d leaderships won, %d step-downs (%d a lease not renewed in time, %d a write lost); "
            "%d runs interrupted" % (
@@ -544,6 +547,8 @@ def test_nemesis(cstack):
                len(commands), len(cut), len(entries), time.time() - begun,
                ", ".join("%s %.1f/%.1f" % (k, statistics.median(v), max(v)) for k, v in sorted(takes.items())),
                TTL))
+    figure("nemesis: the longest pause between acknowledged writes per fault (median, max s): %s" % ", ".join(
+        "%s %.1f/%.1f" % (k, statistics.median(v), max(v)) for k, v in sorted(pauses.items())))
     assert not lost, lost[:20]
     assert not split, split[:20]
     assert not overlapping, overlapping[:5]
