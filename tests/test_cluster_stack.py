@@ -542,8 +542,9 @@ def test_nemesis(cstack):
                logs.count(" leads (epoch "), logs.count(" steps down: "),
                logs.count("steps down: its lease could not be renewed"), logs.count("steps down: a ledger write"),
                sum(1 for e in entries if e.get("run") and e["run"]["state"] == "interrupted")))
-    figure("nemesis: %d traced commands (%d cut short), %d transitions, %.0f s; fault -> taken over "
-           "(median, max s): %s (ttl %ds)" % (
+    figure("nemesis: %d traced commands (%d cut short), %d transitions, %.0f s; fault -> the new primary's "
+           "first write (failovers), -> a leader among the others (witness, etcd-cut, kill9, sigstop), -> every "
+           "member out (etcd-quorum) (median, max s): %s (ttl %ds)" % (
                len(commands), len(cut), len(entries), time.time() - begun,
                ", ".join("%s %.1f/%.1f" % (k, statistics.median(v), max(v)) for k, v in sorted(takes.items())),
                TTL))
