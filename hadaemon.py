@@ -88,6 +88,10 @@ actions.py         Action runs: the queue's head, handed to the action run, and 
                    says back.
 reload.py          Reload: a new configuration, read in steps between the loop's other
                    work.
+notify_queue.py    Notify queue: the events waiting for their delivery, kept in the
+                   state db (docs/notify.md).
+notify.py          Notifications: events made, stored, and delivered one at a time by a
+                   child (docs/notify.md).
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
@@ -145,6 +149,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 import time
 import typing
 import urllib.parse
@@ -211,6 +216,8 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -683,6 +690,8 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
 
 
 @dataclasses.dataclass
@@ -1170,12 +1179,12 @@ def _cluster_settings(where, entries, errors):
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -1267,11 +1276,24 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
+    _notify_setting(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -2359,6 +2381,11 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
+    if key == "notify":                 # the events' counter (NotifyQueue)
+        return isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("next", "done"))
+    if kind == "notify":                # an event waiting for its delivery, by seq % its cap
+        return isinstance(value, dict) and isinstance(value.get("seq"), int) \
+            and isinstance(value.get("kind"), str)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
@@ -2762,7 +2789,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -2772,14 +2799,16 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
+    Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
         return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else \
+        (os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0)
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -3686,6 +3715,10 @@ class LocalStore(LedgerStore):
 #                 the ledger as the store holds it; what was running when its
 #                 runner died (or its leader lost the lead) is interrupted
 #
+# Every transition and every run's change of state (but ``queued``) is told to
+# ``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+# the change it tells of.
+#
 # ``shared`` (the store's) is read where a cluster genuinely differs: whose
 # candidate a report moves (this member's own view), who accepts a confirmed
 # state (the leader, from quorum's views), and a run recording its variables (so
@@ -3725,6 +3758,17 @@ def history_entries(transitions, runs, n):
         out.append(dict(tr.to_json(), run=run.summary() if run else None,
                         reruns=reruns.get(tr.id, []) if run else []))
     return out
+
+
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
 
 
 def confirm_step(cand, state, confirm):
@@ -3767,6 +3811,7 @@ class Ledger:
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -3889,15 +3934,19 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run_id = None
+        run = None
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
         tr = Transition(tr_id, now, host, old, state, by, run_id)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
                  "; runs [%s] as run %d" % (section.name, run_id) if section else
@@ -3957,6 +4006,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -3978,6 +4029,12 @@ class Ledger:
             log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
                     run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -4792,7 +4849,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role in ("action", "cluster"):
+        elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
             self.respond(conn, msg)
@@ -5315,6 +5372,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
@@ -7297,6 +7359,7 @@ class ClusterLink:
         what was running under one of them is interrupted, never run again."""
         ledger = self.ledger
         ledger.reread()
+        ledger.notify("leader", leader=self.member.node, epoch=self.member.epoch)
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
                                  % ("?" if run.node is None else run.node,
                                     "?" if run.node is None else run.epoch), now)
@@ -7621,6 +7684,353 @@ class Reload:
 
 
 # ============================================================================
+# notify_queue.py: Notify queue: the events waiting for their delivery, kept
+# in the state db (docs/notify.md).
+# ============================================================================
+#
+# Owns the numbering of events (``seq``: one more per event, across restarts) and
+# the events not delivered yet, oldest first, at most NOTIFY_CAP of them.  Each
+# event is committed to the state db (a Store: one journal line) before anyone
+# may deliver it, so after a kill -9 every event not known to be delivered is
+# delivered again (at least once).  Keys:
+#
+#   notify        {"next": the seq of the next event, "done": every seq up to it is
+#                 delivered, given up or dropped}
+#   notify:N      the event of seq S at N = S % NOTIFY_CAP (a ring, as tr:N and run:N:
+#                 nothing is deleted from the db)
+#
+# A full queue drops its oldest event for the new one, counted, and says so in the
+# log once until it has room again.  No process and no clock here: the master's
+# part (notify.py) hands the head to the notify child and says how it ended.
+#
+# Uses: base.
+
+NOTIFY_CAP = 1000               # events waiting at most; past that the oldest are dropped
+NOTIFY_RESULTS = ("ok", "failed", "dropped")
+
+
+class NotifyQueue:
+    """The events waiting, in seq order, committed to ``store`` (a Store) as they change."""
+
+    def __init__(self, store, cap=NOTIFY_CAP):
+        self.store = store
+        self.cap = cap
+        self.next = 1                   # the seq of the next event
+        self.done = 0                   # every seq up to this one has left the queue
+        self.waiting = collections.deque()
+        self.counts = collections.Counter()     # since this process started: NOTIFY_RESULTS
+        self.full = 0                   # dropped since the queue last had room (for the log)
+        self.opened = False
+
+    def open(self):
+        """The queue as the state db holds it (once, before the first use)."""
+        self.opened = True
+        data = self.store.data
+        meta = data.get("notify") or {}
+        self.next = max(1, meta.get("next", 1))
+        self.done = max(0, min(meta.get("done", 0), self.next - 1))
+        lost = 0
+        for seq in range(max(self.done + 1, self.next - self.cap), self.next):
+            event = data.get(self.slot(seq))
+            if isinstance(event, dict) and event.get("seq") == seq:
+                self.waiting.append(event)
+            else:
+                lost += 1
+        if lost:
+            log.error("notify: %d waiting events could not be read back from the state db; "
+                      "they are lost", lost)
+        if self.waiting:
+            log.info("notify: %d events from before the restart wait for their delivery (seq %d-%d)",
+                     len(self.waiting), self.waiting[0]["seq"], self.waiting[-1]["seq"])
+
+    def slot(self, seq):
+        return "notify:%d" % (seq % self.cap)
+
+    def _meta(self):
+        return {"notify": {"next": self.next, "done": self.done}}
+
+    def push(self, event):
+        """Number ``event`` (a dict: kind, time, node, its keys), store it, queue it; returns it."""
+        if not self.opened:
+            self.open()
+        seq = self.next
+        self.next += 1
+        event = dict(event, seq=seq)
+        if len(self.waiting) >= self.cap:
+            dropped = self.waiting.popleft()
+            self.done = dropped["seq"]
+            self.counts["dropped"] += 1
+            if not self.full:
+                log.error("notify: %d events wait, the most kept; the oldest are dropped from now "
+                          "on (first: seq %d, %s)", self.cap, dropped["seq"], dropped.get("kind"))
+            self.full += 1
+        self.waiting.append(event)
+        changes = self._meta()
+        changes[self.slot(seq)] = event
+        self.store.commit(changes)
+        return event
+
+    def head(self):
+        """The oldest event waiting, or None."""
+        if not self.opened:
+            self.open()
+        return self.waiting[0] if self.waiting else None
+
+    def finish(self, seq, result):
+        """Event ``seq`` left the queue: ``ok`` (delivered) or ``failed`` (given up).  False
+        when it is no longer the head (the full queue dropped it meanwhile)."""
+        if not self.waiting or self.waiting[0]["seq"] != seq:
+            return False
+        self.waiting.popleft()
+        self.done = seq
+        self.counts[result] += 1
+        if self.full and len(self.waiting) < self.cap:
+            log.warning("notify: the queue has room again; %d events were dropped", self.full)
+            self.full = 0
+        self.store.commit(self._meta())
+        return True
+
+    def status(self):
+        """Counters since the start and what waits (daemon.counters of --status --json)."""
+        return {"notify_events": [{"result": r, "count": self.counts[r]} for r in NOTIFY_RESULTS],
+                "notify_waiting": len(self.waiting)}
+
+
+# ============================================================================
+# notify.py: Notifications: events made, stored, and delivered one at a time
+# by a child (docs/notify.md).
+# ============================================================================
+#
+# Owns the ``notify =`` command's events (SPEC §12): Notifications, the master's
+# part, which every other part tells what happened through one call,
+# ``event(kind, **keys)``; notify_main, the child that runs the command for one
+# event at a time (its retries included); and --notify-test.
+#
+#   event()       stamp (kind, time, node), store (NotifyQueue: seq, the state db),
+#                 hand the head to the child when it is free
+#   the child     the command with the event as one JSON object on stdin, HA_EVENT
+#                 in its environment, cwd = the config dir; a try that exits
+#                 non-zero or runs past notify_timeout is made again after 1, 2 and
+#                 4 s; then it says ``done`` (ok, or failed: given up)
+#   done          the event leaves the queue (committed), the next is handed
+#
+# The master's loop never waits for a notify command: the child runs it, and the
+# master only sends a line and reads one.  A child that dies is replaced (after a
+# second when it died young) and is handed the same event again.
+#
+# Uses: base, wire, proc, children, pool, notify_queue.
+
+NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
+NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
+
+
+def notify_node(config):
+    """``node`` of every event: the cluster's node, or this host's name."""
+    return config.cluster.node if config.cluster is not None else socket.gethostname()
+
+
+def deliver_event(argv, event, timeout, watch, master=None, environ=None):
+    """Run the notify command ``argv`` once with ``event`` on its stdin: its ProcResult."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(HA_EVENT=str(event.get("kind")), HA_SEQ=str(event.get("seq")))
+    with tempfile.TemporaryFile() as f:
+        f.write(json.dumps(event, sort_keys=True).encode("utf-8") + b"\n")
+        f.seek(0)
+        return run_process(list(argv), env, timeout, NOTIFY_KILL_GRACE, watch, stdin_fd=f.fileno(),
+                           merge_stderr=True, master=master)
+
+
+def _output_tail(output):
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def _rest(chan, seconds):
+    """Wait ``seconds`` before a try again, listening to the master: False when told to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        readable, _, _ = select.select([chan.sock], [], [], left)
+        if readable:
+            msg = chan.receive()
+            if msg is None or msg.get("t") == "exit":
+                return False
+
+
+def notify_main(sock_path, config_dir):
+    """The notify child: hello, then one event at a time, each tried until it is delivered
+    or given up, each try's failure and the end said to the master."""
+    child_setup()
+    os.chdir(config_dir)
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "notify", "pid": os.getpid()})
+    environ = dict(os.environ, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=os.path.dirname(sock_path))
+    while True:
+        msg = chan.receive()
+        if msg is None or msg.get("t") == "exit":
+            return 0
+        event, argv, timeout = msg["event"], msg["argv"], msg["timeout"]
+        for tries, again in enumerate(NOTIFY_RETRIES + (None,), 1):
+            res = deliver_event(argv, event, timeout, watch, chan.sock, environ)
+            failure = res.failure(timeout)
+            if failure is None:
+                break
+            chan.send({"t": "failed", "seq": event["seq"], "try": tries, "error": failure,
+                       "output": _output_tail(res.output), "again": again})
+            if again is not None and not _rest(chan, again):
+                return 0
+        chan.send({"t": "done", "seq": event["seq"], "result": "failed" if failure else "ok",
+                   "tries": tries, "error": failure})
+
+
+class Notifications:
+    """The master's part: ``event()`` from every other part; the notify child, kept by it.
+
+    ``config_of()`` gives the configuration of now (a reload swaps it)."""
+
+    def __init__(self, store, pool, server, config_of):
+        self.queue = NotifyQueue(store)
+        self.pool, self.server, self.config_of = pool, server, config_of
+        self.pid = None                 # the notify child's
+        self.inflight = None            # the seq handed to it, until it says done
+        self.child_after = 0.0          # no child forked before (after a quick death)
+        self.leave_by = None            # stopping: the child goes when nothing waits, or then
+        self.troubled = set()           # checks whose trouble was told (until they run cleanly)
+
+    def event(self, kind, **keys):
+        """SPEC §12: an event of ``kind`` with ``keys``, stored, then delivered in its turn
+        (nothing when no notify command is set).  The one call every part makes."""
+        config = self.config_of()
+        if config.daemon.notify is None:
+            return None
+        event = dict({"kind": kind, "time": round(time.time(), 6), "node": notify_node(config)}, **keys)
+        event = self.queue.push(event)
+        if self.leave_by is not None:       # stopping: this one gets its chance too
+            self.leave_by = max(self.leave_by, time.monotonic() + config.daemon.notify_timeout + 1.0)
+        self.hand()
+        return event
+
+    def check_ran(self, rt, result):
+        """A check's run (its runtime, its CheckResult): a ``check`` event when it was cut
+        short (timed out, could not start) or reported a rejected name; once until it
+        runs cleanly again."""
+        if self.config_of().daemon.notify is None:
+            return
+        rejected = rt.last["rejected"]
+        key = rt.check.key
+        if not result.failed and not rejected:
+            self.troubled.discard(key)
+        elif key not in self.troubled:
+            self.troubled.add(key)
+            message = (result.trouble or result.data.get("message")) if result.failed else rejected[0]
+            self.event("check", check=rt.check.name, message=str(message)[:500])
+
+    def child(self):
+        return self.pool.children.get(self.pid) if self.pid is not None else None
+
+    def hand(self):
+        """The head of the queue to the child, when it is free and connected."""
+        child = self.child()
+        if self.inflight is not None or child is None or child.conn is None or child.kill_at:
+            return
+        settings = self.config_of().daemon
+        event = self.queue.head()
+        if event is None or settings.notify is None:
+            return
+        self.inflight = event["seq"]
+        self.server.send(child.conn, {"t": "event", "event": event, "argv": list(settings.notify),
+                                      "timeout": settings.notify_timeout})
+
+    def tick(self, now):
+        """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        child = self.child()
+        if self.leave_by is not None and self._leave(child, now):
+            return
+        if child is None and now >= self.child_after and self.queue.head() is not None \
+                and self.config_of().daemon.notify is not None:
+            child = self.pool.fork("notify", notify_main, self.pool.sock_path, self.config_of().config_dir)
+            self.pid = child.pid if child is not None else None
+            self.child_after = now + 1.0 if child is None else 0.0
+        self.hand()
+
+    def _leave(self, child, now):
+        """Stopping: whether the child goes now (nothing waits any more, or its time is up)."""
+        idle = self.inflight is None and not self.queue.waiting and self.pool.action_child() is None
+        if not idle and now < self.leave_by:
+            return False
+        if child is not None and child.kill_at is None:
+            child.signal(signal.SIGTERM, now + KILL_GRACE)
+            if not idle:
+                log.warning("notify: stopping with %d events not delivered; they are delivered "
+                            "after the next start", len(self.queue.waiting))
+        return True
+
+    def stopping(self, now):
+        """The daemon stops: the ``stopping`` event; the child goes once nothing waits, or
+        ``notify_timeout`` later (what is left is delivered after the next start)."""
+        self.leave_by = now + self.config_of().daemon.notify_timeout + 1.0
+        self.event("daemon", event="stopping")
+
+    def on_message(self, child, msg):
+        """What the notify child says: a try failed, or an event is done with."""
+        kind, seq = msg.get("t"), msg.get("seq")
+        if seq != self.inflight or kind not in ("failed", "done"):
+            raise ProtocolError("unexpected notify message %r for seq %r" % (kind, seq))
+        event = self.queue.head() or {}
+        what = "event %s (%s)" % (seq, event.get("kind") if event.get("seq") == seq else "dropped")
+        if kind == "failed":
+            log.warning("notify: %s: try %s of %d failed: %s%s%s", what, msg.get("try"),
+                        len(NOTIFY_RETRIES) + 1, msg.get("error"),
+                        " (%s)" % msg["output"] if msg.get("output") else "",
+                        "; again in %s" % format_duration(msg["again"]) if msg.get("again") else "")
+            return
+        result = "ok" if msg.get("result") == "ok" else "failed"
+        if result == "failed":
+            log.error("notify: %s dropped after %s tries: %s", what, msg.get("tries"), msg.get("error"))
+        self.inflight = None
+        self.queue.finish(seq, result)
+        self.hand()
+
+    def exited(self, child, how, stopping):
+        """The notify child is gone: the event it had is handed to the next one again."""
+        self.pid = self.inflight = None
+        if stopping and child.kill_at is not None:
+            return
+        log.error("notify child %d died (%s); %s", child.pid, how,
+                  "replacing it" if self.queue.waiting else "a new one starts with the next event")
+        if time.monotonic() - child.started < 1.0:
+            self.child_after = time.monotonic() + 1.0
+
+    def status(self):
+        return self.queue.status()
+
+
+def notify_test(config, state_dir):
+    """--notify-test: the notify command once, with an event of kind ``test`` (seq 0), no
+    daemon; prints what it did.  Exit 0 when the command exited 0."""
+    settings = config.daemon
+    if settings.notify is None:
+        print("hadaemon: no notify command: set notify = COMMAND ARGS in [daemon] of %s"
+              % os.path.join(config.config_dir, "checks.conf"), file=sys.stderr)
+        return EXIT_FAIL
+    event = {"kind": "test", "seq": 0, "time": round(time.time(), 6), "node": notify_node(config),
+             "message": "a test event from hadaemon --notify-test"}
+    print("notify command: %s" % " ".join(settings.notify))
+    print("event (stdin, HA_EVENT=test): %s" % json.dumps(event, sort_keys=True))
+    os.chdir(config.config_dir)
+    environ = dict(os.environ, HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=state_dir)
+    res = deliver_event(settings.notify, event, settings.notify_timeout, ChildWatch(), environ=environ)
+    for line in res.output.decode("utf-8", "replace").splitlines()[:50]:
+        print("  | %s" % line)
+    failure = res.failure(settings.notify_timeout)
+    print("%s in %.3fs" % (failure or "exit 0", res.duration))
+    return EXIT_FAIL if failure else EXIT_OK
+
+
+# ============================================================================
 # master.py: Master: the loop, signals, readiness and shutdown.
 # ============================================================================
 #
@@ -7636,7 +8046,7 @@ class Reload:
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
 # Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-#       cluster_member, cluster_ledger, cluster_link, actions, reload.
+#       cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -7686,6 +8096,8 @@ class Master:
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
+        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
         self.stop_deadline = None
@@ -7710,6 +8122,7 @@ class Master:
             log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        self.notify.event("daemon", event="started")
         try:
             self.loop()
         finally:
@@ -7778,6 +8191,7 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
+            self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -7867,6 +8281,7 @@ class Master:
         log.info("configuration reloaded: %d checks, %d action sections",
                  len(config.checks), len(config.sections))
         self.notifier.send("READY=1")
+        self.notify.event("daemon", event="reloaded")
         return []
 
     def checkpoint(self, now):
@@ -7886,6 +8301,7 @@ class Master:
         self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
         self.scheduler.ready.clear()
         now = time.monotonic()
+        self.notify.stopping(now)
         self.pool.stop(now)
         if self.cluster is not None:
             self.cluster.stop(now)
@@ -7924,6 +8340,7 @@ class Master:
         done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
+            self.notify.check_ran(rt, result)
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time())
 
@@ -7937,6 +8354,8 @@ class Master:
                 self.pool.ssh.reaped(child, how)
             elif child.kind == "cluster":
                 self.cluster.agent_exited(child, how, self.stopping)
+            elif child.kind == "notify":
+                self.notify.exited(child, how, self.stopping)
             else:
                 self.runs.exited(child, how, self.stopping)
 
@@ -7954,6 +8373,8 @@ class Master:
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
             self.cluster.member.on_message(msg, time.monotonic())
+        elif child.kind == "notify":
+            self.notify.on_message(child, msg)
         else:
             self.runs.event(child, msg)
 
@@ -7982,6 +8403,7 @@ class Master:
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.notify.event("daemon", event="paused" if paused else "resumed")
         paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
@@ -8013,7 +8435,7 @@ class Master:
                            started=self.started_wall, uptime=now_m - self.started,
                            config_dir=self.config.config_dir, state_dir=self.state_dir,
                            lag_ms=self.scheduler.lag_summary(), http=self.http.url,
-                           counters=self.ledger.counters(), cluster=cluster,
+                           counters=dict(self.ledger.counters(), **self.notify.status()), cluster=cluster,
                            **self.ledger.daemon_status(), **self.pool.status())
 
     def status_doc(self):
@@ -8457,7 +8879,7 @@ def render_history(entries):
 # file calls last.
 #
 # Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-#       master, whatif, client.
+#       notify, master, whatif, client.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -8529,6 +8951,8 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
@@ -9000,6 +9424,8 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
         if command in ("pause", "resume"):

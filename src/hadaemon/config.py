@@ -67,6 +67,8 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
 
 
 @dataclasses.dataclass

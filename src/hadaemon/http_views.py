@@ -139,6 +139,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
