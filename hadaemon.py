@@ -7822,6 +7822,7 @@ class NotifyQueue:
 
 NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
 NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
+NOTIFY_STOP_WAIT = 5.0              # stopping: how long after the last event its delivery may take
 
 
 def notify_node(config):
@@ -7909,7 +7910,7 @@ class Notifications:
         event = dict({"kind": kind, "time": round(time.time(), 6), "node": notify_node(config)}, **keys)
         event = self.queue.push(event)
         if self.leave_by is not None:       # stopping: this one gets its chance too
-            self.leave_by = max(self.leave_by, time.monotonic() + config.daemon.notify_timeout + 1.0)
+            self.leave_by = max(self.leave_by, time.monotonic() + NOTIFY_STOP_WAIT)
         self.hand()
         return event
 
@@ -7970,8 +7971,9 @@ class Notifications:
 
     def stopping(self, now):
         """The daemon stops: the ``stopping`` event; the child goes once nothing waits, or
-        ``notify_timeout`` later (what is left is delivered after the next start)."""
-        self.leave_by = now + self.config_of().daemon.notify_timeout + 1.0
+        NOTIFY_STOP_WAIT later (what is left is delivered after the next start): a hung
+        receiver does not hold up a stop."""
+        self.leave_by = now + NOTIFY_STOP_WAIT
         self.event("daemon", event="stopping")
 
     def on_message(self, child, msg):
