@@ -7818,7 +7818,7 @@ class NotifyQueue:
 # master only sends a line and reads one.  A child that dies is replaced (after a
 # second when it died young) and is handed the same event again.
 #
-# Uses: base, wire, proc, children, pool, notify_queue.
+# Uses: base, wire, proc, children, pool, actions, notify_queue.
 
 NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
 NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
@@ -7830,7 +7830,7 @@ def notify_node(config):
     return config.cluster.node if config.cluster is not None else socket.gethostname()
 
 
-def deliver_event(argv, event, timeout, watch, master=None, environ=None):
+def deliver_event(argv, event, timeout, watch, master=None, environ=None, on_spawn=None):
     """Run the notify command ``argv`` once with ``event`` on its stdin: its ProcResult."""
     env = dict(os.environ if environ is None else environ)
     env.update(HA_EVENT=str(event.get("kind")), HA_SEQ=str(event.get("seq")))
@@ -7838,7 +7838,7 @@ def deliver_event(argv, event, timeout, watch, master=None, environ=None):
         f.write(json.dumps(event, sort_keys=True).encode("utf-8") + b"\n")
         f.seek(0)
         return run_process(list(argv), env, timeout, NOTIFY_KILL_GRACE, watch, stdin_fd=f.fileno(),
-                           merge_stderr=True, master=master)
+                           merge_stderr=True, master=master, on_spawn=on_spawn)
 
 
 def _output_tail(output):
@@ -7874,8 +7874,12 @@ def notify_main(sock_path, config_dir):
         if msg is None or msg.get("t") == "exit":
             return 0
         event, argv, timeout = msg["event"], msg["argv"], msg["timeout"]
+
+        def announce(pid, seq=event["seq"]):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "seq": seq, "pid": pid})
         for tries, again in enumerate(NOTIFY_RETRIES + (None,), 1):
-            res = deliver_event(argv, event, timeout, watch, chan.sock, environ)
+            res = deliver_event(argv, event, timeout, watch, chan.sock, environ, announce)
             failure = res.failure(timeout)
             if failure is None:
                 break
@@ -7979,8 +7983,12 @@ class Notifications:
     def on_message(self, child, msg):
         """What the notify child says: a try failed, or an event is done with."""
         kind, seq = msg.get("t"), msg.get("seq")
-        if seq != self.inflight or kind not in ("failed", "done"):
+        if seq != self.inflight or kind not in ("spawned", "failed", "done"):
             raise ProtocolError("unexpected notify message %r for seq %r" % (kind, seq))
+        if kind == "spawned":
+            child.pgid = _spawned_pid(msg)
+            return
+        child.pgid = None
         event = self.queue.head() or {}
         what = "event %s (%s)" % (seq, event.get("kind") if event.get("seq") == seq else "dropped")
         if kind == "failed":
@@ -7998,6 +8006,8 @@ class Notifications:
 
     def exited(self, child, how, stopping):
         """The notify child is gone: the event it had is handed to the next one again."""
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
         self.pid = self.inflight = None
         if stopping and child.kill_at is not None:
             return

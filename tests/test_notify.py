@@ -7,6 +7,7 @@ import email
 import http.server
 import json
 import os
+import signal
 import socket
 import socketserver
 import statistics
@@ -21,7 +22,7 @@ import hadaemon.configfiles
 import hadaemon.ledger
 import hadaemon.notify_queue
 import hadaemon.store
-from conftest import ROOT, figure, wait_for
+from conftest import ROOT, alive, figure, wait_for
 from test_ledger import World
 
 EXAMPLES = ROOT / "examples" / "notify" / "actions"
@@ -405,9 +406,36 @@ def test_notify_test_runs_the_command_once_without_a_daemon(daemon):
     result = daemon.cli("--notify-test")
     assert result.returncode == 1 and "  | refused by the receiver" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].startswith("exit 4 in ")
+    setup(daemon, extra="notify_timeout = 300ms")
+    daemon.script("actions/note", "exec sleep 30\n")
+    result = daemon.cli("--notify-test")
+    assert result.returncode == 1 and "timed out after 300ms in " in result.stdout
     setup(daemon, notify=None)
     result = daemon.cli("--notify-test")
     assert result.returncode == 1 and "no notify command" in result.stderr
+
+
+def test_a_notify_child_that_dies_is_replaced_and_its_command_killed(daemon):
+    daemon.script("actions/gated", """
+        echo $$ >> "%(world)s/pids"
+        while [ ! -f "%(world)s/gate" ]; do sleep 0.02; done
+        cat >> "%(world)s/events.log"
+    """ % {"world": daemon.world})
+    setup(daemon, notify="gated")
+    daemon.set("db1", "master")
+    daemon.start()
+    pids = lambda: (daemon.world / "pids").read_text().split() if (daemon.world / "pids").exists() else []  # noqa: E731
+    command = int(wait_for(pids, what="the notify command")[0])
+    with open("/proc/%d/stat" % command) as f:
+        child = int(f.read().rsplit(")", 1)[1].split()[1])
+    assert child != daemon.proc.pid
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: not alive(command), what="the master to kill the command the child left")
+    daemon.wait_log("notify child %d died (killed by SIGKILL); replacing it" % child)
+    wait_for(lambda: len(pids()) == 2, what="a new child to try the event again")
+    (daemon.world / "gate").write_text("")
+    evs = wait_events(daemon, lambda e: ("run", "ok") in kinds(e) and e, "the events")
+    assert [e["seq"] for e in evs] == [1, 2, 3, 4] and evs[0]["event"] == "started"
 
 
 def test_a_check_in_trouble_is_told_once_until_it_runs_cleanly(daemon):
