@@ -133,6 +133,7 @@ import itertools
 import json
 import logging
 import mmap
+import operator
 import os
 import re
 import resource
@@ -5089,6 +5090,7 @@ class HttpRequest:
     version: tuple      # (1, 1)
     headers: dict       # lower-cased name -> value; repeated ones joined with ", "
     keep_alive: bool
+    pairs: tuple = ()   # the query's (name, value) pairs, in order, repeats and all
 
 
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -5173,16 +5175,17 @@ def parse_request_head(head):
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
     method = m.group(1).decode("ascii")
-    path, query = _parse_target(m.group(2), method)
-    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+    path, pairs = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, dict(pairs), version, headers, keep_alive,
+                       tuple(pairs))
 
 
 def _parse_target(raw, method):
-    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    """A request target -> (path segments, the query's pairs); HttpError 400 when it is not one."""
     try:
         target = raw.decode("ascii")
         if target == "*" and method == "OPTIONS":
-            return (), {}       # the server as a whole: answered as "/"
+            return (), []       # the server as a whole: answered as "/"
         if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
@@ -5193,7 +5196,7 @@ def _parse_target(raw, method):
             segments = ()
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
                                        max_num_fields=32)
-        return segments, dict(pairs)
+        return segments, pairs
     except (UnicodeError, ValueError):
         raise HttpError(400, "malformed request target", True) from None
 
@@ -5341,14 +5344,84 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
+    try:
+        conditions = parse_conditions(request.pairs) if len(request.path) == 3 else ()
+    except ValueError as exc:
+        return error_answer(400, str(exc))
     record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
     if len(request.path) == 2:
         return json_answer(200, body)
-    same = str(record.get("state")).lower() == request.path[2].lower()
-    return json_answer(200 if same else 503, body)
+    attributes = (record.get("last_report") or {}).get("attributes") or {}
+    for condition in conditions:
+        if condition.unknown_suffix(attributes):
+            return error_answer(400, "%s: no attribute %s, and %s is not an operator (lt, le, gt, ge)"
+                                % (_shorten(condition.text, 100), _shorten(condition.key, 80),
+                                   _shorten(condition.key.rpartition(".")[2], 20)))
+    if str(record.get("state")).lower() != request.path[2].lower():
+        return json_answer(503, body)
+    for condition in conditions:
+        if not condition.holds(attributes):
+            body["failed"] = {"condition": condition.text, "value": attributes.get(condition.key)}
+            return json_answer(503, body)
+    return json_answer(200, body)
+
+
+# Load-balancer conditions (docs/http.md): /hosts/HOST/STATE?lag_bytes.le=16777216&role=sync
+
+_CONDITION_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
+class Condition(typing.NamedTuple):
+    """One condition of the query: KEY=VALUE (equal as strings) or KEY.OP=N (as numbers)."""
+    text: str                   # as asked, KEY.le=N
+    key: str
+    op: typing.Optional[str]    # lt, le, gt, ge; None: KEY=VALUE
+    value: typing.Union[str, float]
+
+    def holds(self, attributes):
+        """Whether it holds on ``attributes`` (a report's); a missing attribute fails it."""
+        seen = attributes.get(self.key)
+        if self.op is None:
+            return seen is not None and str(seen) == self.value
+        number = _number(seen)
+        return number is not None and _CONDITION_OPS[self.op](number, self.value)
+
+    def unknown_suffix(self, attributes):
+        """KEY.SUFFIX=... where the report has KEY and no KEY.SUFFIX: a typo of an operator
+        (lag_bytes.lte), not an attribute of its own (a key may hold dots)."""
+        return self.op is None and "." in self.key and self.key not in attributes \
+            and self.key.rpartition(".")[0] in attributes
+
+
+def _number(value):
+    """An attribute's value as a number, or None when it is not one."""
+    text = str(value).strip() if value is not None else ""
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def parse_conditions(pairs):
+    """The query's (name, value) pairs as Conditions, in order; ValueError (a 400) for a
+    bad number or a condition without a name."""
+    out = []
+    for name, value in pairs:
+        text = "%s=%s" % (name, value)
+        key, _, suffix = name.rpartition(".")
+        if suffix in _CONDITION_OPS:
+            if not key:
+                raise ValueError("%s: no attribute before .%s" % (_shorten(text, 100), suffix))
+            number = _number(value)
+            if number is None:
+                raise ValueError("%s: %s is not a number" % (_shorten(text, 100), _shorten(value, 40)))
+            out.append(Condition(text, key, suffix, number))
+        elif not name:
+            raise ValueError("%s: a condition is KEY=VALUE or KEY.OP=N" % _shorten(text, 100))
+        else:
+            out.append(Condition(text, name, None, value))
+    return tuple(out)
 
 
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -8015,7 +8088,7 @@ class Master:
         if done is not None:
             rt, reports = done
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():
