@@ -3780,9 +3780,13 @@ def confirm_step(cand, state, confirm, window=None):
     yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
     n, m = confirm, window or confirm
     recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
+            return cand, "same"
     if recent is None:
-        if state == cand["state"] and cand["pending"] is None and m == n:
-            return cand, "same"                 # the usual report
         recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
     last = (recent + [state])[-m:]
     now = cand["state"]
