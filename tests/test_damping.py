@@ -20,7 +20,7 @@ from hadaemon.ledger import NEW_HOST, confirm_step
 
 from test_config import errors_of, make_dir
 from test_engine import configure, feed, seq_check, transitions
-from test_ledger import T0, World
+from test_ledger import T0, ClusterWorld, World
 
 
 def steps(reports, n, m=None, cand=None):
@@ -220,6 +220,22 @@ def test_the_window_survives_a_kill_and_shows_in_pending(tmp_path):
     tr = w.report("db1", "slave")                               # slave, master, slave
     assert (tr.frm, tr.to) == ("master", "slave")
     assert w.ledger.host_status("db1")["pending"] == {"state": "master", "count": 1, "window": 3}
+
+
+def test_a_cluster_member_confirms_n_of_m_for_its_own_view(tmp_path):
+    """In a cluster each member confirms for itself (docs/cluster.md): the same rule moves
+    its view, and its own candidate shows its window; the leader accepts from the views."""
+    w = ClusterWorld(tmp_path, "[any_to_any]\n/bin/true\n", node="b", role="follower", confirm="2 of 3")
+    for state in ("master", "down", "master"):              # master, down, master: 2 of 3
+        assert w.report("db1", state) is None
+    assert w.member.view == {"db1": "master"}
+    w.report("db1", "master")
+    w.report("db1", "down")                                 # master, master, down
+    assert w.member.view == {"db1": "master"}
+    assert w.ledger.seen["db1"]["pending"] == "down" and w.ledger.seen["db1"]["window"] == 3
+    w.report("db1", "slave")                                # master, down, slave: none has 2
+    w.report("db1", "down")                                 # down, slave, down
+    assert w.member.view == {"db1": "down"}
 
 
 # -- the daemon ------------------------------------------------------------------------------
