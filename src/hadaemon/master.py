@@ -338,7 +338,7 @@ class Master:
             rt, reports = done
             self.notify.check_ran(rt, result)
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():
