@@ -88,6 +88,10 @@ actions.py         Action runs: the queue's head, handed to the action run, and 
                    says back.
 reload.py          Reload: a new configuration, read in steps between the loop's other
                    work.
+notify_queue.py    Notify queue: the events waiting for their delivery, kept in the
+                   state db (docs/notify.md).
+notify.py          Notifications: events made, stored, and delivered one at a time by a
+                   child (docs/notify.md).
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
@@ -133,6 +137,7 @@ import itertools
 import json
 import logging
 import mmap
+import operator
 import os
 import re
 import resource
@@ -145,6 +150,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 import time
 import typing
 import urllib.parse
@@ -193,6 +199,7 @@ ANSWER_STEP = 50                # hosts or checks of a --status answer made betw
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
+MAX_WINDOW = 100                # confirm = N of M: M at most this (the reports a host record keeps)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 EXIT_STATES = {0: "up", 1: "warning", 2: "down"}
@@ -211,6 +218,8 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -672,6 +681,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -683,6 +693,8 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
 
 
 @dataclasses.dataclass
@@ -697,6 +709,12 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass
@@ -1170,19 +1188,21 @@ def _cluster_settings(where, entries, errors):
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
+        if key == "confirm" and len(words) != 1:
+            return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
                 raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
             if key == "workers" and int(value) > MAX_WORKERS:
                 raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
+            return (int(value), None) if key == "confirm" else int(value)
         if key == "cron":
             return CronSpec(value)
         if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
@@ -1195,6 +1215,22 @@ def _setting_value(key, words, where, errors):
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+def _confirm_of(words):
+    """``confirm = N of M`` (docs/configuration.md: damping) -> (N, M); ValueError when not."""
+    n, of, m = words if len(words) == 3 else ("", "", "")
+    if of != "of" or not (n.isdigit() and m.isdigit()) or not 1 <= int(n) <= int(m) <= MAX_WINDOW:
+        raise ValueError("confirm = N of M needs whole numbers 1 <= N <= M <= %d, got %r"
+                         % (MAX_WINDOW, " ".join(words)))
+    return int(n), int(m)
+
+
+def _split_confirm(values):
+    """``confirm``'s (N, M) as the records keep it: ``confirm`` N, ``confirm_of`` M (None: N of N)."""
+    if "confirm" in values:
+        values["confirm"], values["confirm_of"] = values["confirm"]
+    return values
 
 
 def _parse_checks(path, config_dir, errors):
@@ -1267,11 +1303,24 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
-    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    _notify_setting(daemon, config_dir, errors)
+    settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -1281,14 +1330,15 @@ def _build_groups(groups, settings, config_dir, errors):
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
-                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "confirm": (settings.confirm, settings.confirm_of), "host": None,
+                "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
+                "connect_timeout": settings.connect_timeout}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -2349,7 +2399,7 @@ def well_formed(key, value):
     if kind == "host":
         return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
             and (value.get("pending") is None or valid_state(value["pending"])) \
-            and isinstance(value.get("count"), int)
+            and isinstance(value.get("count"), int) and _damping_well_formed(value)
     if kind == "tr":
         return Transition.well_formed(value)
     if kind == "run":
@@ -2359,11 +2409,25 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
+    if key == "notify":                 # the events' counter (NotifyQueue)
+        return isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("next", "done"))
+    if kind == "notify":                # an event waiting for its delivery, by seq % its cap
+        return isinstance(value, dict) and isinstance(value.get("seq"), int) \
+            and isinstance(value.get("kind"), str)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
         return isinstance(value, dict)
     return True
+
+
+def _damping_well_formed(value):
+    """A host record's ``window`` and ``recent`` (ledger.confirm_step), when it has them."""
+    window, recent = value.get("window"), value.get("recent")
+    return (window is None or (isinstance(window, int) and 1 <= window)) \
+        and (recent is None or (isinstance(recent, list) and len(recent) <= MAX_WINDOW
+                                and all(word is None or valid_state(word) for word in recent)))
+
 
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
@@ -2762,7 +2826,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -2772,14 +2836,16 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
+    Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
         return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else \
+        (os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0)
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -3686,6 +3752,10 @@ class LocalStore(LedgerStore):
 #                 the ledger as the store holds it; what was running when its
 #                 runner died (or its leader lost the lead) is interrupted
 #
+# Every transition and every run's change of state (but ``queued``) is told to
+# ``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+# the change it tells of.
+#
 # ``shared`` (the store's) is read where a cluster genuinely differs: whose
 # candidate a report moves (this member's own view), who accepts a confirmed
 # state (the leader, from quorum's views), and a run recording its variables (so
@@ -3702,6 +3772,7 @@ RUN_EDGES = {
 }
 RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+DAMPING_KEYS = ("pending", "count", "window", "recent")   # confirm_step's part of a host record
 
 
 def summarize_run(run):
@@ -3727,23 +3798,78 @@ def history_entries(transitions, runs, n):
     return out
 
 
-def confirm_step(cand, state, confirm):
-    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
-    {state, pending, count, ...}: (the record after it, what happened), what being
-    "same", "dropped" (its own state again: the candidate goes), "counted" (not
-    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
-    if state == cand["state"]:
-        if cand["pending"] is None:
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
+
+
+def confirm_step(cand, state, confirm, window=None):
+    """docs/configuration.md's confirm, ``confirm = N of M`` (``confirm`` N, ``window`` M;
+    None: N of N, reports in a row), one report of ``state`` on a candidate record:
+    (the record after it, what happened).
+
+    The record is {state, pending, count}, and while a candidate is pending its
+    ``window`` (M), and ``recent``: the last M reports, oldest first, each None that
+    can no longer count (cut from the front), kept only when it is not ``count``
+    times ``pending`` (N of N never needs it).  The host moves to ``state`` when it
+    is not its state and at least N of the last M reports (this one included) said
+    it.  What happened: "same" (nothing changed), "moved" (only ``recent`` did),
+    "dropped" (its own state again: no candidate left), "counted" (not confirmed
+    yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
+    n, m = confirm, window or confirm
+    recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
             return cand, "same"
-        return dict(cand, pending=None, count=0), "dropped"
-    cand = dict(cand)
-    if cand["pending"] == state:
-        cand["count"] += 1
-    else:
-        cand["pending"], cand["count"] = state, 1
-    if cand["count"] < confirm:
-        return cand, "counted"
-    return dict(cand, state=state, pending=None, count=0), "confirmed"
+    if recent is None:
+        recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
+    last = (recent + [state])[-m:]
+    now = cand["state"]
+    confirmed = state != now and last.count(state) >= n
+    if confirmed:
+        now = state
+    last = _still_counting(last, now, n, m)
+    pending = next((word for word in reversed(last) if word is not None and word != now), None)
+    new = {key: value for key, value in cand.items() if key not in ("window", "recent")}
+    new.update(state=now, pending=pending, count=last.count(pending) if pending else 0)
+    if pending is not None:
+        new["window"] = m
+    if last != [pending] * new["count"]:
+        new["recent"] = last
+    if confirmed:
+        return new, "confirmed"
+    if state != now:
+        return new, "counted"
+    if pending is None and cand["pending"] is not None:
+        return new, "dropped"
+    return new, "same" if new == cand else "moved"
+
+
+def _still_counting(last, state, n, m):
+    """``last`` (the last ``m`` reports, oldest first) with None for each report that can
+    no longer count toward an ``n`` of ``m``, leading Nones cut.  A report ``age``
+    reports old stays in the window ``m - 1 - age`` more reports; its word W can reach
+    ``n`` in that time only if W's count among the newest ``age + 1`` plus those
+    reports does.  A report of the host's own ``state`` counts only toward a return
+    to it, which N of N can never make while the report is in its window."""
+    out, seen = [], collections.Counter()
+    for age, word in enumerate(reversed(last)):
+        seen[word] += 1
+        counts = word is not None and age <= m - 2 and seen[word] + m - 1 - age >= n \
+            and (word != state or n < m)
+        out.append(word if counts else None)
+    while out and out[-1] is None:
+        out.pop()
+    return out[::-1]
 
 
 class Ledger:
@@ -3767,6 +3893,7 @@ class Ledger:
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -3843,20 +3970,26 @@ class Ledger:
 
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
-    def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
-        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+    def report(self, host, state, check, now, attributes=None):
+        """One report of ``state`` for ``host`` by ``check`` (``attributes``: the other keys it
+        printed); the transition it makes, or None (always None in a cluster: a member's
+        confirm moves its view, the leader accepts)."""
         self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        if attributes:
+            report["attributes"] = attributes       # docs/http.md: load-balancer conditions
         self.store.put_report(host, report)         # a crash may lose it
         cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
-        if state == cand["state"] and cand["pending"] is None:
+        confirm, window = check.group.confirm, check.group.window
+        new, what = confirm_step(cand, state, confirm, window)
+        if what == "same":
             return None                             # the usual report: nothing new
-        confirm = check.group.confirm
-        new, what = confirm_step(cand, state, confirm)
         if what == "dropped":
             log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
-        elif what == "counted":
+        elif what == "counted" and window == confirm:
             log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d of the last %d; %d needed)", host, state,
+                     check.name, new["count"], window, confirm)
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
@@ -3866,7 +3999,7 @@ class Ledger:
                 self.store.publish_view(self.view)
             return None
         if what == "confirmed":
-            return self.accept(host, state, check.name, now)
+            return self.accept(host, state, check.name, now, new)
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
@@ -3876,11 +4009,16 @@ class Ledger:
         for host, state, voters in moves:
             self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
-    def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run."""
+    def accept(self, host, state, by, now, cand=None):
+        """``host`` moves to ``state``: record the transition and its section's run.
+        ``cand``: confirm_step's record that confirmed it (its window goes on)."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
+        record.pop("window", None)
+        record.pop("recent", None)
         record.update(state=state, since=now, pending=None, count=0)
+        if cand is not None:
+            record.update((key, cand[key]) for key in DAMPING_KEYS if key in cand)
         self.hosts[host] = record
         self.by_state[old].discard(host)
         self.by_state[state].add(host)
@@ -3889,15 +4027,19 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run_id = None
+        run = None
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
         tr = Transition(tr_id, now, host, old, state, by, run_id)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
                  "; runs [%s] as run %d" % (section.name, run_id) if section else
@@ -3957,6 +4099,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -3978,6 +4122,12 @@ class Ledger:
             log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
                     run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -4067,6 +4217,8 @@ class Ledger:
         pending = None
         if cand and cand.get("pending"):
             pending = {"state": cand["pending"], "count": cand.get("count", 0)}
+            if cand.get("window") is not None:      # None: a record from before N of M
+                pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
                 "pending": pending, "last_report": self.reports.get(name)}
 
@@ -4792,7 +4944,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role in ("action", "cluster"):
+        elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
             self.respond(conn, msg)
@@ -4999,6 +5151,7 @@ class HttpRequest:
     version: tuple      # (1, 1)
     headers: dict       # lower-cased name -> value; repeated ones joined with ", "
     keep_alive: bool
+    pairs: tuple = ()   # the query's (name, value) pairs, in order, repeats and all
 
 
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -5083,16 +5236,17 @@ def parse_request_head(head):
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
     method = m.group(1).decode("ascii")
-    path, query = _parse_target(m.group(2), method)
-    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+    path, pairs = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, dict(pairs), version, headers, keep_alive,
+                       tuple(pairs))
 
 
 def _parse_target(raw, method):
-    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    """A request target -> (path segments, the query's pairs); HttpError 400 when it is not one."""
     try:
         target = raw.decode("ascii")
         if target == "*" and method == "OPTIONS":
-            return (), {}       # the server as a whole: answered as "/"
+            return (), []       # the server as a whole: answered as "/"
         if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
@@ -5103,7 +5257,7 @@ def _parse_target(raw, method):
             segments = ()
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
                                        max_num_fields=32)
-        return segments, dict(pairs)
+        return segments, pairs
     except (UnicodeError, ValueError):
         raise HttpError(400, "malformed request target", True) from None
 
@@ -5251,14 +5405,84 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
+    try:
+        conditions = parse_conditions(request.pairs) if len(request.path) == 3 else ()
+    except ValueError as exc:
+        return error_answer(400, str(exc))
     record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
     if len(request.path) == 2:
         return json_answer(200, body)
-    same = str(record.get("state")).lower() == request.path[2].lower()
-    return json_answer(200 if same else 503, body)
+    attributes = (record.get("last_report") or {}).get("attributes") or {}
+    for condition in conditions:
+        if condition.unknown_suffix(attributes):
+            return error_answer(400, "%s: no attribute %s, and %s is not an operator (lt, le, gt, ge)"
+                                % (_shorten(condition.text, 100), _shorten(condition.key, 80),
+                                   _shorten(condition.key.rpartition(".")[2], 20)))
+    if str(record.get("state")).lower() != request.path[2].lower():
+        return json_answer(503, body)
+    for condition in conditions:
+        if not condition.holds(attributes):
+            body["failed"] = {"condition": condition.text, "value": attributes.get(condition.key)}
+            return json_answer(503, body)
+    return json_answer(200, body)
+
+
+# Load-balancer conditions (docs/http.md): /hosts/HOST/STATE?lag_bytes.le=16777216&role=sync
+
+_CONDITION_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
+class Condition(typing.NamedTuple):
+    """One condition of the query: KEY=VALUE (equal as strings) or KEY.OP=N (as numbers)."""
+    text: str                   # as asked, KEY.le=N
+    key: str
+    op: typing.Optional[str]    # lt, le, gt, ge; None: KEY=VALUE
+    value: typing.Union[str, float]
+
+    def holds(self, attributes):
+        """Whether it holds on ``attributes`` (a report's); a missing attribute fails it."""
+        seen = attributes.get(self.key)
+        if self.op is None:
+            return seen is not None and str(seen) == self.value
+        number = _number(seen)
+        return number is not None and _CONDITION_OPS[self.op](number, self.value)
+
+    def unknown_suffix(self, attributes):
+        """KEY.SUFFIX=... where the report has KEY and no KEY.SUFFIX: a typo of an operator
+        (lag_bytes.lte), not an attribute of its own (a key may hold dots)."""
+        return self.op is None and "." in self.key and self.key not in attributes \
+            and self.key.rpartition(".")[0] in attributes
+
+
+def _number(value):
+    """An attribute's value as a number, or None when it is not one."""
+    text = str(value).strip() if value is not None else ""
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def parse_conditions(pairs):
+    """The query's (name, value) pairs as Conditions, in order; ValueError (a 400) for a
+    bad number or a condition without a name."""
+    out = []
+    for name, value in pairs:
+        text = "%s=%s" % (name, value)
+        key, _, suffix = name.rpartition(".")
+        if suffix in _CONDITION_OPS:
+            if not key:
+                raise ValueError("%s: no attribute before .%s" % (_shorten(text, 100), suffix))
+            number = _number(value)
+            if number is None:
+                raise ValueError("%s: %s is not a number" % (_shorten(text, 100), _shorten(value, 40)))
+            out.append(Condition(text, key, suffix, number))
+        elif not name:
+            raise ValueError("%s: a condition is KEY=VALUE or KEY.OP=N" % _shorten(text, 100))
+        else:
+            out.append(Condition(text, name, None, value))
+    return tuple(out)
 
 
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -5315,6 +5539,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
@@ -7297,6 +7526,7 @@ class ClusterLink:
         what was running under one of them is interrupted, never run again."""
         ledger = self.ledger
         ledger.reread()
+        ledger.notify("leader", leader=self.member.node, epoch=self.member.epoch)
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
                                  % ("?" if run.node is None else run.node,
                                     "?" if run.node is None else run.epoch), now)
@@ -7621,6 +7851,365 @@ class Reload:
 
 
 # ============================================================================
+# notify_queue.py: Notify queue: the events waiting for their delivery, kept
+# in the state db (docs/notify.md).
+# ============================================================================
+#
+# Owns the numbering of events (``seq``: one more per event, across restarts) and
+# the events not delivered yet, oldest first, at most NOTIFY_CAP of them.  Each
+# event is committed to the state db (a Store: one journal line) before anyone
+# may deliver it, so after a kill -9 every event not known to be delivered is
+# delivered again (at least once).  Keys:
+#
+#   notify        {"next": the seq of the next event, "done": every seq up to it is
+#                 delivered, given up or dropped}
+#   notify:N      the event of seq S at N = S % NOTIFY_CAP (a ring, as tr:N and run:N:
+#                 nothing is deleted from the db)
+#
+# A full queue drops its oldest event for the new one, counted, and says so in the
+# log once until it has room again.  No process and no clock here: the master's
+# part (notify.py) hands the head to the notify child and says how it ended.
+#
+# Uses: base.
+
+NOTIFY_CAP = 1000               # events waiting at most; past that the oldest are dropped
+NOTIFY_RESULTS = ("ok", "failed", "dropped")
+
+
+class NotifyQueue:
+    """The events waiting, in seq order, committed to ``store`` (a Store) as they change."""
+
+    def __init__(self, store, cap=NOTIFY_CAP):
+        self.store = store
+        self.cap = cap
+        self.next = 1                   # the seq of the next event
+        self.done = 0                   # every seq up to this one has left the queue
+        self.waiting = collections.deque()
+        self.counts = collections.Counter()     # since this process started: NOTIFY_RESULTS
+        self.full = 0                   # dropped since the queue last had room (for the log)
+        self.opened = False
+
+    def open(self):
+        """The queue as the state db holds it (once, before the first use)."""
+        self.opened = True
+        data = self.store.data
+        meta = data.get("notify") or {}
+        self.next = max(1, meta.get("next", 1))
+        self.done = max(0, min(meta.get("done", 0), self.next - 1))
+        lost = 0
+        for seq in range(max(self.done + 1, self.next - self.cap), self.next):
+            event = data.get(self.slot(seq))
+            if isinstance(event, dict) and event.get("seq") == seq:
+                self.waiting.append(event)
+            else:
+                lost += 1
+        if lost:
+            log.error("notify: %d waiting events could not be read back from the state db; "
+                      "they are lost", lost)
+        if self.waiting:
+            log.info("notify: %d events from before the restart wait for their delivery (seq %d-%d)",
+                     len(self.waiting), self.waiting[0]["seq"], self.waiting[-1]["seq"])
+
+    def slot(self, seq):
+        return "notify:%d" % (seq % self.cap)
+
+    def _meta(self):
+        return {"notify": {"next": self.next, "done": self.done}}
+
+    def push(self, event):
+        """Number ``event`` (a dict: kind, time, node, its keys), store it, queue it; returns it."""
+        if not self.opened:
+            self.open()
+        seq = self.next
+        self.next += 1
+        event = dict(event, seq=seq)
+        if len(self.waiting) >= self.cap:
+            dropped = self.waiting.popleft()
+            self.done = dropped["seq"]
+            self.counts["dropped"] += 1
+            if not self.full:
+                log.error("notify: %d events wait, the most kept; the oldest are dropped from now "
+                          "on (first: seq %d, %s)", self.cap, dropped["seq"], dropped.get("kind"))
+            self.full += 1
+        self.waiting.append(event)
+        changes = self._meta()
+        changes[self.slot(seq)] = event
+        self.store.commit(changes)
+        return event
+
+    def head(self):
+        """The oldest event waiting, or None."""
+        if not self.opened:
+            self.open()
+        return self.waiting[0] if self.waiting else None
+
+    def finish(self, seq, result):
+        """Event ``seq`` left the queue: ``ok`` (delivered) or ``failed`` (given up).  False
+        when it is no longer the head (the full queue dropped it meanwhile)."""
+        if not self.waiting or self.waiting[0]["seq"] != seq:
+            return False
+        self.waiting.popleft()
+        self.done = seq
+        self.counts[result] += 1
+        if self.full and len(self.waiting) < self.cap:
+            log.warning("notify: the queue has room again; %d events were dropped", self.full)
+            self.full = 0
+        self.store.commit(self._meta())
+        return True
+
+    def status(self):
+        """Counters since the start and what waits (daemon.counters of --status --json)."""
+        return {"notify_events": [{"result": r, "count": self.counts[r]} for r in NOTIFY_RESULTS],
+                "notify_waiting": len(self.waiting)}
+
+
+# ============================================================================
+# notify.py: Notifications: events made, stored, and delivered one at a time
+# by a child (docs/notify.md).
+# ============================================================================
+#
+# Owns the ``notify =`` command's events (SPEC §12): Notifications, the master's
+# part, which every other part tells what happened through one call,
+# ``event(kind, **keys)``; notify_main, the child that runs the command for one
+# event at a time (its retries included); and --notify-test.
+#
+#   event()       stamp (kind, time, node), store (NotifyQueue: seq, the state db),
+#                 hand the head to the child when it is free
+#   the child     the command with the event as one JSON object on stdin, HA_EVENT
+#                 in its environment, cwd = the config dir; a try that exits
+#                 non-zero or runs past notify_timeout is made again after 1, 2 and
+#                 4 s; then it says ``done`` (ok, or failed: given up)
+#   done          the event leaves the queue (committed), the next is handed
+#
+# The master's loop never waits for a notify command: the child runs it, and the
+# master only sends a line and reads one.  A child that dies is replaced (after a
+# second when it died young) and is handed the same event again.
+#
+# Uses: base, wire, proc, children, pool, actions, notify_queue.
+
+NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
+NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
+NOTIFY_STOP_WAIT = 5.0              # stopping: how long after the last event its delivery may take
+
+
+def notify_node(config):
+    """``node`` of every event: the cluster's node, or this host's name."""
+    return config.cluster.node if config.cluster is not None else socket.gethostname()
+
+
+def deliver_event(argv, event, timeout, watch, master=None, environ=None, on_spawn=None):
+    """Run the notify command ``argv`` once with ``event`` on its stdin: its ProcResult."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(HA_EVENT=str(event.get("kind")), HA_SEQ=str(event.get("seq")))
+    with tempfile.TemporaryFile() as f:
+        f.write(json.dumps(event, sort_keys=True).encode("utf-8") + b"\n")
+        f.seek(0)
+        return run_process(list(argv), env, timeout, NOTIFY_KILL_GRACE, watch, stdin_fd=f.fileno(),
+                           merge_stderr=True, master=master, on_spawn=on_spawn)
+
+
+def _output_tail(output):
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def _rest(chan, seconds):
+    """Wait ``seconds`` before a try again, listening to the master: False when told to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        readable, _, _ = select.select([chan.sock], [], [], left)
+        if readable:
+            msg = chan.receive()
+            if msg is None or msg.get("t") == "exit":
+                return False
+
+
+def notify_main(sock_path, config_dir):
+    """The notify child: hello, then one event at a time, each tried until it is delivered
+    or given up, each try's failure and the end said to the master."""
+    child_setup()
+    os.chdir(config_dir)
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "notify", "pid": os.getpid()})
+    environ = dict(os.environ, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=os.path.dirname(sock_path))
+    while True:
+        msg = chan.receive()
+        if msg is None or msg.get("t") == "exit":
+            return 0
+        event, argv, timeout = msg["event"], msg["argv"], msg["timeout"]
+
+        def announce(pid, seq=event["seq"]):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "seq": seq, "pid": pid})
+        for tries, again in enumerate(NOTIFY_RETRIES + (None,), 1):
+            res = deliver_event(argv, event, timeout, watch, chan.sock, environ, announce)
+            failure = res.failure(timeout)
+            if failure is None:
+                break
+            chan.send({"t": "failed", "seq": event["seq"], "try": tries, "error": failure,
+                       "output": _output_tail(res.output), "again": again})
+            if again is not None and not _rest(chan, again):
+                return 0
+        chan.send({"t": "done", "seq": event["seq"], "result": "failed" if failure else "ok",
+                   "tries": tries, "error": failure})
+
+
+class Notifications:
+    """The master's part: ``event()`` from every other part; the notify child, kept by it.
+
+    ``config_of()`` gives the configuration of now (a reload swaps it)."""
+
+    def __init__(self, store, pool, server, config_of):
+        self.queue = NotifyQueue(store)
+        self.pool, self.server, self.config_of = pool, server, config_of
+        self.pid = None                 # the notify child's
+        self.inflight = None            # the seq handed to it, until it says done
+        self.child_after = 0.0          # no child forked before (after a quick death)
+        self.leave_by = None            # stopping: the child goes when nothing waits, or then
+        self.troubled = set()           # checks whose trouble was told (until they run cleanly)
+
+    def event(self, kind, **keys):
+        """SPEC §12: an event of ``kind`` with ``keys``, stored, then delivered in its turn
+        (nothing when no notify command is set).  The one call every part makes."""
+        config = self.config_of()
+        if config.daemon.notify is None:
+            return None
+        event = dict({"kind": kind, "time": round(time.time(), 6), "node": notify_node(config)}, **keys)
+        event = self.queue.push(event)
+        if self.leave_by is not None:       # stopping: this one gets its chance too
+            self.leave_by = max(self.leave_by, time.monotonic() + NOTIFY_STOP_WAIT)
+        self.hand()
+        return event
+
+    def check_ran(self, rt, result):
+        """A check's run (its runtime, its CheckResult): a ``check`` event when it was cut
+        short (timed out, could not start) or reported a rejected name; once until it
+        runs cleanly again."""
+        if self.config_of().daemon.notify is None:
+            return
+        rejected = rt.last["rejected"]
+        key = rt.check.key
+        if not result.failed and not rejected:
+            self.troubled.discard(key)
+        elif key not in self.troubled:
+            self.troubled.add(key)
+            message = (result.trouble or result.data.get("message")) if result.failed else rejected[0]
+            self.event("check", check=rt.check.name, message=str(message)[:500])
+
+    def child(self):
+        return self.pool.children.get(self.pid) if self.pid is not None else None
+
+    def hand(self):
+        """The head of the queue to the child, when it is free and connected."""
+        child = self.child()
+        if self.inflight is not None or child is None or child.conn is None or child.kill_at:
+            return
+        settings = self.config_of().daemon
+        event = self.queue.head()
+        if event is None or settings.notify is None:
+            return
+        self.inflight = event["seq"]
+        self.server.send(child.conn, {"t": "event", "event": event, "argv": list(settings.notify),
+                                      "timeout": settings.notify_timeout})
+
+    def tick(self, now):
+        """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        child = self.child()
+        if self.leave_by is not None and self._leave(child, now):
+            return
+        if child is None and now >= self.child_after and self.queue.head() is not None \
+                and self.config_of().daemon.notify is not None:
+            child = self.pool.fork("notify", notify_main, self.pool.sock_path, self.config_of().config_dir)
+            self.pid = child.pid if child is not None else None
+            self.child_after = now + 1.0 if child is None else 0.0
+        self.hand()
+
+    def _leave(self, child, now):
+        """Stopping: whether the child goes now (nothing waits any more, or its time is up)."""
+        idle = self.inflight is None and not self.queue.waiting and self.pool.action_child() is None
+        if not idle and now < self.leave_by:
+            return False
+        if child is not None and child.kill_at is None:
+            child.signal(signal.SIGTERM, now + KILL_GRACE)
+            if not idle:
+                log.warning("notify: stopping with %d events not delivered; they are delivered "
+                            "after the next start", len(self.queue.waiting))
+        return True
+
+    def stopping(self, now):
+        """The daemon stops: the ``stopping`` event; the child goes once nothing waits, or
+        NOTIFY_STOP_WAIT later (what is left is delivered after the next start): a hung
+        receiver does not hold up a stop."""
+        self.leave_by = now + NOTIFY_STOP_WAIT
+        self.event("daemon", event="stopping")
+
+    def on_message(self, child, msg):
+        """What the notify child says: a try failed, or an event is done with."""
+        kind, seq = msg.get("t"), msg.get("seq")
+        if seq != self.inflight or kind not in ("spawned", "failed", "done"):
+            raise ProtocolError("unexpected notify message %r for seq %r" % (kind, seq))
+        if kind == "spawned":
+            child.pgid = _spawned_pid(msg)
+            return
+        child.pgid = None
+        event = self.queue.head() or {}
+        what = "event %s (%s)" % (seq, event.get("kind") if event.get("seq") == seq else "dropped")
+        if kind == "failed":
+            log.warning("notify: %s: try %s of %d failed: %s%s%s", what, msg.get("try"),
+                        len(NOTIFY_RETRIES) + 1, msg.get("error"),
+                        " (%s)" % msg["output"] if msg.get("output") else "",
+                        "; again in %s" % format_duration(msg["again"]) if msg.get("again") else "")
+            return
+        result = "ok" if msg.get("result") == "ok" else "failed"
+        if result == "failed":
+            log.error("notify: %s dropped after %s tries: %s", what, msg.get("tries"), msg.get("error"))
+        self.inflight = None
+        self.queue.finish(seq, result)
+        self.hand()
+
+    def exited(self, child, how, stopping):
+        """The notify child is gone: the event it had is handed to the next one again."""
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
+        self.pid = self.inflight = None
+        if stopping and child.kill_at is not None:
+            return
+        log.error("notify child %d died (%s); %s", child.pid, how,
+                  "replacing it" if self.queue.waiting else "a new one starts with the next event")
+        if time.monotonic() - child.started < 1.0:
+            self.child_after = time.monotonic() + 1.0
+
+    def status(self):
+        return self.queue.status()
+
+
+def notify_test(config, state_dir):
+    """--notify-test: the notify command once, with an event of kind ``test`` (seq 0), no
+    daemon; prints what it did.  Exit 0 when the command exited 0."""
+    settings = config.daemon
+    if settings.notify is None:
+        print("hadaemon: no notify command: set notify = COMMAND ARGS in [daemon] of %s"
+              % os.path.join(config.config_dir, "checks.conf"), file=sys.stderr)
+        return EXIT_FAIL
+    event = {"kind": "test", "seq": 0, "time": round(time.time(), 6), "node": notify_node(config),
+             "message": "a test event from hadaemon --notify-test"}
+    print("notify command: %s" % " ".join(settings.notify))
+    print("event (stdin, HA_EVENT=test): %s" % json.dumps(event, sort_keys=True))
+    os.chdir(config.config_dir)
+    environ = dict(os.environ, HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=state_dir)
+    res = deliver_event(settings.notify, event, settings.notify_timeout, ChildWatch(), environ=environ)
+    for line in res.output.decode("utf-8", "replace").splitlines()[:50]:
+        print("  | %s" % line)
+    failure = res.failure(settings.notify_timeout)
+    print("%s in %.3fs" % (failure or "exit 0", res.duration))
+    return EXIT_FAIL if failure else EXIT_OK
+
+
+# ============================================================================
 # master.py: Master: the loop, signals, readiness and shutdown.
 # ============================================================================
 #
@@ -7636,7 +8225,7 @@ class Reload:
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
 # Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-#       cluster_member, cluster_ledger, cluster_link, actions, reload.
+#       cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -7686,6 +8275,8 @@ class Master:
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
+        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
         self.stop_deadline = None
@@ -7710,6 +8301,7 @@ class Master:
             log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        self.notify.event("daemon", event="started")
         try:
             self.loop()
         finally:
@@ -7778,6 +8370,7 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
+            self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -7867,6 +8460,7 @@ class Master:
         log.info("configuration reloaded: %d checks, %d action sections",
                  len(config.checks), len(config.sections))
         self.notifier.send("READY=1")
+        self.notify.event("daemon", event="reloaded")
         return []
 
     def checkpoint(self, now):
@@ -7886,6 +8480,7 @@ class Master:
         self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
         self.scheduler.ready.clear()
         now = time.monotonic()
+        self.notify.stopping(now)
         self.pool.stop(now)
         if self.cluster is not None:
             self.cluster.stop(now)
@@ -7924,8 +8519,9 @@ class Master:
         done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
+            self.notify.check_ran(rt, result)
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -7937,6 +8533,8 @@ class Master:
                 self.pool.ssh.reaped(child, how)
             elif child.kind == "cluster":
                 self.cluster.agent_exited(child, how, self.stopping)
+            elif child.kind == "notify":
+                self.notify.exited(child, how, self.stopping)
             else:
                 self.runs.exited(child, how, self.stopping)
 
@@ -7954,6 +8552,8 @@ class Master:
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
             self.cluster.member.on_message(msg, time.monotonic())
+        elif child.kind == "notify":
+            self.notify.on_message(child, msg)
         else:
             self.runs.event(child, msg)
 
@@ -7982,6 +8582,7 @@ class Master:
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.notify.event("daemon", event="paused" if paused else "resumed")
         paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
@@ -8013,7 +8614,7 @@ class Master:
                            started=self.started_wall, uptime=now_m - self.started,
                            config_dir=self.config.config_dir, state_dir=self.state_dir,
                            lag_ms=self.scheduler.lag_summary(), http=self.http.url,
-                           counters=self.ledger.counters(), cluster=cluster,
+                           counters=dict(self.ledger.counters(), **self.notify.status()), cluster=cluster,
                            **self.ledger.daemon_status(), **self.pool.status())
 
     def status_doc(self):
@@ -8457,7 +9058,7 @@ def render_history(entries):
 # file calls last.
 #
 # Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-#       master, whatif, client.
+#       notify, master, whatif, client.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -8529,6 +9130,8 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
@@ -9000,6 +9603,8 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
         if command in ("pause", "resume"):

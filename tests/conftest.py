@@ -356,6 +356,9 @@ DAEMON_TESTS = {                                # module::test (any parameters)
     "test_http.py::test_check_config_finds_http_mistakes",
     "test_install.py::test_pip_install_gives_a_hadaemon_command",
     "test_install.py::test_copy_and_run_still_uses_its_own_folder",
+    "test_notify.py::test_notify_webhook_posts_the_event_with_a_text_line",   # receivers on loopback
+    "test_notify.py::test_notify_mail_through_a_local_smtp_sink",
+    "test_notify.py::test_notify_log_writes_one_syslog_line_through_logger",
 }
 
 

@@ -6,7 +6,7 @@ relaunch that runs the daemon with this file as a module, and main(), which the
 file calls last.
 
 Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-      master, whatif, client.
+      notify, master, whatif, client.
 """
 
 import argparse
@@ -30,6 +30,7 @@ from .ledger import RUN_FINAL
 from .etcd import EtcdClient, EtcdError, connect_etcd_endpoints
 from .cluster_agent import etcd_timeouts
 from .cluster_member import PAUSE_KEY
+from .notify import notify_test
 from .master import Master
 from .whatif import parse_what_if, render_simulation, simulate
 from .client import locked_pid, offline_status, render_history, render_run, render_status, stop_wait
@@ -105,6 +106,8 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
@@ -576,6 +579,8 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
         if command in ("pause", "resume"):
