@@ -72,11 +72,13 @@ def medians():
                               for k in runs[0] if k != "outage")))
 
 
-def longest_pause(acked, since, until):
-    """The longest time without an acknowledged row between ``since`` and ``until``."""
+def longest_pause(acked, since, until, where=False):
+    """The longest time without an acknowledged row between ``since`` and ``until``
+    (with ``where``: and when it began)."""
     times = sorted(t for t, _ in acked.values() if since <= t <= until)
     edges = [since] + times + [until]
-    return max(b - a for a, b in zip(edges, edges[1:]))
+    pause = max(zip(edges, edges[1:]), key=lambda ab: ab[1] - ab[0])
+    return (pause[1] - pause[0], pause[0]) if where else pause[1] - pause[0]
 
 
 def new_entries(s, node, since):
@@ -362,7 +364,8 @@ def test_leader_cut_from_etcd(cstack, run):
 
 FAULTS = int(os.environ.get("HADAEMON_NEMESIS_FAULTS") or 4)
 SEED = int(os.environ.get("HADAEMON_NEMESIS_SEED") or time.time())
-KINDS = ("postmaster", "host", "cable", "witness", "etcd-quorum", "etcd-cut", "kill9", "sigstop")
+KINDS = tuple((os.environ.get("HADAEMON_NEMESIS_KINDS") or
+               "postmaster host cable witness etcd-quorum etcd-cut kill9 sigstop").split())
 
 
 class Nemesis:
@@ -463,14 +466,17 @@ class Nemesis:
                 time.sleep(rng.uniform(0, TTL))
             finally:
                 os.kill(pid, signal.SIGCONT)
-        self.log.append("%.1f %s: %s, taken over in %.1f s" % (fault - self.begun, kind, leader, took))
         if self.primary != old:
             self.s.rebuild(old, self.primary)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self.settle()
         # What the application saw: the longest pause between acknowledged writes
         # from the fault until all was healed again.
-        self.takeovers.append((kind, took, longest_pause(s.writers.acked(), fault, time.time())))
+        pause, at = longest_pause(s.writers.acked(), fault, time.time(), where=True)
+        self.takeovers.append((kind, took, pause))
+        self.log.append("%6.1f s %-11s leader %-7s taken over in %.1f s; longest pause %.2f s, from %+.2f s"
+                        % (fault - self.begun, kind, leader, took, pause, at - fault))
+        print("nemesis: " + self.log[-1])
 
     def hold(self, among, fault):
         """Wait for a leader among ``among``; nothing may fail over meanwhile."""
