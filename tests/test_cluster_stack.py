@@ -413,6 +413,7 @@ class Nemesis:
         s, rng = self.s, self.rng
         old = self.primary
         leader, _ = s.leader(MEMBERS)
+        won = self.leaderships()
         fault = time.time()
         if kind == "postmaster":
             os.kill(self.servers[old].postmaster_pid(), signal.SIGKILL)
@@ -474,9 +475,15 @@ class Nemesis:
         # from the fault until all was healed again.
         pause, at = longest_pause(s.writers.acked(), fault, time.time(), where=True)
         self.takeovers.append((kind, took, pause))
-        self.log.append("%6.1f s %-11s leader %-7s taken over in %.1f s; longest pause %.2f s, from %+.2f s"
-                        % (fault - self.begun, kind, leader, took, pause, at - fault))
+        self.log.append("%6.1f s %-11s leader %-7s taken over in %.1f s; longest pause %.2f s, from %+.2f s; "
+                        "%d leaderships won, leader then %s" % (fault - self.begun, kind, leader, took, pause,
+                                                                 at - fault, self.leaderships() - won,
+                                                                 s.leader(MEMBERS)[0]))
         print("nemesis: " + self.log[-1])
+
+    def leaderships(self):
+        """How many times a member took the lead so far (their logs say it)."""
+        return sum(d.log().count(" leads (epoch ") for d in self.s.members.values())
 
     def hold(self, among, fault):
         """Wait for a leader among ``among``; nothing may fail over meanwhile."""
