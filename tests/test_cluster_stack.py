@@ -382,6 +382,7 @@ class Nemesis:
         self.starts = [("db1", 0.0)]        # (server, the time it began to acknowledge writes)
         self.begun = time.time()
         self.log = []                       # one line per fault, for a failure's message
+        self.fault_at, self.reruns = 0.0, []    # runs interrupted and re-run by hand
 
     def settle(self, timeout=90):
         """Every member live and agreeing on a leader; the ledger as the pair is; the
@@ -391,8 +392,7 @@ class Nemesis:
             d = s.members[node]
             if d.proc is None or d.proc.poll() is not None:
                 s.start_member(node)
-        leader, _ = s.leader(MEMBERS, timeout=timeout)
-        s.wait_settled(leader, {self.primary: "master", self.standby: "slave"}, timeout=timeout)
+        self.wait_ledger(MEMBERS, {self.primary: "master", self.standby: "slave"}, timeout)
         assert s.topo.has_vip(self.primary) and not s.topo.has_vip(self.standby)
         since = time.time()
         wait_for(lambda: len(s.writers.acked_by(self.primary, after=since)) >= 20, timeout=30,
@@ -401,8 +401,7 @@ class Nemesis:
     def failover(self, fault, among):
         """Wait until the standby took over; account the promotion."""
         s, old, new = self.s, self.primary, self.standby
-        leader, _ = s.leader(among, timeout=60)
-        s.wait_settled(leader, {old: "down", new: "master"}, timeout=60)
+        self.wait_ledger(among, {old: "down", new: "master"})
         first = wait_for(lambda: s.writers.acked_by(new, after=fault), timeout=30,
                          what="a row acknowledged by %s (%s)" % (new, s.tails()))[0]
         self.promotions += 1
@@ -416,7 +415,7 @@ class Nemesis:
         old = self.primary
         leader, _ = s.leader(MEMBERS)
         won = self.leaderships()
-        fault = time.time()
+        fault = self.fault_at = time.time()
         if kind == "postmaster":
             os.kill(self.servers[old].postmaster_pid(), signal.SIGKILL)
             took = self.failover(fault, None)
@@ -482,6 +481,28 @@ class Nemesis:
                                                                  at - fault, self.leaderships() - won,
                                                                  s.leader(MEMBERS)[0]))
         print("nemesis: " + self.log[-1])
+
+    def wait_ledger(self, among, expect, timeout=90):
+        """Wait until the leader's ledger shows ``expect`` with nothing left to run.  A
+        host's latest run interrupted since the fault (its leader stepped down in the
+        middle: SPEC §10, never run again by itself) is re-run, as an operator would
+        (--rerun --wait), once, and counted."""
+        s = self.s
+        deadline = time.time() + timeout
+        while True:
+            leader, _ = s.leader(among, timeout=60)
+            if s.settled(leader, expect):
+                return leader
+            latest = {e["host"]: e for e in s.history(leader)}
+            for e in latest.values():
+                run = e.get("run")
+                if run and run["state"] == "interrupted" and e["time"] >= self.fault_at \
+                        and run["id"] not in self.reruns:
+                    self.reruns.append(run["id"])
+                    s.members[leader].cli("--rerun", str(run["id"]), "--wait", "--timeout", "60")
+            assert time.time() < deadline, "%s: %s not in the ledger after %ds (%s)" % (
+                leader, expect, timeout, s.tails())
+            time.sleep(0.1)
 
     def leaderships(self):
         """How many times a member took the lead so far (their logs say it)."""
@@ -554,9 +575,11 @@ def test_nemesis(cstack):
     twice_ledger = len(run_ids) - len(set(run_ids))
     assert s.timeline(final) == 1 + n.promotions
     figure("nemesis: %d faults (%s), %d promotions, %d acknowledged, %d lost, %d split writes, "
-           "%d overlapping commands, %d transitions run twice (seed %d)"
+           "%d overlapping commands, %d transitions run twice (seed %d; %d run%s interrupted by a step-down "
+           "and re-run with --rerun)"
            % (FAULTS, ", ".join("%s %d" % kv for kv in sorted(n.kinds.items())), n.promotions, len(acked),
-              len(lost), len(split), len(overlapping), len(twice) + twice_ledger, SEED))
+              len(lost), len(split), len(overlapping), len(twice) + twice_ledger, SEED, len(n.reruns),
+              "" if len(n.reruns) == 1 else "s"))
     takes, pauses = {}, {}
     for kind, took, pause in n.takeovers:
         takes.setdefault(kind, []).append(took)
