@@ -509,7 +509,8 @@ class Nemesis:
         return sum(d.log().count(" leads (epoch ") for d in self.s.members.values())
 
     def hold(self, among, fault):
-        """Wait for a leader among ``among``; nothing may fail over meanwhile."""
+        """Wait for a leader among ``among`` (a failover meanwhile would show in settle()
+        and in the promotions against PostgreSQL's timeline)."""
         node, _ = self.s.leader(among, timeout=60)
         return time.time() - fault
 
