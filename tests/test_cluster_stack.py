@@ -393,7 +393,10 @@ class Nemesis:
             if d.proc is None or d.proc.poll() is not None:
                 s.start_member(node)
         self.wait_ledger(MEMBERS, {self.primary: "master", self.standby: "slave"}, timeout)
-        assert s.topo.has_vip(self.primary) and not s.topo.has_vip(self.standby)
+        # (once seen: the ledger settled while [any_to_slave], which takes the address
+        # off the standby, had just started: the address is waited for, bounded)
+        wait_for(lambda: s.topo.has_vip(self.primary) and not s.topo.has_vip(self.standby), timeout=30,
+                 what="the address on %s alone (%s)" % (self.primary, s.tails()))
         since = time.time()
         wait_for(lambda: len(s.writers.acked_by(self.primary, after=since)) >= 20, timeout=30,
                  what="20 rows acknowledged by %s (%s)" % (self.primary, s.tails()))
@@ -422,6 +425,8 @@ class Nemesis:
         elif kind == "host":
             s.kill_host(old)
             took = self.failover(fault, [m for m in MEMBERS if m != old])
+            # It comes back as a host that rebooted: without the address.
+            s.topo.ip(old, "addr", "del", "192.0.2.10/24", "dev", "eth0", check=False)
             s.topo.cable(old, True)
             s.revive_etcd(old)
             s.restart_sshd(old)
