@@ -201,6 +201,7 @@ DAEMON_DEFAULTS = {
     "interval": 10.0,
     "timeout": 5.0,
     "confirm": 1,
+    "recheck": None,      # a pending candidate's check runs again this soon: off unless set
     "workers": 2,
     "action_timeout": 60.0,
     "log": None,          # None: stderr in the foreground, var/hadaemon.log daemonized
@@ -212,7 +213,7 @@ DAEMON_DEFAULTS = {
     "http_token": None,
     "http_cert": None,
 }
-GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
+GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "recheck", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}
@@ -672,6 +673,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    recheck: typing.Optional[float] = DAEMON_DEFAULTS["recheck"]
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -697,6 +699,7 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    recheck: typing.Optional[float] = None      # interval groups only (configfiles)
 
 
 @dataclasses.dataclass
@@ -1175,7 +1178,7 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "recheck"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -1268,13 +1271,33 @@ def _parse_checks(path, config_dir, errors):
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
-    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
+    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors,
+                                                  daemon.get("recheck", ("[daemon]",))[0])
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
 
 
-def _build_groups(groups, settings, config_dir, errors):
+def _recheck_problem(gset, values, daemon_where):
+    """Why a group's ``recheck`` cannot be (docs/configuration.md), or None.  The
+    daemon's default applies to interval groups only: a cron group refuses its own."""
+    if values["recheck"] is None:
+        return None
+    where = gset["recheck"][0] if "recheck" in gset else daemon_where
+    if "cron" in gset:
+        if "recheck" not in gset:
+            values["recheck"] = None
+            return None
+        return "%s: recheck is for interval checks; this group runs by cron (%s)" % (
+            where, gset["cron"][0])
+    if values["recheck"] > values["interval"]:
+        return "%s: recheck %s is longer than the interval %s of the group at %s" % (
+            where, format_duration(values["recheck"]), format_duration(values["interval"]),
+            gset["interval"][0] if "interval" in gset else "[daemon]")
+    return None
+
+
+def _build_groups(groups, settings, config_dir, errors, recheck_where):
     """Groups with the daemon's defaults filled in, and their checks, each command found
     (a generator, as _parse_checks: it yields every CONFIG_STEP checks)."""
     checks, seen = [], {}
@@ -1282,13 +1305,17 @@ def _build_groups(groups, settings, config_dir, errors):
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
                 "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout,
+                "recheck": settings.recheck}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
         values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        problem = _recheck_problem(gset, values, recheck_where)
+        if problem:
+            errors.append(problem)
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -3871,6 +3898,12 @@ class Ledger:
         self._put(Changes(hosts={host: new}))
         return None
 
+    def pending_among(self, reports):
+        """Whether one of ``reports`` ((host, state) pairs, applied) left its state the
+        host's pending candidate (a member's own, in a cluster): what ``recheck`` follows."""
+        candidates = self.seen if self.shared else self.hosts
+        return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
     def agree(self, moves, now):
         """The cluster's leader: each (host, state, voters) that quorum sees moves."""
         for host, state, voters in moves:
@@ -4098,6 +4131,9 @@ def _command_words(cmd):
 # bursts); cron checks at their next matching minute.  A check due while its last
 # run is still queued or running is skipped and counted: it never overlaps itself.
 # Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+# A check whose report left a candidate pending (``recheck``) runs again that soon
+# after, from a second heap, its scheduled runs passing unrun meanwhile; once the
+# candidate is settled it is back on its schedule, which never moved.
 #
 # Uses: base, config, wire, records, ssh.
 
@@ -4115,6 +4151,8 @@ class CheckRuntime:
     last: typing.Optional[dict] = None
     trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
     hosts: tuple = ()                   # the hosts its last own report was about
+    rechecking: bool = False            # a candidate it reported is pending: recheck, not schedule
+    recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
 
 
 def percentile(ordered, q):
@@ -4141,6 +4179,7 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
             "host": check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
+            "rechecking": rt.rechecking if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
 
@@ -4164,6 +4203,7 @@ class Scheduler:
         self.store = store              # where each last result goes (check:KEY, soft)
         self.runtimes = {}              # check key -> CheckRuntime
         self.heap = []                  # (due, seq, key, token)
+        self.rechecks = []              # the same, of the rechecks planned (recheck())
         self.stale = 0                  # heap entries of checks a reload removed or rescheduled
         self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
         self.lags = collections.deque(maxlen=10000)
@@ -4260,6 +4300,8 @@ class Scheduler:
 
     def due_of(self, rt):
         """When ``rt`` runs next (monotonic)."""
+        if rt.recheck_at is not None:
+            return rt.recheck_at
         return rt.waiting[0] + rt.next_due if rt.waiting else rt.next_due
 
     def _push(self, rt):
@@ -4269,17 +4311,30 @@ class Scheduler:
         dues = [since[0] + queue[0][0] for since, queue in self.fresh]
         if self.heap:
             dues.append(self.heap[0][0])
+        if self.rechecks:
+            dues.append(self.rechecks[0][0])
         return min(dues) if dues else None
 
     def fire_due(self, now):
         """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
         self._push_fresh(now)
+        while self.rechecks and self.rechecks[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.rechecks)
+            rt = self.runtimes.get(key)
+            if rt is not None and rt.token == token and rt.recheck_at == due:
+                rt.recheck_at = None
+                if not rt.busy:
+                    rt.busy = True
+                    self.running.add(key)
+                    self.ready.append((rt, due))
         while self.heap and self.heap[0][0] <= now:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
             if rt is None or rt.token != token:
                 continue
-            if rt.busy:
+            if rt.rechecking and not self.once:
+                pass                            # its recheck runs instead
+            elif rt.busy:
                 rt.skipped += 1
                 log.debug("check %s: still running at its next run; skipped", rt.check.name)
             else:
@@ -4345,6 +4400,18 @@ class Scheduler:
         if self.store is not None:
             self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports
+
+    def recheck(self, rt, pending, now):
+        """After ``rt``'s reports went to the ledger: while a candidate one of them made
+        is ``pending``, its group's ``recheck`` after ``now`` (the run's end) is its next
+        run; once none is, it is back on its schedule."""
+        recheck = rt.check.group.recheck
+        if pending and recheck and not self.once and self.runtimes.get(rt.check.key) is rt:
+            rt.rechecking, rt.recheck_at = True, now + recheck
+            heapq.heappush(self.rechecks, (rt.recheck_at, next(self.heap_seq), rt.check.key, rt.token))
+        elif rt.rechecking:
+            rt.rechecking, rt.recheck_at = False, None
+            log.debug("check %s: candidate settled; back on its schedule", rt.check.name)
 
     @staticmethod
     def _note_trouble(rt, trouble):
@@ -5442,11 +5509,12 @@ def _page_hosts(hosts, now):
 
 
 def _next_run(check, now):
+    recheck = "rechecking: " if check.get("rechecking") else ""
     if check.get("running"):
-        return "running"
+        return recheck + "running"
     if not check.get("next_run"):
         return None
-    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+    return recheck + ("due" if check["next_run"] <= now else format_ago(check["next_run"], now))
 
 
 def _page_checks(checks, now):
@@ -7926,6 +7994,8 @@ class Master:
             rt, reports = done
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time())
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, self.ledger.pending_among(reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -8353,6 +8423,13 @@ def _render_hosts(hosts):
     return out
 
 
+def _next_column(check):
+    """NEXT of a check: when it runs next; ``recheck`` while a candidate it reported is pending."""
+    if check.get("rechecking"):
+        return "recheck"
+    return format_ago(check.get("next_run")) if check.get("next_run") else "-"
+
+
 def _render_checks(checks):
     """The checks table, by scope; past STATUS_ROWS, a count and those in trouble."""
     out = []
@@ -8377,7 +8454,7 @@ def _render_checks(checks):
         hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
         rows.append((c["name"], hosts, reported,
                      "-" if last.get("exit") is None else last["exit"], took,
-                     format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
+                     format_ago(last.get("time")), _next_column(c),
                      "-" if c.get("skipped") is None else c["skipped"]))
     if len(rows) > 1:
         out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5)) + _more(len(checks))

@@ -61,6 +61,7 @@ DAEMON_DEFAULTS = {
     "interval": 10.0,
     "timeout": 5.0,
     "confirm": 1,
+    "recheck": None,      # a pending candidate's check runs again this soon: off unless set
     "workers": 2,
     "action_timeout": 60.0,
     "log": None,          # None: stderr in the foreground, var/hadaemon.log daemonized
@@ -72,7 +73,7 @@ DAEMON_DEFAULTS = {
     "http_token": None,
     "http_cert": None,
 }
-GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
+GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "recheck", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}

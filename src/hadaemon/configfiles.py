@@ -13,7 +13,7 @@ import shutil
 
 from .base import (
     CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WORKERS, SECTION_KEYS,
-    SSH_KEYS, parse_duration, run_steps, valid_name,
+    SSH_KEYS, format_duration, parse_duration, run_steps, valid_name,
 )
 from .cron import CronSpec
 from .config import (
@@ -31,7 +31,7 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "recheck"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -124,13 +124,33 @@ def _parse_checks(path, config_dir, errors):
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
     settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
-    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
+    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors,
+                                                  daemon.get("recheck", ("[daemon]",))[0])
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
 
 
-def _build_groups(groups, settings, config_dir, errors):
+def _recheck_problem(gset, values, daemon_where):
+    """Why a group's ``recheck`` cannot be (docs/configuration.md), or None.  The
+    daemon's default applies to interval groups only: a cron group refuses its own."""
+    if values["recheck"] is None:
+        return None
+    where = gset["recheck"][0] if "recheck" in gset else daemon_where
+    if "cron" in gset:
+        if "recheck" not in gset:
+            values["recheck"] = None
+            return None
+        return "%s: recheck is for interval checks; this group runs by cron (%s)" % (
+            where, gset["cron"][0])
+    if values["recheck"] > values["interval"]:
+        return "%s: recheck %s is longer than the interval %s of the group at %s" % (
+            where, format_duration(values["recheck"]), format_duration(values["interval"]),
+            gset["interval"][0] if "interval" in gset else "[daemon]")
+    return None
+
+
+def _build_groups(groups, settings, config_dir, errors, recheck_where):
     """Groups with the daemon's defaults filled in, and their checks, each command found
     (a generator, as _parse_checks: it yields every CONFIG_STEP checks)."""
     checks, seen = [], {}
@@ -138,13 +158,17 @@ def _build_groups(groups, settings, config_dir, errors):
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
                 "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout,
+                "recheck": settings.recheck}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
         values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        problem = _recheck_problem(gset, values, recheck_where)
+        if problem:
+            errors.append(problem)
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):

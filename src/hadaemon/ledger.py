@@ -216,6 +216,12 @@ class Ledger:
         self._put(Changes(hosts={host: new}))
         return None
 
+    def pending_among(self, reports):
+        """Whether one of ``reports`` ((host, state) pairs, applied) left its state the
+        host's pending candidate (a member's own, in a cluster): what ``recheck`` follows."""
+        candidates = self.seen if self.shared else self.hosts
+        return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
     def agree(self, moves, now):
         """The cluster's leader: each (host, state, voters) that quorum sees moves."""
         for host, state, voters in moves:

@@ -331,6 +331,8 @@ class Master:
             rt, reports = done
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time())
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, self.ledger.pending_among(reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():
