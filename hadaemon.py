@@ -4131,11 +4131,17 @@ def _command_words(cmd):
 # bursts); cron checks at their next matching minute.  A check due while its last
 # run is still queued or running is skipped and counted: it never overlaps itself.
 # Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+# A pass of the master that is awake anyway (a result came in) also takes the
+# checks due within EARLY: one wake-up for a result and the next job, not one
+# each, for a check that runs at most that much before its time (the schedule
+# itself does not move).
 # A check whose report left a candidate pending (``recheck``) runs again that soon
 # after, from a second heap, its scheduled runs passing unrun meanwhile; once the
 # candidate is settled it is back on its schedule, which never moved.
 #
 # Uses: base, config, wire, records, ssh.
+
+EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -4316,8 +4322,10 @@ class Scheduler:
         return min(dues) if dues else None
 
     def fire_due(self, now):
-        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
+        skipped; set its next time."""
         self._push_fresh(now)
+        until = now + EARLY
         while self.rechecks and self.rechecks[0][0] <= now:
             due, _, key, token = heapq.heappop(self.rechecks)
             rt = self.runtimes.get(key)
@@ -4327,7 +4335,7 @@ class Scheduler:
                     rt.busy = True
                     self.running.add(key)
                     self.ready.append((rt, due))
-        while self.heap and self.heap[0][0] <= now:
+        while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
             if rt is None or rt.token != token:
@@ -4359,9 +4367,10 @@ class Scheduler:
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        self.lags.append(now - due)
+        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
+        self.lags.append(lag)
         self.lag_count += 1
-        self.lag_sum += now - due
+        self.lag_sum += lag
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -4613,7 +4622,16 @@ class Pool:
         """Keep ``workers`` workers and one spare action run; kill the hung; follow the ssh targets."""
         if self.stopping:
             return
-        live = self.workers("starting", "idle", "busy")
+        # One look at the children (every pass of the loop comes here): by state.
+        live, starting, idle, busy, spare = [], [], [], [], None
+        for child in self.children.values():
+            if child.kind == "worker":
+                if child.state != "exiting":
+                    live.append(child)
+                    (starting if child.state == "starting" else idle if child.state == "idle"
+                     else busy).append(child)
+            elif child.kind == "action" and child.run_id is None:
+                spare = child
         missing = config.daemon.workers - len(live)
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
@@ -4626,13 +4644,13 @@ class Pool:
                 child.slot = slot
         # A smaller pool (after a reload) shrinks by idle workers only: retiring a
         # busy one would cut its check short and report it unknown.
-        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
+        for child in idle[:max(0, -missing)]:
             self.retire(child)
-        for child in self.workers("starting"):
+        for child in starting:
             if now - child.started > HELLO_WITHIN:
                 log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
                 self.retire(child, signal.SIGKILL)
-        for child in self.workers("busy"):
+        for child in busy:
             # Workers enforce their checks' timeouts; one silent long past it is hung
             # (stopped, stuck), and its check must not freeze its host's state.
             job = child.job
@@ -4640,7 +4658,7 @@ class Pool:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
                           child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
-        if now >= self.runner_after and self.spare_runner() is None:
+        if now >= self.runner_after and spare is None:
             # One action run forked and waiting, so a sequence starts without a fork.
             if self.fork("action", action_main, self.sock_path, config.config_dir) is None:
                 self.runner_after = now + 1.0

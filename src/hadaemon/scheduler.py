@@ -5,6 +5,10 @@ checks run at a fixed rate from their schedule (a late pass skips, it never
 bursts); cron checks at their next matching minute.  A check due while its last
 run is still queued or running is skipped and counted: it never overlaps itself.
 Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+A pass of the master that is awake anyway (a result came in) also takes the
+checks due within EARLY: one wake-up for a result and the next job, not one
+each, for a check that runs at most that much before its time (the schedule
+itself does not move).
 A check whose report left a candidate pending (``recheck``) runs again that soon
 after, from a second heap, its scheduled runs passing unrun meanwhile; once the
 candidate is settled it is back on its schedule, which never moved.
@@ -26,6 +30,7 @@ from .wire import reports_from_result
 from .records import Job
 from .ssh import ssh_command
 
+EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -206,8 +211,10 @@ class Scheduler:
         return min(dues) if dues else None
 
     def fire_due(self, now):
-        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
+        skipped; set its next time."""
         self._push_fresh(now)
+        until = now + EARLY
         while self.rechecks and self.rechecks[0][0] <= now:
             due, _, key, token = heapq.heappop(self.rechecks)
             rt = self.runtimes.get(key)
@@ -217,7 +224,7 @@ class Scheduler:
                     rt.busy = True
                     self.running.add(key)
                     self.ready.append((rt, due))
-        while self.heap and self.heap[0][0] <= now:
+        while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
             if rt is None or rt.token != token:
@@ -249,9 +256,10 @@ class Scheduler:
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        self.lags.append(now - due)
+        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
+        self.lags.append(lag)
         self.lag_count += 1
-        self.lag_sum += now - due
+        self.lag_sum += lag
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
