@@ -4143,6 +4143,7 @@ def _command_words(cmd):
 
 EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
 
+
 @dataclasses.dataclass
 class CheckRuntime:
     """What the master knows of one configured check between reloads."""

@@ -32,6 +32,7 @@ from .ssh import ssh_command
 
 EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
 
+
 @dataclasses.dataclass
 class CheckRuntime:
     """What the master knows of one configured check between reloads."""
