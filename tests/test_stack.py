@@ -21,9 +21,11 @@ hosts at once (``ip monitor`` of both hosts), no write acknowledged by db1 once 
 address moved and, for the cable, db1 back fenced: the address taken off it, no
 neighbour sent there, a direct write to it never acknowledged.
 
-The outage and its parts (detection, pgbouncer, address, promotion, client) are
-figures, printed in pytest's summary, never asserted.  ``STACK_RUNS=5`` runs each
-scenario five times and adds a table of medians.  Needs root and ``ip netns``;
+The outage and its parts (detection, split into the first report that saw the
+fault and confirming it; pgbouncer, address, promotion, client) are figures,
+printed in pytest's summary, never asserted.  ``STACK_RUNS=5`` runs each
+scenario five times and adds a table of medians; ``STACK_BEFORE=1`` lets an
+example without ``recheck`` run (to measure an older one with this file).  Needs root and ``ip netns``;
 skips otherwise.  Stale namespaces of a killed run of this file are removed at start.
 """
 
