@@ -57,6 +57,7 @@ class DaemonSettings:
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
     recheck: typing.Optional[float] = DAEMON_DEFAULTS["recheck"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -83,6 +84,12 @@ class Group:
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
     recheck: typing.Optional[float] = None      # interval groups only (configfiles)
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass

@@ -330,7 +330,7 @@ class Master:
         if done is not None:
             rt, reports = done
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
             if rt.check.group.recheck or rt.rechecking:
                 self.scheduler.recheck(rt, self.ledger.pending_among(reports), time.monotonic())
 
