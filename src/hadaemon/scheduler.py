@@ -222,9 +222,7 @@ class Scheduler:
             if rt is not None and rt.token == token and rt.recheck_at == due:
                 rt.recheck_at = None
                 if not rt.busy:
-                    rt.busy = True
-                    self.running.add(key)
-                    self.ready.append((rt, due))
+                    self._queue(rt, due)
         while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
@@ -236,9 +234,7 @@ class Scheduler:
                 rt.skipped += 1
                 log.debug("check %s: still running at its next run; skipped", rt.check.name)
             else:
-                rt.busy = True
-                self.running.add(key)
-                self.ready.append((rt, due))
+                self._queue(rt, due)
             if self.once:
                 continue
             group = rt.check.group
@@ -251,6 +247,12 @@ class Scheduler:
                     rt.skipped += missed
                     rt.next_due += missed * group.interval
             self._push(rt)
+
+    def _queue(self, rt, due):
+        """``rt`` waits for a worker: queued, so it is not due again until it ran."""
+        rt.busy = True
+        self.running.add(rt.check.key)
+        self.ready.append((rt, due))
 
     def take(self, now, host_state, config_dir, state_dir):
         """The next ready check as a Job (None when none waits); its lag is sampled."""
