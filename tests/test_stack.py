@@ -443,10 +443,11 @@ class Stack:
         assert groups == {(0.5, 2)}, groups
         d.wrap = self.topo.inside("watcher", [])
 
-    def start(self):
-        """hadaemon up, db1 master with the address, db2 slave, rows flowing through pgbouncer."""
+    def start(self, **env):
+        """hadaemon up (``env``: more of its environment), db1 master with the address,
+        db2 slave, rows flowing through pgbouncer."""
         d = self.d
-        env = dict(self.pair.client_env, PGPASSFILE=str(d.state / "pgpass"))
+        env = dict(self.pair.client_env, PGPASSFILE=str(d.state / "pgpass"), **env)
         d.start(env=env)
         d.wait_state("db1", "master", timeout=30)
         d.wait_state("db2", "slave", timeout=30)
@@ -525,6 +526,15 @@ RESULTS = {}
 def medians():
     """With STACK_RUNS > 1: the median of every figure per scenario, after the last run."""
     yield
+    for way, runs in SWITCHOVERS.items():
+        if len(runs) > 1:
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            figure("stack: switchover %s: median of %d runs: write outage %d ms (%d-%d), longest "
+                   "write wait %d ms (%d-%d); %s, hadaemon %d ms"
+                   % (way, len(runs), med["outage"], min(r["outage"] for r in runs),
+                      max(r["outage"] for r in runs), med["wait"], min(r["wait"] for r in runs),
+                      max(r["wait"] for r in runs),
+                      ", ".join("%s %d" % (n, med[n]) for n in SWITCHOVER_STEPS), med["hadaemon"]))
     for scenario, runs in RESULTS.items():
         if len(runs) < 2:
             continue
@@ -660,14 +670,171 @@ def test_dead_host(stack, run):
 
 
 @pytest.mark.parametrize("run", range(RUNS))
-def test_planned_switchover(stack, run):
-    """The operator stops db1's PostgreSQL cleanly; hadaemon does the rest."""
+def test_stopped_by_hand(stack, run):
+    """The operator stops db1's PostgreSQL cleanly, without --switchover: hadaemon
+    sees a primary down and fails over (what --switchover is for instead)."""
     stack.start()
     db1 = stack.pair.primary
     killed = failover(stack, lambda: stack.pair.run(
         [stack.pair.tool("pg_ctl"), "stop", "-D", db1.datadir, "-m", "fast", "-w", "-t", "30"]))
-    both = check_and_report(stack, "planned switchover", killed)
+    both = check_and_report(stack, "stopped by hand", killed)
     assert both == 0, "the address was on db1 and db2 at once for %.3f s" % both
+
+
+SWITCHOVER_STEPS = ["checkpoint", "hold", "stop", "promote", "address off", "address on", "resume",
+                    "rejoin"]
+
+
+def switchover_steps(run):
+    """[(step, started, ended, exit, output)] of a [switchover] run's commands that ran,
+    logger left out; a step named by SWITCHOVER_STEPS (pgbouncer_guard: the command it runs)."""
+    names = {("psql",): "checkpoint", ("pgbouncer_ctl", "hold"): "hold",
+             ("pg_handover", "stop"): "stop", ("promote_standby",): "promote",
+             ("remote_vip", "del"): "address off", ("remote_vip", "add"): "address on",
+             ("pgbouncer_ctl", "resume"): "resume", ("pg_handover", "rejoin"): "rejoin"}
+    found = []
+    for cmd in run["commands"]:
+        res, argv = cmd.get("result"), [os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]
+        if res is None or cmd.get("started") is None or argv[0] == "logger":
+            continue
+        if argv[0] == "pgbouncer_guard":
+            argv = argv[3:]
+        name = names.get(tuple(argv[:1])) or names.get(tuple(argv[:2]), " ".join(argv[:2]))
+        found.append((name, cmd["started"], cmd["started"] + res["duration"], res.get("exit"),
+                      res.get("output", "")))
+    return found
+
+
+def write_waits(writers, since, until):
+    """(outage, longest wait, client errors) of the writes around [since, until]: the
+    longest stretch with no acknowledged write, the longest a single write waited (a
+    writer sends the next one as soon as one is acknowledged), errors the writers saw."""
+    per_writer, every = [], []
+    for path in writers.paths:
+        with open(path) as f:
+            acks = [float(line.split()[2]) for line in f if line.startswith("ack ")]
+        every += acks
+        per_writer.append(acks)
+
+    def longest(acks):
+        return max([0.0] + [b - a for a, b in zip(acks, acks[1:]) if b >= since and a <= until])
+    errors = [e for e in writers.events() if e[0] == "err" and since <= float(e[1]) <= until + 1]
+    return longest(sorted(every)), max(longest(a) for a in per_writer), errors
+
+
+def streams_from(standby, primary):
+    """Whether ``standby`` streams from ``primary``, as both of them say."""
+    receiver = standby.sql("SELECT status, sender_host FROM pg_stat_wal_receiver")
+    senders = primary.sql("SELECT state FROM pg_stat_replication")
+    return receiver == ["streaming|%s" % primary.name] and senders == ["streaming"]
+
+
+SWITCHOVERS = {}        # "to db2" -> [{figure: ms}] of every run, for the medians
+
+
+def switchover(s, frm, to):
+    """--switchover TO with the writers writing; assert and print what the application
+    saw, and that the pair is whole again with TO the primary."""
+    d, topo, writers = s.d, s.topo, s.writers
+    servers = {"db1": s.pair.primary, "db2": s.pair.standby}
+    new, old = servers[to], servers[frm]
+    asked = time.time()
+    r = d.cli("--switchover", to, "--wait", timeout=200)
+    done = time.time()
+    runs = [x for x in d.runs() if x["section"].endswith("switchover") and (x["queued"] or 0) >= asked - 1]
+    assert r.returncode == 0 and len(runs) == 1 and runs[0]["state"] == "ok", \
+        "--switchover %s exited %d: %s%s\n%s\n%s" % (to, r.returncode, r.stdout, r.stderr,
+                                                     json.dumps(runs, indent=1), d.tail())
+    run = runs[0]
+    steps = switchover_steps(run)
+    said = "\n".join("%-12s %+.3f..%+.3f exit %s: %s" % (
+        n, t0 - asked, t1 - asked, code, out.strip().replace("\n", " | ")) for n, t0, t1, code, out in steps)
+    assert [x[0] for x in steps] == SWITCHOVER_STEPS, said
+    # hadaemon sees it as it is, TO master and FROM a standby again; the transitions
+    # the switchover caused ran no section.
+    d.wait_state(to, "master", timeout=30)
+    d.wait_state(frm, "slave", timeout=30)
+    history = json.loads(d.cli("--history", "50", "--json", check=True).stdout)
+    caused = [h for h in history if h["time"] >= run["started"] and (
+        (h["host"], h["from"]) == (frm, "master") or (h["host"], h["to"]) == (to, "master"))]
+    assert len(caused) == 2 and all(h["run"] is None for h in caused), json.dumps(caused, indent=1)
+    wait_for(lambda: len(writers.acked_by(to, after=done)) >= 50, timeout=30,
+             what="50 rows acknowledged by %s after the switchover" % to)
+
+    outage, wait, errors = write_waits(writers, run["started"], run["ended"])
+    acked = writers.acked()
+    present = {int(n) for n in new.sql("SELECT n FROM ha_rows")}
+    lost = sorted(set(acked) - present)
+    promoted = [x for x in steps if x[0] == "promote" and "%s promoted" % to in x[4]]
+    assert not lost, "acknowledged rows missing on %s: %s" % (to, lost[:20])
+    assert not errors, "the writers saw errors: %s\n%s" % (errors[:10], said)
+    assert len(promoted) == 1, said
+    assert new.sql("SELECT pg_is_in_recovery()") == ["f"]
+    assert old.sql("SELECT pg_is_in_recovery()") == ["t"]
+    assert streams_from(old, new), "%s does not stream from %s" % (frm, to)
+    assert topo.has_vip(to) and not topo.has_vip(frm)
+    figure("stack: switchover: write outage %d ms, %d acknowledged, %d present, %d lost, %d client "
+           "errors, %d promotion, address on %s, %s standby of %s"
+           % (outage * 1000, len(acked), len(present), len(lost), len(errors), len(promoted), to, frm, to))
+    parts = {n: 0.0 for n in SWITCHOVER_STEPS}
+    for n, t0, t1, _, _ in steps:
+        parts[n] += (t1 - t0) * 1000
+    parts["hadaemon"] = (run["ended"] - run["started"]) * 1000 - sum(parts.values())
+    parts.update(outage=outage * 1000, wait=wait * 1000)
+    SWITCHOVERS.setdefault("to " + to, []).append(parts)
+    figure("stack: switchover to %s: longest write wait %d ms (target <= 2000); %s, hadaemon %d ms; "
+           "--switchover --wait returned after %d ms (load %s)"
+           % (to, wait * 1000, ", ".join("%s %d" % (n, parts[n]) for n in SWITCHOVER_STEPS),
+              parts["hadaemon"], (done - asked) * 1000, open("/proc/loadavg").read().split()[0]))
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+def test_planned_switchover(stack, run):
+    """--switchover db2, then --switchover db1, with the writers writing through pgbouncer
+    the whole time: no write fails, none is lost, one promotion each way, and the old
+    primary streams from the new one afterwards, no rebuild by hand."""
+    s = stack
+    s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")    # the example's CONNINFO
+    s.start()
+    switchover(s, "db1", "db2")
+    switchover(s, "db2", "db1")
+    s.writers.stop()
+
+
+def test_switchover_rolled_back(stack):
+    """db2 does not replay what db1 wrote last (replay paused): pg_handover stop starts
+    db1 again, pgbouncer_guard lets the clients go, the run fails saying why, and the
+    clients saw a wait, no error. Then --switchover db2 goes through."""
+    s = stack
+    s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")
+    s.start(CATCHUP_TIMEOUT="1")
+    db1, db2 = s.pair.primary, s.pair.standby
+    db2.sql("SELECT pg_wal_replay_pause()")
+    asked = time.time()
+    r = s.d.cli("--switchover", "db2", "--wait", timeout=200)
+    done = time.time()
+    run = [x for x in s.d.runs() if x["section"].endswith("switchover")][0]
+    steps = switchover_steps(run)
+    assert r.returncode == 1 and run["state"] == "failed", json.dumps(run, indent=1)
+    assert [x[0] for x in steps] == ["checkpoint", "hold", "stop"], steps
+    said = steps[-1][4]
+    assert "db2 has not replayed db1's shutdown checkpoint" in said and "the primary as before" in said \
+        and "appdb resumed" in said, said
+    assert db1.sql("SELECT pg_is_in_recovery()") == ["f"]
+    assert s.topo.has_vip("db1") and not s.topo.has_vip("db2")
+    db2.sql("SELECT pg_wal_replay_resume()")
+    wait_for(lambda: streams_from(db2, db1), timeout=30, what="db2 to stream from db1 again")
+    wait_for(lambda: len(s.writers.acked_by("db1", after=run["ended"])) >= 50, timeout=30,
+             what="50 rows acknowledged by db1 after the failed switchover")
+    outage, wait, errors = write_waits(s.writers, run["started"], run["ended"])
+    assert not errors, errors[:10]
+    s.d.wait_state("db1", "master", timeout=30)
+    s.d.wait_state("db2", "slave", timeout=30)
+    figure("stack: switchover rolled back: longest write wait %d ms (stop %d ms: db1 stopped, "
+           "waited 1 s for db2, started again), 0 client errors; --switchover --wait exit 1 after %d ms"
+           % (wait * 1000, (steps[-1][2] - steps[-1][1]) * 1000, (done - asked) * 1000))
+    switchover(s, "db1", "db2")
+    s.writers.stop()
 
 
 @pytest.mark.parametrize("run", range(RUNS))
