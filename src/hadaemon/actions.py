@@ -73,8 +73,9 @@ class ActionRuns:
         if run is None:
             return
         now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
+        why = self.ledger.cannot_start(run, now)        # paused; a switchover's refusal
+        if why:
+            self.ledger.dequeue(run, why[0], why[1], now)
             return
         try:
             commands = self.ledger.commands_for(run, config)

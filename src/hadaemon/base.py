@@ -71,6 +71,9 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "switchover_role": "master",        # SPEC §12: the state a switchover moves
+    "switchover_candidate": "slave",    # ... the state its target must be in
+    "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
