@@ -12,7 +12,7 @@ network; every name carries the test run's prefix):
 Writers in app commit numbered rows through pgbouncer and log every acknowledged
 one.  Then db1 fails, one way per test: its postmaster killed (SIGKILL), its cable
 pulled (eth0 down: it runs on, unreachable; the cable comes back later), the host
-dead (every process in it killed, eth0 down), or a planned switchover
+dead (every process in it killed, eth0 down), or stopped by hand
 (``pg_ctl stop -m fast``).  hadaemon pauses pgbouncer, takes the address off db1
 (when reachable), promotes db2, puts the address on it with a gratuitous ARP and
 resumes pgbouncer.  The test asserts what an operator relies on: no acknowledged
@@ -21,8 +21,14 @@ hosts at once (``ip monitor`` of both hosts), no write acknowledged by db1 once 
 address moved and, for the cable, db1 back fenced: the address taken off it, no
 neighbour sent there, a direct write to it never acknowledged.
 
-The outage and its parts (detection, pgbouncer, address, promotion, client) are
-figures, printed in pytest's summary, never asserted.  ``STACK_RUNS=5`` runs each
+The planned switchover (``--switchover db2``, then ``--switchover db1``) runs the
+example's ``[switchover]`` with the writers writing: no write may fail or be lost,
+and the old primary must stream from the new one afterwards; a second test makes
+db2 too late and checks that db1 is started again and the clients let go.
+
+The outage and its parts (detection, pgbouncer, address, promotion, client), the
+switchover's longest write wait and its steps are figures, printed in pytest's
+summary, never asserted.  ``STACK_RUNS=5`` runs each
 scenario five times and adds a table of medians.  Needs root and ``ip netns``;
 skips otherwise.  Stale namespaces of a killed run of this file are removed at start.
 """
@@ -349,16 +355,17 @@ class Pgbouncer:
 
 
 class Writers:
-    """``count`` stack_writer.py processes in app, through pgbouncer."""
+    """``count`` stack_writer.py processes in app, through pgbouncer, each giving up
+    on an answer after ``patience`` seconds."""
 
-    def __init__(self, topo, directory, count=2):
+    def __init__(self, topo, directory, count=2, patience=5.0):
         self.paths = [os.path.join(directory, "writer-%d.log" % i) for i in range(count)]
         self.procs = []
         for i, path in enumerate(self.paths):
             with open(path + ".err", "wb") as err:
                 self.procs.append(subprocess.Popen(topo.inside("app", [
                     sys.executable, str(WRITER), "127.0.0.1", str(PGBOUNCER_PORT), APPDB, "postgres",
-                    str(i + 1), str(count), path]), stdin=subprocess.DEVNULL,
+                    str(i + 1), str(count), path, str(patience)]), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
 
     def events(self):
@@ -443,9 +450,10 @@ class Stack:
         assert groups == {(0.5, 2)}, groups
         d.wrap = self.topo.inside("watcher", [])
 
-    def start(self, **env):
+    def start(self, patience=5.0, **env):
         """hadaemon up (``env``: more of its environment), db1 master with the address,
-        db2 slave, rows flowing through pgbouncer."""
+        db2 slave, rows flowing through pgbouncer (from writers that wait ``patience``
+        seconds for an answer)."""
         d = self.d
         env = dict(self.pair.client_env, PGPASSFILE=str(d.state / "pgpass"), **env)
         d.start(env=env)
@@ -457,7 +465,7 @@ class Stack:
         self.holders0 = {h: (self.topo.has_vip(h), self.topo.link_up(h)) for h in ("db1", "db2")}
         self.monitors = {h: Monitor(self.topo, h, self.dir) for h in ("db1", "db2")}
         self.monitors["app"] = Monitor(self.topo, "app", self.dir, what=("neigh",))
-        self.writers = Writers(self.topo, self.dir)
+        self.writers = Writers(self.topo, self.dir, patience=patience)
         wait_for(lambda: len(self.writers.acked_by("db1")) >= 100, timeout=30,
                  what="100 rows acknowledged through pgbouncer (writer errors: %s)"
                  % [e for e in self.writers.events() if e[0] == "err"][-5:])
@@ -796,7 +804,10 @@ def test_planned_switchover(stack, run):
     primary streams from the new one afterwards, no rebuild by hand."""
     s = stack
     s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")    # the example's CONNINFO
-    s.start()
+    # The writers wait for an answer as long as an application without a statement
+    # timeout would (30 s, not 5): a wait is what a switchover may cost, and it is
+    # printed; an error is what it must not cause.
+    s.start(patience=30)
     switchover(s, "db1", "db2")
     switchover(s, "db2", "db1")
     s.writers.stop()
@@ -808,7 +819,7 @@ def test_switchover_rolled_back(stack):
     lets the clients go, the run fails saying why. Then --switchover db2 goes through."""
     s = stack
     s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")
-    s.start(CATCHUP_TIMEOUT="1")
+    s.start(patience=30, CATCHUP_TIMEOUT="1")
     db1, db2 = s.pair.primary, s.pair.standby
 
     def apply_delay(value):
