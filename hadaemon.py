@@ -4434,8 +4434,9 @@ class Ledger:
             changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
 
     def head(self):
@@ -5794,6 +5795,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -5886,6 +5890,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -5896,7 +5906,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))
@@ -8820,6 +8831,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -8857,7 +8874,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))

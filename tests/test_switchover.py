@@ -1,0 +1,314 @@
+"""Planned switchover and maintenance of one host (SPEC §12, issue 21).
+
+The rules alone first (no process: a config, a state db, pinned times): --at's
+TIME, every refusal and the words that say what to fix, the re-check when the run
+starts, the expected transitions that run no section (and the one in the window
+that is not expected, which runs its own), the settle time, a failed run ending
+the expectation, a schedule that comes due or was missed, --cancel, host pauses.
+Then the daemon: a switchover end to end with --wait, refusals and exit codes,
+--at across a restart, --cancel, a host paused across a restart.  The cluster's
+(a request on a follower run by the leader, host pauses cluster-wide) is in
+test_cluster.py's style, on a real etcd, at the end.
+"""
+
+import datetime
+import json
+import os
+import textwrap
+import time
+
+import pytest
+
+import hadaemon.configfiles
+import hadaemon.store
+import hadaemon.ledger
+import hadaemon.switchover
+from hadaemon.actions import Alone
+from hadaemon.base import ConfigError
+from conftest import wait_for
+
+T0 = 1_800_000_000.0
+
+ACTIONS = """
+    [any_to_any]
+    note %HOST% %FROM% %TO%
+
+    [switchover]
+    note swo %FROM% %TO% %HOST% %MASTER% %SLAVE%
+    """
+
+
+# -- the rules alone ------------------------------------------------------------------------
+
+class Book:
+    """A config dir, a state db and a Ledger over them, as the daemon has them."""
+
+    def __init__(self, tmp_path, actions=ACTIONS, daemon="interval = 10s\n"):
+        self.root = tmp_path / "conf"
+        (self.root / "actions").mkdir(parents=True)
+        path = self.root / "actions" / "note"
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        (self.root / "checks.conf").write_text(
+            "[daemon]\n%s[local]\nhost = db1\n/bin/true\n[local]\nhost = db2\n/bin/true\n"
+            "[local]\nhost = db3\ninterval = 2s\n/bin/false\n" % daemon)
+        (self.root / "actions.conf").write_text(textwrap.dedent(actions))
+        self.config = hadaemon.configfiles.load_config(str(self.root))
+        self.state = tmp_path / "state"
+        self.state.mkdir(mode=0o700, exist_ok=True)
+        self.open()
+
+    def open(self):
+        """The ledger as a (re)started daemon reads it."""
+        self.store = hadaemon.store.Store(str(self.state))
+        self.store.open()
+        self.ledger = hadaemon.ledger.Ledger(self.store, str(self.state), self.config)
+        self.ledger.open(T0)
+        self.desk = hadaemon.switchover.SwitchoverDesk(self.ledger, Alone())
+        self.checks = {c.host: c for c in self.config.checks}
+
+    def close(self):
+        self.store.close()
+
+    def report(self, host, state, now):
+        return self.ledger.report(host, state, self.checks[host], now)
+
+    def pair(self, now=T0):
+        """db1 master, db2 slave (their runs ended ok)."""
+        self.report("db1", "master", now)
+        self.report("db2", "slave", now)
+        while self.ledger.head() is not None:
+            self.run_to_end("ok", now)
+
+    def run_to_end(self, state, now, reason=None):
+        run = self.ledger.head()
+        self.start(run, now)
+        self.ledger.finish(run, state, reason, now + 1)
+        return run
+
+    def start(self, run, now):
+        """What ActionRuns.start_next does with the head of the queue: the re-check, then start."""
+        why = self.ledger.cannot_start(run, now)
+        if why:
+            self.ledger.dequeue(run, why[0], why[1], now)
+            return False
+        self.ledger.start(run, self.ledger.commands_for(run, self.config), None, str(self.root), now)
+        return True
+
+    def ask(self, to, now, **fields):
+        return self.desk.answer(dict(fields, cmd="switchover", op="ask", to=to), now)
+
+
+def test_parse_at():
+    now = datetime.datetime(2026, 12, 6, 13, 30, 20).timestamp()
+    at = hadaemon.switchover.parse_at
+    assert at("14:05", now) == datetime.datetime(2026, 12, 6, 14, 5).timestamp()
+    assert at("13:30", now) == datetime.datetime(2026, 12, 7, 13, 30).timestamp()     # the next
+    assert at("2027-01-02 03:04", now) == datetime.datetime(2027, 1, 2, 3, 4).timestamp()
+    assert at("+10m", now) == now + 600 and at("+90s", now) == now + 90
+    for bad in ("25:00", "tomorrow", "+", "+10x", "2026-13-01 10:00", ""):
+        with pytest.raises(ValueError, match=r"bad TIME|duration"):
+            at(bad, now)
+
+
+def test_the_config_keys_and_sections(tmp_path):
+    book = Book(tmp_path, ACTIONS + "\n[db2: switchover]\nnote %TO%\n",
+                daemon="switchover_role = Primary\nswitchover_candidate = replica\nswitchover_settle = 5s\n")
+    d = book.config.daemon
+    assert (d.switchover_role, d.switchover_candidate, d.switchover_settle) == ("primary", "replica", 5.0)
+    assert book.config.switchover_section("db2").name == "db2: switchover"
+    assert book.config.switchover_section("db1").name == "switchover"
+    assert book.config.section_for("db1", "master", "slave").name == "any_to_any"
+    defaults = Book(tmp_path / "d").config.daemon
+    assert (defaults.switchover_role, defaults.switchover_candidate, defaults.switchover_settle) == \
+        ("master", "slave", 30.0)
+    (book.root / "checks.conf").write_text("[daemon]\nswitchover_role = a_to_b\nswitchover_settle = x\n")
+    with pytest.raises(ConfigError) as err:
+        hadaemon.configfiles.load_config(str(book.root))
+    text = "\n".join(err.value.errors)
+    assert "checks.conf:2: switchover_role must be a state word, got 'a_to_b'" in text
+    assert "checks.conf:3:" in text
+
+
+REFUSALS = [
+    # (what the test does first, host asked, --from, the reason's words)
+    ("no section", "db2", None, "has no [switchover] section (nor [db2: switchover]): add one"),
+    ("", "db9", None, "db9 has never been seen: no check has reported it (hosts known: db1, db2)"),
+    ("db2 down", "db2", None, "db2 is down, not slave (switchover_candidate = slave): only a slave "
+                              "can take the master role"),
+    ("", "db1", None, "db1 is already master (switchover_role = master): nothing to move"),
+    ("db1 slave", "db2", None, "no hosts are master (switchover_role = master): a switchover moves "
+                               "the role from the one host that holds it"),
+    ("db3 master", "db2", None, "2 hosts are master (db1, db3)"),
+    ("", "db2", "db3", "--from db3, but db1 is the master (leave out --from, or name db1)"),
+    ("old report", "db2", None, "db2's last report is 41 s old (its check interval is 10 s): is its "
+                                "check running?"),
+    ("paused", "db2", None, "actions are paused (hadaemon --resume, then ask again)"),
+    ("db1 paused", "db2", None, "actions are paused for db1 (hadaemon --resume db1, then ask again)"),
+    ("queued", "db2", None, "switchover run #3 (db1 -> db2) is queued: wait for it to end, or "
+                            "hadaemon --switchover --cancel"),
+    ("scheduled", "db2", None, "a switchover db1 -> db2 is scheduled at "),
+]
+
+
+@pytest.mark.parametrize("setup,to,frm,words", REFUSALS, ids=[r[0] or r[3][:20] for r in REFUSALS])
+def test_every_refusal_says_what_to_fix_and_queues_nothing(tmp_path, setup, to, frm, words):
+    book = Book(tmp_path, "[any_to_any]\nnote\n" if setup == "no section" else ACTIONS)
+    book.pair()
+    now = T0 + 1
+    if setup in ("db2 down", "db1 slave", "db3 master"):
+        host, state = setup.split()
+        book.report(host, state, now)
+    elif setup == "old report":
+        now = T0 + 41
+    elif setup == "paused":
+        book.ledger.set_paused(True)
+    elif setup == "db1 paused":
+        book.ledger.store.set_hosts_paused(["db1"], True)
+    elif setup in ("queued", "scheduled"):
+        first = book.ask("db2", now, at=now + 3600 if setup == "scheduled" else None)
+        assert first["ok"], first
+    runs, queue, sched = dict(book.ledger.runs), list(book.ledger.queue), book.ledger.book.get("scheduled")
+    answer = book.ask(to, now, **{"from": frm})
+    assert answer["ok"] is False and words in answer["errors"][0], answer
+    assert (dict(book.ledger.runs), book.ledger.queue, book.ledger.book.get("scheduled")) == (runs, queue, sched)
+
+
+def test_a_switchover_runs_and_its_own_transitions_run_no_section(tmp_path):
+    book = Book(tmp_path)
+    book.pair()
+    answer = book.ask("db2", T0 + 1)
+    assert answer["ok"] and answer["stored"] and answer["run"]["state"] == "queued", answer
+    run = book.ledger.runs[answer["run"]["id"]]
+    assert (run.section, run.host, run.frm, run.to, run.transition) == ("switchover", "db2", "db1", "db2", None)
+    assert run.summary()["switchover"] == {"from": "db1", "to": "db2"}
+    assert run.env["HA_TRANSITION"] == "switchover" and (run.env["HA_FROM"], run.env["HA_TO"],
+                                                         run.env["HA_HOST"]) == ("db1", "db2", "db2")
+    # db3 turns up while it waits: the variables are the states when it starts.
+    book.report("db3", "slave", T0 + 2)             # its own run queued after the switchover
+    assert book.start(run, T0 + 3)
+    assert run.commands[0].argv[1:] == ["swo", "db1", "db2", "db2", "db1", "db2,db3"]
+    assert run.env["HA_SLAVE"] == "db2,db3"
+    # Its own two transitions are recorded, with its id, and run nothing; db1 going on
+    # from slave, and db3's, run their sections.
+    tr1 = book.report("db1", "slave", T0 + 4)
+    tr2 = book.report("db2", "master", T0 + 4)
+    assert (tr1.run, tr1.switchover, tr2.run, tr2.switchover) == (None, run.id, None, run.id)
+    assert tr2.to_json()["switchover"] == run.id
+    book.ledger.finish(run, "ok", None, T0 + 5)
+    unrelated = book.report("db3", "down", T0 + 6)
+    assert unrelated.run is not None and unrelated.switchover is None
+    again = book.report("db1", "down", T0 + 7)      # FROM's second transition: its section
+    assert again.run is not None and again.switchover is None
+    # The history: the switchover is an entry of its own, in time order.
+    entries = book.ledger.history(20)
+    kinds = [(e["id"], e.get("switchover")) for e in entries]
+    assert kinds[:6] == [(again.id, None), (unrelated.id, None), (tr2.id, run.id), (tr1.id, run.id),
+                         (3, None), (None, {"from": "db1", "to": "db2"})], kinds     # 3: db3's
+    # It all survives a restart (the book with the rest).
+    book.close()
+    book.open()
+    assert book.ledger.book["expect"]["to_done"] and book.ledger.transitions[-3].switchover == run.id
+
+
+def test_the_settle_time_and_a_failed_run_end_the_expectation(tmp_path):
+    book = Book(tmp_path, daemon="switchover_settle = 10s\n")
+    book.pair()
+    run = book.ledger.runs[book.ask("db2", T0 + 1)["run"]["id"]]
+    book.run_to_end("ok", T0 + 1)                   # ended at T0 + 2: expected until T0 + 12
+    assert book.report("db1", "slave", T0 + 12).switchover == run.id
+    late = book.report("db2", "master", T0 + 12.5)
+    assert late.switchover is None and late.run is not None
+    # A new switchover during the settle time is fine; one that fails ends it at once.
+    book.run_to_end("ok", T0 + 13)
+    second = book.ledger.runs[book.ask("db1", T0 + 14)["run"]["id"]]
+    assert book.start(second, T0 + 15)
+    first = book.report("db2", "slave", T0 + 16)
+    assert first.switchover == second.id
+    book.ledger.finish(second, "failed", "x", T0 + 17)
+    after = book.report("db1", "master", T0 + 18)
+    assert after.switchover is None and after.run is not None
+    assert book.ledger.book["expect"] is None
+
+
+def test_every_refusal_is_checked_again_when_the_run_starts(tmp_path):
+    book = Book(tmp_path)
+    book.pair()
+    run = book.ledger.runs[book.ask("db2", T0 + 1)["run"]["id"]]
+    book.ledger.store.set_hosts_paused(["db2"], True)        # a pause begun meanwhile
+    assert not book.start(run, T0 + 2)
+    assert run.state == "failed" and run.reason.startswith("actions are paused for db2") and not run.commands[0].started
+    assert book.ledger.book.get("expect") is None and book.ledger.queue == []
+    book.ledger.store.set_hosts_paused(["db2"], False)
+    # db2 went down meanwhile: failed, saying so; nothing expected.
+    run = book.ledger.runs[book.ask("db2", T0 + 3)["run"]["id"]]
+    book.report("db2", "down", T0 + 4)              # (its own run is queued after it)
+    assert not book.start(book.ledger.head(), T0 + 4)
+    assert run.state == "failed" and run.reason.startswith("db2 is down, not slave"), run.reason
+
+
+def test_a_schedule_comes_due_is_missed_or_cancelled(tmp_path):
+    book = Book(tmp_path)
+    book.pair()
+    answer = book.ask("db2", T0 + 1, at=T0 + 100)
+    assert answer["scheduled"] == {"from": "db1", "to": "db2", "at": T0 + 100} and answer["run"] is None
+    assert book.ledger.daemon_status()["switchover"] == answer["scheduled"]
+    book.desk.tick(T0 + 99)
+    assert book.ledger.queue == []
+    # It survives a restart, and is queued when it comes due (its refusals checked then).
+    book.close()
+    book.open()
+    book.report("db2", "slave", T0 + 99)
+    book.desk.tick(T0 + 101)
+    run = book.ledger.runs[book.ledger.queue[0]]
+    assert run.switchover["request"] == answer["request"] and book.ledger.book["scheduled"] is None
+    assert book.desk.request_state(answer["request"])["run"]["id"] == run.id
+    # --cancel drops a queued one ...
+    cancel = book.desk.answer({"cmd": "switchover", "op": "cancel"}, T0 + 102)
+    assert cancel["ok"] and cancel["cancelled"] == "db1 -> db2 (run #%d, queued)" % run.id
+    assert run.state == "skipped" and "cancelled" in run.reason and book.ledger.queue == []
+    # ... and a scheduled one; with none left it says so.
+    book.ask("db2", T0 + 103, at=T0 + 200)
+    cancel = book.desk.answer({"cmd": "switchover", "op": "cancel"}, T0 + 104)
+    assert cancel["cancelled"].startswith("db1 -> db2 scheduled at") and book.ledger.book["scheduled"] is None
+    again = book.desk.answer({"cmd": "switchover", "op": "cancel"}, T0 + 105)
+    assert not again["ok"] and "nothing to cancel" in again["errors"][0]
+    # A time more than 60 s past when the daemon first can act: dropped, nothing queued.
+    book.ask("db2", T0 + 106, at=T0 + 300)
+    book.report("db2", "slave", T0 + 361)
+    book.desk.tick(T0 + 361)
+    assert book.ledger.book["scheduled"] is None and book.ledger.queue == []
+    # One that comes due while a refusal holds: recorded failed, with the reason.
+    book.ask("db2", T0 + 362, at=T0 + 400)
+    book.ledger.set_paused(True)
+    book.report("db2", "slave", T0 + 400)
+    book.desk.tick(T0 + 400)
+    last = list(book.ledger.runs.values())[-1]
+    assert last.switchover and last.state == "failed" and last.reason.startswith("actions are paused")
+
+
+def test_host_pause_skips_that_hosts_runs_and_survives_a_restart(tmp_path):
+    book = Book(tmp_path)
+    book.pair()
+    answer = book.desk.answer({"cmd": "hostpause", "hosts": ["db2", "db7"], "paused": True}, T0)
+    assert answer["paused_hosts"] == ["db2", "db7"]
+    book.close()
+    book.open()
+    assert book.ledger.paused_hosts == {"db2", "db7"} and not book.ledger.paused
+    tr = book.report("db2", "down", T0 + 1)
+    run = book.ledger.runs[tr.run]
+    assert (run.state, run.reason) == ("skipped", "paused db2")
+    other = book.ledger.runs[book.report("db1", "slave", T0 + 1).run]
+    assert other.state == "queued"
+    assert book.ledger.host_status("db2")["paused"] and not book.ledger.host_status("db1")["paused"]
+    assert book.ledger.daemon_status()["paused_hosts"] == ["db2", "db7"]
+    # Queued before the pause: skipped when its turn comes.
+    book.ledger.store.set_hosts_paused(["db1"], True)
+    book.start(other, T0 + 2)
+    assert (other.state, other.reason) == ("skipped", "paused db1")
+    # The global switch never changes a host's pause.
+    book.ledger.set_paused(True)
+    book.ledger.set_paused(False)
+    assert book.ledger.paused_hosts == {"db1", "db2", "db7"}
+    bad = book.desk.answer({"cmd": "hostpause", "hosts": ["db1;x"], "paused": True}, T0)
+    assert not bad["ok"] and bad["usage"]
