@@ -312,3 +312,159 @@ def test_host_pause_skips_that_hosts_runs_and_survives_a_restart(tmp_path):
     assert book.ledger.paused_hosts == {"db1", "db2", "db7"}
     bad = book.desk.answer({"cmd": "hostpause", "hosts": ["db1;x"], "paused": True}, T0)
     assert not bad["ok"] and bad["usage"]
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+def pair_config(d, settle="30s"):
+    """db1, db2, db3 by check_role; every transition records itself; [switchover] records,
+    then flips FROM to slave and TO to master (the checks see it while it runs)."""
+    d.role_check()
+    d.recorder()
+    d.script("actions/flip", """
+        echo slave > "%(w)s/.$1" && mv "%(w)s/.$1" "%(w)s/$1"
+        echo master > "%(w)s/.$2" && mv "%(w)s/.$2" "%(w)s/$2"
+        sleep 1
+    """ % {"w": d.world})
+    d.write("checks.conf", """
+        [daemon]
+        interval = 200ms
+        switchover_settle = %s
+        [local]
+        check_role db1
+        check_role db2
+        check_role db3
+    """ % settle)
+    d.write("actions.conf", """
+        [any_to_any]
+        record %HOST% %FROM% %TO%
+
+        [switchover]
+        record swo %FROM% %TO% %HOST% %MASTER% %SLAVE%
+        flip %FROM% %TO%
+    """)
+    d.set("db1", "master")
+    d.set("db2", "slave")
+    d.set("db3", "slave")
+
+
+def start_pair(d):
+    d.start()
+    d.wait_runs(3)
+
+
+def test_a_switchover_end_to_end_with_wait(daemon):
+    d = daemon
+    pair_config(d)
+    result = d.cli("--switchover", "db2")
+    assert result.returncode == 3 and "not running" in result.stderr, result
+    start_pair(d)
+    # Refused: exit 1 with the reason, nothing queued; bad arguments: exit 2.
+    for args, code, words in [
+            (("db1",), 1, "db1 is already master (switchover_role = master): nothing to move"),
+            (("db9",), 1, "db9 has never been seen"),
+            (("db2", "--from", "db3"), 1, "--from db3, but db1 is the master"),
+            (("db;2",), 2, "bad host name 'db;2'"),
+            (("db2", "--from", "a b"), 2, "bad host name 'a b'"),
+            (("db2", "--at", "25:99"), 2, "bad TIME '25:99'"),
+            (("--cancel",), 1, "nothing to cancel"),
+            (("db2", "--cancel"), 2, "--switchover --cancel takes no host")]:
+        result = d.cli("--switchover", *args)
+        assert result.returncode == code and words in result.stderr, (args, result)
+    assert len(d.runs()) == 3
+    result = d.cli("--switchover", "db2", "--wait", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "switchover db1 -> db2: run #4 queued" in result.stdout
+    assert "run #4 [switchover]: ok\n  record swo db1 db2 db2 db1 db2,db3  -> ok\n  flip db1 db2  -> ok" \
+        in result.stdout, result.stdout
+    d.wait_state("db1", "slave")
+    d.wait_state("db2", "master")
+    # An unrelated transition in the settle time runs its section.
+    d.set("db3", "down")
+    wait_for(lambda: any(line.startswith("db3 slave down") for line in d.actions_log()), timeout=10,
+             what="db3's own section to run")
+    log = d.actions_log()
+    assert "swo db1 db2 db2 db1 db2,db3 | switchover db2 master=db1 slave=db2,db3 run=4" in log, log
+    assert not any(line.startswith(("db1 master", "db2 slave")) for line in log), log
+    doc = d.status()
+    swo = [r for r in doc["runs"] if r["id"] == 4][0]
+    assert swo["switchover"] == {"from": "db1", "to": "db2"} and swo["section"] == "switchover"
+    own = [t for t in doc["transitions"] if t.get("switchover") == 4]
+    assert sorted((t["host"], t["from"], t["to"], t["run"]) for t in own) == [
+        ("db1", "master", "slave", None), ("db2", "slave", "master", None)]
+    history = json.loads(d.cli("--history", "--json", check=True).stdout)
+    assert [e["switchover"] for e in history if isinstance(e.get("switchover"), dict)] == \
+        [{"from": "db1", "to": "db2"}]
+    text = d.cli("--history", check=True).stdout
+    assert "switchover db1 -> db2 (asked)" in text and "expected by switchover run #4: no action section" in text
+    # And back, with --from; then a failing one: --wait exits 1 and the usual sections take over.
+    result = d.cli("--switchover", "db1", "--from", "db2", "--wait", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    d.wait_state("db1", "master")
+    d.script("actions/flip", "exit 3\n")
+    result = d.cli("--switchover", "db2", "--wait", "--timeout", "30")
+    assert result.returncode == 1 and "[switchover]: failed" in result.stdout, result.stdout + result.stderr
+    d.set("db1", "slave")
+    d.set("db2", "master")
+    wait_for(lambda: {"db1 master slave", "db2 slave master"} <= {line.split(" |")[0] for line in d.actions_log()},
+             timeout=10, what="the usual sections after a failed switchover")
+
+
+def test_at_survives_a_restart_and_cancel(daemon):
+    d = daemon
+    pair_config(d)
+    start_pair(d)
+    result = d.cli("--switchover", "db2", "--at", "+1h")
+    assert result.returncode == 0 and "switchover db1 -> db2 scheduled at " in result.stdout, result
+    sched = d.status()["daemon"]["switchover"]
+    assert (sched["from"], sched["to"]) == ("db1", "db2") and 3590 < sched["at"] - time.time() <= 3600
+    assert "switchover db1 -> db2 scheduled at" in d.cli("--status").stdout
+    result = d.cli("--switchover", "db2")
+    assert result.returncode == 1 and "is scheduled at" in result.stderr and "--cancel first" in result.stderr
+    result = d.cli("--switchover", "--cancel")
+    assert result.returncode == 0 and "cancelled" in result.stdout, result
+    assert d.status()["daemon"]["switchover"] is None
+    # Scheduled, then the daemon stops and starts again before the time: it runs then.
+    result = d.cli("--switchover", "db2", "--at", "+4s")
+    assert result.returncode == 0, result
+    at = d.status()["daemon"]["switchover"]["at"]
+    assert d.stop() == 0
+    d.proc = None
+    assert d.status()["daemon"]["switchover"]["at"] == at        # the state db has it
+    d.start()
+    run = wait_for(lambda: [r for r in d.runs() if r.get("switchover") and r["state"] == "ok"], timeout=20,
+                   what="the scheduled switchover to run after the restart (%s)" % d.tail())[0]
+    assert run["queued"] >= at and d.status()["daemon"]["switchover"] is None
+    assert "switchover scheduled: db1 -> db2" in d.log()
+
+
+def test_host_pause_across_a_restart(daemon):
+    d = daemon
+    pair_config(d)
+    start_pair(d)
+    result = d.cli("--pause", "db2")
+    assert result.returncode == 0 and "actions paused for db2" in result.stdout, result
+    assert d.cli("--pause", "db2", "no;pe").returncode == 2
+    d.stop()
+    d.proc = None
+    result = d.cli("--pause", "db3")                    # no daemon: written to the state db
+    assert result.returncode == 0, result
+    doc = d.status()
+    assert doc["daemon"]["paused_hosts"] == ["db2", "db3"] and doc["hosts"]["db2"]["paused"]
+    d.start()
+    doc = d.status()
+    assert doc["daemon"]["paused_hosts"] == ["db2", "db3"] and not doc["daemon"]["paused"]
+    assert "db2 PAUSED" in d.cli("--status").stdout
+    d.set("db2", "down")
+    d.set("db1", "slave")
+    runs = d.wait_runs(5)
+    by_host = {r["host"]: r for r in runs[3:]}
+    assert (by_host["db2"]["state"], by_host["db2"]["reason"]) == ("skipped", "paused db2")
+    assert by_host["db1"]["state"] == "ok"
+    # The global switch leaves host pauses alone; --resume HOST ends one.
+    assert d.cli("--pause").returncode == 0 and d.cli("--resume").returncode == 0
+    assert d.status()["daemon"]["paused_hosts"] == ["db2", "db3"]
+    assert d.cli("--resume", "db2", "db3").returncode == 0
+    assert d.status()["daemon"]["paused_hosts"] == [] and not d.status()["hosts"]["db2"]["paused"]
+    d.set("db2", "slave")
+    assert d.wait_runs(6)[-1]["host"] == "db2" and d.wait_runs(6)[-1]["state"] == "ok"
