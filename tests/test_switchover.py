@@ -314,6 +314,37 @@ def test_host_pause_skips_that_hosts_runs_and_survives_a_restart(tmp_path):
     assert not bad["ok"] and bad["usage"]
 
 
+def test_status_page_metrics_and_rerun_show_it(tmp_path):
+    import hadaemon.client
+    import hadaemon.http_views
+    book = Book(tmp_path)
+    book.pair()
+    book.ledger.store.set_hosts_paused(["db2", "db9"], True)
+    book.ledger.store.set_hosts_paused(["db2"], False)
+    book.ledger.store.set_hosts_paused(["db1"], True)
+    book.desk.answer({"cmd": "hostpause", "hosts": ["db1"], "paused": False}, T0)
+    answer = book.ask("db2", T0 + 1, at=T0 + 7200)
+    book.ledger.store.set_hosts_paused(["db2"], True)
+    book.close()
+    doc, _ = hadaemon.client.offline_status(str(book.state), book.config)
+    assert doc["daemon"]["switchover"] == answer["scheduled"] and doc["daemon"]["paused_hosts"] == ["db2", "db9"]
+    assert doc["hosts"]["db2"]["paused"] is True and doc["hosts"]["db1"]["paused"] is False
+    text = hadaemon.client.render_status(doc)
+    assert "ACTIONS PAUSED FOR db2, db9 (hadaemon --resume HOST...)" in text
+    assert "switchover db1 -> db2 scheduled at " in text and "\ndb2 PAUSED " in text, text
+    metrics = hadaemon.http_views.render_metrics(doc)
+    for host, value in (("db1", 0), ("db2", 1), ("db9", 1)):
+        assert 'hadaemon_host_paused{host="%s"} %d\n' % (host, value) in metrics, metrics
+    page = hadaemon.http_views.render_page(doc, T0)
+    assert "ACTIONS PAUSED FOR db2, db9" in page and "switchover db1 &rarr; db2 scheduled at" in page
+    # A switchover's run is not re-run: it is asked again.
+    book.open()
+    book.ledger.store.set_hosts_paused(["db2"], False)
+    run = book.ledger.queue_switchover("db1", "db2", "r", "a refusal", T0 + 2)     # failed at once
+    with pytest.raises(ValueError, match=r"run #%d is a switchover: ask for it again" % run.id):
+        book.ledger.rerun(run.id, T0 + 3)
+
+
 # -- the daemon ------------------------------------------------------------------------------
 
 def pair_config(d, settle="30s"):
@@ -468,3 +499,93 @@ def test_host_pause_across_a_restart(daemon):
     assert d.status()["daemon"]["paused_hosts"] == [] and not d.status()["hosts"]["db2"]["paused"]
     d.set("db2", "slave")
     assert d.wait_runs(6)[-1]["host"] == "db2" and d.wait_runs(6)[-1]["state"] == "ok"
+
+
+# -- a cluster (SPEC §12's cluster paragraph), on a real etcd ---------------------------------
+
+@pytest.fixture
+def etcd(tmp_path):
+    """Three etcd members of this test's own (tests/etcd.py)."""
+    from etcd import ETCD, EtcdCluster
+    if not os.path.exists(ETCD):
+        pytest.skip("etcd-server is not installed")
+    cluster = EtcdCluster(tmp_path / "etcd")
+    os.mkdir(cluster.root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_takes_the_request_anywhere_and_pauses_hosts_everywhere(tmp_path, etcd):
+    """A follower takes --switchover (and --wait), the leader runs it once, its own
+    transitions run nothing on any member; --pause HOST on another follower pauses
+    that host cluster-wide; a scheduled switchover and host pauses show on every
+    member from its copy of the ledger."""
+    from test_cluster import HaCluster
+    cl = HaCluster(tmp_path, etcd, hosts=("db1", "db2"))
+    shared = tmp_path / "swo.log"
+    worlds = " ".join(str(d.world) for d in cl.daemons.values())
+    try:
+        for d in cl.daemons.values():
+            d.script("actions/flip", """
+                echo "$HA_NODE $HA_TRANSITION $HA_FROM $HA_TO $*" >> "%s"
+                for w in %s; do
+                    echo slave > "$w/.$1" && mv "$w/.$1" "$w/$1"
+                    echo master > "$w/.$2" && mv "$w/.$2" "$w/$2"
+                done
+                sleep 1
+            """ % (shared, worlds))
+            d.write("actions.conf", "[any_to_any]\nact 1\n[switchover]\nflip %FROM% %TO%\n")
+        cl.set("db1", "master")
+        cl.set("db2", "slave")
+        cl.start()
+        leader, _ = cl.leader()
+        cl.wait_settled({"db1": "master", "db2": "slave"})
+        follower, other = [n for n in cl.daemons if n != leader]
+        before = len(cl.commands())
+        result = cl.daemons[follower].cli("--switchover", "db2", "--wait", "--timeout", "60")
+        assert result.returncode == 0, result.stdout + result.stderr + cl.tails()
+        assert "[switchover]: ok on %s, epoch" % leader in result.stdout, result.stdout
+        cl.wait_settled({"db1": "slave", "db2": "master"})
+        lines = shared.read_text().splitlines()
+        assert lines == ["%s switchover db1 db2 db1 db2" % leader], lines
+        assert len(cl.commands()) == before         # its own transitions ran no [any_to_any]
+        for node in cl.daemons:                     # every member's copy
+            doc = cl.status(node)
+            swo = [r for r in doc["runs"] if r.get("switchover")]
+            assert [(r["switchover"], r["state"], r["node"]) for r in swo] == \
+                [({"from": "db1", "to": "db2"}, "ok", leader)], (node, swo)
+            own = sorted((t["host"], t["to"]) for t in doc["transitions"] if t.get("switchover") == swo[0]["id"])
+            assert own == [("db1", "slave"), ("db2", "master")], (node, doc["transitions"])
+        # A refusal on a member is its own: exit 1, nothing stored.
+        result = cl.daemons[other].cli("--switchover", "db2")
+        assert result.returncode == 1 and "db2 is already master" in result.stderr, result
+
+        # Host pause on the other follower: cluster-wide, on every member's status.
+        result = cl.daemons[other].cli("--pause", "db1")
+        assert result.returncode == 0 and "cluster test: actions paused for db1" in result.stdout, result
+        wait_for(lambda: all(cl.status(n)["daemon"]["paused_hosts"] == ["db1"] and
+                             cl.status(n)["hosts"]["db1"]["paused"] for n in cl.daemons), timeout=10,
+                 what="every member to show db1 paused")
+        cl.set("db1", "down")
+        cl.wait_settled({"db1": "down"})
+        run = [r for r in cl.status(follower)["runs"] if r["host"] == "db1"][0]
+        assert (run["state"], run["reason"]) == ("skipped", "paused db1")
+        assert len(cl.commands()) == before
+        # A scheduled switchover shows on every member; --cancel on another drops it.
+        cl.daemons[leader].cli("--resume", "db1", check=True)
+        cl.set("db1", "slave")
+        cl.wait_settled({"db1": "slave"})
+        result = cl.daemons[follower].cli("--switchover", "db1", "--at", "+1h")
+        assert result.returncode == 0, result
+        wait_for(lambda: all((cl.status(n)["daemon"]["switchover"] or {}).get("to") == "db1"
+                             for n in cl.daemons), timeout=10, what="every member to show the schedule")
+        assert "switchover db2 -> db1 scheduled at" in cl.daemons[other].cli("--status").stdout
+        assert cl.daemons[other].cli("--switchover", "--cancel").returncode == 0
+        wait_for(lambda: all(cl.status(n)["daemon"]["switchover"] is None for n in cl.daemons),
+                 timeout=10, what="every member to show it cancelled")
+        assert cl.daemons[leader].cli("--switchover", "--cancel").returncode == 1
+    finally:
+        cl.cleanup()
