@@ -93,8 +93,7 @@ reload.py          Reload: a new configuration, read in steps between the loop's
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
-client.py          Control client: --status, --stop, --reload, --history, --pause,
-                   --resume.
+client.py          Control client: --status, --stop, --reload, --history.
 opsclient.py       Operations from the command line: --switchover, --pause and --resume
                    (all, or some hosts).
 cli.py             Command line: argparse, the commands, the relaunch, main().
@@ -8702,8 +8701,7 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# client.py: Control client: --status, --stop, --reload, --history, --pause,
-# --resume.
+# client.py: Control client: --status, --stop, --reload, --history.
 # ============================================================================
 #
 # Owns what the command line asks the running daemon over its socket, and what it

@@ -1,4 +1,4 @@
-"""Control client: --status, --stop, --reload, --history, --pause, --resume.
+"""Control client: --status, --stop, --reload, --history.
 
 Owns what the command line asks the running daemon over its socket, and what it
 reads from the state db when no daemon runs (offline status, history), and the
