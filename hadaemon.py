@@ -93,8 +93,7 @@ reload.py          Reload: a new configuration, read in steps between the loop's
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
-client.py          Control client: --status, --stop, --reload, --history, --pause,
-                   --resume.
+client.py          Control client: --status, --stop, --reload, --history.
 opsclient.py       Operations from the command line: --switchover, --pause and --resume
                    (all, or some hosts).
 cli.py             Command line: argparse, the commands, the relaunch, main().
@@ -3802,11 +3801,12 @@ def _seconds(value):
     return "%g s" % round(value, 1) if value < 10 else "%d s" % value
 
 
-def refusal(ledger, frm, to, now, run=None):
+def refusal(ledger, frm, to, now, run=None, request=None):
     """(why a switchover to ``to`` cannot be now, or None; FROM as it would be).
 
     ``frm``: --from, or None (the one host in the role).  ``run``: the switchover's own
-    run, when it starts (it and its own schedule do not count as another switchover).
+    run, when it starts; ``request``: its request, when its schedule comes due (neither
+    counts as another switchover).
     """
     config, d = ledger.config, ledger.config.daemon
     role, candidate = d.switchover_role, d.switchover_candidate
@@ -3845,7 +3845,7 @@ def refusal(ledger, frm, to, now, run=None):
     if paused:
         return "actions are paused for %s (hadaemon --resume %s, then ask again)" % (
             " and ".join(paused), " ".join(paused)), frm
-    own = run.switchover.get("request") if run is not None else None
+    own = run.switchover.get("request") if run is not None else request
     for other in ledger.runs.values():
         if other.switchover and other.state in ACTIVE_RUN and other is not run:
             return ("switchover run #%d (%s -> %s) is %s: wait for it to end, or hadaemon "
@@ -3933,6 +3933,7 @@ class SwitchoverDesk:
     def __init__(self, ledger, leadership):
         self.ledger = ledger
         self.leadership = leadership    # actions.Alone, or a cluster member's ClusterLink
+        self.since = None               # when this daemon first could act (wall clock)
 
     def event(self, what, sched):
         """A moment of a scheduled switchover: ``scheduled``, ``cancelled`` or ``missed``
@@ -4015,6 +4016,7 @@ class SwitchoverDesk:
         if not self.leadership.acting():
             return
         ledger = self.ledger
+        self.since = now if self.since is None else self.since
         if ledger.store.shared:
             request = ledger.store.switchover_request()
             if request and request.get("request") != ledger.book.get("seen"):
@@ -4022,16 +4024,27 @@ class SwitchoverDesk:
         sched = ledger.book.get("scheduled")
         if sched is None or now < sched["at"]:
             return
-        ledger.note_book("scheduled", None)
         if now - sched["at"] > MISSED_AFTER:
+            ledger.note_book("scheduled", None)
             log.error("switchover %s -> %s scheduled at %s dropped: %s late, more than %s; no daemon "
                       "could act on it then (hadaemon --switchover %s to ask again)", sched["from"],
                       sched["to"], format_time(sched["at"]), format_duration(now - sched["at"]),
                       format_duration(MISSED_AFTER), sched["to"])
             self.event("missed", sched)
             return
-        reason, frm = refusal(ledger, sched["from"], sched["to"], now)
+        reason, frm = refusal(ledger, sched["from"], sched["to"], now, request=sched["request"])
+        if reason and self.starting(sched["to"], now):
+            return                      # its first report since this daemon started comes first
+        ledger.note_book("scheduled", None)
         ledger.queue_switchover(frm, sched["to"], sched["request"], reason, now)
+
+    def starting(self, host, now):
+        """Whether ``host``'s checks have not reported since this daemon started, and still
+        may (within REPORT_AGE of their interval): a schedule due at a restart waits for them."""
+        report = self.ledger.reports.get(host) or {}
+        if (report.get("time") or 0) >= self.since:
+            return False
+        return now - self.since <= REPORT_AGE * _interval_of(self.ledger.config, host, report)
 
     def apply(self, request, now):
         """Take a request (checked where it was asked): cancel, schedule, or queue its run
@@ -4434,8 +4447,9 @@ class Ledger:
             changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
 
     def head(self):
@@ -5794,6 +5808,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -5886,6 +5903,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -5896,7 +5919,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))
@@ -8677,8 +8701,7 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# client.py: Control client: --status, --stop, --reload, --history, --pause,
-# --resume.
+# client.py: Control client: --status, --stop, --reload, --history.
 # ============================================================================
 #
 # Owns what the command line asks the running daemon over its socket, and what it
@@ -8820,6 +8843,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -8857,7 +8886,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))

@@ -919,6 +919,7 @@ SPEC_FAMILIES = {
     "hadaemon_check_skipped_total": "counter", "hadaemon_check_duration_seconds": "gauge",
     "hadaemon_schedule_lag_seconds": "summary", "hadaemon_action_queue_length": "gauge",
     "hadaemon_actions_paused": "gauge", "hadaemon_workers": "gauge",
+    "hadaemon_host_paused": "gauge",            # SPEC §12: --pause HOST
 }
 
 

@@ -1,4 +1,4 @@
-"""Control client: --status, --stop, --reload, --history, --pause, --resume.
+"""Control client: --status, --stop, --reload, --history.
 
 Owns what the command line asks the running daemon over its socket, and what it
 reads from the state db when no daemon runs (offline status, history), and the
@@ -156,6 +156,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -193,7 +199,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))

@@ -384,8 +384,9 @@ class Ledger:
             changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
 
     def head(self):

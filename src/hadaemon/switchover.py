@@ -82,11 +82,12 @@ def _seconds(value):
     return "%g s" % round(value, 1) if value < 10 else "%d s" % value
 
 
-def refusal(ledger, frm, to, now, run=None):
+def refusal(ledger, frm, to, now, run=None, request=None):
     """(why a switchover to ``to`` cannot be now, or None; FROM as it would be).
 
     ``frm``: --from, or None (the one host in the role).  ``run``: the switchover's own
-    run, when it starts (it and its own schedule do not count as another switchover).
+    run, when it starts; ``request``: its request, when its schedule comes due (neither
+    counts as another switchover).
     """
     config, d = ledger.config, ledger.config.daemon
     role, candidate = d.switchover_role, d.switchover_candidate
@@ -125,7 +126,7 @@ def refusal(ledger, frm, to, now, run=None):
     if paused:
         return "actions are paused for %s (hadaemon --resume %s, then ask again)" % (
             " and ".join(paused), " ".join(paused)), frm
-    own = run.switchover.get("request") if run is not None else None
+    own = run.switchover.get("request") if run is not None else request
     for other in ledger.runs.values():
         if other.switchover and other.state in ACTIVE_RUN and other is not run:
             return ("switchover run #%d (%s -> %s) is %s: wait for it to end, or hadaemon "
@@ -213,6 +214,7 @@ class SwitchoverDesk:
     def __init__(self, ledger, leadership):
         self.ledger = ledger
         self.leadership = leadership    # actions.Alone, or a cluster member's ClusterLink
+        self.since = None               # when this daemon first could act (wall clock)
 
     def event(self, what, sched):
         """A moment of a scheduled switchover: ``scheduled``, ``cancelled`` or ``missed``
@@ -295,6 +297,7 @@ class SwitchoverDesk:
         if not self.leadership.acting():
             return
         ledger = self.ledger
+        self.since = now if self.since is None else self.since
         if ledger.store.shared:
             request = ledger.store.switchover_request()
             if request and request.get("request") != ledger.book.get("seen"):
@@ -302,16 +305,27 @@ class SwitchoverDesk:
         sched = ledger.book.get("scheduled")
         if sched is None or now < sched["at"]:
             return
-        ledger.note_book("scheduled", None)
         if now - sched["at"] > MISSED_AFTER:
+            ledger.note_book("scheduled", None)
             log.error("switchover %s -> %s scheduled at %s dropped: %s late, more than %s; no daemon "
                       "could act on it then (hadaemon --switchover %s to ask again)", sched["from"],
                       sched["to"], format_time(sched["at"]), format_duration(now - sched["at"]),
                       format_duration(MISSED_AFTER), sched["to"])
             self.event("missed", sched)
             return
-        reason, frm = refusal(ledger, sched["from"], sched["to"], now)
+        reason, frm = refusal(ledger, sched["from"], sched["to"], now, request=sched["request"])
+        if reason and self.starting(sched["to"], now):
+            return                      # its first report since this daemon started comes first
+        ledger.note_book("scheduled", None)
         ledger.queue_switchover(frm, sched["to"], sched["request"], reason, now)
+
+    def starting(self, host, now):
+        """Whether ``host``'s checks have not reported since this daemon started, and still
+        may (within REPORT_AGE of their interval): a schedule due at a restart waits for them."""
+        report = self.ledger.reports.get(host) or {}
+        if (report.get("time") or 0) >= self.since:
+            return False
+        return now - self.since <= REPORT_AGE * _interval_of(self.ledger.config, host, report)
 
     def apply(self, request, now):
         """Take a request (checked where it was asked): cancel, schedule, or queue its run
