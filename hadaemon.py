@@ -7584,6 +7584,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
+        self.hosts_paused = set()       # the mirror's hostpause/HOST keys, as mirrored() last saw them
         self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
@@ -7648,12 +7649,14 @@ class EtcdStore(LedgerStore):
         return paused
 
     def paused_hosts(self):
-        return self.member.paused_hosts()
+        """As the mirror shows them; before it arrives, as the local copy kept them."""
+        return self.hosts_paused if self.member.synced else self.local.paused_hosts()
 
     def set_hosts_paused(self, hosts, paused):
+        """Asked: etcd has it when the mirror shows it (then ``paused_hosts`` says so)."""
         for host in hosts:
             self.member.put_word(HOSTPAUSE_KEYS + host, {"paused": bool(paused)})
-        return self.paused_hosts() | set(hosts) if paused else self.paused_hosts() - set(hosts)
+        return self.hosts_paused | set(hosts) if paused else self.hosts_paused - set(hosts)
 
     def switchover_request(self):
         return self.member.word(SWITCHOVER_KEY)
@@ -7680,7 +7683,8 @@ class EtcdStore(LedgerStore):
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
         if any(k.startswith(HOSTPAUSE_KEYS) for k in keys):
-            changes["hostpause"] = sorted(self.member.paused_hosts())
+            self.hosts_paused = self.member.paused_hosts()
+            changes["hostpause"] = sorted(self.hosts_paused)
         if changes:
             self.local.store.commit(changes)
         return bool(changes)
@@ -9080,7 +9084,8 @@ def _shows(doc, paused, hosts):
 
 def cmd_pause_cluster(args, cluster, paused, hosts=()):
     """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    where = "cluster %s: %s on every member" % (cluster.name, _paused_line(paused, hosts))
+    where = "cluster %s: actions %s%s on every member" % (
+        cluster.name, "paused" if paused else "resumed", " for " + ", ".join(hosts) if hosts else "")
     if locked_pid(args.state_dir):
         _ask_pause(args, paused, hosts)
         deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
@@ -9570,8 +9575,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))

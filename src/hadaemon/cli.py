@@ -366,8 +366,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))

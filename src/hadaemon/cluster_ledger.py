@@ -89,6 +89,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
+        self.hosts_paused = set()       # the mirror's hostpause/HOST keys, as mirrored() last saw them
         self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
@@ -153,12 +154,14 @@ class EtcdStore(LedgerStore):
         return paused
 
     def paused_hosts(self):
-        return self.member.paused_hosts()
+        """As the mirror shows them; before it arrives, as the local copy kept them."""
+        return self.hosts_paused if self.member.synced else self.local.paused_hosts()
 
     def set_hosts_paused(self, hosts, paused):
+        """Asked: etcd has it when the mirror shows it (then ``paused_hosts`` says so)."""
         for host in hosts:
             self.member.put_word(HOSTPAUSE_KEYS + host, {"paused": bool(paused)})
-        return self.paused_hosts() | set(hosts) if paused else self.paused_hosts() - set(hosts)
+        return self.hosts_paused | set(hosts) if paused else self.hosts_paused - set(hosts)
 
     def switchover_request(self):
         return self.member.word(SWITCHOVER_KEY)
@@ -185,7 +188,8 @@ class EtcdStore(LedgerStore):
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
         if any(k.startswith(HOSTPAUSE_KEYS) for k in keys):
-            changes["hostpause"] = sorted(self.member.paused_hosts())
+            self.hosts_paused = self.member.paused_hosts()
+            changes["hostpause"] = sorted(self.hosts_paused)
         if changes:
             self.local.store.commit(changes)
         return bool(changes)

@@ -97,7 +97,8 @@ def _shows(doc, paused, hosts):
 
 def cmd_pause_cluster(args, cluster, paused, hosts=()):
     """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    where = "cluster %s: %s on every member" % (cluster.name, _paused_line(paused, hosts))
+    where = "cluster %s: actions %s%s on every member" % (
+        cluster.name, "paused" if paused else "resumed", " for " + ", ".join(hosts) if hosts else "")
     if locked_pid(args.state_dir):
         _ask_pause(args, paused, hosts)
         deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
