@@ -88,7 +88,7 @@ class Book:
 
     def start(self, run, now):
         """What ActionRuns.start_next does with the head of the queue: the re-check, then start."""
-        why = self.ledger.cannot_start(run, now)
+        why = hadaemon.switchover.cannot_start(self.ledger, run, now)
         if why:
             self.ledger.dequeue(run, why[0], why[1], now)
             return False
@@ -294,7 +294,7 @@ def test_host_pause_skips_that_hosts_runs_and_survives_a_restart(tmp_path):
     assert answer["paused_hosts"] == ["db2", "db7"]
     book.close()
     book.open()
-    assert book.ledger.paused_hosts == {"db2", "db7"} and not book.ledger.paused
+    assert book.ledger.store.paused_hosts() == {"db2", "db7"} and not book.ledger.paused
     tr = book.report("db2", "down", T0 + 1)
     run = book.ledger.runs[tr.run]
     assert (run.state, run.reason) == ("skipped", "paused db2")
@@ -309,7 +309,7 @@ def test_host_pause_skips_that_hosts_runs_and_survives_a_restart(tmp_path):
     # The global switch never changes a host's pause.
     book.ledger.set_paused(True)
     book.ledger.set_paused(False)
-    assert book.ledger.paused_hosts == {"db1", "db2", "db7"}
+    assert book.ledger.store.paused_hosts() == {"db1", "db2", "db7"}
     bad = book.desk.answer({"cmd": "hostpause", "hosts": ["db1;x"], "paused": True}, T0)
     assert not bad["ok"] and bad["usage"]
 

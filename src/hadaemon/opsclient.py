@@ -154,7 +154,11 @@ def cmd_switchover(args):
         print("hadaemon: %s" % why, file=sys.stderr)
         return EXIT_USAGE
     pid = locked_pid(args.state_dir)
-    if not pid or pid < 0:
+    if pid == -1:
+        print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause working "
+              "on the db?); try again" % args.state_dir, file=sys.stderr)
+        return EXIT_FAIL
+    if not pid:
         print("hadaemon not running: --switchover needs the daemon (in a cluster, any member's)",
               file=sys.stderr)
         return EXIT_NOT_RUNNING

@@ -7,6 +7,8 @@ they decide; nothing here knows whether that is the state db or etcd):
   refusal()         why a switchover cannot be now, in words that say what to fix;
                     checked when asked, when a scheduled one comes due, and again
                     when its run starts (a refusal then fails the run, unrun)
+  cannot_start()    why a run may not start: that refusal, or a pause (global, or
+                    of the run's host: --pause HOST)
   the book          what the ledger keeps of switchovers besides their runs, one
                     JSON value (``switchover`` in the state db, ledger/switchover in
                     etcd): ``scheduled`` {from, to, at, request, asked} or None,
@@ -122,7 +124,7 @@ def refusal(ledger, frm, to, now, run=None, request=None):
                 "(hadaemon --status)" % (to, _seconds(now - report["time"]), _seconds(interval))), frm
     if ledger.paused:
         return "actions are paused (hadaemon --resume, then ask again)", frm
-    paused = sorted(ledger.paused_hosts & {frm, to})
+    paused = sorted(ledger.store.paused_hosts() & {frm, to})
     if paused:
         return "actions are paused for %s (hadaemon --resume %s, then ask again)" % (
             " and ".join(paused), " ".join(paused)), frm
@@ -136,6 +138,19 @@ def refusal(ledger, frm, to, now, run=None, request=None):
         return ("a switchover %s -> %s is scheduled at %s: hadaemon --switchover --cancel first"
                 % (scheduled["from"], scheduled["to"], format_time(scheduled["at"]))), frm
     return None, frm
+
+
+def cannot_start(ledger, run, now):
+    """(state, reason) when ``run`` may not start now (or be queued), else None: a
+    switchover's refusal fails it; a pause, global or of its host, skips it."""
+    if run.switchover:
+        reason, _ = refusal(ledger, run.frm, run.to, now, run)
+        return ("failed", reason) if reason else None
+    if ledger.paused:
+        return "skipped", "paused"
+    if run.host in ledger.store.paused_hosts():
+        return "skipped", "paused %s" % run.host
+    return None
 
 
 def switchover_plan(ledger, frm, to, config):
@@ -284,7 +299,7 @@ class SwitchoverDesk:
         self.ledger.store.set_hosts_paused(hosts, paused)
         log.warning("actions %s for %s by request%s", "paused" if paused else "resumed", ", ".join(hosts),
                     " (the whole cluster, once etcd has it)" if self.ledger.store.shared else "")
-        return {"ok": True, "paused_hosts": sorted(self.ledger.paused_hosts),
+        return {"ok": True, "paused_hosts": sorted(self.ledger.store.paused_hosts()),
                 "cluster": self.ledger.store.shared}
 
     def queued_run(self):
@@ -338,7 +353,7 @@ class SwitchoverDesk:
                 ledger.note_book("scheduled", None)
                 self.event("cancelled", sched)
             elif run is not None:
-                ledger.cancel_queued(run, "cancelled by request (--switchover --cancel)", now)
+                ledger.dequeue(run, "skipped", "cancelled by request (--switchover --cancel)", now, head=False)
             else:
                 log.warning("switchover: --cancel asked, but none is scheduled or queued")
             return
