@@ -65,6 +65,8 @@ children.py        What the forked children run: the check worker and the action
 ssh.py             Remote checks: the ssh: scope.
 ledger_store.py    Ledger stores: where the ledger's decisions are kept, and the local
                    one.
+switchover.py      Switchover: the planned move of a role from one host to another (SPEC
+                   §12).
 ledger.py          Ledger: host states, transitions, action runs and their queue
                    (docs/configuration.md).
 scheduler.py       Scheduler: when each check runs, and what it last said.
@@ -95,8 +97,9 @@ notify.py          Notifications: events made, stored, and delivered one at a ti
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
-client.py          Control client: --status, --stop, --reload, --history, --pause,
-                   --resume.
+client.py          Control client: --status, --stop, --reload, --history.
+opsclient.py       Operations from the command line: --switchover, --pause and --resume
+                   (all, or some hosts).
 cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
@@ -128,6 +131,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import datetime
 import errno
 import fcntl
 import gc
@@ -220,6 +224,9 @@ DAEMON_DEFAULTS = {
     "http_cert": None,
     "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
     "notify_timeout": 10.0,
+    "switchover_role": "master",        # SPEC §12: the state a switchover moves
+    "switchover_candidate": "slave",    # ... the state its target must be in
+    "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -695,6 +702,9 @@ class DaemonSettings:
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
     notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
     notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
+    switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
+    switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
+    switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
 
 
 @dataclasses.dataclass
@@ -748,9 +758,13 @@ class Section:
         return section_name(self.host, self.from_state, self.to_state)
 
 
+SWITCHOVER = "switchover"       # [switchover] / [TO: switchover]: from_state None, to_state this
+
+
 def section_name(host, from_state, to_state):
-    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
-    tr = "%s_to_%s" % (from_state, to_state)
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO`` (``switchover``, ``HOST: switchover``), as the
+    section is written (without brackets)."""
+    tr = to_state if from_state is None else "%s_to_%s" % (from_state, to_state)
     return "%s: %s" % (host, tr) if host else tr
 
 
@@ -795,6 +809,10 @@ class Config:
             if section.name == name:
                 return section
         return None
+
+    def switchover_section(self, to):
+        """The section a switchover to host ``to`` runs: [TO: switchover], else [switchover]."""
+        return self.sections.get((to, None, SWITCHOVER)) or self.sections.get((None, None, SWITCHOVER))
 
     def section_for(self, host, from_state, to_state):
         """The one section actions.conf's precedence runs for HOST going FROM -> TO, or None."""
@@ -1195,7 +1213,8 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -1211,6 +1230,10 @@ def _setting_value(key, words, where, errors):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         if key == "http":
             return parse_http_address(value)
+        if key in ("switchover_role", "switchover_candidate"):
+            if not valid_name(value) or "_to_" in value.lower():
+                raise ValueError("%s must be a state word, got %r" % (key, value))
+            return value.lower()
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
@@ -1396,7 +1419,10 @@ def _parse_actions(path, config_dir, default_timeout, errors):
             try:
                 if host is not None and not valid_name(host):
                     raise ValueError("bad host name %r" % host)
-                from_state, to_state = _parse_transition(tr.strip())
+                if tr.strip() == SWITCHOVER:        # SPEC §12: [switchover], [TO: switchover]
+                    from_state, to_state = None, SWITCHOVER
+                else:
+                    from_state, to_state = _parse_transition(tr.strip())
             except ValueError as exc:
                 errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
                               % (where, name, exc))
@@ -1839,10 +1865,14 @@ class Transition(typing.NamedTuple):
     to: str
     check: typing.Optional[str]         # the check that reported it, or "cluster: a,b" (the voters)
     run: typing.Optional[int]           # the run of its section; None when no section matches
+    switchover: typing.Optional[int] = None     # expected by this switchover run: no section ran
 
     def to_json(self):
-        return {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
-                "to": self.to, "check": self.check, "run": self.run}
+        out = {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
+               "to": self.to, "check": self.check, "run": self.run}
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
+        return out
 
     @staticmethod
     def well_formed(value):
@@ -1857,8 +1887,9 @@ class Transition(typing.NamedTuple):
         if not cls.well_formed(value):
             raise ValueError("not a transition: %s" % _shorten(value))
         get = value.get
+        switchover = get("switchover")
         return cls(value["id"], get("time"), value["host"], value["from"], value["to"],
-                   get("check"), get("run"))
+                   get("check"), get("run"), switchover if isinstance(switchover, int) else None)
 
 
 class CommandResult(typing.NamedTuple):
@@ -1937,6 +1968,9 @@ class Run:
     variables: typing.Optional[dict] = None     # a cluster's: %NAME% for the member that runs it
     node: typing.Optional[str] = None           # a cluster's: the leader that ran it, and its epoch
     epoch: typing.Optional[int] = None
+    # A switchover's (SPEC §12): {"from": host, "to": host, "request": its id}; then
+    # host is TO, frm and to are the hosts, section [switchover] or [TO: switchover].
+    switchover: typing.Optional[dict] = None
 
     def to_json(self):
         """The state db's value, and the base of the other forms; an optional key is
@@ -1951,6 +1985,8 @@ class Run:
             out["variables"] = self.variables
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
         return out
 
     @staticmethod
@@ -1974,7 +2010,8 @@ class Run:
         return cls(get("id"), get("transition"), get("host"), get("from"), get("to"), get("section"),
                    get("state"), get("reason"), get("queued"), get("started"), get("ended"),
                    get("env"), [RunCommand.from_json(c) for c in get("commands") or ()],
-                   get("rerun_of"), get("variables"), get("node"), get("epoch"))
+                   get("rerun_of"), get("variables"), get("node"), get("epoch"),
+                   get("switchover") if isinstance(get("switchover"), dict) else None)
 
     def to_etcd(self):
         """As etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP (then ``truncated``)."""
@@ -2010,6 +2047,8 @@ class Run:
                             for c in self.commands]}
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = {"from": self.switchover.get("from"), "to": self.switchover.get("to")}
         return out
 
 
@@ -2059,6 +2098,8 @@ class DaemonBlock(typing.NamedTuple):
     action_pid: typing.Optional[int]
     ssh: list
     cluster: typing.Optional[ClusterStatus]
+    switchover: typing.Optional[dict] = None    # a scheduled one: {from, to, at} (SPEC §12)
+    paused_hosts: tuple = ()                    # --pause HOST..., seen or not
 
     def to_wire(self):
         block = self._asdict()
@@ -2072,7 +2113,8 @@ class DaemonBlock(typing.NamedTuple):
         actions = ledger.daemon_status()
         return cls(False, None, __version__, None, None, config.config_dir if config else None,
                    state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
-                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None,
+                   actions.get("switchover"), list(actions.get("paused_hosts") or ()))
 
 
 class StatusDoc(typing.NamedTuple):
@@ -2414,6 +2456,10 @@ def well_formed(key, value):
     if kind == "notify":                # an event waiting for its delivery, by seq % its cap
         return isinstance(value, dict) and isinstance(value.get("seq"), int) \
             and isinstance(value.get("kind"), str)
+    if key == "switchover":
+        return isinstance(value, dict)
+    if key == "hostpause":
+        return isinstance(value, list) and all(valid_name(h) for h in value)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
@@ -3602,6 +3648,8 @@ def connect_ssh_targets(config):
 #   flush()             send what is gathered: a ticket, None when nothing may be
 #                       written; durable(ticket) says when the store has it
 #   paused(), set_paused(flag)    the pause of actions
+#   paused_hosts(), set_hosts_paused(hosts, flag)   the pause of some hosts' actions
+#                       (SPEC §12: any member may write it, as the pause)
 #   publish_view(view)  a shared store only: what this member sees
 #
 # ``shared`` is the one mode bit of the rules: True when other members read this
@@ -3612,18 +3660,19 @@ def connect_ssh_targets(config):
 class Changes:
     """One change set of the rules; the store lays out its keys."""
 
-    __slots__ = ("hosts", "transitions", "runs", "queue", "meta")
+    __slots__ = ("hosts", "transitions", "runs", "queue", "meta", "switchover")
 
-    def __init__(self, hosts=None, runs=None, queue=None, meta=None):
+    def __init__(self, hosts=None, runs=None, queue=None, meta=None, switchover=None):
         self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
         self.transitions = []           # Transitions
         self.runs = runs or {}          # run id -> Run
         self.queue = queue              # the whole queue (run ids), when it changed
         self.meta = meta                # {"next_transition", "next_run"}, when they changed
+        self.switchover = switchover    # the switchover book (switchover.py), when it changed
 
     def __bool__(self):
         return bool(self.hosts or self.transitions or self.runs) or \
-            self.queue is not None or self.meta is not None
+            self.queue is not None or self.meta is not None or self.switchover is not None
 
 
 def _by_id(data, prefix, record):
@@ -3641,6 +3690,7 @@ class Snapshot(typing.NamedTuple):
     transitions: list          # Transitions
     runs: list                 # Runs
     queue: list
+    switchover: dict           # the switchover book (switchover.py): scheduled, expected, seen
 
     @classmethod
     def from_db(cls, data):
@@ -3653,7 +3703,8 @@ class Snapshot(typing.NamedTuple):
         return cls(meta=meta,
                    hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
                    reports=reports, transitions=_by_id(data, "tr:", Transition), runs=_by_id(data, "run:", Run),
-                   queue=list(data.get("queue") or []))
+                   queue=list(data.get("queue") or []),
+                   switchover=dict(data.get("switchover") or {}))
 
 
 class LedgerStore:
@@ -3674,6 +3725,8 @@ def db_changes(changes, cap):
         out["run:%d" % (run_id % cap)] = run.to_json()
     if changes.queue is not None:
         out["queue"] = changes.queue
+    if changes.switchover is not None:
+        out["switchover"] = changes.switchover
     return out
 
 
@@ -3726,6 +3779,380 @@ class LocalStore(LedgerStore):
         self.store.commit({"meta": dict(self.data.get("meta") or {}, paused=bool(paused))})
         return self.paused()
 
+    def paused_hosts(self):
+        return set(self.data.get("hostpause") or ())
+
+    def set_hosts_paused(self, hosts, paused):
+        now = self.paused_hosts()
+        now = now | set(hosts) if paused else now - set(hosts)
+        self.store.commit({"hostpause": sorted(now)})
+        return now
+
+
+# ============================================================================
+# switchover.py: Switchover: the planned move of a role from one host to
+# another (SPEC §12).
+# ============================================================================
+#
+# Owns the rules of ``--switchover TO [--from FROM] [--at TIME]`` and of its answer,
+# for a daemon alone and a cluster member alike (the Ledger and its store keep what
+# they decide; nothing here knows whether that is the state db or etcd):
+#
+#   refusal()         why a switchover cannot be now, in words that say what to fix;
+#                     checked when asked, when a scheduled one comes due, and again
+#                     when its run starts (a refusal then fails the run, unrun)
+#   cannot_start()    why a run may not start: that refusal, or a pause (global, or
+#                     of the run's host: --pause HOST)
+#   the book          what the ledger keeps of switchovers besides their runs, one
+#                     JSON value (``switchover`` in the state db, ledger/switchover in
+#                     etcd): ``scheduled`` {from, to, at, request, asked} or None,
+#                     ``expect`` {run, from, to, until, from_done, to_done} or None,
+#                     ``seen`` the last request a cluster's leader took
+#   expected()        whether a transition is one of the switchover's own (FROM's
+#                     first out of the role, TO's first into it, from the run's start
+#                     until ``switchover_settle`` after it ended ok): recorded, no
+#                     section runs
+#   SwitchoverDesk    the master's part: the control verbs (``switchover``,
+#                     ``hostpause``), and each pass of the loop, for the acting
+#                     daemon (alone, or the cluster's leader), the request a member
+#                     stored in etcd and a scheduled switchover that came due
+#
+# A cluster's member answers from its copy of the ledger and stores the request in
+# etcd (``switchover`` under the cluster's prefix); the leader takes it from there.
+#
+# The moments a notification will tell (SPEC §12: ``switchover`` events scheduled,
+# cancelled, missed) all pass through SwitchoverDesk.event().
+#
+# Uses: base, records, children.
+
+MISSED_AFTER = 60.0         # a scheduled switchover this late when a daemon first can act: dropped
+REPORT_AGE = 3              # TO's last report may be this many of its check intervals old
+CRON_INTERVAL = 60.0        # the interval a cron group counts as (a minute at most, as cron's)
+ACTIVE_RUN = ("queued", "running")
+
+
+def parse_at(text, now):
+    """--at TIME as epoch seconds: ``HH:MM`` (the next such local time), ``YYYY-MM-DD HH:MM``
+    (local time) or ``+DURATION``.  ValueError says what is wrong."""
+    text = " ".join(str(text).split())
+    if text.startswith("+"):
+        return now + parse_duration(text[1:])
+    base = datetime.datetime.fromtimestamp(now)
+    for form in ("%H:%M", "%Y-%m-%d %H:%M"):
+        try:
+            when = datetime.datetime.strptime(text, form)
+        except ValueError:
+            continue
+        if form == "%H:%M":
+            when = base.replace(hour=when.hour, minute=when.minute, second=0, microsecond=0)
+            if when.timestamp() <= now:
+                when += datetime.timedelta(days=1)
+        return when.timestamp()
+    raise ValueError("bad TIME %r: write HH:MM, YYYY-MM-DD HH:MM (local time) or +DURATION "
+                     "(+10m)" % text)
+
+
+def new_request_id():
+    """A request's id: unique enough across members and restarts."""
+    return os.urandom(6).hex()
+
+
+def _interval_of(config, host, report):
+    """The check interval of the check that last reported ``host``."""
+    checks = [c for c in config.checks if report and c.name == report.get("check")]
+    checks = [c for c in checks if c.host == host] or checks
+    if not checks:
+        return config.daemon.interval
+    return min(CRON_INTERVAL if c.group.cron is not None else c.group.interval for c in checks)
+
+
+def _seconds(value):
+    return "%g s" % round(value, 1) if value < 10 else "%d s" % value
+
+
+def refusal(ledger, frm, to, now, run=None, request=None):
+    """(why a switchover to ``to`` cannot be now, or None; FROM as it would be).
+
+    ``frm``: --from, or None (the one host in the role).  ``run``: the switchover's own
+    run, when it starts; ``request``: its request, when its schedule comes due (neither
+    counts as another switchover).
+    """
+    config, d = ledger.config, ledger.config.daemon
+    role, candidate = d.switchover_role, d.switchover_candidate
+    if config.switchover_section(to) is None:
+        return ("%s has no [switchover] section (nor [%s: switchover]): add one with the commands "
+                "that move the %s role" % (os.path.join(config.config_dir, "actions.conf"), to, role)), frm
+    if to not in ledger.hosts:
+        return ("%s has never been seen: no check has reported it (hosts known: %s)" % (
+            to, ", ".join(sorted(ledger.hosts)) or "none")), frm
+    holders = sorted(ledger.by_state.get(role, ()))
+    state = ledger.state_of(to)
+    if state == role:
+        return "%s is already %s (switchover_role = %s): nothing to move" % (to, role, role), frm
+    if state != candidate:
+        return ("%s is %s, not %s (switchover_candidate = %s): only a %s can take the %s role"
+                % (to, state, candidate, candidate, candidate, role)), frm
+    if len(holders) != 1:
+        return ("%s hosts are %s%s (switchover_role = %s): a switchover moves the role from the "
+                "one host that holds it" % (len(holders) or "no", role,
+                                            " (%s)" % ", ".join(holders) if holders else "", role)), frm
+    if frm is not None and frm != holders[0]:
+        return "--from %s, but %s is the %s (leave out --from, or name %s)" % (
+            frm, holders[0], role, holders[0]), frm
+    frm = holders[0]
+    report = ledger.reports.get(to)
+    interval = _interval_of(config, to, report)
+    if report is None or not isinstance(report.get("time"), (int, float)):
+        return "%s has no report from this daemon's checks: is its check running? (hadaemon --status)" \
+            % to, frm
+    if now - report["time"] > REPORT_AGE * interval:
+        return ("%s's last report is %s old (its check interval is %s): is its check running? "
+                "(hadaemon --status)" % (to, _seconds(now - report["time"]), _seconds(interval))), frm
+    if ledger.paused:
+        return "actions are paused (hadaemon --resume, then ask again)", frm
+    paused = sorted(ledger.store.paused_hosts() & {frm, to})
+    if paused:
+        return "actions are paused for %s (hadaemon --resume %s, then ask again)" % (
+            " and ".join(paused), " ".join(paused)), frm
+    own = run.switchover.get("request") if run is not None else request
+    for other in ledger.runs.values():
+        if other.switchover and other.state in ACTIVE_RUN and other is not run:
+            return ("switchover run #%d (%s -> %s) is %s: wait for it to end, or hadaemon "
+                    "--switchover --cancel" % (other.id, other.frm, other.to, other.state)), frm
+    scheduled = ledger.book.get("scheduled")
+    if scheduled and scheduled.get("request") != own:
+        return ("a switchover %s -> %s is scheduled at %s: hadaemon --switchover --cancel first"
+                % (scheduled["from"], scheduled["to"], format_time(scheduled["at"]))), frm
+    return None, frm
+
+
+def cannot_start(ledger, run, now):
+    """(state, reason) when ``run`` may not start now (or be queued), else None: a
+    switchover's refusal fails it; a pause, global or of its host, skips it."""
+    if run.switchover:
+        reason, _ = refusal(ledger, run.frm, run.to, now, run)
+        return ("failed", reason) if reason else None
+    if ledger.paused:
+        return "skipped", "paused"
+    if run.host in ledger.store.paused_hosts():
+        return "skipped", "paused %s" % run.host
+    return None
+
+
+def switchover_plan(ledger, frm, to, config):
+    """(section, env, commands or [], error) of a switchover from ``frm`` to ``to``, expanded
+    against the states of now: %FROM%, %TO% and %HOST% (= TO) name hosts here."""
+    section = config.switchover_section(to)
+    if section is None:
+        return None, {}, [], "no [switchover] section (nor [%s: switchover]) in %s" % (
+            to, os.path.join(config.config_dir, "actions.conf"))
+    variables = action_variables(to, frm, to, ledger.states())
+    plan = plan_run(section, to, frm, to, None, config.config_dir, ledger.state_dir, variables)
+    return section, dict(plan.env, HA_TRANSITION="switchover"), plan.commands, plan.error
+
+
+def switchover_run(ledger, run_id, frm, to, request, now):
+    """Run ``run_id``: the switchover from host ``frm`` to ``to``, its commands as they would
+    be now (made again when it starts), not yet queued."""
+    section, env, commands, _ = switchover_plan(ledger, frm, to, ledger.config)
+    return Run(run_id, None, to, frm, to, section.name if section else "switchover", None, None,
+               now, None, None, dict(env, HA_RUN_ID=str(run_id)), [RunCommand.from_json(c) for c in commands],
+               switchover={"from": frm, "to": to, "request": request})
+
+
+def switchover_commands(ledger, run, config):
+    """The commands of switchover ``run`` as it starts, expanded against the states of now
+    (its env's HA_MASTER, HA_SLAVE with them).  ValueError says why it cannot start."""
+    section, env, _, _ = switchover_plan(ledger, run.frm, run.to, config)
+    if section is None:
+        raise ValueError("no [switchover] section (nor [%s: switchover]) in this daemon's %s"
+                         % (run.to, os.path.join(config.config_dir, "actions.conf")))
+    commands = expand_commands(section, action_variables(run.to, run.frm, run.to, ledger.states()))
+    run.env = dict(run.env, HA_MASTER=env["HA_MASTER"], HA_SLAVE=env["HA_SLAVE"])
+    return [RunCommand.from_json(c) for c in commands]
+
+
+def expected(book, host, old, new, role, now):
+    """The switchover run whose own transition this is (host: old -> new), or None; the
+    book is marked (each of the two is expected once)."""
+    exp = book.get("expect")
+    if not exp or (exp.get("until") is not None and now > exp["until"]):
+        return None
+    if host == exp["from"] and old == role and new != role and not exp.get("from_done"):
+        book["expect"] = dict(exp, from_done=True)
+        return exp["run"]
+    if host == exp["to"] and new == role and old != role and not exp.get("to_done"):
+        book["expect"] = dict(exp, to_done=True)
+        return exp["run"]
+    return None
+
+
+def run_moved(book, run, state, now, settle):
+    """A switchover run changed state: the expectation of its own transitions begins when
+    it starts, lasts ``settle`` after it ended ok, ends when it failed or was interrupted."""
+    exp = book.get("expect")
+    if state == "running":
+        book["expect"] = {"run": run.id, "from": run.frm, "to": run.to, "until": None,
+                          "from_done": False, "to_done": False}
+    elif exp and exp.get("run") == run.id:
+        if state == "ok":
+            book["expect"] = dict(exp, until=now + settle)
+        elif state in ("failed", "interrupted"):
+            book["expect"] = None
+
+
+def scheduled_view(book):
+    """daemon.switchover of --status --json: {from, to, at} or None."""
+    sched = book.get("scheduled")
+    return {"from": sched["from"], "to": sched["to"], "at": sched["at"]} if sched else None
+
+
+class SwitchoverDesk:
+    """The master's part for --switchover and --pause HOST: see the comment above."""
+
+    VERBS = ("switchover", "hostpause")
+
+    def __init__(self, ledger, leadership):
+        self.ledger = ledger
+        self.leadership = leadership    # actions.Alone, or a cluster member's ClusterLink
+        self.since = None               # when this daemon first could act (wall clock)
+
+    def event(self, what, sched):
+        """A moment of a scheduled switchover: ``scheduled``, ``cancelled`` or ``missed``
+        (SPEC §12: a ``switchover`` event; its one call point)."""
+        log.warning("switchover %s: %s -> %s at %s", what, sched.get("from"), sched.get("to"),
+                    format_time(sched.get("at")))
+
+    # -- the control verbs ------------------------------------------------------------
+
+    def answer(self, msg, now):
+        if msg.get("cmd") == "hostpause":
+            return self.answer_hostpause(msg)
+        op = msg.get("op")
+        if op == "state":
+            return self.request_state(msg.get("request"))
+        if op == "cancel":
+            return self.ask_cancel(now)
+        to, frm, at = msg.get("to"), msg.get("from"), msg.get("at")
+        if not valid_name(to) or (frm is not None and not valid_name(frm)) or \
+                (at is not None and not isinstance(at, (int, float))):
+            return {"ok": False, "usage": True, "errors": ["bad request %r" % ({k: msg.get(k) for k in (
+                "to", "from", "at")},)]}
+        reason, frm = refusal(self.ledger, frm, to, now)
+        if reason:
+            return {"ok": False, "errors": [reason]}
+        request = {"request": new_request_id(), "from": frm, "to": to, "at": at, "asked": now}
+        return self.take(request, now)
+
+    def ask_cancel(self, now):
+        sched, run = self.ledger.book.get("scheduled"), self.queued_run()
+        if sched is None and run is None:
+            return {"ok": False, "errors": ["no switchover is scheduled or queued: nothing to cancel"]}
+        what = "%s -> %s %s" % (sched["from"], sched["to"], "scheduled at %s" % format_time(sched["at"])) \
+            if sched else "%s -> %s (run #%d, queued)" % (run.frm, run.to, run.id)
+        answer = self.take({"request": new_request_id(), "cancel": True, "asked": now}, now)
+        return answer if self.ledger.store.shared else dict(answer, cancelled=what)
+
+    def take(self, request, now):
+        """A request that passed the refusals: applied at once by a daemon alone, stored in
+        etcd by a cluster member (the leader applies it)."""
+        store = self.ledger.store
+        if store.shared:
+            store.put_switchover_request(request)
+            return {"ok": True, "request": request["request"], "stored": False, "cluster": True}
+        self.apply(request, now)
+        return dict(self.request_state(request["request"]), ok=True)
+
+    def request_state(self, request):
+        """Where request ``request`` is: stored (etcd has it), taken, its run, its schedule."""
+        ledger = self.ledger
+        store = ledger.store
+        run = next((r for r in reversed(ledger.runs.values())
+                    if r.switchover and r.switchover.get("request") == request), None)
+        sched = ledger.book.get("scheduled")
+        stored = not store.shared or ledger.book.get("seen") == request or \
+            (store.switchover_request() or {}).get("request") == request
+        return {"ok": True, "request": request, "stored": stored,
+                "taken": not store.shared or ledger.book.get("seen") == request or run is not None,
+                "run": run.summary() if run is not None else None,
+                "scheduled": scheduled_view(ledger.book) if sched and sched.get("request") == request else None}
+
+    def answer_hostpause(self, msg):
+        hosts = msg.get("hosts")
+        if not isinstance(hosts, list) or not hosts or not all(valid_name(h) for h in hosts):
+            return {"ok": False, "usage": True, "errors": ["bad host names %r" % (hosts,)]}
+        paused = bool(msg.get("paused"))
+        self.ledger.store.set_hosts_paused(hosts, paused)
+        log.warning("actions %s for %s by request%s", "paused" if paused else "resumed", ", ".join(hosts),
+                    " (the whole cluster, once etcd has it)" if self.ledger.store.shared else "")
+        return {"ok": True, "paused_hosts": sorted(self.ledger.store.paused_hosts()),
+                "cluster": self.ledger.store.shared}
+
+    def queued_run(self):
+        return next((r for r in self.ledger.runs.values() if r.switchover and r.state == "queued"), None)
+
+    # -- the acting daemon, each pass ---------------------------------------------------
+
+    def tick(self, now):
+        """A request stored in etcd (a cluster's leader), a scheduled switchover come due."""
+        if not self.leadership.acting():
+            return
+        ledger = self.ledger
+        self.since = now if self.since is None else self.since
+        if ledger.store.shared:
+            request = ledger.store.switchover_request()
+            if request and request.get("request") != ledger.book.get("seen"):
+                self.apply(request, now)
+        sched = ledger.book.get("scheduled")
+        if sched is None or now < sched["at"]:
+            return
+        if now - sched["at"] > MISSED_AFTER:
+            ledger.note_book("scheduled", None)
+            log.error("switchover %s -> %s scheduled at %s dropped: %s late, more than %s; no daemon "
+                      "could act on it then (hadaemon --switchover %s to ask again)", sched["from"],
+                      sched["to"], format_time(sched["at"]), format_duration(now - sched["at"]),
+                      format_duration(MISSED_AFTER), sched["to"])
+            self.event("missed", sched)
+            return
+        reason, frm = refusal(ledger, sched["from"], sched["to"], now, request=sched["request"])
+        if reason and self.starting(sched["to"], now):
+            return                      # its first report since this daemon started comes first
+        ledger.note_book("scheduled", None)
+        ledger.queue_switchover(frm, sched["to"], sched["request"], reason, now)
+
+    def starting(self, host, now):
+        """Whether ``host``'s checks have not reported since this daemon started, and still
+        may (within REPORT_AGE of their interval): a schedule due at a restart waits for them."""
+        report = self.ledger.reports.get(host) or {}
+        if (report.get("time") or 0) >= self.since:
+            return False
+        return now - self.since <= REPORT_AGE * _interval_of(self.ledger.config, host, report)
+
+    def apply(self, request, now):
+        """Take a request (checked where it was asked): cancel, schedule, or queue its run
+        (failed at once, unrun, when a refusal holds now)."""
+        ledger = self.ledger
+        ledger.note_book("seen", request.get("request"))
+        if request.get("cancel"):
+            sched, run = ledger.book.get("scheduled"), self.queued_run()
+            if sched is not None:
+                ledger.note_book("scheduled", None)
+                self.event("cancelled", sched)
+            elif run is not None:
+                ledger.dequeue(run, "skipped", "cancelled by request (--switchover --cancel)", now, head=False)
+            else:
+                log.warning("switchover: --cancel asked, but none is scheduled or queued")
+            return
+        reason, frm = refusal(ledger, request.get("from"), request["to"], now)
+        at = request.get("at")
+        if at is not None and at > now and not reason:
+            sched = {"from": frm, "to": request["to"], "at": at, "request": request["request"],
+                     "asked": request.get("asked")}
+            ledger.note_book("scheduled", sched)
+            self.event("scheduled", sched)
+            return
+        ledger.queue_switchover(frm, request["to"], request["request"], reason, now)
+
 
 # ============================================================================
 # ledger.py: Ledger: host states, transitions, action runs and their queue
@@ -3761,7 +4188,7 @@ class LocalStore(LedgerStore):
 # state (the leader, from quorum's views), and a run recording its variables (so
 # another member can expand its own section).
 #
-# Uses: base, records, children, ledger_store.
+# Uses: base, records, children, ledger_store, switchover.
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
 # without running (paused, an empty variable).
@@ -3782,19 +4209,27 @@ def summarize_run(run):
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    """The ``n`` newest transitions and switchovers, newest first, each transition with its
+    run and that run's reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
     transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
     runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
         if run.rerun_of is not None:
             reruns[run.transition].append(run.summary())
+    # A switchover's run is an entry of its own (SPEC §12), in time order with the rest.
+    entries = [(tr.time or 0, 0, tr.id, tr) for tr in transitions] + \
+        [(run.queued or 0, 1, run.id, run) for run in runs.values() if run.switchover]
     out = []
-    for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.run) if tr.run is not None else None
-        out.append(dict(tr.to_json(), run=run.summary() if run else None,
-                        reruns=reruns.get(tr.id, []) if run else []))
+    for _, kind, _, item in sorted(entries, key=lambda e: e[:3])[-n:][::-1] if n > 0 else []:
+        if kind == 1:
+            out.append({"id": None, "time": item.queued, "host": item.host, "from": item.frm,
+                        "to": item.to, "check": None, "run": item.summary(), "reruns": [],
+                        "switchover": {"from": item.frm, "to": item.to}})
+            continue
+        run = runs.get(item.run) if item.run is not None else None
+        out.append(dict(item.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(item.id, []) if run else []))
     return out
 
 
@@ -3890,6 +4325,7 @@ class Ledger:
         self.transitions = collections.deque()    # Transitions, oldest first
         self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
+        self.book = {}                  # switchovers: scheduled, expected, seen (switchover.py)
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
@@ -3916,6 +4352,7 @@ class Ledger:
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
         self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
+        self.book = dict(snapshot.switchover)
 
     def open(self, now, acting=True):
         """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
@@ -4027,11 +4464,14 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
+        expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
+        if expecting is not None:       # a switchover's own transition: no section runs
+            section, changes.switchover = None, self.book
         run = None
         if section is not None:         # the run first: the Transition names it
             run = self.new_run(tr_id, host, old, state, section, changes, now)
         run_id = run.id if run is not None else None
-        tr = Transition(tr_id, now, host, old, state, by, run_id)
+        tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
@@ -4043,7 +4483,8 @@ class Ledger:
         self.transition_counts[(host, old, state)] += 1
         log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
                  "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; no action section matches")
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -4051,7 +4492,6 @@ class Ledger:
     def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
         queued, or skipped / failed at once."""
-        cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
         plan = plan_run(section, host, frm, to, None, self.config.config_dir,
@@ -4066,16 +4506,35 @@ class Ledger:
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
-            if self.paused:
-                self._set_run_state(run, "skipped", "paused", changes, now)
-            else:
-                self._set_run_state(run, "queued", None, changes, now)
-                self.queue.append(run_id)
-                changes.queue = self.queue
-        self.runs[run_id] = run
-        while len(self.runs) > cap:
+            why = cannot_start(self, run, now)
+            self._set_run_state(run, why[0] if why else "queued", why and why[1], changes, now)
+        return self._enter(run, changes)
+
+    def _enter(self, run, changes):
+        """A new run joins the runs (and the queue, when it is queued there)."""
+        if run.state == "queued":
+            self.queue.append(run.id)
+            changes.queue = self.queue
+        self.runs[run.id] = run
+        while len(self.runs) > self.cap:
             self.runs.popitem(last=False)
         return run
+
+    def queue_switchover(self, frm, to, request, reason, now):
+        """The run of a switchover from host ``frm`` to ``to`` (SPEC §12), through the queue
+        like any; failed at once, unrun, when ``reason`` (a refusal) holds."""
+        run = switchover_run(self, self.meta["next_run"], frm, to, request, now)
+        self.meta["next_run"] = run.id + 1
+        changes = Changes(meta=self.meta)
+        self._set_run_state(run, "failed" if reason else "queued", reason, changes, now)
+        self._enter(run, changes)
+        self._put(changes)
+        return run
+
+    def note_book(self, key, value):
+        """switchover.py's book: ``scheduled`` (one, or None), ``seen`` (the request a leader took)."""
+        self.book[key] = value
+        self._put(Changes(switchover=self.book))
 
     def rerun(self, run_id, now):
         """--rerun: the section of ended run ``run_id`` (by its name, in the current
@@ -4088,6 +4547,9 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old.switchover:
+            raise ValueError("run #%d is a switchover: ask for it again (hadaemon --switchover %s)"
+                             % (run_id, old.to))
         if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
                              % (run_id, old.state))
@@ -4117,10 +4579,14 @@ class Ledger:
         if state in RUN_FINAL:
             run.ended = now
             self.run_counts[(run.section, state)] += 1
+        if run.switchover:
+            run_moved(self.book, run, state, now, self.config.daemon.switchover_settle)
+            changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
         if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
             self._run_event(run)
@@ -4139,10 +4605,11 @@ class Ledger:
             self._put(Changes(queue=self.queue))
         return None
 
-    def dequeue(self, run, state, reason, now):
-        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
-        self.queue.pop(0)
+    def dequeue(self, run, state, reason, now, head=True):
+        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun
+        (not ``head``: a run anywhere in it, cancelled: --switchover --cancel)."""
+        assert run.id in self.queue[:1 if head else None], "run %s is not first" % run.id
+        self.queue.remove(run.id)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
         self._put(changes)
@@ -4152,6 +4619,8 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
+        if run.switchover:
+            return switchover_commands(self, run, config)
         if run.variables is None:
             return run.commands
         section = config.section_named(run.section)
@@ -4220,11 +4689,13 @@ class Ledger:
             if cand.get("window") is not None:      # None: a record from before N of M
                 pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
-                "pending": pending, "last_report": self.reports.get(name)}
+                "pending": pending, "last_report": self.reports.get(name),
+                "paused": name in self.store.paused_hosts()}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
-        return {"paused": self.paused, "queue": list(self.queue)}
+        return {"paused": self.paused, "queue": list(self.queue),
+                "switchover": scheduled_view(self.book), "paused_hosts": sorted(self.store.paused_hosts())}
 
     def counters(self):
         """Transitions and ended runs since this process started (Prometheus' counters)."""
@@ -5560,6 +6031,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -5652,6 +6126,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -5662,7 +6142,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))
@@ -6845,6 +7326,8 @@ LEADER_KEY = "leader"
 MEMBER_KEYS = "members/"
 LEDGER_KEYS = "ledger/"
 PAUSE_KEY = "pause"
+HOSTPAUSE_KEYS = "hostpause/"       # hostpause/HOST: {"paused": bool} (SPEC §12: --pause HOST)
+SWITCHOVER_KEY = "switchover"       # the last --switchover request a member stored
 
 
 def agreed_state(current, seen, quorum):
@@ -6961,10 +7444,14 @@ class ClusterMember:
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
 
     def set_pause(self, paused):
-        """Pause or resume the whole cluster (any member may: it is the operator's word).
-        A ("paused", id, error) note follows."""
-        return self._request("put", extra=("pause", None), key=PAUSE_KEY, lease=None,
-                             value={"paused": bool(paused), "by": self.node, "time": time.time()})
+        """Pause or resume the whole cluster (any member may: it is the operator's word)."""
+        return self.put_word(PAUSE_KEY, {"paused": bool(paused)})
+
+    def put_word(self, key, value):
+        """Store the operator's word at ``key`` (a pause, a host's pause, a switchover request):
+        any member may, on no lease.  A ("paused", id, error) note follows."""
+        return self._request("put", extra=("pause", None), key=key, lease=None,
+                             value=dict(value, by=self.node, time=time.time()))
 
     def set_view(self, hosts):
         self.view = dict(hosts)
@@ -7202,6 +7689,16 @@ class ClusterMember:
         kv = self.mirror.get(PAUSE_KEY)
         return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
 
+    def paused_hosts(self):
+        return {key[len(HOSTPAUSE_KEYS):] for key, kv in self.mirror.items()
+                if key.startswith(HOSTPAUSE_KEYS) and isinstance(kv.get("value"), dict)
+                and kv["value"].get("paused")}
+
+    def word(self, key):
+        """The value of an operator's word (set by put_word), or None."""
+        value = (self.mirror.get(key) or {}).get("value")
+        return value if isinstance(value, dict) else None
+
     def write(self, puts, deletes=()):
         """A guarded ledger write of ours as leader (stepping down too: the run it ends is
         recorded if etcd still takes it): its request id, None when not leading."""
@@ -7246,11 +7743,13 @@ class ClusterMember:
 #                ledger then rereads it (ClusterLink); a leader, whose memory runs
 #                ahead of etcd by its writes in flight, rereads it whole when it
 #                takes over, and again when it steps down.
-#   paused()     the /pause key, which any member may write.
+#   paused()     the /pause key, which any member may write; likewise paused_hosts()
+#                (hostpause/HOST) and the last switchover request (switchover).
 #
-# Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
-# ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
-# they sort; the leader deletes what falls out of its history).
+# Keys under /hadaemon/NAME/: leader, members/NODE, pause, hostpause/HOST, switchover
+# (a request), ledger/meta (next ids), ledger/queue, ledger/switchover (switchover.py's
+# book), ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so they sort;
+# the leader deletes what falls out of its history).
 #
 # Uses: base, store, ledger_store, cluster_member.
 
@@ -7269,6 +7768,8 @@ def ledger_to_etcd(changes, cap):
         puts[LEDGER_KEYS + "queue"] = list(changes.queue)
     if changes.meta is not None:
         puts[LEDGER_KEYS + "meta"] = {k: changes.meta[k] for k in ("next_transition", "next_run")}
+    if changes.switchover is not None:
+        puts[LEDGER_KEYS + "switchover"] = changes.switchover
     return puts, deletes
 
 
@@ -7284,7 +7785,7 @@ def ledger_from_etcd(key, value, cap):
                                         "pending": None, "count": 0}
     elif kind in ("tr", "run") and rest.isdigit() and cap:
         local = "%s:%d" % (kind, int(rest) % cap)
-    elif name in ("queue", "meta"):
+    elif name in ("queue", "meta", "switchover"):
         local = name
     else:
         return None
@@ -7306,6 +7807,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
+        self.hosts_paused = set()       # the mirror's hostpause/HOST keys, as mirrored() last saw them
         self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
@@ -7369,6 +7871,22 @@ class EtcdStore(LedgerStore):
         self.member.set_pause(paused)
         return paused
 
+    def paused_hosts(self):
+        """As the mirror shows them; before it arrives, as the local copy kept them."""
+        return self.hosts_paused if self.member.synced else self.local.paused_hosts()
+
+    def set_hosts_paused(self, hosts, paused):
+        """Asked: etcd has it when the mirror shows it (then ``paused_hosts`` says so)."""
+        for host in hosts:
+            self.member.put_word(HOSTPAUSE_KEYS + host, {"paused": bool(paused)})
+        return self.hosts_paused | set(hosts) if paused else self.hosts_paused - set(hosts)
+
+    def switchover_request(self):
+        return self.member.word(SWITCHOVER_KEY)
+
+    def put_switchover_request(self, request):
+        self.member.put_word(SWITCHOVER_KEY, request)
+
     def publish_view(self, view):
         self.member.set_view(view)
         self.views_changed = True
@@ -7387,6 +7905,9 @@ class EtcdStore(LedgerStore):
         if "meta" in changes or PAUSE_KEY in keys:
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
+        if any(k.startswith(HOSTPAUSE_KEYS) for k in keys):
+            self.hosts_paused = self.member.paused_hosts()
+            changes["hostpause"] = sorted(self.hosts_paused)
         if changes:
             self.local.store.commit(changes)
         return bool(changes)
@@ -7458,7 +7979,7 @@ class ClusterLink:
             elif note[0] == "written":
                 self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
-                log.error("cluster: pause / resume not written: %s", note[2])
+                log.error("cluster: a request (pause, resume, switchover) not written: %s", note[2])
         if self.member.stepping is not None:
             self.stepping(now)
         elif self.leave_by is not None and agent is not None and agent.kill_at is None and \
@@ -7611,7 +8132,7 @@ class ClusterLink:
 # go to the Ledger; its death ends the run as failed, or interrupted when the
 # daemon stops or a cluster's leader steps down.
 #
-# Uses: base.
+# Uses: base, switchover.
 
 def _command_index(run, msg):
     index = msg.get("index")
@@ -7671,8 +8192,9 @@ class ActionRuns:
         if run is None:
             return
         now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
+        why = cannot_start(self.ledger, run, now)       # paused; a switchover's refusal
+        if why:
+            self.ledger.dequeue(run, why[0], why[1], now)
             return
         try:
             commands = self.ledger.commands_for(run, config)
@@ -8224,8 +8746,8 @@ def notify_test(config, state_dir):
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-#       cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
+# Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
+#       http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -8271,6 +8793,7 @@ class Master:
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
+        self.switchover = SwitchoverDesk(self.ledger, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -8386,6 +8909,7 @@ class Master:
             self.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.switchover.tick(time.time())     # a stored request, a scheduled one come due
             self.runs.start_next(self.config)
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
@@ -8578,6 +9102,8 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
+        if cmd in SwitchoverDesk.VERBS:
+            return self.switchover.answer(msg, time.time())
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):
@@ -8774,15 +9300,14 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# client.py: Control client: --status, --stop, --reload, --history, --pause,
-# --resume.
+# client.py: Control client: --status, --stop, --reload, --history.
 # ============================================================================
 #
 # Owns what the command line asks the running daemon over its socket, and what it
 # reads from the state db when no daemon runs (offline status, history), and the
 # rendering of both for a person.
 #
-# Uses: base, records, store, ledger_store, ledger, scheduler.
+# Uses: base, wire, records, store, ledger_store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
@@ -8796,6 +9321,15 @@ def offline_status(state_dir, config=None, last=20):
     doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
                     ledger.host_entries(), checks)
     return doc.to_wire(), ledger
+
+
+def ask(args, message):
+    """One request to the daemon on ``args.state_dir``; it cannot be reached: exit 1."""
+    try:
+        return request(args.state_dir, message)
+    except (OSError, HadaemonError) as exc:
+        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
+        sys.exit(EXIT_FAIL)
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -8908,6 +9442,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -8945,7 +9485,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))
@@ -8992,8 +9533,9 @@ def _render_history(doc):
     rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
     for tr in doc["transitions"][:8]:
         rows.append((tr["id"], _clock(tr["time"]), tr["host"], "%s -> %s" % (tr["from"], tr["to"]),
+                     "switchover #%s" % tr["switchover"] if tr.get("switchover") is not None else
                      "-" if tr.get("run") is None else "#%s" % tr["run"]))
-    out += _table(rows, (5, 9, 14, 26, 8)) if len(rows) > 1 else ["  none"]
+    out += _table(rows, (5, 9, 14, 26, 14)) if len(rows) > 1 else ["  none"]
     out.append("")
     out.append("LAST ACTION RUNS")
     rows = [("#", "SECTION", "HOST", "RESULT", "CMDS", "TOOK")]
@@ -9037,9 +9579,15 @@ def render_history(entries):
         return "no transitions recorded"
     out = []
     for tr in entries:
-        out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
-            tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
+        if isinstance(tr.get("switchover"), dict):         # a switchover's own entry
+            out.append("      %s  switchover %s -> %s (asked)" % (format_time(tr["time"]), tr["from"], tr["to"]))
+        else:
+            out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
+                tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
         run = tr.get("run")
+        if tr.get("switchover") is not None and not isinstance(tr["switchover"], dict):
+            out.append("      expected by switchover run #%d: no action section" % tr["switchover"])
+            continue
         if run is None:
             out.append("      no action section")
             continue
@@ -9049,16 +9597,248 @@ def render_history(entries):
 
 
 # ============================================================================
+# opsclient.py: Operations from the command line: --switchover, --pause and
+# --resume (all, or some hosts).
+# ============================================================================
+#
+# Owns what the command line asks the daemon for SPEC §12's operations and how it
+# waits: ``--switchover TO [--from FROM] [--at TIME] [--wait [--timeout S]]``,
+# ``--switchover --cancel``, ``--pause [HOST...]`` / ``--resume [HOST...]`` (with no
+# daemon running: written to the state db, or in a cluster to etcd).  In a cluster
+# any member takes a request: it returns once etcd has it.
+#
+# Exit codes: 0 done (queued, scheduled, stored); 1 refused or failed (the reason
+# printed); 2 bad arguments; 3 no daemon (--switchover).
+#
+# Uses: base, configfiles, wire, store, switchover, etcd, cluster_agent, cluster_member, client.
+
+def _cluster_of(args):
+    try:
+        return load_config(args.config_dir).cluster
+    except ConfigError:
+        return None
+
+
+def _bad_hosts(hosts):
+    bad = [h for h in hosts if not valid_name(h)]
+    if bad:
+        print("hadaemon: bad host name %r (letters, digits, _ . : - )" % bad[0], file=sys.stderr)
+    return bad
+
+
+def cmd_pause(args, paused, hosts=()):
+    """--pause / --resume: actions of the whole daemon (cluster), or of ``hosts`` only."""
+    if _bad_hosts(hosts):
+        return EXIT_USAGE
+    cluster = _cluster_of(args)
+    if cluster is not None:
+        return cmd_pause_cluster(args, cluster, paused, hosts)
+    if locked_pid(args.state_dir):
+        _ask_pause(args, paused, hosts)
+    else:
+        ensure_state_dir(args.state_dir)
+        lock = PidLock(args.state_dir)
+        if not lock.acquire():
+            return cmd_pause(args, paused, hosts)
+        store = Store(args.state_dir)
+        try:
+            store.open()
+            if hosts:
+                now = set(store.data.get("hostpause") or ())
+                store.commit({"hostpause": sorted(now | set(hosts) if paused else now - set(hosts))})
+            else:
+                store.commit({"meta": dict(store.data.get("meta") or {}, paused=paused)})
+        finally:
+            store.close()
+            lock.release()
+    print(_paused_line(paused, hosts))
+    return EXIT_OK
+
+
+def _ask_pause(args, paused, hosts):
+    if hosts:
+        return ask(args, {"cmd": "hostpause", "hosts": list(hosts), "paused": paused})
+    return ask(args, {"cmd": "pause" if paused else "resume"})
+
+
+def _paused_line(paused, hosts):
+    if hosts:
+        return "actions %s for %s%s" % ("paused" if paused else "resumed", ", ".join(hosts),
+                                        ": their transitions are recorded, their runs skipped"
+                                        if paused else "")
+    return "actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed")
+
+
+def _shows(doc, paused, hosts):
+    """Whether the status document ``doc`` shows the pause asked."""
+    if not hosts:
+        return doc["daemon"]["paused"] == paused
+    now = set(doc["daemon"].get("paused_hosts") or ())
+    return set(hosts) <= now if paused else not set(hosts) & now
+
+
+def cmd_pause_cluster(args, cluster, paused, hosts=()):
+    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
+    where = "cluster %s: actions %s%s on every member" % (
+        cluster.name, "paused" if paused else "resumed", " for " + ", ".join(hosts) if hosts else "")
+    if locked_pid(args.state_dir):
+        _ask_pause(args, paused, hosts)
+        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
+        while time.monotonic() < deadline:
+            if _shows(ask(args, {"cmd": "status"}), paused, hosts):
+                print(where)
+                return EXIT_OK
+            time.sleep(0.05)
+        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    _, timeout = etcd_timeouts(cluster.ttl)
+    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
+    try:
+        for key in [HOSTPAUSE_KEYS + h for h in hosts] or [PAUSE_KEY]:
+            client.put(cluster.prefix + key, json.dumps(
+                {"paused": paused, "by": cluster.node, "time": time.time()}))
+    except EtcdError as exc:
+        print("hadaemon: cannot write to etcd, nothing was changed for certain: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        client.close()
+    print("%s (written to etcd; this daemon is not running)" % where)
+    return EXIT_OK
+
+
+# -- --switchover ------------------------------------------------------------------------
+
+def switchover_message(args, now):
+    """The ``switchover`` request of the command line, or (None, why) for bad arguments."""
+    if args.cancel:
+        if args.switchover or args.frm or args.at:
+            return None, "--switchover --cancel takes no host, --from or --at"
+        return {"cmd": "switchover", "op": "cancel"}, None
+    if not args.switchover:
+        return None, "--switchover needs the host to move the role to (or --cancel)"
+    for name in [args.switchover] + ([args.frm] if args.frm else []):
+        if not valid_name(name):
+            return None, "bad host name %r (letters, digits, _ . : - )" % name
+    at = None
+    if args.at is not None:
+        try:
+            at = parse_at(args.at, now)
+        except ValueError as exc:
+            return None, str(exc)
+    return {"cmd": "switchover", "op": "ask", "to": args.switchover, "from": args.frm, "at": at}, None
+
+
+def cmd_switchover(args):
+    """--switchover TO [--from FROM] [--at TIME] [--wait [--timeout S]], --switchover --cancel."""
+    message, why = switchover_message(args, time.time())
+    if message is None:
+        print("hadaemon: %s" % why, file=sys.stderr)
+        return EXIT_USAGE
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause working "
+              "on the db?); try again" % args.state_dir, file=sys.stderr)
+        return EXIT_FAIL
+    if not pid:
+        print("hadaemon not running: --switchover needs the daemon (in a cluster, any member's)",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = ask(args, message)
+    what = "--switchover --cancel" if args.cancel else "--switchover %s" % args.switchover
+    if not answer.get("ok"):
+        for line in answer.get("errors") or ["refused"]:
+            print("hadaemon: %s refused: %s" % (what, line), file=sys.stderr)
+        return EXIT_USAGE if answer.get("usage") else EXIT_FAIL
+    if not answer.get("stored"):
+        answer = _until_stored(args, answer["request"])
+        if answer is None:
+            print("hadaemon: %s asked, but etcd has not confirmed it: is etcd reachable? (see the log)"
+                  % what, file=sys.stderr)
+            return EXIT_FAIL
+    print(_taken_line(args, answer))
+    if args.wait and not args.cancel:
+        return wait_switchover(args, answer["request"])
+    return EXIT_OK
+
+
+def _until_stored(args, request_id):
+    """A cluster member's request: its state once etcd has it (None: not within 3 ttl)."""
+    cluster = _cluster_of(args)
+    deadline = time.monotonic() + (3.0 * cluster.ttl + 5.0 if cluster else 10.0)
+    while time.monotonic() < deadline:
+        answer = ask(args, {"cmd": "switchover", "op": "state", "request": request_id})
+        if answer.get("stored"):
+            return answer
+        time.sleep(0.05)
+    return None
+
+
+def _taken_line(args, answer):
+    if answer.get("cancelled"):
+        return "switchover %s cancelled" % answer["cancelled"]
+    if args.cancel:
+        return "switchover cancel stored: the leader drops the one scheduled or queued"
+    run, sched = answer.get("run"), answer.get("scheduled")
+    if sched:
+        return "switchover %s -> %s scheduled at %s" % (sched["from"], sched["to"], format_time(sched["at"]))
+    if run is not None:
+        return "switchover %s -> %s: run #%d %s%s" % (run["from"], run["to"], run["id"], run["state"],
+                                                      " (%s)" % run["reason"] if run.get("reason") else "")
+    return "switchover to %s stored: the cluster's leader %s it" % (
+        args.switchover, "schedules" if args.at else "runs")
+
+
+def _request_state(args, request_id):
+    try:
+        return request(args.state_dir, {"cmd": "switchover", "op": "state", "request": request_id},
+                       timeout=10.0)
+    except (OSError, HadaemonError):
+        return None
+
+
+def wait_switchover(args, request_id):
+    """Until the request's run ends (or --timeout): 0 when it ended ok, else 1."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pause = 0.05
+    while True:
+        answer = _request_state(args, request_id)
+        run = answer.get("run") if answer else None
+        if answer is None and not locked_pid(args.state_dir):
+            ledger = offline_status(args.state_dir)[1]
+            run = next((r.summary() for r in ledger.runs.values()
+                        if (r.switchover or {}).get("request") == request_id), None)
+            if run is None or run["state"] not in ("ok", "failed", "interrupted", "skipped"):
+                print("hadaemon: the daemon stopped; the switchover is %s" % (
+                    run["state"] if run else "not run"), file=sys.stderr)
+                return EXIT_FAIL
+        if run is not None and run["state"] in ("ok", "failed", "interrupted", "skipped"):
+            print("\n".join(render_run(run, indent="")))
+            return EXIT_OK if run["state"] == "ok" else EXIT_FAIL
+        if answer and answer.get("taken") and run is None and not answer.get("scheduled"):
+            print("hadaemon: the switchover was dropped (cancelled, or its time missed; see the log)",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        if deadline is not None and time.monotonic() >= deadline:
+            print("hadaemon: the switchover is still %s after %gs" % (
+                run["state"] if run else "scheduled" if answer and answer.get("scheduled") else "waiting",
+                args.timeout), file=sys.stderr)
+            return EXIT_FAIL
+        left = deadline - time.monotonic() if deadline is not None else pause
+        time.sleep(max(0.0, min(pause, left)))
+        pause = min(pause * 1.5, 0.5)
+
+
+# ============================================================================
 # cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
 #
 # Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
-# start, stop, status, reload, pause, check-config, simulate, rerun, once), the
-# relaunch that runs the daemon with this file as a module, and main(), which the
-# file calls last.
+# start, stop, status, reload, check-config, simulate, rerun, once; pause and
+# switchover are opsclient's), the relaunch that runs the daemon with this file as a
+# module, and main(), which the file calls last.
 #
-# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-#       notify, master, whatif, client.
+# Uses: base, configfiles, wire, ssh, ledger, etcd, notify, master, whatif, client, opsclient.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -9119,10 +9899,14 @@ def build_parser():
         help="cron mode: run every check once, apply transitions, run their actions, exit")
     add("--history", dest="history", nargs="?", type=int, const=20, metavar="N",
         help="the N newest transitions (default 20), each with its action run")
-    add("--pause", dest="command", action="store_const", const="pause",
-        help="stop running action sequences (they are recorded as skipped); checks go on")
-    add("--resume", dest="command", action="store_const", const="resume",
-        help="run action sequences again")
+    add("--pause", nargs="*", metavar="HOST",
+        help="stop running action sequences (they are recorded as skipped), of HOSTs only when "
+             "given; checks go on")
+    add("--resume", nargs="*", metavar="HOST",
+        help="run action sequences again (of HOSTs only when given: the global pause stays)")
+    add("--switchover", nargs="?", const="", metavar="TO",
+        help="move the role (switchover_role) from the one host holding it to TO by the "
+             "[switchover] section; exit 0 once queued or scheduled, 1 refused (saying why)")
     add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
         help="print the section and the commands that would run if HOST went FROM -> TO now "
              "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
@@ -9134,7 +9918,13 @@ def build_parser():
         help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
-                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+                   help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--from", dest="frm", metavar="FROM",
+                   help="with --switchover: the host that holds the role now (refused if not)")
+    p.add_argument("--at", metavar="TIME",
+                   help="with --switchover: HH:MM (the next), 'YYYY-MM-DD HH:MM' (local) or +DURATION")
+    p.add_argument("--cancel", action="store_true",
+                   help="with --switchover: drop the one scheduled or still queued")
     p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
                    help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
     p.add_argument("--json", action="store_true",
@@ -9143,7 +9933,8 @@ def build_parser():
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
+                        "sequence), --start (default: 30) or --rerun / --switchover --wait "
+                        "(default: no limit)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
@@ -9276,18 +10067,10 @@ def cmd_stop(args):
     return EXIT_FAIL
 
 
-def _ask(args, message):
-    try:
-        return request(args.state_dir, message)
-    except (OSError, HadaemonError) as exc:
-        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_status(args):
     pid = locked_pid(args.state_dir)
     if pid:
-        doc = _ask(args, {"cmd": "status"})
+        doc = ask(args, {"cmd": "status"})
     else:
         try:
             config = load_config(args.config_dir)
@@ -9300,7 +10083,7 @@ def cmd_status(args):
 
 def cmd_history(args):
     if locked_pid(args.state_dir):
-        entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
+        entries = ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         entries = offline_status(args.state_dir)[1].history(args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
@@ -9312,7 +10095,7 @@ def cmd_reload(args):
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "reload"})
+    answer = ask(args, {"cmd": "reload"})
     if answer.get("ok"):
         print("configuration reloaded")
         return EXIT_OK
@@ -9320,62 +10103,6 @@ def cmd_reload(args):
         print(line, file=sys.stderr)
     print("reload refused: the daemon keeps its old configuration", file=sys.stderr)
     return EXIT_FAIL
-
-
-def cmd_pause(args, paused):
-    try:
-        cluster = load_config(args.config_dir).cluster
-    except ConfigError:
-        cluster = None
-    if cluster is not None:
-        return cmd_pause_cluster(args, cluster, paused)
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-    else:
-        ensure_state_dir(args.state_dir)
-        lock = PidLock(args.state_dir)
-        if not lock.acquire():
-            return cmd_pause(args, paused)
-        store = Store(args.state_dir)
-        try:
-            store.open()
-            meta = dict(store.data.get("meta") or {})
-            meta["paused"] = paused
-            store.commit({"meta": meta})
-        finally:
-            store.close()
-            lock.release()
-    print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
-    return EXIT_OK
-
-
-def cmd_pause_cluster(args, cluster, paused):
-    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    word = "paused" if paused else "resumed"
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
-        while time.monotonic() < deadline:
-            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
-                print("cluster %s: actions %s on every member" % (cluster.name, word))
-                return EXIT_OK
-            time.sleep(0.05)
-        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
-              file=sys.stderr)
-        return EXIT_FAIL
-    _, timeout = etcd_timeouts(cluster.ttl)
-    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
-    try:
-        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
-            {"paused": paused, "by": cluster.node, "time": time.time()}))
-    except EtcdError as exc:
-        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
-        return EXIT_FAIL
-    finally:
-        client.close()
-    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
-          % (cluster.name, word))
-    return EXIT_OK
 
 
 def cmd_check_config(args):
@@ -9412,7 +10139,7 @@ def cmd_simulate(args):
     config = _config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
-        status = _ask(args, {"cmd": "status"})
+        status = ask(args, {"cmd": "status"})
         source = "daemon"
     else:
         try:
@@ -9440,7 +10167,7 @@ def cmd_rerun(args):
         print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
               file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    answer = ask(args, {"cmd": "rerun", "run": args.rerun})
     if not answer.get("ok"):
         for line in answer.get("errors") or ["refused"]:
             print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
@@ -9449,8 +10176,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
@@ -9577,8 +10306,16 @@ def main(argv=None):
         return cmd_history(args)
     if args.simulate is not None:
         return cmd_simulate(args)
-    if args.wait and args.rerun is None:
-        build_parser().error("--wait goes with --rerun")
+    if args.wait and args.rerun is None and args.switchover is None:
+        build_parser().error("--wait goes with --rerun or --switchover")
+    if (args.frm or args.at or args.cancel) and args.switchover is None:
+        build_parser().error("--from, --at and --cancel go with --switchover")
+    if args.switchover is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_switchover(args)
+    if args.pause is not None or args.resume is not None:
+        return cmd_pause(args, args.pause is not None, args.pause or args.resume or ())
     if args.rerun is not None:
         if args.json:
             build_parser().error("--json goes with --status, --history or --simulate")
@@ -9607,8 +10344,6 @@ def main(argv=None):
             return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
-        if command in ("pause", "resume"):
-            return cmd_pause(args, command == "pause")
     except HadaemonError as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
         return EXIT_FAIL

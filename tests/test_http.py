@@ -923,6 +923,7 @@ SPEC_FAMILIES = {
     "hadaemon_schedule_lag_seconds": "summary", "hadaemon_action_queue_length": "gauge",
     "hadaemon_actions_paused": "gauge", "hadaemon_workers": "gauge",
     "hadaemon_notify_events_total": "counter", "hadaemon_notify_waiting": "gauge",
+    "hadaemon_host_paused": "gauge",            # SPEC §12: --pause HOST
 }
 
 

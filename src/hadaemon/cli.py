@@ -1,12 +1,11 @@
 """Command line: argparse, the commands, the relaunch, main().
 
 Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
-start, stop, status, reload, pause, check-config, simulate, rerun, once), the
-relaunch that runs the daemon with this file as a module, and main(), which the
-file calls last.
+start, stop, status, reload, check-config, simulate, rerun, once; pause and
+switchover are opsclient's), the relaunch that runs the daemon with this file as a
+module, and main(), which the file calls last.
 
-Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-      notify, master, whatif, client.
+Uses: base, configfiles, wire, ssh, ledger, etcd, notify, master, whatif, client, opsclient.
 """
 
 import argparse
@@ -24,16 +23,14 @@ from .base import (
 )
 from .configfiles import load_config
 from .wire import request
-from .store import Store
 from .ssh import connect_ssh_targets, ssh_control_path
 from .ledger import RUN_FINAL
-from .etcd import EtcdClient, EtcdError, connect_etcd_endpoints
-from .cluster_agent import etcd_timeouts
-from .cluster_member import PAUSE_KEY
+from .etcd import connect_etcd_endpoints
 from .notify import notify_test
 from .master import Master
 from .whatif import parse_what_if, render_simulation, simulate
-from .client import locked_pid, offline_status, render_history, render_run, render_status, stop_wait
+from .client import ask, locked_pid, offline_status, render_history, render_run, render_status, stop_wait
+from .opsclient import cmd_pause, cmd_switchover
 
 
 def default_config_dir(environ):
@@ -95,10 +92,14 @@ def build_parser():
         help="cron mode: run every check once, apply transitions, run their actions, exit")
     add("--history", dest="history", nargs="?", type=int, const=20, metavar="N",
         help="the N newest transitions (default 20), each with its action run")
-    add("--pause", dest="command", action="store_const", const="pause",
-        help="stop running action sequences (they are recorded as skipped); checks go on")
-    add("--resume", dest="command", action="store_const", const="resume",
-        help="run action sequences again")
+    add("--pause", nargs="*", metavar="HOST",
+        help="stop running action sequences (they are recorded as skipped), of HOSTs only when "
+             "given; checks go on")
+    add("--resume", nargs="*", metavar="HOST",
+        help="run action sequences again (of HOSTs only when given: the global pause stays)")
+    add("--switchover", nargs="?", const="", metavar="TO",
+        help="move the role (switchover_role) from the one host holding it to TO by the "
+             "[switchover] section; exit 0 once queued or scheduled, 1 refused (saying why)")
     add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
         help="print the section and the commands that would run if HOST went FROM -> TO now "
              "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
@@ -110,7 +111,13 @@ def build_parser():
         help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
-                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+                   help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--from", dest="frm", metavar="FROM",
+                   help="with --switchover: the host that holds the role now (refused if not)")
+    p.add_argument("--at", metavar="TIME",
+                   help="with --switchover: HH:MM (the next), 'YYYY-MM-DD HH:MM' (local) or +DURATION")
+    p.add_argument("--cancel", action="store_true",
+                   help="with --switchover: drop the one scheduled or still queued")
     p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
                    help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
     p.add_argument("--json", action="store_true",
@@ -119,7 +126,8 @@ def build_parser():
                    help="with --check-config: also try each ssh target once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
+                        "sequence), --start (default: 30) or --rerun / --switchover --wait "
+                        "(default: no limit)")
     p.add_argument("--debug", action="store_true", help="log every scheduling decision")
     return p
 
@@ -252,18 +260,10 @@ def cmd_stop(args):
     return EXIT_FAIL
 
 
-def _ask(args, message):
-    try:
-        return request(args.state_dir, message)
-    except (OSError, HadaemonError) as exc:
-        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_status(args):
     pid = locked_pid(args.state_dir)
     if pid:
-        doc = _ask(args, {"cmd": "status"})
+        doc = ask(args, {"cmd": "status"})
     else:
         try:
             config = load_config(args.config_dir)
@@ -276,7 +276,7 @@ def cmd_status(args):
 
 def cmd_history(args):
     if locked_pid(args.state_dir):
-        entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
+        entries = ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         entries = offline_status(args.state_dir)[1].history(args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
@@ -288,7 +288,7 @@ def cmd_reload(args):
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "reload"})
+    answer = ask(args, {"cmd": "reload"})
     if answer.get("ok"):
         print("configuration reloaded")
         return EXIT_OK
@@ -296,62 +296,6 @@ def cmd_reload(args):
         print(line, file=sys.stderr)
     print("reload refused: the daemon keeps its old configuration", file=sys.stderr)
     return EXIT_FAIL
-
-
-def cmd_pause(args, paused):
-    try:
-        cluster = load_config(args.config_dir).cluster
-    except ConfigError:
-        cluster = None
-    if cluster is not None:
-        return cmd_pause_cluster(args, cluster, paused)
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-    else:
-        ensure_state_dir(args.state_dir)
-        lock = PidLock(args.state_dir)
-        if not lock.acquire():
-            return cmd_pause(args, paused)
-        store = Store(args.state_dir)
-        try:
-            store.open()
-            meta = dict(store.data.get("meta") or {})
-            meta["paused"] = paused
-            store.commit({"meta": meta})
-        finally:
-            store.close()
-            lock.release()
-    print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
-    return EXIT_OK
-
-
-def cmd_pause_cluster(args, cluster, paused):
-    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    word = "paused" if paused else "resumed"
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
-        while time.monotonic() < deadline:
-            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
-                print("cluster %s: actions %s on every member" % (cluster.name, word))
-                return EXIT_OK
-            time.sleep(0.05)
-        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
-              file=sys.stderr)
-        return EXIT_FAIL
-    _, timeout = etcd_timeouts(cluster.ttl)
-    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
-    try:
-        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
-            {"paused": paused, "by": cluster.node, "time": time.time()}))
-    except EtcdError as exc:
-        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
-        return EXIT_FAIL
-    finally:
-        client.close()
-    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
-          % (cluster.name, word))
-    return EXIT_OK
 
 
 def cmd_check_config(args):
@@ -388,7 +332,7 @@ def cmd_simulate(args):
     config = _config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
-        status = _ask(args, {"cmd": "status"})
+        status = ask(args, {"cmd": "status"})
         source = "daemon"
     else:
         try:
@@ -416,7 +360,7 @@ def cmd_rerun(args):
         print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
               file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    answer = ask(args, {"cmd": "rerun", "run": args.rerun})
     if not answer.get("ok"):
         for line in answer.get("errors") or ["refused"]:
             print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
@@ -425,8 +369,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
@@ -553,8 +499,16 @@ def main(argv=None):
         return cmd_history(args)
     if args.simulate is not None:
         return cmd_simulate(args)
-    if args.wait and args.rerun is None:
-        build_parser().error("--wait goes with --rerun")
+    if args.wait and args.rerun is None and args.switchover is None:
+        build_parser().error("--wait goes with --rerun or --switchover")
+    if (args.frm or args.at or args.cancel) and args.switchover is None:
+        build_parser().error("--from, --at and --cancel go with --switchover")
+    if args.switchover is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_switchover(args)
+    if args.pause is not None or args.resume is not None:
+        return cmd_pause(args, args.pause is not None, args.pause or args.resume or ())
     if args.rerun is not None:
         if args.json:
             build_parser().error("--json goes with --status, --history or --simulate")
@@ -583,8 +537,6 @@ def main(argv=None):
             return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
-        if command in ("pause", "resume"):
-            return cmd_pause(args, command == "pause")
     except HadaemonError as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
         return EXIT_FAIL

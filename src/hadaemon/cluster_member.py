@@ -49,6 +49,8 @@ LEADER_KEY = "leader"
 MEMBER_KEYS = "members/"
 LEDGER_KEYS = "ledger/"
 PAUSE_KEY = "pause"
+HOSTPAUSE_KEYS = "hostpause/"       # hostpause/HOST: {"paused": bool} (SPEC §12: --pause HOST)
+SWITCHOVER_KEY = "switchover"       # the last --switchover request a member stored
 
 
 def agreed_state(current, seen, quorum):
@@ -165,10 +167,14 @@ class ClusterMember:
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
 
     def set_pause(self, paused):
-        """Pause or resume the whole cluster (any member may: it is the operator's word).
-        A ("paused", id, error) note follows."""
-        return self._request("put", extra=("pause", None), key=PAUSE_KEY, lease=None,
-                             value={"paused": bool(paused), "by": self.node, "time": time.time()})
+        """Pause or resume the whole cluster (any member may: it is the operator's word)."""
+        return self.put_word(PAUSE_KEY, {"paused": bool(paused)})
+
+    def put_word(self, key, value):
+        """Store the operator's word at ``key`` (a pause, a host's pause, a switchover request):
+        any member may, on no lease.  A ("paused", id, error) note follows."""
+        return self._request("put", extra=("pause", None), key=key, lease=None,
+                             value=dict(value, by=self.node, time=time.time()))
 
     def set_view(self, hosts):
         self.view = dict(hosts)
@@ -405,6 +411,16 @@ class ClusterMember:
     def paused(self):
         kv = self.mirror.get(PAUSE_KEY)
         return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
+
+    def paused_hosts(self):
+        return {key[len(HOSTPAUSE_KEYS):] for key, kv in self.mirror.items()
+                if key.startswith(HOSTPAUSE_KEYS) and isinstance(kv.get("value"), dict)
+                and kv["value"].get("paused")}
+
+    def word(self, key):
+        """The value of an operator's word (set by put_word), or None."""
+        value = (self.mirror.get(key) or {}).get("value")
+        return value if isinstance(value, dict) else None
 
     def write(self, puts, deletes=()):
         """A guarded ledger write of ours as leader (stepping down too: the run it ends is

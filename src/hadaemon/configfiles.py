@@ -17,7 +17,7 @@ from .base import (
 )
 from .cron import CronSpec
 from .config import (
-    Check, Command, Config, DaemonSettings, Group, Section, parse_scope, read_ini,
+    Check, Command, Config, DaemonSettings, Group, SWITCHOVER, Section, parse_scope, read_ini,
     resolve_command,
 )
 from .netsettings import _cluster_settings, _cluster_value, _http_settings, parse_http_address
@@ -33,7 +33,8 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -49,6 +50,10 @@ def _setting_value(key, words, where, errors):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         if key == "http":
             return parse_http_address(value)
+        if key in ("switchover_role", "switchover_candidate"):
+            if not valid_name(value) or "_to_" in value.lower():
+                raise ValueError("%s must be a state word, got %r" % (key, value))
+            return value.lower()
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
@@ -234,7 +239,10 @@ def _parse_actions(path, config_dir, default_timeout, errors):
             try:
                 if host is not None and not valid_name(host):
                     raise ValueError("bad host name %r" % host)
-                from_state, to_state = _parse_transition(tr.strip())
+                if tr.strip() == SWITCHOVER:        # SPEC §12: [switchover], [TO: switchover]
+                    from_state, to_state = None, SWITCHOVER
+                else:
+                    from_state, to_state = _parse_transition(tr.strip())
             except ValueError as exc:
                 errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
                               % (where, name, exc))

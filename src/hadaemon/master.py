@@ -11,8 +11,8 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-      cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
+Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
+      http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 """
 
 import logging
@@ -40,6 +40,7 @@ from .cluster_member import ClusterMember
 from .cluster_ledger import EtcdStore, cluster_reload_problem
 from .cluster_link import ClusterLink
 from .actions import ActionRuns, Alone
+from .switchover import SwitchoverDesk
 from .reload import Reload
 from .notify import Notifications
 
@@ -88,6 +89,7 @@ class Master:
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
+        self.switchover = SwitchoverDesk(self.ledger, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -203,6 +205,7 @@ class Master:
             self.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.switchover.tick(time.time())     # a stored request, a scheduled one come due
             self.runs.start_next(self.config)
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
@@ -395,6 +398,8 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
+        if cmd in SwitchoverDesk.VERBS:
+            return self.switchover.answer(msg, time.time())
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):
