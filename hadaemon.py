@@ -93,6 +93,10 @@ whatif.py          What if: --simulate (docs/operating.md): the section and the 
                    a transition would run.
 client.py          Control client: --status, --stop, --reload, --history, --pause,
                    --resume.
+checkcmd.py        --check-config (-t): the config read whole, then what a valid config
+                   may still get wrong.
+starter.py         --init DIR: a commented starter config, written from this code (a pip
+                   install has no other).
 cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
@@ -211,6 +215,7 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -683,6 +688,7 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -874,6 +880,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:
@@ -1175,7 +1184,7 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -7890,6 +7899,8 @@ class Master:
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -8448,6 +8459,218 @@ def render_history(entries):
 
 
 # ============================================================================
+# checkcmd.py: --check-config (-t): the config read whole, then what a valid
+# config may still get wrong.
+# ============================================================================
+#
+# Owns reading the config for a command (errors printed, exit 1), cmd_check_config
+# and its warnings, each at its FILE:LINE: a ``%WORD%`` in an action naming no state
+# hadaemon knows of (known_variables, the one list of them), a section whose worst
+# case outlasts ``stop_timeout``, an ssh control socket path too long; and
+# ``--connect``, which tries each ssh target and etcd endpoint once.
+#
+# Uses: base, configfiles, children, ssh, etcd, client.
+
+def config_or_exit(config_dir, origin=None):
+    """The config of ``config_dir``; on any mistake print them all and exit 1."""
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
+        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
+              file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def known_variables(config, db_states=()):
+    """Every %NAME% an action may name and get a value from: HOST, FROM, TO, and the
+    state words the config names (its sections), a check's exit status gives, or the
+    state db holds (``db_states``).  Words of other keys (switchover_*) join here."""
+    states = {"unknown"} | set(EXIT_STATES.values()) | set(db_states)
+    for section in config.sections.values():
+        states.update((section.from_state, section.to_state))
+    states.discard("any")
+    return {"HOST", "FROM", "TO"} | {state.upper() for state in states}
+
+
+def db_state_words(state_dir):
+    """The states the state db holds (hosts' states, recent transitions); none when unreadable."""
+    try:
+        doc, ledger = offline_status(state_dir)
+    except (OSError, ValueError):
+        return set()
+    words = {h.get("state") for h in doc["hosts"].values()}
+    for entry in ledger.history(1000):
+        words.update((entry.get("from"), entry.get("to")))
+    return {w for w in words if isinstance(w, str)}
+
+
+def config_warnings(config, state_dir):
+    """The -t warnings of a valid config, each a line starting ``warning: FILE:LINE:``."""
+    out = []
+    known = known_variables(config, db_state_words(state_dir))
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        for cmd in section.commands:
+            for word in cmd.argv[1:]:
+                for m in _VAR_RE.finditer(word):
+                    if m.group(1) and m.group(1) not in known:
+                        out.append("warning: %s: %%%s%% names no state hadaemon knows of (known: %s): "
+                                   "it would be empty and the run refused" % (
+                                       cmd.where, m.group(1), ", ".join(sorted(known))))
+    budget = config.daemon.stop_timeout
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        worst = len(section.commands) * (section.timeout + ACTION_KILL_GRACE)
+        if budget is not None and worst > budget:
+            out.append("warning: %s: [%s] may take %s at worst (%d commands, each up to its timeout "
+                       "%s and %s to kill it), more than stop_timeout = %s: a stop while it runs "
+                       "would be killed half-way" % (
+                           section.where, section.name, format_duration(worst), len(section.commands),
+                           format_duration(section.timeout), format_duration(ACTION_KILL_GRACE),
+                           format_duration(budget)))
+    for group in config.groups:
+        if group.scope.kind == "ssh" and ssh_control_path(group, state_dir) is None:
+            out.append("warning: [%s]: the state dir path %s is too long for an ssh control socket; "
+                       "its checks would run without connection reuse" % (group.scope.name, state_dir))
+    return out
+
+
+def cmd_check_config(args):
+    config = config_or_exit(args.config_dir, args.config_origin)
+    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
+          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
+    for line in config_warnings(config, args.state_dir):
+        print(line)
+    if not args.connect:
+        return EXIT_OK
+    results = connect_ssh_targets(config)
+    for group, error, took in results:
+        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
+                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+# ============================================================================
+# starter.py: --init DIR: a commented starter config, written from this code
+# (a pip install has no other).
+# ============================================================================
+#
+# Owns the starter's files (checks.conf, actions.conf, a role check and an action
+# script, two role files) and write_starter, which writes them into a new or empty
+# config dir and never overwrites a file.
+#
+# Uses: base.
+
+STARTER_CHECKS = """\
+# hadaemon starter config (written by hadaemon --init).  It watches two pretend
+# database hosts, db1 and db2, whose roles are in the files roles/db1 and roles/db2:
+#   echo slave > roles/db1; sleep 3; echo master > roles/db2
+# switches them over.  Replace checks/check_role with a real check (examples/postgresql/
+# checks/check_pg_role in hadaemon's source) and the actions with your own.
+# Check it with:  hadaemon --config-dir THIS_DIR --check-config
+# Every key, its default and its range: docs/configuration.md in hadaemon's source.
+
+[daemon]
+interval = 1s          ; how often a check runs
+timeout  = 5s          ; a check running longer is killed, with its process group
+confirm  = 1           ; identical reports in a row before a new state is accepted
+workers  = 2           ; pre-forked check workers
+action_timeout = 20s   ; a command of actions.conf running longer is killed
+#http = 127.0.0.1:8642 ; the status page, JSON, load balancer checks, /metrics (docs/http.md)
+#stop_timeout = 90s    ; your service manager's stop budget (systemd: TimeoutStopSec)
+
+# A group: checks that run here ([local]) or on another host ([ssh:USER@HOST]).
+[local]
+confirm = 2            ; two reports in a row: one odd reading does not fail over
+check_role db1
+check_role db2
+"""
+
+STARTER_ACTIONS = """\
+# hadaemon starter actions.  For a transition of host H from F to T the first existing
+# section of [H: F_to_T], [H: any_to_T], [H: F_to_any], [H: any_to_any], [F_to_T],
+# [any_to_T], [F_to_any], [any_to_any] runs, its commands one after another; the first
+# that fails stops the sequence, unless its line starts with "-".
+# %HOST%, %FROM%, %TO% and %STATE% (the hosts in STATE, e.g. %MASTER%) are expanded.
+
+# A standby became master: here you would stop the middleware, move the service
+# address and start the middleware pointed at %MASTER%.
+[slave_to_master]
+announce %HOST% is the new master (masters now: %MASTER%)
+
+[master_to_slave]
+announce %HOST% is a slave again
+
+# A host went down: tell someone; "-" means a failure of this command is ignored.
+[any_to_down]
+timeout = 10s
+-announce %HOST% went %FROM% to down
+
+# First start on a fresh state db: every host goes unknown -> its state.
+[unknown_to_any]
+announce %HOST% is %TO% (first report)
+"""
+
+STARTER_CHECK_ROLE = """\
+#!/bin/sh
+# check_role HOST: reports HOST's role, read from the file roles/HOST of the config dir.
+# A check prints state=... (and host=...) on stdout; docs/configuration.md says more.
+role=$(cat "$HA_CONFIG_DIR/roles/$1" 2>/dev/null) || { echo "host=$1"; echo "state=down"; \
+echo "message=no file roles/$1"; exit 0; }
+echo "host=$1"
+echo "state=$role"
+"""
+
+STARTER_ANNOUNCE = """\
+#!/bin/sh
+# announce WORDS...: says them on stdout, which hadaemon logs with the run.
+echo "$*"
+"""
+
+STARTER_FILES = [       # (path, text, mode)
+    ("checks.conf", STARTER_CHECKS, 0o644),
+    ("actions.conf", STARTER_ACTIONS, 0o644),
+    ("checks/check_role", STARTER_CHECK_ROLE, 0o755),
+    ("actions/announce", STARTER_ANNOUNCE, 0o755),
+    ("roles/db1", "master\n", 0o644),
+    ("roles/db2", "slave\n", 0o644),
+]
+
+
+def write_starter(config_dir):
+    """--init DIR: write STARTER_FILES into DIR; refuse, changing nothing, when one is there."""
+    config_dir = os.path.abspath(config_dir)
+    there = [name for name, _, _ in STARTER_FILES if os.path.lexists(os.path.join(config_dir, name))]
+    if there:
+        print("hadaemon: --init %s: refusing: %s already there (nothing was written)"
+              % (config_dir, ", ".join(there)), file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        for name, text, mode in STARTER_FILES:
+            path = os.path.join(config_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+    except OSError as exc:
+        print("hadaemon: --init %s: %s" % (config_dir, exc), file=sys.stderr)
+        return EXIT_FAIL
+    print("wrote a starter config in %s: %s" % (config_dir, ", ".join(n for n, _, _ in STARTER_FILES)))
+    print("next: hadaemon --config-dir %s --check-config, then --foreground" % config_dir)
+    return EXIT_OK
+
+
+# ============================================================================
 # cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
 #
@@ -8456,8 +8679,8 @@ def render_history(entries):
 # relaunch that runs the daemon with this file as a module, and main(), which the
 # file calls last.
 #
-# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-#       master, whatif, client.
+# Uses: base, configfiles, wire, store, ledger, etcd, cluster_agent, cluster_member,
+#       master, whatif, client, checkcmd, starter.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -8493,7 +8716,8 @@ def build_parser():
                "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
                "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
                "config dir is %s, else CONFIGDIR/var.  "
-               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status, "
+               "--reload, --rerun)."
                % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
     p.add_argument("--config-dir", metavar="DIR",
                    help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
@@ -8511,7 +8735,8 @@ def build_parser():
     add("--status", dest="command", action="store_const", const="status",
         help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
     add("--reload", dest="command", action="store_const", const="reload",
-        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+        help="re-read both files; an invalid config is refused (errors printed, exit 1); "
+             "exit 3 not running")
     add("--check-config", "-t", dest="command", action="store_const", const="check",
         help="validate both files and every command they name; exit 0 or 1")
     add("--once", dest="command", action="store_const", const="once",
@@ -8529,6 +8754,9 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--init", metavar="DIR",
+        help="write a commented starter config into DIR (made if missing; a checks.conf or "
+             "actions.conf there is never overwritten), one that passes --check-config")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
@@ -8537,30 +8765,19 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
-                   help="with --check-config: also try each ssh target once")
+                   help="with --check-config: also try each ssh target and each etcd endpoint "
+                        "of [cluster] once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
                         "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
-    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+    p.add_argument("--debug", action="store_true",
+                   help="log at debug level too: each check's result, each HTTP request, a check "
+                        "skipped because its previous run still ran, ssh and cluster details")
     return p
 
 
-def _config_or_exit(config_dir, origin=None):
-    try:
-        return load_config(config_dir)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
-            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
-                  % (config_dir, origin), file=sys.stderr)
-        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
-              file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -8577,7 +8794,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -8775,30 +8992,6 @@ def cmd_pause_cluster(args, cluster, paused):
     return EXIT_OK
 
 
-def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
-    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
-          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    for group in config.groups:
-        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
-            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
-                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
-    if not args.connect:
-        return EXIT_OK
-    results = connect_ssh_targets(config)
-    for group, error, took in results:
-        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
-                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    failed = any(error for _, error, _ in results)
-    if config.cluster is not None:
-        for url, error, what in connect_etcd_endpoints(config.cluster):
-            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
-            failed = failed or bool(error)
-    elif not results:
-        print("no ssh targets or etcd endpoints to try")
-    return EXIT_FAIL if failed else EXIT_OK
-
-
 def cmd_simulate(args):
     """--simulate: the section and commands a transition would run; nothing run, written or logged."""
     try:
@@ -8806,7 +8999,7 @@ def cmd_simulate(args):
     except ValueError as exc:
         print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
         status = _ask(args, {"cmd": "status"})
@@ -8888,7 +9081,7 @@ def wait_run(args, run_id):
 
 
 def cmd_once(args):
-    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+    if config_or_exit(args.config_dir, args.config_origin).cluster is not None:
         print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
               "leader alone acts; run it as a daemon", file=sys.stderr)
         return EXIT_FAIL
@@ -8961,7 +9154,7 @@ def relaunch_as_module(argv):
             os.close(fd)
 
 
-def main(argv=None):
+def run_command(argv):
     args = build_parser().parse_args(argv)
     args.config_origin = None
     if args.config_dir is None:
@@ -8970,6 +9163,8 @@ def main(argv=None):
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
     if args.set and args.simulate is None:
         build_parser().error("--set goes with --simulate")
+    if args.init is not None:
+        return write_starter(args.init)
     if args.history is not None:
         return cmd_history(args)
     if args.simulate is not None:
@@ -9010,6 +9205,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_USAGE
+
+
+def main(argv=None):
+    """The command line; a reader that went away (``--status | head -3``) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # As a Unix tool does: no traceback, and no second error when Python flushes
+        # stdout at exit (it goes to /dev/null now).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -646,6 +646,11 @@ def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
     d.signal(signal.SIGTERM)
     with notify:
         wait_notify(notify, "STOPPING=1")
+        # systemd is told to wait for what the sequence may still take (its two
+        # commands' timeouts, 60 s each, and the kills), not TimeoutStopSec's 90 s.
+        extend = read_notify(notify, 5)
+        assert extend and extend[0].startswith("EXTEND_TIMEOUT_USEC="), extend
+        assert int(extend[0].split("=")[1]) / 1e6 >= 2 * (60 + 5), extend
         # The loop stays healthy while the sequence finishes: the watchdog goes on.
         assert read_notify(notify, 5) == ["WATCHDOG=1"]
         assert read_notify(notify, 5) == ["WATCHDOG=1"]

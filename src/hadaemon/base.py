@@ -71,6 +71,7 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}

@@ -67,6 +67,7 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -258,6 +259,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:

@@ -31,7 +31,7 @@ def _setting_value(key, words, where, errors):
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:

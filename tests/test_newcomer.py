@@ -1,0 +1,155 @@
+"""Issue 23: what a newcomer meets between the README and a first install, each driven
+as a user would meet it (the command line's output, a closed pipe, -t, the README's own
+commands).  The real HAProxy, promtool and Chromium ones are in test_http_daemon.py.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, wait_for
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_block(after):
+    """The first fenced block of README.md after the line holding ``after``."""
+    rest = README[README.index(after):]
+    m = re.search(r"```[a-z]*\n(.*?)```", rest, re.S)
+    return m.group(1)
+
+
+def two_hosts(d, actions="[any_to_master]\nrecord %HOST%\n"):
+    d.role_check()
+    d.recorder()
+    d.write("checks.conf", "[daemon]\ninterval = 200ms\n[local]\ncheck_role db1\ncheck_role db2\n")
+    d.write("actions.conf", actions)
+    d.set("db1", "master")
+    d.set("db2", "slave")
+
+
+# -- 5: --init DIR, from the one file a wheel installs --------------------------------------
+
+def test_init_writes_a_starter_config_that_passes_check_config_as_the_readme_shows(daemon, tmp_path):
+    alone = tmp_path / "site-packages"          # what a pip install has: hadaemon.py and no config
+    alone.mkdir()
+    shutil.copy(ROOT / "hadaemon.py", alone / "hadaemon.py")
+    block = readme_block("hadaemon --init")
+    lines = [line for line in block.splitlines() if line.strip()]
+    target = str(tmp_path / "ha")
+    ran = 0
+    for i, line in enumerate(lines):
+        if not line.startswith("$ hadaemon "):
+            continue
+        words = line[2:].replace("/tmp/ha", target).split()
+        expected = []
+        for out in lines[i + 1:]:
+            if out.startswith("$ "):
+                break
+            expected.append(out.replace("/tmp/ha", target))
+        result = subprocess.run([sys.executable, str(alone / "hadaemon.py")] + words[1:], capture_output=True,
+                                text=True, timeout=60, env=dict(os.environ, HADAEMON_CONFIG_DIR=""))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.splitlines() == expected, (line, result.stdout, expected)
+        ran += 1
+    assert ran == 2, block
+    assert (tmp_path / "ha" / "checks.conf").read_text().startswith("# hadaemon starter config")
+    again = subprocess.run([sys.executable, str(alone / "hadaemon.py"), "--init", target], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 1 and "refusing" in again.stderr and "nothing was written" in again.stderr
+    # And it runs: the starter's check reports db1 master, db2 slave.
+    d = daemon
+    d.dir, d.state = tmp_path / "ha", tmp_path / "ha-state"
+    d.start()
+    d.wait_state("db1", "master")
+    d.wait_state("db2", "slave")
+
+
+# -- 6: a closed pipe ----------------------------------------------------------------------
+
+def test_status_and_history_into_a_closed_pipe_end_quietly(daemon):
+    d = daemon
+    two_hosts(d)
+    d.start()
+    d.wait_state("db1", "master")
+    for args in (["--status"], ["--history", "50"], ["--status", "--json"]):
+        read, write = os.pipe()
+        os.close(read)                          # `| head -1` that has read its line and gone
+        try:
+            result = subprocess.run(d.argv(*args), stdout=write, stderr=subprocess.PIPE, text=True,
+                                    timeout=60, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write)
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+        assert result.stderr == "" and result.returncode == 1, (args, result)
+    shell = subprocess.run("%s | head -1" % " ".join(d.argv("--history", "50")), shell=True,
+                           capture_output=True, text=True, timeout=60)
+    assert shell.stderr == "" and shell.stdout.count("\n") == 1, shell
+
+
+# -- 7, 8: -t ----------------------------------------------------------------------------------
+
+def test_check_config_warns_of_a_variable_naming_no_state(daemon):
+    d = daemon
+    two_hosts(d, actions="[slave_to_master]\nrecord start %MASTR% %MASTER% %HOST%\n"
+                         "[any_to_down]\nrecord %SLAVE% %DOWN% %%literal%%\n")
+    result = d.cli("-t")
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stdout
+    assert warnings[0].startswith("warning: %s:2: %%MASTR%% names no state hadaemon knows of"
+                                  % (d.dir / "actions.conf")), warnings
+    # A state the state db holds counts, as --simulate would find it there: db3 was "standby".
+    d.write("actions.conf", "[any_to_master]\nrecord %STANDBY%\n")
+    assert "%STANDBY% names no state" in d.cli("-t").stdout
+    d.write("checks.conf", "[daemon]\ninterval = 200ms\n[local]\ncheck_role db1\ncheck_role db3\n")
+    d.set("db3", "standby")
+    d.start()
+    d.wait_state("db3", "standby")
+    d.stop()
+    assert "warning" not in d.cli("-t").stdout
+
+
+def test_a_section_header_without_its_closing_bracket_is_named(daemon):
+    d = daemon
+    two_hosts(d, actions="[any_to_master]\nrecord %HOST%\n\n[master_to_slav\nrecord %HOST%\n")
+    result = d.cli("-t")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == "%s:4: a section header needs a closing ]: [master_to_slav" % (
+        d.dir / "actions.conf"), result.stderr
+    assert "command not found" not in result.stderr
+
+
+# -- 4: the stop budget ------------------------------------------------------------------------
+
+def test_check_config_warns_when_a_section_outlasts_stop_timeout(daemon):
+    d = daemon
+    two_hosts(d, actions="[any_to_master]\ntimeout = 30s\nrecord one\nrecord two\nrecord three\n"
+                         "[any_to_down]\ntimeout = 10s\nrecord %HOST%\n")
+    d.write("checks.conf", "[daemon]\nstop_timeout = 90s\n[local]\ncheck_role db1\n")
+    result = d.cli("-t")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: %s:1: [any_to_master] may take 105s at worst (3 commands, each up to "
+                        "its timeout 30s and 5s to kill it), more than stop_timeout = 90s: a stop while "
+                        "it runs would be killed half-way" % (d.dir / "actions.conf")], result.stdout
+
+
+# -- 12: --help says what the code does --------------------------------------------------------
+
+def test_help_matches_the_code(daemon):
+    d = daemon
+    text = " ".join(d.cli("--help").stdout.split())
+    assert "log every scheduling decision" not in text
+    assert "each check's result" in text
+    assert "3 not running (--status, --reload, --rerun)" in text
+    assert "each ssh target and each etcd endpoint" in text
+    assert "--init DIR" in text
+    # The exit codes it names are the ones the commands give.
+    assert d.cli("--reload").returncode == 3
+    assert d.cli("--rerun", "1").returncode == 3
+    assert d.cli("--status").returncode == 3
