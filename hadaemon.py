@@ -4147,8 +4147,9 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
         schedule = describe_schedule(group)
     else:
         schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    reported = ",".join(sorted((last or {}).get("reports") or {}))    # what --status shows too
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
-            "host": check.host, "where": check.where, "schedule": schedule,
+            "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
@@ -5249,7 +5250,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -5284,7 +5286,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -5308,7 +5320,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -5599,7 +5611,7 @@ class HttpServer:
         self.tls = None                     # ssl.SSLContext with http_cert
         self.token = None
         self.conns = {}                     # fd -> HttpConn
-        self.refused = {}                   # client address -> when its refused token was last logged
+        self.refused = {}                   # (client address, "token" | "host") -> when last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
         # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
@@ -5786,27 +5798,29 @@ class HttpServer:
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
-                self._log_refused(peer, request, problem, now)
+                self._log_refused(peer, request, problem, now, "token")
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
         elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
-            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
-                                     "names this server" % _shorten(request.headers["host"], 100))
+            why = ("Host %s: without http_token only an IP address or localhost names this server"
+                   % _shorten(request.headers["host"], 100))
+            self._log_refused(peer, request, why, now, "host")
+            return error_answer(403, why)
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
             log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
             return error_answer(500, "internal error; the daemon's log has the details")
 
-    def _log_refused(self, peer, request, problem, now):
-        last = self.refused.get(peer)
+    def _log_refused(self, peer, request, problem, now, kind):
+        last = self.refused.get((peer, kind))
         if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
             return
         if len(self.refused) > 1024:
             self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
-        self.refused[peer] = now
-        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+        self.refused[peer, kind] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address and reason)",
                     request.method, _shorten(request.target, 100), peer, problem)
 
     def _send(self, conn, request, answer, now):
@@ -8385,8 +8399,7 @@ def _render_checks(checks):
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
         took = format_duration(last["duration"]) if last.get("duration") else "-"
-        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
-        rows.append((c["name"], hosts, reported,
+        rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))

@@ -250,6 +250,74 @@ def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
             b.close()
 
 
+DOCS_HTTP = ROOT / "docs" / "http.md"
+HAPROXY_HEAD = """
+global
+    log stderr format short local0 info
+defaults
+    mode tcp
+    log global
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend pg_write
+    bind 127.0.0.1:{front}
+    default_backend pg_master
+"""
+
+
+def docs_haproxy_backend():
+    """The backend block docs/http.md shows; it must be examples/http/haproxy.cfg's, line for line."""
+    block = re.search(r"From \[`examples/http/haproxy\.cfg`\].*?```\n(.*?)```", DOCS_HTTP.read_text(), re.S).group(1)
+    lines = block.strip("\n").splitlines()
+    example = [line for line in (ROOT / "examples" / "http" / "haproxy.cfg").read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    at = example.index(lines[0])
+    assert example[at:at + len(lines)] == lines, "docs/http.md's HAProxy block is not the example's"
+    return block
+
+
+def test_the_docs_haproxy_backend_works_with_the_docs_http_setup(daemon, procs, tmp_path):
+    """Issue 23.1: docs/http.md's backend, as written, in front of its loopback setup without a
+    token (http = 127.0.0.1:PORT): HAProxy marks the master UP; a Host the daemon refuses is
+    logged, once per client and reason."""
+    haproxy = need("haproxy")
+    d = daemon
+    port = http_setup(d)
+    start_with_http(d, port)
+    backends = {name: Backend(name) for name in ("db1", "db2")}
+    front = free_port()
+    backend = docs_haproxy_backend()
+    for old, new in (("addr 10.0.0.5", "addr 127.0.0.1"), ("port 8642", "port %d" % port),
+                     ("10.0.0.11:5432", "127.0.0.1:%d" % backends["db1"].port),
+                     ("10.0.0.12:5432", "127.0.0.1:%d" % backends["db2"].port)):
+        assert old in backend, old
+        backend = backend.replace(old, new)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_HEAD.format(front=front) + backend)
+    log_path = tmp_path / "haproxy.log"
+    log = open(log_path, "wb")
+    try:
+        procs.start([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        # db2 (a slave: 503) goes DOWN after two checks; by then a refused db1 would have too.
+        wait_for(lambda: "Server pg_master/db2 is DOWN" in log_path.read_text(), timeout=15,
+                 what="HAProxy to mark db2 down (log: %s)" % log_path.read_text()[-2000:])
+        text = log_path.read_text()
+        assert "Layer7 wrong status, code: 503" in text and "pg_master/db1 is DOWN" not in text, text
+        assert all(routed_to(front) == "db1" for _ in range(5))
+        assert "refused" not in d.log()
+    finally:
+        log.close()
+        for b in backends.values():
+            b.close()
+    # The same check with another Host: refused, and the log says why (once for the two).
+    for _ in range(2):
+        status, _, body = get(port, "/hosts/db1/master", headers=(("Host", "hadaemon"),))
+        assert status == 403 and b"only an IP address or localhost" in body
+    d.wait_log("http: refused GET '/hosts/db1/master' from 127.0.0.1: Host 'hadaemon': without http_token")
+    assert d.log().count("http: refused") == 1, d.tail()
+
+
 # -- promtool --------------------------------------------------------------------------------
 
 def test_promtool_accepts_metrics_and_counters_grow(daemon):
@@ -268,7 +336,7 @@ def test_promtool_accepts_metrics_and_counters_grow(daemon):
         assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
     a = {n + labels: float(v) for n, labels, v in parse_metrics(first)[1]}
     b = {n + labels: float(v) for n, labels, v in parse_metrics(second)[1]}
-    key = 'hadaemon_check_runs_total{check="local|check_role|check_role db1"}'
+    key = 'hadaemon_check_runs_total{check="check_role db1",scope="local"}'
     assert b[key] > a[key] > 0
     assert b["hadaemon_schedule_lag_seconds_count"] > a["hadaemon_schedule_lag_seconds_count"]
     assert b['hadaemon_transitions_total{host="db1",from="master",to="down"}'] == 1

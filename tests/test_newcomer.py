@@ -153,3 +153,30 @@ def test_help_matches_the_code(daemon):
     assert d.cli("--reload").returncode == 3
     assert d.cli("--rerun", "1").returncode == 3
     assert d.cli("--status").returncode == 3
+
+
+# -- 10, 13: what --status --json and the HTTP answers say -------------------------------------
+
+def test_labels_a_user_can_read(daemon):
+    from test_http import get
+    from test_http_daemon import free_port
+    d = daemon
+    port = free_port()
+    two_hosts(d)
+    d.write("checks.conf", "[daemon]\nhttp = 127.0.0.1:%d\n[local]\ninterval = 100ms\n"
+                           "check_role db1\ncheck_role db2\n" % port)
+    d.start()
+    d.wait_state("db2", "slave")
+    wait_for(lambda: all(c["last"] for c in d.status()["checks"]), what="both checks to run")
+    checks = d.status()["checks"]
+    assert [c["host"] for c in checks] == ["db1", "db2"], checks          # not "check_role"
+    status_text = d.cli("--status").stdout
+    assert re.search(r"^check_role db1 +db1 +master", status_text, re.M), status_text
+    metrics = get(port, "/metrics")[2].decode()
+    assert 'hadaemon_check_runs_total{check="check_role db1",scope="local"}' in metrics, metrics
+    assert "local|" not in metrics
+    values = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line and not line.startswith("#")]
+    noisy = [v for v in values if re.search(r"\.\d{7,}", v)]
+    assert not noisy, noisy                                     # 0.001114, not 0.0011140000000000002
+    status, _, body = get(port, "/history?n=x")
+    assert status == 400 and json.loads(body) == {"error": "n must be a whole number of transitions, got n=x"}

@@ -8,6 +8,7 @@ Uses: base, wire, http_proto.
 """
 
 import collections
+import os
 import re
 import time
 
@@ -64,7 +65,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -99,7 +101,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -123,7 +135,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
