@@ -180,3 +180,27 @@ def test_labels_a_user_can_read(daemon):
     assert not noisy, noisy                                     # 0.001114, not 0.0011140000000000002
     status, _, body = get(port, "/history?n=x")
     assert status == 400 and json.loads(body) == {"error": "n must be a whole number of transitions, got n=x"}
+
+
+# -- 11: the log's order while paused ----------------------------------------------------------
+
+def test_while_paused_the_transition_is_logged_before_its_skipped_run(daemon):
+    d = daemon
+    two_hosts(d, actions="[any_to_master]\nrecord %HOST%\n[any_to_down]\nrecord %NOBODY%\n")
+    d.start()
+    d.wait_state("db2", "slave")
+    d.cli("--pause", check=True)
+    d.set("db1", "slave")
+    d.set("db2", "master")
+    d.wait_state("db2", "master")
+    wait_for(lambda: "skipped (paused)" in d.log(), what="the skipped run in the log")
+    d.cli("--resume", check=True)
+    d.set("db2", "down")                # a run that fails at once (an empty %NOBODY%) logs after it too
+    wait_for(lambda: "is empty" in d.log(), what="the failed run in the log")
+    lines = d.log().splitlines()
+    for n, line in enumerate(lines):
+        m = re.search(r"run (\d+) \[\w+\] for db2 \w+: (skipped|failed)", line)
+        if m:
+            before = [i for i, l in enumerate(lines) if "runs [" in l and "as run %s" % m.group(1) in l]
+            assert before and before[0] < n, "\n".join(lines)
+    assert sum(1 for line in lines if re.search(r"run \d+ \[\w+\] for db2 \w+: (skipped|failed)", line)) == 2

@@ -234,7 +234,11 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run_id = None
+        run_id = self.meta["next_run"] if section is not None else None
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; no action section matches")
         if section is not None:         # the run first: the Transition names it
             run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
         tr = Transition(tr_id, now, host, old, state, by, run_id)
@@ -244,9 +248,6 @@ class Ledger:
         changes.transitions.append(tr)
         self._put(changes)
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
