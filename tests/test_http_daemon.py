@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import threading
 import time
 
@@ -575,6 +576,35 @@ tests:
 def test_the_haproxy_example_is_valid():
     haproxy = need("haproxy")
     result = subprocess.run([haproxy, "-c", "-f", str(EXAMPLES / "haproxy.cfg")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_docs_prometheus_steps_make_the_snippet_pass_promtool(tmp_path):
+    """Issue 23.2: docs/http.md's commands, as written there: the token and certificate made in
+    hadaemon's config dir, then the files Prometheus needs made from them, then promtool
+    on the snippet docs/http.md shows (and the example file, copied beside it)."""
+    promtool = need("promtool")
+    need("openssl")
+    docs = DOCS_HTTP.read_text()
+    make = re.search(r"Make the two with, for example:\n\n  ```sh\n(.*?)  ```", docs, re.S).group(1)
+    prom = docs[docs.index("## Prometheus"):]
+    steps, snippet = re.findall(r"```(?:sh|yaml)\n(.*?)```", prom, re.S)[:2]
+    assert "scrape_configs:" in snippet and "promtool check config prometheus.yml" in steps
+    ha, there = tmp_path / "ha", tmp_path / "prometheus"
+    ha.mkdir()
+    there.mkdir()
+    made = subprocess.run(["sh", "-ec", textwrap.dedent(make)], cwd=ha, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (there / "prometheus.yml").write_text(snippet)
+    steps = steps.replace("HA=/etc/hadaemon", "HA=%s" % ha, 1)
+    assert str(ha) in steps
+    env = dict(os.environ, PATH="%s:%s" % (os.path.dirname(promtool), os.environ["PATH"]))
+    result = subprocess.run(["sh", "-ec", steps], cwd=there, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout + result.stderr, result.stdout + result.stderr
+    shutil.copy(EXAMPLES / "prometheus.yml", there / "prometheus.yml")
+    shutil.copy(EXAMPLES / "hadaemon.rules.yml", there / "hadaemon.rules.yml")
+    result = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=there, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
