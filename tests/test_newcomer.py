@@ -204,3 +204,38 @@ def test_while_paused_the_transition_is_logged_before_its_skipped_run(daemon):
             before = [i for i, l in enumerate(lines) if "runs [" in l and "as run %s" % m.group(1) in l]
             assert before and before[0] < n, "\n".join(lines)
     assert sum(1 for line in lines if re.search(r"run \d+ \[\w+\] for db2 \w+: (skipped|failed)", line)) == 2
+
+
+# -- 3: an example action fails when its effect did not happen ---------------------------------
+
+def test_repoint_pgbouncer_fails_the_run_when_pgbouncer_was_not_reloaded(daemon, tmp_path):
+    d = daemon
+    shutil.copy(ROOT / "examples" / "postgresql" / "actions" / "repoint_pgbouncer", d.dir / "actions")
+    databases = tmp_path / "databases.ini"
+    databases.write_text("[databases]\nappdb = host=db1 port=5432 dbname=appdb\n")
+    pidfile = tmp_path / "pgbouncer.pid"
+    two_hosts(d, actions="[slave_to_master]\nrepoint_pgbouncer %%MASTER%% %s %s\n" % (databases, pidfile))
+    d.start()
+    d.wait_state("db2", "slave")
+    d.set("db1", "slave")
+    d.wait_state("db1", "slave")
+    d.set("db2", "master")
+    run = d.wait_runs(1)[-1]
+    assert run["section"] == "slave_to_master" and run["state"] == "failed", run
+    assert "pgbouncer not reloaded" in run["commands"][0]["result"]["output"], run
+    assert "host=db2" in databases.read_text()
+    # A pid file naming no process: failed too.  A live pgbouncer (here a shell that
+    # notes its SIGHUP): ok, and it got the signal.
+    pidfile.write_text("999999999\n")
+    assert d.cli("--rerun", str(run["id"]), "--wait").returncode == 1
+    hup = tmp_path / "hup"
+    sleeper = subprocess.Popen(["sh", "-c", "trap 'echo hup > %s' HUP; while :; do sleep 0.05; done" % hup],
+                               start_new_session=True)
+    try:
+        pidfile.write_text("%d\n" % sleeper.pid)
+        result = d.cli("--rerun", str(run["id"]), "--wait")
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(hup.exists, what="pgbouncer (the stand-in) to get its SIGHUP")
+    finally:
+        os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
