@@ -864,7 +864,7 @@ def test_page_escapes_everything_and_loads_nothing():
     page = hadaemon.http_views.render_page(sample_doc())
     tags = PageTags()
     tags.feed(page)
-    assert tags.names <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "table",
+    assert tags.names <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "div", "table",
                           "thead", "tbody", "tr", "th", "td", "footer", "a"}, tags.names
     assert not [a for a in tags.attributes if a.startswith("on") or a == "src"], tags.attributes
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
