@@ -239,3 +239,17 @@ def test_repoint_pgbouncer_fails_the_run_when_pgbouncer_was_not_reloaded(daemon,
     finally:
         os.killpg(sleeper.pid, signal.SIGKILL)
         sleeper.wait()
+
+
+# -- 13: pytest run directly -------------------------------------------------------------------
+
+def test_pytest_without_pytest_timeout_does_not_warn_of_its_option(tmp_path):
+    """``pytest`` run directly where pytest-timeout is missing (here: disabled) says what to
+    install, and no ``Unknown config option: timeout``."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:timeout", "-p", "no:cacheprovider",
+                             "tests/test_cron.py", "-k", "duration"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "Unknown config option" not in out, out
+    assert "pytest-timeout is not installed" in out and "tests/run" in out, out
