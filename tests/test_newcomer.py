@@ -8,10 +8,16 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
-from conftest import ROOT, wait_for
+import pytest
+
+from conftest import ROOT, figure, wait_for
+from test_http import get
+from test_http_daemon import free_port
 
 README = (ROOT / "README.md").read_text()
 
@@ -158,8 +164,6 @@ def test_help_matches_the_code(daemon):
 # -- 10, 13: what --status --json and the HTTP answers say -------------------------------------
 
 def test_labels_a_user_can_read(daemon):
-    from test_http import get
-    from test_http_daemon import free_port
     d = daemon
     port = free_port()
     two_hosts(d)
@@ -253,3 +257,33 @@ def test_pytest_without_pytest_timeout_does_not_warn_of_its_option(tmp_path):
     assert result.returncode == 0, out
     assert "Unknown config option" not in out, out
     assert "pytest-timeout is not installed" in out and "tests/run" in out, out
+
+
+# -- 13: the etcd client's name lookups are bounded by its timeout -----------------------------
+
+def test_an_etcd_name_lookup_is_bounded_by_the_timeout(daemon, tmp_path):
+    """-t --connect (2 s per endpoint) against an endpoint whose name the DNS server never
+    answers: a nameserver that drops every query, in /etc/resolv.conf of a mount namespace."""
+    if os.getuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a private /etc/resolv.conf")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.77\noptions timeout:8 attempts:1\n")
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # reads nothing, answers nothing
+    silent.bind(("127.0.0.77", 53))
+    d = daemon
+    d.role_check()
+    d.write("checks.conf", "[daemon]\n[cluster]\netcd = http://etcd-nowhere.example:2379\nname = c\nnode = a\n"
+                           "[local]\ncheck_role db1\n")
+    d.write("actions.conf", "")
+    argv = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+            str(resolv)] + d.argv("-t", "--connect")
+    started = time.monotonic()
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        silent.close()
+    took = time.monotonic() - started
+    figure("-t --connect, an etcd name the DNS server never answers: %.1fs (timeout 2s, resolver 8s)" % took)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("etcd http://etcd-nowhere.example:2379: FAILED: the name lookup of etcd-nowhere.example took "
+            "longer than 2s") in result.stdout, result.stdout + result.stderr
