@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, figure, wait_for
 from test_http import get
 from test_http_daemon import free_port
+from test_cluster import etcd, ha  # noqa: F401 - fixtures
 
 README = (ROOT / "README.md").read_text()
 
@@ -287,3 +288,23 @@ def test_an_etcd_name_lookup_is_bounded_by_the_timeout(daemon, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("etcd http://etcd-nowhere.example:2379: FAILED: the name lookup of etcd-nowhere.example took "
             "longer than 2s") in result.stdout, result.stdout + result.stderr
+
+
+# -- 13: two cluster members with one node name ------------------------------------------------
+
+def test_two_members_with_one_node_name_both_refuse_naming_the_other(ha):
+    cl = ha(nodes=("a", "b"))
+    first, second = cl.daemons["a"], cl.daemons["b"]
+    second.write("checks.conf", (second.dir / "checks.conf").read_text().replace("node = b", "node = a"))
+    cl.set("db1", "master")
+    cl.set("db2", "slave")
+    cl.start("a")
+    wait_for(lambda: (cl.status("a") or {}).get("daemon", {}).get("cluster", {}).get("role") == "leader",
+             timeout=20, what="a to lead (%s)" % cl.tails())
+    cl.start("b")
+    for me, other in ((first, second), (second, first)):
+        me.wait_log("another member uses node = a: pid %d on host %s; both refuse"
+                    % (other.proc.pid, socket.gethostname()), timeout=20)
+    for node in ("a", "b"):
+        cluster = cl.status(node)["daemon"]["cluster"]
+        assert cluster["role"] == "none" and not cluster["acting"], cluster
