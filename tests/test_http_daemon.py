@@ -424,7 +424,7 @@ def test_the_page_fits_a_phone(daemon, tmp_path):
     # (srcdoc: the frame is of the wrapper's origin, so its probe may write the widths there).
     probe = ("<script>var e = document.documentElement; parent.document.documentElement.setAttribute("
              "'data-fit', e.scrollWidth + ' ' + window.innerWidth + ' ' + "
-             "document.querySelector('.t').scrollWidth)</script>")
+             "document.querySelector('table').scrollWidth)</script>")
     framed = html.escape(page.replace("</body>", probe + "</body>"), quote=True)
     path = tmp_path / "phone.html"            # a file: no Content-Security-Policy to stop the probe
     path.write_text('<!DOCTYPE html><html><body style="margin:0"><iframe width="390" height="844" '
