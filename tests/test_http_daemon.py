@@ -189,7 +189,7 @@ class Backend:
         self.sock.close()
 
 
-HAPROXY_CFG = """
+HAPROXY_HEAD = """
 global
     log stderr format short local0 info
 defaults
@@ -200,8 +200,9 @@ defaults
     timeout server 5s
 frontend writes
     bind 127.0.0.1:{front}
-    default_backend master
-backend master
+    default_backend {backend}
+"""
+HAPROXY_CFG = HAPROXY_HEAD.replace("{backend}", "master") + """backend master
     option httpchk
     http-check send meth GET uri-lf /hosts/%[srv_name]/master ver HTTP/1.1 hdr Host 127.0.0.1
     http-check expect status 200
@@ -220,13 +221,17 @@ def routed_to(port):
         return None
 
 
-def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
-    haproxy = need("haproxy")
-    d = daemon
+def haproxy_world(d):
+    """The daemon serving HTTP (db1 master, db2 slave), a backend server for each, a free
+    port for HAProxy's frontend: (http port, backends, frontend port)."""
     port = http_setup(d)
     start_with_http(d, port)
-    backends = {name: Backend(name) for name in ("db1", "db2")}
-    front = free_port()
+    return port, {name: Backend(name) for name in ("db1", "db2")}, free_port()
+
+
+def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
+    haproxy, d = need("haproxy"), daemon
+    port, backends, front = haproxy_world(d)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(front=front, http=port, db1=backends["db1"].port,
                                       db2=backends["db2"].port))
@@ -253,19 +258,6 @@ def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
 
 
 DOCS_HTTP = ROOT / "docs" / "http.md"
-HAPROXY_HEAD = """
-global
-    log stderr format short local0 info
-defaults
-    mode tcp
-    log global
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-frontend pg_write
-    bind 127.0.0.1:{front}
-    default_backend pg_master
-"""
 
 
 def docs_haproxy_backend():
@@ -283,12 +275,8 @@ def test_the_docs_haproxy_backend_works_with_the_docs_http_setup(daemon, procs, 
     """Issue 23.1: docs/http.md's backend, as written, in front of its loopback setup without a
     token (http = 127.0.0.1:PORT): HAProxy marks the master UP; a Host the daemon refuses is
     logged, once per client and reason."""
-    haproxy = need("haproxy")
-    d = daemon
-    port = http_setup(d)
-    start_with_http(d, port)
-    backends = {name: Backend(name) for name in ("db1", "db2")}
-    front = free_port()
+    haproxy, d = need("haproxy"), daemon
+    port, backends, front = haproxy_world(d)
     backend = docs_haproxy_backend()
     for old, new in (("addr 10.0.0.5", "addr 127.0.0.1"), ("port 8642", "port %d" % port),
                      ("10.0.0.11:5432", "127.0.0.1:%d" % backends["db1"].port),
@@ -296,7 +284,7 @@ def test_the_docs_haproxy_backend_works_with_the_docs_http_setup(daemon, procs, 
         assert old in backend, old
         backend = backend.replace(old, new)
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(HAPROXY_HEAD.format(front=front) + backend)
+    cfg.write_text(HAPROXY_HEAD.format(front=front, backend="pg_master") + backend)
     log_path = tmp_path / "haproxy.log"
     log = open(log_path, "wb")
     try:
