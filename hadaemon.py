@@ -6822,10 +6822,11 @@ class ClusterMember:
                       value=value, lease=self.lease)
 
     def _check_same_node(self, keys, now):
-        """Our member key written on another live lease: another member has our node name.
+        """Our member key written on another live lease once ours was in: another member has
+        our node name (a key older than ours is an earlier life's, its lease not yet expired).
         Ours goes back once (for the other to see the same), then both leave and refuse."""
         kv = self.mirror.get(MEMBER_KEYS + self.node)
-        if self.conflict or self.lease is None or kv is None or MEMBER_KEYS + self.node not in keys \
+        if self.conflict or self.published is None or kv is None or MEMBER_KEYS + self.node not in keys \
                 or kv.get("lease") in (self.lease, None) or kv.get("lease") in self.abandoned:
             return
         other = kv.get("value") if isinstance(kv.get("value"), dict) else {}

@@ -309,3 +309,26 @@ def test_two_members_with_one_node_name_both_refuse_naming_the_other(ha):
     for node in ("a", "b"):
         cluster = cl.status(node)["daemon"]["cluster"]
         assert cluster["role"] == "none" and not cluster["acting"], cluster
+
+
+def test_an_earlier_life_of_the_same_member_is_no_conflict():
+    """A member restarted after a crash sees its old key (its old lease not yet expired):
+    not another member; a live other one writing over ours is."""
+    from test_cluster import Member
+    t = Member()
+    t.m.on_message({"t": "snapshot", "revision": t.revision, "last": True, "kvs": [
+        {"key": "members/a", "value": {"hosts": {}, "pid": 999999999, "host": "elsewhere"}, "lease": 5}]},
+        t.now)
+    t.join()
+    t.m.set_view({"db1": "master"})
+    put = next(r for r in t.tick() if r["t"] == "put")
+    t.reply(put)
+    t.event("members/a", {"hosts": {"db1": "master"}, "pid": os.getpid(), "host": socket.gethostname()},
+            lease=7)
+    assert t.m.conflict is None and t.m.role == "follower"
+    t.event("members/a", {"hosts": {}, "pid": 4242, "host": "db-watch2"}, lease=9)
+    assert t.m.conflict.startswith("another member uses node = a: pid 4242 on host db-watch2")
+    assert t.m.role == "none"
+    sent = t.m.take_requests()
+    assert [r["t"] for r in sent] == ["put", "revoke"] and sent[0]["lease"] == 7     # ours again, then out
+    assert [r["t"] for r in t.tick(5.0)] == []                                       # and it stays out
