@@ -137,6 +137,7 @@ import itertools
 import json
 import logging
 import mmap
+import operator
 import os
 import re
 import resource
@@ -198,6 +199,7 @@ ANSWER_STEP = 50                # hosts or checks of a --status answer made betw
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
+MAX_WINDOW = 100                # confirm = N of M: M at most this (the reports a host record keeps)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 EXIT_STATES = {0: "up", 1: "warning", 2: "down"}
@@ -678,6 +680,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -704,6 +707,12 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass
@@ -1182,6 +1191,8 @@ def _setting_value(key, words, where, errors):
     try:
         if key == "ssh_options":
             return tuple(words)
+        if key == "confirm" and len(words) != 1:
+            return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
@@ -1192,7 +1203,7 @@ def _setting_value(key, words, where, errors):
                 raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
             if key == "workers" and int(value) > MAX_WORKERS:
                 raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
+            return (int(value), None) if key == "confirm" else int(value)
         if key == "cron":
             return CronSpec(value)
         if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
@@ -1205,6 +1216,22 @@ def _setting_value(key, words, where, errors):
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+def _confirm_of(words):
+    """``confirm = N of M`` (docs/configuration.md: damping) -> (N, M); ValueError when not."""
+    n, of, m = words if len(words) == 3 else ("", "", "")
+    if of != "of" or not (n.isdigit() and m.isdigit()) or not 1 <= int(n) <= int(m) <= MAX_WINDOW:
+        raise ValueError("confirm = N of M needs whole numbers 1 <= N <= M <= %d, got %r"
+                         % (MAX_WINDOW, " ".join(words)))
+    return int(n), int(m)
+
+
+def _split_confirm(values):
+    """``confirm``'s (N, M) as the records keep it: ``confirm`` N, ``confirm_of`` M (None: N of N)."""
+    if "confirm" in values:
+        values["confirm"], values["confirm_of"] = values["confirm"]
+    return values
 
 
 def _parse_checks(path, config_dir, errors):
@@ -1277,7 +1304,7 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
-    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
@@ -1291,14 +1318,15 @@ def _build_groups(groups, settings, config_dir, errors):
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
-                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "confirm": (settings.confirm, settings.confirm_of), "host": None,
+                "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
+                "connect_timeout": settings.connect_timeout}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -2359,7 +2387,7 @@ def well_formed(key, value):
     if kind == "host":
         return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
             and (value.get("pending") is None or valid_state(value["pending"])) \
-            and isinstance(value.get("count"), int)
+            and isinstance(value.get("count"), int) and _damping_well_formed(value)
     if kind == "tr":
         return Transition.well_formed(value)
     if kind == "run":
@@ -2374,6 +2402,15 @@ def well_formed(key, value):
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
         return isinstance(value, dict)
     return True
+
+
+def _damping_well_formed(value):
+    """A host record's ``window`` and ``recent`` (ledger.confirm_step), when it has them."""
+    window, recent = value.get("window"), value.get("recent")
+    return (window is None or (isinstance(window, int) and 1 <= window)) \
+        and (recent is None or (isinstance(recent, list) and len(recent) <= MAX_WINDOW
+                                and all(word is None or valid_state(word) for word in recent)))
+
 
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
@@ -3712,6 +3749,7 @@ RUN_EDGES = {
 }
 RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+DAMPING_KEYS = ("pending", "count", "window", "recent")   # confirm_step's part of a host record
 
 
 def summarize_run(run):
@@ -3737,23 +3775,67 @@ def history_entries(transitions, runs, n):
     return out
 
 
-def confirm_step(cand, state, confirm):
-    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
-    {state, pending, count, ...}: (the record after it, what happened), what being
-    "same", "dropped" (its own state again: the candidate goes), "counted" (not
-    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
-    if state == cand["state"]:
-        if cand["pending"] is None:
+def confirm_step(cand, state, confirm, window=None):
+    """docs/configuration.md's confirm, ``confirm = N of M`` (``confirm`` N, ``window`` M;
+    None: N of N, reports in a row), one report of ``state`` on a candidate record:
+    (the record after it, what happened).
+
+    The record is {state, pending, count}, and while a candidate is pending its
+    ``window`` (M), and ``recent``: the last M reports, oldest first, each None that
+    can no longer count (cut from the front), kept only when it is not ``count``
+    times ``pending`` (N of N never needs it).  The host moves to ``state`` when it
+    is not its state and at least N of the last M reports (this one included) said
+    it.  What happened: "same" (nothing changed), "moved" (only ``recent`` did),
+    "dropped" (its own state again: no candidate left), "counted" (not confirmed
+    yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
+    n, m = confirm, window or confirm
+    recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
             return cand, "same"
-        return dict(cand, pending=None, count=0), "dropped"
-    cand = dict(cand)
-    if cand["pending"] == state:
-        cand["count"] += 1
-    else:
-        cand["pending"], cand["count"] = state, 1
-    if cand["count"] < confirm:
-        return cand, "counted"
-    return dict(cand, state=state, pending=None, count=0), "confirmed"
+    if recent is None:
+        recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
+    last = (recent + [state])[-m:]
+    now = cand["state"]
+    confirmed = state != now and last.count(state) >= n
+    if confirmed:
+        now = state
+    last = _still_counting(last, now, n, m)
+    pending = next((word for word in reversed(last) if word is not None and word != now), None)
+    new = {key: value for key, value in cand.items() if key not in ("window", "recent")}
+    new.update(state=now, pending=pending, count=last.count(pending) if pending else 0)
+    if pending is not None:
+        new["window"] = m
+    if last != [pending] * new["count"]:
+        new["recent"] = last
+    if confirmed:
+        return new, "confirmed"
+    if state != now:
+        return new, "counted"
+    if pending is None and cand["pending"] is not None:
+        return new, "dropped"
+    return new, "same" if new == cand else "moved"
+
+
+def _still_counting(last, state, n, m):
+    """``last`` (the last ``m`` reports, oldest first) with None for each report that can
+    no longer count toward an ``n`` of ``m``, leading Nones cut.  A report ``age``
+    reports old stays in the window ``m - 1 - age`` more reports; its word W can reach
+    ``n`` in that time only if W's count among the newest ``age + 1`` plus those
+    reports does.  A report of the host's own ``state`` counts only toward a return
+    to it, which N of N can never make while the report is in its window."""
+    out, seen = [], collections.Counter()
+    for age, word in enumerate(reversed(last)):
+        seen[word] += 1
+        counts = word is not None and age <= m - 2 and seen[word] + m - 1 - age >= n \
+            and (word != state or n < m)
+        out.append(word if counts else None)
+    while out and out[-1] is None:
+        out.pop()
+    return out[::-1]
 
 
 class Ledger:
@@ -3853,20 +3935,26 @@ class Ledger:
 
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
-    def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
-        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+    def report(self, host, state, check, now, attributes=None):
+        """One report of ``state`` for ``host`` by ``check`` (``attributes``: the other keys it
+        printed); the transition it makes, or None (always None in a cluster: a member's
+        confirm moves its view, the leader accepts)."""
         self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        if attributes:
+            report["attributes"] = attributes       # docs/http.md: load-balancer conditions
         self.store.put_report(host, report)         # a crash may lose it
         cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
-        if state == cand["state"] and cand["pending"] is None:
+        confirm, window = check.group.confirm, check.group.window
+        new, what = confirm_step(cand, state, confirm, window)
+        if what == "same":
             return None                             # the usual report: nothing new
-        confirm = check.group.confirm
-        new, what = confirm_step(cand, state, confirm)
         if what == "dropped":
             log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
-        elif what == "counted":
+        elif what == "counted" and window == confirm:
             log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d of the last %d; %d needed)", host, state,
+                     check.name, new["count"], window, confirm)
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
@@ -3876,7 +3964,7 @@ class Ledger:
                 self.store.publish_view(self.view)
             return None
         if what == "confirmed":
-            return self.accept(host, state, check.name, now)
+            return self.accept(host, state, check.name, now, new)
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
@@ -3886,11 +3974,16 @@ class Ledger:
         for host, state, voters in moves:
             self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
-    def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run."""
+    def accept(self, host, state, by, now, cand=None):
+        """``host`` moves to ``state``: record the transition and its section's run.
+        ``cand``: confirm_step's record that confirmed it (its window goes on)."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
+        record.pop("window", None)
+        record.pop("recent", None)
         record.update(state=state, since=now, pending=None, count=0)
+        if cand is not None:
+            record.update((key, cand[key]) for key in DAMPING_KEYS if key in cand)
         self.hosts[host] = record
         self.by_state[old].discard(host)
         self.by_state[state].add(host)
@@ -4078,6 +4171,8 @@ class Ledger:
         pending = None
         if cand and cand.get("pending"):
             pending = {"state": cand["pending"], "count": cand.get("count", 0)}
+            if cand.get("window") is not None:      # None: a record from before N of M
+                pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
                 "pending": pending, "last_report": self.reports.get(name)}
 
@@ -5011,6 +5106,7 @@ class HttpRequest:
     version: tuple      # (1, 1)
     headers: dict       # lower-cased name -> value; repeated ones joined with ", "
     keep_alive: bool
+    pairs: tuple = ()   # the query's (name, value) pairs, in order, repeats and all
 
 
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -5095,16 +5191,17 @@ def parse_request_head(head):
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
     method = m.group(1).decode("ascii")
-    path, query = _parse_target(m.group(2), method)
-    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+    path, pairs = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, dict(pairs), version, headers, keep_alive,
+                       tuple(pairs))
 
 
 def _parse_target(raw, method):
-    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    """A request target -> (path segments, the query's pairs); HttpError 400 when it is not one."""
     try:
         target = raw.decode("ascii")
         if target == "*" and method == "OPTIONS":
-            return (), {}       # the server as a whole: answered as "/"
+            return (), []       # the server as a whole: answered as "/"
         if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
@@ -5115,7 +5212,7 @@ def _parse_target(raw, method):
             segments = ()
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
                                        max_num_fields=32)
-        return segments, dict(pairs)
+        return segments, pairs
     except (UnicodeError, ValueError):
         raise HttpError(400, "malformed request target", True) from None
 
@@ -5264,14 +5361,84 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
+    try:
+        conditions = parse_conditions(request.pairs) if len(request.path) == 3 else ()
+    except ValueError as exc:
+        return error_answer(400, str(exc))
     record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
     if len(request.path) == 2:
         return json_answer(200, body)
-    same = str(record.get("state")).lower() == request.path[2].lower()
-    return json_answer(200 if same else 503, body)
+    attributes = (record.get("last_report") or {}).get("attributes") or {}
+    for condition in conditions:
+        if condition.unknown_suffix(attributes):
+            return error_answer(400, "%s: no attribute %s, and %s is not an operator (lt, le, gt, ge)"
+                                % (_shorten(condition.text, 100), _shorten(condition.key, 80),
+                                   _shorten(condition.key.rpartition(".")[2], 20)))
+    if str(record.get("state")).lower() != request.path[2].lower():
+        return json_answer(503, body)
+    for condition in conditions:
+        if not condition.holds(attributes):
+            body["failed"] = {"condition": condition.text, "value": attributes.get(condition.key)}
+            return json_answer(503, body)
+    return json_answer(200, body)
+
+
+# Load-balancer conditions (docs/http.md): /hosts/HOST/STATE?lag_bytes.le=16777216&role=sync
+
+_CONDITION_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
+class Condition(typing.NamedTuple):
+    """One condition of the query: KEY=VALUE (equal as strings) or KEY.OP=N (as numbers)."""
+    text: str                   # as asked, KEY.le=N
+    key: str
+    op: typing.Optional[str]    # lt, le, gt, ge; None: KEY=VALUE
+    value: typing.Union[str, float]
+
+    def holds(self, attributes):
+        """Whether it holds on ``attributes`` (a report's); a missing attribute fails it."""
+        seen = attributes.get(self.key)
+        if self.op is None:
+            return seen is not None and str(seen) == self.value
+        number = _number(seen)
+        return number is not None and _CONDITION_OPS[self.op](number, self.value)
+
+    def unknown_suffix(self, attributes):
+        """KEY.SUFFIX=... where the report has KEY and no KEY.SUFFIX: a typo of an operator
+        (lag_bytes.lte), not an attribute of its own (a key may hold dots)."""
+        return self.op is None and "." in self.key and self.key not in attributes \
+            and self.key.rpartition(".")[0] in attributes
+
+
+def _number(value):
+    """An attribute's value as a number, or None when it is not one."""
+    text = str(value).strip() if value is not None else ""
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def parse_conditions(pairs):
+    """The query's (name, value) pairs as Conditions, in order; ValueError (a 400) for a
+    bad number or a condition without a name."""
+    out = []
+    for name, value in pairs:
+        text = "%s=%s" % (name, value)
+        key, _, suffix = name.rpartition(".")
+        if suffix in _CONDITION_OPS:
+            if not key:
+                raise ValueError("%s: no attribute before .%s" % (_shorten(text, 100), suffix))
+            number = _number(value)
+            if number is None:
+                raise ValueError("%s: %s is not a number" % (_shorten(text, 100), _shorten(value, 40)))
+            out.append(Condition(text, key, suffix, number))
+        elif not name:
+            raise ValueError("%s: a condition is KEY=VALUE or KEY.OP=N" % _shorten(text, 100))
+        else:
+            out.append(Condition(text, name, None, value))
+    return tuple(out)
 
 
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -8036,7 +8203,7 @@ class Master:
         if done is not None:
             rt, reports = done
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():

@@ -319,7 +319,7 @@ def test_status_json_schema(daemon):
     assert db1["state"] == "master" and db1["pending"] is None and db1["since"] > 0
     assert db1["last_report"]["check"] == "check_role db1"
     assert db1["last_report"]["state"] == "master"
-    assert db2["state"] == "unknown" and db2["pending"] == {"state": "slave", "count": 1}
+    assert db2["state"] == "unknown" and db2["pending"] == {"state": "slave", "count": 1, "window": 2}
 
     by_name = {c["name"]: c for c in doc["checks"]}
     assert set(by_name) == {"check_role db1", "check_role db2"}
@@ -351,7 +351,7 @@ def test_status_json_schema(daemon):
     offline = json.loads(d.cli("--status", "--json").stdout)
     assert set(offline) == set(doc)
     assert DAEMON_FIELDS <= set(offline["daemon"])
-    assert offline["hosts"]["db2"]["pending"] == {"state": "slave", "count": 1}
+    assert offline["hosts"]["db2"]["pending"] == {"state": "slave", "count": 1, "window": 2}
     assert {c["name"] for c in offline["checks"]} == set(by_name)
     assert offline["transitions"][0]["id"] == tr["id"]
     assert offline["runs"][0]["state"] == "ok"
@@ -502,7 +502,7 @@ def test_once_twice_with_confirm_2_completes_the_transition(daemon):
     doc = d.status()
     assert doc["daemon"]["running"] is False
     assert doc["hosts"]["db1"]["state"] == "unknown"
-    assert doc["hosts"]["db1"]["pending"] == {"state": "master", "count": 1}
+    assert doc["hosts"]["db1"]["pending"] == {"state": "master", "count": 1, "window": 2}
     assert doc["transitions"] == [] and d.actions_log() == []
     assert gone(d)
 

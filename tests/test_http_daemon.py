@@ -189,7 +189,7 @@ class Backend:
         self.sock.close()
 
 
-HAPROXY_HEAD = """
+HAPROXY_CFG = """
 global
     log stderr format short local0 info
 defaults
@@ -200,9 +200,8 @@ defaults
     timeout server 5s
 frontend writes
     bind 127.0.0.1:{front}
-    default_backend {backend}
-"""
-HAPROXY_CFG = HAPROXY_HEAD.replace("{backend}", "master") + """backend master
+    default_backend master
+backend master
     option httpchk
     http-check send meth GET uri-lf /hosts/%[srv_name]/master ver HTTP/1.1 hdr Host 127.0.0.1
     http-check expect status 200
@@ -257,34 +256,107 @@ def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
             b.close()
 
 
-DOCS_HTTP = ROOT / "docs" / "http.md"
+def example_haproxy_cfg(http, token, **ports):
+    """examples/http/haproxy.cfg as it is, but for its addresses, ports and token: on
+    loopback, hadaemon on ``http``, the servers (db1, db2) and the frontends (write,
+    read) on ``ports``.  Each replacement must find its text: the example may not drift
+    from what the test runs."""
+    text = (EXAMPLES / "haproxy.cfg").read_text()
+    for old, new in (("bind :5000", "bind 127.0.0.1:%d" % ports["write"]),
+                     ("bind :5001", "bind 127.0.0.1:%d" % ports["read"]),
+                     ("check port 8642 addr 10.0.0.5", "check port %d addr 127.0.0.1" % http),
+                     ("server db1 10.0.0.11:5432", "server db1 127.0.0.1:%d" % ports["db1"]),
+                     ("server db2 10.0.0.12:5432", "server db2 127.0.0.1:%d" % ports["db2"]),
+                     ("CHANGE-ME-the-content-of-http.token", token)):
+        assert old in text, "examples/http/haproxy.cfg has no %r any more" % old
+        text = text.replace(old, new)
+    return text
 
 
-def docs_haproxy_backend():
-    """The backend block docs/http.md shows; it must be examples/http/haproxy.cfg's, line for line."""
-    block = re.search(r"From \[`examples/http/haproxy\.cfg`\].*?```\n(.*?)```", DOCS_HTTP.read_text(), re.S).group(1)
-    lines = block.strip("\n").splitlines()
-    example = [line for line in (ROOT / "examples" / "http" / "haproxy.cfg").read_text().splitlines()
-               if line.strip() and not line.lstrip().startswith("#")]
-    at = example.index(lines[0])
-    assert example[at:at + len(lines)] == lines, "docs/http.md's HAProxy block is not the example's"
-    return block
+def docs_blocks(name):
+    """The fenced blocks of docs/NAME."""
+    return re.findall(r"(?ms)^```[a-z]*\n(.*?)^```", (ROOT / "docs" / name).read_text())
 
 
-def test_the_docs_haproxy_backend_works_with_the_docs_http_setup(daemon, procs, tmp_path):
-    """Issue 23.1: docs/http.md's backend, as written, in front of its loopback setup without a
-    token (http = 127.0.0.1:PORT): HAProxy marks the master UP; a Host the daemon refuses is
-    logged, once per client and reason."""
-    haproxy, d = need("haproxy"), daemon
-    port, backends, front = haproxy_world(d)
-    backend = docs_haproxy_backend()
-    for old, new in (("addr 10.0.0.5", "addr 127.0.0.1"), ("port 8642", "port %d" % port),
-                     ("10.0.0.11:5432", "127.0.0.1:%d" % backends["db1"].port),
-                     ("10.0.0.12:5432", "127.0.0.1:%d" % backends["db2"].port)):
-        assert old in backend, old
-        backend = backend.replace(old, new)
+def test_haproxy_read_backend_follows_the_standby_lag(daemon, procs, tmp_path):
+    """The example's read backend (/hosts/%[srv_name]/slave?lag_bytes.le=16777216): db2 out
+    while the lag its check reports is over 16 MiB (the reads go to the master), back
+    once it is under again."""
+    haproxy = need("haproxy")
+    d = daemon
+    shown = [b for b in docs_blocks("http.md") if b.startswith(("frontend ", "backend "))]
+    assert any("backend pg_standby" in b for b in shown), shown
+    for block in shown:
+        assert block in (EXAMPLES / "haproxy.cfg").read_text(), \
+            "docs/http.md shows HAProxy lines that are not examples/http/haproxy.cfg's:\n" + block
+    d.script("checks/check_role", """
+        echo "host=$1"
+        echo "state=$(cat "%(w)s/$1")"
+        [ -f "%(w)s/$1.lag" ] && echo "lag_bytes=$(cat "%(w)s/$1.lag")"
+        exit 0
+    """ % {"w": d.world})
+    port = free_port()
+    d.write("http.token", TOKEN + "\n").chmod(0o600)
+    d.write("checks.conf", "[daemon]\nworkers = 2\nhttp = 127.0.0.1:%d\nhttp_token = http.token\n"
+                           "[local]\ninterval = 200ms\ncheck_role db1\ncheck_role db2\n" % port)
+    d.write("actions.conf", "")
+    d.set("db1", "master")
+    d.set("db2", "slave")
+    d.set("db2.lag", "4096")
+    d.start()
+    d.wait_state("db1", "master")
+    d.wait_state("db2", "slave")
+    backends = {name: Backend(name) for name in ("db1", "db2")}
+    write, read = free_port(), free_port()
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(HAPROXY_HEAD.format(front=front, backend="pg_master") + backend)
+    cfg.write_text(example_haproxy_cfg(port, TOKEN, write=write, read=read, db1=backends["db1"].port,
+                                       db2=backends["db2"].port))
+    log_path = tmp_path / "haproxy.log"
+    log = open(log_path, "wb")
+
+    def routes(front, name, timeout):
+        wait_for(lambda: all(routed_to(front) == name for _ in range(5)), timeout=timeout,
+                 what="HAProxy :%d to route to %s (log: %s)" % (front, name, log_path.read_text()[-2000:]))
+
+    auth = [("Authorization", "Bearer " + TOKEN)]
+    try:
+        procs.start([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        routes(write, "db1", 20)
+        routes(read, "db2", 20)
+        d.set("db2.lag", "50000000")                       # 48 MiB behind
+        behind = time.monotonic()
+        routes(read, "db1", 20)                             # no standby fit: the master reads
+        out = time.monotonic() - behind
+        status, _, body = get(port, "/hosts/db2/slave?lag_bytes.le=16777216", auth)
+        assert status == 503 and json.loads(body)["failed"] == {
+            "condition": "lag_bytes.le=16777216", "value": "50000000"}, body
+        d.set("db2.lag", "0")
+        caught_up = time.monotonic()
+        routes(read, "db2", 20)
+        back = time.monotonic() - caught_up
+        figure("haproxy read backend: db2 out %.2fs after its lag went over 16 MiB, back %.2fs after "
+               "it caught up (check interval 200ms; the example's inter 1s fall 2 rise 2)" % (out, back))
+        routes(write, "db1", 5)                             # writes never moved
+        text = log_path.read_text()
+        assert re.search(r"Server pg_standby/db2 is DOWN.*Layer7 wrong status, code: 503", text), text
+        assert re.search(r"Server pg_standby/db2 is UP", text), text
+        assert re.search(r"Server pg_standby/db1 is DOWN.*code: 503", text), text     # a master
+    finally:
+        log.close()
+        for b in backends.values():
+            b.close()
+
+
+def test_the_example_haproxy_cfg_works_with_the_docs_http_setup(daemon, procs, tmp_path):
+    """Issue 23.1: examples/http/haproxy.cfg (whose blocks docs/http.md shows, as the test
+    above checks) in front of docs/http.md's loopback setup without a token (http =
+    127.0.0.1:PORT; the Authorization header left as shipped): the master is UP.  A Host the
+    daemon refuses is logged, once per client and reason."""
+    haproxy, d = need("haproxy"), daemon
+    port, backends, write = haproxy_world(d)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(example_haproxy_cfg(port, "CHANGE-ME-the-content-of-http.token", write=write,
+                                       read=free_port(), db1=backends["db1"].port, db2=backends["db2"].port))
     log_path = tmp_path / "haproxy.log"
     log = open(log_path, "wb")
     try:
@@ -294,7 +366,7 @@ def test_the_docs_haproxy_backend_works_with_the_docs_http_setup(daemon, procs, 
                  what="HAProxy to mark db2 down (log: %s)" % log_path.read_text()[-2000:])
         text = log_path.read_text()
         assert "Layer7 wrong status, code: 503" in text and "pg_master/db1 is DOWN" not in text, text
-        assert all(routed_to(front) == "db1" for _ in range(5))
+        assert all(routed_to(write) == "db1" for _ in range(5))
         assert "refused" not in d.log()
     finally:
         log.close()
@@ -574,7 +646,7 @@ def test_the_docs_prometheus_steps_make_the_snippet_pass_promtool(tmp_path):
     on the snippet docs/http.md shows (and the example file, copied beside it)."""
     promtool = need("promtool")
     need("openssl")
-    docs = DOCS_HTTP.read_text()
+    docs = (ROOT / "docs" / "http.md").read_text()
     make = re.search(r"Make the two with, for example:\n\n  ```sh\n(.*?)  ```", docs, re.S).group(1)
     prom = docs[docs.index("## Prometheus"):]
     steps, snippet = re.findall(r"```(?:sh|yaml)\n(.*?)```", prom, re.S)[:2]

@@ -53,6 +53,7 @@ ANSWER_STEP = 50                # hosts or checks of a --status answer made betw
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
+MAX_WINDOW = 100                # confirm = N of M: M at most this (the reports a host record keeps)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 EXIT_STATES = {0: "up", 1: "warning", 2: "down"}

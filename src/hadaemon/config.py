@@ -56,6 +56,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -82,6 +83,12 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ import os
 import shutil
 
 from .base import (
-    CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WORKERS, SECTION_KEYS,
-    SSH_KEYS, parse_duration, run_steps, valid_name,
+    CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WINDOW, MAX_WORKERS,
+    SECTION_KEYS, SSH_KEYS, parse_duration, run_steps, valid_name,
 )
 from .cron import CronSpec
 from .config import (
@@ -28,6 +28,8 @@ def _setting_value(key, words, where, errors):
     try:
         if key == "ssh_options":
             return tuple(words)
+        if key == "confirm" and len(words) != 1:
+            return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
@@ -38,7 +40,7 @@ def _setting_value(key, words, where, errors):
                 raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
             if key == "workers" and int(value) > MAX_WORKERS:
                 raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
+            return (int(value), None) if key == "confirm" else int(value)
         if key == "cron":
             return CronSpec(value)
         if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
@@ -51,6 +53,22 @@ def _setting_value(key, words, where, errors):
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+def _confirm_of(words):
+    """``confirm = N of M`` (docs/configuration.md: damping) -> (N, M); ValueError when not."""
+    n, of, m = words if len(words) == 3 else ("", "", "")
+    if of != "of" or not (n.isdigit() and m.isdigit()) or not 1 <= int(n) <= int(m) <= MAX_WINDOW:
+        raise ValueError("confirm = N of M needs whole numbers 1 <= N <= M <= %d, got %r"
+                         % (MAX_WINDOW, " ".join(words)))
+    return int(n), int(m)
+
+
+def _split_confirm(values):
+    """``confirm``'s (N, M) as the records keep it: ``confirm`` N, ``confirm_of`` M (None: N of N)."""
+    if "confirm" in values:
+        values["confirm"], values["confirm_of"] = values["confirm"]
+    return values
 
 
 def _parse_checks(path, config_dir, errors):
@@ -123,7 +141,7 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
-    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
@@ -137,14 +155,15 @@ def _build_groups(groups, settings, config_dir, errors):
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
-                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "confirm": (settings.confirm, settings.confirm_of), "host": None,
+                "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
+                "connect_timeout": settings.connect_timeout}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):

@@ -47,6 +47,7 @@ RUN_EDGES = {
 }
 RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+DAMPING_KEYS = ("pending", "count", "window", "recent")   # confirm_step's part of a host record
 
 
 def summarize_run(run):
@@ -72,23 +73,67 @@ def history_entries(transitions, runs, n):
     return out
 
 
-def confirm_step(cand, state, confirm):
-    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
-    {state, pending, count, ...}: (the record after it, what happened), what being
-    "same", "dropped" (its own state again: the candidate goes), "counted" (not
-    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
-    if state == cand["state"]:
-        if cand["pending"] is None:
+def confirm_step(cand, state, confirm, window=None):
+    """docs/configuration.md's confirm, ``confirm = N of M`` (``confirm`` N, ``window`` M;
+    None: N of N, reports in a row), one report of ``state`` on a candidate record:
+    (the record after it, what happened).
+
+    The record is {state, pending, count}, and while a candidate is pending its
+    ``window`` (M), and ``recent``: the last M reports, oldest first, each None that
+    can no longer count (cut from the front), kept only when it is not ``count``
+    times ``pending`` (N of N never needs it).  The host moves to ``state`` when it
+    is not its state and at least N of the last M reports (this one included) said
+    it.  What happened: "same" (nothing changed), "moved" (only ``recent`` did),
+    "dropped" (its own state again: no candidate left), "counted" (not confirmed
+    yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
+    n, m = confirm, window or confirm
+    recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
             return cand, "same"
-        return dict(cand, pending=None, count=0), "dropped"
-    cand = dict(cand)
-    if cand["pending"] == state:
-        cand["count"] += 1
-    else:
-        cand["pending"], cand["count"] = state, 1
-    if cand["count"] < confirm:
-        return cand, "counted"
-    return dict(cand, state=state, pending=None, count=0), "confirmed"
+    if recent is None:
+        recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
+    last = (recent + [state])[-m:]
+    now = cand["state"]
+    confirmed = state != now and last.count(state) >= n
+    if confirmed:
+        now = state
+    last = _still_counting(last, now, n, m)
+    pending = next((word for word in reversed(last) if word is not None and word != now), None)
+    new = {key: value for key, value in cand.items() if key not in ("window", "recent")}
+    new.update(state=now, pending=pending, count=last.count(pending) if pending else 0)
+    if pending is not None:
+        new["window"] = m
+    if last != [pending] * new["count"]:
+        new["recent"] = last
+    if confirmed:
+        return new, "confirmed"
+    if state != now:
+        return new, "counted"
+    if pending is None and cand["pending"] is not None:
+        return new, "dropped"
+    return new, "same" if new == cand else "moved"
+
+
+def _still_counting(last, state, n, m):
+    """``last`` (the last ``m`` reports, oldest first) with None for each report that can
+    no longer count toward an ``n`` of ``m``, leading Nones cut.  A report ``age``
+    reports old stays in the window ``m - 1 - age`` more reports; its word W can reach
+    ``n`` in that time only if W's count among the newest ``age + 1`` plus those
+    reports does.  A report of the host's own ``state`` counts only toward a return
+    to it, which N of N can never make while the report is in its window."""
+    out, seen = [], collections.Counter()
+    for age, word in enumerate(reversed(last)):
+        seen[word] += 1
+        counts = word is not None and age <= m - 2 and seen[word] + m - 1 - age >= n \
+            and (word != state or n < m)
+        out.append(word if counts else None)
+    while out and out[-1] is None:
+        out.pop()
+    return out[::-1]
 
 
 class Ledger:
@@ -188,20 +233,26 @@ class Ledger:
 
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
-    def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
-        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+    def report(self, host, state, check, now, attributes=None):
+        """One report of ``state`` for ``host`` by ``check`` (``attributes``: the other keys it
+        printed); the transition it makes, or None (always None in a cluster: a member's
+        confirm moves its view, the leader accepts)."""
         self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        if attributes:
+            report["attributes"] = attributes       # docs/http.md: load-balancer conditions
         self.store.put_report(host, report)         # a crash may lose it
         cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
-        if state == cand["state"] and cand["pending"] is None:
+        confirm, window = check.group.confirm, check.group.window
+        new, what = confirm_step(cand, state, confirm, window)
+        if what == "same":
             return None                             # the usual report: nothing new
-        confirm = check.group.confirm
-        new, what = confirm_step(cand, state, confirm)
         if what == "dropped":
             log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
-        elif what == "counted":
+        elif what == "counted" and window == confirm:
             log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d of the last %d; %d needed)", host, state,
+                     check.name, new["count"], window, confirm)
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
@@ -211,7 +262,7 @@ class Ledger:
                 self.store.publish_view(self.view)
             return None
         if what == "confirmed":
-            return self.accept(host, state, check.name, now)
+            return self.accept(host, state, check.name, now, new)
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
@@ -221,11 +272,16 @@ class Ledger:
         for host, state, voters in moves:
             self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
-    def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run."""
+    def accept(self, host, state, by, now, cand=None):
+        """``host`` moves to ``state``: record the transition and its section's run.
+        ``cand``: confirm_step's record that confirmed it (its window goes on)."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
+        record.pop("window", None)
+        record.pop("recent", None)
         record.update(state=state, since=now, pending=None, count=0)
+        if cand is not None:
+            record.update((key, cand[key]) for key in DAMPING_KEYS if key in cand)
         self.hosts[host] = record
         self.by_state[old].discard(host)
         self.by_state[state].add(host)
@@ -413,6 +469,8 @@ class Ledger:
         pending = None
         if cand and cand.get("pending"):
             pending = {"state": cand["pending"], "count": cand.get("count", 0)}
+            if cand.get("window") is not None:      # None: a record from before N of M
+                pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
                 "pending": pending, "last_report": self.reports.get(name)}
 
