@@ -100,6 +100,10 @@ whatif.py          What if: --simulate (docs/operating.md): the section and the 
 client.py          Control client: --status, --stop, --reload, --history.
 opsclient.py       Operations from the command line: --switchover, --pause and --resume
                    (all, or some hosts).
+checkcmd.py        --check-config (-t): the config read whole, then what a valid config
+                   may still get wrong.
+starter.py         --init DIR: a commented starter config, written from this code (a pip
+                   install has no other).
 cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
@@ -155,6 +159,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 import typing
 import urllib.parse
@@ -227,6 +232,7 @@ DAEMON_DEFAULTS = {
     "switchover_role": "master",        # SPEC §12: the state a switchover moves
     "switchover_candidate": "slave",    # ... the state its target must be in
     "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -705,6 +711,7 @@ class DaemonSettings:
     switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
     switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
     switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -910,6 +917,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:
@@ -1214,7 +1224,7 @@ def _setting_value(key, words, where, errors):
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
-                   "switchover_settle"):
+                   "switchover_settle", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -4467,7 +4477,12 @@ class Ledger:
         expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
         if expecting is not None:       # a switchover's own transition: no section runs
             section, changes.switchover = None, self.book
-        run = None
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
             run = self.new_run(tr_id, host, old, state, section, changes, now)
         run_id = run.id if run is not None else None
@@ -4481,10 +4496,6 @@ class Ledger:
         if run is not None and run.state != "queued":
             self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; expected by switchover run %d: no section runs" % expecting
-                 if expecting is not None else "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -4761,8 +4772,9 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
         schedule = describe_schedule(group)
     else:
         schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    reported = ",".join(sorted((last or {}).get("reports") or {}))    # what --status shows too
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
-            "host": check.host, "where": check.where, "schedule": schedule,
+            "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
@@ -5865,7 +5877,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -5970,7 +5983,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -5994,7 +6017,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -6047,7 +6070,8 @@ def render_metrics(doc):
 PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
-    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "p{margin:.15em 0;overflow-wrap:anywhere}table{border-collapse:collapse;background:#fff}"
+    ".t{overflow-x:auto;max-width:100%}@media (max-width:600px){body{margin:.6em .5em}}"
     "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
     "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
@@ -6059,7 +6083,7 @@ PAGE_CSS = (
     "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
     "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSS_SHA256 = "yCZn7NiGTmvcbNOKCPokOYdHJspqV0PlYIOlTVMeXyc="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -6101,11 +6125,12 @@ def _when(then, now):
 def _html_table(headings, rows, empty):
     if not rows:
         return '<p class="dim">%s</p>' % empty
-    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    # In a box of its own that scrolls sideways: at phone width the page itself never does.
+    out = ['<div class="t"><table><thead><tr>%s</tr></thead><tbody>' % "".join("<th>%s</th>" % h for h in headings)]
     for row in rows:
         out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
                                            for cell in row))
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -6300,7 +6325,7 @@ class HttpServer:
         self.tls = None                     # ssl.SSLContext with http_cert
         self.token = None
         self.conns = {}                     # fd -> HttpConn
-        self.refused = {}                   # client address -> when its refused token was last logged
+        self.refused = {}                   # (client address, "token" | "host") -> when last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
         # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
@@ -6487,27 +6512,29 @@ class HttpServer:
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
-                self._log_refused(peer, request, problem, now)
+                self._log_refused(peer, request, problem, now, "token")
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
         elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
-            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
-                                     "names this server" % _shorten(request.headers["host"], 100))
+            why = ("Host %s: without http_token only an IP address or localhost names this server"
+                   % _shorten(request.headers["host"], 100))
+            self._log_refused(peer, request, why, now, "host")
+            return error_answer(403, why)
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
             log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
             return error_answer(500, "internal error; the daemon's log has the details")
 
-    def _log_refused(self, peer, request, problem, now):
-        last = self.refused.get(peer)
+    def _log_refused(self, peer, request, problem, now, kind):
+        last = self.refused.get((peer, kind))
         if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
             return
         if len(self.refused) > 1024:
             self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
-        self.refused[peer] = now
-        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+        self.refused[peer, kind] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address and reason)",
                     request.method, _shorten(request.target, 100), peer, problem)
 
     def _send(self, conn, request, answer, now):
@@ -6714,6 +6741,47 @@ def etcd_compare(key, target, value, result="EQUAL"):
             field: b64(value) if target == "VALUE" else str(value)}
 
 
+def connect_bounded(host, port, timeout):
+    """A TCP connection to host:port within ``timeout`` seconds, the name lookup included:
+    getaddrinfo alone may wait on a dead DNS server far longer, so a name (not an address)
+    is looked up in a thread of its own, given up on (left to end by itself) at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        answer = []
+        lookup = threading.Thread(target=lambda: answer.append(_lookup(host, port)), daemon=True)
+        lookup.start()
+        lookup.join(timeout)
+        if not answer:
+            raise socket.gaierror(socket.EAI_AGAIN, "the name lookup of %s took longer than %gs"
+                                  % (host, timeout))
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        found = answer[0]
+    error = socket.timeout("timed out")
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(left)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _lookup(host, port):
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+
+
 class EtcdEndpoint:
     """One endpoint URL, its kept-alive connection and what it last did."""
 
@@ -6740,7 +6808,11 @@ class EtcdEndpoint:
             else:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             try:
-                self.conn.connect()
+                sock = connect_bounded(self.host, self.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.scheme == "https":
+                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
+                self.conn.sock = sock
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise _TryNext(_os_error_text(exc))
@@ -6965,7 +7037,7 @@ class EtcdWatch:
         self.buf = bytearray()
         self.headers_done = False
         self.lines = LineReader()
-        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        sock = connect_bounded(ep.host, ep.port, timeout)
         try:
             if ep.scheme == "https":
                 sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
@@ -7343,6 +7415,19 @@ def agreed_state(current, seen, quorum):
     return best[-1][1]
 
 
+def pid_alive(pid):
+    """True when a process ``pid`` (an int) exists."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class ClusterMember:
     """This daemon as a member of the cluster; see the comment above."""
 
@@ -7374,6 +7459,8 @@ class ClusterMember:
         self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
         #                                     ("mirror", keys), ("written", id, result)
         self.unreachable_logged = False
+        self.hostname = socket.gethostname()    # in our member key: another member of our name names us
+        self.conflict = None                # why we refuse: another live member has our node name
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -7423,7 +7510,7 @@ class ClusterMember:
         if self.valid_until is not None and now >= self.valid_until:
             self.lost_lease("could not renew its lease", now)
         quarter = self.settings.ttl / float(RENEWS_PER_TTL)
-        if not self._busy("renew") and now >= self.next_renew:
+        if not self._busy("renew") and now >= self.next_renew and not self.conflict:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
         if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
@@ -7431,17 +7518,38 @@ class ClusterMember:
             # was unreachable would hold our old keys (the leader key!) another ttl.
             self.next_revoke = now + quarter
             self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
-        if self.role == "none" or self.renew_failed:
+        if self.role == "none" or self.renew_failed or self.conflict:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            value = {"hosts": dict(self.view), "pid": os.getpid()}
-            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
-                          value=value, lease=self.lease)
+            self._put_view()
         if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
                 and not self._busy("campaign") and now >= self.next_campaign:
             self.next_campaign = now + quarter
             self._request("campaign", lease=self.lease,
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
+
+    def _put_view(self):
+        value = {"hosts": dict(self.view), "pid": os.getpid(), "host": self.hostname}
+        self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                      value=value, lease=self.lease)
+
+    def _check_same_node(self, keys, now):
+        """Our member key written on another live lease once ours was in: another member has
+        our node name (a key older than ours is an earlier life's, its lease not yet expired).
+        Ours goes back once (for the other to see the same), then both leave and refuse."""
+        kv = self.mirror.get(MEMBER_KEYS + self.node)
+        if self.conflict or self.published is None or kv is None or MEMBER_KEYS + self.node not in keys \
+                or kv.get("lease") in (self.lease, None) or kv.get("lease") in self.abandoned:
+            return
+        other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+        if other.get("host") == self.hostname and not pid_alive(other.get("pid")):
+            return                          # our own earlier life on this host, its lease not yet gone
+        self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
+                         "member a node name of its own ([cluster] node in checks.conf)"
+                         % (self.node, other.get("pid"), other.get("host")))
+        log.error("cluster %s: %s", self.settings.name, self.conflict)
+        self._put_view()
+        self.lost_lease(self.conflict, now)
 
     def set_pause(self, paused):
         """Pause or resume the whole cluster (any member may: it is the operator's word)."""
@@ -7589,6 +7697,7 @@ class ClusterMember:
             self.notes.append(("acting", self.epoch))
 
     def _mirror_changed(self, keys, now):
+        self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
                 and self.role == "follower":
@@ -9009,6 +9118,8 @@ class Master:
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -9516,8 +9627,7 @@ def _render_checks(checks):
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
         took = format_duration(last["duration"]) if last.get("duration") else "-"
-        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
-        rows.append((c["name"], hosts, reported,
+        rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))
@@ -9830,6 +9940,220 @@ def wait_switchover(args, request_id):
 
 
 # ============================================================================
+# checkcmd.py: --check-config (-t): the config read whole, then what a valid
+# config may still get wrong.
+# ============================================================================
+#
+# Owns reading the config for a command (errors printed, exit 1), cmd_check_config
+# and its warnings, each at its FILE:LINE: a ``%WORD%`` in an action naming no state
+# hadaemon knows of (known_variables, the one list of them), a section whose worst
+# case outlasts ``stop_timeout``, an ssh control socket path too long; and
+# ``--connect``, which tries each ssh target and etcd endpoint once.
+#
+# Uses: base, configfiles, children, ssh, etcd, client.
+
+def config_or_exit(config_dir, origin=None):
+    """The config of ``config_dir``; on any mistake print them all and exit 1."""
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
+        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
+              file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def known_variables(config, db_states=()):
+    """Every %NAME% an action may name and get a value from: HOST, FROM, TO, and the
+    state words the config names (its sections), a check's exit status gives, or the
+    state db holds (``db_states``), and the switchover_role / switchover_candidate words."""
+    states = {"unknown"} | set(EXIT_STATES.values()) | set(db_states)
+    states.update((config.daemon.switchover_role, config.daemon.switchover_candidate))
+    for section in config.sections.values():
+        states.update((section.from_state, section.to_state))
+    states.discard("any")
+    states.discard(None)
+    return {"HOST", "FROM", "TO"} | {state.upper() for state in states}
+
+
+def db_state_words(state_dir):
+    """The states the state db holds (hosts' states, recent transitions); none when unreadable."""
+    try:
+        doc, ledger = offline_status(state_dir)
+    except (OSError, ValueError):
+        return set()
+    words = {h.get("state") for h in doc["hosts"].values()}
+    for entry in ledger.history(1000):
+        words.update((entry.get("from"), entry.get("to")))
+    return {w for w in words if isinstance(w, str)}
+
+
+def config_warnings(config, state_dir):
+    """The -t warnings of a valid config, each a line starting ``warning: FILE:LINE:``."""
+    out = []
+    known = known_variables(config, db_state_words(state_dir))
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        for cmd in section.commands:
+            for word in cmd.argv[1:]:
+                for m in _VAR_RE.finditer(word):
+                    if m.group(1) and m.group(1) not in known:
+                        out.append("warning: %s: %%%s%% names no state hadaemon knows of (known: %s): "
+                                   "it would be empty and the run refused" % (
+                                       cmd.where, m.group(1), ", ".join(sorted(known))))
+    budget = config.daemon.stop_timeout
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        worst = len(section.commands) * (section.timeout + ACTION_KILL_GRACE)
+        if budget is not None and worst > budget:
+            out.append("warning: %s: [%s] may take %s at worst (%d commands, each up to its timeout "
+                       "%s and %s to kill it), more than stop_timeout = %s: a stop while it runs "
+                       "would be killed half-way" % (
+                           section.where, section.name, format_duration(worst), len(section.commands),
+                           format_duration(section.timeout), format_duration(ACTION_KILL_GRACE),
+                           format_duration(budget)))
+    for group in config.groups:
+        if group.scope.kind == "ssh" and ssh_control_path(group, state_dir) is None:
+            out.append("warning: [%s]: the state dir path %s is too long for an ssh control socket; "
+                       "its checks would run without connection reuse" % (group.scope.name, state_dir))
+    return out
+
+
+def cmd_check_config(args):
+    config = config_or_exit(args.config_dir, args.config_origin)
+    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
+          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
+    for line in config_warnings(config, args.state_dir):
+        print(line)
+    if not args.connect:
+        return EXIT_OK
+    results = connect_ssh_targets(config)
+    for group, error, took in results:
+        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
+                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+# ============================================================================
+# starter.py: --init DIR: a commented starter config, written from this code
+# (a pip install has no other).
+# ============================================================================
+#
+# Owns the starter's files (checks.conf, actions.conf, a role check and an action
+# script, two role files) and write_starter, which writes them into a new or empty
+# config dir and never overwrites a file.
+#
+# Uses: base.
+
+STARTER_CHECKS = """\
+# hadaemon starter config (written by hadaemon --init).  It watches two pretend
+# database hosts, db1 and db2, whose roles are in the files roles/db1 and roles/db2:
+#   echo slave > roles/db1; sleep 3; echo master > roles/db2
+# switches them over.  Replace checks/check_role with a real check (examples/postgresql/
+# checks/check_pg_role in hadaemon's source) and the actions with your own.
+# Check it with:  hadaemon --config-dir THIS_DIR --check-config
+# Every key, its default and its range: docs/configuration.md in hadaemon's source.
+
+[daemon]
+interval = 1s          ; how often a check runs
+timeout  = 5s          ; a check running longer is killed, with its process group
+confirm  = 1           ; identical reports in a row before a new state is accepted
+workers  = 2           ; pre-forked check workers
+action_timeout = 20s   ; a command of actions.conf running longer is killed
+#http = 127.0.0.1:8642 ; the status page, JSON, load balancer checks, /metrics (docs/http.md)
+#stop_timeout = 90s    ; your service manager's stop budget (systemd: TimeoutStopSec)
+
+# A group: checks that run here ([local]) or on another host ([ssh:USER@HOST]).
+[local]
+confirm = 2            ; two reports in a row: one odd reading does not fail over
+check_role db1
+check_role db2
+"""
+
+STARTER_ACTIONS = """\
+# hadaemon starter actions.  For a transition of host H from F to T the first existing
+# section of [H: F_to_T], [H: any_to_T], [H: F_to_any], [H: any_to_any], [F_to_T],
+# [any_to_T], [F_to_any], [any_to_any] runs, its commands one after another; the first
+# that fails stops the sequence, unless its line starts with "-".
+# %HOST%, %FROM%, %TO% and %STATE% (the hosts in STATE, e.g. %MASTER%) are expanded.
+
+# A standby became master: here you would stop the middleware, move the service
+# address and start the middleware pointed at %MASTER%.
+[slave_to_master]
+announce %HOST% is the new master (masters now: %MASTER%)
+
+[master_to_slave]
+announce %HOST% is a slave again
+
+# A host went down: tell someone; "-" means a failure of this command is ignored.
+[any_to_down]
+timeout = 10s
+-announce %HOST% went %FROM% to down
+
+# First start on a fresh state db: every host goes unknown -> its state.
+[unknown_to_any]
+announce %HOST% is %TO% (first report)
+"""
+
+STARTER_CHECK_ROLE = """\
+#!/bin/sh
+# check_role HOST: reports HOST's role, read from the file roles/HOST of the config dir.
+# A check prints state=... (and host=...) on stdout; docs/configuration.md says more.
+role=$(cat "$HA_CONFIG_DIR/roles/$1" 2>/dev/null) || { echo "host=$1"; echo "state=down"; \
+echo "message=no file roles/$1"; exit 0; }
+echo "host=$1"
+echo "state=$role"
+"""
+
+STARTER_ANNOUNCE = """\
+#!/bin/sh
+# announce WORDS...: says them on stdout, which hadaemon logs with the run.
+echo "$*"
+"""
+
+STARTER_FILES = [       # (path, text, mode)
+    ("checks.conf", STARTER_CHECKS, 0o644),
+    ("actions.conf", STARTER_ACTIONS, 0o644),
+    ("checks/check_role", STARTER_CHECK_ROLE, 0o755),
+    ("actions/announce", STARTER_ANNOUNCE, 0o755),
+    ("roles/db1", "master\n", 0o644),
+    ("roles/db2", "slave\n", 0o644),
+]
+
+
+def write_starter(config_dir):
+    """--init DIR: write STARTER_FILES into DIR; refuse, changing nothing, when one is there."""
+    config_dir = os.path.abspath(config_dir)
+    there = [name for name, _, _ in STARTER_FILES if os.path.lexists(os.path.join(config_dir, name))]
+    if there:
+        print("hadaemon: --init %s: refusing: %s already there (nothing was written)"
+              % (config_dir, ", ".join(there)), file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        for name, text, mode in STARTER_FILES:
+            path = os.path.join(config_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+    except OSError as exc:
+        print("hadaemon: --init %s: %s" % (config_dir, exc), file=sys.stderr)
+        return EXIT_FAIL
+    print("wrote a starter config in %s: %s" % (config_dir, ", ".join(n for n, _, _ in STARTER_FILES)))
+    print("next: hadaemon --config-dir %s --check-config, then --foreground" % config_dir)
+    return EXIT_OK
+
+
+# ============================================================================
 # cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
 #
@@ -9838,7 +10162,8 @@ def wait_switchover(args, request_id):
 # switchover are opsclient's), the relaunch that runs the daemon with this file as a
 # module, and main(), which the file calls last.
 #
-# Uses: base, configfiles, wire, ssh, ledger, etcd, notify, master, whatif, client, opsclient.
+# Uses: base, configfiles, wire, ledger, notify, master, whatif, client, opsclient, checkcmd,
+#       starter.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -9874,7 +10199,8 @@ def build_parser():
                "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
                "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
                "config dir is %s, else CONFIGDIR/var.  "
-               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status, "
+               "--reload, --rerun)."
                % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
     p.add_argument("--config-dir", metavar="DIR",
                    help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
@@ -9892,7 +10218,8 @@ def build_parser():
     add("--status", dest="command", action="store_const", const="status",
         help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
     add("--reload", dest="command", action="store_const", const="reload",
-        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+        help="re-read both files; an invalid config is refused (errors printed, exit 1); "
+             "exit 3 not running")
     add("--check-config", "-t", dest="command", action="store_const", const="check",
         help="validate both files and every command they name; exit 0 or 1")
     add("--once", dest="command", action="store_const", const="once",
@@ -9916,6 +10243,9 @@ def build_parser():
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
     add("--notify-test", dest="command", action="store_const", const="notify-test",
         help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
+    add("--init", metavar="DIR",
+        help="write a commented starter config into DIR (made if missing; a checks.conf or "
+             "actions.conf there is never overwritten), one that passes --check-config")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
@@ -9930,31 +10260,20 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
-                   help="with --check-config: also try each ssh target once")
+                   help="with --check-config: also try each ssh target and each etcd endpoint "
+                        "of [cluster] once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
                         "sequence), --start (default: 30) or --rerun / --switchover --wait "
                         "(default: no limit)")
-    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+    p.add_argument("--debug", action="store_true",
+                   help="log at debug level too: each check's result, each HTTP request, a check "
+                        "skipped because its previous run still ran, ssh and cluster details")
     return p
 
 
-def _config_or_exit(config_dir, origin=None):
-    try:
-        return load_config(config_dir)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
-            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
-                  % (config_dir, origin), file=sys.stderr)
-        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
-              file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -9971,7 +10290,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -10105,30 +10424,6 @@ def cmd_reload(args):
     return EXIT_FAIL
 
 
-def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
-    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
-          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    for group in config.groups:
-        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
-            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
-                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
-    if not args.connect:
-        return EXIT_OK
-    results = connect_ssh_targets(config)
-    for group, error, took in results:
-        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
-                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    failed = any(error for _, error, _ in results)
-    if config.cluster is not None:
-        for url, error, what in connect_etcd_endpoints(config.cluster):
-            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
-            failed = failed or bool(error)
-    elif not results:
-        print("no ssh targets or etcd endpoints to try")
-    return EXIT_FAIL if failed else EXIT_OK
-
-
 def cmd_simulate(args):
     """--simulate: the section and commands a transition would run; nothing run, written or logged."""
     try:
@@ -10136,7 +10431,7 @@ def cmd_simulate(args):
     except ValueError as exc:
         print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
         status = ask(args, {"cmd": "status"})
@@ -10220,7 +10515,7 @@ def wait_run(args, run_id):
 
 
 def cmd_once(args):
-    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+    if config_or_exit(args.config_dir, args.config_origin).cluster is not None:
         print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
               "leader alone acts; run it as a daemon", file=sys.stderr)
         return EXIT_FAIL
@@ -10293,7 +10588,7 @@ def relaunch_as_module(argv):
             os.close(fd)
 
 
-def main(argv=None):
+def run_command(argv):
     args = build_parser().parse_args(argv)
     args.config_origin = None
     if args.config_dir is None:
@@ -10302,6 +10597,8 @@ def main(argv=None):
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
     if args.set and args.simulate is None:
         build_parser().error("--set goes with --simulate")
+    if args.init is not None:
+        return write_starter(args.init)
     if args.history is not None:
         return cmd_history(args)
     if args.simulate is not None:
@@ -10341,7 +10638,7 @@ def main(argv=None):
         if command == "check":
             return cmd_check_config(args)
         if command == "notify-test":
-            return notify_test(_config_or_exit(args.config_dir, args.config_origin), args.state_dir)
+            return notify_test(config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
     except HadaemonError as exc:
@@ -10350,6 +10647,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_USAGE
+
+
+def main(argv=None):
+    """The command line; a reader that went away (``--status | head -3``) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # As a Unix tool does: no traceback, and no second error when Python flushes
+        # stdout at exit (it goes to /dev/null now).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

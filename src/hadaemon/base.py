@@ -77,6 +77,7 @@ DAEMON_DEFAULTS = {
     "switchover_role": "master",        # SPEC §12: the state a switchover moves
     "switchover_candidate": "slave",    # ... the state its target must be in
     "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}

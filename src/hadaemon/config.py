@@ -73,6 +73,7 @@ class DaemonSettings:
     switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
     switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
     switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -278,6 +279,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:

@@ -34,7 +34,7 @@ def _setting_value(key, words, where, errors):
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
-                   "switchover_settle"):
+                   "switchover_settle", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:

@@ -322,7 +322,12 @@ class Ledger:
         expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
         if expecting is not None:       # a switchover's own transition: no section runs
             section, changes.switchover = None, self.book
-        run = None
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
             run = self.new_run(tr_id, host, old, state, section, changes, now)
         run_id = run.id if run is not None else None
@@ -336,10 +341,6 @@ class Ledger:
         if run is not None and run.state != "queued":
             self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; expected by switchover run %d: no section runs" % expecting
-                 if expecting is not None else "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------

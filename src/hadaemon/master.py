@@ -305,6 +305,8 @@ class Master:
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
