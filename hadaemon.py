@@ -90,12 +90,20 @@ actions.py         Action runs: the queue's head, handed to the action run, and 
                    says back.
 reload.py          Reload: a new configuration, read in steps between the loop's other
                    work.
+notify_queue.py    Notify queue: the events waiting for their delivery, kept in the
+                   state db (docs/notify.md).
+notify.py          Notifications: events made, stored, and delivered one at a time by a
+                   child (docs/notify.md).
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
 client.py          Control client: --status, --stop, --reload, --history.
 opsclient.py       Operations from the command line: --switchover, --pause and --resume
                    (all, or some hosts).
+checkcmd.py        --check-config (-t): the config read whole, then what a valid config
+                   may still get wrong.
+starter.py         --init DIR: a commented starter config, written from this code (a pip
+                   install has no other).
 cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
@@ -150,6 +158,8 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
+import threading
 import time
 import typing
 import urllib.parse
@@ -217,9 +227,12 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
     "switchover_role": "master",        # SPEC §12: the state a switchover moves
     "switchover_candidate": "slave",    # ... the state its target must be in
     "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -693,9 +706,12 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
     switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
     switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
     switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -901,6 +917,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:
@@ -1197,14 +1216,15 @@ def _cluster_settings(where, entries, errors):
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
         if key == "confirm" and len(words) != 1:
             return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "switchover_settle"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -1316,11 +1336,24 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
+    _notify_setting(daemon, config_dir, errors)
     settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -2428,6 +2461,11 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
+    if key == "notify":                 # the events' counter (NotifyQueue)
+        return isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("next", "done"))
+    if kind == "notify":                # an event waiting for its delivery, by seq % its cap
+        return isinstance(value, dict) and isinstance(value.get("seq"), int) \
+            and isinstance(value.get("kind"), str)
     if key == "switchover":
         return isinstance(value, dict)
     if key == "hostpause":
@@ -2844,7 +2882,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -2854,14 +2892,16 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
+    Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
         return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else \
+        (os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0)
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -4149,6 +4189,10 @@ class SwitchoverDesk:
 #                 the ledger as the store holds it; what was running when its
 #                 runner died (or its leader lost the lead) is interrupted
 #
+# Every transition and every run's change of state (but ``queued``) is told to
+# ``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+# the change it tells of.
+#
 # ``shared`` (the store's) is read where a cluster genuinely differs: whose
 # candidate a report moves (this member's own view), who accepts a confirmed
 # state (the leader, from quorum's views), and a run recording its variables (so
@@ -4197,6 +4241,17 @@ def history_entries(transitions, runs, n):
         out.append(dict(item.to_json(), run=run.summary() if run else None,
                         reruns=reruns.get(item.id, []) if run else []))
     return out
+
+
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
 
 
 def confirm_step(cand, state, confirm, window=None):
@@ -4284,6 +4339,7 @@ class Ledger:
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -4417,23 +4473,29 @@ class Ledger:
         tr_id = self.meta["next_transition"]
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
-        section, run_id = self.config.section_for(host, old, state), None
+        section = self.config.section_for(host, old, state)
         expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
         if expecting is not None:       # a switchover's own transition: no section runs
             section, changes.switchover = None, self.book
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
         tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; expected by switchover run %d: no section runs" % expecting
-                 if expecting is not None else "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -4510,6 +4572,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -4535,6 +4599,12 @@ class Ledger:
                     if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
                     (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -4702,8 +4772,9 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
         schedule = describe_schedule(group)
     else:
         schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    reported = ",".join(sorted((last or {}).get("reports") or {}))    # what --status shows too
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
-            "host": check.host, "where": check.where, "schedule": schedule,
+            "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
@@ -5356,7 +5427,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role in ("action", "cluster"):
+        elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
             self.respond(conn, msg)
@@ -5806,7 +5877,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -5911,7 +5983,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -5935,7 +6017,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -5951,6 +6033,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
@@ -5983,7 +6070,8 @@ def render_metrics(doc):
 PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
-    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "p{margin:.15em 0;overflow-wrap:anywhere}table{border-collapse:collapse;background:#fff}"
+    ".t{overflow-x:auto;max-width:100%}@media (max-width:600px){body{margin:.6em .5em}}"
     "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
     "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
@@ -5995,7 +6083,7 @@ PAGE_CSS = (
     "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
     "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSS_SHA256 = "yCZn7NiGTmvcbNOKCPokOYdHJspqV0PlYIOlTVMeXyc="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -6037,11 +6125,12 @@ def _when(then, now):
 def _html_table(headings, rows, empty):
     if not rows:
         return '<p class="dim">%s</p>' % empty
-    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    # In a box of its own that scrolls sideways: at phone width the page itself never does.
+    out = ['<div class="t"><table><thead><tr>%s</tr></thead><tbody>' % "".join("<th>%s</th>" % h for h in headings)]
     for row in rows:
         out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
                                            for cell in row))
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -6236,7 +6325,7 @@ class HttpServer:
         self.tls = None                     # ssl.SSLContext with http_cert
         self.token = None
         self.conns = {}                     # fd -> HttpConn
-        self.refused = {}                   # client address -> when its refused token was last logged
+        self.refused = {}                   # (client address, "token" | "host") -> when last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
         # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
@@ -6423,27 +6512,29 @@ class HttpServer:
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
-                self._log_refused(peer, request, problem, now)
+                self._log_refused(peer, request, problem, now, "token")
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
         elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
-            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
-                                     "names this server" % _shorten(request.headers["host"], 100))
+            why = ("Host %s: without http_token only an IP address or localhost names this server"
+                   % _shorten(request.headers["host"], 100))
+            self._log_refused(peer, request, why, now, "host")
+            return error_answer(403, why)
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
             log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
             return error_answer(500, "internal error; the daemon's log has the details")
 
-    def _log_refused(self, peer, request, problem, now):
-        last = self.refused.get(peer)
+    def _log_refused(self, peer, request, problem, now, kind):
+        last = self.refused.get((peer, kind))
         if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
             return
         if len(self.refused) > 1024:
             self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
-        self.refused[peer] = now
-        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+        self.refused[peer, kind] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address and reason)",
                     request.method, _shorten(request.target, 100), peer, problem)
 
     def _send(self, conn, request, answer, now):
@@ -6650,6 +6741,47 @@ def etcd_compare(key, target, value, result="EQUAL"):
             field: b64(value) if target == "VALUE" else str(value)}
 
 
+def connect_bounded(host, port, timeout):
+    """A TCP connection to host:port within ``timeout`` seconds, the name lookup included:
+    getaddrinfo alone may wait on a dead DNS server far longer, so a name (not an address)
+    is looked up in a thread of its own, given up on (left to end by itself) at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        answer = []
+        lookup = threading.Thread(target=lambda: answer.append(_lookup(host, port)), daemon=True)
+        lookup.start()
+        lookup.join(timeout)
+        if not answer:
+            raise socket.gaierror(socket.EAI_AGAIN, "the name lookup of %s took longer than %gs"
+                                  % (host, timeout))
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        found = answer[0]
+    error = socket.timeout("timed out")
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(left)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _lookup(host, port):
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+
+
 class EtcdEndpoint:
     """One endpoint URL, its kept-alive connection and what it last did."""
 
@@ -6676,7 +6808,11 @@ class EtcdEndpoint:
             else:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             try:
-                self.conn.connect()
+                sock = connect_bounded(self.host, self.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.scheme == "https":
+                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
+                self.conn.sock = sock
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise _TryNext(_os_error_text(exc))
@@ -6901,7 +7037,7 @@ class EtcdWatch:
         self.buf = bytearray()
         self.headers_done = False
         self.lines = LineReader()
-        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        sock = connect_bounded(ep.host, ep.port, timeout)
         try:
             if ep.scheme == "https":
                 sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
@@ -7279,6 +7415,19 @@ def agreed_state(current, seen, quorum):
     return best[-1][1]
 
 
+def pid_alive(pid):
+    """True when a process ``pid`` (an int) exists."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class ClusterMember:
     """This daemon as a member of the cluster; see the comment above."""
 
@@ -7310,6 +7459,8 @@ class ClusterMember:
         self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
         #                                     ("mirror", keys), ("written", id, result)
         self.unreachable_logged = False
+        self.hostname = socket.gethostname()    # in our member key: another member of our name names us
+        self.conflict = None                # why we refuse: another live member has our node name
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -7359,7 +7510,7 @@ class ClusterMember:
         if self.valid_until is not None and now >= self.valid_until:
             self.lost_lease("could not renew its lease", now)
         quarter = self.settings.ttl / float(RENEWS_PER_TTL)
-        if not self._busy("renew") and now >= self.next_renew:
+        if not self._busy("renew") and now >= self.next_renew and not self.conflict:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
         if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
@@ -7367,17 +7518,38 @@ class ClusterMember:
             # was unreachable would hold our old keys (the leader key!) another ttl.
             self.next_revoke = now + quarter
             self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
-        if self.role == "none" or self.renew_failed:
+        if self.role == "none" or self.renew_failed or self.conflict:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            value = {"hosts": dict(self.view), "pid": os.getpid()}
-            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
-                          value=value, lease=self.lease)
+            self._put_view()
         if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
                 and not self._busy("campaign") and now >= self.next_campaign:
             self.next_campaign = now + quarter
             self._request("campaign", lease=self.lease,
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
+
+    def _put_view(self):
+        value = {"hosts": dict(self.view), "pid": os.getpid(), "host": self.hostname}
+        self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                      value=value, lease=self.lease)
+
+    def _check_same_node(self, keys, now):
+        """Our member key written on another live lease once ours was in: another member has
+        our node name (a key older than ours is an earlier life's, its lease not yet expired).
+        Ours goes back once (for the other to see the same), then both leave and refuse."""
+        kv = self.mirror.get(MEMBER_KEYS + self.node)
+        if self.conflict or self.published is None or kv is None or MEMBER_KEYS + self.node not in keys \
+                or kv.get("lease") in (self.lease, None) or kv.get("lease") in self.abandoned:
+            return
+        other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+        if other.get("host") == self.hostname and not pid_alive(other.get("pid")):
+            return                          # our own earlier life on this host, its lease not yet gone
+        self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
+                         "member a node name of its own ([cluster] node in checks.conf)"
+                         % (self.node, other.get("pid"), other.get("host")))
+        log.error("cluster %s: %s", self.settings.name, self.conflict)
+        self._put_view()
+        self.lost_lease(self.conflict, now)
 
     def set_pause(self, paused):
         """Pause or resume the whole cluster (any member may: it is the operator's word)."""
@@ -7525,6 +7697,7 @@ class ClusterMember:
             self.notes.append(("acting", self.epoch))
 
     def _mirror_changed(self, keys, now):
+        self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
                 and self.role == "follower":
@@ -7983,6 +8156,7 @@ class ClusterLink:
         what was running under one of them is interrupted, never run again."""
         ledger = self.ledger
         ledger.reread()
+        ledger.notify("leader", leader=self.member.node, epoch=self.member.epoch)
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
                                  % ("?" if run.node is None else run.node,
                                     "?" if run.node is None else run.epoch), now)
@@ -8308,6 +8482,365 @@ class Reload:
 
 
 # ============================================================================
+# notify_queue.py: Notify queue: the events waiting for their delivery, kept
+# in the state db (docs/notify.md).
+# ============================================================================
+#
+# Owns the numbering of events (``seq``: one more per event, across restarts) and
+# the events not delivered yet, oldest first, at most NOTIFY_CAP of them.  Each
+# event is committed to the state db (a Store: one journal line) before anyone
+# may deliver it, so after a kill -9 every event not known to be delivered is
+# delivered again (at least once).  Keys:
+#
+#   notify        {"next": the seq of the next event, "done": every seq up to it is
+#                 delivered, given up or dropped}
+#   notify:N      the event of seq S at N = S % NOTIFY_CAP (a ring, as tr:N and run:N:
+#                 nothing is deleted from the db)
+#
+# A full queue drops its oldest event for the new one, counted, and says so in the
+# log once until it has room again.  No process and no clock here: the master's
+# part (notify.py) hands the head to the notify child and says how it ended.
+#
+# Uses: base.
+
+NOTIFY_CAP = 1000               # events waiting at most; past that the oldest are dropped
+NOTIFY_RESULTS = ("ok", "failed", "dropped")
+
+
+class NotifyQueue:
+    """The events waiting, in seq order, committed to ``store`` (a Store) as they change."""
+
+    def __init__(self, store, cap=NOTIFY_CAP):
+        self.store = store
+        self.cap = cap
+        self.next = 1                   # the seq of the next event
+        self.done = 0                   # every seq up to this one has left the queue
+        self.waiting = collections.deque()
+        self.counts = collections.Counter()     # since this process started: NOTIFY_RESULTS
+        self.full = 0                   # dropped since the queue last had room (for the log)
+        self.opened = False
+
+    def open(self):
+        """The queue as the state db holds it (once, before the first use)."""
+        self.opened = True
+        data = self.store.data
+        meta = data.get("notify") or {}
+        self.next = max(1, meta.get("next", 1))
+        self.done = max(0, min(meta.get("done", 0), self.next - 1))
+        lost = 0
+        for seq in range(max(self.done + 1, self.next - self.cap), self.next):
+            event = data.get(self.slot(seq))
+            if isinstance(event, dict) and event.get("seq") == seq:
+                self.waiting.append(event)
+            else:
+                lost += 1
+        if lost:
+            log.error("notify: %d waiting events could not be read back from the state db; "
+                      "they are lost", lost)
+        if self.waiting:
+            log.info("notify: %d events from before the restart wait for their delivery (seq %d-%d)",
+                     len(self.waiting), self.waiting[0]["seq"], self.waiting[-1]["seq"])
+
+    def slot(self, seq):
+        return "notify:%d" % (seq % self.cap)
+
+    def _meta(self):
+        return {"notify": {"next": self.next, "done": self.done}}
+
+    def push(self, event):
+        """Number ``event`` (a dict: kind, time, node, its keys), store it, queue it; returns it."""
+        if not self.opened:
+            self.open()
+        seq = self.next
+        self.next += 1
+        event = dict(event, seq=seq)
+        if len(self.waiting) >= self.cap:
+            dropped = self.waiting.popleft()
+            self.done = dropped["seq"]
+            self.counts["dropped"] += 1
+            if not self.full:
+                log.error("notify: %d events wait, the most kept; the oldest are dropped from now "
+                          "on (first: seq %d, %s)", self.cap, dropped["seq"], dropped.get("kind"))
+            self.full += 1
+        self.waiting.append(event)
+        changes = self._meta()
+        changes[self.slot(seq)] = event
+        self.store.commit(changes)
+        return event
+
+    def head(self):
+        """The oldest event waiting, or None."""
+        if not self.opened:
+            self.open()
+        return self.waiting[0] if self.waiting else None
+
+    def finish(self, seq, result):
+        """Event ``seq`` left the queue: ``ok`` (delivered) or ``failed`` (given up).  False
+        when it is no longer the head (the full queue dropped it meanwhile)."""
+        if not self.waiting or self.waiting[0]["seq"] != seq:
+            return False
+        self.waiting.popleft()
+        self.done = seq
+        self.counts[result] += 1
+        if self.full and len(self.waiting) < self.cap:
+            log.warning("notify: the queue has room again; %d events were dropped", self.full)
+            self.full = 0
+        self.store.commit(self._meta())
+        return True
+
+    def status(self):
+        """Counters since the start and what waits (daemon.counters of --status --json)."""
+        return {"notify_events": [{"result": r, "count": self.counts[r]} for r in NOTIFY_RESULTS],
+                "notify_waiting": len(self.waiting)}
+
+
+# ============================================================================
+# notify.py: Notifications: events made, stored, and delivered one at a time
+# by a child (docs/notify.md).
+# ============================================================================
+#
+# Owns the ``notify =`` command's events (SPEC §12): Notifications, the master's
+# part, which every other part tells what happened through one call,
+# ``event(kind, **keys)``; notify_main, the child that runs the command for one
+# event at a time (its retries included); and --notify-test.
+#
+#   event()       stamp (kind, time, node), store (NotifyQueue: seq, the state db),
+#                 hand the head to the child when it is free
+#   the child     the command with the event as one JSON object on stdin, HA_EVENT
+#                 in its environment, cwd = the config dir; a try that exits
+#                 non-zero or runs past notify_timeout is made again after 1, 2 and
+#                 4 s; then it says ``done`` (ok, or failed: given up)
+#   done          the event leaves the queue (committed), the next is handed
+#
+# The master's loop never waits for a notify command: the child runs it, and the
+# master only sends a line and reads one.  A child that dies is replaced (after a
+# second when it died young) and is handed the same event again.
+#
+# Uses: base, wire, proc, children, pool, actions, notify_queue.
+
+NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
+NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
+NOTIFY_STOP_WAIT = 5.0              # stopping: how long after the last event its delivery may take
+
+
+def notify_node(config):
+    """``node`` of every event: the cluster's node, or this host's name."""
+    return config.cluster.node if config.cluster is not None else socket.gethostname()
+
+
+def deliver_event(argv, event, timeout, watch, master=None, environ=None, on_spawn=None):
+    """Run the notify command ``argv`` once with ``event`` on its stdin: its ProcResult."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(HA_EVENT=str(event.get("kind")), HA_SEQ=str(event.get("seq")))
+    with tempfile.TemporaryFile() as f:
+        f.write(json.dumps(event, sort_keys=True).encode("utf-8") + b"\n")
+        f.seek(0)
+        return run_process(list(argv), env, timeout, NOTIFY_KILL_GRACE, watch, stdin_fd=f.fileno(),
+                           merge_stderr=True, master=master, on_spawn=on_spawn)
+
+
+def _output_tail(output):
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def _rest(chan, seconds):
+    """Wait ``seconds`` before a try again, listening to the master: False when told to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        readable, _, _ = select.select([chan.sock], [], [], left)
+        if readable:
+            msg = chan.receive()
+            if msg is None or msg.get("t") == "exit":
+                return False
+
+
+def notify_main(sock_path, config_dir):
+    """The notify child: hello, then one event at a time, each tried until it is delivered
+    or given up, each try's failure and the end said to the master."""
+    child_setup()
+    os.chdir(config_dir)
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "notify", "pid": os.getpid()})
+    environ = dict(os.environ, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=os.path.dirname(sock_path))
+    while True:
+        msg = chan.receive()
+        if msg is None or msg.get("t") == "exit":
+            return 0
+        event, argv, timeout = msg["event"], msg["argv"], msg["timeout"]
+
+        def announce(pid, seq=event["seq"]):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "seq": seq, "pid": pid})
+        for tries, again in enumerate(NOTIFY_RETRIES + (None,), 1):
+            res = deliver_event(argv, event, timeout, watch, chan.sock, environ, announce)
+            failure = res.failure(timeout)
+            if failure is None:
+                break
+            chan.send({"t": "failed", "seq": event["seq"], "try": tries, "error": failure,
+                       "output": _output_tail(res.output), "again": again})
+            if again is not None and not _rest(chan, again):
+                return 0
+        chan.send({"t": "done", "seq": event["seq"], "result": "failed" if failure else "ok",
+                   "tries": tries, "error": failure})
+
+
+class Notifications:
+    """The master's part: ``event()`` from every other part; the notify child, kept by it.
+
+    ``config_of()`` gives the configuration of now (a reload swaps it)."""
+
+    def __init__(self, store, pool, server, config_of):
+        self.queue = NotifyQueue(store)
+        self.pool, self.server, self.config_of = pool, server, config_of
+        self.pid = None                 # the notify child's
+        self.inflight = None            # the seq handed to it, until it says done
+        self.child_after = 0.0          # no child forked before (after a quick death)
+        self.leave_by = None            # stopping: the child goes when nothing waits, or then
+        self.troubled = set()           # checks whose trouble was told (until they run cleanly)
+
+    def event(self, kind, **keys):
+        """SPEC §12: an event of ``kind`` with ``keys``, stored, then delivered in its turn
+        (nothing when no notify command is set).  The one call every part makes."""
+        config = self.config_of()
+        if config.daemon.notify is None:
+            return None
+        event = dict({"kind": kind, "time": round(time.time(), 6), "node": notify_node(config)}, **keys)
+        event = self.queue.push(event)
+        if self.leave_by is not None:       # stopping: this one gets its chance too
+            self.leave_by = max(self.leave_by, time.monotonic() + NOTIFY_STOP_WAIT)
+        self.hand()
+        return event
+
+    def check_ran(self, rt, result):
+        """A check's run (its runtime, its CheckResult): a ``check`` event when it was cut
+        short (timed out, could not start) or reported a rejected name; once until it
+        runs cleanly again."""
+        if self.config_of().daemon.notify is None:
+            return
+        rejected = rt.last["rejected"]
+        key = rt.check.key
+        if not result.failed and not rejected:
+            self.troubled.discard(key)
+        elif key not in self.troubled:
+            self.troubled.add(key)
+            message = (result.trouble or result.data.get("message")) if result.failed else rejected[0]
+            self.event("check", check=rt.check.name, message=str(message)[:500])
+
+    def child(self):
+        return self.pool.children.get(self.pid) if self.pid is not None else None
+
+    def hand(self):
+        """The head of the queue to the child, when it is free and connected."""
+        child = self.child()
+        if self.inflight is not None or child is None or child.conn is None or child.kill_at:
+            return
+        settings = self.config_of().daemon
+        event = self.queue.head()
+        if event is None or settings.notify is None:
+            return
+        self.inflight = event["seq"]
+        self.server.send(child.conn, {"t": "event", "event": event, "argv": list(settings.notify),
+                                      "timeout": settings.notify_timeout})
+
+    def tick(self, now):
+        """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        child = self.child()
+        if self.leave_by is not None and self._leave(child, now):
+            return
+        if child is None and now >= self.child_after and self.queue.head() is not None \
+                and self.config_of().daemon.notify is not None:
+            child = self.pool.fork("notify", notify_main, self.pool.sock_path, self.config_of().config_dir)
+            self.pid = child.pid if child is not None else None
+            self.child_after = now + 1.0 if child is None else 0.0
+        self.hand()
+
+    def _leave(self, child, now):
+        """Stopping: whether the child goes now (nothing waits any more, or its time is up)."""
+        idle = self.inflight is None and not self.queue.waiting and self.pool.action_child() is None
+        if not idle and now < self.leave_by:
+            return False
+        if child is not None and child.kill_at is None:
+            child.signal(signal.SIGTERM, now + KILL_GRACE)
+            if not idle:
+                log.warning("notify: stopping with %d events not delivered; they are delivered "
+                            "after the next start", len(self.queue.waiting))
+        return True
+
+    def stopping(self, now):
+        """The daemon stops: the ``stopping`` event; the child goes once nothing waits, or
+        NOTIFY_STOP_WAIT later (what is left is delivered after the next start): a hung
+        receiver does not hold up a stop."""
+        self.leave_by = now + NOTIFY_STOP_WAIT
+        self.event("daemon", event="stopping")
+
+    def on_message(self, child, msg):
+        """What the notify child says: a try failed, or an event is done with."""
+        kind, seq = msg.get("t"), msg.get("seq")
+        if seq != self.inflight or kind not in ("spawned", "failed", "done"):
+            raise ProtocolError("unexpected notify message %r for seq %r" % (kind, seq))
+        if kind == "spawned":
+            child.pgid = _spawned_pid(msg)
+            return
+        child.pgid = None
+        event = self.queue.head() or {}
+        what = "event %s (%s)" % (seq, event.get("kind") if event.get("seq") == seq else "dropped")
+        if kind == "failed":
+            log.warning("notify: %s: try %s of %d failed: %s%s%s", what, msg.get("try"),
+                        len(NOTIFY_RETRIES) + 1, msg.get("error"),
+                        " (%s)" % msg["output"] if msg.get("output") else "",
+                        "; again in %s" % format_duration(msg["again"]) if msg.get("again") else "")
+            return
+        result = "ok" if msg.get("result") == "ok" else "failed"
+        if result == "failed":
+            log.error("notify: %s dropped after %s tries: %s", what, msg.get("tries"), msg.get("error"))
+        self.inflight = None
+        self.queue.finish(seq, result)
+        self.hand()
+
+    def exited(self, child, how, stopping):
+        """The notify child is gone: the event it had is handed to the next one again."""
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
+        self.pid = self.inflight = None
+        if stopping and child.kill_at is not None:
+            return
+        log.error("notify child %d died (%s); %s", child.pid, how,
+                  "replacing it" if self.queue.waiting else "a new one starts with the next event")
+        if time.monotonic() - child.started < 1.0:
+            self.child_after = time.monotonic() + 1.0
+
+    def status(self):
+        return self.queue.status()
+
+
+def notify_test(config, state_dir):
+    """--notify-test: the notify command once, with an event of kind ``test`` (seq 0), no
+    daemon; prints what it did.  Exit 0 when the command exited 0."""
+    settings = config.daemon
+    if settings.notify is None:
+        print("hadaemon: no notify command: set notify = COMMAND ARGS in [daemon] of %s"
+              % os.path.join(config.config_dir, "checks.conf"), file=sys.stderr)
+        return EXIT_FAIL
+    event = {"kind": "test", "seq": 0, "time": round(time.time(), 6), "node": notify_node(config),
+             "message": "a test event from hadaemon --notify-test"}
+    print("notify command: %s" % " ".join(settings.notify))
+    print("event (stdin, HA_EVENT=test): %s" % json.dumps(event, sort_keys=True))
+    os.chdir(config.config_dir)
+    environ = dict(os.environ, HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=state_dir)
+    res = deliver_event(settings.notify, event, settings.notify_timeout, ChildWatch(), environ=environ)
+    for line in res.output.decode("utf-8", "replace").splitlines()[:50]:
+        print("  | %s" % line)
+    failure = res.failure(settings.notify_timeout)
+    print("%s in %.3fs" % (failure or "exit 0", res.duration))
+    return EXIT_FAIL if failure else EXIT_OK
+
+
+# ============================================================================
 # master.py: Master: the loop, signals, readiness and shutdown.
 # ============================================================================
 #
@@ -8323,7 +8856,7 @@ class Reload:
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
 # Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
-#       http_server, cluster_member, cluster_ledger, cluster_link, actions, reload.
+#       http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -8374,6 +8907,8 @@ class Master:
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
+        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
         self.stop_deadline = None
@@ -8398,6 +8933,7 @@ class Master:
             log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        self.notify.event("daemon", event="started")
         try:
             self.loop()
         finally:
@@ -8466,6 +9002,7 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
+            self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -8556,6 +9093,7 @@ class Master:
         log.info("configuration reloaded: %d checks, %d action sections",
                  len(config.checks), len(config.sections))
         self.notifier.send("READY=1")
+        self.notify.event("daemon", event="reloaded")
         return []
 
     def checkpoint(self, now):
@@ -8575,10 +9113,13 @@ class Master:
         self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
         self.scheduler.ready.clear()
         now = time.monotonic()
+        self.notify.stopping(now)
         self.pool.stop(now)
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -8613,6 +9154,7 @@ class Master:
         done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
+            self.notify.check_ran(rt, result)
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
@@ -8626,6 +9168,8 @@ class Master:
                 self.pool.ssh.reaped(child, how)
             elif child.kind == "cluster":
                 self.cluster.agent_exited(child, how, self.stopping)
+            elif child.kind == "notify":
+                self.notify.exited(child, how, self.stopping)
             else:
                 self.runs.exited(child, how, self.stopping)
 
@@ -8643,6 +9187,8 @@ class Master:
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
             self.cluster.member.on_message(msg, time.monotonic())
+        elif child.kind == "notify":
+            self.notify.on_message(child, msg)
         else:
             self.runs.event(child, msg)
 
@@ -8673,6 +9219,7 @@ class Master:
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.notify.event("daemon", event="paused" if paused else "resumed")
         paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
@@ -8704,7 +9251,7 @@ class Master:
                            started=self.started_wall, uptime=now_m - self.started,
                            config_dir=self.config.config_dir, state_dir=self.state_dir,
                            lag_ms=self.scheduler.lag_summary(), http=self.http.url,
-                           counters=self.ledger.counters(), cluster=cluster,
+                           counters=dict(self.ledger.counters(), **self.notify.status()), cluster=cluster,
                            **self.ledger.daemon_status(), **self.pool.status())
 
     def status_doc(self):
@@ -9080,8 +9627,7 @@ def _render_checks(checks):
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
         took = format_duration(last["duration"]) if last.get("duration") else "-"
-        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
-        rows.append((c["name"], hosts, reported,
+        rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))
@@ -9394,6 +9940,220 @@ def wait_switchover(args, request_id):
 
 
 # ============================================================================
+# checkcmd.py: --check-config (-t): the config read whole, then what a valid
+# config may still get wrong.
+# ============================================================================
+#
+# Owns reading the config for a command (errors printed, exit 1), cmd_check_config
+# and its warnings, each at its FILE:LINE: a ``%WORD%`` in an action naming no state
+# hadaemon knows of (known_variables, the one list of them), a section whose worst
+# case outlasts ``stop_timeout``, an ssh control socket path too long; and
+# ``--connect``, which tries each ssh target and etcd endpoint once.
+#
+# Uses: base, configfiles, children, ssh, etcd, client.
+
+def config_or_exit(config_dir, origin=None):
+    """The config of ``config_dir``; on any mistake print them all and exit 1."""
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
+        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
+              file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def known_variables(config, db_states=()):
+    """Every %NAME% an action may name and get a value from: HOST, FROM, TO, and the
+    state words the config names (its sections), a check's exit status gives, or the
+    state db holds (``db_states``), and the switchover_role / switchover_candidate words."""
+    states = {"unknown"} | set(EXIT_STATES.values()) | set(db_states)
+    states.update((config.daemon.switchover_role, config.daemon.switchover_candidate))
+    for section in config.sections.values():
+        states.update((section.from_state, section.to_state))
+    states.discard("any")
+    states.discard(None)
+    return {"HOST", "FROM", "TO"} | {state.upper() for state in states}
+
+
+def db_state_words(state_dir):
+    """The states the state db holds (hosts' states, recent transitions); none when unreadable."""
+    try:
+        doc, ledger = offline_status(state_dir)
+    except (OSError, ValueError):
+        return set()
+    words = {h.get("state") for h in doc["hosts"].values()}
+    for entry in ledger.history(1000):
+        words.update((entry.get("from"), entry.get("to")))
+    return {w for w in words if isinstance(w, str)}
+
+
+def config_warnings(config, state_dir):
+    """The -t warnings of a valid config, each a line starting ``warning: FILE:LINE:``."""
+    out = []
+    known = known_variables(config, db_state_words(state_dir))
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        for cmd in section.commands:
+            for word in cmd.argv[1:]:
+                for m in _VAR_RE.finditer(word):
+                    if m.group(1) and m.group(1) not in known:
+                        out.append("warning: %s: %%%s%% names no state hadaemon knows of (known: %s): "
+                                   "it would be empty and the run refused" % (
+                                       cmd.where, m.group(1), ", ".join(sorted(known))))
+    budget = config.daemon.stop_timeout
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        worst = len(section.commands) * (section.timeout + ACTION_KILL_GRACE)
+        if budget is not None and worst > budget:
+            out.append("warning: %s: [%s] may take %s at worst (%d commands, each up to its timeout "
+                       "%s and %s to kill it), more than stop_timeout = %s: a stop while it runs "
+                       "would be killed half-way" % (
+                           section.where, section.name, format_duration(worst), len(section.commands),
+                           format_duration(section.timeout), format_duration(ACTION_KILL_GRACE),
+                           format_duration(budget)))
+    for group in config.groups:
+        if group.scope.kind == "ssh" and ssh_control_path(group, state_dir) is None:
+            out.append("warning: [%s]: the state dir path %s is too long for an ssh control socket; "
+                       "its checks would run without connection reuse" % (group.scope.name, state_dir))
+    return out
+
+
+def cmd_check_config(args):
+    config = config_or_exit(args.config_dir, args.config_origin)
+    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
+          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
+    for line in config_warnings(config, args.state_dir):
+        print(line)
+    if not args.connect:
+        return EXIT_OK
+    results = connect_ssh_targets(config)
+    for group, error, took in results:
+        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
+                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+# ============================================================================
+# starter.py: --init DIR: a commented starter config, written from this code
+# (a pip install has no other).
+# ============================================================================
+#
+# Owns the starter's files (checks.conf, actions.conf, a role check and an action
+# script, two role files) and write_starter, which writes them into a new or empty
+# config dir and never overwrites a file.
+#
+# Uses: base.
+
+STARTER_CHECKS = """\
+# hadaemon starter config (written by hadaemon --init).  It watches two pretend
+# database hosts, db1 and db2, whose roles are in the files roles/db1 and roles/db2:
+#   echo slave > roles/db1; sleep 3; echo master > roles/db2
+# switches them over.  Replace checks/check_role with a real check (examples/postgresql/
+# checks/check_pg_role in hadaemon's source) and the actions with your own.
+# Check it with:  hadaemon --config-dir THIS_DIR --check-config
+# Every key, its default and its range: docs/configuration.md in hadaemon's source.
+
+[daemon]
+interval = 1s          ; how often a check runs
+timeout  = 5s          ; a check running longer is killed, with its process group
+confirm  = 1           ; identical reports in a row before a new state is accepted
+workers  = 2           ; pre-forked check workers
+action_timeout = 20s   ; a command of actions.conf running longer is killed
+#http = 127.0.0.1:8642 ; the status page, JSON, load balancer checks, /metrics (docs/http.md)
+#stop_timeout = 90s    ; your service manager's stop budget (systemd: TimeoutStopSec)
+
+# A group: checks that run here ([local]) or on another host ([ssh:USER@HOST]).
+[local]
+confirm = 2            ; two reports in a row: one odd reading does not fail over
+check_role db1
+check_role db2
+"""
+
+STARTER_ACTIONS = """\
+# hadaemon starter actions.  For a transition of host H from F to T the first existing
+# section of [H: F_to_T], [H: any_to_T], [H: F_to_any], [H: any_to_any], [F_to_T],
+# [any_to_T], [F_to_any], [any_to_any] runs, its commands one after another; the first
+# that fails stops the sequence, unless its line starts with "-".
+# %HOST%, %FROM%, %TO% and %STATE% (the hosts in STATE, e.g. %MASTER%) are expanded.
+
+# A standby became master: here you would stop the middleware, move the service
+# address and start the middleware pointed at %MASTER%.
+[slave_to_master]
+announce %HOST% is the new master (masters now: %MASTER%)
+
+[master_to_slave]
+announce %HOST% is a slave again
+
+# A host went down: tell someone; "-" means a failure of this command is ignored.
+[any_to_down]
+timeout = 10s
+-announce %HOST% went %FROM% to down
+
+# First start on a fresh state db: every host goes unknown -> its state.
+[unknown_to_any]
+announce %HOST% is %TO% (first report)
+"""
+
+STARTER_CHECK_ROLE = """\
+#!/bin/sh
+# check_role HOST: reports HOST's role, read from the file roles/HOST of the config dir.
+# A check prints state=... (and host=...) on stdout; docs/configuration.md says more.
+role=$(cat "$HA_CONFIG_DIR/roles/$1" 2>/dev/null) || { echo "host=$1"; echo "state=down"; \
+echo "message=no file roles/$1"; exit 0; }
+echo "host=$1"
+echo "state=$role"
+"""
+
+STARTER_ANNOUNCE = """\
+#!/bin/sh
+# announce WORDS...: says them on stdout, which hadaemon logs with the run.
+echo "$*"
+"""
+
+STARTER_FILES = [       # (path, text, mode)
+    ("checks.conf", STARTER_CHECKS, 0o644),
+    ("actions.conf", STARTER_ACTIONS, 0o644),
+    ("checks/check_role", STARTER_CHECK_ROLE, 0o755),
+    ("actions/announce", STARTER_ANNOUNCE, 0o755),
+    ("roles/db1", "master\n", 0o644),
+    ("roles/db2", "slave\n", 0o644),
+]
+
+
+def write_starter(config_dir):
+    """--init DIR: write STARTER_FILES into DIR; refuse, changing nothing, when one is there."""
+    config_dir = os.path.abspath(config_dir)
+    there = [name for name, _, _ in STARTER_FILES if os.path.lexists(os.path.join(config_dir, name))]
+    if there:
+        print("hadaemon: --init %s: refusing: %s already there (nothing was written)"
+              % (config_dir, ", ".join(there)), file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        for name, text, mode in STARTER_FILES:
+            path = os.path.join(config_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+    except OSError as exc:
+        print("hadaemon: --init %s: %s" % (config_dir, exc), file=sys.stderr)
+        return EXIT_FAIL
+    print("wrote a starter config in %s: %s" % (config_dir, ", ".join(n for n, _, _ in STARTER_FILES)))
+    print("next: hadaemon --config-dir %s --check-config, then --foreground" % config_dir)
+    return EXIT_OK
+
+
+# ============================================================================
 # cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
 #
@@ -9402,7 +10162,8 @@ def wait_switchover(args, request_id):
 # switchover are opsclient's), the relaunch that runs the daemon with this file as a
 # module, and main(), which the file calls last.
 #
-# Uses: base, configfiles, wire, ssh, ledger, etcd, master, whatif, client, opsclient.
+# Uses: base, configfiles, wire, ledger, notify, master, whatif, client, opsclient, checkcmd,
+#       starter.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -9438,7 +10199,8 @@ def build_parser():
                "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
                "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
                "config dir is %s, else CONFIGDIR/var.  "
-               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status, "
+               "--reload, --rerun)."
                % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
     p.add_argument("--config-dir", metavar="DIR",
                    help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
@@ -9456,7 +10218,8 @@ def build_parser():
     add("--status", dest="command", action="store_const", const="status",
         help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
     add("--reload", dest="command", action="store_const", const="reload",
-        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+        help="re-read both files; an invalid config is refused (errors printed, exit 1); "
+             "exit 3 not running")
     add("--check-config", "-t", dest="command", action="store_const", const="check",
         help="validate both files and every command they name; exit 0 or 1")
     add("--once", dest="command", action="store_const", const="once",
@@ -9478,6 +10241,11 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
+    add("--init", metavar="DIR",
+        help="write a commented starter config into DIR (made if missing; a checks.conf or "
+             "actions.conf there is never overwritten), one that passes --check-config")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
                    help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
@@ -9492,31 +10260,20 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
-                   help="with --check-config: also try each ssh target once")
+                   help="with --check-config: also try each ssh target and each etcd endpoint "
+                        "of [cluster] once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
                         "sequence), --start (default: 30) or --rerun / --switchover --wait "
                         "(default: no limit)")
-    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+    p.add_argument("--debug", action="store_true",
+                   help="log at debug level too: each check's result, each HTTP request, a check "
+                        "skipped because its previous run still ran, ssh and cluster details")
     return p
 
 
-def _config_or_exit(config_dir, origin=None):
-    try:
-        return load_config(config_dir)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
-            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
-                  % (config_dir, origin), file=sys.stderr)
-        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
-              file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -9533,7 +10290,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -9667,30 +10424,6 @@ def cmd_reload(args):
     return EXIT_FAIL
 
 
-def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
-    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
-          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    for group in config.groups:
-        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
-            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
-                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
-    if not args.connect:
-        return EXIT_OK
-    results = connect_ssh_targets(config)
-    for group, error, took in results:
-        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
-                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    failed = any(error for _, error, _ in results)
-    if config.cluster is not None:
-        for url, error, what in connect_etcd_endpoints(config.cluster):
-            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
-            failed = failed or bool(error)
-    elif not results:
-        print("no ssh targets or etcd endpoints to try")
-    return EXIT_FAIL if failed else EXIT_OK
-
-
 def cmd_simulate(args):
     """--simulate: the section and commands a transition would run; nothing run, written or logged."""
     try:
@@ -9698,7 +10431,7 @@ def cmd_simulate(args):
     except ValueError as exc:
         print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
         status = ask(args, {"cmd": "status"})
@@ -9782,7 +10515,7 @@ def wait_run(args, run_id):
 
 
 def cmd_once(args):
-    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+    if config_or_exit(args.config_dir, args.config_origin).cluster is not None:
         print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
               "leader alone acts; run it as a daemon", file=sys.stderr)
         return EXIT_FAIL
@@ -9855,7 +10588,7 @@ def relaunch_as_module(argv):
             os.close(fd)
 
 
-def main(argv=None):
+def run_command(argv):
     args = build_parser().parse_args(argv)
     args.config_origin = None
     if args.config_dir is None:
@@ -9864,6 +10597,8 @@ def main(argv=None):
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
     if args.set and args.simulate is None:
         build_parser().error("--set goes with --simulate")
+    if args.init is not None:
+        return write_starter(args.init)
     if args.history is not None:
         return cmd_history(args)
     if args.simulate is not None:
@@ -9902,6 +10637,8 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
     except HadaemonError as exc:
@@ -9910,6 +10647,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_USAGE
+
+
+def main(argv=None):
+    """The command line; a reader that went away (``--status | head -3``) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # As a Unix tool does: no traceback, and no second error when Python flushes
+        # stdout at exit (it goes to /dev/null now).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

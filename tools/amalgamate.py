@@ -41,7 +41,8 @@ ORDER = [
     "proc", "children", "ssh", "ledger_store", "switchover", "ledger", "scheduler", "pool", "control",
     "http_proto", "http_views", "http_server",
     "etcd", "cluster_agent", "cluster_member", "cluster_ledger", "cluster_link",
-    "actions", "reload", "master", "whatif", "client", "opsclient", "cli",
+    "actions", "reload", "notify_queue", "notify", "master", "whatif", "client", "opsclient", "checkcmd",
+    "starter", "cli",
 ]
 
 MAP_HEADING = "Modules (src/hadaemon/, in the order of hadaemon.py: each uses only those above it)"

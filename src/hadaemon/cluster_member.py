@@ -31,6 +31,7 @@ Uses: base, records, cluster_agent.
 import collections
 import itertools
 import os
+import socket
 import time
 
 from .base import ACTION_KILL_GRACE, ProtocolError, log
@@ -66,6 +67,19 @@ def agreed_state(current, seen, quorum):
     return best[-1][1]
 
 
+def pid_alive(pid):
+    """True when a process ``pid`` (an int) exists."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class ClusterMember:
     """This daemon as a member of the cluster; see the comment above."""
 
@@ -97,6 +111,8 @@ class ClusterMember:
         self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
         #                                     ("mirror", keys), ("written", id, result)
         self.unreachable_logged = False
+        self.hostname = socket.gethostname()    # in our member key: another member of our name names us
+        self.conflict = None                # why we refuse: another live member has our node name
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -146,7 +162,7 @@ class ClusterMember:
         if self.valid_until is not None and now >= self.valid_until:
             self.lost_lease("could not renew its lease", now)
         quarter = self.settings.ttl / float(RENEWS_PER_TTL)
-        if not self._busy("renew") and now >= self.next_renew:
+        if not self._busy("renew") and now >= self.next_renew and not self.conflict:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
         if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
@@ -154,17 +170,38 @@ class ClusterMember:
             # was unreachable would hold our old keys (the leader key!) another ttl.
             self.next_revoke = now + quarter
             self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
-        if self.role == "none" or self.renew_failed:
+        if self.role == "none" or self.renew_failed or self.conflict:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            value = {"hosts": dict(self.view), "pid": os.getpid()}
-            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
-                          value=value, lease=self.lease)
+            self._put_view()
         if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
                 and not self._busy("campaign") and now >= self.next_campaign:
             self.next_campaign = now + quarter
             self._request("campaign", lease=self.lease,
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
+
+    def _put_view(self):
+        value = {"hosts": dict(self.view), "pid": os.getpid(), "host": self.hostname}
+        self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                      value=value, lease=self.lease)
+
+    def _check_same_node(self, keys, now):
+        """Our member key written on another live lease once ours was in: another member has
+        our node name (a key older than ours is an earlier life's, its lease not yet expired).
+        Ours goes back once (for the other to see the same), then both leave and refuse."""
+        kv = self.mirror.get(MEMBER_KEYS + self.node)
+        if self.conflict or self.published is None or kv is None or MEMBER_KEYS + self.node not in keys \
+                or kv.get("lease") in (self.lease, None) or kv.get("lease") in self.abandoned:
+            return
+        other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+        if other.get("host") == self.hostname and not pid_alive(other.get("pid")):
+            return                          # our own earlier life on this host, its lease not yet gone
+        self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
+                         "member a node name of its own ([cluster] node in checks.conf)"
+                         % (self.node, other.get("pid"), other.get("host")))
+        log.error("cluster %s: %s", self.settings.name, self.conflict)
+        self._put_view()
+        self.lost_lease(self.conflict, now)
 
     def set_pause(self, paused):
         """Pause or resume the whole cluster (any member may: it is the operator's word)."""
@@ -312,6 +349,7 @@ class ClusterMember:
             self.notes.append(("acting", self.epoch))
 
     def _mirror_changed(self, keys, now):
+        self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
                 and self.role == "follower":

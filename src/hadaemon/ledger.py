@@ -20,6 +20,10 @@ no process started.
                 the ledger as the store holds it; what was running when its
                 runner died (or its leader lost the lead) is interrupted
 
+Every transition and every run's change of state (but ``queued``) is told to
+``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+the change it tells of.
+
 ``shared`` (the store's) is read where a cluster genuinely differs: whose
 candidate a report moves (this member's own view), who accepts a confirmed
 state (the leader, from quorum's views), and a run recording its variables (so
@@ -82,6 +86,17 @@ def history_entries(transitions, runs, n):
         out.append(dict(item.to_json(), run=run.summary() if run else None,
                         reruns=reruns.get(item.id, []) if run else []))
     return out
+
+
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
 
 
 def confirm_step(cand, state, confirm, window=None):
@@ -169,6 +184,7 @@ class Ledger:
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -302,23 +318,29 @@ class Ledger:
         tr_id = self.meta["next_transition"]
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
-        section, run_id = self.config.section_for(host, old, state), None
+        section = self.config.section_for(host, old, state)
         expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
         if expecting is not None:       # a switchover's own transition: no section runs
             section, changes.switchover = None, self.book
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
         tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; expected by switchover run %d: no section runs" % expecting
-                 if expecting is not None else "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -395,6 +417,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -420,6 +444,12 @@ class Ledger:
                     if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
                     (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
