@@ -186,16 +186,10 @@ class ClusterMember:
                       value=value, lease=self.lease)
 
     def _check_same_node(self, keys, now):
-        """Our member key written on another live lease once ours was in: another member has
-        our node name (a key older than ours is an earlier life's, its lease not yet expired).
-        Ours goes back once (for the other to see the same), then both leave and refuse."""
-        kv = self.mirror.get(MEMBER_KEYS + self.node)
-        if self.conflict or self.published is None or kv is None or MEMBER_KEYS + self.node not in keys \
-                or kv.get("lease") in (self.lease, None) or kv.get("lease") in self.abandoned:
+        """Another member with our node name: both leave and refuse (other_same_node)."""
+        other = other_same_node(self, keys)
+        if other is None:
             return
-        other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
-        if other.get("host") == self.hostname and not pid_alive(other.get("pid")):
-            return                          # our own earlier life on this host, its lease not yet gone
         self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
                          "member a node name of its own ([cluster] node in checks.conf)"
                          % (self.node, other.get("pid"), other.get("host")))
@@ -481,3 +475,20 @@ class ClusterMember:
                    "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
                   for e in self.endpoints],
             ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)
+
+
+def other_same_node(member, keys):
+    """The value of the other member that has ``member``'s node name, or None.
+
+    Our member key written on another live lease once ours was in: another member has
+    our node name (a key older than ours is an earlier life's, its lease not yet expired).
+    Ours goes back once (for the other to see the same), then both leave and refuse."""
+    key = MEMBER_KEYS + member.node
+    kv = member.mirror.get(key)
+    if member.conflict or member.published is None or kv is None or key not in keys \
+            or kv.get("lease") in (member.lease, None) or kv.get("lease") in member.abandoned:
+        return None
+    other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+    if other.get("host") == member.hostname and not pid_alive(other.get("pid")):
+        return None                     # our own earlier life on this host, its lease not yet gone
+    return other

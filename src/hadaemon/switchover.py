@@ -236,6 +236,8 @@ class SwitchoverDesk:
         (SPEC §12: a ``switchover`` event; its one call point)."""
         log.warning("switchover %s: %s -> %s at %s", what, sched.get("from"), sched.get("to"),
                     format_time(sched.get("at")))
+        self.ledger.notify("switchover", event=what, to=sched.get("to"), at=sched.get("at"),
+                           **{"from": sched.get("from")})
 
     # -- the control verbs ------------------------------------------------------------
 
@@ -299,6 +301,7 @@ class SwitchoverDesk:
         self.ledger.store.set_hosts_paused(hosts, paused)
         log.warning("actions %s for %s by request%s", "paused" if paused else "resumed", ", ".join(hosts),
                     " (the whole cluster, once etcd has it)" if self.ledger.store.shared else "")
+        self.ledger.notify("daemon", event="paused" if paused else "resumed", hosts=sorted(hosts))
         return {"ok": True, "paused_hosts": sorted(self.ledger.store.paused_hosts()),
                 "cluster": self.ledger.store.shared}
 
