@@ -73,6 +73,12 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
+    "switchover_role": "master",        # SPEC §12: the state a switchover moves
+    "switchover_candidate": "slave",    # ... the state its target must be in
+    "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "recheck", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}

@@ -17,7 +17,7 @@ from .base import (
 )
 from .cron import CronSpec
 from .config import (
-    Check, Command, Config, DaemonSettings, Group, Section, parse_scope, read_ini,
+    Check, Command, Config, DaemonSettings, Group, SWITCHOVER, Section, parse_scope, read_ini,
     resolve_command,
 )
 from .netsettings import _cluster_settings, _cluster_value, _http_settings, parse_http_address
@@ -26,14 +26,15 @@ from .netsettings import _cluster_settings, _cluster_value, _http_settings, pars
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
         if key == "confirm" and len(words) != 1:
             return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "recheck"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle", "stop_timeout", "recheck"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -49,6 +50,10 @@ def _setting_value(key, words, where, errors):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         if key == "http":
             return parse_http_address(value)
+        if key in ("switchover_role", "switchover_candidate"):
+            if not valid_name(value) or "_to_" in value.lower():
+                raise ValueError("%s must be a state word, got %r" % (key, value))
+            return value.lower()
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
@@ -141,12 +146,25 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
+    _notify_setting(daemon, config_dir, errors)
     settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors,
                                                   daemon.get("recheck", ("[daemon]",))[0])
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _recheck_problem(gset, values, daemon_where):
@@ -244,7 +262,10 @@ def _parse_actions(path, config_dir, default_timeout, errors):
             try:
                 if host is not None and not valid_name(host):
                     raise ValueError("bad host name %r" % host)
-                from_state, to_state = _parse_transition(tr.strip())
+                if tr.strip() == SWITCHOVER:        # SPEC §12: [switchover], [TO: switchover]
+                    from_state, to_state = None, SWITCHOVER
+                else:
+                    from_state, to_state = _parse_transition(tr.strip())
             except ValueError as exc:
                 errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
                               % (where, name, exc))
