@@ -4346,6 +4346,14 @@ def _still_counting(last, state, n, m):
     return out[::-1]
 
 
+def pending_among(ledger, reports):
+    """Whether one of ``reports`` ((host, state) pairs, applied to ``ledger``) left its
+    state the host's pending candidate (a member's own, in a cluster): what ``recheck``
+    follows."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
@@ -4479,12 +4487,6 @@ class Ledger:
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
-
-    def pending_among(self, reports):
-        """Whether one of ``reports`` ((host, state) pairs, applied) left its state the
-        host's pending candidate (a member's own, in a cluster): what ``recheck`` follows."""
-        candidates = self.seen if self.shared else self.hosts
-        return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
 
     def agree(self, moves, now):
         """The cluster's leader: each (host, state, voters) that quorum sees moves."""
@@ -9260,7 +9262,7 @@ class Master:
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
             if rt.check.group.recheck or rt.rechecking:
-                self.scheduler.recheck(rt, self.ledger.pending_among(reports), time.monotonic())
+                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():

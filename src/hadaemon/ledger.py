@@ -162,6 +162,14 @@ def _still_counting(last, state, n, m):
     return out[::-1]
 
 
+def pending_among(ledger, reports):
+    """Whether one of ``reports`` ((host, state) pairs, applied to ``ledger``) left its
+    state the host's pending candidate (a member's own, in a cluster): what ``recheck``
+    follows."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
@@ -295,12 +303,6 @@ class Ledger:
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
-
-    def pending_among(self, reports):
-        """Whether one of ``reports`` ((host, state) pairs, applied) left its state the
-        host's pending candidate (a member's own, in a cluster): what ``recheck`` follows."""
-        candidates = self.seen if self.shared else self.hosts
-        return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
 
     def agree(self, moves, now):
         """The cluster's leader: each (host, state, voters) that quorum sees moves."""
