@@ -57,6 +57,20 @@ def figure(line):
     print(line)
 
 
+def pytest_addoption(parser, pluginmanager):
+    """Plain ``pytest`` without requirements-test.txt: setup.cfg's ``timeout`` (pytest-timeout's)
+    would warn "Unknown config option: timeout"; known here, it is only unused."""
+    if not pluginmanager.has_plugin("timeout"):
+        parser.addini("timeout", "pytest-timeout's limit per test (pytest-timeout is not installed)")
+
+
+def pytest_report_header(config):
+    if not config.pluginmanager.has_plugin("timeout"):
+        return ("pytest-timeout is not installed: no test has a time limit; tests/run installs "
+                "requirements-test.txt into .venv (or pip install -r requirements-test.txt)")
+    return None
+
+
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("figures")

@@ -325,8 +325,8 @@ def test_status_json_schema(daemon):
     assert set(by_name) == {"check_role db1", "check_role db2"}
     c1 = by_name["check_role db1"]
     assert CHECK_FIELDS <= set(c1)
-    # The check's default host is its file name (it names db1 itself in its output).
-    assert c1["scope"] == "local" and c1["host"] == "check_role"
+    # The host its last run reported (its default host, the file name, only before a run).
+    assert c1["scope"] == "local" and c1["host"] == "db1"
     assert c1["where"] == "%s:8" % (d.dir / "checks.conf")
     assert c1["schedule"] == "every 200ms" and by_name["check_role db2"]["schedule"] == "every 1h"
     assert c1["runs"] >= 1 and c1["next_run"] > time.time() - 5
@@ -646,6 +646,11 @@ def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
     d.signal(signal.SIGTERM)
     with notify:
         wait_notify(notify, "STOPPING=1")
+        # systemd is told to wait for what the sequence may still take (its two
+        # commands' timeouts, 60 s each, and the kills), not TimeoutStopSec's 90 s.
+        extend = read_notify(notify, 5)
+        assert extend and extend[0].startswith("EXTEND_TIMEOUT_USEC="), extend
+        assert int(extend[0].split("=")[1]) / 1e6 >= 2 * (60 + 5), extend
         # The loop stays healthy while the sequence finishes: the watchdog goes on.
         assert read_notify(notify, 5) == ["WATCHDOG=1"]
         assert read_notify(notify, 5) == ["WATCHDOG=1"]

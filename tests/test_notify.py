@@ -460,3 +460,24 @@ def test_a_check_in_trouble_is_told_once_until_it_runs_cleanly(daemon):
     checks = [e for e in events(daemon) if e["kind"] == "check"]
     assert checks[0]["check"] == "moody" and checks[0]["message"] == "timed out after 200ms"
     assert "db1;rm" in checks[1]["message"]
+
+
+def test_switchover_and_host_pause_events(daemon):
+    setup(daemon, actions="[switchover]\nrec %TO%\n", checks="check_role db1\ncheck_role db2")
+    daemon.set("db1", "master")
+    daemon.set("db2", "slave")
+    daemon.start()
+    wait_events(daemon, lambda e: {("transition", "master"), ("transition", "slave")} <= set(kinds(e)),
+                "both hosts seen")
+    daemon.cli("--switchover", "db2", "--at", "+1h", check=True)
+    daemon.cli("--switchover", "--cancel", check=True)
+    daemon.cli("--pause", "db2", check=True)
+    daemon.cli("--resume", "db2", check=True)
+    wait_events(daemon, lambda e: ("daemon", "resumed") in kinds(e), "the host's resume")
+    assert daemon.stop() == 0
+    evs = [e for e in events(daemon) if e["kind"] in ("switchover", "daemon")][1:-1]
+    assert [(e["kind"], e["event"]) for e in evs] == [("switchover", "scheduled"), ("switchover", "cancelled"),
+                                                     ("daemon", "paused"), ("daemon", "resumed")]
+    assert [(e["from"], e["to"]) for e in evs[:2]] == [("db1", "db2")] * 2
+    assert evs[0]["at"] == evs[1]["at"] and evs[0]["at"] > time.time() + 3000
+    assert [e["hosts"] for e in evs[2:]] == [["db2"], ["db2"]]

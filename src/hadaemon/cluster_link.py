@@ -55,7 +55,7 @@ class ClusterLink:
             elif note[0] == "written":
                 self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
-                log.error("cluster: pause / resume not written: %s", note[2])
+                log.error("cluster: a request (pause, resume, switchover) not written: %s", note[2])
         if self.member.stepping is not None:
             self.stepping(now)
         elif self.leave_by is not None and agent is not None and agent.kill_at is None and \

@@ -21,6 +21,7 @@ Uses: base, netsettings, wire, proc.
 import base64
 import json
 import socket
+import threading
 import time
 
 from .base import HadaemonError, ProtocolError
@@ -89,6 +90,47 @@ def etcd_compare(key, target, value, result="EQUAL"):
             field: b64(value) if target == "VALUE" else str(value)}
 
 
+def connect_bounded(host, port, timeout):
+    """A TCP connection to host:port within ``timeout`` seconds, the name lookup included:
+    getaddrinfo alone may wait on a dead DNS server far longer, so a name (not an address)
+    is looked up in a thread of its own, given up on (left to end by itself) at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        answer = []
+        lookup = threading.Thread(target=lambda: answer.append(_lookup(host, port)), daemon=True)
+        lookup.start()
+        lookup.join(timeout)
+        if not answer:
+            raise socket.gaierror(socket.EAI_AGAIN, "the name lookup of %s took longer than %gs"
+                                  % (host, timeout))
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        found = answer[0]
+    error = socket.timeout("timed out")
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(left)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _lookup(host, port):
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+
+
 class EtcdEndpoint:
     """One endpoint URL, its kept-alive connection and what it last did."""
 
@@ -115,7 +157,11 @@ class EtcdEndpoint:
             else:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             try:
-                self.conn.connect()
+                sock = connect_bounded(self.host, self.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.scheme == "https":
+                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
+                self.conn.sock = sock
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise _TryNext(_os_error_text(exc))
@@ -340,7 +386,7 @@ class EtcdWatch:
         self.buf = bytearray()
         self.headers_done = False
         self.lines = LineReader()
-        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        sock = connect_bounded(ep.host, ep.port, timeout)
         try:
             if ep.scheme == "https":
                 sock = ep.context.wrap_socket(sock, server_hostname=ep.host)

@@ -9,11 +9,12 @@ Uses: base, wire, http_proto.
 
 import collections
 import operator
+import os
 import re
 import time
 import typing
 
-from .base import format_ago, format_duration
+from .base import format_ago, format_duration, format_time
 from .wire import _shorten
 from .http_proto import HTTP_READ_METHODS, HttpAnswer, error_answer, json_answer
 
@@ -66,7 +67,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -171,7 +173,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -195,7 +207,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -232,6 +244,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -245,7 +260,8 @@ def render_metrics(doc):
 PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
-    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "p{margin:.15em 0;overflow-wrap:anywhere}table{border-collapse:collapse;background:#fff}"
+    ".t{overflow-x:auto;max-width:100%}@media (max-width:600px){body{margin:.6em .5em}}"
     "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
     "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
@@ -257,7 +273,7 @@ PAGE_CSS = (
     "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
     "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSS_SHA256 = "yCZn7NiGTmvcbNOKCPokOYdHJspqV0PlYIOlTVMeXyc="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -299,11 +315,12 @@ def _when(then, now):
 def _html_table(headings, rows, empty):
     if not rows:
         return '<p class="dim">%s</p>' % empty
-    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    # In a box of its own that scrolls sideways: at phone width the page itself never does.
+    out = ['<div class="t"><table><thead><tr>%s</tr></thead><tbody>' % "".join("<th>%s</th>" % h for h in headings)]
     for row in rows:
         out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
                                            for cell in row))
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -324,6 +341,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -334,7 +357,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))
@@ -343,11 +367,12 @@ def _page_hosts(hosts, now):
 
 
 def _next_run(check, now):
+    recheck = "rechecking: " if check.get("rechecking") else ""
     if check.get("running"):
-        return "running"
+        return recheck + "running"
     if not check.get("next_run"):
         return None
-    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+    return recheck + ("due" if check["next_run"] <= now else format_ago(check["next_run"], now))
 
 
 def _page_checks(checks, now):

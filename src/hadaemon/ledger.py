@@ -29,7 +29,7 @@ candidate a report moves (this member's own view), who accepts a confirmed
 state (the leader, from quorum's views), and a run recording its variables (so
 another member can expand its own section).
 
-Uses: base, records, children, ledger_store.
+Uses: base, records, children, ledger_store, switchover.
 """
 
 import collections
@@ -40,6 +40,9 @@ from .base import log
 from .records import CommandResult, Run, RunCommand, Transition
 from .children import StateVariables, action_variables, expand_commands, plan_run
 from .ledger_store import Changes, LedgerStore, LocalStore
+from .switchover import (
+    cannot_start, expected, run_moved, scheduled_view, switchover_commands, switchover_run,
+)
 
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
@@ -61,19 +64,27 @@ def summarize_run(run):
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    """The ``n`` newest transitions and switchovers, newest first, each transition with its
+    run and that run's reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
     transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
     runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
         if run.rerun_of is not None:
             reruns[run.transition].append(run.summary())
+    # A switchover's run is an entry of its own (SPEC §12), in time order with the rest.
+    entries = [(tr.time or 0, 0, tr.id, tr) for tr in transitions] + \
+        [(run.queued or 0, 1, run.id, run) for run in runs.values() if run.switchover]
     out = []
-    for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.run) if tr.run is not None else None
-        out.append(dict(tr.to_json(), run=run.summary() if run else None,
-                        reruns=reruns.get(tr.id, []) if run else []))
+    for _, kind, _, item in sorted(entries, key=lambda e: e[:3])[-n:][::-1] if n > 0 else []:
+        if kind == 1:
+            out.append({"id": None, "time": item.queued, "host": item.host, "from": item.frm,
+                        "to": item.to, "check": None, "run": item.summary(), "reruns": [],
+                        "switchover": {"from": item.frm, "to": item.to}})
+            continue
+        run = runs.get(item.run) if item.run is not None else None
+        out.append(dict(item.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(item.id, []) if run else []))
     return out
 
 
@@ -151,6 +162,14 @@ def _still_counting(last, state, n, m):
     return out[::-1]
 
 
+def pending_among(ledger, reports):
+    """Whether one of ``reports`` ((host, state) pairs, applied to ``ledger``) left its
+    state the host's pending candidate (a member's own, in a cluster): what ``recheck``
+    follows."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
@@ -169,6 +188,7 @@ class Ledger:
         self.transitions = collections.deque()    # Transitions, oldest first
         self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
+        self.book = {}                  # switchovers: scheduled, expected, seen (switchover.py)
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
@@ -195,6 +215,7 @@ class Ledger:
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
         self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
+        self.book = dict(snapshot.switchover)
 
     def open(self, now, acting=True):
         """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
@@ -306,11 +327,19 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run = None
+        expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
+        if expecting is not None:       # a switchover's own transition: no section runs
+            section, changes.switchover = None, self.book
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
             run = self.new_run(tr_id, host, old, state, section, changes, now)
         run_id = run.id if run is not None else None
-        tr = Transition(tr_id, now, host, old, state, by, run_id)
+        tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
@@ -320,9 +349,6 @@ class Ledger:
         if run is not None and run.state != "queued":
             self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -330,7 +356,6 @@ class Ledger:
     def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
         queued, or skipped / failed at once."""
-        cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
         plan = plan_run(section, host, frm, to, None, self.config.config_dir,
@@ -345,16 +370,35 @@ class Ledger:
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
-            if self.paused:
-                self._set_run_state(run, "skipped", "paused", changes, now)
-            else:
-                self._set_run_state(run, "queued", None, changes, now)
-                self.queue.append(run_id)
-                changes.queue = self.queue
-        self.runs[run_id] = run
-        while len(self.runs) > cap:
+            why = cannot_start(self, run, now)
+            self._set_run_state(run, why[0] if why else "queued", why and why[1], changes, now)
+        return self._enter(run, changes)
+
+    def _enter(self, run, changes):
+        """A new run joins the runs (and the queue, when it is queued there)."""
+        if run.state == "queued":
+            self.queue.append(run.id)
+            changes.queue = self.queue
+        self.runs[run.id] = run
+        while len(self.runs) > self.cap:
             self.runs.popitem(last=False)
         return run
+
+    def queue_switchover(self, frm, to, request, reason, now):
+        """The run of a switchover from host ``frm`` to ``to`` (SPEC §12), through the queue
+        like any; failed at once, unrun, when ``reason`` (a refusal) holds."""
+        run = switchover_run(self, self.meta["next_run"], frm, to, request, now)
+        self.meta["next_run"] = run.id + 1
+        changes = Changes(meta=self.meta)
+        self._set_run_state(run, "failed" if reason else "queued", reason, changes, now)
+        self._enter(run, changes)
+        self._put(changes)
+        return run
+
+    def note_book(self, key, value):
+        """switchover.py's book: ``scheduled`` (one, or None), ``seen`` (the request a leader took)."""
+        self.book[key] = value
+        self._put(Changes(switchover=self.book))
 
     def rerun(self, run_id, now):
         """--rerun: the section of ended run ``run_id`` (by its name, in the current
@@ -367,6 +411,9 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old.switchover:
+            raise ValueError("run #%d is a switchover: ask for it again (hadaemon --switchover %s)"
+                             % (run_id, old.to))
         if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
                              % (run_id, old.state))
@@ -396,10 +443,14 @@ class Ledger:
         if state in RUN_FINAL:
             run.ended = now
             self.run_counts[(run.section, state)] += 1
+        if run.switchover:
+            run_moved(self.book, run, state, now, self.config.daemon.switchover_settle)
+            changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
         if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
             self._run_event(run)
@@ -418,10 +469,11 @@ class Ledger:
             self._put(Changes(queue=self.queue))
         return None
 
-    def dequeue(self, run, state, reason, now):
-        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
-        self.queue.pop(0)
+    def dequeue(self, run, state, reason, now, head=True):
+        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun
+        (not ``head``: a run anywhere in it, cancelled: --switchover --cancel)."""
+        assert run.id in self.queue[:1 if head else None], "run %s is not first" % run.id
+        self.queue.remove(run.id)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
         self._put(changes)
@@ -431,6 +483,8 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
+        if run.switchover:
+            return switchover_commands(self, run, config)
         if run.variables is None:
             return run.commands
         section = config.section_named(run.section)
@@ -499,11 +553,13 @@ class Ledger:
             if cand.get("window") is not None:      # None: a record from before N of M
                 pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
-                "pending": pending, "last_report": self.reports.get(name)}
+                "pending": pending, "last_report": self.reports.get(name),
+                "paused": name in self.store.paused_hosts()}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
-        return {"paused": self.paused, "queue": list(self.queue)}
+        return {"paused": self.paused, "queue": list(self.queue),
+                "switchover": scheduled_view(self.book), "paused_hosts": sorted(self.store.paused_hosts())}
 
     def counters(self):
         """Transitions and ended runs since this process started (Prometheus' counters)."""

@@ -11,8 +11,8 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-      cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
+Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
+      http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 """
 
 import logging
@@ -31,7 +31,7 @@ from .configfiles import load_config_steps
 from .records import CheckResult, DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
-from .ledger import Ledger
+from .ledger import Ledger, pending_among
 from .scheduler import Scheduler
 from .pool import Pool
 from .control import ControlServer
@@ -40,6 +40,7 @@ from .cluster_member import ClusterMember
 from .cluster_ledger import EtcdStore, cluster_reload_problem
 from .cluster_link import ClusterLink
 from .actions import ActionRuns, Alone
+from .switchover import SwitchoverDesk
 from .reload import Reload
 from .notify import Notifications
 
@@ -88,6 +89,7 @@ class Master:
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
+        self.switchover = SwitchoverDesk(self.ledger, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
@@ -203,6 +205,7 @@ class Master:
             self.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.switchover.tick(time.time())     # a stored request, a scheduled one come due
             self.runs.start_next(self.config)
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
@@ -302,6 +305,8 @@ class Master:
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -339,6 +344,8 @@ class Master:
             self.notify.check_ran(rt, result)
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -395,6 +402,8 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
+        if cmd in SwitchoverDesk.VERBS:
+            return self.switchover.answer(msg, time.time())
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):

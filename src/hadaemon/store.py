@@ -51,7 +51,7 @@ import json
 import os
 import time
 
-from .base import DB_NAME, MAX_WINDOW, log, valid_state
+from .base import DB_NAME, MAX_WINDOW, log, valid_name, valid_state
 from .wire import _ENCODE, _shorten
 from .records import Run, Transition, _is_time
 from .dumbfiles import DumbFiles, _META_KEY, _META_WIDTH
@@ -82,6 +82,10 @@ def well_formed(key, value):
     if kind == "notify":                # an event waiting for its delivery, by seq % its cap
         return isinstance(value, dict) and isinstance(value.get("seq"), int) \
             and isinstance(value.get("kind"), str)
+    if key == "switchover":
+        return isinstance(value, dict)
+    if key == "hostpause":
+        return isinstance(value, list) and all(valid_name(h) for h in value)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
