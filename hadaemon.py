@@ -6136,6 +6136,10 @@ class EtcdClient:
         ep.down_until = time.monotonic() + self.demote
 
     def _call_one(self, ep, path, payload, idempotent, timeout):
+        return self._receive(ep, self._send(ep, path, payload, timeout), path, idempotent)
+
+    def _send(self, ep, path, payload, timeout):
+        """The request sent on ``ep``'s connection (made within ``timeout``): the connection."""
         import http.client
         try:
             conn = self._connection(ep, timeout)
@@ -6147,6 +6151,11 @@ class EtcdClient:
         except _TryNext as exc:
             self._failed(ep, str(exc))
             raise
+        return conn
+
+    def _receive(self, ep, conn, path, idempotent):
+        """The answer on ``conn``, read within its socket's timeout: the decoded document."""
+        import http.client
         try:
             resp = conn.getresponse()
             data = resp.read()
@@ -6175,6 +6184,53 @@ class EtcdClient:
                             status=resp.status, code=doc.get("code"))
         return doc
 
+    def race(self, path, body, stagger, budget, rotate=False):
+        """An idempotent call sent to the first endpoint, and to the next each ``stagger``
+        seconds it goes unanswered, the first answer taken, for ``budget`` seconds: a
+        dead endpoint costs a stagger, and a call etcd holds (a raft election) is
+        answered as soon as etcd can, not dropped by a timeout just before."""
+        payload = json.dumps(body).encode("utf-8")
+        order = self._order(rotate)
+        started = time.monotonic()
+        deadline, next_at = started + budget, started
+        pending, failures = {}, []
+        try:
+            while True:
+                now = time.monotonic()
+                if order and now >= next_at:
+                    ep = order.pop(0)
+                    try:
+                        pending[ep] = (self._send(ep, path, payload, max(0.05, min(stagger, deadline - now))), now)
+                    except _TryNext as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        continue            # refused at once: the next one now
+                    next_at = now + stagger
+                if not pending and not order:
+                    raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+                if now >= deadline:
+                    raise EtcdError("no etcd endpoint answered in %.2fs: %s" % (budget, "; ".join(
+                        failures + ["%s: no answer (timed out)" % ep.url for ep in pending])))
+                wait = (min(next_at, deadline) if order else deadline) - now
+                ready = _select_read([conn.sock for conn, _ in pending.values()], max(0.0, wait))
+                for ep in [ep for ep, (conn, _) in pending.items() if conn.sock in ready]:
+                    conn, _ = pending.pop(ep)
+                    conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
+                    try:
+                        answer = self._receive(ep, conn, path, True)
+                    except (_TryNext, EtcdUnknown) as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        next_at = time.monotonic()      # the next one now
+                        continue
+                    self.current = self.endpoints.index(ep)
+                    self.last = ep
+                    return answer
+        finally:
+            now = time.monotonic()
+            for ep, (conn, sent) in pending.items():
+                self._close(ep)             # its answer would come on a connection we reuse
+                if now - sent >= stagger:
+                    self._failed(ep, "timed out")
+
     # -- the calls hadaemon uses ------------------------------------------------------
 
     def status(self, ep):
@@ -6190,13 +6246,15 @@ class EtcdClient:
             raise EtcdError("lease grant refused: %s" % answer["error"])
         return int(answer["ID"]), int(answer.get("TTL") or 0)
 
-    def keepalive(self, lease, timeout=None):
+    def keepalive(self, lease, stagger=None, budget=None):
         """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
 
         Sent to each endpoint in turn, so every endpoint is heard from within a few
-        renewals and a member that lost its quorum is found without an extra call."""
-        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
-                           timeout=timeout)
+        renewals and a member that lost its quorum is found without an extra call;
+        raced (``race``) when it does not answer within ``stagger``."""
+        stagger = stagger or self.timeout
+        answer = self.race("/v3/lease/keepalive", {"ID": str(lease)}, stagger,
+                           budget or len(self.endpoints) * stagger, rotate=True)
         result = answer.get("result") or {}
         return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
 
@@ -6404,12 +6462,14 @@ TICKET_KEY = "ledger/ticket"    # the epoch and number of the last ledger write
 
 
 def etcd_timeouts(ttl):
-    """(renewal, other call) timeouts of one attempt on one endpoint, for ``ttl`` seconds.
+    """(renewal stagger, other call) timeouts for ``ttl`` seconds (docs/cluster.md: the
+    arithmetic).
 
-    A renewal is due a quarter ttl after the last one and the leader stops half a ttl
-    after it: an attempt of an eighth ttl leaves a second one, on the next endpoint,
-    inside that quarter (docs/cluster.md: the arithmetic)."""
-    return max(0.2, min(2.0, ttl / 8.0)), max(0.25, min(2.0, ttl / 8.0))
+    A renewal is due a quarter ttl after the last one, and the leader stops half a
+    ttl after that one: the renewal has a quarter ttl, and goes to the next endpoint
+    each sixteenth ttl the ones before it leave it unanswered (``EtcdClient.race``).
+    Any other call waits an eighth ttl for one endpoint."""
+    return max(0.1, min(1.0, ttl / 16.0)), max(0.25, min(2.0, ttl / 8.0))
 
 
 def ticket(epoch, seq):
@@ -6431,10 +6491,11 @@ class ClusterAgent:
         self.chan = chan
         self.cluster = cluster
         self.prefix = cluster.prefix
-        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
+        self.stagger, self.timeout = etcd_timeouts(cluster.ttl)
+        self.renew_for = cluster.ttl / float(RENEWS_PER_TTL)
         self.settle_for = cluster.ttl / 2.0     # a lost write is sent again for so long
         self.client = EtcdClient.for_cluster(cluster, self.timeout, demote=2.0 * cluster.ttl)
-        self.lease_client = self.client.twin(self.renew_timeout)
+        self.lease_client = self.client.twin(self.timeout)
         self.lease_requests = queue.Queue()
         self.sending = threading.Lock()     # both threads send to the master
         self.inbox = collections.deque()
@@ -6506,7 +6567,7 @@ class ClusterAgent:
             if kind == "renew":
                 reply.update(self.renew(msg))
             elif kind == "revoke":
-                self.lease_client.revoke(msg["lease"])
+                self.lease_client.revoke(msg["lease"], self.timeout)
             elif kind == "put":
                 reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
                                                     msg.get("lease"))
@@ -6530,9 +6591,9 @@ class ClusterAgent:
     def renew(self, msg):
         lease = msg.get("lease")
         if not lease:
-            lease, ttl = self.lease_client.grant(msg["ttl"])
+            lease, ttl = self.lease_client.grant(msg["ttl"], self.timeout)
             return {"lease": lease, "ttl": ttl, "granted": True}
-        ttl, revision = self.lease_client.keepalive(lease)
+        ttl, revision = self.lease_client.keepalive(lease, self.stagger, self.renew_for)
         return {"lease": lease, "ttl": ttl, "revision": revision}
 
     def settled(self, send, applied):

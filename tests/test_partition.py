@@ -27,9 +27,10 @@ failover).  It prints one line:
     leader's host), 0 overlapping commands, 0 epoch regressions, 0 transitions run
     twice, I interrupted runs
 
-HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 3)
-and _PROGRAM (another hadaemon.py, to measure an older one the same way).  Needs
-root and ``ip netns``; skips otherwise.
+HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 3),
+_PROGRAM (another hadaemon.py, to measure an older one the same way) and _LOGS (a
+directory the members' and etcd's logs are copied to at the end).  Needs root and
+``ip netns``; skips otherwise.
 """
 
 import collections
@@ -54,6 +55,7 @@ FAULTS = int(os.environ.get("HADAEMON_PARTITION_FAULTS") or 6)
 SEED = int(os.environ.get("HADAEMON_PARTITION_SEED") or time.time())
 TTL = int(os.environ.get("HADAEMON_PARTITION_TTL") or 3)
 PROGRAM = os.environ.get("HADAEMON_PARTITION_PROGRAM") or str(HADAEMON)
+LOGS = os.environ.get("HADAEMON_PARTITION_LOGS")
 KINDS = ("cable", "split", "stop", "kill", "etcd-kill", "etcd-stop")
 STEPS = 6                       # 50 ms beats per command: two commands, about 0.7 s a sequence
 
@@ -284,7 +286,17 @@ class Partition:
             return lambda: m.signal(signal.SIGCONT)
         raise AssertionError(kind)
 
+    def keep_logs(self, where):
+        os.makedirs(where, exist_ok=True)
+        for host, d in self.daemons.items():
+            shutil.copy(str(d.log_path), os.path.join(where, "%s.log" % host))
+        for path in [self.log] + [m.log for m in self.etcd.values()]:
+            if os.path.exists(path):
+                shutil.copy(path, where)
+
     def teardown(self):
+        if LOGS:
+            self.keep_logs(LOGS)
         for d in self.daemons.values():
             for pid in d.started:
                 try:

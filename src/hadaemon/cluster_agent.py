@@ -68,12 +68,14 @@ TICKET_KEY = "ledger/ticket"    # the epoch and number of the last ledger write
 
 
 def etcd_timeouts(ttl):
-    """(renewal, other call) timeouts of one attempt on one endpoint, for ``ttl`` seconds.
+    """(renewal stagger, other call) timeouts for ``ttl`` seconds (docs/cluster.md: the
+    arithmetic).
 
-    A renewal is due a quarter ttl after the last one and the leader stops half a ttl
-    after it: an attempt of an eighth ttl leaves a second one, on the next endpoint,
-    inside that quarter (docs/cluster.md: the arithmetic)."""
-    return max(0.2, min(2.0, ttl / 8.0)), max(0.25, min(2.0, ttl / 8.0))
+    A renewal is due a quarter ttl after the last one, and the leader stops half a
+    ttl after that one: the renewal has a quarter ttl, and goes to the next endpoint
+    each sixteenth ttl the ones before it leave it unanswered (``EtcdClient.race``).
+    Any other call waits an eighth ttl for one endpoint."""
+    return max(0.1, min(1.0, ttl / 16.0)), max(0.25, min(2.0, ttl / 8.0))
 
 
 def ticket(epoch, seq):
@@ -95,10 +97,11 @@ class ClusterAgent:
         self.chan = chan
         self.cluster = cluster
         self.prefix = cluster.prefix
-        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
+        self.stagger, self.timeout = etcd_timeouts(cluster.ttl)
+        self.renew_for = cluster.ttl / float(RENEWS_PER_TTL)
         self.settle_for = cluster.ttl / 2.0     # a lost write is sent again for so long
         self.client = EtcdClient.for_cluster(cluster, self.timeout, demote=2.0 * cluster.ttl)
-        self.lease_client = self.client.twin(self.renew_timeout)
+        self.lease_client = self.client.twin(self.timeout)
         self.lease_requests = queue.Queue()
         self.sending = threading.Lock()     # both threads send to the master
         self.inbox = collections.deque()
@@ -170,7 +173,7 @@ class ClusterAgent:
             if kind == "renew":
                 reply.update(self.renew(msg))
             elif kind == "revoke":
-                self.lease_client.revoke(msg["lease"])
+                self.lease_client.revoke(msg["lease"], self.timeout)
             elif kind == "put":
                 reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
                                                     msg.get("lease"))
@@ -194,9 +197,9 @@ class ClusterAgent:
     def renew(self, msg):
         lease = msg.get("lease")
         if not lease:
-            lease, ttl = self.lease_client.grant(msg["ttl"])
+            lease, ttl = self.lease_client.grant(msg["ttl"], self.timeout)
             return {"lease": lease, "ttl": ttl, "granted": True}
-        ttl, revision = self.lease_client.keepalive(lease)
+        ttl, revision = self.lease_client.keepalive(lease, self.stagger, self.renew_for)
         return {"lease": lease, "ttl": ttl, "revision": revision}
 
     def settled(self, send, applied):

@@ -219,6 +219,10 @@ class EtcdClient:
         ep.down_until = time.monotonic() + self.demote
 
     def _call_one(self, ep, path, payload, idempotent, timeout):
+        return self._receive(ep, self._send(ep, path, payload, timeout), path, idempotent)
+
+    def _send(self, ep, path, payload, timeout):
+        """The request sent on ``ep``'s connection (made within ``timeout``): the connection."""
         import http.client
         try:
             conn = self._connection(ep, timeout)
@@ -230,6 +234,11 @@ class EtcdClient:
         except _TryNext as exc:
             self._failed(ep, str(exc))
             raise
+        return conn
+
+    def _receive(self, ep, conn, path, idempotent):
+        """The answer on ``conn``, read within its socket's timeout: the decoded document."""
+        import http.client
         try:
             resp = conn.getresponse()
             data = resp.read()
@@ -258,6 +267,53 @@ class EtcdClient:
                             status=resp.status, code=doc.get("code"))
         return doc
 
+    def race(self, path, body, stagger, budget, rotate=False):
+        """An idempotent call sent to the first endpoint, and to the next each ``stagger``
+        seconds it goes unanswered, the first answer taken, for ``budget`` seconds: a
+        dead endpoint costs a stagger, and a call etcd holds (a raft election) is
+        answered as soon as etcd can, not dropped by a timeout just before."""
+        payload = json.dumps(body).encode("utf-8")
+        order = self._order(rotate)
+        started = time.monotonic()
+        deadline, next_at = started + budget, started
+        pending, failures = {}, []
+        try:
+            while True:
+                now = time.monotonic()
+                if order and now >= next_at:
+                    ep = order.pop(0)
+                    try:
+                        pending[ep] = (self._send(ep, path, payload, max(0.05, min(stagger, deadline - now))), now)
+                    except _TryNext as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        continue            # refused at once: the next one now
+                    next_at = now + stagger
+                if not pending and not order:
+                    raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+                if now >= deadline:
+                    raise EtcdError("no etcd endpoint answered in %.2fs: %s" % (budget, "; ".join(
+                        failures + ["%s: no answer (timed out)" % ep.url for ep in pending])))
+                wait = (min(next_at, deadline) if order else deadline) - now
+                ready = _select_read([conn.sock for conn, _ in pending.values()], max(0.0, wait))
+                for ep in [ep for ep, (conn, _) in pending.items() if conn.sock in ready]:
+                    conn, _ = pending.pop(ep)
+                    conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
+                    try:
+                        answer = self._receive(ep, conn, path, True)
+                    except (_TryNext, EtcdUnknown) as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        next_at = time.monotonic()      # the next one now
+                        continue
+                    self.current = self.endpoints.index(ep)
+                    self.last = ep
+                    return answer
+        finally:
+            now = time.monotonic()
+            for ep, (conn, sent) in pending.items():
+                self._close(ep)             # its answer would come on a connection we reuse
+                if now - sent >= stagger:
+                    self._failed(ep, "timed out")
+
     # -- the calls hadaemon uses ------------------------------------------------------
 
     def status(self, ep):
@@ -273,13 +329,15 @@ class EtcdClient:
             raise EtcdError("lease grant refused: %s" % answer["error"])
         return int(answer["ID"]), int(answer.get("TTL") or 0)
 
-    def keepalive(self, lease, timeout=None):
+    def keepalive(self, lease, stagger=None, budget=None):
         """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
 
         Sent to each endpoint in turn, so every endpoint is heard from within a few
-        renewals and a member that lost its quorum is found without an extra call."""
-        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
-                           timeout=timeout)
+        renewals and a member that lost its quorum is found without an extra call;
+        raced (``race``) when it does not answer within ``stagger``."""
+        stagger = stagger or self.timeout
+        answer = self.race("/v3/lease/keepalive", {"ID": str(lease)}, stagger,
+                           budget or len(self.endpoints) * stagger, rotate=True)
         result = answer.get("result") or {}
         return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
 
