@@ -27,7 +27,11 @@ failover).  It prints one line:
     leader's host), 0 overlapping commands, 0 epoch regressions, 0 transitions run
     twice, I interrupted runs
 
-HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 3),
+The etcd members run with --pre-vote (etcd 3.5's default): without it a member cut
+off for a second comes back with a higher term and deposes etcd's raft leader, an
+election every member waits through, whatever the fault was.
+
+HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 4),
 _PROGRAM (another hadaemon.py, to measure an older one the same way) and _LOGS (a
 directory the members' and etcd's logs are copied to at the end).  Needs root and
 ``ip netns``; skips otherwise.
@@ -53,7 +57,7 @@ from test_stack import DEV, PREFIX, Topology, netns_problem, sh, sweep_stale
 HOSTS = {"n1": "192.0.2.51", "n2": "192.0.2.52", "n3": "192.0.2.53"}
 FAULTS = int(os.environ.get("HADAEMON_PARTITION_FAULTS") or 6)
 SEED = int(os.environ.get("HADAEMON_PARTITION_SEED") or time.time())
-TTL = int(os.environ.get("HADAEMON_PARTITION_TTL") or 3)
+TTL = int(os.environ.get("HADAEMON_PARTITION_TTL") or 4)
 PROGRAM = os.environ.get("HADAEMON_PARTITION_PROGRAM") or str(HADAEMON)
 LOGS = os.environ.get("HADAEMON_PARTITION_LOGS")
 KINDS = ("cable", "split", "stop", "kill", "etcd-kill", "etcd-stop")
@@ -102,7 +106,7 @@ class EtcdMember:
                 "--initial-advertise-peer-urls", "http://%s:2380" % HOSTS[self.host],
                 "--initial-cluster", initial, "--initial-cluster-token", "partition",
                 "--initial-cluster-state", "existing" if self.started_once else "new",
-                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote",
                 "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.topo.inside(self.host, argv), stdout=out,
@@ -130,6 +134,7 @@ class Partition:
         os.mkdir(self.world)
         self.etcd = {h: EtcdMember(self.topo, h, self.dir) for h in HOSTS}
         self.daemons = {}
+        self.faults = []                # what the test did, when: for the logs kept
         for host in HOSTS:
             d = Daemon(tmp_path / host)
             d.program = PROGRAM
@@ -290,6 +295,9 @@ class Partition:
         os.makedirs(where, exist_ok=True)
         for host, d in self.daemons.items():
             shutil.copy(str(d.log_path), os.path.join(where, "%s.log" % host))
+        with open(os.path.join(where, "faults.log"), "w") as f:
+            f.write("".join("%s %s\n" % (time.strftime("%H:%M:%S", time.localtime(t)), what)
+                            for t, what in self.faults))
         for path in [self.log] + [m.log for m in self.etcd.values()]:
             if os.path.exists(path):
                 shutil.copy(path, where)
@@ -352,8 +360,10 @@ def test_random_partitions(partition):
         p.set(state)                                    # a sequence for the fault to meet
         time.sleep(rng.uniform(0.0, 0.8))
         heal = p.inject(kind, host)
+        p.faults.append((time.time(), "%s %s (leader %s)" % (kind, host, leader)))
         time.sleep(rng.uniform(0.3, 1.5) * TTL)
         heal()
+        p.faults.append((time.time(), "healed"))
         if kind == "etcd-kill" or kind in ("cable", "split"):
             p.wait_etcd()
         new, new_epoch = p.leader()
