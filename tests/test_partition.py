@@ -39,6 +39,7 @@ directory the members' and etcd's logs are copied to at the end).  Needs root an
 
 import collections
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -46,13 +47,15 @@ import signal
 import subprocess
 import tempfile
 import time
+from unittest import mock
 
 import pytest
 
 from conftest import HADAEMON, Daemon, figure, pids_in_group, wait_for
 from etcd import ETCD
-from test_cluster import ACT, Command
-from test_stack import DEV, PREFIX, Topology, netns_problem, sh, sweep_stale
+import test_stack
+from test_cluster import ACT, HaCluster
+from test_stack import Topology, netns_problem, sh, sweep_stale
 
 HOSTS = {"n1": "192.0.2.51", "n2": "192.0.2.52", "n3": "192.0.2.53"}
 FAULTS = int(os.environ.get("HADAEMON_PARTITION_FAULTS") or 6)
@@ -65,21 +68,11 @@ STEPS = 6                       # 50 ms beats per command: two commands, about 0
 
 
 class Hosts(Topology):
-    """test_stack's Topology with the hosts of this file (its build() reads test_stack's)."""
+    """test_stack's Topology with the hosts of this file (its build() reads test_stack's HOSTS)."""
 
     def build(self):
-        for host in ["br"] + list(HOSTS):
-            sh(["ip", "netns", "add", self.ns(host)])
-            self.made.append(self.ns(host))
-            self.ip(host, "link", "set", "lo", "up")
-        self.ip("br", "link", "add", "br0", "type", "bridge")
-        self.ip("br", "link", "set", "br0", "up")
-        for host, addr in HOSTS.items():
-            self.ip("br", "link", "add", "v-" + host, "type", "veth", "peer", "name", DEV,
-                    "netns", self.ns(host))
-            self.ip("br", "link", "set", "v-" + host, "master", "br0", "up")
-            self.ip(host, "addr", "add", "%s/%d" % (addr, PREFIX), "dev", DEV)
-            self.ip(host, "link", "set", DEV, "up")
+        with mock.patch.dict(test_stack.HOSTS, HOSTS, clear=True):
+            super().build()
 
     def port(self, host, forwarding):
         """The host's port on the bridge: disabled, the bridge drops its frames both ways."""
@@ -129,7 +122,7 @@ class Partition:
     def __init__(self, tmp_path):
         self.dir = tempfile.mkdtemp(prefix="hadaemon-partition-")
         self.topo = Hosts()
-        self.log = os.path.join(self.dir, "actions.log")
+        self.log = pathlib.Path(self.dir) / "actions.log"
         self.world = os.path.join(self.dir, "world")
         os.mkdir(self.world)
         self.etcd = {h: EtcdMember(self.topo, h, self.dir) for h in HOSTS}
@@ -241,22 +234,8 @@ class Partition:
         entries = self.daemons[node].ask("history", n=100000)["history"]
         return {e["run"]["id"]: e["run"] for e in entries if e.get("run")}
 
-    def commands(self):
-        found = {}
-        try:
-            with open(self.log) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        for line in lines:
-            fields = line.split()
-            key = (fields[1], fields[4], fields[5])
-            if fields[0] == "start":
-                found[key] = Command(fields)
-            elif key in found:
-                found[key].last = max(found[key].last, float(fields[3]))
-                found[key].ended = found[key].ended or fields[0] == "end"
-        return sorted(found.values(), key=lambda c: c.start)
+    commands = HaCluster.commands       # the shared log's commands, in the order they started
+    overlaps = HaCluster.overlaps
 
     def tails(self):
         return "\n".join("--- %s:\n%s" % (n, d.tail(8)) for n, d in self.daemons.items())
@@ -298,7 +277,7 @@ class Partition:
         with open(os.path.join(where, "faults.log"), "w") as f:
             f.write("".join("%s %s\n" % (time.strftime("%H:%M:%S", time.localtime(t)), what)
                             for t, what in self.faults))
-        for path in [self.log] + [m.log for m in self.etcd.values()]:
+        for path in [str(self.log)] + [m.log for m in self.etcd.values()]:
             if os.path.exists(path):
                 shutil.copy(path, where)
 
@@ -376,7 +355,7 @@ def test_random_partitions(partition):
 
     runs = p.runs(leader)
     commands = p.commands()
-    overlaps = [(c, o) for i, c in enumerate(commands) for o in commands[i + 1:] if o.start < c.last]
+    overlaps = p.overlaps(commands)
     regressions, top = [], 0
     for c in commands:
         if c.epoch < top:
