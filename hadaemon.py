@@ -6604,6 +6604,7 @@ class ClusterAgent:
         deadline = time.monotonic() + self.settle_for
         lost = None
         while True:
+            sent = time.monotonic()
             try:
                 ok, revision, responses = send()
             except EtcdUnknown as exc:
@@ -6612,7 +6613,6 @@ class ClusterAgent:
                 if exc.status is not None:
                     raise                   # etcd refused it: nothing to settle
                 lost = lost or exc          # never left: not applied (unless an earlier one was)
-                time.sleep(min(0.05, self.timeout))     # every endpoint refused at once
             else:
                 if lost is not None:
                     log.info("cluster agent: a write whose answer was lost (%s) was settled", lost)
@@ -6621,6 +6621,7 @@ class ClusterAgent:
                 return ok, revision, responses
             if time.monotonic() + self.timeout > deadline:
                 raise lost if isinstance(lost, EtcdUnknown) else EtcdUnknown(str(lost))
+            time.sleep(max(0.0, sent + 0.05 - time.monotonic()))    # refused at once: not a spin
 
     def campaign(self, msg):
         """Create the leader key on our lease if nobody holds it: {won, epoch, holder}."""
