@@ -339,7 +339,8 @@ def test_random_partitions(partition):
         p.set(state)                                    # a sequence for the fault to meet
         time.sleep(rng.uniform(0.0, 0.8))
         heal = p.inject(kind, host)
-        p.faults.append((time.time(), "%s %s (leader %s)" % (kind, host, leader)))
+        injected = time.time()
+        p.faults.append((injected, "%s %s (leader %s)" % (kind, host, leader)))
         time.sleep(rng.uniform(0.3, 1.5) * TTL)
         heal()
         p.faults.append((time.time(), "healed"))
@@ -349,7 +350,7 @@ def test_random_partitions(partition):
         wait_for(lambda: p.settled(state), timeout=6 * TTL + 30, interval=0.1,
                  what="db1 %s, nothing left to run (%s)" % (state, p.tails()))
         kinds[kind] += 1
-        log.append((kind, host, leader, host == leader, new_epoch != epoch))
+        log.append((kind, host, leader, host == leader, new_epoch != epoch, injected))
         leader, epoch = new, new_epoch
     took = time.monotonic() - begun
 
@@ -364,13 +365,18 @@ def test_random_partitions(partition):
     starts = collections.Counter((c.run, c.index) for c in commands)
     twice = sorted({run for (run, _), n in starts.items() if n > 1})
     away = [entry for entry in log if not entry[3]]
+    interrupted = [r for r in runs.values() if r["state"] == "interrupted"]
+    # each interrupted run to the fault it ended under (the last one injected before)
+    under = [max((e for e in log if e[5] <= (r.get("ended") or 0)), key=lambda e: e[5], default=None)
+             for r in interrupted]
     figure("partition: %d faults (%s), %d new leaders (%d after %d faults not touching the leader's "
            "host), %d overlapping commands, %d epoch regressions, %d transitions run twice, "
-           "%d interrupted runs of %d (seed %d, ttl %ds, %s, %.0fs)"
+           "%d interrupted runs of %d (%d after faults not touching the leader's host) "
+           "(seed %d, ttl %ds, %s, %.0fs)"
            % (len(log), ", ".join("%s %d" % (k, kinds[k]) for k in KINDS if kinds[k]),
               sum(e[4] for e in log), sum(e[4] for e in away), len(away), len(overlaps),
-              len(regressions), len(twice), sum(r["state"] == "interrupted" for r in runs.values()),
-              len(runs), SEED, TTL, os.path.relpath(PROGRAM, str(HADAEMON.parent)), took))
+              len(regressions), len(twice), len(interrupted), len(runs),
+              sum(1 for e in under if e is not None and not e[3]), SEED, TTL, os.path.relpath(PROGRAM, str(HADAEMON.parent)), took))
     by_kind = collections.Counter((e[0], e[4]) for e in away)
     figure("partition: new leaders after faults away from the leader's host, by kind: %s; "
            "step-downs: %s" % (", ".join("%s %d/%d" % (k, by_kind[(k, True)],
