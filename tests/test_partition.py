@@ -325,6 +325,7 @@ def step_downs(daemons):
     return reasons
 
 
+@pytest.mark.timeout(120 + 20 * FAULTS)
 def test_random_partitions(partition):
     p = partition
     rng = random.Random(SEED)
