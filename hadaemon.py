@@ -65,6 +65,8 @@ children.py        What the forked children run: the check worker and the action
 ssh.py             Remote checks: the ssh: scope.
 ledger_store.py    Ledger stores: where the ledger's decisions are kept, and the local
                    one.
+switchover.py      Switchover: the planned move of a role from one host to another (SPEC
+                   §12).
 ledger.py          Ledger: host states, transitions, action runs and their queue
                    (docs/configuration.md).
 scheduler.py       Scheduler: when each check runs, and what it last said.
@@ -88,11 +90,20 @@ actions.py         Action runs: the queue's head, handed to the action run, and 
                    says back.
 reload.py          Reload: a new configuration, read in steps between the loop's other
                    work.
+notify_queue.py    Notify queue: the events waiting for their delivery, kept in the
+                   state db (docs/notify.md).
+notify.py          Notifications: events made, stored, and delivered one at a time by a
+                   child (docs/notify.md).
 master.py          Master: the loop, signals, readiness and shutdown.
 whatif.py          What if: --simulate (docs/operating.md): the section and the commands
                    a transition would run.
-client.py          Control client: --status, --stop, --reload, --history, --pause,
-                   --resume.
+client.py          Control client: --status, --stop, --reload, --history.
+opsclient.py       Operations from the command line: --switchover, --pause and --resume
+                   (all, or some hosts).
+checkcmd.py        --check-config (-t): the config read whole, then what a valid config
+                   may still get wrong.
+starter.py         --init DIR: a commented starter config, written from this code (a pip
+                   install has no other).
 cli.py             Command line: argparse, the commands, the relaunch, main().
 
 Signals (master)
@@ -124,6 +135,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import datetime
 import errno
 import fcntl
 import gc
@@ -133,6 +145,7 @@ import itertools
 import json
 import logging
 import mmap
+import operator
 import os
 import queue
 import re
@@ -146,6 +159,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -195,6 +209,7 @@ ANSWER_STEP = 50                # hosts or checks of a --status answer made betw
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
+MAX_WINDOW = 100                # confirm = N of M: M at most this (the reports a host record keeps)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 EXIT_STATES = {0: "up", 1: "warning", 2: "down"}
@@ -213,6 +228,12 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
+    "switchover_role": "master",        # SPEC §12: the state a switchover moves
+    "switchover_candidate": "slave",    # ... the state its target must be in
+    "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
@@ -674,6 +695,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -685,6 +707,12 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
+    switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
+    switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
+    switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -699,6 +727,12 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass
@@ -732,9 +766,13 @@ class Section:
         return section_name(self.host, self.from_state, self.to_state)
 
 
+SWITCHOVER = "switchover"       # [switchover] / [TO: switchover]: from_state None, to_state this
+
+
 def section_name(host, from_state, to_state):
-    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
-    tr = "%s_to_%s" % (from_state, to_state)
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO`` (``switchover``, ``HOST: switchover``), as the
+    section is written (without brackets)."""
+    tr = to_state if from_state is None else "%s_to_%s" % (from_state, to_state)
     return "%s: %s" % (host, tr) if host else tr
 
 
@@ -779,6 +817,10 @@ class Config:
             if section.name == name:
                 return section
         return None
+
+    def switchover_section(self, to):
+        """The section a switchover to host ``to`` runs: [TO: switchover], else [switchover]."""
+        return self.sections.get((to, None, SWITCHOVER)) or self.sections.get((None, None, SWITCHOVER))
 
     def section_for(self, host, from_state, to_state):
         """The one section actions.conf's precedence runs for HOST going FROM -> TO, or None."""
@@ -876,6 +918,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:
@@ -1172,19 +1217,22 @@ def _cluster_settings(where, entries, errors):
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
+        if key == "confirm" and len(words) != 1:
+            return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
                 raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
             if key == "workers" and int(value) > MAX_WORKERS:
                 raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
+            return (int(value), None) if key == "confirm" else int(value)
         if key == "cron":
             return CronSpec(value)
         if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
@@ -1193,10 +1241,30 @@ def _setting_value(key, words, where, errors):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         if key == "http":
             return parse_http_address(value)
+        if key in ("switchover_role", "switchover_candidate"):
+            if not valid_name(value) or "_to_" in value.lower():
+                raise ValueError("%s must be a state word, got %r" % (key, value))
+            return value.lower()
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+def _confirm_of(words):
+    """``confirm = N of M`` (docs/configuration.md: damping) -> (N, M); ValueError when not."""
+    n, of, m = words if len(words) == 3 else ("", "", "")
+    if of != "of" or not (n.isdigit() and m.isdigit()) or not 1 <= int(n) <= int(m) <= MAX_WINDOW:
+        raise ValueError("confirm = N of M needs whole numbers 1 <= N <= M <= %d, got %r"
+                         % (MAX_WINDOW, " ".join(words)))
+    return int(n), int(m)
+
+
+def _split_confirm(values):
+    """``confirm``'s (N, M) as the records keep it: ``confirm`` N, ``confirm_of`` M (None: N of N)."""
+    if "confirm" in values:
+        values["confirm"], values["confirm_of"] = values["confirm"]
+    return values
 
 
 def _parse_checks(path, config_dir, errors):
@@ -1269,11 +1337,24 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
-    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    _notify_setting(daemon, config_dir, errors)
+    settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -1283,14 +1364,15 @@ def _build_groups(groups, settings, config_dir, errors):
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
-                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "confirm": (settings.confirm, settings.confirm_of), "host": None,
+                "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
+                "connect_timeout": settings.connect_timeout}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -1348,7 +1430,10 @@ def _parse_actions(path, config_dir, default_timeout, errors):
             try:
                 if host is not None and not valid_name(host):
                     raise ValueError("bad host name %r" % host)
-                from_state, to_state = _parse_transition(tr.strip())
+                if tr.strip() == SWITCHOVER:        # SPEC §12: [switchover], [TO: switchover]
+                    from_state, to_state = None, SWITCHOVER
+                else:
+                    from_state, to_state = _parse_transition(tr.strip())
             except ValueError as exc:
                 errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
                               % (where, name, exc))
@@ -1791,10 +1876,14 @@ class Transition(typing.NamedTuple):
     to: str
     check: typing.Optional[str]         # the check that reported it, or "cluster: a,b" (the voters)
     run: typing.Optional[int]           # the run of its section; None when no section matches
+    switchover: typing.Optional[int] = None     # expected by this switchover run: no section ran
 
     def to_json(self):
-        return {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
-                "to": self.to, "check": self.check, "run": self.run}
+        out = {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
+               "to": self.to, "check": self.check, "run": self.run}
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
+        return out
 
     @staticmethod
     def well_formed(value):
@@ -1809,8 +1898,9 @@ class Transition(typing.NamedTuple):
         if not cls.well_formed(value):
             raise ValueError("not a transition: %s" % _shorten(value))
         get = value.get
+        switchover = get("switchover")
         return cls(value["id"], get("time"), value["host"], value["from"], value["to"],
-                   get("check"), get("run"))
+                   get("check"), get("run"), switchover if isinstance(switchover, int) else None)
 
 
 class CommandResult(typing.NamedTuple):
@@ -1889,6 +1979,9 @@ class Run:
     variables: typing.Optional[dict] = None     # a cluster's: %NAME% for the member that runs it
     node: typing.Optional[str] = None           # a cluster's: the leader that ran it, and its epoch
     epoch: typing.Optional[int] = None
+    # A switchover's (SPEC §12): {"from": host, "to": host, "request": its id}; then
+    # host is TO, frm and to are the hosts, section [switchover] or [TO: switchover].
+    switchover: typing.Optional[dict] = None
 
     def to_json(self):
         """The state db's value, and the base of the other forms; an optional key is
@@ -1903,6 +1996,8 @@ class Run:
             out["variables"] = self.variables
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
         return out
 
     @staticmethod
@@ -1926,7 +2021,8 @@ class Run:
         return cls(get("id"), get("transition"), get("host"), get("from"), get("to"), get("section"),
                    get("state"), get("reason"), get("queued"), get("started"), get("ended"),
                    get("env"), [RunCommand.from_json(c) for c in get("commands") or ()],
-                   get("rerun_of"), get("variables"), get("node"), get("epoch"))
+                   get("rerun_of"), get("variables"), get("node"), get("epoch"),
+                   get("switchover") if isinstance(get("switchover"), dict) else None)
 
     def to_etcd(self):
         """As etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP (then ``truncated``)."""
@@ -1962,6 +2058,8 @@ class Run:
                             for c in self.commands]}
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = {"from": self.switchover.get("from"), "to": self.switchover.get("to")}
         return out
 
 
@@ -2011,6 +2109,8 @@ class DaemonBlock(typing.NamedTuple):
     action_pid: typing.Optional[int]
     ssh: list
     cluster: typing.Optional[ClusterStatus]
+    switchover: typing.Optional[dict] = None    # a scheduled one: {from, to, at} (SPEC §12)
+    paused_hosts: tuple = ()                    # --pause HOST..., seen or not
 
     def to_wire(self):
         block = self._asdict()
@@ -2024,7 +2124,8 @@ class DaemonBlock(typing.NamedTuple):
         actions = ledger.daemon_status()
         return cls(False, None, __version__, None, None, config.config_dir if config else None,
                    state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
-                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None,
+                   actions.get("switchover"), list(actions.get("paused_hosts") or ()))
 
 
 class StatusDoc(typing.NamedTuple):
@@ -2351,7 +2452,7 @@ def well_formed(key, value):
     if kind == "host":
         return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
             and (value.get("pending") is None or valid_state(value["pending"])) \
-            and isinstance(value.get("count"), int)
+            and isinstance(value.get("count"), int) and _damping_well_formed(value)
     if kind == "tr":
         return Transition.well_formed(value)
     if kind == "run":
@@ -2361,11 +2462,29 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
+    if key == "notify":                 # the events' counter (NotifyQueue)
+        return isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("next", "done"))
+    if kind == "notify":                # an event waiting for its delivery, by seq % its cap
+        return isinstance(value, dict) and isinstance(value.get("seq"), int) \
+            and isinstance(value.get("kind"), str)
+    if key == "switchover":
+        return isinstance(value, dict)
+    if key == "hostpause":
+        return isinstance(value, list) and all(valid_name(h) for h in value)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
         return isinstance(value, dict)
     return True
+
+
+def _damping_well_formed(value):
+    """A host record's ``window`` and ``recent`` (ledger.confirm_step), when it has them."""
+    window, recent = value.get("window"), value.get("recent")
+    return (window is None or (isinstance(window, int) and 1 <= window)) \
+        and (recent is None or (isinstance(recent, list) and len(recent) <= MAX_WINDOW
+                                and all(word is None or valid_state(word) for word in recent)))
+
 
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
@@ -2764,7 +2883,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -2774,14 +2893,16 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
+    Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
         return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else \
+        (os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0)
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -3538,6 +3659,8 @@ def connect_ssh_targets(config):
 #   flush()             send what is gathered: a ticket, None when nothing may be
 #                       written; durable(ticket) says when the store has it
 #   paused(), set_paused(flag)    the pause of actions
+#   paused_hosts(), set_hosts_paused(hosts, flag)   the pause of some hosts' actions
+#                       (SPEC §12: any member may write it, as the pause)
 #   publish_view(view)  a shared store only: what this member sees
 #
 # ``shared`` is the one mode bit of the rules: True when other members read this
@@ -3548,18 +3671,19 @@ def connect_ssh_targets(config):
 class Changes:
     """One change set of the rules; the store lays out its keys."""
 
-    __slots__ = ("hosts", "transitions", "runs", "queue", "meta")
+    __slots__ = ("hosts", "transitions", "runs", "queue", "meta", "switchover")
 
-    def __init__(self, hosts=None, runs=None, queue=None, meta=None):
+    def __init__(self, hosts=None, runs=None, queue=None, meta=None, switchover=None):
         self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
         self.transitions = []           # Transitions
         self.runs = runs or {}          # run id -> Run
         self.queue = queue              # the whole queue (run ids), when it changed
         self.meta = meta                # {"next_transition", "next_run"}, when they changed
+        self.switchover = switchover    # the switchover book (switchover.py), when it changed
 
     def __bool__(self):
         return bool(self.hosts or self.transitions or self.runs) or \
-            self.queue is not None or self.meta is not None
+            self.queue is not None or self.meta is not None or self.switchover is not None
 
 
 def _by_id(data, prefix, record):
@@ -3577,6 +3701,7 @@ class Snapshot(typing.NamedTuple):
     transitions: list          # Transitions
     runs: list                 # Runs
     queue: list
+    switchover: dict           # the switchover book (switchover.py): scheduled, expected, seen
 
     @classmethod
     def from_db(cls, data):
@@ -3589,7 +3714,8 @@ class Snapshot(typing.NamedTuple):
         return cls(meta=meta,
                    hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
                    reports=reports, transitions=_by_id(data, "tr:", Transition), runs=_by_id(data, "run:", Run),
-                   queue=list(data.get("queue") or []))
+                   queue=list(data.get("queue") or []),
+                   switchover=dict(data.get("switchover") or {}))
 
 
 class LedgerStore:
@@ -3610,6 +3736,8 @@ def db_changes(changes, cap):
         out["run:%d" % (run_id % cap)] = run.to_json()
     if changes.queue is not None:
         out["queue"] = changes.queue
+    if changes.switchover is not None:
+        out["switchover"] = changes.switchover
     return out
 
 
@@ -3662,6 +3790,383 @@ class LocalStore(LedgerStore):
         self.store.commit({"meta": dict(self.data.get("meta") or {}, paused=bool(paused))})
         return self.paused()
 
+    def paused_hosts(self):
+        return set(self.data.get("hostpause") or ())
+
+    def set_hosts_paused(self, hosts, paused):
+        now = self.paused_hosts()
+        now = now | set(hosts) if paused else now - set(hosts)
+        self.store.commit({"hostpause": sorted(now)})
+        return now
+
+
+# ============================================================================
+# switchover.py: Switchover: the planned move of a role from one host to
+# another (SPEC §12).
+# ============================================================================
+#
+# Owns the rules of ``--switchover TO [--from FROM] [--at TIME]`` and of its answer,
+# for a daemon alone and a cluster member alike (the Ledger and its store keep what
+# they decide; nothing here knows whether that is the state db or etcd):
+#
+#   refusal()         why a switchover cannot be now, in words that say what to fix;
+#                     checked when asked, when a scheduled one comes due, and again
+#                     when its run starts (a refusal then fails the run, unrun)
+#   cannot_start()    why a run may not start: that refusal, or a pause (global, or
+#                     of the run's host: --pause HOST)
+#   the book          what the ledger keeps of switchovers besides their runs, one
+#                     JSON value (``switchover`` in the state db, ledger/switchover in
+#                     etcd): ``scheduled`` {from, to, at, request, asked} or None,
+#                     ``expect`` {run, from, to, until, from_done, to_done} or None,
+#                     ``seen`` the last request a cluster's leader took
+#   expected()        whether a transition is one of the switchover's own (FROM's
+#                     first out of the role, TO's first into it, from the run's start
+#                     until ``switchover_settle`` after it ended ok): recorded, no
+#                     section runs
+#   SwitchoverDesk    the master's part: the control verbs (``switchover``,
+#                     ``hostpause``), and each pass of the loop, for the acting
+#                     daemon (alone, or the cluster's leader), the request a member
+#                     stored in etcd and a scheduled switchover that came due
+#
+# A cluster's member answers from its copy of the ledger and stores the request in
+# etcd (``switchover`` under the cluster's prefix); the leader takes it from there.
+#
+# The moments a notification will tell (SPEC §12: ``switchover`` events scheduled,
+# cancelled, missed) all pass through SwitchoverDesk.event().
+#
+# Uses: base, records, children.
+
+MISSED_AFTER = 60.0         # a scheduled switchover this late when a daemon first can act: dropped
+REPORT_AGE = 3              # TO's last report may be this many of its check intervals old
+CRON_INTERVAL = 60.0        # the interval a cron group counts as (a minute at most, as cron's)
+ACTIVE_RUN = ("queued", "running")
+
+
+def parse_at(text, now):
+    """--at TIME as epoch seconds: ``HH:MM`` (the next such local time), ``YYYY-MM-DD HH:MM``
+    (local time) or ``+DURATION``.  ValueError says what is wrong."""
+    text = " ".join(str(text).split())
+    if text.startswith("+"):
+        return now + parse_duration(text[1:])
+    base = datetime.datetime.fromtimestamp(now)
+    for form in ("%H:%M", "%Y-%m-%d %H:%M"):
+        try:
+            when = datetime.datetime.strptime(text, form)
+        except ValueError:
+            continue
+        if form == "%H:%M":
+            when = base.replace(hour=when.hour, minute=when.minute, second=0, microsecond=0)
+            if when.timestamp() <= now:
+                when += datetime.timedelta(days=1)
+        return when.timestamp()
+    raise ValueError("bad TIME %r: write HH:MM, YYYY-MM-DD HH:MM (local time) or +DURATION "
+                     "(+10m)" % text)
+
+
+def new_request_id():
+    """A request's id: unique enough across members and restarts."""
+    return os.urandom(6).hex()
+
+
+def _interval_of(config, host, report):
+    """The check interval of the check that last reported ``host``."""
+    checks = [c for c in config.checks if report and c.name == report.get("check")]
+    checks = [c for c in checks if c.host == host] or checks
+    if not checks:
+        return config.daemon.interval
+    return min(CRON_INTERVAL if c.group.cron is not None else c.group.interval for c in checks)
+
+
+def _seconds(value):
+    return "%g s" % round(value, 1) if value < 10 else "%d s" % value
+
+
+def refusal(ledger, frm, to, now, run=None, request=None):
+    """(why a switchover to ``to`` cannot be now, or None; FROM as it would be).
+
+    ``frm``: --from, or None (the one host in the role).  ``run``: the switchover's own
+    run, when it starts; ``request``: its request, when its schedule comes due (neither
+    counts as another switchover).
+    """
+    config, d = ledger.config, ledger.config.daemon
+    role, candidate = d.switchover_role, d.switchover_candidate
+    if config.switchover_section(to) is None:
+        return ("%s has no [switchover] section (nor [%s: switchover]): add one with the commands "
+                "that move the %s role" % (os.path.join(config.config_dir, "actions.conf"), to, role)), frm
+    if to not in ledger.hosts:
+        return ("%s has never been seen: no check has reported it (hosts known: %s)" % (
+            to, ", ".join(sorted(ledger.hosts)) or "none")), frm
+    holders = sorted(ledger.by_state.get(role, ()))
+    state = ledger.state_of(to)
+    if state == role:
+        return "%s is already %s (switchover_role = %s): nothing to move" % (to, role, role), frm
+    if state != candidate:
+        return ("%s is %s, not %s (switchover_candidate = %s): only a %s can take the %s role"
+                % (to, state, candidate, candidate, candidate, role)), frm
+    if len(holders) != 1:
+        return ("%s hosts are %s%s (switchover_role = %s): a switchover moves the role from the "
+                "one host that holds it" % (len(holders) or "no", role,
+                                            " (%s)" % ", ".join(holders) if holders else "", role)), frm
+    if frm is not None and frm != holders[0]:
+        return "--from %s, but %s is the %s (leave out --from, or name %s)" % (
+            frm, holders[0], role, holders[0]), frm
+    frm = holders[0]
+    report = ledger.reports.get(to)
+    interval = _interval_of(config, to, report)
+    if report is None or not isinstance(report.get("time"), (int, float)):
+        return "%s has no report from this daemon's checks: is its check running? (hadaemon --status)" \
+            % to, frm
+    if now - report["time"] > REPORT_AGE * interval:
+        return ("%s's last report is %s old (its check interval is %s): is its check running? "
+                "(hadaemon --status)" % (to, _seconds(now - report["time"]), _seconds(interval))), frm
+    if ledger.paused:
+        return "actions are paused (hadaemon --resume, then ask again)", frm
+    paused = sorted(ledger.store.paused_hosts() & {frm, to})
+    if paused:
+        return "actions are paused for %s (hadaemon --resume %s, then ask again)" % (
+            " and ".join(paused), " ".join(paused)), frm
+    own = run.switchover.get("request") if run is not None else request
+    for other in ledger.runs.values():
+        if other.switchover and other.state in ACTIVE_RUN and other is not run:
+            return ("switchover run #%d (%s -> %s) is %s: wait for it to end, or hadaemon "
+                    "--switchover --cancel" % (other.id, other.frm, other.to, other.state)), frm
+    scheduled = ledger.book.get("scheduled")
+    if scheduled and scheduled.get("request") != own:
+        return ("a switchover %s -> %s is scheduled at %s: hadaemon --switchover --cancel first"
+                % (scheduled["from"], scheduled["to"], format_time(scheduled["at"]))), frm
+    return None, frm
+
+
+def cannot_start(ledger, run, now):
+    """(state, reason) when ``run`` may not start now (or be queued), else None: a
+    switchover's refusal fails it; a pause, global or of its host, skips it."""
+    if run.switchover:
+        reason, _ = refusal(ledger, run.frm, run.to, now, run)
+        return ("failed", reason) if reason else None
+    if ledger.paused:
+        return "skipped", "paused"
+    if run.host in ledger.store.paused_hosts():
+        return "skipped", "paused %s" % run.host
+    return None
+
+
+def switchover_plan(ledger, frm, to, config):
+    """(section, env, commands or [], error) of a switchover from ``frm`` to ``to``, expanded
+    against the states of now: %FROM%, %TO% and %HOST% (= TO) name hosts here."""
+    section = config.switchover_section(to)
+    if section is None:
+        return None, {}, [], "no [switchover] section (nor [%s: switchover]) in %s" % (
+            to, os.path.join(config.config_dir, "actions.conf"))
+    variables = action_variables(to, frm, to, ledger.states())
+    plan = plan_run(section, to, frm, to, None, config.config_dir, ledger.state_dir, variables)
+    return section, dict(plan.env, HA_TRANSITION="switchover"), plan.commands, plan.error
+
+
+def switchover_run(ledger, run_id, frm, to, request, now):
+    """Run ``run_id``: the switchover from host ``frm`` to ``to``, its commands as they would
+    be now (made again when it starts), not yet queued."""
+    section, env, commands, _ = switchover_plan(ledger, frm, to, ledger.config)
+    return Run(run_id, None, to, frm, to, section.name if section else "switchover", None, None,
+               now, None, None, dict(env, HA_RUN_ID=str(run_id)), [RunCommand.from_json(c) for c in commands],
+               switchover={"from": frm, "to": to, "request": request})
+
+
+def switchover_commands(ledger, run, config):
+    """The commands of switchover ``run`` as it starts, expanded against the states of now
+    (its env's HA_MASTER, HA_SLAVE with them).  ValueError says why it cannot start."""
+    section, env, _, _ = switchover_plan(ledger, run.frm, run.to, config)
+    if section is None:
+        raise ValueError("no [switchover] section (nor [%s: switchover]) in this daemon's %s"
+                         % (run.to, os.path.join(config.config_dir, "actions.conf")))
+    commands = expand_commands(section, action_variables(run.to, run.frm, run.to, ledger.states()))
+    run.env = dict(run.env, HA_MASTER=env["HA_MASTER"], HA_SLAVE=env["HA_SLAVE"])
+    return [RunCommand.from_json(c) for c in commands]
+
+
+def expected(book, host, old, new, role, now):
+    """The switchover run whose own transition this is (host: old -> new), or None; the
+    book is marked (each of the two is expected once)."""
+    exp = book.get("expect")
+    if not exp or (exp.get("until") is not None and now > exp["until"]):
+        return None
+    if host == exp["from"] and old == role and new != role and not exp.get("from_done"):
+        book["expect"] = dict(exp, from_done=True)
+        return exp["run"]
+    if host == exp["to"] and new == role and old != role and not exp.get("to_done"):
+        book["expect"] = dict(exp, to_done=True)
+        return exp["run"]
+    return None
+
+
+def run_moved(book, run, state, now, settle):
+    """A switchover run changed state: the expectation of its own transitions begins when
+    it starts, lasts ``settle`` after it ended ok, ends when it failed or was interrupted."""
+    exp = book.get("expect")
+    if state == "running":
+        book["expect"] = {"run": run.id, "from": run.frm, "to": run.to, "until": None,
+                          "from_done": False, "to_done": False}
+    elif exp and exp.get("run") == run.id:
+        if state == "ok":
+            book["expect"] = dict(exp, until=now + settle)
+        elif state in ("failed", "interrupted"):
+            book["expect"] = None
+
+
+def scheduled_view(book):
+    """daemon.switchover of --status --json: {from, to, at} or None."""
+    sched = book.get("scheduled")
+    return {"from": sched["from"], "to": sched["to"], "at": sched["at"]} if sched else None
+
+
+class SwitchoverDesk:
+    """The master's part for --switchover and --pause HOST: see the comment above."""
+
+    VERBS = ("switchover", "hostpause")
+
+    def __init__(self, ledger, leadership):
+        self.ledger = ledger
+        self.leadership = leadership    # actions.Alone, or a cluster member's ClusterLink
+        self.since = None               # when this daemon first could act (wall clock)
+
+    def event(self, what, sched):
+        """A moment of a scheduled switchover: ``scheduled``, ``cancelled`` or ``missed``
+        (SPEC §12: a ``switchover`` event; its one call point)."""
+        log.warning("switchover %s: %s -> %s at %s", what, sched.get("from"), sched.get("to"),
+                    format_time(sched.get("at")))
+        self.ledger.notify("switchover", event=what, to=sched.get("to"), at=sched.get("at"),
+                           **{"from": sched.get("from")})
+
+    # -- the control verbs ------------------------------------------------------------
+
+    def answer(self, msg, now):
+        if msg.get("cmd") == "hostpause":
+            return self.answer_hostpause(msg)
+        op = msg.get("op")
+        if op == "state":
+            return self.request_state(msg.get("request"))
+        if op == "cancel":
+            return self.ask_cancel(now)
+        to, frm, at = msg.get("to"), msg.get("from"), msg.get("at")
+        if not valid_name(to) or (frm is not None and not valid_name(frm)) or \
+                (at is not None and not isinstance(at, (int, float))):
+            return {"ok": False, "usage": True, "errors": ["bad request %r" % ({k: msg.get(k) for k in (
+                "to", "from", "at")},)]}
+        reason, frm = refusal(self.ledger, frm, to, now)
+        if reason:
+            return {"ok": False, "errors": [reason]}
+        request = {"request": new_request_id(), "from": frm, "to": to, "at": at, "asked": now}
+        return self.take(request, now)
+
+    def ask_cancel(self, now):
+        sched, run = self.ledger.book.get("scheduled"), self.queued_run()
+        if sched is None and run is None:
+            return {"ok": False, "errors": ["no switchover is scheduled or queued: nothing to cancel"]}
+        what = "%s -> %s %s" % (sched["from"], sched["to"], "scheduled at %s" % format_time(sched["at"])) \
+            if sched else "%s -> %s (run #%d, queued)" % (run.frm, run.to, run.id)
+        answer = self.take({"request": new_request_id(), "cancel": True, "asked": now}, now)
+        return answer if self.ledger.store.shared else dict(answer, cancelled=what)
+
+    def take(self, request, now):
+        """A request that passed the refusals: applied at once by a daemon alone, stored in
+        etcd by a cluster member (the leader applies it)."""
+        store = self.ledger.store
+        if store.shared:
+            store.put_switchover_request(request)
+            return {"ok": True, "request": request["request"], "stored": False, "cluster": True}
+        self.apply(request, now)
+        return dict(self.request_state(request["request"]), ok=True)
+
+    def request_state(self, request):
+        """Where request ``request`` is: stored (etcd has it), taken, its run, its schedule."""
+        ledger = self.ledger
+        store = ledger.store
+        run = next((r for r in reversed(ledger.runs.values())
+                    if r.switchover and r.switchover.get("request") == request), None)
+        sched = ledger.book.get("scheduled")
+        stored = not store.shared or ledger.book.get("seen") == request or \
+            (store.switchover_request() or {}).get("request") == request
+        return {"ok": True, "request": request, "stored": stored,
+                "taken": not store.shared or ledger.book.get("seen") == request or run is not None,
+                "run": run.summary() if run is not None else None,
+                "scheduled": scheduled_view(ledger.book) if sched and sched.get("request") == request else None}
+
+    def answer_hostpause(self, msg):
+        hosts = msg.get("hosts")
+        if not isinstance(hosts, list) or not hosts or not all(valid_name(h) for h in hosts):
+            return {"ok": False, "usage": True, "errors": ["bad host names %r" % (hosts,)]}
+        paused = bool(msg.get("paused"))
+        self.ledger.store.set_hosts_paused(hosts, paused)
+        log.warning("actions %s for %s by request%s", "paused" if paused else "resumed", ", ".join(hosts),
+                    " (the whole cluster, once etcd has it)" if self.ledger.store.shared else "")
+        self.ledger.notify("daemon", event="paused" if paused else "resumed", hosts=sorted(hosts))
+        return {"ok": True, "paused_hosts": sorted(self.ledger.store.paused_hosts()),
+                "cluster": self.ledger.store.shared}
+
+    def queued_run(self):
+        return next((r for r in self.ledger.runs.values() if r.switchover and r.state == "queued"), None)
+
+    # -- the acting daemon, each pass ---------------------------------------------------
+
+    def tick(self, now):
+        """A request stored in etcd (a cluster's leader), a scheduled switchover come due."""
+        if not self.leadership.acting():
+            return
+        ledger = self.ledger
+        self.since = now if self.since is None else self.since
+        if ledger.store.shared:
+            request = ledger.store.switchover_request()
+            if request and request.get("request") != ledger.book.get("seen"):
+                self.apply(request, now)
+        sched = ledger.book.get("scheduled")
+        if sched is None or now < sched["at"]:
+            return
+        if now - sched["at"] > MISSED_AFTER:
+            ledger.note_book("scheduled", None)
+            log.error("switchover %s -> %s scheduled at %s dropped: %s late, more than %s; no daemon "
+                      "could act on it then (hadaemon --switchover %s to ask again)", sched["from"],
+                      sched["to"], format_time(sched["at"]), format_duration(now - sched["at"]),
+                      format_duration(MISSED_AFTER), sched["to"])
+            self.event("missed", sched)
+            return
+        reason, frm = refusal(ledger, sched["from"], sched["to"], now, request=sched["request"])
+        if reason and self.starting(sched["to"], now):
+            return                      # its first report since this daemon started comes first
+        ledger.note_book("scheduled", None)
+        ledger.queue_switchover(frm, sched["to"], sched["request"], reason, now)
+
+    def starting(self, host, now):
+        """Whether ``host``'s checks have not reported since this daemon started, and still
+        may (within REPORT_AGE of their interval): a schedule due at a restart waits for them."""
+        report = self.ledger.reports.get(host) or {}
+        if (report.get("time") or 0) >= self.since:
+            return False
+        return now - self.since <= REPORT_AGE * _interval_of(self.ledger.config, host, report)
+
+    def apply(self, request, now):
+        """Take a request (checked where it was asked): cancel, schedule, or queue its run
+        (failed at once, unrun, when a refusal holds now)."""
+        ledger = self.ledger
+        ledger.note_book("seen", request.get("request"))
+        if request.get("cancel"):
+            sched, run = ledger.book.get("scheduled"), self.queued_run()
+            if sched is not None:
+                ledger.note_book("scheduled", None)
+                self.event("cancelled", sched)
+            elif run is not None:
+                ledger.dequeue(run, "skipped", "cancelled by request (--switchover --cancel)", now, head=False)
+            else:
+                log.warning("switchover: --cancel asked, but none is scheduled or queued")
+            return
+        reason, frm = refusal(ledger, request.get("from"), request["to"], now)
+        at = request.get("at")
+        if at is not None and at > now and not reason:
+            sched = {"from": frm, "to": request["to"], "at": at, "request": request["request"],
+                     "asked": request.get("asked")}
+            ledger.note_book("scheduled", sched)
+            self.event("scheduled", sched)
+            return
+        ledger.queue_switchover(frm, request["to"], request["request"], reason, now)
+
 
 # ============================================================================
 # ledger.py: Ledger: host states, transitions, action runs and their queue
@@ -3688,12 +4193,16 @@ class LocalStore(LedgerStore):
 #                 the ledger as the store holds it; what was running when its
 #                 runner died (or its leader lost the lead) is interrupted
 #
+# Every transition and every run's change of state (but ``queued``) is told to
+# ``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+# the change it tells of.
+#
 # ``shared`` (the store's) is read where a cluster genuinely differs: whose
 # candidate a report moves (this member's own view), who accepts a confirmed
 # state (the leader, from quorum's views), and a run recording its variables (so
 # another member can expand its own section).
 #
-# Uses: base, records, children, ledger_store.
+# Uses: base, records, children, ledger_store, switchover.
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
 # without running (paused, an empty variable).
@@ -3704,6 +4213,7 @@ RUN_EDGES = {
 }
 RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+DAMPING_KEYS = ("pending", "count", "window", "recent")   # confirm_step's part of a host record
 
 
 def summarize_run(run):
@@ -3713,39 +4223,102 @@ def summarize_run(run):
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    """The ``n`` newest transitions and switchovers, newest first, each transition with its
+    run and that run's reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
     transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
     runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
         if run.rerun_of is not None:
             reruns[run.transition].append(run.summary())
+    # A switchover's run is an entry of its own (SPEC §12), in time order with the rest.
+    entries = [(tr.time or 0, 0, tr.id, tr) for tr in transitions] + \
+        [(run.queued or 0, 1, run.id, run) for run in runs.values() if run.switchover]
     out = []
-    for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.run) if tr.run is not None else None
-        out.append(dict(tr.to_json(), run=run.summary() if run else None,
-                        reruns=reruns.get(tr.id, []) if run else []))
+    for _, kind, _, item in sorted(entries, key=lambda e: e[:3])[-n:][::-1] if n > 0 else []:
+        if kind == 1:
+            out.append({"id": None, "time": item.queued, "host": item.host, "from": item.frm,
+                        "to": item.to, "check": None, "run": item.summary(), "reruns": [],
+                        "switchover": {"from": item.frm, "to": item.to}})
+            continue
+        run = runs.get(item.run) if item.run is not None else None
+        out.append(dict(item.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(item.id, []) if run else []))
     return out
 
 
-def confirm_step(cand, state, confirm):
-    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
-    {state, pending, count, ...}: (the record after it, what happened), what being
-    "same", "dropped" (its own state again: the candidate goes), "counted" (not
-    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
-    if state == cand["state"]:
-        if cand["pending"] is None:
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
+
+
+def confirm_step(cand, state, confirm, window=None):
+    """docs/configuration.md's confirm, ``confirm = N of M`` (``confirm`` N, ``window`` M;
+    None: N of N, reports in a row), one report of ``state`` on a candidate record:
+    (the record after it, what happened).
+
+    The record is {state, pending, count}, and while a candidate is pending its
+    ``window`` (M), and ``recent``: the last M reports, oldest first, each None that
+    can no longer count (cut from the front), kept only when it is not ``count``
+    times ``pending`` (N of N never needs it).  The host moves to ``state`` when it
+    is not its state and at least N of the last M reports (this one included) said
+    it.  What happened: "same" (nothing changed), "moved" (only ``recent`` did),
+    "dropped" (its own state again: no candidate left), "counted" (not confirmed
+    yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
+    n, m = confirm, window or confirm
+    recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
             return cand, "same"
-        return dict(cand, pending=None, count=0), "dropped"
-    cand = dict(cand)
-    if cand["pending"] == state:
-        cand["count"] += 1
-    else:
-        cand["pending"], cand["count"] = state, 1
-    if cand["count"] < confirm:
-        return cand, "counted"
-    return dict(cand, state=state, pending=None, count=0), "confirmed"
+    if recent is None:
+        recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
+    last = (recent + [state])[-m:]
+    now = cand["state"]
+    confirmed = state != now and last.count(state) >= n
+    if confirmed:
+        now = state
+    last = _still_counting(last, now, n, m)
+    pending = next((word for word in reversed(last) if word is not None and word != now), None)
+    new = {key: value for key, value in cand.items() if key not in ("window", "recent")}
+    new.update(state=now, pending=pending, count=last.count(pending) if pending else 0)
+    if pending is not None:
+        new["window"] = m
+    if last != [pending] * new["count"]:
+        new["recent"] = last
+    if confirmed:
+        return new, "confirmed"
+    if state != now:
+        return new, "counted"
+    if pending is None and cand["pending"] is not None:
+        return new, "dropped"
+    return new, "same" if new == cand else "moved"
+
+
+def _still_counting(last, state, n, m):
+    """``last`` (the last ``m`` reports, oldest first) with None for each report that can
+    no longer count toward an ``n`` of ``m``, leading Nones cut.  A report ``age``
+    reports old stays in the window ``m - 1 - age`` more reports; its word W can reach
+    ``n`` in that time only if W's count among the newest ``age + 1`` plus those
+    reports does.  A report of the host's own ``state`` counts only toward a return
+    to it, which N of N can never make while the report is in its window."""
+    out, seen = [], collections.Counter()
+    for age, word in enumerate(reversed(last)):
+        seen[word] += 1
+        counts = word is not None and age <= m - 2 and seen[word] + m - 1 - age >= n \
+            and (word != state or n < m)
+        out.append(word if counts else None)
+    while out and out[-1] is None:
+        out.pop()
+    return out[::-1]
 
 
 class Ledger:
@@ -3766,9 +4339,11 @@ class Ledger:
         self.transitions = collections.deque()    # Transitions, oldest first
         self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
+        self.book = {}                  # switchovers: scheduled, expected, seen (switchover.py)
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -3791,6 +4366,7 @@ class Ledger:
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
         self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
+        self.book = dict(snapshot.switchover)
 
     def open(self, now, acting=True):
         """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
@@ -3845,20 +4421,26 @@ class Ledger:
 
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
-    def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
-        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+    def report(self, host, state, check, now, attributes=None):
+        """One report of ``state`` for ``host`` by ``check`` (``attributes``: the other keys it
+        printed); the transition it makes, or None (always None in a cluster: a member's
+        confirm moves its view, the leader accepts)."""
         self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        if attributes:
+            report["attributes"] = attributes       # docs/http.md: load-balancer conditions
         self.store.put_report(host, report)         # a crash may lose it
         cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
-        if state == cand["state"] and cand["pending"] is None:
+        confirm, window = check.group.confirm, check.group.window
+        new, what = confirm_step(cand, state, confirm, window)
+        if what == "same":
             return None                             # the usual report: nothing new
-        confirm = check.group.confirm
-        new, what = confirm_step(cand, state, confirm)
         if what == "dropped":
             log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
-        elif what == "counted":
+        elif what == "counted" and window == confirm:
             log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d of the last %d; %d needed)", host, state,
+                     check.name, new["count"], window, confirm)
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
@@ -3868,7 +4450,7 @@ class Ledger:
                 self.store.publish_view(self.view)
             return None
         if what == "confirmed":
-            return self.accept(host, state, check.name, now)
+            return self.accept(host, state, check.name, now, new)
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
@@ -3878,11 +4460,16 @@ class Ledger:
         for host, state, voters in moves:
             self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
-    def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run."""
+    def accept(self, host, state, by, now, cand=None):
+        """``host`` moves to ``state``: record the transition and its section's run.
+        ``cand``: confirm_step's record that confirmed it (its window goes on)."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
+        record.pop("window", None)
+        record.pop("recent", None)
         record.update(state=state, since=now, pending=None, count=0)
+        if cand is not None:
+            record.update((key, cand[key]) for key in DAMPING_KEYS if key in cand)
         self.hosts[host] = record
         self.by_state[old].discard(host)
         self.by_state[state].add(host)
@@ -3891,19 +4478,28 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run_id = None
+        expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
+        if expecting is not None:       # a switchover's own transition: no section runs
+            section, changes.switchover = None, self.book
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
-        tr = Transition(tr_id, now, host, old, state, by, run_id)
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
+        tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -3911,7 +4507,6 @@ class Ledger:
     def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
         queued, or skipped / failed at once."""
-        cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
         plan = plan_run(section, host, frm, to, None, self.config.config_dir,
@@ -3926,16 +4521,35 @@ class Ledger:
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
-            if self.paused:
-                self._set_run_state(run, "skipped", "paused", changes, now)
-            else:
-                self._set_run_state(run, "queued", None, changes, now)
-                self.queue.append(run_id)
-                changes.queue = self.queue
-        self.runs[run_id] = run
-        while len(self.runs) > cap:
+            why = cannot_start(self, run, now)
+            self._set_run_state(run, why[0] if why else "queued", why and why[1], changes, now)
+        return self._enter(run, changes)
+
+    def _enter(self, run, changes):
+        """A new run joins the runs (and the queue, when it is queued there)."""
+        if run.state == "queued":
+            self.queue.append(run.id)
+            changes.queue = self.queue
+        self.runs[run.id] = run
+        while len(self.runs) > self.cap:
             self.runs.popitem(last=False)
         return run
+
+    def queue_switchover(self, frm, to, request, reason, now):
+        """The run of a switchover from host ``frm`` to ``to`` (SPEC §12), through the queue
+        like any; failed at once, unrun, when ``reason`` (a refusal) holds."""
+        run = switchover_run(self, self.meta["next_run"], frm, to, request, now)
+        self.meta["next_run"] = run.id + 1
+        changes = Changes(meta=self.meta)
+        self._set_run_state(run, "failed" if reason else "queued", reason, changes, now)
+        self._enter(run, changes)
+        self._put(changes)
+        return run
+
+    def note_book(self, key, value):
+        """switchover.py's book: ``scheduled`` (one, or None), ``seen`` (the request a leader took)."""
+        self.book[key] = value
+        self._put(Changes(switchover=self.book))
 
     def rerun(self, run_id, now):
         """--rerun: the section of ended run ``run_id`` (by its name, in the current
@@ -3948,6 +4562,9 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old.switchover:
+            raise ValueError("run #%d is a switchover: ask for it again (hadaemon --switchover %s)"
+                             % (run_id, old.to))
         if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
                              % (run_id, old.state))
@@ -3959,6 +4576,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -3975,11 +4594,21 @@ class Ledger:
         if state in RUN_FINAL:
             run.ended = now
             self.run_counts[(run.section, state)] += 1
+        if run.switchover:
+            run_moved(self.book, run, state, now, self.config.daemon.switchover_settle)
+            changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -3991,10 +4620,11 @@ class Ledger:
             self._put(Changes(queue=self.queue))
         return None
 
-    def dequeue(self, run, state, reason, now):
-        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
-        self.queue.pop(0)
+    def dequeue(self, run, state, reason, now, head=True):
+        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun
+        (not ``head``: a run anywhere in it, cancelled: --switchover --cancel)."""
+        assert run.id in self.queue[:1 if head else None], "run %s is not first" % run.id
+        self.queue.remove(run.id)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
         self._put(changes)
@@ -4004,6 +4634,8 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
+        if run.switchover:
+            return switchover_commands(self, run, config)
         if run.variables is None:
             return run.commands
         section = config.section_named(run.section)
@@ -4069,12 +4701,16 @@ class Ledger:
         pending = None
         if cand and cand.get("pending"):
             pending = {"state": cand["pending"], "count": cand.get("count", 0)}
+            if cand.get("window") is not None:      # None: a record from before N of M
+                pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
-                "pending": pending, "last_report": self.reports.get(name)}
+                "pending": pending, "last_report": self.reports.get(name),
+                "paused": name in self.store.paused_hosts()}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
-        return {"paused": self.paused, "queue": list(self.queue)}
+        return {"paused": self.paused, "queue": list(self.queue),
+                "switchover": scheduled_view(self.book), "paused_hosts": sorted(self.store.paused_hosts())}
 
     def counters(self):
         """Transitions and ended runs since this process started (Prometheus' counters)."""
@@ -4140,8 +4776,9 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
         schedule = describe_schedule(group)
     else:
         schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    reported = ",".join(sorted((last or {}).get("reports") or {}))    # what --status shows too
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
-            "host": check.host, "where": check.where, "schedule": schedule,
+            "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
@@ -4794,7 +5431,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role in ("action", "cluster"):
+        elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
             self.respond(conn, msg)
@@ -5001,6 +5638,7 @@ class HttpRequest:
     version: tuple      # (1, 1)
     headers: dict       # lower-cased name -> value; repeated ones joined with ", "
     keep_alive: bool
+    pairs: tuple = ()   # the query's (name, value) pairs, in order, repeats and all
 
 
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -5085,16 +5723,17 @@ def parse_request_head(head):
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
     method = m.group(1).decode("ascii")
-    path, query = _parse_target(m.group(2), method)
-    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+    path, pairs = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, dict(pairs), version, headers, keep_alive,
+                       tuple(pairs))
 
 
 def _parse_target(raw, method):
-    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    """A request target -> (path segments, the query's pairs); HttpError 400 when it is not one."""
     try:
         target = raw.decode("ascii")
         if target == "*" and method == "OPTIONS":
-            return (), {}       # the server as a whole: answered as "/"
+            return (), []       # the server as a whole: answered as "/"
         if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
@@ -5105,7 +5744,7 @@ def _parse_target(raw, method):
             segments = ()
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
                                        max_num_fields=32)
-        return segments, dict(pairs)
+        return segments, pairs
     except (UnicodeError, ValueError):
         raise HttpError(400, "malformed request target", True) from None
 
@@ -5242,7 +5881,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -5253,14 +5893,84 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
+    try:
+        conditions = parse_conditions(request.pairs) if len(request.path) == 3 else ()
+    except ValueError as exc:
+        return error_answer(400, str(exc))
     record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
     if len(request.path) == 2:
         return json_answer(200, body)
-    same = str(record.get("state")).lower() == request.path[2].lower()
-    return json_answer(200 if same else 503, body)
+    attributes = (record.get("last_report") or {}).get("attributes") or {}
+    for condition in conditions:
+        if condition.unknown_suffix(attributes):
+            return error_answer(400, "%s: no attribute %s, and %s is not an operator (lt, le, gt, ge)"
+                                % (_shorten(condition.text, 100), _shorten(condition.key, 80),
+                                   _shorten(condition.key.rpartition(".")[2], 20)))
+    if str(record.get("state")).lower() != request.path[2].lower():
+        return json_answer(503, body)
+    for condition in conditions:
+        if not condition.holds(attributes):
+            body["failed"] = {"condition": condition.text, "value": attributes.get(condition.key)}
+            return json_answer(503, body)
+    return json_answer(200, body)
+
+
+# Load-balancer conditions (docs/http.md): /hosts/HOST/STATE?lag_bytes.le=16777216&role=sync
+
+_CONDITION_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
+class Condition(typing.NamedTuple):
+    """One condition of the query: KEY=VALUE (equal as strings) or KEY.OP=N (as numbers)."""
+    text: str                   # as asked, KEY.le=N
+    key: str
+    op: typing.Optional[str]    # lt, le, gt, ge; None: KEY=VALUE
+    value: typing.Union[str, float]
+
+    def holds(self, attributes):
+        """Whether it holds on ``attributes`` (a report's); a missing attribute fails it."""
+        seen = attributes.get(self.key)
+        if self.op is None:
+            return seen is not None and str(seen) == self.value
+        number = _number(seen)
+        return number is not None and _CONDITION_OPS[self.op](number, self.value)
+
+    def unknown_suffix(self, attributes):
+        """KEY.SUFFIX=... where the report has KEY and no KEY.SUFFIX: a typo of an operator
+        (lag_bytes.lte), not an attribute of its own (a key may hold dots)."""
+        return self.op is None and "." in self.key and self.key not in attributes \
+            and self.key.rpartition(".")[0] in attributes
+
+
+def _number(value):
+    """An attribute's value as a number, or None when it is not one."""
+    text = str(value).strip() if value is not None else ""
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def parse_conditions(pairs):
+    """The query's (name, value) pairs as Conditions, in order; ValueError (a 400) for a
+    bad number or a condition without a name."""
+    out = []
+    for name, value in pairs:
+        text = "%s=%s" % (name, value)
+        key, _, suffix = name.rpartition(".")
+        if suffix in _CONDITION_OPS:
+            if not key:
+                raise ValueError("%s: no attribute before .%s" % (_shorten(text, 100), suffix))
+            number = _number(value)
+            if number is None:
+                raise ValueError("%s: %s is not a number" % (_shorten(text, 100), _shorten(value, 40)))
+            out.append(Condition(text, key, suffix, number))
+        elif not name:
+            raise ValueError("%s: a condition is KEY=VALUE or KEY.OP=N" % _shorten(text, 100))
+        else:
+            out.append(Condition(text, name, None, value))
+    return tuple(out)
 
 
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -5277,7 +5987,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -5301,7 +6021,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -5317,6 +6037,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
@@ -5333,6 +6058,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -5346,7 +6074,8 @@ def render_metrics(doc):
 PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
-    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "p{margin:.15em 0;overflow-wrap:anywhere}table{border-collapse:collapse;background:#fff}"
+    ".t{overflow-x:auto;max-width:100%}@media (max-width:600px){body{margin:.6em .5em}}"
     "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
     "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
@@ -5358,7 +6087,7 @@ PAGE_CSS = (
     "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
     "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSS_SHA256 = "yCZn7NiGTmvcbNOKCPokOYdHJspqV0PlYIOlTVMeXyc="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -5400,11 +6129,12 @@ def _when(then, now):
 def _html_table(headings, rows, empty):
     if not rows:
         return '<p class="dim">%s</p>' % empty
-    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    # In a box of its own that scrolls sideways: at phone width the page itself never does.
+    out = ['<div class="t"><table><thead><tr>%s</tr></thead><tbody>' % "".join("<th>%s</th>" % h for h in headings)]
     for row in rows:
         out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
                                            for cell in row))
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -5425,6 +6155,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -5435,7 +6171,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))
@@ -5592,7 +6329,7 @@ class HttpServer:
         self.tls = None                     # ssl.SSLContext with http_cert
         self.token = None
         self.conns = {}                     # fd -> HttpConn
-        self.refused = {}                   # client address -> when its refused token was last logged
+        self.refused = {}                   # (client address, "token" | "host") -> when last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
         # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
@@ -5779,27 +6516,29 @@ class HttpServer:
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
-                self._log_refused(peer, request, problem, now)
+                self._log_refused(peer, request, problem, now, "token")
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
         elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
-            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
-                                     "names this server" % _shorten(request.headers["host"], 100))
+            why = ("Host %s: without http_token only an IP address or localhost names this server"
+                   % _shorten(request.headers["host"], 100))
+            self._log_refused(peer, request, why, now, "host")
+            return error_answer(403, why)
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
             log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
             return error_answer(500, "internal error; the daemon's log has the details")
 
-    def _log_refused(self, peer, request, problem, now):
-        last = self.refused.get(peer)
+    def _log_refused(self, peer, request, problem, now, kind):
+        last = self.refused.get((peer, kind))
         if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
             return
         if len(self.refused) > 1024:
             self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
-        self.refused[peer] = now
-        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+        self.refused[peer, kind] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address and reason)",
                     request.method, _shorten(request.target, 100), peer, problem)
 
     def _send(self, conn, request, answer, now):
@@ -6006,6 +6745,47 @@ def etcd_compare(key, target, value, result="EQUAL"):
             field: b64(value) if target == "VALUE" else str(value)}
 
 
+def connect_bounded(host, port, timeout):
+    """A TCP connection to host:port within ``timeout`` seconds, the name lookup included:
+    getaddrinfo alone may wait on a dead DNS server far longer, so a name (not an address)
+    is looked up in a thread of its own, given up on (left to end by itself) at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        answer = []
+        lookup = threading.Thread(target=lambda: answer.append(_lookup(host, port)), daemon=True)
+        lookup.start()
+        lookup.join(timeout)
+        if not answer:
+            raise socket.gaierror(socket.EAI_AGAIN, "the name lookup of %s took longer than %gs"
+                                  % (host, timeout))
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        found = answer[0]
+    error = socket.timeout("timed out")
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(left)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _lookup(host, port):
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+
+
 class EtcdEndpoint:
     """One endpoint URL and what it last did: shared by the clients of one agent (each
     keeps its own connection to it), so that one's failure demotes it for the other."""
@@ -6118,7 +6898,11 @@ class EtcdClient:
                 conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
             self.conns[ep.url] = conn
             try:
-                conn.connect()
+                sock = connect_bounded(ep.host, ep.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ep.scheme == "https":
+                    sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+                conn.sock = sock
             except (OSError, http.client.HTTPException) as exc:
                 self._close(ep)
                 raise _TryNext(_os_error_text(exc))
@@ -6333,7 +7117,7 @@ class EtcdWatch:
         self.buf = bytearray()
         self.headers_done = False
         self.lines = LineReader()
-        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        sock = connect_bounded(ep.host, ep.port, timeout)
         try:
             if ep.scheme == "https":
                 sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
@@ -6784,6 +7568,8 @@ LEADER_KEY = "leader"
 MEMBER_KEYS = "members/"
 LEDGER_KEYS = "ledger/"
 PAUSE_KEY = "pause"
+HOSTPAUSE_KEYS = "hostpause/"       # hostpause/HOST: {"paused": bool} (SPEC §12: --pause HOST)
+SWITCHOVER_KEY = "switchover"       # the last --switchover request a member stored
 
 
 def agreed_state(current, seen, quorum):
@@ -6797,6 +7583,19 @@ def agreed_state(current, seen, quorum):
     if not best or (len(best) > 1 and best[-1][0] == best[-2][0]):
         return None
     return best[-1][1]
+
+
+def pid_alive(pid):
+    """True when a process ``pid`` (an int) exists."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class ClusterMember:
@@ -6831,6 +7630,8 @@ class ClusterMember:
         self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
         #                                     ("mirror", keys), ("written", id, result)
         self.unreachable_logged = False
+        self.hostname = socket.gethostname()    # in our member key: another member of our name names us
+        self.conflict = None                # why we refuse: another live member has our node name
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -6880,7 +7681,7 @@ class ClusterMember:
         if self.valid_until is not None and now >= self.valid_until:
             self.lost_lease("could not renew its lease", now)
         quarter = self.settings.ttl / float(RENEWS_PER_TTL)
-        if not self._busy("renew") and now >= self.next_renew:
+        if not self._busy("renew") and now >= self.next_renew and not self.conflict:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
         if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
@@ -6888,23 +7689,42 @@ class ClusterMember:
             # was unreachable would hold our old keys (the leader key!) another ttl.
             self.next_revoke = now + quarter
             self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
-        if self.role == "none" or self.renew_failed:
+        if self.role == "none" or self.renew_failed or self.conflict:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            value = {"hosts": dict(self.view), "pid": os.getpid()}
-            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
-                          value=value, lease=self.lease)
+            self._put_view()
         if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
                 and not self._busy("campaign") and now >= self.next_campaign:
             self.next_campaign = now + quarter
             self._request("campaign", lease=self.lease,
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
 
+    def _put_view(self):
+        value = {"hosts": dict(self.view), "pid": os.getpid(), "host": self.hostname}
+        self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                      value=value, lease=self.lease)
+
+    def _check_same_node(self, keys, now):
+        """Another member with our node name: both leave and refuse (other_same_node)."""
+        other = other_same_node(self, keys)
+        if other is None:
+            return
+        self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
+                         "member a node name of its own ([cluster] node in checks.conf)"
+                         % (self.node, other.get("pid"), other.get("host")))
+        log.error("cluster %s: %s", self.settings.name, self.conflict)
+        self._put_view()
+        self.lost_lease(self.conflict, now)
+
     def set_pause(self, paused):
-        """Pause or resume the whole cluster (any member may: it is the operator's word).
-        A ("paused", id, error) note follows."""
-        return self._request("put", extra=("pause", None), key=PAUSE_KEY, lease=None,
-                             value={"paused": bool(paused), "by": self.node, "time": time.time()})
+        """Pause or resume the whole cluster (any member may: it is the operator's word)."""
+        return self.put_word(PAUSE_KEY, {"paused": bool(paused)})
+
+    def put_word(self, key, value):
+        """Store the operator's word at ``key`` (a pause, a host's pause, a switchover request):
+        any member may, on no lease.  A ("paused", id, error) note follows."""
+        return self._request("put", extra=("pause", None), key=key, lease=None,
+                             value=dict(value, by=self.node, time=time.time()))
 
     def set_view(self, hosts):
         self.view = dict(hosts)
@@ -7042,6 +7862,7 @@ class ClusterMember:
             self.notes.append(("acting", self.epoch))
 
     def _mirror_changed(self, keys, now):
+        self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
                 and self.role == "follower":
@@ -7142,6 +7963,16 @@ class ClusterMember:
         kv = self.mirror.get(PAUSE_KEY)
         return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
 
+    def paused_hosts(self):
+        return {key[len(HOSTPAUSE_KEYS):] for key, kv in self.mirror.items()
+                if key.startswith(HOSTPAUSE_KEYS) and isinstance(kv.get("value"), dict)
+                and kv["value"].get("paused")}
+
+    def word(self, key):
+        """The value of an operator's word (set by put_word), or None."""
+        value = (self.mirror.get(key) or {}).get("value")
+        return value if isinstance(value, dict) else None
+
     def write(self, puts, deletes=()):
         """A guarded ledger write of ours as leader (stepping down too: the run it ends is
         recorded if etcd still takes it): its request id, None when not leading."""
@@ -7166,6 +7997,23 @@ class ClusterMember:
             ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)
 
 
+def other_same_node(member, keys):
+    """The value of the other member that has ``member``'s node name, or None.
+
+    Our member key written on another live lease once ours was in: another member has
+    our node name (a key older than ours is an earlier life's, its lease not yet expired).
+    Ours goes back once (for the other to see the same), then both leave and refuse."""
+    key = MEMBER_KEYS + member.node
+    kv = member.mirror.get(key)
+    if member.conflict or member.published is None or kv is None or key not in keys \
+            or kv.get("lease") in (member.lease, None) or kv.get("lease") in member.abandoned:
+        return None
+    other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+    if other.get("host") == member.hostname and not pid_alive(other.get("pid")):
+        return None                     # our own earlier life on this host, its lease not yet gone
+    return other
+
+
 # ============================================================================
 # cluster_ledger.py: Cluster ledger: EtcdStore, the ledger kept in etcd,
 # written by the leader alone (docs/cluster.md).
@@ -7187,11 +8035,13 @@ class ClusterMember:
 #                ledger then rereads it (ClusterLink); a leader, whose memory runs
 #                ahead of etcd by its writes in flight, rereads it whole when it
 #                takes over, and again when it steps down.
-#   paused()     the /pause key, which any member may write.
+#   paused()     the /pause key, which any member may write; likewise paused_hosts()
+#                (hostpause/HOST) and the last switchover request (switchover).
 #
-# Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
-# ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
-# they sort; the leader deletes what falls out of its history).
+# Keys under /hadaemon/NAME/: leader, members/NODE, pause, hostpause/HOST, switchover
+# (a request), ledger/meta (next ids), ledger/queue, ledger/switchover (switchover.py's
+# book), ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so they sort;
+# the leader deletes what falls out of its history).
 #
 # Uses: base, store, ledger_store, cluster_member.
 
@@ -7210,6 +8060,8 @@ def ledger_to_etcd(changes, cap):
         puts[LEDGER_KEYS + "queue"] = list(changes.queue)
     if changes.meta is not None:
         puts[LEDGER_KEYS + "meta"] = {k: changes.meta[k] for k in ("next_transition", "next_run")}
+    if changes.switchover is not None:
+        puts[LEDGER_KEYS + "switchover"] = changes.switchover
     return puts, deletes
 
 
@@ -7225,7 +8077,7 @@ def ledger_from_etcd(key, value, cap):
                                         "pending": None, "count": 0}
     elif kind in ("tr", "run") and rest.isdigit() and cap:
         local = "%s:%d" % (kind, int(rest) % cap)
-    elif name in ("queue", "meta"):
+    elif name in ("queue", "meta", "switchover"):
         local = name
     else:
         return None
@@ -7247,6 +8099,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
+        self.hosts_paused = set()       # the mirror's hostpause/HOST keys, as mirrored() last saw them
         self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
@@ -7310,6 +8163,22 @@ class EtcdStore(LedgerStore):
         self.member.set_pause(paused)
         return paused
 
+    def paused_hosts(self):
+        """As the mirror shows them; before it arrives, as the local copy kept them."""
+        return self.hosts_paused if self.member.synced else self.local.paused_hosts()
+
+    def set_hosts_paused(self, hosts, paused):
+        """Asked: etcd has it when the mirror shows it (then ``paused_hosts`` says so)."""
+        for host in hosts:
+            self.member.put_word(HOSTPAUSE_KEYS + host, {"paused": bool(paused)})
+        return self.hosts_paused | set(hosts) if paused else self.hosts_paused - set(hosts)
+
+    def switchover_request(self):
+        return self.member.word(SWITCHOVER_KEY)
+
+    def put_switchover_request(self, request):
+        self.member.put_word(SWITCHOVER_KEY, request)
+
     def publish_view(self, view):
         self.member.set_view(view)
         self.views_changed = True
@@ -7328,6 +8197,9 @@ class EtcdStore(LedgerStore):
         if "meta" in changes or PAUSE_KEY in keys:
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
+        if any(k.startswith(HOSTPAUSE_KEYS) for k in keys):
+            self.hosts_paused = self.member.paused_hosts()
+            changes["hostpause"] = sorted(self.hosts_paused)
         if changes:
             self.local.store.commit(changes)
         return bool(changes)
@@ -7399,7 +8271,7 @@ class ClusterLink:
             elif note[0] == "written":
                 self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
-                log.error("cluster: pause / resume not written: %s", note[2])
+                log.error("cluster: a request (pause, resume, switchover) not written: %s", note[2])
         if self.member.stepping is not None:
             self.stepping(now)
         elif self.leave_by is not None and agent is not None and agent.kill_at is None and \
@@ -7467,6 +8339,7 @@ class ClusterLink:
         what was running under one of them is interrupted, never run again."""
         ledger = self.ledger
         ledger.reread()
+        ledger.notify("leader", leader=self.member.node, epoch=self.member.epoch)
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
                                  % ("?" if run.node is None else run.node,
                                     "?" if run.node is None else run.epoch), now)
@@ -7551,7 +8424,7 @@ class ClusterLink:
 # go to the Ledger; its death ends the run as failed, or interrupted when the
 # daemon stops or a cluster's leader steps down.
 #
-# Uses: base.
+# Uses: base, switchover.
 
 def _command_index(run, msg):
     index = msg.get("index")
@@ -7611,8 +8484,9 @@ class ActionRuns:
         if run is None:
             return
         now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
+        why = cannot_start(self.ledger, run, now)       # paused; a switchover's refusal
+        if why:
+            self.ledger.dequeue(run, why[0], why[1], now)
             return
         try:
             commands = self.ledger.commands_for(run, config)
@@ -7797,6 +8671,365 @@ class Reload:
 
 
 # ============================================================================
+# notify_queue.py: Notify queue: the events waiting for their delivery, kept
+# in the state db (docs/notify.md).
+# ============================================================================
+#
+# Owns the numbering of events (``seq``: one more per event, across restarts) and
+# the events not delivered yet, oldest first, at most NOTIFY_CAP of them.  Each
+# event is committed to the state db (a Store: one journal line) before anyone
+# may deliver it, so after a kill -9 every event not known to be delivered is
+# delivered again (at least once).  Keys:
+#
+#   notify        {"next": the seq of the next event, "done": every seq up to it is
+#                 delivered, given up or dropped}
+#   notify:N      the event of seq S at N = S % NOTIFY_CAP (a ring, as tr:N and run:N:
+#                 nothing is deleted from the db)
+#
+# A full queue drops its oldest event for the new one, counted, and says so in the
+# log once until it has room again.  No process and no clock here: the master's
+# part (notify.py) hands the head to the notify child and says how it ended.
+#
+# Uses: base.
+
+NOTIFY_CAP = 1000               # events waiting at most; past that the oldest are dropped
+NOTIFY_RESULTS = ("ok", "failed", "dropped")
+
+
+class NotifyQueue:
+    """The events waiting, in seq order, committed to ``store`` (a Store) as they change."""
+
+    def __init__(self, store, cap=NOTIFY_CAP):
+        self.store = store
+        self.cap = cap
+        self.next = 1                   # the seq of the next event
+        self.done = 0                   # every seq up to this one has left the queue
+        self.waiting = collections.deque()
+        self.counts = collections.Counter()     # since this process started: NOTIFY_RESULTS
+        self.full = 0                   # dropped since the queue last had room (for the log)
+        self.opened = False
+
+    def open(self):
+        """The queue as the state db holds it (once, before the first use)."""
+        self.opened = True
+        data = self.store.data
+        meta = data.get("notify") or {}
+        self.next = max(1, meta.get("next", 1))
+        self.done = max(0, min(meta.get("done", 0), self.next - 1))
+        lost = 0
+        for seq in range(max(self.done + 1, self.next - self.cap), self.next):
+            event = data.get(self.slot(seq))
+            if isinstance(event, dict) and event.get("seq") == seq:
+                self.waiting.append(event)
+            else:
+                lost += 1
+        if lost:
+            log.error("notify: %d waiting events could not be read back from the state db; "
+                      "they are lost", lost)
+        if self.waiting:
+            log.info("notify: %d events from before the restart wait for their delivery (seq %d-%d)",
+                     len(self.waiting), self.waiting[0]["seq"], self.waiting[-1]["seq"])
+
+    def slot(self, seq):
+        return "notify:%d" % (seq % self.cap)
+
+    def _meta(self):
+        return {"notify": {"next": self.next, "done": self.done}}
+
+    def push(self, event):
+        """Number ``event`` (a dict: kind, time, node, its keys), store it, queue it; returns it."""
+        if not self.opened:
+            self.open()
+        seq = self.next
+        self.next += 1
+        event = dict(event, seq=seq)
+        if len(self.waiting) >= self.cap:
+            dropped = self.waiting.popleft()
+            self.done = dropped["seq"]
+            self.counts["dropped"] += 1
+            if not self.full:
+                log.error("notify: %d events wait, the most kept; the oldest are dropped from now "
+                          "on (first: seq %d, %s)", self.cap, dropped["seq"], dropped.get("kind"))
+            self.full += 1
+        self.waiting.append(event)
+        changes = self._meta()
+        changes[self.slot(seq)] = event
+        self.store.commit(changes)
+        return event
+
+    def head(self):
+        """The oldest event waiting, or None."""
+        if not self.opened:
+            self.open()
+        return self.waiting[0] if self.waiting else None
+
+    def finish(self, seq, result):
+        """Event ``seq`` left the queue: ``ok`` (delivered) or ``failed`` (given up).  False
+        when it is no longer the head (the full queue dropped it meanwhile)."""
+        if not self.waiting or self.waiting[0]["seq"] != seq:
+            return False
+        self.waiting.popleft()
+        self.done = seq
+        self.counts[result] += 1
+        if self.full and len(self.waiting) < self.cap:
+            log.warning("notify: the queue has room again; %d events were dropped", self.full)
+            self.full = 0
+        self.store.commit(self._meta())
+        return True
+
+    def status(self):
+        """Counters since the start and what waits (daemon.counters of --status --json)."""
+        return {"notify_events": [{"result": r, "count": self.counts[r]} for r in NOTIFY_RESULTS],
+                "notify_waiting": len(self.waiting)}
+
+
+# ============================================================================
+# notify.py: Notifications: events made, stored, and delivered one at a time
+# by a child (docs/notify.md).
+# ============================================================================
+#
+# Owns the ``notify =`` command's events (SPEC §12): Notifications, the master's
+# part, which every other part tells what happened through one call,
+# ``event(kind, **keys)``; notify_main, the child that runs the command for one
+# event at a time (its retries included); and --notify-test.
+#
+#   event()       stamp (kind, time, node), store (NotifyQueue: seq, the state db),
+#                 hand the head to the child when it is free
+#   the child     the command with the event as one JSON object on stdin, HA_EVENT
+#                 in its environment, cwd = the config dir; a try that exits
+#                 non-zero or runs past notify_timeout is made again after 1, 2 and
+#                 4 s; then it says ``done`` (ok, or failed: given up)
+#   done          the event leaves the queue (committed), the next is handed
+#
+# The master's loop never waits for a notify command: the child runs it, and the
+# master only sends a line and reads one.  A child that dies is replaced (after a
+# second when it died young) and is handed the same event again.
+#
+# Uses: base, wire, proc, children, pool, actions, notify_queue.
+
+NOTIFY_RETRIES = (1.0, 2.0, 4.0)    # seconds before each try again
+NOTIFY_KILL_GRACE = 2.0             # a notify command past its timeout: SIGTERM, then SIGKILL
+NOTIFY_STOP_WAIT = 5.0              # stopping: how long after the last event its delivery may take
+
+
+def notify_node(config):
+    """``node`` of every event: the cluster's node, or this host's name."""
+    return config.cluster.node if config.cluster is not None else socket.gethostname()
+
+
+def deliver_event(argv, event, timeout, watch, master=None, environ=None, on_spawn=None):
+    """Run the notify command ``argv`` once with ``event`` on its stdin: its ProcResult."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(HA_EVENT=str(event.get("kind")), HA_SEQ=str(event.get("seq")))
+    with tempfile.TemporaryFile() as f:
+        f.write(json.dumps(event, sort_keys=True).encode("utf-8") + b"\n")
+        f.seek(0)
+        return run_process(list(argv), env, timeout, NOTIFY_KILL_GRACE, watch, stdin_fd=f.fileno(),
+                           merge_stderr=True, master=master, on_spawn=on_spawn)
+
+
+def _output_tail(output):
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def _rest(chan, seconds):
+    """Wait ``seconds`` before a try again, listening to the master: False when told to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        readable, _, _ = select.select([chan.sock], [], [], left)
+        if readable:
+            msg = chan.receive()
+            if msg is None or msg.get("t") == "exit":
+                return False
+
+
+def notify_main(sock_path, config_dir):
+    """The notify child: hello, then one event at a time, each tried until it is delivered
+    or given up, each try's failure and the end said to the master."""
+    child_setup()
+    os.chdir(config_dir)
+    watch = ChildWatch()
+    chan = Channel.connect(sock_path)
+    chan.send({"t": "hello", "role": "notify", "pid": os.getpid()})
+    environ = dict(os.environ, HA_CONFIG_DIR=config_dir, HA_STATE_DIR=os.path.dirname(sock_path))
+    while True:
+        msg = chan.receive()
+        if msg is None or msg.get("t") == "exit":
+            return 0
+        event, argv, timeout = msg["event"], msg["argv"], msg["timeout"]
+
+        def announce(pid, seq=event["seq"]):
+            # The master kills this group if we die before the command ends.
+            chan.send({"t": "spawned", "seq": seq, "pid": pid})
+        for tries, again in enumerate(NOTIFY_RETRIES + (None,), 1):
+            res = deliver_event(argv, event, timeout, watch, chan.sock, environ, announce)
+            failure = res.failure(timeout)
+            if failure is None:
+                break
+            chan.send({"t": "failed", "seq": event["seq"], "try": tries, "error": failure,
+                       "output": _output_tail(res.output), "again": again})
+            if again is not None and not _rest(chan, again):
+                return 0
+        chan.send({"t": "done", "seq": event["seq"], "result": "failed" if failure else "ok",
+                   "tries": tries, "error": failure})
+
+
+class Notifications:
+    """The master's part: ``event()`` from every other part; the notify child, kept by it.
+
+    ``config_of()`` gives the configuration of now (a reload swaps it)."""
+
+    def __init__(self, store, pool, server, config_of):
+        self.queue = NotifyQueue(store)
+        self.pool, self.server, self.config_of = pool, server, config_of
+        self.pid = None                 # the notify child's
+        self.inflight = None            # the seq handed to it, until it says done
+        self.child_after = 0.0          # no child forked before (after a quick death)
+        self.leave_by = None            # stopping: the child goes when nothing waits, or then
+        self.troubled = set()           # checks whose trouble was told (until they run cleanly)
+
+    def event(self, kind, **keys):
+        """SPEC §12: an event of ``kind`` with ``keys``, stored, then delivered in its turn
+        (nothing when no notify command is set).  The one call every part makes."""
+        config = self.config_of()
+        if config.daemon.notify is None:
+            return None
+        event = dict({"kind": kind, "time": round(time.time(), 6), "node": notify_node(config)}, **keys)
+        event = self.queue.push(event)
+        if self.leave_by is not None:       # stopping: this one gets its chance too
+            self.leave_by = max(self.leave_by, time.monotonic() + NOTIFY_STOP_WAIT)
+        self.hand()
+        return event
+
+    def check_ran(self, rt, result):
+        """A check's run (its runtime, its CheckResult): a ``check`` event when it was cut
+        short (timed out, could not start) or reported a rejected name; once until it
+        runs cleanly again."""
+        if self.config_of().daemon.notify is None:
+            return
+        rejected = rt.last["rejected"]
+        key = rt.check.key
+        if not result.failed and not rejected:
+            self.troubled.discard(key)
+        elif key not in self.troubled:
+            self.troubled.add(key)
+            message = (result.trouble or result.data.get("message")) if result.failed else rejected[0]
+            self.event("check", check=rt.check.name, message=str(message)[:500])
+
+    def child(self):
+        return self.pool.children.get(self.pid) if self.pid is not None else None
+
+    def hand(self):
+        """The head of the queue to the child, when it is free and connected."""
+        child = self.child()
+        if self.inflight is not None or child is None or child.conn is None or child.kill_at:
+            return
+        settings = self.config_of().daemon
+        event = self.queue.head()
+        if event is None or settings.notify is None:
+            return
+        self.inflight = event["seq"]
+        self.server.send(child.conn, {"t": "event", "event": event, "argv": list(settings.notify),
+                                      "timeout": settings.notify_timeout})
+
+    def tick(self, now):
+        """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        child = self.child()
+        if self.leave_by is not None and self._leave(child, now):
+            return
+        if child is None and now >= self.child_after and self.queue.head() is not None \
+                and self.config_of().daemon.notify is not None:
+            child = self.pool.fork("notify", notify_main, self.pool.sock_path, self.config_of().config_dir)
+            self.pid = child.pid if child is not None else None
+            self.child_after = now + 1.0 if child is None else 0.0
+        self.hand()
+
+    def _leave(self, child, now):
+        """Stopping: whether the child goes now (nothing waits any more, or its time is up)."""
+        idle = self.inflight is None and not self.queue.waiting and self.pool.action_child() is None
+        if not idle and now < self.leave_by:
+            return False
+        if child is not None and child.kill_at is None:
+            child.signal(signal.SIGTERM, now + KILL_GRACE)
+            if not idle:
+                log.warning("notify: stopping with %d events not delivered; they are delivered "
+                            "after the next start", len(self.queue.waiting))
+        return True
+
+    def stopping(self, now):
+        """The daemon stops: the ``stopping`` event; the child goes once nothing waits, or
+        NOTIFY_STOP_WAIT later (what is left is delivered after the next start): a hung
+        receiver does not hold up a stop."""
+        self.leave_by = now + NOTIFY_STOP_WAIT
+        self.event("daemon", event="stopping")
+
+    def on_message(self, child, msg):
+        """What the notify child says: a try failed, or an event is done with."""
+        kind, seq = msg.get("t"), msg.get("seq")
+        if seq != self.inflight or kind not in ("spawned", "failed", "done"):
+            raise ProtocolError("unexpected notify message %r for seq %r" % (kind, seq))
+        if kind == "spawned":
+            child.pgid = _spawned_pid(msg)
+            return
+        child.pgid = None
+        event = self.queue.head() or {}
+        what = "event %s (%s)" % (seq, event.get("kind") if event.get("seq") == seq else "dropped")
+        if kind == "failed":
+            log.warning("notify: %s: try %s of %d failed: %s%s%s", what, msg.get("try"),
+                        len(NOTIFY_RETRIES) + 1, msg.get("error"),
+                        " (%s)" % msg["output"] if msg.get("output") else "",
+                        "; again in %s" % format_duration(msg["again"]) if msg.get("again") else "")
+            return
+        result = "ok" if msg.get("result") == "ok" else "failed"
+        if result == "failed":
+            log.error("notify: %s dropped after %s tries: %s", what, msg.get("tries"), msg.get("error"))
+        self.inflight = None
+        self.queue.finish(seq, result)
+        self.hand()
+
+    def exited(self, child, how, stopping):
+        """The notify child is gone: the event it had is handed to the next one again."""
+        if child.pgid:
+            killpg_quietly(child.pgid, signal.SIGKILL)  # the command it left behind
+        self.pid = self.inflight = None
+        if stopping and child.kill_at is not None:
+            return
+        log.error("notify child %d died (%s); %s", child.pid, how,
+                  "replacing it" if self.queue.waiting else "a new one starts with the next event")
+        if time.monotonic() - child.started < 1.0:
+            self.child_after = time.monotonic() + 1.0
+
+    def status(self):
+        return self.queue.status()
+
+
+def notify_test(config, state_dir):
+    """--notify-test: the notify command once, with an event of kind ``test`` (seq 0), no
+    daemon; prints what it did.  Exit 0 when the command exited 0."""
+    settings = config.daemon
+    if settings.notify is None:
+        print("hadaemon: no notify command: set notify = COMMAND ARGS in [daemon] of %s"
+              % os.path.join(config.config_dir, "checks.conf"), file=sys.stderr)
+        return EXIT_FAIL
+    event = {"kind": "test", "seq": 0, "time": round(time.time(), 6), "node": notify_node(config),
+             "message": "a test event from hadaemon --notify-test"}
+    print("notify command: %s" % " ".join(settings.notify))
+    print("event (stdin, HA_EVENT=test): %s" % json.dumps(event, sort_keys=True))
+    os.chdir(config.config_dir)
+    environ = dict(os.environ, HA_CONFIG_DIR=config.config_dir, HA_STATE_DIR=state_dir)
+    res = deliver_event(settings.notify, event, settings.notify_timeout, ChildWatch(), environ=environ)
+    for line in res.output.decode("utf-8", "replace").splitlines()[:50]:
+        print("  | %s" % line)
+    failure = res.failure(settings.notify_timeout)
+    print("%s in %.3fs" % (failure or "exit 0", res.duration))
+    return EXIT_FAIL if failure else EXIT_OK
+
+
+# ============================================================================
 # master.py: Master: the loop, signals, readiness and shutdown.
 # ============================================================================
 #
@@ -7811,8 +9044,8 @@ class Reload:
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
-# Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-#       cluster_member, cluster_ledger, cluster_link, actions, reload.
+# Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
+#       http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -7858,10 +9091,13 @@ class Master:
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
+        self.switchover = SwitchoverDesk(self.ledger, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
+        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
         self.stop_deadline = None
@@ -7886,6 +9122,7 @@ class Master:
             log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        self.notify.event("daemon", event="started")
         try:
             self.loop()
         finally:
@@ -7954,6 +9191,7 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
+            self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -7969,6 +9207,7 @@ class Master:
             self.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.switchover.tick(time.time())     # a stored request, a scheduled one come due
             self.runs.start_next(self.config)
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
@@ -8043,6 +9282,7 @@ class Master:
         log.info("configuration reloaded: %d checks, %d action sections",
                  len(config.checks), len(config.sections))
         self.notifier.send("READY=1")
+        self.notify.event("daemon", event="reloaded")
         return []
 
     def checkpoint(self, now):
@@ -8062,10 +9302,13 @@ class Master:
         self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
         self.scheduler.ready.clear()
         now = time.monotonic()
+        self.notify.stopping(now)
         self.pool.stop(now)
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -8100,8 +9343,9 @@ class Master:
         done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
+            self.notify.check_ran(rt, result)
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -8113,6 +9357,8 @@ class Master:
                 self.pool.ssh.reaped(child, how)
             elif child.kind == "cluster":
                 self.cluster.agent_exited(child, how, self.stopping)
+            elif child.kind == "notify":
+                self.notify.exited(child, how, self.stopping)
             else:
                 self.runs.exited(child, how, self.stopping)
 
@@ -8130,6 +9376,8 @@ class Master:
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
             self.cluster.member.on_message(msg, time.monotonic())
+        elif child.kind == "notify":
+            self.notify.on_message(child, msg)
         else:
             self.runs.event(child, msg)
 
@@ -8154,10 +9402,13 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
+        if cmd in SwitchoverDesk.VERBS:
+            return self.switchover.answer(msg, time.time())
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.notify.event("daemon", event="paused" if paused else "resumed")
         paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
@@ -8189,7 +9440,7 @@ class Master:
                            started=self.started_wall, uptime=now_m - self.started,
                            config_dir=self.config.config_dir, state_dir=self.state_dir,
                            lag_ms=self.scheduler.lag_summary(), http=self.http.url,
-                           counters=self.ledger.counters(), cluster=cluster,
+                           counters=dict(self.ledger.counters(), **self.notify.status()), cluster=cluster,
                            **self.ledger.daemon_status(), **self.pool.status())
 
     def status_doc(self):
@@ -8349,15 +9600,14 @@ def render_simulation(doc):
 
 
 # ============================================================================
-# client.py: Control client: --status, --stop, --reload, --history, --pause,
-# --resume.
+# client.py: Control client: --status, --stop, --reload, --history.
 # ============================================================================
 #
 # Owns what the command line asks the running daemon over its socket, and what it
 # reads from the state db when no daemon runs (offline status, history), and the
 # rendering of both for a person.
 #
-# Uses: base, records, store, ledger_store, ledger, scheduler.
+# Uses: base, wire, records, store, ledger_store, ledger, scheduler.
 
 def offline_status(state_dir, config=None, last=20):
     """The status document from the state db, for when no daemon answers; and its ledger."""
@@ -8371,6 +9621,15 @@ def offline_status(state_dir, config=None, last=20):
     doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
                     ledger.host_entries(), checks)
     return doc.to_wire(), ledger
+
+
+def ask(args, message):
+    """One request to the daemon on ``args.state_dir``; it cannot be reached: exit 1."""
+    try:
+        return request(args.state_dir, message)
+    except (OSError, HadaemonError) as exc:
+        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
+        sys.exit(EXIT_FAIL)
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -8483,6 +9742,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -8520,7 +9785,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))
@@ -8550,8 +9816,7 @@ def _render_checks(checks):
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
         took = format_duration(last["duration"]) if last.get("duration") else "-"
-        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
-        rows.append((c["name"], hosts, reported,
+        rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))
@@ -8567,8 +9832,9 @@ def _render_history(doc):
     rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
     for tr in doc["transitions"][:8]:
         rows.append((tr["id"], _clock(tr["time"]), tr["host"], "%s -> %s" % (tr["from"], tr["to"]),
+                     "switchover #%s" % tr["switchover"] if tr.get("switchover") is not None else
                      "-" if tr.get("run") is None else "#%s" % tr["run"]))
-    out += _table(rows, (5, 9, 14, 26, 8)) if len(rows) > 1 else ["  none"]
+    out += _table(rows, (5, 9, 14, 26, 14)) if len(rows) > 1 else ["  none"]
     out.append("")
     out.append("LAST ACTION RUNS")
     rows = [("#", "SECTION", "HOST", "RESULT", "CMDS", "TOOK")]
@@ -8612,9 +9878,15 @@ def render_history(entries):
         return "no transitions recorded"
     out = []
     for tr in entries:
-        out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
-            tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
+        if isinstance(tr.get("switchover"), dict):         # a switchover's own entry
+            out.append("      %s  switchover %s -> %s (asked)" % (format_time(tr["time"]), tr["from"], tr["to"]))
+        else:
+            out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
+                tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
         run = tr.get("run")
+        if tr.get("switchover") is not None and not isinstance(tr["switchover"], dict):
+            out.append("      expected by switchover run #%d: no action section" % tr["switchover"])
+            continue
         if run is None:
             out.append("      no action section")
             continue
@@ -8624,16 +9896,463 @@ def render_history(entries):
 
 
 # ============================================================================
+# opsclient.py: Operations from the command line: --switchover, --pause and
+# --resume (all, or some hosts).
+# ============================================================================
+#
+# Owns what the command line asks the daemon for SPEC §12's operations and how it
+# waits: ``--switchover TO [--from FROM] [--at TIME] [--wait [--timeout S]]``,
+# ``--switchover --cancel``, ``--pause [HOST...]`` / ``--resume [HOST...]`` (with no
+# daemon running: written to the state db, or in a cluster to etcd).  In a cluster
+# any member takes a request: it returns once etcd has it.
+#
+# Exit codes: 0 done (queued, scheduled, stored); 1 refused or failed (the reason
+# printed); 2 bad arguments; 3 no daemon (--switchover).
+#
+# Uses: base, configfiles, wire, store, switchover, etcd, cluster_agent, cluster_member, client.
+
+def _cluster_of(args):
+    try:
+        return load_config(args.config_dir).cluster
+    except ConfigError:
+        return None
+
+
+def _bad_hosts(hosts):
+    bad = [h for h in hosts if not valid_name(h)]
+    if bad:
+        print("hadaemon: bad host name %r (letters, digits, _ . : - )" % bad[0], file=sys.stderr)
+    return bad
+
+
+def cmd_pause(args, paused, hosts=()):
+    """--pause / --resume: actions of the whole daemon (cluster), or of ``hosts`` only."""
+    if _bad_hosts(hosts):
+        return EXIT_USAGE
+    cluster = _cluster_of(args)
+    if cluster is not None:
+        return cmd_pause_cluster(args, cluster, paused, hosts)
+    if locked_pid(args.state_dir):
+        _ask_pause(args, paused, hosts)
+    else:
+        ensure_state_dir(args.state_dir)
+        lock = PidLock(args.state_dir)
+        if not lock.acquire():
+            return cmd_pause(args, paused, hosts)
+        store = Store(args.state_dir)
+        try:
+            store.open()
+            if hosts:
+                now = set(store.data.get("hostpause") or ())
+                store.commit({"hostpause": sorted(now | set(hosts) if paused else now - set(hosts))})
+            else:
+                store.commit({"meta": dict(store.data.get("meta") or {}, paused=paused)})
+        finally:
+            store.close()
+            lock.release()
+    print(_paused_line(paused, hosts))
+    return EXIT_OK
+
+
+def _ask_pause(args, paused, hosts):
+    if hosts:
+        return ask(args, {"cmd": "hostpause", "hosts": list(hosts), "paused": paused})
+    return ask(args, {"cmd": "pause" if paused else "resume"})
+
+
+def _paused_line(paused, hosts):
+    if hosts:
+        return "actions %s for %s%s" % ("paused" if paused else "resumed", ", ".join(hosts),
+                                        ": their transitions are recorded, their runs skipped"
+                                        if paused else "")
+    return "actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed")
+
+
+def _shows(doc, paused, hosts):
+    """Whether the status document ``doc`` shows the pause asked."""
+    if not hosts:
+        return doc["daemon"]["paused"] == paused
+    now = set(doc["daemon"].get("paused_hosts") or ())
+    return set(hosts) <= now if paused else not set(hosts) & now
+
+
+def cmd_pause_cluster(args, cluster, paused, hosts=()):
+    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
+    where = "cluster %s: actions %s%s on every member" % (
+        cluster.name, "paused" if paused else "resumed", " for " + ", ".join(hosts) if hosts else "")
+    if locked_pid(args.state_dir):
+        _ask_pause(args, paused, hosts)
+        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
+        while time.monotonic() < deadline:
+            if _shows(ask(args, {"cmd": "status"}), paused, hosts):
+                print(where)
+                return EXIT_OK
+            time.sleep(0.05)
+        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    _, timeout = etcd_timeouts(cluster.ttl)
+    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
+    try:
+        for key in [HOSTPAUSE_KEYS + h for h in hosts] or [PAUSE_KEY]:
+            client.put(cluster.prefix + key, json.dumps(
+                {"paused": paused, "by": cluster.node, "time": time.time()}))
+    except EtcdError as exc:
+        print("hadaemon: cannot write to etcd, nothing was changed for certain: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        client.close()
+    print("%s (written to etcd; this daemon is not running)" % where)
+    return EXIT_OK
+
+
+# -- --switchover ------------------------------------------------------------------------
+
+def switchover_message(args, now):
+    """The ``switchover`` request of the command line, or (None, why) for bad arguments."""
+    if args.cancel:
+        if args.switchover or args.frm or args.at:
+            return None, "--switchover --cancel takes no host, --from or --at"
+        return {"cmd": "switchover", "op": "cancel"}, None
+    if not args.switchover:
+        return None, "--switchover needs the host to move the role to (or --cancel)"
+    for name in [args.switchover] + ([args.frm] if args.frm else []):
+        if not valid_name(name):
+            return None, "bad host name %r (letters, digits, _ . : - )" % name
+    at = None
+    if args.at is not None:
+        try:
+            at = parse_at(args.at, now)
+        except ValueError as exc:
+            return None, str(exc)
+    return {"cmd": "switchover", "op": "ask", "to": args.switchover, "from": args.frm, "at": at}, None
+
+
+def cmd_switchover(args):
+    """--switchover TO [--from FROM] [--at TIME] [--wait [--timeout S]], --switchover --cancel."""
+    message, why = switchover_message(args, time.time())
+    if message is None:
+        print("hadaemon: %s" % why, file=sys.stderr)
+        return EXIT_USAGE
+    pid = locked_pid(args.state_dir)
+    if pid == -1:
+        print("hadaemon: the lock on %s is held by a process that wrote no pid (a --pause working "
+              "on the db?); try again" % args.state_dir, file=sys.stderr)
+        return EXIT_FAIL
+    if not pid:
+        print("hadaemon not running: --switchover needs the daemon (in a cluster, any member's)",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = ask(args, message)
+    what = "--switchover --cancel" if args.cancel else "--switchover %s" % args.switchover
+    if not answer.get("ok"):
+        for line in answer.get("errors") or ["refused"]:
+            print("hadaemon: %s refused: %s" % (what, line), file=sys.stderr)
+        return EXIT_USAGE if answer.get("usage") else EXIT_FAIL
+    if not answer.get("stored"):
+        answer = _until_stored(args, answer["request"])
+        if answer is None:
+            print("hadaemon: %s asked, but etcd has not confirmed it: is etcd reachable? (see the log)"
+                  % what, file=sys.stderr)
+            return EXIT_FAIL
+    print(_taken_line(args, answer))
+    if args.wait and not args.cancel:
+        return wait_switchover(args, answer["request"])
+    return EXIT_OK
+
+
+def _until_stored(args, request_id):
+    """A cluster member's request: its state once etcd has it (None: not within 3 ttl)."""
+    cluster = _cluster_of(args)
+    deadline = time.monotonic() + (3.0 * cluster.ttl + 5.0 if cluster else 10.0)
+    while time.monotonic() < deadline:
+        answer = ask(args, {"cmd": "switchover", "op": "state", "request": request_id})
+        if answer.get("stored"):
+            return answer
+        time.sleep(0.05)
+    return None
+
+
+def _taken_line(args, answer):
+    if answer.get("cancelled"):
+        return "switchover %s cancelled" % answer["cancelled"]
+    if args.cancel:
+        return "switchover cancel stored: the leader drops the one scheduled or queued"
+    run, sched = answer.get("run"), answer.get("scheduled")
+    if sched:
+        return "switchover %s -> %s scheduled at %s" % (sched["from"], sched["to"], format_time(sched["at"]))
+    if run is not None:
+        return "switchover %s -> %s: run #%d %s%s" % (run["from"], run["to"], run["id"], run["state"],
+                                                      " (%s)" % run["reason"] if run.get("reason") else "")
+    return "switchover to %s stored: the cluster's leader %s it" % (
+        args.switchover, "schedules" if args.at else "runs")
+
+
+def _request_state(args, request_id):
+    try:
+        return request(args.state_dir, {"cmd": "switchover", "op": "state", "request": request_id},
+                       timeout=10.0)
+    except (OSError, HadaemonError):
+        return None
+
+
+def wait_switchover(args, request_id):
+    """Until the request's run ends (or --timeout): 0 when it ended ok, else 1."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    pause = 0.05
+    while True:
+        answer = _request_state(args, request_id)
+        run = answer.get("run") if answer else None
+        if answer is None and not locked_pid(args.state_dir):
+            ledger = offline_status(args.state_dir)[1]
+            run = next((r.summary() for r in ledger.runs.values()
+                        if (r.switchover or {}).get("request") == request_id), None)
+            if run is None or run["state"] not in ("ok", "failed", "interrupted", "skipped"):
+                print("hadaemon: the daemon stopped; the switchover is %s" % (
+                    run["state"] if run else "not run"), file=sys.stderr)
+                return EXIT_FAIL
+        if run is not None and run["state"] in ("ok", "failed", "interrupted", "skipped"):
+            print("\n".join(render_run(run, indent="")))
+            return EXIT_OK if run["state"] == "ok" else EXIT_FAIL
+        if answer and answer.get("taken") and run is None and not answer.get("scheduled"):
+            print("hadaemon: the switchover was dropped (cancelled, or its time missed; see the log)",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        if deadline is not None and time.monotonic() >= deadline:
+            print("hadaemon: the switchover is still %s after %gs" % (
+                run["state"] if run else "scheduled" if answer and answer.get("scheduled") else "waiting",
+                args.timeout), file=sys.stderr)
+            return EXIT_FAIL
+        left = deadline - time.monotonic() if deadline is not None else pause
+        time.sleep(max(0.0, min(pause, left)))
+        pause = min(pause * 1.5, 0.5)
+
+
+# ============================================================================
+# checkcmd.py: --check-config (-t): the config read whole, then what a valid
+# config may still get wrong.
+# ============================================================================
+#
+# Owns reading the config for a command (errors printed, exit 1), cmd_check_config
+# and its warnings, each at its FILE:LINE: a ``%WORD%`` in an action naming no state
+# hadaemon knows of (known_variables, the one list of them), a section whose worst
+# case outlasts ``stop_timeout``, an ssh control socket path too long; and
+# ``--connect``, which tries each ssh target and etcd endpoint once.
+#
+# Uses: base, configfiles, children, ssh, etcd, client.
+
+def config_or_exit(config_dir, origin=None):
+    """The config of ``config_dir``; on any mistake print them all and exit 1."""
+    try:
+        return load_config(config_dir)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
+            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
+                  % (config_dir, origin), file=sys.stderr)
+        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
+              file=sys.stderr)
+        sys.exit(EXIT_FAIL)
+
+
+def known_variables(config, db_states=()):
+    """Every %NAME% an action may name and get a value from: HOST, FROM, TO, and the
+    state words the config names (its sections), a check's exit status gives, or the
+    state db holds (``db_states``), and the switchover_role / switchover_candidate words."""
+    states = {"unknown"} | set(EXIT_STATES.values()) | set(db_states)
+    states.update((config.daemon.switchover_role, config.daemon.switchover_candidate))
+    for section in config.sections.values():
+        states.update((section.from_state, section.to_state))
+    states.discard("any")
+    states.discard(None)
+    return {"HOST", "FROM", "TO"} | {state.upper() for state in states}
+
+
+def db_state_words(state_dir):
+    """The states the state db holds (hosts' states, recent transitions); none when unreadable."""
+    try:
+        doc, ledger = offline_status(state_dir)
+    except (OSError, ValueError):
+        return set()
+    words = {h.get("state") for h in doc["hosts"].values()}
+    for entry in ledger.history(1000):
+        words.update((entry.get("from"), entry.get("to")))
+    return {w for w in words if isinstance(w, str)}
+
+
+def config_warnings(config, state_dir):
+    """The -t warnings of a valid config, each a line starting ``warning: FILE:LINE:``."""
+    out = []
+    known = known_variables(config, db_state_words(state_dir))
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        for cmd in section.commands:
+            for word in cmd.argv[1:]:
+                for m in _VAR_RE.finditer(word):
+                    if m.group(1) and m.group(1) not in known:
+                        out.append("warning: %s: %%%s%% names no state hadaemon knows of (known: %s): "
+                                   "it would be empty and the run refused" % (
+                                       cmd.where, m.group(1), ", ".join(sorted(known))))
+    budget = config.daemon.stop_timeout
+    for section in sorted(config.sections.values(), key=lambda s: s.where):
+        worst = len(section.commands) * (section.timeout + ACTION_KILL_GRACE)
+        if budget is not None and worst > budget:
+            out.append("warning: %s: [%s] may take %s at worst (%d commands, each up to its timeout "
+                       "%s and %s to kill it), more than stop_timeout = %s: a stop while it runs "
+                       "would be killed half-way" % (
+                           section.where, section.name, format_duration(worst), len(section.commands),
+                           format_duration(section.timeout), format_duration(ACTION_KILL_GRACE),
+                           format_duration(budget)))
+    for group in config.groups:
+        if group.scope.kind == "ssh" and ssh_control_path(group, state_dir) is None:
+            out.append("warning: [%s]: the state dir path %s is too long for an ssh control socket; "
+                       "its checks would run without connection reuse" % (group.scope.name, state_dir))
+    return out
+
+
+def cmd_check_config(args):
+    config = config_or_exit(args.config_dir, args.config_origin)
+    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
+          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
+    for line in config_warnings(config, args.state_dir):
+        print(line)
+    if not args.connect:
+        return EXIT_OK
+    results = connect_ssh_targets(config)
+    for group, error, took in results:
+        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
+                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
+    failed = any(error for _, error, _ in results)
+    if config.cluster is not None:
+        for url, error, what in connect_etcd_endpoints(config.cluster):
+            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
+            failed = failed or bool(error)
+    elif not results:
+        print("no ssh targets or etcd endpoints to try")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+# ============================================================================
+# starter.py: --init DIR: a commented starter config, written from this code
+# (a pip install has no other).
+# ============================================================================
+#
+# Owns the starter's files (checks.conf, actions.conf, a role check and an action
+# script, two role files) and write_starter, which writes them into a new or empty
+# config dir and never overwrites a file.
+#
+# Uses: base.
+
+STARTER_CHECKS = """\
+# hadaemon starter config (written by hadaemon --init).  It watches two pretend
+# database hosts, db1 and db2, whose roles are in the files roles/db1 and roles/db2:
+#   echo slave > roles/db1; sleep 3; echo master > roles/db2
+# switches them over.  Replace checks/check_role with a real check (examples/postgresql/
+# checks/check_pg_role in hadaemon's source) and the actions with your own.
+# Check it with:  hadaemon --config-dir THIS_DIR --check-config
+# Every key, its default and its range: docs/configuration.md in hadaemon's source.
+
+[daemon]
+interval = 1s          ; how often a check runs
+timeout  = 5s          ; a check running longer is killed, with its process group
+confirm  = 1           ; identical reports in a row before a new state is accepted
+workers  = 2           ; pre-forked check workers
+action_timeout = 20s   ; a command of actions.conf running longer is killed
+#http = 127.0.0.1:8642 ; the status page, JSON, load balancer checks, /metrics (docs/http.md)
+#stop_timeout = 90s    ; your service manager's stop budget (systemd: TimeoutStopSec)
+
+# A group: checks that run here ([local]) or on another host ([ssh:USER@HOST]).
+[local]
+confirm = 2            ; two reports in a row: one odd reading does not fail over
+check_role db1
+check_role db2
+"""
+
+STARTER_ACTIONS = """\
+# hadaemon starter actions.  For a transition of host H from F to T the first existing
+# section of [H: F_to_T], [H: any_to_T], [H: F_to_any], [H: any_to_any], [F_to_T],
+# [any_to_T], [F_to_any], [any_to_any] runs, its commands one after another; the first
+# that fails stops the sequence, unless its line starts with "-".
+# %HOST%, %FROM%, %TO% and %STATE% (the hosts in STATE, e.g. %MASTER%) are expanded.
+
+# A standby became master: here you would stop the middleware, move the service
+# address and start the middleware pointed at %MASTER%.
+[slave_to_master]
+announce %HOST% is the new master (masters now: %MASTER%)
+
+[master_to_slave]
+announce %HOST% is a slave again
+
+# A host went down: tell someone; "-" means a failure of this command is ignored.
+[any_to_down]
+timeout = 10s
+-announce %HOST% went %FROM% to down
+
+# First start on a fresh state db: every host goes unknown -> its state.
+[unknown_to_any]
+announce %HOST% is %TO% (first report)
+"""
+
+STARTER_CHECK_ROLE = """\
+#!/bin/sh
+# check_role HOST: reports HOST's role, read from the file roles/HOST of the config dir.
+# A check prints state=... (and host=...) on stdout; docs/configuration.md says more.
+role=$(cat "$HA_CONFIG_DIR/roles/$1" 2>/dev/null) || { echo "host=$1"; echo "state=down"; \
+echo "message=no file roles/$1"; exit 0; }
+echo "host=$1"
+echo "state=$role"
+"""
+
+STARTER_ANNOUNCE = """\
+#!/bin/sh
+# announce WORDS...: says them on stdout, which hadaemon logs with the run.
+echo "$*"
+"""
+
+STARTER_FILES = [       # (path, text, mode)
+    ("checks.conf", STARTER_CHECKS, 0o644),
+    ("actions.conf", STARTER_ACTIONS, 0o644),
+    ("checks/check_role", STARTER_CHECK_ROLE, 0o755),
+    ("actions/announce", STARTER_ANNOUNCE, 0o755),
+    ("roles/db1", "master\n", 0o644),
+    ("roles/db2", "slave\n", 0o644),
+]
+
+
+def write_starter(config_dir):
+    """--init DIR: write STARTER_FILES into DIR; refuse, changing nothing, when one is there."""
+    config_dir = os.path.abspath(config_dir)
+    there = [name for name, _, _ in STARTER_FILES if os.path.lexists(os.path.join(config_dir, name))]
+    if there:
+        print("hadaemon: --init %s: refusing: %s already there (nothing was written)"
+              % (config_dir, ", ".join(there)), file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        for name, text, mode in STARTER_FILES:
+            path = os.path.join(config_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+    except OSError as exc:
+        print("hadaemon: --init %s: %s" % (config_dir, exc), file=sys.stderr)
+        return EXIT_FAIL
+    print("wrote a starter config in %s: %s" % (config_dir, ", ".join(n for n, _, _ in STARTER_FILES)))
+    print("next: hadaemon --config-dir %s --check-config, then --foreground" % config_dir)
+    return EXIT_OK
+
+
+# ============================================================================
 # cli.py: Command line: argparse, the commands, the relaunch, main().
 # ============================================================================
 #
 # Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
-# start, stop, status, reload, pause, check-config, simulate, rerun, once), the
-# relaunch that runs the daemon with this file as a module, and main(), which the
-# file calls last.
+# start, stop, status, reload, check-config, simulate, rerun, once; pause and
+# switchover are opsclient's), the relaunch that runs the daemon with this file as a
+# module, and main(), which the file calls last.
 #
-# Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-#       master, whatif, client.
+# Uses: base, configfiles, wire, ledger, notify, master, whatif, client, opsclient, checkcmd,
+#       starter.
 
 def default_config_dir(environ):
     """The config dir when --config-dir is not given, and where it comes from.
@@ -8669,7 +10388,8 @@ def build_parser():
                "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
                "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
                "config dir is %s, else CONFIGDIR/var.  "
-               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status, "
+               "--reload, --rerun)."
                % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
     p.add_argument("--config-dir", metavar="DIR",
                    help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
@@ -8687,17 +10407,22 @@ def build_parser():
     add("--status", dest="command", action="store_const", const="status",
         help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
     add("--reload", dest="command", action="store_const", const="reload",
-        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+        help="re-read both files; an invalid config is refused (errors printed, exit 1); "
+             "exit 3 not running")
     add("--check-config", "-t", dest="command", action="store_const", const="check",
         help="validate both files and every command they name; exit 0 or 1")
     add("--once", dest="command", action="store_const", const="once",
         help="cron mode: run every check once, apply transitions, run their actions, exit")
     add("--history", dest="history", nargs="?", type=int, const=20, metavar="N",
         help="the N newest transitions (default 20), each with its action run")
-    add("--pause", dest="command", action="store_const", const="pause",
-        help="stop running action sequences (they are recorded as skipped); checks go on")
-    add("--resume", dest="command", action="store_const", const="resume",
-        help="run action sequences again")
+    add("--pause", nargs="*", metavar="HOST",
+        help="stop running action sequences (they are recorded as skipped), of HOSTs only when "
+             "given; checks go on")
+    add("--resume", nargs="*", metavar="HOST",
+        help="run action sequences again (of HOSTs only when given: the global pause stays)")
+    add("--switchover", nargs="?", const="", metavar="TO",
+        help="move the role (switchover_role) from the one host holding it to TO by the "
+             "[switchover] section; exit 0 once queued or scheduled, 1 refused (saying why)")
     add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
         help="print the section and the commands that would run if HOST went FROM -> TO now "
              "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
@@ -8705,38 +10430,39 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
+    add("--init", metavar="DIR",
+        help="write a commented starter config into DIR (made if missing; a checks.conf or "
+             "actions.conf there is never overwritten), one that passes --check-config")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
-                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+                   help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--from", dest="frm", metavar="FROM",
+                   help="with --switchover: the host that holds the role now (refused if not)")
+    p.add_argument("--at", metavar="TIME",
+                   help="with --switchover: HH:MM (the next), 'YYYY-MM-DD HH:MM' (local) or +DURATION")
+    p.add_argument("--cancel", action="store_true",
+                   help="with --switchover: drop the one scheduled or still queued")
     p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
                    help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
     p.add_argument("--json", action="store_true",
                    help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
-                   help="with --check-config: also try each ssh target once")
+                   help="with --check-config: also try each ssh target and each etcd endpoint "
+                        "of [cluster] once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
-    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+                        "sequence), --start (default: 30) or --rerun / --switchover --wait "
+                        "(default: no limit)")
+    p.add_argument("--debug", action="store_true",
+                   help="log at debug level too: each check's result, each HTTP request, a check "
+                        "skipped because its previous run still ran, ssh and cluster details")
     return p
 
 
-def _config_or_exit(config_dir, origin=None):
-    try:
-        return load_config(config_dir)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
-            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
-                  % (config_dir, origin), file=sys.stderr)
-        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
-              file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -8753,7 +10479,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -8849,18 +10575,10 @@ def cmd_stop(args):
     return EXIT_FAIL
 
 
-def _ask(args, message):
-    try:
-        return request(args.state_dir, message)
-    except (OSError, HadaemonError) as exc:
-        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_status(args):
     pid = locked_pid(args.state_dir)
     if pid:
-        doc = _ask(args, {"cmd": "status"})
+        doc = ask(args, {"cmd": "status"})
     else:
         try:
             config = load_config(args.config_dir)
@@ -8873,7 +10591,7 @@ def cmd_status(args):
 
 def cmd_history(args):
     if locked_pid(args.state_dir):
-        entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
+        entries = ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         entries = offline_status(args.state_dir)[1].history(args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
@@ -8885,7 +10603,7 @@ def cmd_reload(args):
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "reload"})
+    answer = ask(args, {"cmd": "reload"})
     if answer.get("ok"):
         print("configuration reloaded")
         return EXIT_OK
@@ -8895,86 +10613,6 @@ def cmd_reload(args):
     return EXIT_FAIL
 
 
-def cmd_pause(args, paused):
-    try:
-        cluster = load_config(args.config_dir).cluster
-    except ConfigError:
-        cluster = None
-    if cluster is not None:
-        return cmd_pause_cluster(args, cluster, paused)
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-    else:
-        ensure_state_dir(args.state_dir)
-        lock = PidLock(args.state_dir)
-        if not lock.acquire():
-            return cmd_pause(args, paused)
-        store = Store(args.state_dir)
-        try:
-            store.open()
-            meta = dict(store.data.get("meta") or {})
-            meta["paused"] = paused
-            store.commit({"meta": meta})
-        finally:
-            store.close()
-            lock.release()
-    print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
-    return EXIT_OK
-
-
-def cmd_pause_cluster(args, cluster, paused):
-    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    word = "paused" if paused else "resumed"
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
-        while time.monotonic() < deadline:
-            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
-                print("cluster %s: actions %s on every member" % (cluster.name, word))
-                return EXIT_OK
-            time.sleep(0.05)
-        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
-              file=sys.stderr)
-        return EXIT_FAIL
-    _, timeout = etcd_timeouts(cluster.ttl)
-    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
-    try:
-        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
-            {"paused": paused, "by": cluster.node, "time": time.time()}))
-    except EtcdError as exc:
-        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
-        return EXIT_FAIL
-    finally:
-        client.close()
-    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
-          % (cluster.name, word))
-    return EXIT_OK
-
-
-def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
-    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
-          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    for group in config.groups:
-        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
-            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
-                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
-    if not args.connect:
-        return EXIT_OK
-    results = connect_ssh_targets(config)
-    for group, error, took in results:
-        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
-                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    failed = any(error for _, error, _ in results)
-    if config.cluster is not None:
-        for url, error, what in connect_etcd_endpoints(config.cluster):
-            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
-            failed = failed or bool(error)
-    elif not results:
-        print("no ssh targets or etcd endpoints to try")
-    return EXIT_FAIL if failed else EXIT_OK
-
-
 def cmd_simulate(args):
     """--simulate: the section and commands a transition would run; nothing run, written or logged."""
     try:
@@ -8982,10 +10620,10 @@ def cmd_simulate(args):
     except ValueError as exc:
         print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
-        status = _ask(args, {"cmd": "status"})
+        status = ask(args, {"cmd": "status"})
         source = "daemon"
     else:
         try:
@@ -9013,7 +10651,7 @@ def cmd_rerun(args):
         print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
               file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    answer = ask(args, {"cmd": "rerun", "run": args.rerun})
     if not answer.get("ok"):
         for line in answer.get("errors") or ["refused"]:
             print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
@@ -9022,8 +10660,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
@@ -9064,7 +10704,7 @@ def wait_run(args, run_id):
 
 
 def cmd_once(args):
-    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+    if config_or_exit(args.config_dir, args.config_origin).cluster is not None:
         print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
               "leader alone acts; run it as a daemon", file=sys.stderr)
         return EXIT_FAIL
@@ -9137,7 +10777,7 @@ def relaunch_as_module(argv):
             os.close(fd)
 
 
-def main(argv=None):
+def run_command(argv):
     args = build_parser().parse_args(argv)
     args.config_origin = None
     if args.config_dir is None:
@@ -9146,12 +10786,22 @@ def main(argv=None):
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
     if args.set and args.simulate is None:
         build_parser().error("--set goes with --simulate")
+    if args.init is not None:
+        return write_starter(args.init)
     if args.history is not None:
         return cmd_history(args)
     if args.simulate is not None:
         return cmd_simulate(args)
-    if args.wait and args.rerun is None:
-        build_parser().error("--wait goes with --rerun")
+    if args.wait and args.rerun is None and args.switchover is None:
+        build_parser().error("--wait goes with --rerun or --switchover")
+    if (args.frm or args.at or args.cancel) and args.switchover is None:
+        build_parser().error("--from, --at and --cancel go with --switchover")
+    if args.switchover is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_switchover(args)
+    if args.pause is not None or args.resume is not None:
+        return cmd_pause(args, args.pause is not None, args.pause or args.resume or ())
     if args.rerun is not None:
         if args.json:
             build_parser().error("--json goes with --status, --history or --simulate")
@@ -9176,16 +10826,31 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
-        if command in ("pause", "resume"):
-            return cmd_pause(args, command == "pause")
     except HadaemonError as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_USAGE
+
+
+def main(argv=None):
+    """The command line; a reader that went away (``--status | head -3``) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # As a Unix tool does: no traceback, and no second error when Python flushes
+        # stdout at exit (it goes to /dev/null now).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

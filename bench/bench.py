@@ -34,6 +34,12 @@ One run measures, on this machine and under its current load:
                and PSS, start-up (exec -> first check's result at the master), reload,
                --status and --check-config of that config.  Cost should follow the
                rate, not the count.
+10. notify     200 checks/s (190 trivial at 1 s, a flag check at 100 ms) with the
+               flag flipped every second, each flip a transition and a run:
+               notifications off, then on (a bash receiver appending each event):
+               the master's CPU, result -> action p50 / p99, and, with them on,
+               the notify child's CPU (its commands' included) and an event's
+               time -> its receiver.
 
 Standard library only.  Everything runs in a temp dir; every process started is
 ended by its pid; the only network is the daemon's UNIX socket (and loopback to
@@ -69,7 +75,7 @@ HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http", "scale")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http", "scale", "notify")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
            "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
            "http_p99_ms": 5.0,
@@ -1279,6 +1285,96 @@ def section_scale(tmp, quick, workers, window=None, launcher=()):
 
 
 # ----------------------------------------------------------------------------
+# 10. Notifications on and off (docs/notify.md)
+# ----------------------------------------------------------------------------
+# Section 4's flag check and action, flipped every second under 200 checks/s; the
+# receiver stamps each event as it gets it.
+
+NOTIFY_RECEIVER = """#!/bin/bash
+IFS= read -r event
+printf '%s %s\\n' "$EPOCHREALTIME" "$event" >> {world}/events.log
+"""
+
+
+def notify_config(notify, workers, interval="1s"):
+    lines = ["[daemon]", "workers = %d" % workers, "timeout = 5s"]
+    lines += ["notify = receive"] if notify else []
+    lines += ["", "[local]", "interval = %s" % interval] + ["check_trivial %d" % i for i in range(190)]
+    lines += ["", "[local]", "interval = 100ms", "host = role", "check_flag"]
+    return "\n".join(lines) + "\n"
+
+
+def notify_run(tmp, notify, window, workers, launcher=()):
+    # Started slow and reloaded to the rate, as in section 3: the lag is the steady state's.
+    d = Hadaemon(os.path.join(tmp, "notify-%s" % ("on" if notify else "off")),
+                 notify_config(notify, workers, "60s"), "[any_to_any]\nreact\n", launcher=launcher)
+    d.script("checks/check_trivial", TRIVIAL_CHECK)
+    d.script("checks/check_flag", FLAG_CHECK.format(world=d.world))
+    d.script("actions/react", REACT_ACTION.format(world=d.world))
+    d.script("actions/receive", NOTIFY_RECEIVER.format(world=d.world))
+    flip(os.path.join(d.world, "role"), "up")
+    actions = os.path.join(d.world, "actions.log")
+    try:
+        d.start()
+        wait_for(lambda: read_lines(actions), 20, "the first action")
+        write_file(os.path.join(d.conf, "checks.conf"), notify_config(notify, workers))
+        if not d.request({"cmd": "reload"}).get("ok"):
+            raise RuntimeError("reload refused")
+        time.sleep(2.0)
+        st0 = d.status()
+        workers_now = {w["pid"] for w in st0["daemon"]["workers"]}
+        others0 = set(children_of(d.proc.pid)) - workers_now
+        m0, t0, wall0 = proc_cpu(d.proc.pid), time.monotonic(), time.time()
+        o0 = {pid: sum(proc_times(pid)) for pid in others0}
+        state, n = "up", 0
+        while time.monotonic() - t0 < window:
+            time.sleep(max(0.0, t0 + n + 1 - time.monotonic()))     # a flip every second
+            state = "down" if state == "up" else "up"
+            flip(os.path.join(d.world, "role"), state)
+            n += 1
+        def settled():
+            doc = d.status()
+            return doc["hosts"]["role"]["state"] == state and not doc["daemon"]["queue"] \
+                and doc["daemon"]["action_pid"] is None
+        wait_for(settled, 60, "the last flip's action")
+        m1, t1 = proc_cpu(d.proc.pid), time.monotonic()
+        lasting = others0 & set(children_of(d.proc.pid))       # the notify child (the spare action run changes)
+        other_cpu = sum(sum(proc_times(pid)) - o0[pid] for pid in lasting)
+        st1 = d.status()
+        history = d.history(n + 20)
+        if notify:
+            wait_for(lambda: d.status()["daemon"]["counters"]["notify_waiting"] == 0, 20,
+                     "every event delivered")
+    finally:
+        d.stop()
+    action_start = {int(rec[1]): float(rec[0]) for rec in read_lines(actions)}
+    reaction = [action_start[tr["run"]["id"]] - tr["time"] for tr in history
+                if tr.get("run") and tr["run"]["id"] in action_start and tr["time"] >= wall0]
+    runs0, _ = runs_total(st0)
+    runs1, _ = runs_total(st1)
+    out = {"notify": notify, "flips": n, "transitions": len(reaction), "window_s": round(t1 - t0, 2),
+           "checks_per_s": round((runs1 - runs0) / (t1 - t0), 1),
+           "master_cpu_pct": round(100.0 * (m1 - m0) / (t1 - t0), 2),
+           "result_to_action": summarize(reaction), "lag_p99_ms": st1["daemon"]["lag_ms"]["p99"]}
+    if notify:
+        delivered = []
+        for rec in read_lines(os.path.join(d.world, "events.log")):
+            event = json.loads(" ".join(rec[1:]))
+            delivered.append(float(rec[0]) - event["time"])
+        counted = {c["result"]: c["count"] for c in st1["daemon"]["counters"]["notify_events"]}
+        out.update(events=len(delivered), event_to_receiver=summarize(delivered),
+                   notify_child_cpu_pct=round(100.0 * other_cpu / (t1 - t0), 2),
+                   failed=counted.get("failed"), dropped=counted.get("dropped"))
+    return out
+
+
+def section_notify(tmp, quick, workers, launcher=()):
+    window = 5.0 if quick else 30.0
+    return {"off": notify_run(tmp, False, window, workers, launcher),
+            "on": notify_run(tmp, True, window, workers, launcher)}
+
+
+# ----------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------
 
@@ -1565,6 +1661,25 @@ def render(result):
             add("   footprint at rest (section 5): PSS %.1f MB, RSS %.1f MB in %d processes" % (
                 idle["pss_total_mb"], idle["rss_total_mb"], idle["processes"]))
         load("scale")
+    notify = result.get("notify")
+    if notify:
+        off, on = notify["off"], notify["on"]
+        add("")
+        add("10. notify: %.0f checks/s, a flip (transition and run) every second, %d flips each   "
+            "off       on" % (on["checks_per_s"], on["flips"]))
+        add("   transitions acted on                      %s %s" % (fmt(off["transitions"]), fmt(on["transitions"])))
+        add("   master CPU %%                              %s %s" % (fmt(off["master_cpu_pct"]),
+                                                                   fmt(on["master_cpu_pct"])))
+        for key, label in (("p50_ms", "result -> action p50 ms"), ("p99_ms", "result -> action p99 ms"),
+                           ("max_ms", "result -> action max ms")):
+            add("   %-41s %s %s" % (label, fmt(off["result_to_action"][key]), fmt(on["result_to_action"][key])))
+        add("   schedule lag p99 ms                       %s %s" % (fmt(off["lag_p99_ms"]), fmt(on["lag_p99_ms"])))
+        add("   on: %d events, event -> receiver p50 %s ms, p99 %s ms; the notify child and its commands "
+            "%.2f %% CPU; %s failed, %s dropped" % (
+                on["events"], fmt(on["event_to_receiver"]["p50_ms"], 0).strip(),
+                fmt(on["event_to_receiver"]["p99_ms"], 0).strip(), on["notify_child_cpu_pct"],
+                on["failed"], on["dropped"]))
+        load("notify")
     return "\n".join(lines)
 
 
@@ -1604,7 +1719,8 @@ def main(argv=None):
              ("monit", lambda: section_monit(tmp, args.quick)),
              ("cluster", lambda: section_cluster(tmp, args.quick)),
              ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)),
-             ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)))
+             ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)),
+             ("notify", lambda: section_notify(tmp, args.quick, 2, launcher)))
     result["load"] = {}
     try:
         for name, step in steps:

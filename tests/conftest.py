@@ -57,6 +57,20 @@ def figure(line):
     print(line)
 
 
+def pytest_addoption(parser, pluginmanager):
+    """Plain ``pytest`` without requirements-test.txt: setup.cfg's ``timeout`` (pytest-timeout's)
+    would warn "Unknown config option: timeout"; known here, it is only unused."""
+    if not pluginmanager.has_plugin("timeout"):
+        parser.addini("timeout", "pytest-timeout's limit per test (pytest-timeout is not installed)")
+
+
+def pytest_report_header(config):
+    if not config.pluginmanager.has_plugin("timeout"):
+        return ("pytest-timeout is not installed: no test has a time limit; tests/run installs "
+                "requirements-test.txt into .venv (or pip install -r requirements-test.txt)")
+    return None
+
+
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("figures")
@@ -355,6 +369,9 @@ DAEMON_TESTS = {                                # module::test (any parameters)
     "test_http.py::test_check_config_finds_http_mistakes",
     "test_install.py::test_pip_install_gives_a_hadaemon_command",
     "test_install.py::test_copy_and_run_still_uses_its_own_folder",
+    "test_notify.py::test_notify_webhook_posts_the_event_with_a_text_line",   # receivers on loopback
+    "test_notify.py::test_notify_mail_through_a_local_smtp_sink",
+    "test_notify.py::test_notify_log_writes_one_syslog_line_through_logger",
 }
 
 

@@ -26,6 +26,8 @@ SECTIONS = {
                 "steady.requests_per_s", "steady.keepalives_expected_per_s", "steady.etcd_writes_per_s"],
     "http": ["status.p50_ms", "status.p99_ms", "host.p50_ms", "host.p99_ms", "host_new_connection.p99_ms",
              "lag_p99_ms", "cpu_per_request_ms", "checks_per_s_meanwhile", "status_bytes"],
+    "notify": ["off.master_cpu_pct", "on.master_cpu_pct", "off.result_to_action.p99_ms",
+               "on.result_to_action.p99_ms", "on.event_to_receiver.p99_ms", "on.notify_child_cpu_pct"],
 }
 
 

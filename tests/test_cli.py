@@ -319,14 +319,14 @@ def test_status_json_schema(daemon):
     assert db1["state"] == "master" and db1["pending"] is None and db1["since"] > 0
     assert db1["last_report"]["check"] == "check_role db1"
     assert db1["last_report"]["state"] == "master"
-    assert db2["state"] == "unknown" and db2["pending"] == {"state": "slave", "count": 1}
+    assert db2["state"] == "unknown" and db2["pending"] == {"state": "slave", "count": 1, "window": 2}
 
     by_name = {c["name"]: c for c in doc["checks"]}
     assert set(by_name) == {"check_role db1", "check_role db2"}
     c1 = by_name["check_role db1"]
     assert CHECK_FIELDS <= set(c1)
-    # The check's default host is its file name (it names db1 itself in its output).
-    assert c1["scope"] == "local" and c1["host"] == "check_role"
+    # The host its last run reported (its default host, the file name, only before a run).
+    assert c1["scope"] == "local" and c1["host"] == "db1"
     assert c1["where"] == "%s:8" % (d.dir / "checks.conf")
     assert c1["schedule"] == "every 200ms" and by_name["check_role db2"]["schedule"] == "every 1h"
     assert c1["runs"] >= 1 and c1["next_run"] > time.time() - 5
@@ -351,7 +351,7 @@ def test_status_json_schema(daemon):
     offline = json.loads(d.cli("--status", "--json").stdout)
     assert set(offline) == set(doc)
     assert DAEMON_FIELDS <= set(offline["daemon"])
-    assert offline["hosts"]["db2"]["pending"] == {"state": "slave", "count": 1}
+    assert offline["hosts"]["db2"]["pending"] == {"state": "slave", "count": 1, "window": 2}
     assert {c["name"] for c in offline["checks"]} == set(by_name)
     assert offline["transitions"][0]["id"] == tr["id"]
     assert offline["runs"][0]["state"] == "ok"
@@ -502,7 +502,7 @@ def test_once_twice_with_confirm_2_completes_the_transition(daemon):
     doc = d.status()
     assert doc["daemon"]["running"] is False
     assert doc["hosts"]["db1"]["state"] == "unknown"
-    assert doc["hosts"]["db1"]["pending"] == {"state": "master", "count": 1}
+    assert doc["hosts"]["db1"]["pending"] == {"state": "master", "count": 1, "window": 2}
     assert doc["transitions"] == [] and d.actions_log() == []
     assert gone(d)
 
@@ -646,6 +646,11 @@ def test_graceful_stop_lets_the_running_sequence_finish(daemon, tmp_path):
     d.signal(signal.SIGTERM)
     with notify:
         wait_notify(notify, "STOPPING=1")
+        # systemd is told to wait for what the sequence may still take (its two
+        # commands' timeouts, 60 s each, and the kills), not TimeoutStopSec's 90 s.
+        extend = read_notify(notify, 5)
+        assert extend and extend[0].startswith("EXTEND_TIMEOUT_USEC="), extend
+        assert int(extend[0].split("=")[1]) / 1e6 >= 2 * (60 + 5), extend
         # The loop stays healthy while the sequence finishes: the watchdog goes on.
         assert read_notify(notify, 5) == ["WATCHDOG=1"]
         assert read_notify(notify, 5) == ["WATCHDOG=1"]

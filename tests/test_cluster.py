@@ -1493,3 +1493,41 @@ def test_pause_status_reload_and_stop(ha):
     assert "steps down: the daemon stops" in d.log()
     doc = json.loads(d.cli("--status", "--json").stdout)          # offline, from its own db
     assert doc["daemon"]["cluster"]["role"] == "none" and doc["hosts"]["db1"]["state"] == "slave"
+
+
+def test_notify_events_of_a_cluster(ha):
+    """docs/notify.md: the leader sends transition, run and leader events (a new leader its
+    own), every member its own daemon events; seq counts per member."""
+    cl = ha(hosts=("db1",))
+    events_log = cl.log.parent / "events.log"
+    for d in cl.daemons.values():
+        d.script("actions/note", 'cat >> "%s"\n' % events_log)
+        conf = d.dir / "checks.conf"
+        conf.write_text(conf.read_text().replace("[daemon]\n", "[daemon]\nnotify = note\n", 1))
+    cl.set("db1", "master")
+    cl.start()
+    leader, epoch = cl.leader()
+    cl.wait_settled({"db1": "master"})
+
+    def events():
+        try:
+            return [json.loads(line) for line in events_log.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+    wait_for(lambda: len([e for e in events() if e["kind"] == "run"]) >= 2, timeout=15,
+             what="the run's events")
+    cl.daemons[leader].kill9()
+    new, new_epoch = cl.leader(without=(leader,))
+    wait_for(lambda: [e for e in events() if e["kind"] == "leader" and e["node"] == new], timeout=15,
+             what="the new leader's event")
+    evs = events()
+    for node in cl.daemons:
+        seqs = [e["seq"] for e in evs if e["node"] == node]
+        assert seqs == list(range(1, len(seqs) + 1)), (node, seqs)
+        assert [e["event"] for e in evs if e["node"] == node and e["kind"] == "daemon"][:1] == ["started"]
+    assert [(e["node"], e["leader"], e["epoch"]) for e in evs if e["kind"] == "leader"] == [
+        (leader, leader, epoch), (new, new, new_epoch)]
+    acted = [e for e in evs if e["kind"] in ("transition", "run")]
+    assert {e["node"] for e in acted} == {leader}
+    assert [(e["kind"], e.get("to") or e.get("result")) for e in acted] == [
+        ("transition", "master"), ("run", "running"), ("run", "ok")]

@@ -381,7 +381,10 @@ def sample_doc():
                                                  "count": 1},
                                                 {"host": "db2", "from": "slave", "to": "master", "count": 2}],
                                 "action_runs": [{"section": "any_to_master", "result": "ok", "count": 2},
-                                                {"section": 'db2: "x"\\y', "result": "failed", "count": 1}]}},
+                                                {"section": 'db2: "x"\\y', "result": "failed", "count": 1}],
+                                "notify_events": [{"result": "ok", "count": 5}, {"result": "failed", "count": 1},
+                                                  {"result": "dropped", "count": 0}],
+                                "notify_waiting": 3}},
         "hosts": {
             "db1": {"state": "master", "since": now - 120, "pending": None,
                     "last_report": {"time": now - 1, "check": "check_role db1", "state": "master"}},
@@ -864,7 +867,7 @@ def test_page_escapes_everything_and_loads_nothing():
     page = hadaemon.http_views.render_page(sample_doc())
     tags = PageTags()
     tags.feed(page)
-    assert tags.names <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "table",
+    assert tags.names <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "div", "table",
                           "thead", "tbody", "tr", "th", "td", "footer", "a"}, tags.names
     assert not [a for a in tags.attributes if a.startswith("on") or a == "src"], tags.attributes
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
@@ -919,6 +922,8 @@ SPEC_FAMILIES = {
     "hadaemon_check_skipped_total": "counter", "hadaemon_check_duration_seconds": "gauge",
     "hadaemon_schedule_lag_seconds": "summary", "hadaemon_action_queue_length": "gauge",
     "hadaemon_actions_paused": "gauge", "hadaemon_workers": "gauge",
+    "hadaemon_notify_events_total": "counter", "hadaemon_notify_waiting": "gauge",
+    "hadaemon_host_paused": "gauge",            # SPEC §12: --pause HOST
 }
 
 
@@ -931,13 +936,18 @@ def test_metrics_families_and_values():
     assert values['hadaemon_host_state{host="db2",state="slave"}'] == "1"
     assert values['hadaemon_transitions_total{host="db2",from="slave",to="master"}'] == "2"
     assert values['hadaemon_action_runs_total{section="db2: \\"x\\"\\\\y",result="failed"}'] == "1"
-    assert values['hadaemon_check_runs_total{check="local|db2|check \\"x\\"\\\\y\\nz"}'] == "0"
+    assert values['hadaemon_check_runs_total{check="check \\"x\\"\\\\y",scope="local",host="db2"}'] == "0"
     assert values['hadaemon_schedule_lag_seconds{quantile="0.99"}'] == "0.0035"
+    doc = sample_doc()
+    doc["daemon"]["lag_ms"]["p50"] = 1.114              # / 1000: 0.0011140000000000002 in floats
+    assert 'hadaemon_schedule_lag_seconds{quantile="0.5"} 0.001114\n' in hadaemon.http_views.render_metrics(doc)
     assert values["hadaemon_schedule_lag_seconds_count"] == "1234"
     assert values["hadaemon_schedule_lag_seconds_sum"] == "0.5675"
     assert values["hadaemon_action_queue_length"] == "1" and values["hadaemon_actions_paused"] == "0"
     assert [values['hadaemon_workers{state="%s"}' % s] for s in ("busy", "idle", "starting")] == ["1", "1", "0"]
-    assert 'hadaemon_check_duration_seconds{check="local|db2' not in text     # never ran: no sample
+    assert 'hadaemon_check_duration_seconds{check="check \\"x' not in text     # never ran: no sample
+    assert [values['hadaemon_notify_events_total{result="%s"}' % r] for r in ("ok", "failed", "dropped")] \
+        == ["5", "1", "0"] and values["hadaemon_notify_waiting"] == "3"
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool is not installed (Debian: prometheus)")
@@ -954,7 +964,8 @@ def test_metrics_of_a_document_without_counters():
     doc["daemon"]["lag_ms"] = None
     families, samples = parse_metrics(hadaemon.http_views.render_metrics(doc))
     assert families == SPEC_FAMILIES
-    assert not [s for s in samples if s[0].startswith(("hadaemon_transitions", "hadaemon_schedule_lag"))]
+    assert not [s for s in samples if s[0].startswith(("hadaemon_transitions", "hadaemon_schedule_lag",
+                                                       "hadaemon_notify"))]
 
 
 def test_http_date_ignores_the_locale():

@@ -8,6 +8,7 @@ Every client is a Debian package (tests/run installs them); a test skips when it
 client is missing.  Every process started here is killed at teardown by its pid.
 """
 
+import html
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import threading
 import time
 
@@ -218,13 +220,17 @@ def routed_to(port):
         return None
 
 
-def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
-    haproxy = need("haproxy")
-    d = daemon
+def haproxy_world(d):
+    """The daemon serving HTTP (db1 master, db2 slave), a backend server for each, a free
+    port for HAProxy's frontend: (http port, backends, frontend port)."""
     port = http_setup(d)
     start_with_http(d, port)
-    backends = {name: Backend(name) for name in ("db1", "db2")}
-    front = free_port()
+    return port, {name: Backend(name) for name in ("db1", "db2")}, free_port()
+
+
+def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
+    haproxy, d = need("haproxy"), daemon
+    port, backends, front = haproxy_world(d)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG.format(front=front, http=port, db1=backends["db1"].port,
                                       db2=backends["db2"].port))
@@ -250,6 +256,130 @@ def test_haproxy_routes_writes_to_the_master(daemon, procs, tmp_path):
             b.close()
 
 
+def example_haproxy_cfg(http, token, **ports):
+    """examples/http/haproxy.cfg as it is, but for its addresses, ports and token: on
+    loopback, hadaemon on ``http``, the servers (db1, db2) and the frontends (write,
+    read) on ``ports``.  Each replacement must find its text: the example may not drift
+    from what the test runs."""
+    text = (EXAMPLES / "haproxy.cfg").read_text()
+    for old, new in (("bind :5000", "bind 127.0.0.1:%d" % ports["write"]),
+                     ("bind :5001", "bind 127.0.0.1:%d" % ports["read"]),
+                     ("check port 8642 addr 10.0.0.5", "check port %d addr 127.0.0.1" % http),
+                     ("server db1 10.0.0.11:5432", "server db1 127.0.0.1:%d" % ports["db1"]),
+                     ("server db2 10.0.0.12:5432", "server db2 127.0.0.1:%d" % ports["db2"]),
+                     ("CHANGE-ME-the-content-of-http.token", token)):
+        assert old in text, "examples/http/haproxy.cfg has no %r any more" % old
+        text = text.replace(old, new)
+    return text
+
+
+def docs_blocks(name):
+    """The fenced blocks of docs/NAME."""
+    return re.findall(r"(?ms)^```[a-z]*\n(.*?)^```", (ROOT / "docs" / name).read_text())
+
+
+def test_haproxy_read_backend_follows_the_standby_lag(daemon, procs, tmp_path):
+    """The example's read backend (/hosts/%[srv_name]/slave?lag_bytes.le=16777216): db2 out
+    while the lag its check reports is over 16 MiB (the reads go to the master), back
+    once it is under again."""
+    haproxy = need("haproxy")
+    d = daemon
+    shown = [b for b in docs_blocks("http.md") if b.startswith(("frontend ", "backend "))]
+    assert any("backend pg_standby" in b for b in shown), shown
+    for block in shown:
+        assert block in (EXAMPLES / "haproxy.cfg").read_text(), \
+            "docs/http.md shows HAProxy lines that are not examples/http/haproxy.cfg's:\n" + block
+    d.script("checks/check_role", """
+        echo "host=$1"
+        echo "state=$(cat "%(w)s/$1")"
+        [ -f "%(w)s/$1.lag" ] && echo "lag_bytes=$(cat "%(w)s/$1.lag")"
+        exit 0
+    """ % {"w": d.world})
+    port = free_port()
+    d.write("http.token", TOKEN + "\n").chmod(0o600)
+    d.write("checks.conf", "[daemon]\nworkers = 2\nhttp = 127.0.0.1:%d\nhttp_token = http.token\n"
+                           "[local]\ninterval = 200ms\ncheck_role db1\ncheck_role db2\n" % port)
+    d.write("actions.conf", "")
+    d.set("db1", "master")
+    d.set("db2", "slave")
+    d.set("db2.lag", "4096")
+    d.start()
+    d.wait_state("db1", "master")
+    d.wait_state("db2", "slave")
+    backends = {name: Backend(name) for name in ("db1", "db2")}
+    write, read = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(example_haproxy_cfg(port, TOKEN, write=write, read=read, db1=backends["db1"].port,
+                                       db2=backends["db2"].port))
+    log_path = tmp_path / "haproxy.log"
+    log = open(log_path, "wb")
+
+    def routes(front, name, timeout):
+        wait_for(lambda: all(routed_to(front) == name for _ in range(5)), timeout=timeout,
+                 what="HAProxy :%d to route to %s (log: %s)" % (front, name, log_path.read_text()[-2000:]))
+
+    auth = [("Authorization", "Bearer " + TOKEN)]
+    try:
+        procs.start([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        routes(write, "db1", 20)
+        routes(read, "db2", 20)
+        d.set("db2.lag", "50000000")                       # 48 MiB behind
+        behind = time.monotonic()
+        routes(read, "db1", 20)                             # no standby fit: the master reads
+        out = time.monotonic() - behind
+        status, _, body = get(port, "/hosts/db2/slave?lag_bytes.le=16777216", auth)
+        assert status == 503 and json.loads(body)["failed"] == {
+            "condition": "lag_bytes.le=16777216", "value": "50000000"}, body
+        d.set("db2.lag", "0")
+        caught_up = time.monotonic()
+        routes(read, "db2", 20)
+        back = time.monotonic() - caught_up
+        figure("haproxy read backend: db2 out %.2fs after its lag went over 16 MiB, back %.2fs after "
+               "it caught up (check interval 200ms; the example's inter 1s fall 2 rise 2)" % (out, back))
+        routes(write, "db1", 5)                             # writes never moved
+        text = log_path.read_text()
+        assert re.search(r"Server pg_standby/db2 is DOWN.*Layer7 wrong status, code: 503", text), text
+        assert re.search(r"Server pg_standby/db2 is UP", text), text
+        assert re.search(r"Server pg_standby/db1 is DOWN.*code: 503", text), text     # a master
+    finally:
+        log.close()
+        for b in backends.values():
+            b.close()
+
+
+def test_the_example_haproxy_cfg_works_with_the_docs_http_setup(daemon, procs, tmp_path):
+    """Issue 23.1: examples/http/haproxy.cfg (whose blocks docs/http.md shows, as the test
+    above checks) in front of docs/http.md's loopback setup without a token (http =
+    127.0.0.1:PORT; the Authorization header left as shipped): the master is UP.  A Host the
+    daemon refuses is logged, once per client and reason."""
+    haproxy, d = need("haproxy"), daemon
+    port, backends, write = haproxy_world(d)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(example_haproxy_cfg(port, "CHANGE-ME-the-content-of-http.token", write=write,
+                                       read=free_port(), db1=backends["db1"].port, db2=backends["db2"].port))
+    log_path = tmp_path / "haproxy.log"
+    log = open(log_path, "wb")
+    try:
+        procs.start([haproxy, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        # db2 (a slave: 503) goes DOWN after two checks; by then a refused db1 would have too.
+        wait_for(lambda: "Server pg_master/db2 is DOWN" in log_path.read_text(), timeout=15,
+                 what="HAProxy to mark db2 down (log: %s)" % log_path.read_text()[-2000:])
+        text = log_path.read_text()
+        assert "Layer7 wrong status, code: 503" in text and "pg_master/db1 is DOWN" not in text, text
+        assert all(routed_to(write) == "db1" for _ in range(5))
+        assert "refused" not in d.log()
+    finally:
+        log.close()
+        for b in backends.values():
+            b.close()
+    # The same check with another Host: refused, and the log says why (once for the two).
+    for _ in range(2):
+        status, _, body = get(port, "/hosts/db1/master", headers=(("Host", "hadaemon"),))
+        assert status == 403 and b"only an IP address or localhost" in body
+    d.wait_log("http: refused GET '/hosts/db1/master' from 127.0.0.1: Host 'hadaemon': without http_token")
+    assert d.log().count("http: refused") == 1, d.tail()
+
+
 # -- promtool --------------------------------------------------------------------------------
 
 def test_promtool_accepts_metrics_and_counters_grow(daemon):
@@ -268,7 +398,7 @@ def test_promtool_accepts_metrics_and_counters_grow(daemon):
         assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
     a = {n + labels: float(v) for n, labels, v in parse_metrics(first)[1]}
     b = {n + labels: float(v) for n, labels, v in parse_metrics(second)[1]}
-    key = 'hadaemon_check_runs_total{check="local|check_role|check_role db1"}'
+    key = 'hadaemon_check_runs_total{check="check_role db1",scope="local"}'
     assert b[key] > a[key] > 0
     assert b["hadaemon_schedule_lag_seconds_count"] > a["hadaemon_schedule_lag_seconds_count"]
     assert b['hadaemon_transitions_total{host="db1",from="master",to="down"}'] == 1
@@ -339,6 +469,33 @@ def test_chromium_renders_the_page_and_the_script_stays_text(daemon, tmp_path):
         path = ROOT / "docs" / "status-page.png" if target == "1" else os.path.abspath(target)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(shot, path)
+
+
+def test_the_page_fits_a_phone(daemon, tmp_path):
+    """Issue 23.9: at 390 px (a phone) the page never scrolls sideways; its tables scroll
+    inside their own box.  The page as served, with a probe that writes the widths."""
+    d = daemon
+    port = http_setup(d)
+    (d.world / "db2.message").write_text("replication lag 123456789 bytes; " * 6 + "\n")
+    start_with_http(d, port)
+    wait_for(lambda: "replication lag" in get(port, "/status")[2].decode(), what="the message")
+    page = get(port, "/")[2].decode()
+    # Headless Chromium's window is at least 500 px wide: the page goes in a frame of 390 px
+    # (srcdoc: the frame is of the wrapper's origin, so its probe may write the widths there).
+    probe = ("<script>var e = document.documentElement; parent.document.documentElement.setAttribute("
+             "'data-fit', e.scrollWidth + ' ' + window.innerWidth + ' ' + "
+             "document.querySelector('table').scrollWidth)</script>")
+    framed = html.escape(page.replace("</body>", probe + "</body>"), quote=True)
+    path = tmp_path / "phone.html"            # a file: no Content-Security-Policy to stop the probe
+    path.write_text('<!DOCTYPE html><html><body style="margin:0"><iframe width="390" height="844" '
+                    'style="border:0" srcdoc="%s"></iframe></body></html>' % framed)
+    dom, err = chromium(path.as_uri(), tmp_path, tmp_path / "phone.png", size=(800, 900))
+    m = re.search(r'data-fit="(\d+) (\d+) (\d+)"', dom)
+    assert m, dom[:2000] + err[-2000:]
+    page_width, viewport, table_width = map(int, m.groups())
+    figure("chromium at 390 px: document.scrollWidth %d, innerWidth %d, first table %d px wide"
+           % (page_width, viewport, table_width))
+    assert viewport == 390 and page_width <= viewport, (page_width, viewport)
 
 
 # -- curl: token, Basic, HTTPS ----------------------------------------------------------------
@@ -479,6 +636,35 @@ tests:
 def test_the_haproxy_example_is_valid():
     haproxy = need("haproxy")
     result = subprocess.run([haproxy, "-c", "-f", str(EXAMPLES / "haproxy.cfg")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_docs_prometheus_steps_make_the_snippet_pass_promtool(tmp_path):
+    """Issue 23.2: docs/http.md's commands, as written there: the token and certificate made in
+    hadaemon's config dir, then the files Prometheus needs made from them, then promtool
+    on the snippet docs/http.md shows (and the example file, copied beside it)."""
+    promtool = need("promtool")
+    need("openssl")
+    docs = (ROOT / "docs" / "http.md").read_text()
+    make = re.search(r"Make the two with, for example:\n\n  ```sh\n(.*?)  ```", docs, re.S).group(1)
+    prom = docs[docs.index("## Prometheus"):]
+    steps, snippet = re.findall(r"```(?:sh|yaml)\n(.*?)```", prom, re.S)[:2]
+    assert "scrape_configs:" in snippet and "promtool check config prometheus.yml" in steps
+    ha, there = tmp_path / "ha", tmp_path / "prometheus"
+    ha.mkdir()
+    there.mkdir()
+    made = subprocess.run(["sh", "-ec", textwrap.dedent(make)], cwd=ha, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (there / "prometheus.yml").write_text(snippet)
+    steps = steps.replace("HA=/etc/hadaemon", "HA=%s" % ha, 1)
+    assert str(ha) in steps
+    env = dict(os.environ, PATH="%s:%s" % (os.path.dirname(promtool), os.environ["PATH"]))
+    result = subprocess.run(["sh", "-ec", steps], cwd=there, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout + result.stderr, result.stdout + result.stderr
+    shutil.copy(EXAMPLES / "prometheus.yml", there / "prometheus.yml")
+    shutil.copy(EXAMPLES / "hadaemon.rules.yml", there / "hadaemon.rules.yml")
+    result = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=there, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -92,6 +92,13 @@ def test_pip_install_gives_a_hadaemon_command(tmp_path):
                     cwd=str(tmp_path))
         assert where.stdout.strip().startswith(str(venv / "lib"))  # the installed copy, not ours
 
+        # --init: the starter config comes from the code (the wheel holds no other file).
+        starter = tmp_path / "starter"
+        made = run([command, "--init", starter], env=clean_env())
+        assert made.returncode == 0, made.stdout + made.stderr
+        checked = run([command, "--config-dir", starter, "--check-config"], env=clean_env())
+        assert checked.returncode == 0 and checked.stdout.startswith("configuration OK"), checked.stdout
+
         conf = small_config(tmp_path / "conf")
         once = run([command, "--config-dir", conf, "--once"], env=clean_env())
         assert once.returncode == 0, once.stdout + once.stderr

@@ -30,7 +30,7 @@ def write_config(root, actions, confirm=2, history=50):
         history = %d
 
         [local]
-        confirm = %d
+        confirm = %s
         host = db1
         /bin/true
 
@@ -79,7 +79,7 @@ class World:
 def test_confirm_counts_reports_in_a_row(tmp_path):
     w = World(tmp_path, "[any_to_any]\n/bin/true\n", confirm=3)
     assert w.report("db1", "master", T0) is None
-    assert w.host("db1") == {"state": "unknown", "since": None, "pending": "master", "count": 1}
+    assert w.host("db1") == {"state": "unknown", "since": None, "pending": "master", "count": 1, "window": 3}
     assert w.report("db1", "master", T0 + 1) is None
     assert w.host("db1")["count"] == 2
     tr = w.report("db1", "master", T0 + 2)

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, alive, wait_for
+from conftest import ROOT, alive, figure, wait_for
 from pgpair import Pair, free_ports, server_setup
 
 import hadaemon.configfiles
@@ -288,3 +288,31 @@ def test_no_promotion_while_the_primary_answers(pg_pair, daemon):
     assert db2.sql("SELECT pg_is_in_recovery()") == ["t"]
     assert middleware.target() == ("127.0.0.1", db1.port)
     assert d.host_state(db2.host) == "slave"
+
+
+def test_check_pg_role_reports_the_standby_lag_in_bytes(pg_pair):
+    """examples' check_pg_role: lag_bytes on the standby, 0 when it has replayed all, more
+    while its replay is paused and the primary writes; none on the primary (SPEC §12's
+    read backend asks /hosts/%[srv_name]/slave?lag_bytes.le=N)."""
+    pair = pg_pair
+    db1, db2 = pair.primary, pair.standby
+
+    def report(server):
+        out = subprocess.run([str(EXAMPLE / "checks" / "check_pg_role"), "127.0.0.1", str(server.port),
+                              server.host], env=pair.client_env, capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    primary = report(db1)
+    assert primary["state"] == "master" and "lag_bytes" not in primary, primary
+    wait_for(lambda: report(db2).get("lag_bytes") == "0", timeout=30, what="the standby to be caught up")
+    assert report(db2)["state"] == "slave"
+    db2.sql("SELECT pg_wal_replay_pause()")
+    db1.sql("INSERT INTO ha_rows (n) SELECT generate_series(1, 20000)")     # ~1 MB of WAL
+    behind = report(db2)
+    assert behind["state"] == "slave" and int(behind["lag_bytes"]) > 500000, behind
+    assert "bytes behind the primary" in behind["message"], behind
+    figure("check_pg_role: lag_bytes=%s on the standby, its replay paused while the primary wrote "
+           "20000 rows" % behind["lag_bytes"])
+    db2.sql("SELECT pg_wal_replay_resume()")
+    wait_for(lambda: report(db2).get("lag_bytes") == "0", timeout=30, what="the standby to catch up")

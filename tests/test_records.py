@@ -186,6 +186,7 @@ def old_daemon_block(cluster=None):
     daemon.update({"paused": False, "queue": [4]})
     daemon.update({"workers": [{"pid": 5, "state": "idle"}], "action_pid": None, "ssh": []})
     daemon["cluster"] = cluster
+    daemon.update({"switchover": None, "paused_hosts": []})     # SPEC §12
     return daemon
 
 
@@ -256,7 +257,8 @@ def test_offline_daemon_block_has_the_online_keys_and_values(tmp_path):
                      "started": None, "uptime": None, "config_dir": "/etc/hadaemon",
                      "state_dir": str(tmp_path), "lag_ms": None, "http": None, "counters": None,
                      "paused": True, "queue": [3, 4], "workers": [], "action_pid": None, "ssh": [],
-                     "cluster": ClusterStatus.offline(SETTINGS).to_wire()}
+                     "cluster": ClusterStatus.offline(SETTINGS).to_wire(), "switchover": None,
+                     "paused_hosts": []}
     Config.cluster = None
     assert DaemonBlock.offline(str(tmp_path), Config, Ledger()).cluster is None
     assert DaemonBlock.offline(str(tmp_path), None, Ledger()).config_dir is None
@@ -271,7 +273,8 @@ def test_offline_status_from_a_state_db(tmp_path):
     doc, ledger = hadaemon.client.offline_status(str(tmp_path))
     assert list(doc) == ["transitions", "runs", "daemon", "hosts", "checks"]
     assert doc["hosts"] == {"db1": {"state": "master", "since": 5.0,
-                                    "pending": {"state": "slave", "count": 1}, "last_report": None}}
+                                    "pending": {"state": "slave", "count": 1}, "last_report": None,
+                                    "paused": False}}
     assert doc["daemon"]["running"] is False and doc["daemon"]["paused"] is True
     assert doc["daemon"]["state_dir"] == str(tmp_path) and doc["checks"] == []
 

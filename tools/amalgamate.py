@@ -38,10 +38,11 @@ TARGET = os.path.join(ROOT, "hadaemon.py")
 # The modules in the order of the shipped file: each uses only those above it.
 ORDER = [
     "base", "cron", "config", "netsettings", "configfiles", "wire", "records", "dumbfiles", "store",
-    "proc", "children", "ssh", "ledger_store", "ledger", "scheduler", "pool", "control",
+    "proc", "children", "ssh", "ledger_store", "switchover", "ledger", "scheduler", "pool", "control",
     "http_proto", "http_views", "http_server",
     "etcd", "cluster_agent", "cluster_member", "cluster_ledger", "cluster_link",
-    "actions", "reload", "master", "whatif", "client", "cli",
+    "actions", "reload", "notify_queue", "notify", "master", "whatif", "client", "opsclient", "checkcmd",
+    "starter", "cli",
 ]
 
 MAP_HEADING = "Modules (src/hadaemon/, in the order of hadaemon.py: each uses only those above it)"

@@ -6,13 +6,14 @@ spawned, ended; the sequence done; in a cluster's leader, whether it still may)
 go to the Ledger; its death ends the run as failed, or interrupted when the
 daemon stops or a cluster's leader steps down.
 
-Uses: base.
+Uses: base, switchover.
 """
 
 import signal
 import time
 
 from .base import ACTION_KILL_GRACE, ProtocolError, format_duration, killpg_quietly, log
+from .switchover import cannot_start
 
 
 def _command_index(run, msg):
@@ -73,8 +74,9 @@ class ActionRuns:
         if run is None:
             return
         now = time.time()
-        if self.ledger.paused:
-            self.ledger.dequeue(run, "skipped", "paused", now)
+        why = cannot_start(self.ledger, run, now)       # paused; a switchover's refusal
+        if why:
+            self.ledger.dequeue(run, why[0], why[1], now)
             return
         try:
             commands = self.ledger.commands_for(run, config)

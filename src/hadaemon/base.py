@@ -53,6 +53,7 @@ ANSWER_STEP = 50                # hosts or checks of a --status answer made betw
 ANSWER_SLICE = 0.002            # seconds a pass of the loop gives to answers and reloads in steps
 ANSWER_BUFFER = 1 << 20         # bytes of an answer waiting for its reader before no more are made
 MAX_WORKERS = 256
+MAX_WINDOW = 100                # confirm = N of M: M at most this (the reports a host record keeps)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 EXIT_STATES = {0: "up", 1: "warning", 2: "down"}
@@ -71,6 +72,12 @@ DAEMON_DEFAULTS = {
     "http": None,         # the status page, JSON and metrics: off unless set (docs/http.md)
     "http_token": None,
     "http_cert": None,
+    "notify": None,       # the command each event runs (SPEC §12, docs/notify.md): off unless set
+    "notify_timeout": 10.0,
+    "switchover_role": "master",        # SPEC §12: the state a switchover moves
+    "switchover_candidate": "slave",    # ... the state its target must be in
+    "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
+    "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
 GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}

@@ -1,12 +1,12 @@
 """Command line: argparse, the commands, the relaunch, main().
 
 Owns the options, the default config and state dirs, each ``cmd_*`` (foreground,
-start, stop, status, reload, pause, check-config, simulate, rerun, once), the
-relaunch that runs the daemon with this file as a module, and main(), which the
-file calls last.
+start, stop, status, reload, check-config, simulate, rerun, once; pause and
+switchover are opsclient's), the relaunch that runs the daemon with this file as a
+module, and main(), which the file calls last.
 
-Uses: base, configfiles, wire, store, ssh, ledger, etcd, cluster_agent, cluster_member,
-      master, whatif, client.
+Uses: base, configfiles, wire, ledger, notify, master, whatif, client, opsclient, checkcmd,
+      starter.
 """
 
 import argparse
@@ -24,15 +24,14 @@ from .base import (
 )
 from .configfiles import load_config
 from .wire import request
-from .store import Store
-from .ssh import connect_ssh_targets, ssh_control_path
 from .ledger import RUN_FINAL
-from .etcd import EtcdClient, EtcdError, connect_etcd_endpoints
-from .cluster_agent import etcd_timeouts
-from .cluster_member import PAUSE_KEY
+from .notify import notify_test
 from .master import Master
 from .whatif import parse_what_if, render_simulation, simulate
-from .client import locked_pid, offline_status, render_history, render_run, render_status, stop_wait
+from .client import ask, locked_pid, offline_status, render_history, render_run, render_status, stop_wait
+from .opsclient import cmd_pause, cmd_switchover
+from .checkcmd import cmd_check_config, config_or_exit
+from .starter import write_starter
 
 
 def default_config_dir(environ):
@@ -69,7 +68,8 @@ def build_parser():
                "program when it holds a checks.conf (copy-and-run: %s), else %s (an installed "
                "hadaemon).  State dir: --state-dir, else $HADAEMON_STATE_DIR, else %s when the "
                "config dir is %s, else CONFIGDIR/var.  "
-               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status)."
+               "Exit codes: 0 ok, 1 failure or invalid config, 2 usage, 3 not running (--status, "
+               "--reload, --rerun)."
                % (here, SYSTEM_CONFIG_DIR, SYSTEM_STATE_DIR, SYSTEM_CONFIG_DIR))
     p.add_argument("--config-dir", metavar="DIR",
                    help="folder with checks.conf, actions.conf, checks/, actions/ (default: "
@@ -87,17 +87,22 @@ def build_parser():
     add("--status", dest="command", action="store_const", const="status",
         help="daemon, hosts, checks, last transitions and runs; exit 0 running, 3 not running")
     add("--reload", dest="command", action="store_const", const="reload",
-        help="re-read both files; an invalid config is refused (errors printed, exit 1)")
+        help="re-read both files; an invalid config is refused (errors printed, exit 1); "
+             "exit 3 not running")
     add("--check-config", "-t", dest="command", action="store_const", const="check",
         help="validate both files and every command they name; exit 0 or 1")
     add("--once", dest="command", action="store_const", const="once",
         help="cron mode: run every check once, apply transitions, run their actions, exit")
     add("--history", dest="history", nargs="?", type=int, const=20, metavar="N",
         help="the N newest transitions (default 20), each with its action run")
-    add("--pause", dest="command", action="store_const", const="pause",
-        help="stop running action sequences (they are recorded as skipped); checks go on")
-    add("--resume", dest="command", action="store_const", const="resume",
-        help="run action sequences again")
+    add("--pause", nargs="*", metavar="HOST",
+        help="stop running action sequences (they are recorded as skipped), of HOSTs only when "
+             "given; checks go on")
+    add("--resume", nargs="*", metavar="HOST",
+        help="run action sequences again (of HOSTs only when given: the global pause stays)")
+    add("--switchover", nargs="?", const="", metavar="TO",
+        help="move the role (switchover_role) from the one host holding it to TO by the "
+             "[switchover] section; exit 0 once queued or scheduled, 1 refused (saying why)")
     add("--simulate", nargs=2, metavar=("HOST", "FROM_to_TO"),
         help="print the section and the commands that would run if HOST went FROM -> TO now "
              "(states from the daemon, else the state db); runs and changes nothing; exit 0 "
@@ -105,38 +110,39 @@ def build_parser():
     add("--rerun", type=int, metavar="RUN_ID",
         help="queue the section of an ended run again (same host and transition, the "
              "states of now) as a new run; needs the daemon (exit 3); exit 0 once queued")
+    add("--notify-test", dest="command", action="store_const", const="notify-test",
+        help="run the notify command once with a test event, no daemon; exit 0 when it exited 0")
+    add("--init", metavar="DIR",
+        help="write a commented starter config into DIR (made if missing; a checks.conf or "
+             "actions.conf there is never overwritten), one that passes --check-config")
     add("--version", action="version", version="hadaemon " + __version__)
     p.add_argument("--wait", action="store_true",
-                   help="with --rerun: wait until the new run ends; exit 0 ok, 1 otherwise")
+                   help="with --rerun or --switchover: wait until the run ends; exit 0 ok, 1 otherwise")
+    p.add_argument("--from", dest="frm", metavar="FROM",
+                   help="with --switchover: the host that holds the role now (refused if not)")
+    p.add_argument("--at", metavar="TIME",
+                   help="with --switchover: HH:MM (the next), 'YYYY-MM-DD HH:MM' (local) or +DURATION")
+    p.add_argument("--cancel", action="store_true",
+                   help="with --switchover: drop the one scheduled or still queued")
     p.add_argument("--set", action="append", default=[], metavar="HOST=STATE",
                    help="with --simulate: pretend HOST is in STATE (repeat for more hosts)")
     p.add_argument("--json", action="store_true",
                    help="with --status, --history or --simulate: print JSON")
     p.add_argument("--connect", action="store_true",
-                   help="with --check-config: also try each ssh target once")
+                   help="with --check-config: also try each ssh target and each etcd endpoint "
+                        "of [cluster] once")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="how long --stop waits (default: enough for the longest action "
-                        "sequence), --start (default: 30) or --rerun --wait (default: no limit)")
-    p.add_argument("--debug", action="store_true", help="log every scheduling decision")
+                        "sequence), --start (default: 30) or --rerun / --switchover --wait "
+                        "(default: no limit)")
+    p.add_argument("--debug", action="store_true",
+                   help="log at debug level too: each check's result, each HTTP request, a check "
+                        "skipped because its previous run still ran, ssh and cluster details")
     return p
 
 
-def _config_or_exit(config_dir, origin=None):
-    try:
-        return load_config(config_dir)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        if origin and not os.path.isfile(os.path.join(config_dir, "checks.conf")):
-            print("the config dir %s is %s; give --config-dir DIR or set HADAEMON_CONFIG_DIR"
-                  % (config_dir, origin), file=sys.stderr)
-        print("%d error%s: nothing was started or changed" % (len(exc.errors), "s" * (len(exc.errors) > 1)),
-              file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_foreground(args, once=False):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     try:
         ensure_state_dir(args.state_dir)
         setup_logging(config.daemon.log or "stderr", args.state_dir, args.debug)
@@ -153,7 +159,7 @@ def _no_pid(state_dir):
 
 
 def cmd_start(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid == -1:
         return _no_pid(args.state_dir)
@@ -249,18 +255,10 @@ def cmd_stop(args):
     return EXIT_FAIL
 
 
-def _ask(args, message):
-    try:
-        return request(args.state_dir, message)
-    except (OSError, HadaemonError) as exc:
-        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
-        sys.exit(EXIT_FAIL)
-
-
 def cmd_status(args):
     pid = locked_pid(args.state_dir)
     if pid:
-        doc = _ask(args, {"cmd": "status"})
+        doc = ask(args, {"cmd": "status"})
     else:
         try:
             config = load_config(args.config_dir)
@@ -273,7 +271,7 @@ def cmd_status(args):
 
 def cmd_history(args):
     if locked_pid(args.state_dir):
-        entries = _ask(args, {"cmd": "history", "n": args.history})["history"]
+        entries = ask(args, {"cmd": "history", "n": args.history})["history"]
     else:
         entries = offline_status(args.state_dir)[1].history(args.history)
     print(json.dumps(entries, indent=2) if args.json else render_history(entries))
@@ -285,7 +283,7 @@ def cmd_reload(args):
     if not pid:
         print("hadaemon not running", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "reload"})
+    answer = ask(args, {"cmd": "reload"})
     if answer.get("ok"):
         print("configuration reloaded")
         return EXIT_OK
@@ -295,84 +293,6 @@ def cmd_reload(args):
     return EXIT_FAIL
 
 
-def cmd_pause(args, paused):
-    try:
-        cluster = load_config(args.config_dir).cluster
-    except ConfigError:
-        cluster = None
-    if cluster is not None:
-        return cmd_pause_cluster(args, cluster, paused)
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-    else:
-        ensure_state_dir(args.state_dir)
-        lock = PidLock(args.state_dir)
-        if not lock.acquire():
-            return cmd_pause(args, paused)
-        store = Store(args.state_dir)
-        try:
-            store.open()
-            meta = dict(store.data.get("meta") or {})
-            meta["paused"] = paused
-            store.commit({"meta": meta})
-        finally:
-            store.close()
-            lock.release()
-    print("actions %s" % ("paused: transitions are recorded, sequences skipped" if paused else "resumed"))
-    return EXIT_OK
-
-
-def cmd_pause_cluster(args, cluster, paused):
-    """--pause / --resume of a cluster member: the whole cluster, through etcd."""
-    word = "paused" if paused else "resumed"
-    if locked_pid(args.state_dir):
-        _ask(args, {"cmd": "pause" if paused else "resume"})
-        deadline = time.monotonic() + (args.timeout or 3.0 * cluster.ttl + 5.0)
-        while time.monotonic() < deadline:
-            if _ask(args, {"cmd": "status"})["daemon"]["paused"] == paused:
-                print("cluster %s: actions %s on every member" % (cluster.name, word))
-                return EXIT_OK
-            time.sleep(0.05)
-        print("hadaemon: asked, but etcd has not confirmed it: is etcd reachable? (see the log)",
-              file=sys.stderr)
-        return EXIT_FAIL
-    _, timeout = etcd_timeouts(cluster.ttl)
-    client = EtcdClient.for_cluster(cluster, max(timeout, 2.0))
-    try:
-        client.put(cluster.prefix + PAUSE_KEY, json.dumps(
-            {"paused": paused, "by": cluster.node, "time": time.time()}))
-    except EtcdError as exc:
-        print("hadaemon: cannot write to etcd, the cluster is not %s: %s" % (word, exc), file=sys.stderr)
-        return EXIT_FAIL
-    finally:
-        client.close()
-    print("cluster %s: actions %s on every member (written to etcd; this daemon is not running)"
-          % (cluster.name, word))
-    return EXIT_OK
-
-
-def cmd_check_config(args):
-    config = _config_or_exit(args.config_dir, args.config_origin)
-    print("configuration OK: %d checks in %d groups, %d action sections, %d workers"
-          % (len(config.checks), len(config.groups), len(config.sections), config.daemon.workers))
-    for group in config.groups:
-        if group.scope.kind == "ssh" and ssh_control_path(group, args.state_dir) is None:
-            print("warning: [%s]: the state dir path %s is too long for an ssh control socket; its "
-                  "checks would run without connection reuse" % (group.scope.name, args.state_dir))
-    if not args.connect:
-        return EXIT_OK
-    results = connect_ssh_targets(config)
-    for group, error, took in results:
-        print("ssh [%s] (%s): %s" % (group.scope.name, group.where,
-                                     "FAILED: %s" % error if error else "ok in %.2fs" % took))
-    failed = any(error for _, error, _ in results)
-    if config.cluster is not None:
-        for url, error, what in connect_etcd_endpoints(config.cluster):
-            print("etcd %s: %s" % (url, "FAILED: %s" % error if error else what))
-            failed = failed or bool(error)
-    elif not results:
-        print("no ssh targets or etcd endpoints to try")
-    return EXIT_FAIL if failed else EXIT_OK
 
 
 def cmd_simulate(args):
@@ -382,10 +302,10 @@ def cmd_simulate(args):
     except ValueError as exc:
         print("hadaemon: --simulate: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    config = _config_or_exit(args.config_dir, args.config_origin)
+    config = config_or_exit(args.config_dir, args.config_origin)
     pid = locked_pid(args.state_dir)
     if pid and pid > 0:
-        status = _ask(args, {"cmd": "status"})
+        status = ask(args, {"cmd": "status"})
         source = "daemon"
     else:
         try:
@@ -413,7 +333,7 @@ def cmd_rerun(args):
         print("hadaemon not running: --rerun needs the daemon (the run goes through its queue)",
               file=sys.stderr)
         return EXIT_NOT_RUNNING
-    answer = _ask(args, {"cmd": "rerun", "run": args.rerun})
+    answer = ask(args, {"cmd": "rerun", "run": args.rerun})
     if not answer.get("ok"):
         for line in answer.get("errors") or ["refused"]:
             print("hadaemon: --rerun %d: %s" % (args.rerun, line), file=sys.stderr)
@@ -422,8 +342,10 @@ def cmd_rerun(args):
     what = "rerun of #%d [%s] for %s %s -> %s" % (run["rerun_of"], run["section"], run["host"],
                                                   run["from"], run["to"])
     if run["state"] == "skipped":
-        print("run #%d (%s) recorded as skipped (paused): actions are paused; hadaemon --resume, "
-              "then --rerun %d again" % (run["id"], what, args.rerun))
+        host = run["reason"][len("paused "):] if run.get("reason", "").startswith("paused ") else ""
+        print("run #%d (%s) recorded as skipped (%s): actions are paused%s; hadaemon --resume%s, "
+              "then --rerun %d again" % (run["id"], what, run["reason"], " for " + host if host else "",
+                                         " " + host if host else "", args.rerun))
         return EXIT_FAIL
     if run["state"] != "queued":
         print("run #%d (%s) %s at once: %s" % (run["id"], what, run["state"], run.get("reason")))
@@ -464,7 +386,7 @@ def wait_run(args, run_id):
 
 
 def cmd_once(args):
-    if _config_or_exit(args.config_dir, args.config_origin).cluster is not None:
+    if config_or_exit(args.config_dir, args.config_origin).cluster is not None:
         print("hadaemon: refusing --once: this daemon is a member of a [cluster], where the "
               "leader alone acts; run it as a daemon", file=sys.stderr)
         return EXIT_FAIL
@@ -537,7 +459,7 @@ def relaunch_as_module(argv):
             os.close(fd)
 
 
-def main(argv=None):
+def run_command(argv):
     args = build_parser().parse_args(argv)
     args.config_origin = None
     if args.config_dir is None:
@@ -546,12 +468,22 @@ def main(argv=None):
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir(args.config_dir, os.environ))
     if args.set and args.simulate is None:
         build_parser().error("--set goes with --simulate")
+    if args.init is not None:
+        return write_starter(args.init)
     if args.history is not None:
         return cmd_history(args)
     if args.simulate is not None:
         return cmd_simulate(args)
-    if args.wait and args.rerun is None:
-        build_parser().error("--wait goes with --rerun")
+    if args.wait and args.rerun is None and args.switchover is None:
+        build_parser().error("--wait goes with --rerun or --switchover")
+    if (args.frm or args.at or args.cancel) and args.switchover is None:
+        build_parser().error("--from, --at and --cancel go with --switchover")
+    if args.switchover is not None:
+        if args.json:
+            build_parser().error("--json goes with --status, --history or --simulate")
+        return cmd_switchover(args)
+    if args.pause is not None or args.resume is not None:
+        return cmd_pause(args, args.pause is not None, args.pause or args.resume or ())
     if args.rerun is not None:
         if args.json:
             build_parser().error("--json goes with --status, --history or --simulate")
@@ -576,13 +508,28 @@ def main(argv=None):
             return cmd_reload(args)
         if command == "check":
             return cmd_check_config(args)
+        if command == "notify-test":
+            return notify_test(config_or_exit(args.config_dir, args.config_origin), args.state_dir)
         if command == "once":
             return cmd_once(args)
-        if command in ("pause", "resume"):
-            return cmd_pause(args, command == "pause")
     except HadaemonError as exc:
         print("hadaemon: %s" % exc, file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
     return EXIT_USAGE
+
+
+def main(argv=None):
+    """The command line; a reader that went away (``--status | head -3``) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # As a Unix tool does: no traceback, and no second error when Python flushes
+        # stdout at exit (it goes to /dev/null now).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return EXIT_FAIL

@@ -1,17 +1,21 @@
-"""Control client: --status, --stop, --reload, --history, --pause, --resume.
+"""Control client: --status, --stop, --reload, --history.
 
 Owns what the command line asks the running daemon over its socket, and what it
 reads from the state db when no daemon runs (offline status, history), and the
 rendering of both for a person.
 
-Uses: base, records, store, ledger_store, ledger, scheduler.
+Uses: base, wire, records, store, ledger_store, ledger, scheduler.
 """
 
 import collections
 import os
+import sys
 import time
 
-from .base import ACTION_KILL_GRACE, PidLock, format_ago, format_duration, format_time
+from .base import (
+    ACTION_KILL_GRACE, EXIT_FAIL, HadaemonError, PidLock, format_ago, format_duration, format_time,
+)
+from .wire import request
 from .records import DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
@@ -31,6 +35,15 @@ def offline_status(state_dir, config=None, last=20):
     doc = StatusDoc(recent["transitions"], recent["runs"], DaemonBlock.offline(state_dir, config, ledger),
                     ledger.host_entries(), checks)
     return doc.to_wire(), ledger
+
+
+def ask(args, message):
+    """One request to the daemon on ``args.state_dir``; it cannot be reached: exit 1."""
+    try:
+        return request(args.state_dir, message)
+    except (OSError, HadaemonError) as exc:
+        print("hadaemon: cannot reach the daemon on %s: %s" % (args.state_dir, exc), file=sys.stderr)
+        sys.exit(EXIT_FAIL)
 
 
 def locked_pid(state_dir, wait=2.0):
@@ -143,6 +156,12 @@ def _render_daemon(doc):
     else:
         head = "hadaemon %s: not running (the last known state)" % d["version"]
     out.append(head + ("; ACTIONS PAUSED" if d["paused"] else "; actions enabled"))
+    if d.get("paused_hosts"):
+        out.append(_clip("ACTIONS PAUSED FOR %s (hadaemon --resume HOST...)" % ", ".join(d["paused_hosts"]), 80))
+    if d.get("switchover"):
+        swo = d["switchover"]
+        out.append("switchover %s -> %s scheduled at %s (%s)" % (swo["from"], swo["to"], format_time(swo["at"]),
+                                                                format_ago(swo["at"])))
     # Paths on lines of their own: only a path longer than the terminal is cut by it.
     if d.get("config_dir"):
         out.append("config  %s" % d["config_dir"])
@@ -180,7 +199,8 @@ def _render_hosts(hosts):
     for name, h in list(shown.items())[:STATUS_ROWS]:
         pending = "%s %d" % (h["pending"]["state"], h["pending"]["count"]) if h["pending"] else "-"
         last = h.get("last_report") or {}
-        rows.append((name, h["state"], "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
+        rows.append((name + (" PAUSED" if h.get("paused") else ""), h["state"],
+                     "%s (%s)" % (_clock(h["since"]), format_ago(h["since"])),
                      pending, format_ago(last.get("time")) if last else "-"))
     if len(rows) > 1:
         out += _table(rows, (14, 10, 22, 12, 16)) + _more(len(shown))
@@ -210,8 +230,7 @@ def _render_checks(checks):
         reported = ",".join(sorted(set((last.get("reports") or {}).values()))) or \
             ("rejected" if last.get("rejected") else "-")
         took = format_duration(last["duration"]) if last.get("duration") else "-"
-        hosts = ",".join(sorted(last.get("reports") or {})) or c["host"]
-        rows.append((c["name"], hosts, reported,
+        rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
                      format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
                      "-" if c.get("skipped") is None else c["skipped"]))
@@ -227,8 +246,9 @@ def _render_history(doc):
     rows = [("#", "WHEN", "HOST", "FROM -> TO", "RUN")]
     for tr in doc["transitions"][:8]:
         rows.append((tr["id"], _clock(tr["time"]), tr["host"], "%s -> %s" % (tr["from"], tr["to"]),
+                     "switchover #%s" % tr["switchover"] if tr.get("switchover") is not None else
                      "-" if tr.get("run") is None else "#%s" % tr["run"]))
-    out += _table(rows, (5, 9, 14, 26, 8)) if len(rows) > 1 else ["  none"]
+    out += _table(rows, (5, 9, 14, 26, 14)) if len(rows) > 1 else ["  none"]
     out.append("")
     out.append("LAST ACTION RUNS")
     rows = [("#", "SECTION", "HOST", "RESULT", "CMDS", "TOOK")]
@@ -272,9 +292,15 @@ def render_history(entries):
         return "no transitions recorded"
     out = []
     for tr in entries:
-        out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
-            tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
+        if isinstance(tr.get("switchover"), dict):         # a switchover's own entry
+            out.append("      %s  switchover %s -> %s (asked)" % (format_time(tr["time"]), tr["from"], tr["to"]))
+        else:
+            out.append("#%-4d %s  %s: %s -> %s  (by %s)" % (
+                tr["id"], format_time(tr["time"]), tr["host"], tr["from"], tr["to"], tr.get("check")))
         run = tr.get("run")
+        if tr.get("switchover") is not None and not isinstance(tr["switchover"], dict):
+            out.append("      expected by switchover run #%d: no action section" % tr["switchover"])
+            continue
         if run is None:
             out.append("      no action section")
             continue

@@ -16,11 +16,13 @@ they keep what they decide when the ledger is shared:
                ledger then rereads it (ClusterLink); a leader, whose memory runs
                ahead of etcd by its writes in flight, rereads it whole when it
                takes over, and again when it steps down.
-  paused()     the /pause key, which any member may write.
+  paused()     the /pause key, which any member may write; likewise paused_hosts()
+               (hostpause/HOST) and the last switchover request (switchover).
 
-Keys under /hadaemon/NAME/: leader, members/NODE, pause, ledger/meta (next ids),
-ledger/queue, ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so
-they sort; the leader deletes what falls out of its history).
+Keys under /hadaemon/NAME/: leader, members/NODE, pause, hostpause/HOST, switchover
+(a request), ledger/meta (next ids), ledger/queue, ledger/switchover (switchover.py's
+book), ledger/host/HOST, ledger/tr/ID, ledger/run/ID (IDs zero-padded so they sort;
+the leader deletes what falls out of its history).
 
 Uses: base, store, ledger_store, cluster_member.
 """
@@ -30,7 +32,7 @@ import json
 from .base import log
 from .store import well_formed
 from .ledger_store import LedgerStore, Snapshot
-from .cluster_member import LEDGER_KEYS, MEMBER_KEYS, PAUSE_KEY
+from .cluster_member import HOSTPAUSE_KEYS, LEDGER_KEYS, MEMBER_KEYS, PAUSE_KEY, SWITCHOVER_KEY
 
 
 def ledger_to_etcd(changes, cap):
@@ -48,6 +50,8 @@ def ledger_to_etcd(changes, cap):
         puts[LEDGER_KEYS + "queue"] = list(changes.queue)
     if changes.meta is not None:
         puts[LEDGER_KEYS + "meta"] = {k: changes.meta[k] for k in ("next_transition", "next_run")}
+    if changes.switchover is not None:
+        puts[LEDGER_KEYS + "switchover"] = changes.switchover
     return puts, deletes
 
 
@@ -63,7 +67,7 @@ def ledger_from_etcd(key, value, cap):
                                         "pending": None, "count": 0}
     elif kind in ("tr", "run") and rest.isdigit() and cap:
         local = "%s:%d" % (kind, int(rest) % cap)
-    elif name in ("queue", "meta"):
+    elif name in ("queue", "meta", "switchover"):
         local = name
     else:
         return None
@@ -85,6 +89,7 @@ class EtcdStore(LedgerStore):
         self.node = member.node
         self.puts, self.deletes, self.size = {}, set(), 0
         self.views_changed = False      # the leader has views to weigh
+        self.hosts_paused = set()       # the mirror's hostpause/HOST keys, as mirrored() last saw them
         self.last_write = 0             # request id of our newest ledger write (None: dropped)
         self.acked = 0                  # ... and of the newest etcd acknowledged
 
@@ -148,6 +153,22 @@ class EtcdStore(LedgerStore):
         self.member.set_pause(paused)
         return paused
 
+    def paused_hosts(self):
+        """As the mirror shows them; before it arrives, as the local copy kept them."""
+        return self.hosts_paused if self.member.synced else self.local.paused_hosts()
+
+    def set_hosts_paused(self, hosts, paused):
+        """Asked: etcd has it when the mirror shows it (then ``paused_hosts`` says so)."""
+        for host in hosts:
+            self.member.put_word(HOSTPAUSE_KEYS + host, {"paused": bool(paused)})
+        return self.hosts_paused | set(hosts) if paused else self.hosts_paused - set(hosts)
+
+    def switchover_request(self):
+        return self.member.word(SWITCHOVER_KEY)
+
+    def put_switchover_request(self, request):
+        self.member.put_word(SWITCHOVER_KEY, request)
+
     def publish_view(self, view):
         self.member.set_view(view)
         self.views_changed = True
@@ -166,6 +187,9 @@ class EtcdStore(LedgerStore):
         if "meta" in changes or PAUSE_KEY in keys:
             meta = changes.get("meta") or self.local.data.get("meta") or {}
             changes["meta"] = dict(meta, paused=self.member.paused())
+        if any(k.startswith(HOSTPAUSE_KEYS) for k in keys):
+            self.hosts_paused = self.member.paused_hosts()
+            changes["hostpause"] = sorted(self.hosts_paused)
         if changes:
             self.local.store.commit(changes)
         return bool(changes)

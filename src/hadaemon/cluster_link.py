@@ -55,7 +55,7 @@ class ClusterLink:
             elif note[0] == "written":
                 self.store.written(note[1], note[2])
             elif note[0] == "paused" and note[2]:
-                log.error("cluster: pause / resume not written: %s", note[2])
+                log.error("cluster: a request (pause, resume, switchover) not written: %s", note[2])
         if self.member.stepping is not None:
             self.stepping(now)
         elif self.leave_by is not None and agent is not None and agent.kill_at is None and \
@@ -123,6 +123,7 @@ class ClusterLink:
         what was running under one of them is interrupted, never run again."""
         ledger = self.ledger
         ledger.reread()
+        ledger.notify("leader", leader=self.member.node, epoch=self.member.epoch)
         ledger.interrupt_running(lambda run: "its leader (%s, epoch %s) lost the lead while it ran"
                                  % ("?" if run.node is None else run.node,
                                     "?" if run.node is None else run.epoch), now)

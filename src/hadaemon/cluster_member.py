@@ -31,6 +31,7 @@ Uses: base, records, cluster_agent.
 import collections
 import itertools
 import os
+import socket
 import time
 
 from .base import ACTION_KILL_GRACE, ProtocolError, log
@@ -49,6 +50,8 @@ LEADER_KEY = "leader"
 MEMBER_KEYS = "members/"
 LEDGER_KEYS = "ledger/"
 PAUSE_KEY = "pause"
+HOSTPAUSE_KEYS = "hostpause/"       # hostpause/HOST: {"paused": bool} (SPEC §12: --pause HOST)
+SWITCHOVER_KEY = "switchover"       # the last --switchover request a member stored
 
 
 def agreed_state(current, seen, quorum):
@@ -62,6 +65,19 @@ def agreed_state(current, seen, quorum):
     if not best or (len(best) > 1 and best[-1][0] == best[-2][0]):
         return None
     return best[-1][1]
+
+
+def pid_alive(pid):
+    """True when a process ``pid`` (an int) exists."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class ClusterMember:
@@ -96,6 +112,8 @@ class ClusterMember:
         self.notes = collections.deque()    # for the master: ("acting", epoch), ("step_down", why),
         #                                     ("mirror", keys), ("written", id, result)
         self.unreachable_logged = False
+        self.hostname = socket.gethostname()    # in our member key: another member of our name names us
+        self.conflict = None                # why we refuse: another live member has our node name
 
     # -- the clock ---------------------------------------------------------------------
 
@@ -145,7 +163,7 @@ class ClusterMember:
         if self.valid_until is not None and now >= self.valid_until:
             self.lost_lease("could not renew its lease", now)
         quarter = self.settings.ttl / float(RENEWS_PER_TTL)
-        if not self._busy("renew") and now >= self.next_renew:
+        if not self._busy("renew") and now >= self.next_renew and not self.conflict:
             self.next_renew = now + quarter
             self._request("renew", extra=now, lease=self.lease, ttl=self.settings.ttl)
         if self.abandoned and not self._busy("revoke") and now >= self.next_revoke:
@@ -153,23 +171,42 @@ class ClusterMember:
             # was unreachable would hold our old keys (the leader key!) another ttl.
             self.next_revoke = now + quarter
             self._request("revoke", extra=self.abandoned[0], lease=self.abandoned[0])
-        if self.role == "none" or self.renew_failed:
+        if self.role == "none" or self.renew_failed or self.conflict:
             return
         if self.view != self.published and not self._busy("put") and now >= self.next_put:
-            value = {"hosts": dict(self.view), "pid": os.getpid()}
-            self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
-                          value=value, lease=self.lease)
+            self._put_view()
         if self.role == "follower" and self.synced and LEADER_KEY not in self.mirror \
                 and not self._busy("campaign") and now >= self.next_campaign:
             self.next_campaign = now + quarter
             self._request("campaign", lease=self.lease,
                           value={"node": self.node, "pid": os.getpid(), "since": time.time()})
 
+    def _put_view(self):
+        value = {"hosts": dict(self.view), "pid": os.getpid(), "host": self.hostname}
+        self._request("put", extra=("view", dict(self.view)), key=MEMBER_KEYS + self.node,
+                      value=value, lease=self.lease)
+
+    def _check_same_node(self, keys, now):
+        """Another member with our node name: both leave and refuse (other_same_node)."""
+        other = other_same_node(self, keys)
+        if other is None:
+            return
+        self.conflict = ("another member uses node = %s: pid %s on host %s; both refuse: give each "
+                         "member a node name of its own ([cluster] node in checks.conf)"
+                         % (self.node, other.get("pid"), other.get("host")))
+        log.error("cluster %s: %s", self.settings.name, self.conflict)
+        self._put_view()
+        self.lost_lease(self.conflict, now)
+
     def set_pause(self, paused):
-        """Pause or resume the whole cluster (any member may: it is the operator's word).
-        A ("paused", id, error) note follows."""
-        return self._request("put", extra=("pause", None), key=PAUSE_KEY, lease=None,
-                             value={"paused": bool(paused), "by": self.node, "time": time.time()})
+        """Pause or resume the whole cluster (any member may: it is the operator's word)."""
+        return self.put_word(PAUSE_KEY, {"paused": bool(paused)})
+
+    def put_word(self, key, value):
+        """Store the operator's word at ``key`` (a pause, a host's pause, a switchover request):
+        any member may, on no lease.  A ("paused", id, error) note follows."""
+        return self._request("put", extra=("pause", None), key=key, lease=None,
+                             value=dict(value, by=self.node, time=time.time()))
 
     def set_view(self, hosts):
         self.view = dict(hosts)
@@ -307,6 +344,7 @@ class ClusterMember:
             self.notes.append(("acting", self.epoch))
 
     def _mirror_changed(self, keys, now):
+        self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
                 and self.role == "follower":
@@ -407,6 +445,16 @@ class ClusterMember:
         kv = self.mirror.get(PAUSE_KEY)
         return bool(kv and isinstance(kv.get("value"), dict) and kv["value"].get("paused"))
 
+    def paused_hosts(self):
+        return {key[len(HOSTPAUSE_KEYS):] for key, kv in self.mirror.items()
+                if key.startswith(HOSTPAUSE_KEYS) and isinstance(kv.get("value"), dict)
+                and kv["value"].get("paused")}
+
+    def word(self, key):
+        """The value of an operator's word (set by put_word), or None."""
+        value = (self.mirror.get(key) or {}).get("value")
+        return value if isinstance(value, dict) else None
+
     def write(self, puts, deletes=()):
         """A guarded ledger write of ours as leader (stepping down too: the run it ends is
         recorded if etcd still takes it): its request id, None when not leading."""
@@ -429,3 +477,20 @@ class ClusterMember:
                    "ok": e["last_ok"] is not None and now - e["last_ok"] <= self.settings.ttl}
                   for e in self.endpoints],
             ttl=self.settings.ttl, acting=self.acting, requests=self.requests, agent_pid=agent_pid)
+
+
+def other_same_node(member, keys):
+    """The value of the other member that has ``member``'s node name, or None.
+
+    Our member key written on another live lease once ours was in: another member has
+    our node name (a key older than ours is an earlier life's, its lease not yet expired).
+    Ours goes back once (for the other to see the same), then both leave and refuse."""
+    key = MEMBER_KEYS + member.node
+    kv = member.mirror.get(key)
+    if member.conflict or member.published is None or kv is None or key not in keys \
+            or kv.get("lease") in (member.lease, None) or kv.get("lease") in member.abandoned:
+        return None
+    other = kv.get("value") if isinstance(kv.get("value"), dict) else {}
+    if other.get("host") == member.hostname and not pid_alive(other.get("pid")):
+        return None                     # our own earlier life on this host, its lease not yet gone
+    return other

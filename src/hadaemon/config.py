@@ -56,6 +56,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
     log: typing.Optional[str] = None
@@ -67,6 +68,12 @@ class DaemonSettings:
     # The token itself, read from the file the setting names; kept out of every repr.
     http_token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     http_cert: typing.Optional[str] = None      # absolute path of the PEM (certificate and key)
+    notify: typing.Optional[tuple] = None       # argv, argv[0] resolved as an action command's
+    notify_timeout: float = DAEMON_DEFAULTS["notify_timeout"]
+    switchover_role: str = DAEMON_DEFAULTS["switchover_role"]
+    switchover_candidate: str = DAEMON_DEFAULTS["switchover_candidate"]
+    switchover_settle: float = DAEMON_DEFAULTS["switchover_settle"]
+    stop_timeout: typing.Optional[float] = None  # the supervisor's stop budget: -t warns past it
 
 
 @dataclasses.dataclass
@@ -81,6 +88,12 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
+
+    @property
+    def window(self):
+        """The M of ``confirm = N of M``: how many of the last reports count (N of N: N)."""
+        return self.confirm_of or self.confirm
 
 
 @dataclasses.dataclass
@@ -114,9 +127,13 @@ class Section:
         return section_name(self.host, self.from_state, self.to_state)
 
 
+SWITCHOVER = "switchover"       # [switchover] / [TO: switchover]: from_state None, to_state this
+
+
 def section_name(host, from_state, to_state):
-    """``FROM_to_TO`` or ``HOST: FROM_to_TO``, as the section is written (without brackets)."""
-    tr = "%s_to_%s" % (from_state, to_state)
+    """``FROM_to_TO`` or ``HOST: FROM_to_TO`` (``switchover``, ``HOST: switchover``), as the
+    section is written (without brackets)."""
+    tr = to_state if from_state is None else "%s_to_%s" % (from_state, to_state)
     return "%s: %s" % (host, tr) if host else tr
 
 
@@ -161,6 +178,10 @@ class Config:
             if section.name == name:
                 return section
         return None
+
+    def switchover_section(self, to):
+        """The section a switchover to host ``to`` runs: [TO: switchover], else [switchover]."""
+        return self.sections.get((to, None, SWITCHOVER)) or self.sections.get((None, None, SWITCHOVER))
 
     def section_for(self, host, from_state, to_state):
         """The one section actions.conf's precedence runs for HOST going FROM -> TO, or None."""
@@ -258,6 +279,9 @@ def read_ini(path, errors):
         m = _SECTION_RE.match(line)
         if m:
             yield where, "section", m.group(1).strip(), None, stripped
+            continue
+        if stripped[0] == "[" and "]" not in stripped:
+            errors.append("%s: a section header needs a closing ]: %s" % (where, stripped))
             continue
         m = _SETTING_RE.match(line)
         try:

@@ -12,12 +12,12 @@ import os
 import shutil
 
 from .base import (
-    CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WORKERS, SECTION_KEYS,
-    SSH_KEYS, parse_duration, run_steps, valid_name,
+    CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WINDOW, MAX_WORKERS,
+    SECTION_KEYS, SSH_KEYS, parse_duration, run_steps, valid_name,
 )
 from .cron import CronSpec
 from .config import (
-    Check, Command, Config, DaemonSettings, Group, Section, parse_scope, read_ini,
+    Check, Command, Config, DaemonSettings, Group, SWITCHOVER, Section, parse_scope, read_ini,
     resolve_command,
 )
 from .netsettings import _cluster_settings, _cluster_value, _http_settings, parse_http_address
@@ -26,19 +26,22 @@ from .netsettings import _cluster_settings, _cluster_value, _http_settings, pars
 def _setting_value(key, words, where, errors):
     """Convert one KEY = VALUE setting; append an error and return None when bad."""
     try:
-        if key == "ssh_options":
+        if key in ("ssh_options", "notify"):
             return tuple(words)
+        if key == "confirm" and len(words) != 1:
+            return _confirm_of(words)
         if len(words) != 1 and key != "cron":
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
-        if key in ("interval", "timeout", "action_timeout", "connect_timeout"):
+        if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
+                   "switchover_settle", "stop_timeout"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
                 raise ValueError("%s must be a whole number of at least 1, got %r" % (key, value))
             if key == "workers" and int(value) > MAX_WORKERS:
                 raise ValueError("workers must be at most %d, got %s" % (MAX_WORKERS, value))
-            return int(value)
+            return (int(value), None) if key == "confirm" else int(value)
         if key == "cron":
             return CronSpec(value)
         if key == "log" and os.path.isabs(value) and not os.path.isdir(os.path.dirname(value)):
@@ -47,10 +50,30 @@ def _setting_value(key, words, where, errors):
             raise ValueError("bad host name %r (letters, digits, _ . : - )" % value)
         if key == "http":
             return parse_http_address(value)
+        if key in ("switchover_role", "switchover_candidate"):
+            if not valid_name(value) or "_to_" in value.lower():
+                raise ValueError("%s must be a state word, got %r" % (key, value))
+            return value.lower()
         return value
     except ValueError as exc:
         errors.append("%s: %s" % (where, exc))
         return None
+
+
+def _confirm_of(words):
+    """``confirm = N of M`` (docs/configuration.md: damping) -> (N, M); ValueError when not."""
+    n, of, m = words if len(words) == 3 else ("", "", "")
+    if of != "of" or not (n.isdigit() and m.isdigit()) or not 1 <= int(n) <= int(m) <= MAX_WINDOW:
+        raise ValueError("confirm = N of M needs whole numbers 1 <= N <= M <= %d, got %r"
+                         % (MAX_WINDOW, " ".join(words)))
+    return int(n), int(m)
+
+
+def _split_confirm(values):
+    """``confirm``'s (N, M) as the records keep it: ``confirm`` N, ``confirm_of`` M (None: N of N)."""
+    if "confirm" in values:
+        values["confirm"], values["confirm_of"] = values["confirm"]
+    return values
 
 
 def _parse_checks(path, config_dir, errors):
@@ -123,11 +146,24 @@ def _parse_checks(path, config_dir, errors):
         elif words:
             current[1][3].append((where, words, text))
     _http_settings(daemon, config_dir, errors)
-    settings = DaemonSettings(**{k: v for k, (_, v) in daemon.items()})
+    _notify_setting(daemon, config_dir, errors)
+    settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
     group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
+
+
+def _notify_setting(daemon, config_dir, errors):
+    """notify = COMMAND ARGS (docs/notify.md): COMMAND looked up as an action command is."""
+    if "notify" in daemon:
+        where, words = daemon.pop("notify")
+        path_, problem = resolve_command(words[0], "actions", config_dir) if words else \
+            (None, "notify = needs a command")
+        if problem:
+            errors.append("%s: %s" % (where, problem))
+        else:
+            daemon["notify"] = (where, (path_,) + words[1:])
 
 
 def _build_groups(groups, settings, config_dir, errors):
@@ -137,14 +173,15 @@ def _build_groups(groups, settings, config_dir, errors):
     group_list = []
     resolved, remote = {}, {}           # per command word: a few scripts, many checks
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
-                "confirm": settings.confirm, "host": None, "ssh_identity": settings.ssh_identity,
-                "ssh_options": settings.ssh_options, "connect_timeout": settings.connect_timeout}
+                "confirm": (settings.confirm, settings.confirm_of), "host": None,
+                "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
+                "connect_timeout": settings.connect_timeout}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
-        values = dict(defaults, **{key: value for key, (_, value) in gset.items()})
+        values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -202,7 +239,10 @@ def _parse_actions(path, config_dir, default_timeout, errors):
             try:
                 if host is not None and not valid_name(host):
                     raise ValueError("bad host name %r" % host)
-                from_state, to_state = _parse_transition(tr.strip())
+                if tr.strip() == SWITCHOVER:        # SPEC §12: [switchover], [TO: switchover]
+                    from_state, to_state = None, SWITCHOVER
+                else:
+                    from_state, to_state = _parse_transition(tr.strip())
             except ValueError as exc:
                 errors.append("%s: [%s]: %s; write [FROM_to_TO] or [HOST: FROM_to_TO]"
                               % (where, name, exc))

@@ -125,7 +125,7 @@ class ControlServer:
             self.identify(conn, msg)
         elif conn.role == "worker":
             self.on_result(self.pool.job_done(conn.child, msg), msg)
-        elif conn.role in ("action", "cluster"):
+        elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
             self.respond(conn, msg)

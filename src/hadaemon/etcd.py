@@ -21,6 +21,7 @@ Uses: base, netsettings, wire, proc.
 import base64
 import json
 import socket
+import threading
 import time
 
 from .base import HadaemonError, ProtocolError
@@ -87,6 +88,47 @@ def etcd_compare(key, target, value, result="EQUAL"):
              "VALUE": "value", "LEASE": "lease"}[target]
     return {"key": b64(key), "target": target, "result": result,
             field: b64(value) if target == "VALUE" else str(value)}
+
+
+def connect_bounded(host, port, timeout):
+    """A TCP connection to host:port within ``timeout`` seconds, the name lookup included:
+    getaddrinfo alone may wait on a dead DNS server far longer, so a name (not an address)
+    is looked up in a thread of its own, given up on (left to end by itself) at the timeout."""
+    deadline = time.monotonic() + timeout
+    try:
+        found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        answer = []
+        lookup = threading.Thread(target=lambda: answer.append(_lookup(host, port)), daemon=True)
+        lookup.start()
+        lookup.join(timeout)
+        if not answer:
+            raise socket.gaierror(socket.EAI_AGAIN, "the name lookup of %s took longer than %gs"
+                                  % (host, timeout))
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        found = answer[0]
+    error = socket.timeout("timed out")
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(left)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _lookup(host, port):
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
 
 
 class EtcdEndpoint:
@@ -201,7 +243,11 @@ class EtcdClient:
                 conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
             self.conns[ep.url] = conn
             try:
-                conn.connect()
+                sock = connect_bounded(ep.host, ep.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ep.scheme == "https":
+                    sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+                conn.sock = sock
             except (OSError, http.client.HTTPException) as exc:
                 self._close(ep)
                 raise _TryNext(_os_error_text(exc))
@@ -416,7 +462,7 @@ class EtcdWatch:
         self.buf = bytearray()
         self.headers_done = False
         self.lines = LineReader()
-        sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
+        sock = connect_bounded(ep.host, ep.port, timeout)
         try:
             if ep.scheme == "https":
                 sock = ep.context.wrap_socket(sock, server_hostname=ep.host)

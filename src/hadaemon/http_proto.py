@@ -71,6 +71,7 @@ class HttpRequest:
     version: tuple      # (1, 1)
     headers: dict       # lower-cased name -> value; repeated ones joined with ", "
     keep_alive: bool
+    pairs: tuple = ()   # the query's (name, value) pairs, in order, repeats and all
 
 
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -155,16 +156,17 @@ def parse_request_head(head):
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
     method = m.group(1).decode("ascii")
-    path, query = _parse_target(m.group(2), method)
-    return HttpRequest(method, m.group(2).decode("latin-1"), path, query, version, headers, keep_alive)
+    path, pairs = _parse_target(m.group(2), method)
+    return HttpRequest(method, m.group(2).decode("latin-1"), path, dict(pairs), version, headers, keep_alive,
+                       tuple(pairs))
 
 
 def _parse_target(raw, method):
-    """A request target -> (path segments, query dict); HttpError 400 when it is not one."""
+    """A request target -> (path segments, the query's pairs); HttpError 400 when it is not one."""
     try:
         target = raw.decode("ascii")
         if target == "*" and method == "OPTIONS":
-            return (), {}       # the server as a whole: answered as "/"
+            return (), []       # the server as a whole: answered as "/"
         if target.lower().startswith(("http://", "https://")):     # absolute form (RFC 9112 §3.2.2)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
@@ -175,7 +177,7 @@ def _parse_target(raw, method):
             segments = ()
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
                                        max_num_fields=32)
-        return segments, dict(pairs)
+        return segments, pairs
     except (UnicodeError, ValueError):
         raise HttpError(400, "malformed request target", True) from None
 

@@ -89,7 +89,7 @@ class HttpServer:
         self.tls = None                     # ssl.SSLContext with http_cert
         self.token = None
         self.conns = {}                     # fd -> HttpConn
-        self.refused = {}                   # client address -> when its refused token was last logged
+        self.refused = {}                   # (client address, "token" | "host") -> when last logged
         self.accept_paused_until = None
         self.next_tick = 0.0
         # Answering time is credit: spent by each answer, earned back at HTTP_SHARE of
@@ -276,27 +276,29 @@ class HttpServer:
         if self.token is not None:
             problem = token_problem(request.headers.get("authorization"), self.token)
             if problem:
-                self._log_refused(peer, request, problem, now)
+                self._log_refused(peer, request, problem, now, "token")
                 return error_answer(401, "a token is needed: Authorization: Bearer TOKEN, or Basic "
                                          "with the token as password",
                                     [("WWW-Authenticate", 'Basic realm="hadaemon"')])
         elif not _LOCAL_HOST_RE.match(request.headers.get("host", "localhost").strip()):
-            return error_answer(403, "Host %s: without http_token only an IP address or localhost "
-                                     "names this server" % _shorten(request.headers["host"], 100))
+            why = ("Host %s: without http_token only an IP address or localhost names this server"
+                   % _shorten(request.headers["host"], 100))
+            self._log_refused(peer, request, why, now, "host")
+            return error_answer(403, why)
         try:
             return http_route(request, self.app, self.token is not None)
         except Exception:               # noqa: BLE001 - a bug in one answer must not stop the master
             log.exception("http: answering %s %s failed", request.method, _shorten(request.target, 200))
             return error_answer(500, "internal error; the daemon's log has the details")
 
-    def _log_refused(self, peer, request, problem, now):
-        last = self.refused.get(peer)
+    def _log_refused(self, peer, request, problem, now, kind):
+        last = self.refused.get((peer, kind))
         if last is not None and now - last < HTTP_AUTH_LOG_EVERY:
             return
         if len(self.refused) > 1024:
             self.refused = {p: t for p, t in self.refused.items() if now - t < HTTP_AUTH_LOG_EVERY}
-        self.refused[peer] = now
-        log.warning("http: refused %s %s from %s: %s (logged once a minute per address)",
+        self.refused[peer, kind] = now
+        log.warning("http: refused %s %s from %s: %s (logged once a minute per address and reason)",
                     request.method, _shorten(request.target, 100), peer, problem)
 
     def _send(self, conn, request, answer, now):

@@ -8,10 +8,13 @@ Uses: base, wire, http_proto.
 """
 
 import collections
+import operator
+import os
 import re
 import time
+import typing
 
-from .base import format_ago, format_duration
+from .base import format_ago, format_duration, format_time
 from .wire import _shorten
 from .http_proto import HTTP_READ_METHODS, HttpAnswer, error_answer, json_answer
 
@@ -64,7 +67,8 @@ def _answer_status(app, request):
 def _answer_history(app, request):
     n = request.query.get("n", "20")
     if not re.match(r"[0-9]{1,7}\Z", n):
-        return error_answer(400, "n must be a whole number of transitions, got %r" % _shorten(n, 40))
+        return error_answer(400, "n must be a whole number of transitions, got n=%s"
+                            % (n if len(n) <= 40 else n[:40] + "..."))
     return json_answer(200, app.history(int(n)))
 
 
@@ -75,14 +79,84 @@ def _answer_metrics(app, request):
 
 def _answer_host(app, request):
     name = request.path[1]
+    try:
+        conditions = parse_conditions(request.pairs) if len(request.path) == 3 else ()
+    except ValueError as exc:
+        return error_answer(400, str(exc))
     record = app.host(name)     # a load balancer asks often: this one host, not the whole document
     if record is None:
         return error_answer(404, "host %s was never seen" % _shorten(name, 100))
     body = dict({"host": name}, **record)
     if len(request.path) == 2:
         return json_answer(200, body)
-    same = str(record.get("state")).lower() == request.path[2].lower()
-    return json_answer(200 if same else 503, body)
+    attributes = (record.get("last_report") or {}).get("attributes") or {}
+    for condition in conditions:
+        if condition.unknown_suffix(attributes):
+            return error_answer(400, "%s: no attribute %s, and %s is not an operator (lt, le, gt, ge)"
+                                % (_shorten(condition.text, 100), _shorten(condition.key, 80),
+                                   _shorten(condition.key.rpartition(".")[2], 20)))
+    if str(record.get("state")).lower() != request.path[2].lower():
+        return json_answer(503, body)
+    for condition in conditions:
+        if not condition.holds(attributes):
+            body["failed"] = {"condition": condition.text, "value": attributes.get(condition.key)}
+            return json_answer(503, body)
+    return json_answer(200, body)
+
+
+# Load-balancer conditions (docs/http.md): /hosts/HOST/STATE?lag_bytes.le=16777216&role=sync
+
+_CONDITION_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+
+
+class Condition(typing.NamedTuple):
+    """One condition of the query: KEY=VALUE (equal as strings) or KEY.OP=N (as numbers)."""
+    text: str                   # as asked, KEY.le=N
+    key: str
+    op: typing.Optional[str]    # lt, le, gt, ge; None: KEY=VALUE
+    value: typing.Union[str, float]
+
+    def holds(self, attributes):
+        """Whether it holds on ``attributes`` (a report's); a missing attribute fails it."""
+        seen = attributes.get(self.key)
+        if self.op is None:
+            return seen is not None and str(seen) == self.value
+        number = _number(seen)
+        return number is not None and _CONDITION_OPS[self.op](number, self.value)
+
+    def unknown_suffix(self, attributes):
+        """KEY.SUFFIX=... where the report has KEY and no KEY.SUFFIX: a typo of an operator
+        (lag_bytes.lte), not an attribute of its own (a key may hold dots)."""
+        return self.op is None and "." in self.key and self.key not in attributes \
+            and self.key.rpartition(".")[0] in attributes
+
+
+def _number(value):
+    """An attribute's value as a number, or None when it is not one."""
+    text = str(value).strip() if value is not None else ""
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def parse_conditions(pairs):
+    """The query's (name, value) pairs as Conditions, in order; ValueError (a 400) for a
+    bad number or a condition without a name."""
+    out = []
+    for name, value in pairs:
+        text = "%s=%s" % (name, value)
+        key, _, suffix = name.rpartition(".")
+        if suffix in _CONDITION_OPS:
+            if not key:
+                raise ValueError("%s: no attribute before .%s" % (_shorten(text, 100), suffix))
+            number = _number(value)
+            if number is None:
+                raise ValueError("%s: %s is not a number" % (_shorten(text, 100), _shorten(value, 40)))
+            out.append(Condition(text, key, suffix, number))
+        elif not name:
+            raise ValueError("%s: a condition is KEY=VALUE or KEY.OP=N" % _shorten(text, 100))
+        else:
+            out.append(Condition(text, name, None, value))
+    return tuple(out)
 
 
 # Prometheus text format 0.0.4: https://prometheus.io/docs/instrumenting/exposition_formats/
@@ -99,7 +173,17 @@ def _sample_value(value):
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    return repr(float(value))
+    return repr(round(float(value), 6))        # 0.001114, not 0.0011140000000000002
+
+
+def _check_labels(check):
+    """A check's labels: its command line and scope, and the group's host= when it sets one
+    (the key's host, when not the command's file name); together as unique as the key."""
+    host = check["key"].split("|")[1]
+    pairs = [("check", check["name"]), ("scope", check["scope"])]
+    if host != os.path.basename(check["name"].split()[0]):
+        pairs.append(("host", host))
+    return _labels(*pairs)
 
 
 def _labels(*pairs):
@@ -123,7 +207,7 @@ def render_metrics(doc):
                    if value is not None)
 
     hosts = [(_labels(("host", h)), h, r) for h, r in doc["hosts"].items()]
-    checks = [(_labels(("check", c["key"])), c) for c in doc["checks"]]   # once for three families
+    checks = [(_check_labels(c), c) for c in doc["checks"]]   # once for three families
     counters = d.get("counters") or {}
     lag = d.get("lag_ms") or {}
     workers = collections.Counter(w["state"] for w in d.get("workers") or [])
@@ -139,6 +223,11 @@ def render_metrics(doc):
     family("hadaemon_action_runs_total", "counter", "Ended action runs since the daemon started.",
            [(_labels(("section", r["section"]), ("result", r["result"])), r["count"])
             for r in counters.get("action_runs", ())])
+    family("hadaemon_notify_events_total", "counter", "Notification events since the daemon started: "
+           "ok delivered, failed given up after the last try, dropped out of the full queue.",
+           [(_labels(("result", e["result"])), e["count"]) for e in counters.get("notify_events", ())])
+    family("hadaemon_notify_waiting", "gauge", "Notification events waiting for their delivery.",
+           [("", counters.get("notify_waiting"))])
     family("hadaemon_check_runs_total", "counter", "Runs of each check since the daemon started.",
            [(labels, c.get("runs")) for labels, c in checks])
     family("hadaemon_check_skipped_total", "counter",
@@ -155,6 +244,9 @@ def render_metrics(doc):
     family("hadaemon_action_queue_length", "gauge", "Action runs waiting for their turn.",
            [("", len(d.get("queue") or ()))])
     family("hadaemon_actions_paused", "gauge", "1 while actions are paused.", [("", bool(d["paused"]))])
+    paused = set(d.get("paused_hosts") or ())
+    family("hadaemon_host_paused", "gauge", "1 while a host's actions are paused (--pause HOST).",
+           [(_labels(("host", h)), h in paused) for h in sorted(paused | set(doc["hosts"]))])
     family("hadaemon_workers", "gauge", "Check workers by state.",
            [(_labels(("state", s)), workers.get(s, 0))
             for s in sorted(set(workers) | {"idle", "busy", "starting"})])
@@ -168,7 +260,8 @@ def render_metrics(doc):
 PAGE_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 1.6em;color:#1d2329;background:#f7f8fa}"
     "h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.5em 0 .4em}"
-    "p{margin:.15em 0}table{border-collapse:collapse;background:#fff}"
+    "p{margin:.15em 0;overflow-wrap:anywhere}table{border-collapse:collapse;background:#fff}"
+    ".t{overflow-x:auto;max-width:100%}@media (max-width:600px){body{margin:.6em .5em}}"
     "th,td{border:1px solid #d9dde3;padding:.25em .65em;text-align:left;vertical-align:top;"
     "white-space:nowrap}"
     "th{background:#eef1f4;font-weight:600}td.n{text-align:right}"
@@ -180,7 +273,7 @@ PAGE_CSS = (
     "td.msg{white-space:normal;min-width:16em;max-width:36em;word-break:break-word;"
     "font-family:ui-monospace,monospace;font-size:.88em}"
     "footer{margin-top:1.6em;font-size:.85em}a{color:#12407c}")
-PAGE_CSS_SHA256 = "BZQUmu5qqtb3Mg3kJcGh//R7zWwGJHOf8C59zYiu8/Q="
+PAGE_CSS_SHA256 = "yCZn7NiGTmvcbNOKCPokOYdHJspqV0PlYIOlTVMeXyc="
 PAGE_CSP = ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'" % PAGE_CSS_SHA256)
 PAGE_REFRESH = 2
@@ -222,11 +315,12 @@ def _when(then, now):
 def _html_table(headings, rows, empty):
     if not rows:
         return '<p class="dim">%s</p>' % empty
-    out = ["<table><thead><tr>%s</tr></thead><tbody>" % "".join("<th>%s</th>" % h for h in headings)]
+    # In a box of its own that scrolls sideways: at phone width the page itself never does.
+    out = ['<div class="t"><table><thead><tr>%s</tr></thead><tbody>' % "".join("<th>%s</th>" % h for h in headings)]
     for row in rows:
         out.append("<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell
                                            for cell in row))
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -247,6 +341,12 @@ def _page_daemon(d, now):
     out = ["<p>%s</p>" % " &middot; ".join(parts)]
     out.append('<p>%s</p>' % ('<span class="paused">ACTIONS PAUSED</span>' if d.get("paused")
                               else '<span class="s good">actions enabled</span>'))
+    if d.get("paused_hosts"):
+        out.append('<p><span class="paused">ACTIONS PAUSED FOR %s</span></p>' % _h(", ".join(d["paused_hosts"])))
+    swo = d.get("switchover")
+    if swo:
+        out.append("<p>switchover %s &rarr; %s scheduled at %s</p>" % (
+            _h(swo.get("from")), _h(swo.get("to")), _h(format_time(swo.get("at")))))
     out.append('<p class="dim">config %s &middot; state %s</p>' % (_h(d.get("config_dir")),
                                                                   _h(d.get("state_dir"))))
     return "\n".join(out)
@@ -257,7 +357,8 @@ def _page_hosts(hosts, now):
     for name, h in hosts.items():
         pending = h.get("pending")
         last = h.get("last_report") or {}
-        rows.append((_h(name, 100), _badge(h.get("state")), _when(h.get("since"), now),
+        rows.append((_h(name, 100) + (' <span class="paused">paused</span>' if h.get("paused") else ""),
+                     _badge(h.get("state")), _when(h.get("since"), now),
                      "%s &times;%d" % (_badge(pending["state"]), pending.get("count", 0)) if pending else "-",
                      "%s by %s %s" % (_badge(last["state"]), _h(last.get("check"), 80),
                                       _when(last.get("time"), now)) if last else "-"))

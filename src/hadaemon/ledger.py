@@ -20,12 +20,16 @@ no process started.
                 the ledger as the store holds it; what was running when its
                 runner died (or its leader lost the lead) is interrupted
 
+Every transition and every run's change of state (but ``queued``) is told to
+``notify`` (notify.py's ``event``, set by the master; nothing by default), after
+the change it tells of.
+
 ``shared`` (the store's) is read where a cluster genuinely differs: whose
 candidate a report moves (this member's own view), who accepts a confirmed
 state (the leader, from quorum's views), and a run recording its variables (so
 another member can expand its own section).
 
-Uses: base, records, children, ledger_store.
+Uses: base, records, children, ledger_store, switchover.
 """
 
 import collections
@@ -36,6 +40,9 @@ from .base import log
 from .records import CommandResult, Run, RunCommand, Transition
 from .children import StateVariables, action_variables, expand_commands, plan_run
 from .ledger_store import Changes, LedgerStore, LocalStore
+from .switchover import (
+    cannot_start, expected, run_moved, scheduled_view, switchover_commands, switchover_run,
+)
 
 
 # An action run: queued -> running -> ok | failed | interrupted, or skipped / failed
@@ -47,6 +54,7 @@ RUN_EDGES = {
 }
 RUN_FINAL = {"ok", "failed", "interrupted", "skipped"}
 NEW_HOST = {"state": "unknown", "since": None, "pending": None, "count": 0}
+DAMPING_KEYS = ("pending", "count", "window", "recent")   # confirm_step's part of a host record
 
 
 def summarize_run(run):
@@ -56,39 +64,102 @@ def summarize_run(run):
 
 
 def history_entries(transitions, runs, n):
-    """The ``n`` newest transitions, newest first, each with its run and that run's
-    reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
+    """The ``n`` newest transitions and switchovers, newest first, each transition with its
+    run and that run's reruns, oldest first (--history).  Records, or their JSON as the state db holds it."""
     transitions = [tr if isinstance(tr, Transition) else Transition.from_json(tr) for tr in transitions]
     runs = {rid: run if isinstance(run, Run) else Run.from_json(run) for rid, run in runs.items()}
     reruns = collections.defaultdict(list)
     for run in runs.values():
         if run.rerun_of is not None:
             reruns[run.transition].append(run.summary())
+    # A switchover's run is an entry of its own (SPEC §12), in time order with the rest.
+    entries = [(tr.time or 0, 0, tr.id, tr) for tr in transitions] + \
+        [(run.queued or 0, 1, run.id, run) for run in runs.values() if run.switchover]
     out = []
-    for tr in transitions[-n:][::-1] if n > 0 else []:
-        run = runs.get(tr.run) if tr.run is not None else None
-        out.append(dict(tr.to_json(), run=run.summary() if run else None,
-                        reruns=reruns.get(tr.id, []) if run else []))
+    for _, kind, _, item in sorted(entries, key=lambda e: e[:3])[-n:][::-1] if n > 0 else []:
+        if kind == 1:
+            out.append({"id": None, "time": item.queued, "host": item.host, "from": item.frm,
+                        "to": item.to, "check": None, "run": item.summary(), "reruns": [],
+                        "switchover": {"from": item.frm, "to": item.to}})
+            continue
+        run = runs.get(item.run) if item.run is not None else None
+        out.append(dict(item.to_json(), run=run.summary() if run else None,
+                        reruns=reruns.get(item.id, []) if run else []))
     return out
 
 
-def confirm_step(cand, state, confirm):
-    """docs/configuration.md's confirm, one report of ``state`` on a candidate record
-    {state, pending, count, ...}: (the record after it, what happened), what being
-    "same", "dropped" (its own state again: the candidate goes), "counted" (not
-    confirmed yet) or "confirmed" (``state`` reported ``confirm`` times in a row)."""
-    if state == cand["state"]:
-        if cand["pending"] is None:
+def no_event(kind, **keys):
+    """Where events go when no one listens (a Ledger's ``notify`` until the master sets it)."""
+
+
+def transition_event(tr):
+    """The keys of a ``transition`` event (docs/notify.md) from a Transition."""
+    doc = tr.to_json()
+    return {"host": doc["host"], "from": doc["from"], "to": doc["to"], "check": doc["check"],
+            "id": doc["id"], "run": doc["run"], "switchover": doc.get("switchover")}
+
+
+def confirm_step(cand, state, confirm, window=None):
+    """docs/configuration.md's confirm, ``confirm = N of M`` (``confirm`` N, ``window`` M;
+    None: N of N, reports in a row), one report of ``state`` on a candidate record:
+    (the record after it, what happened).
+
+    The record is {state, pending, count}, and while a candidate is pending its
+    ``window`` (M), and ``recent``: the last M reports, oldest first, each None that
+    can no longer count (cut from the front), kept only when it is not ``count``
+    times ``pending`` (N of N never needs it).  The host moves to ``state`` when it
+    is not its state and at least N of the last M reports (this one included) said
+    it.  What happened: "same" (nothing changed), "moved" (only ``recent`` did),
+    "dropped" (its own state again: no candidate left), "counted" (not confirmed
+    yet) or "confirmed" (the record is in ``state``, maybe with a new candidate)."""
+    n, m = confirm, window or confirm
+    recent = cand.get("recent")
+    if state == cand["state"] and cand["pending"] is None:
+        # The usual report, on a window that holds nothing but the state (N of M: the
+        # newest M - 1 reports, as the oldest can no longer count) or nothing (N of N).
+        steady = recent is None if m == n else recent == [state] * (m - 1)
+        if steady:
             return cand, "same"
-        return dict(cand, pending=None, count=0), "dropped"
-    cand = dict(cand)
-    if cand["pending"] == state:
-        cand["count"] += 1
-    else:
-        cand["pending"], cand["count"] = state, 1
-    if cand["count"] < confirm:
-        return cand, "counted"
-    return dict(cand, state=state, pending=None, count=0), "confirmed"
+    if recent is None:
+        recent = [cand["pending"]] * cand["count"] if cand["pending"] is not None else []
+    last = (recent + [state])[-m:]
+    now = cand["state"]
+    confirmed = state != now and last.count(state) >= n
+    if confirmed:
+        now = state
+    last = _still_counting(last, now, n, m)
+    pending = next((word for word in reversed(last) if word is not None and word != now), None)
+    new = {key: value for key, value in cand.items() if key not in ("window", "recent")}
+    new.update(state=now, pending=pending, count=last.count(pending) if pending else 0)
+    if pending is not None:
+        new["window"] = m
+    if last != [pending] * new["count"]:
+        new["recent"] = last
+    if confirmed:
+        return new, "confirmed"
+    if state != now:
+        return new, "counted"
+    if pending is None and cand["pending"] is not None:
+        return new, "dropped"
+    return new, "same" if new == cand else "moved"
+
+
+def _still_counting(last, state, n, m):
+    """``last`` (the last ``m`` reports, oldest first) with None for each report that can
+    no longer count toward an ``n`` of ``m``, leading Nones cut.  A report ``age``
+    reports old stays in the window ``m - 1 - age`` more reports; its word W can reach
+    ``n`` in that time only if W's count among the newest ``age + 1`` plus those
+    reports does.  A report of the host's own ``state`` counts only toward a return
+    to it, which N of N can never make while the report is in its window."""
+    out, seen = [], collections.Counter()
+    for age, word in enumerate(reversed(last)):
+        seen[word] += 1
+        counts = word is not None and age <= m - 2 and seen[word] + m - 1 - age >= n \
+            and (word != state or n < m)
+        out.append(word if counts else None)
+    while out and out[-1] is None:
+        out.pop()
+    return out[::-1]
 
 
 class Ledger:
@@ -109,9 +180,11 @@ class Ledger:
         self.transitions = collections.deque()    # Transitions, oldest first
         self.runs = collections.OrderedDict()   # id -> Run, oldest first
         self.queue = []                 # run ids waiting, in order
+        self.book = {}                  # switchovers: scheduled, expected, seen (switchover.py)
         # Since this process started, for metrics: (host, from, to) and (section, result).
         self.transition_counts = collections.Counter()
         self.run_counts = collections.Counter()
+        self.notify = no_event          # notify.py's event(kind, **keys), set by the master
 
     @property
     def cap(self):
@@ -134,6 +207,7 @@ class Ledger:
         self.transitions = collections.deque(snapshot.transitions[-cap if cap else 0:], maxlen=cap)
         self.runs = collections.OrderedDict((r.id, r) for r in snapshot.runs[-cap if cap else 0:])
         self.queue = [rid for rid in snapshot.queue if rid in self.runs]
+        self.book = dict(snapshot.switchover)
 
     def open(self, now, acting=True):
         """Load the ledger as stored.  Acting (a daemon alone; not a cluster member at
@@ -188,20 +262,26 @@ class Ledger:
 
     # -- reports, candidates, transitions (docs/configuration.md: states) ---------
 
-    def report(self, host, state, check, now):
-        """One report of ``state`` for ``host`` by ``check``; the transition it makes, or None
-        (always None in a cluster: a member's confirm moves its view, the leader accepts)."""
+    def report(self, host, state, check, now, attributes=None):
+        """One report of ``state`` for ``host`` by ``check`` (``attributes``: the other keys it
+        printed); the transition it makes, or None (always None in a cluster: a member's
+        confirm moves its view, the leader accepts)."""
         self.reports[host] = report = {"time": now, "check": check.name, "state": state}
+        if attributes:
+            report["attributes"] = attributes       # docs/http.md: load-balancer conditions
         self.store.put_report(host, report)         # a crash may lose it
         cand = (self.seen if self.shared else self.hosts).get(host, NEW_HOST)
-        if state == cand["state"] and cand["pending"] is None:
+        confirm, window = check.group.confirm, check.group.window
+        new, what = confirm_step(cand, state, confirm, window)
+        if what == "same":
             return None                             # the usual report: nothing new
-        confirm = check.group.confirm
-        new, what = confirm_step(cand, state, confirm)
         if what == "dropped":
             log.info("host %s: %s again; candidate %s dropped", host, state, cand["pending"])
-        elif what == "counted":
+        elif what == "counted" and window == confirm:
             log.info("host %s: reported %s by %s (%d/%d)", host, state, check.name, new["count"], confirm)
+        elif what == "counted":
+            log.info("host %s: reported %s by %s (%d of the last %d; %d needed)", host, state,
+                     check.name, new["count"], window, confirm)
         if self.shared:                             # docs/cluster.md: after this member's own confirm
             self.seen[host] = new
             if what == "confirmed":
@@ -211,7 +291,7 @@ class Ledger:
                 self.store.publish_view(self.view)
             return None
         if what == "confirmed":
-            return self.accept(host, state, check.name, now)
+            return self.accept(host, state, check.name, now, new)
         self.hosts[host] = new                      # the candidate survives a restart
         self._put(Changes(hosts={host: new}))
         return None
@@ -221,11 +301,16 @@ class Ledger:
         for host, state, voters in moves:
             self.accept(host, state, "cluster: %s" % ",".join(voters), now)
 
-    def accept(self, host, state, by, now):
-        """``host`` moves to ``state``: record the transition and its section's run."""
+    def accept(self, host, state, by, now, cand=None):
+        """``host`` moves to ``state``: record the transition and its section's run.
+        ``cand``: confirm_step's record that confirmed it (its window goes on)."""
         record = dict(self.hosts.get(host, NEW_HOST))
         old = record["state"]
+        record.pop("window", None)
+        record.pop("recent", None)
         record.update(state=state, since=now, pending=None, count=0)
+        if cand is not None:
+            record.update((key, cand[key]) for key in DAMPING_KEYS if key in cand)
         self.hosts[host] = record
         self.by_state[old].discard(host)
         self.by_state[state].add(host)
@@ -234,19 +319,28 @@ class Ledger:
         self.meta["next_transition"] = tr_id + 1
         changes = Changes(hosts={host: record}, meta=self.meta)
         section = self.config.section_for(host, old, state)
-        run_id = None
+        expecting = expected(self.book, host, old, state, self.config.daemon.switchover_role, now)
+        if expecting is not None:       # a switchover's own transition: no section runs
+            section, changes.switchover = None, self.book
+        run, run_id = None, (self.meta["next_run"] if section is not None else None)
+        # Logged before its run is made: a run skipped (paused) or failed at once logs after it.
+        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
+                 "; runs [%s] as run %d" % (section.name, run_id) if section else
+                 "; expected by switchover run %d: no section runs" % expecting
+                 if expecting is not None else "; no action section matches")
         if section is not None:         # the run first: the Transition names it
-            run_id = self.new_run(tr_id, host, old, state, section, changes, now).id
-        tr = Transition(tr_id, now, host, old, state, by, run_id)
+            run = self.new_run(tr_id, host, old, state, section, changes, now)
+        run_id = run.id if run is not None else None
+        tr = Transition(tr_id, now, host, old, state, by, run_id, expecting)
         self.transitions.append(tr)
         while len(self.transitions) > cap:
             self.transitions.popleft()
         changes.transitions.append(tr)
         self._put(changes)
+        self.notify("transition", **transition_event(tr))
+        if run is not None and run.state != "queued":
+            self._run_event(run)        # skipped or failed at once: told after its transition
         self.transition_counts[(host, old, state)] += 1
-        log.info("transition %s: %s -> %s (by %s)%s", host, old, state, by,
-                 "; runs [%s] as run %d" % (section.name, run_id) if section else
-                 "; no action section matches")
         return tr
 
     # -- action runs and their queue (docs/configuration.md: actions.conf) -------
@@ -254,7 +348,6 @@ class Ledger:
     def new_run(self, tr_id, host, frm, to, section, changes, now, rerun_of=None):
         """The run of ``section`` for transition ``tr_id`` (``host``: ``frm`` -> ``to``):
         queued, or skipped / failed at once."""
-        cap = self.cap
         run_id = self.meta["next_run"]
         self.meta["next_run"] = run_id + 1
         plan = plan_run(section, host, frm, to, None, self.config.config_dir,
@@ -269,16 +362,35 @@ class Ledger:
         if plan.error:
             self._set_run_state(run, "failed", plan.error, changes, now)
         else:
-            if self.paused:
-                self._set_run_state(run, "skipped", "paused", changes, now)
-            else:
-                self._set_run_state(run, "queued", None, changes, now)
-                self.queue.append(run_id)
-                changes.queue = self.queue
-        self.runs[run_id] = run
-        while len(self.runs) > cap:
+            why = cannot_start(self, run, now)
+            self._set_run_state(run, why[0] if why else "queued", why and why[1], changes, now)
+        return self._enter(run, changes)
+
+    def _enter(self, run, changes):
+        """A new run joins the runs (and the queue, when it is queued there)."""
+        if run.state == "queued":
+            self.queue.append(run.id)
+            changes.queue = self.queue
+        self.runs[run.id] = run
+        while len(self.runs) > self.cap:
             self.runs.popitem(last=False)
         return run
+
+    def queue_switchover(self, frm, to, request, reason, now):
+        """The run of a switchover from host ``frm`` to ``to`` (SPEC §12), through the queue
+        like any; failed at once, unrun, when ``reason`` (a refusal) holds."""
+        run = switchover_run(self, self.meta["next_run"], frm, to, request, now)
+        self.meta["next_run"] = run.id + 1
+        changes = Changes(meta=self.meta)
+        self._set_run_state(run, "failed" if reason else "queued", reason, changes, now)
+        self._enter(run, changes)
+        self._put(changes)
+        return run
+
+    def note_book(self, key, value):
+        """switchover.py's book: ``scheduled`` (one, or None), ``seen`` (the request a leader took)."""
+        self.book[key] = value
+        self._put(Changes(switchover=self.book))
 
     def rerun(self, run_id, now):
         """--rerun: the section of ended run ``run_id`` (by its name, in the current
@@ -291,6 +403,9 @@ class Ledger:
         old = self.runs.get(run_id)
         if old is None:
             raise ValueError("no run #%s in the history (its last %d runs)" % (run_id, self.cap))
+        if old.switchover:
+            raise ValueError("run #%d is a switchover: ask for it again (hadaemon --switchover %s)"
+                             % (run_id, old.to))
         if old.state not in RUN_FINAL:
             raise ValueError("run #%d is %s; only an ended run can be re-run"
                              % (run_id, old.state))
@@ -302,6 +417,8 @@ class Ledger:
         run = self.new_run(old.transition, old.host, old.frm, old.to, section, changes, now,
                            rerun_of=run_id)
         self._put(changes)
+        if run.state != "queued":
+            self._run_event(run)
         log.info("run %d: rerun of #%d [%s] for %s %s_to_%s, by request: %s", run.id, run_id,
                  section.name, run.host, run.frm, run.to, run.state)
         return run
@@ -318,11 +435,21 @@ class Ledger:
         if state in RUN_FINAL:
             run.ended = now
             self.run_counts[(run.section, state)] += 1
+        if run.switchover:
+            run_moved(self.book, run, state, now, self.config.daemon.switchover_settle)
+            changes.switchover = self.book
         if state != "queued":
             level = logging.ERROR if state in ("failed", "interrupted") else logging.INFO
-            log.log(level, "run %d [%s] for %s %s_to_%s: %s%s", run.id, run.section,
-                    run.host, run.frm, run.to, state, (" (%s)" % reason) if reason else "")
+            log.log(level, "run %d [%s] for %s: %s%s", run.id, run.section, "%s -> %s" % (run.frm, run.to)
+                    if run.switchover else "%s %s_to_%s" % (run.host, run.frm, run.to), state,
+                    (" (%s)" % reason) if reason else "")
         changes.runs[run.id] = run
+        if state != "queued" and run.id in self.runs:   # a new run's is told by its maker
+            self._run_event(run)
+
+    def _run_event(self, run):
+        self.notify("run", run=run.id, section=run.section, host=run.host, result=run.state,
+                    reason=run.reason)
 
     def head(self):
         """The run first in the queue, or None (ids of runs gone from history are dropped)."""
@@ -334,10 +461,11 @@ class Ledger:
             self._put(Changes(queue=self.queue))
         return None
 
-    def dequeue(self, run, state, reason, now):
-        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun."""
-        assert self.queue and self.queue[0] == run.id, "run %s is not first" % run.id
-        self.queue.pop(0)
+    def dequeue(self, run, state, reason, now, head=True):
+        """The head of the queue leaves it: ``running``, or ``skipped`` / ``failed`` unrun
+        (not ``head``: a run anywhere in it, cancelled: --switchover --cancel)."""
+        assert run.id in self.queue[:1 if head else None], "run %s is not first" % run.id
+        self.queue.remove(run.id)
         changes = Changes(queue=self.queue)
         self._set_run_state(run, state, reason, changes, now)
         self._put(changes)
@@ -347,6 +475,8 @@ class Ledger:
         ``variables`` (a cluster's) expands its section, found by its name as a rerun
         finds it (precedence chose it when it was queued), in this member's ``config``.
         ValueError says why it cannot start."""
+        if run.switchover:
+            return switchover_commands(self, run, config)
         if run.variables is None:
             return run.commands
         section = config.section_named(run.section)
@@ -412,12 +542,16 @@ class Ledger:
         pending = None
         if cand and cand.get("pending"):
             pending = {"state": cand["pending"], "count": cand.get("count", 0)}
+            if cand.get("window") is not None:      # None: a record from before N of M
+                pending["window"] = cand["window"]
         return {"state": record.get("state"), "since": record.get("since"),
-                "pending": pending, "last_report": self.reports.get(name)}
+                "pending": pending, "last_report": self.reports.get(name),
+                "paused": name in self.store.paused_hosts()}
 
     def daemon_status(self):
         """What the daemon block of --status says of actions."""
-        return {"paused": self.paused, "queue": list(self.queue)}
+        return {"paused": self.paused, "queue": list(self.queue),
+                "switchover": scheduled_view(self.book), "paused_hosts": sorted(self.store.paused_hosts())}
 
     def counters(self):
         """Transitions and ended runs since this process started (Prometheus' counters)."""

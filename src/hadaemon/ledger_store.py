@@ -14,6 +14,8 @@ cluster member, cluster_ledger.py; docs/cluster.md).  A LedgerStore answers:
   flush()             send what is gathered: a ticket, None when nothing may be
                       written; durable(ticket) says when the store has it
   paused(), set_paused(flag)    the pause of actions
+  paused_hosts(), set_hosts_paused(hosts, flag)   the pause of some hosts' actions
+                      (SPEC §12: any member may write it, as the pause)
   publish_view(view)  a shared store only: what this member sees
 
 ``shared`` is the one mode bit of the rules: True when other members read this
@@ -30,18 +32,19 @@ from .records import Run, Transition
 class Changes:
     """One change set of the rules; the store lays out its keys."""
 
-    __slots__ = ("hosts", "transitions", "runs", "queue", "meta")
+    __slots__ = ("hosts", "transitions", "runs", "queue", "meta", "switchover")
 
-    def __init__(self, hosts=None, runs=None, queue=None, meta=None):
+    def __init__(self, hosts=None, runs=None, queue=None, meta=None, switchover=None):
         self.hosts = hosts or {}        # host -> its record {state, since, pending, count}
         self.transitions = []           # Transitions
         self.runs = runs or {}          # run id -> Run
         self.queue = queue              # the whole queue (run ids), when it changed
         self.meta = meta                # {"next_transition", "next_run"}, when they changed
+        self.switchover = switchover    # the switchover book (switchover.py), when it changed
 
     def __bool__(self):
         return bool(self.hosts or self.transitions or self.runs) or \
-            self.queue is not None or self.meta is not None
+            self.queue is not None or self.meta is not None or self.switchover is not None
 
 
 def _by_id(data, prefix, record):
@@ -59,6 +62,7 @@ class Snapshot(typing.NamedTuple):
     transitions: list          # Transitions
     runs: list                 # Runs
     queue: list
+    switchover: dict           # the switchover book (switchover.py): scheduled, expected, seen
 
     @classmethod
     def from_db(cls, data):
@@ -71,7 +75,8 @@ class Snapshot(typing.NamedTuple):
         return cls(meta=meta,
                    hosts={k[5:]: v for k, v in data.items() if k.startswith("host:") and isinstance(v, dict)},
                    reports=reports, transitions=_by_id(data, "tr:", Transition), runs=_by_id(data, "run:", Run),
-                   queue=list(data.get("queue") or []))
+                   queue=list(data.get("queue") or []),
+                   switchover=dict(data.get("switchover") or {}))
 
 
 class LedgerStore:
@@ -92,6 +97,8 @@ def db_changes(changes, cap):
         out["run:%d" % (run_id % cap)] = run.to_json()
     if changes.queue is not None:
         out["queue"] = changes.queue
+    if changes.switchover is not None:
+        out["switchover"] = changes.switchover
     return out
 
 
@@ -143,3 +150,12 @@ class LocalStore(LedgerStore):
     def set_paused(self, paused):
         self.store.commit({"meta": dict(self.data.get("meta") or {}, paused=bool(paused))})
         return self.paused()
+
+    def paused_hosts(self):
+        return set(self.data.get("hostpause") or ())
+
+    def set_hosts_paused(self, hosts, paused):
+        now = self.paused_hosts()
+        now = now | set(hosts) if paused else now - set(hosts)
+        self.store.commit({"hostpause": sorted(now)})
+        return now

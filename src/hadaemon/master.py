@@ -11,8 +11,8 @@ parts do the work; the master only wires them:
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
-Uses: base, configfiles, records, store, ledger_store, ledger, scheduler, pool, control, http_server,
-      cluster_member, cluster_ledger, cluster_link, actions, reload.
+Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
+      http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 """
 
 import logging
@@ -40,7 +40,9 @@ from .cluster_member import ClusterMember
 from .cluster_ledger import EtcdStore, cluster_reload_problem
 from .cluster_link import ClusterLink
 from .actions import ActionRuns, Alone
+from .switchover import SwitchoverDesk
 from .reload import Reload
+from .notify import Notifications
 
 
 class Notifier:
@@ -87,10 +89,13 @@ class Master:
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
+        self.switchover = SwitchoverDesk(self.ledger, self.leadership)
         self.http = HttpServer(self.sel, HttpApp(self.status_document, self.ledger.host_status,
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
+        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
         self.stop_deadline = None
@@ -115,6 +120,7 @@ class Master:
             log.info("state db: none in %s; a new one is created", self.state_dir)
         self.signal_ready("ok %d" % os.getpid())
         self.notifier.send("READY=1\nMAINPID=%d" % os.getpid())
+        self.notify.event("daemon", event="started")
         try:
             self.loop()
         finally:
@@ -183,6 +189,7 @@ class Master:
                 self.notifier.send("WATCHDOG=1")
                 self.next_watchdog = now + self.notifier.watchdog
             self.http.tick(now)         # while stopping too: it answers until the end
+            self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
             self.server.answer_some(time.monotonic() + ANSWER_SLICE)
@@ -198,6 +205,7 @@ class Master:
             self.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
+            self.switchover.tick(time.time())     # a stored request, a scheduled one come due
             self.runs.start_next(self.config)
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
@@ -272,6 +280,7 @@ class Master:
         log.info("configuration reloaded: %d checks, %d action sections",
                  len(config.checks), len(config.sections))
         self.notifier.send("READY=1")
+        self.notify.event("daemon", event="reloaded")
         return []
 
     def checkpoint(self, now):
@@ -291,10 +300,13 @@ class Master:
         self.reloads.drop("the daemon is stopping; the configuration was not reloaded")
         self.scheduler.ready.clear()
         now = time.monotonic()
+        self.notify.stopping(now)
         self.pool.stop(now)
         if self.cluster is not None:
             self.cluster.stop(now)
         self.stop_deadline = now + self.runs.stop_budget(now) + 10.0
+        # systemd >= 236 waits that long, not TimeoutStopSec, before its SIGKILL.
+        self.notifier.send("EXTEND_TIMEOUT_USEC=%d" % ((self.stop_deadline - now + 5.0) * 1e6))
 
     def shutdown(self):
         for child in self.pool.kill_all():
@@ -329,8 +341,9 @@ class Master:
         done = self.scheduler.finished(job.key, result)
         if done is not None:
             rt, reports = done
+            self.notify.check_ran(rt, result)
             for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time())
+                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -342,6 +355,8 @@ class Master:
                 self.pool.ssh.reaped(child, how)
             elif child.kind == "cluster":
                 self.cluster.agent_exited(child, how, self.stopping)
+            elif child.kind == "notify":
+                self.notify.exited(child, how, self.stopping)
             else:
                 self.runs.exited(child, how, self.stopping)
 
@@ -359,6 +374,8 @@ class Master:
         """What the cluster agent or an action run says."""
         if child.kind == "cluster":
             self.cluster.member.on_message(msg, time.monotonic())
+        elif child.kind == "notify":
+            self.notify.on_message(child, msg)
         else:
             self.runs.event(child, msg)
 
@@ -383,10 +400,13 @@ class Master:
             return {"ok": True, "pid": os.getpid()}
         if cmd in ("rerun", "run"):
             return self.answer_run(cmd, msg.get("run"))
+        if cmd in SwitchoverDesk.VERBS:
+            return self.switchover.answer(msg, time.time())
         return {"ok": False, "errors": ["unknown command %r" % (cmd,)]}
 
     def set_paused(self, paused, by):
         """--pause / --resume, or POST /pause and /resume: the paused state to answer."""
+        self.notify.event("daemon", event="paused" if paused else "resumed")
         paused = self.ledger.set_paused(paused)
         log.warning("actions %s by %s%s", "paused" if paused else "resumed", by,
                     " (the whole cluster, once etcd has it)" if self.cluster else "")
@@ -418,7 +438,7 @@ class Master:
                            started=self.started_wall, uptime=now_m - self.started,
                            config_dir=self.config.config_dir, state_dir=self.state_dir,
                            lag_ms=self.scheduler.lag_summary(), http=self.http.url,
-                           counters=self.ledger.counters(), cluster=cluster,
+                           counters=dict(self.ledger.counters(), **self.notify.status()), cluster=cluster,
                            **self.ledger.daemon_status(), **self.pool.status())
 
     def status_doc(self):

@@ -98,7 +98,7 @@ def _read_pipe(fd, buf, result, to_eof):
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -108,14 +108,16 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     ``on_spawn(pid)`` is called once the process (and its group, of the same id) exists.
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
+    Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
         return ProcResult(error="not started: the leader's time to start commands ran out", late=True)
     out_r, out_w = os.pipe()
     err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    stdin = (os.POSIX_SPAWN_DUP2, stdin_fd, 0) if stdin_fd is not None else \
+        (os.POSIX_SPAWN_OPEN, 0, stdin_path or os.devnull, os.O_RDONLY, 0)
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

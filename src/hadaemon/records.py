@@ -155,10 +155,14 @@ class Transition(typing.NamedTuple):
     to: str
     check: typing.Optional[str]         # the check that reported it, or "cluster: a,b" (the voters)
     run: typing.Optional[int]           # the run of its section; None when no section matches
+    switchover: typing.Optional[int] = None     # expected by this switchover run: no section ran
 
     def to_json(self):
-        return {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
-                "to": self.to, "check": self.check, "run": self.run}
+        out = {"id": self.id, "time": self.time, "host": self.host, "from": self.frm,
+               "to": self.to, "check": self.check, "run": self.run}
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
+        return out
 
     @staticmethod
     def well_formed(value):
@@ -173,8 +177,9 @@ class Transition(typing.NamedTuple):
         if not cls.well_formed(value):
             raise ValueError("not a transition: %s" % _shorten(value))
         get = value.get
+        switchover = get("switchover")
         return cls(value["id"], get("time"), value["host"], value["from"], value["to"],
-                   get("check"), get("run"))
+                   get("check"), get("run"), switchover if isinstance(switchover, int) else None)
 
 
 class CommandResult(typing.NamedTuple):
@@ -253,6 +258,9 @@ class Run:
     variables: typing.Optional[dict] = None     # a cluster's: %NAME% for the member that runs it
     node: typing.Optional[str] = None           # a cluster's: the leader that ran it, and its epoch
     epoch: typing.Optional[int] = None
+    # A switchover's (SPEC §12): {"from": host, "to": host, "request": its id}; then
+    # host is TO, frm and to are the hosts, section [switchover] or [TO: switchover].
+    switchover: typing.Optional[dict] = None
 
     def to_json(self):
         """The state db's value, and the base of the other forms; an optional key is
@@ -267,6 +275,8 @@ class Run:
             out["variables"] = self.variables
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = self.switchover
         return out
 
     @staticmethod
@@ -290,7 +300,8 @@ class Run:
         return cls(get("id"), get("transition"), get("host"), get("from"), get("to"), get("section"),
                    get("state"), get("reason"), get("queued"), get("started"), get("ended"),
                    get("env"), [RunCommand.from_json(c) for c in get("commands") or ()],
-                   get("rerun_of"), get("variables"), get("node"), get("epoch"))
+                   get("rerun_of"), get("variables"), get("node"), get("epoch"),
+                   get("switchover") if isinstance(get("switchover"), dict) else None)
 
     def to_etcd(self):
         """As etcd keeps it: each command's output cut to ETCD_OUTPUT_CAP (then ``truncated``)."""
@@ -326,6 +337,8 @@ class Run:
                             for c in self.commands]}
         if self.node is not None:
             out["node"], out["epoch"] = self.node, self.epoch
+        if self.switchover is not None:
+            out["switchover"] = {"from": self.switchover.get("from"), "to": self.switchover.get("to")}
         return out
 
 
@@ -375,6 +388,8 @@ class DaemonBlock(typing.NamedTuple):
     action_pid: typing.Optional[int]
     ssh: list
     cluster: typing.Optional[ClusterStatus]
+    switchover: typing.Optional[dict] = None    # a scheduled one: {from, to, at} (SPEC §12)
+    paused_hosts: tuple = ()                    # --pause HOST..., seen or not
 
     def to_wire(self):
         block = self._asdict()
@@ -388,7 +403,8 @@ class DaemonBlock(typing.NamedTuple):
         actions = ledger.daemon_status()
         return cls(False, None, __version__, None, None, config.config_dir if config else None,
                    state_dir, None, None, None, actions["paused"], actions["queue"], [], None, [],
-                   ClusterStatus.offline(config.cluster) if config and config.cluster else None)
+                   ClusterStatus.offline(config.cluster) if config and config.cluster else None,
+                   actions.get("switchover"), list(actions.get("paused_hosts") or ()))
 
 
 class StatusDoc(typing.NamedTuple):

@@ -61,8 +61,9 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
         schedule = describe_schedule(group)
     else:
         schedule = schedules.get(id(group)) or schedules.setdefault(id(group), describe_schedule(group))
+    reported = ",".join(sorted((last or {}).get("reports") or {}))    # what --status shows too
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
-            "host": check.host, "where": check.where, "schedule": schedule,
+            "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 

@@ -51,7 +51,7 @@ import json
 import os
 import time
 
-from .base import DB_NAME, log, valid_state
+from .base import DB_NAME, MAX_WINDOW, log, valid_name, valid_state
 from .wire import _ENCODE, _shorten
 from .records import Run, Transition, _is_time
 from .dumbfiles import DumbFiles, _META_KEY, _META_WIDTH
@@ -67,7 +67,7 @@ def well_formed(key, value):
     if kind == "host":
         return isinstance(value, dict) and valid_state(value.get("state")) and _is_time(value.get("since")) \
             and (value.get("pending") is None or valid_state(value["pending"])) \
-            and isinstance(value.get("count"), int)
+            and isinstance(value.get("count"), int) and _damping_well_formed(value)
     if kind == "tr":
         return Transition.well_formed(value)
     if kind == "run":
@@ -77,11 +77,29 @@ def well_formed(key, value):
     if key == "meta":
         return isinstance(value, dict) and all(isinstance(value.get(k, 1), int)
                                                for k in ("next_transition", "next_run"))
+    if key == "notify":                 # the events' counter (NotifyQueue)
+        return isinstance(value, dict) and all(isinstance(value.get(k), int) for k in ("next", "done"))
+    if kind == "notify":                # an event waiting for its delivery, by seq % its cap
+        return isinstance(value, dict) and isinstance(value.get("seq"), int) \
+            and isinstance(value.get("kind"), str)
+    if key == "switchover":
+        return isinstance(value, dict)
+    if key == "hostpause":
+        return isinstance(value, list) and all(valid_name(h) for h in value)
     if kind == "report":
         return isinstance(value, dict) and _is_time(value.get("time")) and valid_state(value.get("state"))
     if kind == "check" or key in ("reports", "checks"):     # the last two: older dbs, whole dicts
         return isinstance(value, dict)
     return True
+
+
+def _damping_well_formed(value):
+    """A host record's ``window`` and ``recent`` (ledger.confirm_step), when it has them."""
+    window, recent = value.get("window"), value.get("recent")
+    return (window is None or (isinstance(window, int) and 1 <= window)) \
+        and (recent is None or (isinstance(recent, list) and len(recent) <= MAX_WINDOW
+                                and all(word is None or valid_state(word) for word in recent)))
+
 
 class Store:
     """Every durable thing the master knows, as key -> JSON value."""
