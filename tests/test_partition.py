@@ -25,7 +25,10 @@ failover).  It prints one line:
 
     partition: F faults (by kind), L new leaders (l after N faults not touching the
     leader's host), 0 overlapping commands, 0 epoch regressions, 0 transitions run
-    twice, I interrupted runs
+    twice, I interrupted runs of R (i after faults not touching the leader's host)
+
+and a second one: the new leaders after such faults by kind, and the members' reasons
+to step down (from their logs).
 
 The etcd members run with --pre-vote (etcd 3.5's default): without it a member cut
 off for a second comes back with a higher term and deposes etcd's raft leader, an
