@@ -9,12 +9,12 @@ for as long; here it freezes only the next etcd call.
 The agent holds no decisions.  The master owns the lease (its id), decides when
 to renew it, campaigns, and sends each guarded write; it also judges, by its own
 monotonic clock, whether its lease can still be alive: the agent renews only when
-asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  The
-lease's requests (renew, revoke) go to a thread of their own with connections of
-their own, so a renewal never waits behind a write that is being settled; the
-other requests are answered in order, and a mirror of the cluster's keys flows to
-the master: one range of the prefix, then a watch from the revision after it;
-again on any break.
+asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  A
+thread reads the master's requests; the lease's (renew, revoke) go to a thread of
+their own with connections of their own, so a renewal never waits behind a write
+that is being settled; the main loop answers the others in order, and keeps a
+mirror of the cluster's keys flowing to the master: one range of the prefix, then
+a watch from the revision after it; again on any break.
 
 Both ask the endpoint that answered last first, and an endpoint that gave no
 answer goes last for a while, for both (etcd.py).  A write whose answer was lost
@@ -103,9 +103,12 @@ class ClusterAgent:
         self.client = EtcdClient.for_cluster(cluster, self.timeout, demote=2.0 * cluster.ttl)
         self.lease_client = self.client.twin(self.timeout)
         self.lease_requests = queue.Queue()
-        self.sending = threading.Lock()     # both threads send to the master
-        self.inbox = collections.deque()
+        self.sending = threading.Lock()     # the threads send to the master
+        self.inbox = collections.deque()    # the reading thread's, for the main loop
         self.reader = LineReader()
+        self.wake_r, self.wake_w = os.pipe()    # the reading thread wakes the main loop
+        os.set_blocking(self.wake_w, False)
+        self.orphaned = False
         self.watch = None
         self.watch_after = 0.0          # no new mirror before (monotonic), after a failure
         self.watch_failures = 0
@@ -117,6 +120,7 @@ class ClusterAgent:
 
     def run(self):
         threading.Thread(target=self.lease_loop, name="lease", daemon=True).start()
+        threading.Thread(target=self.read_loop, name="read", daemon=True).start()
         while True:
             if self.watch is not None and self.watch.ep.down_until > time.monotonic():
                 # A call to it failed: it may have lost its quorum and so its events.
@@ -132,18 +136,38 @@ class ClusterAgent:
 
     # -- input ---------------------------------------------------------------------
 
-    def receive(self, wait):
-        fds = [self.chan.sock] + ([self.watch] if self.watch is not None else [])
-        for fd in _select_read(fds, wait):
-            if fd is self.chan.sock:
+    def read_loop(self):
+        """The reading thread: the master's requests, the lease's to the lease's thread at
+        once (the main loop may be settling a write), the others to the main loop."""
+        try:
+            while True:
                 data = self.chan.sock.recv(262144)
                 if not data:
-                    raise _Orphaned()   # the master is gone: its lease expires by itself
+                    break               # the master is gone: its lease expires by itself
                 for msg in self.reader.feed(data):
                     if msg.get("t") in ("renew", "revoke"):
                         self.lease_requests.put(msg)
                     else:
                         self.inbox.append(msg)
+                self.wake()
+        except BaseException:           # noqa: B036 - a bad message: the agent goes, as before
+            log.exception("cluster agent: reading the master's requests failed")
+        self.orphaned = True
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass                        # a wake-up is pending already
+
+    def receive(self, wait):
+        fds = [self.wake_r] + ([self.watch] if self.watch is not None else [])
+        for fd in _select_read(fds, wait):
+            if fd is self.wake_r:
+                os.read(self.wake_r, 4096)
+                if self.orphaned:
+                    raise _Orphaned()
             elif self.watch is not None:
                 try:
                     results = self.watch.read()
