@@ -164,7 +164,7 @@ class ClusterAgent:
     def receive(self, wait):
         fds = [self.wake_r] + ([self.watch] if self.watch is not None else [])
         for fd in _select_read(fds, wait):
-            if fd is self.wake_r:
+            if fd == self.wake_r:
                 os.read(self.wake_r, 4096)
                 if self.orphaned:
                     raise _Orphaned()
