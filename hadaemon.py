@@ -218,6 +218,7 @@ DAEMON_DEFAULTS = {
     "interval": 10.0,
     "timeout": 5.0,
     "confirm": 1,
+    "recheck": None,      # a pending candidate's check runs again this soon: off unless set
     "workers": 2,
     "action_timeout": 60.0,
     "log": None,          # None: stderr in the foreground, var/hadaemon.log daemonized
@@ -235,7 +236,7 @@ DAEMON_DEFAULTS = {
     "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
     "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
-GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
+GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "recheck", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}
@@ -695,6 +696,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    recheck: typing.Optional[float] = DAEMON_DEFAULTS["recheck"]
     confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
@@ -727,6 +729,7 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    recheck: typing.Optional[float] = None      # interval groups only (configfiles)
     confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
 
     @property
@@ -1225,7 +1228,7 @@ def _setting_value(key, words, where, errors):
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
-                   "switchover_settle", "stop_timeout"):
+                   "switchover_settle", "stop_timeout", "recheck"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -1339,7 +1342,8 @@ def _parse_checks(path, config_dir, errors):
     _http_settings(daemon, config_dir, errors)
     _notify_setting(daemon, config_dir, errors)
     settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
-    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
+    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors,
+                                                  daemon.get("recheck", ("[daemon]",))[0])
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
@@ -1357,7 +1361,26 @@ def _notify_setting(daemon, config_dir, errors):
             daemon["notify"] = (where, (path_,) + words[1:])
 
 
-def _build_groups(groups, settings, config_dir, errors):
+def _recheck_problem(gset, values, daemon_where):
+    """Why a group's ``recheck`` cannot be (docs/configuration.md), or None.  The
+    daemon's default applies to interval groups only: a cron group refuses its own."""
+    if values["recheck"] is None:
+        return None
+    where = gset["recheck"][0] if "recheck" in gset else daemon_where
+    if "cron" in gset:
+        if "recheck" not in gset:
+            values["recheck"] = None
+            return None
+        return "%s: recheck is for interval checks; this group runs by cron (%s)" % (
+            where, gset["cron"][0])
+    if values["recheck"] > values["interval"]:
+        return "%s: recheck %s is longer than the interval %s of the group at %s" % (
+            where, format_duration(values["recheck"]), format_duration(values["interval"]),
+            gset["interval"][0] if "interval" in gset else "[daemon]")
+    return None
+
+
+def _build_groups(groups, settings, config_dir, errors, recheck_where):
     """Groups with the daemon's defaults filled in, and their checks, each command found
     (a generator, as _parse_checks: it yields every CONFIG_STEP checks)."""
     checks, seen = [], {}
@@ -1366,13 +1389,16 @@ def _build_groups(groups, settings, config_dir, errors):
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
                 "confirm": (settings.confirm, settings.confirm_of), "host": None,
                 "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
-                "connect_timeout": settings.connect_timeout}
+                "connect_timeout": settings.connect_timeout, "recheck": settings.recheck}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
         values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
+        problem = _recheck_problem(gset, values, recheck_where)
+        if problem:
+            errors.append(problem)
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):
@@ -4321,6 +4347,14 @@ def _still_counting(last, state, n, m):
     return out[::-1]
 
 
+def pending_among(ledger, reports):
+    """Whether one of ``reports`` ((host, state) pairs, applied to ``ledger``) left its
+    state the host's pending candidate (a member's own, in a cluster): what ``recheck``
+    follows."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
@@ -4736,8 +4770,18 @@ def _command_words(cmd):
 # bursts); cron checks at their next matching minute.  A check due while its last
 # run is still queued or running is skipped and counted: it never overlaps itself.
 # Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+# A pass of the master that is awake anyway (a result came in) also takes the
+# checks due within EARLY: one wake-up for a result and the next job, not one
+# each, for a check that runs at most that much before its time (the schedule
+# itself does not move).
+# A check whose report left a candidate pending (``recheck``) runs again that soon
+# after, from a second heap, its scheduled runs passing unrun meanwhile; once the
+# candidate is settled it is back on its schedule, which never moved.
 #
 # Uses: base, config, wire, records, ssh.
+
+EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
+
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -4753,6 +4797,8 @@ class CheckRuntime:
     last: typing.Optional[dict] = None
     trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
     hosts: tuple = ()                   # the hosts its last own report was about
+    rechecking: bool = False            # a candidate it reported is pending: recheck, not schedule
+    recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
 
 
 def percentile(ordered, q):
@@ -4780,6 +4826,7 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
             "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
+            "rechecking": rt.rechecking if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
 
@@ -4803,6 +4850,7 @@ class Scheduler:
         self.store = store              # where each last result goes (check:KEY, soft)
         self.runtimes = {}              # check key -> CheckRuntime
         self.heap = []                  # (due, seq, key, token)
+        self.rechecks = []              # the same, of the rechecks planned (recheck())
         self.stale = 0                  # heap entries of checks a reload removed or rescheduled
         self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
         self.lags = collections.deque(maxlen=10000)
@@ -4899,6 +4947,8 @@ class Scheduler:
 
     def due_of(self, rt):
         """When ``rt`` runs next (monotonic)."""
+        if rt.recheck_at is not None:
+            return rt.recheck_at
         return rt.waiting[0] + rt.next_due if rt.waiting else rt.next_due
 
     def _push(self, rt):
@@ -4908,23 +4958,34 @@ class Scheduler:
         dues = [since[0] + queue[0][0] for since, queue in self.fresh]
         if self.heap:
             dues.append(self.heap[0][0])
+        if self.rechecks:
+            dues.append(self.rechecks[0][0])
         return min(dues) if dues else None
 
     def fire_due(self, now):
-        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
+        skipped; set its next time."""
         self._push_fresh(now)
-        while self.heap and self.heap[0][0] <= now:
+        until = now + EARLY
+        while self.rechecks and self.rechecks[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.rechecks)
+            rt = self.runtimes.get(key)
+            if rt is not None and rt.token == token and rt.recheck_at == due:
+                rt.recheck_at = None
+                if not rt.busy:
+                    self._queue(rt, due)
+        while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
             if rt is None or rt.token != token:
                 continue
-            if rt.busy:
+            if rt.rechecking and not self.once:
+                pass                            # its recheck runs instead
+            elif rt.busy:
                 rt.skipped += 1
                 log.debug("check %s: still running at its next run; skipped", rt.check.name)
             else:
-                rt.busy = True
-                self.running.add(key)
-                self.ready.append((rt, due))
+                self._queue(rt, due)
             if self.once:
                 continue
             group = rt.check.group
@@ -4938,14 +4999,21 @@ class Scheduler:
                     rt.next_due += missed * group.interval
             self._push(rt)
 
+    def _queue(self, rt, due):
+        """``rt`` waits for a worker: queued, so it is not due again until it ran."""
+        rt.busy = True
+        self.running.add(rt.check.key)
+        self.ready.append((rt, due))
+
     def take(self, now, host_state, config_dir, state_dir):
         """The next ready check as a Job (None when none waits); its lag is sampled."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        self.lags.append(now - due)
+        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
+        self.lags.append(lag)
         self.lag_count += 1
-        self.lag_sum += now - due
+        self.lag_sum += lag
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -4984,6 +5052,18 @@ class Scheduler:
         if self.store is not None:
             self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports
+
+    def recheck(self, rt, pending, now):
+        """After ``rt``'s reports went to the ledger: while a candidate one of them made
+        is ``pending``, its group's ``recheck`` after ``now`` (the run's end) is its next
+        run; once none is, it is back on its schedule."""
+        recheck = rt.check.group.recheck
+        if pending and recheck and not self.once and self.runtimes.get(rt.check.key) is rt:
+            rt.rechecking, rt.recheck_at = True, now + recheck
+            heapq.heappush(self.rechecks, (rt.recheck_at, next(self.heap_seq), rt.check.key, rt.token))
+        elif rt.rechecking:
+            rt.rechecking, rt.recheck_at = False, None
+            log.debug("check %s: candidate settled; back on its schedule", rt.check.name)
 
     @staticmethod
     def _note_trouble(rt, trouble):
@@ -5185,7 +5265,16 @@ class Pool:
         """Keep ``workers`` workers and one spare action run; kill the hung; follow the ssh targets."""
         if self.stopping:
             return
-        live = self.workers("starting", "idle", "busy")
+        # One look at the children (every pass of the loop comes here): by state.
+        live, starting, idle, busy, spare = [], [], [], [], None
+        for child in self.children.values():
+            if child.kind == "worker":
+                if child.state != "exiting":
+                    live.append(child)
+                    (starting if child.state == "starting" else idle if child.state == "idle"
+                     else busy).append(child)
+            elif child.kind == "action" and child.run_id is None:
+                spare = child
         missing = config.daemon.workers - len(live)
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
@@ -5198,13 +5287,13 @@ class Pool:
                 child.slot = slot
         # A smaller pool (after a reload) shrinks by idle workers only: retiring a
         # busy one would cut its check short and report it unknown.
-        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
+        for child in idle[:max(0, -missing)]:
             self.retire(child)
-        for child in self.workers("starting"):
+        for child in starting:
             if now - child.started > HELLO_WITHIN:
                 log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
                 self.retire(child, signal.SIGKILL)
-        for child in self.workers("busy"):
+        for child in busy:
             # Workers enforce their checks' timeouts; one silent long past it is hung
             # (stopped, stuck), and its check must not freeze its host's state.
             job = child.job
@@ -5212,7 +5301,7 @@ class Pool:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
                           child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
-        if now >= self.runner_after and self.spare_runner() is None:
+        if now >= self.runner_after and spare is None:
             # One action run forked and waiting, so a sequence starts without a fork.
             if self.fork("action", action_main, self.sock_path, config.config_dir) is None:
                 self.runner_after = now + 1.0
@@ -6181,11 +6270,12 @@ def _page_hosts(hosts, now):
 
 
 def _next_run(check, now):
+    recheck = "rechecking: " if check.get("rechecking") else ""
     if check.get("running"):
-        return "running"
+        return recheck + "running"
     if not check.get("next_run"):
         return None
-    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+    return recheck + ("due" if check["next_run"] <= now else format_ago(check["next_run"], now))
 
 
 def _page_checks(checks, now):
@@ -9370,6 +9460,8 @@ class Master:
             self.notify.check_ran(rt, result)
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():
@@ -9819,6 +9911,13 @@ def _render_hosts(hosts):
     return out
 
 
+def _next_column(check):
+    """NEXT of a check: when it runs next; ``recheck`` while a candidate it reported is pending."""
+    if check.get("rechecking"):
+        return "recheck"
+    return format_ago(check.get("next_run")) if check.get("next_run") else "-"
+
+
 def _render_checks(checks):
     """The checks table, by scope; past STATUS_ROWS, a count and those in trouble."""
     out = []
@@ -9842,7 +9941,7 @@ def _render_checks(checks):
         took = format_duration(last["duration"]) if last.get("duration") else "-"
         rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
-                     format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
+                     format_ago(last.get("time")), _next_column(c),
                      "-" if c.get("skipped") is None else c["skipped"]))
     if len(rows) > 1:
         out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5)) + _more(len(checks))

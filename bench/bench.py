@@ -72,10 +72,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HADAEMON = os.environ.get("BENCH_HADAEMON") or os.path.join(ROOT, "hadaemon.py")
+BEFORE = os.environ.get("BENCH_BEFORE")        # the versus section: that copy against HADAEMON
 MONIT = "/usr/bin/monit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http", "scale", "notify")
+SECTIONS = ("limit", "throughput", "reaction", "idle", "monit", "cluster", "http", "scale", "notify",
+            "versus")
 TARGETS = {"overhead_ratio": 1.3, "lag_p99_ms": 20.0, "lag_rate": 500,
            "reaction_p99_ms": 5.0, "idle_master_cpu_pct": 0.2, "idle_rss_mb": 60.0,
            "http_p99_ms": 5.0,
@@ -236,8 +238,9 @@ def stop_process_group(proc, marker):
 class Hadaemon:
     """One hadaemon.py --foreground in its own config dir and state dir."""
 
-    def __init__(self, root, checks_conf, actions_conf="", launcher=()):
+    def __init__(self, root, checks_conf, actions_conf="", launcher=(), program=None):
         self.root = root
+        self.program = program or HADAEMON
         self.conf = os.path.join(root, "conf")
         self.state = os.path.join(root, "state")
         self.world = os.path.join(root, "world")
@@ -257,7 +260,7 @@ class Hadaemon:
         return write_script(os.path.join(self.conf, name), text)
 
     def start(self, wait_workers=True):
-        argv = [sys.executable] + self.launcher + [HADAEMON, "--config-dir", self.conf,
+        argv = [sys.executable] + self.launcher + [self.program, "--config-dir", self.conf,
                                                    "--state-dir", self.state, "--foreground"]
         self.exec_time = time.time()
         with open(self.log_path, "ab") as log:
@@ -283,7 +286,7 @@ class Hadaemon:
 
     def cli(self, *args, timeout=60):
         """hadaemon.py ARGS for this daemon's dirs: (seconds it took, CompletedProcess)."""
-        argv = [sys.executable, HADAEMON, "--config-dir", self.conf, "--state-dir", self.state] + list(args)
+        argv = [sys.executable, self.program, "--config-dir", self.conf, "--state-dir", self.state] + list(args)
         t0 = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         return time.monotonic() - t0, done
@@ -579,13 +582,13 @@ def runs_total(status):
     return sum(c["runs"] for c in checks), sum(c["skipped"] for c in checks)
 
 
-def rate_run(tmp, rate, nchecks, workers, warmup, window, launcher=()):
+def rate_run(tmp, rate, nchecks, workers, warmup, window, launcher=(), program=None, name=None):
     interval = nchecks / float(rate)
     # Start slow (the first runs are spread over a minute), then reload at the rate
     # measured: no check is due while the workers start, so the lag the daemon
     # records (its last 10000 dispatches) is the steady state, not the start-up.
-    d = Hadaemon(os.path.join(tmp, "rate-%d" % rate), trivial_config(nchecks, 60.0, workers),
-                 launcher=launcher)
+    d = Hadaemon(os.path.join(tmp, name or "rate-%d" % rate), trivial_config(nchecks, 60.0, workers),
+                 launcher=launcher, program=program)
     d.script("checks/check_trivial", TRIVIAL_CHECK)
     try:
         d.start()
@@ -675,9 +678,13 @@ def summarize(values):
             "max_ms": ms(max(values)) if values else None}
 
 
-def section_reaction(tmp, quick, workers, launcher=()):
+def section_reaction(tmp, quick, workers, launcher=(), program=None, load_rate=0, name="reaction"):
+    """``load_rate``: trivial checks at that many a second beside the flag check (every
+    100 ms, so load_rate / 10 of them), for the reaction of a daemon with work to do."""
     n = 15 if quick else 60
-    d = Hadaemon(os.path.join(tmp, "reaction"), """\
+    load = "" if not load_rate else "\n[local]\ninterval = 100ms\n%s\n" % "\n".join(
+        "check_trivial %d" % i for i in range(load_rate // 10))
+    d = Hadaemon(os.path.join(tmp, name), """\
         [daemon]
         workers = %d
 
@@ -686,7 +693,8 @@ def section_reaction(tmp, quick, workers, launcher=()):
         confirm = 1
         host = role
         check_flag
-        """ % workers, "[any_to_any]\nreact\n", launcher=launcher)
+        """ % workers + load, "[any_to_any]\nreact\n", launcher=launcher, program=program)
+    d.script("checks/check_trivial", TRIVIAL_CHECK)
     d.script("checks/check_flag", FLAG_CHECK.format(world=d.world))
     d.script("actions/react", REACT_ACTION.format(world=d.world))
     flip(os.path.join(d.world, "role"), "up")
@@ -715,12 +723,35 @@ def section_reaction(tmp, quick, workers, launcher=()):
         if ends:
             from_check.append(start - max(ends))
     e2e = [first_after(actions, t, s) - t for t, s in flips if first_after(actions, t, s)]
-    return {"interval_ms": 100, "confirm": 1, "transitions": len(reaction),
+    return {"interval_ms": 100, "confirm": 1, "transitions": len(reaction), "load_per_s": load_rate,
             "result_to_action": summarize(reaction),
             "result_to_spawn": summarize(spawn),
             "spawn_to_action": summarize(spawn_to_clock),
             "check_exit_to_action": summarize(from_check),
             "flip_to_action": summarize(e2e)}
+
+
+def section_versus(tmp, quick, workers, launcher=()):
+    """BENCH_BEFORE=FILE: that copy and this one (HADAEMON) in turn, in one run, so that
+    the machine's load falls on both alike: CPU per check at 500 checks/s, and the
+    reaction with 500 checks/s beside the flag check.  None without BENCH_BEFORE."""
+    if not BEFORE:
+        return None
+    rounds = 1 if quick else 3
+    window, warmup = (2.0, 0.5) if quick else (10.0, 1.0)
+    out = []
+    for i in range(rounds):
+        for side, program in (("before", BEFORE), ("after", HADAEMON)):
+            rate = rate_run(tmp, 500, 100, workers, warmup, window, launcher, program,
+                            "vs-%s-rate-%d" % (side, i))
+            try:
+                react = section_reaction(tmp, quick, workers, launcher, program, 500,
+                                         "vs-%s-reaction-%d" % (side, i))
+            except RuntimeError as exc:         # a machine too busy: the CPU figures stand
+                react = {"error": str(exc)}
+            out.append({"side": side, "program": program, "round": i + 1, "rate": rate,
+                        "reaction": react, "loadavg": loadavg()})
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1536,6 +1567,27 @@ def render(result):
         add("   (target: p99 result -> action <= %.0f ms: %s)" % (
             TARGETS["reaction_p99_ms"], "met" if d.get("reaction", {}).get("met") else "NOT met"))
         load("reaction")
+    if result.get("versus"):
+        add("")
+        add("10. before (%s) / after (%s), in turn at 500 checks/s" % (BEFORE, HADAEMON))
+        add("   %s" % "".join(h.rjust(9) for h in ("round", "side", "CPU/chk", "master", "workers",
+                                                    "check", "x paced", "lag p99", "r->act50",
+                                                    "r->act99", "r->spn99", "load")))
+        paced = {p["rate"]: p["cpu_ms"] for p in (result.get("limit") or {}).get("spawn_paced", [])}
+        none = {"p50_ms": None, "p99_ms": None}
+        for r in result["versus"]:
+            rate, split, react = r["rate"], r["rate"]["cpu_per_check_split_ms"], r["reaction"]
+            if "error" in react:
+                react = {"result_to_action": none, "result_to_spawn": none}
+            add("   %s" % "".join(fmt(v, 9) for v in (
+                r["round"], r["side"], rate["cpu_per_check_ms"], split["master"], split["workers"],
+                split["checks"], ratio(rate["cpu_per_check_ms"], paced.get(500)), rate["lag_p99_ms"],
+                react["result_to_action"]["p50_ms"], react["result_to_action"]["p99_ms"],
+                react["result_to_spawn"]["p99_ms"], r["loadavg"][0])))
+        add("   (CPU in ms per check; x paced: against the bare spawn paced at 500/s (section 1);"
+            " r->act: result at the master -> the action's clock, r->spn: -> its command about to"
+            " spawn, ms, with 500 checks/s beside; load: the load average after the round)")
+        load("versus")
     idle = result.get("idle")
     if idle:
         add("")
@@ -1720,7 +1772,8 @@ def main(argv=None):
              ("cluster", lambda: section_cluster(tmp, args.quick)),
              ("http", lambda: section_http(tmp, args.quick, args.workers, launcher)),
              ("scale", lambda: section_scale(tmp, args.quick, args.scale_workers, args.window, launcher)),
-             ("notify", lambda: section_notify(tmp, args.quick, 2, launcher)))
+             ("notify", lambda: section_notify(tmp, args.quick, 2, launcher)),
+             ("versus", lambda: section_versus(tmp, args.quick, args.workers, launcher)))
     result["load"] = {}
     try:
         for name, step in steps:

@@ -1,6 +1,6 @@
 """The application of test_stack.py: commits numbered rows through pgbouncer and logs each acknowledged one.
 
-    python3 stack_writer.py HOST PORT DATABASE USER FIRST STEP LOG
+    python3 stack_writer.py HOST PORT DATABASE USER FIRST STEP LOG [TIMEOUT]
 
 Run inside the app host's network namespace.  It speaks the PostgreSQL wire
 protocol (version 3, trust authentication) itself, over one connection at a time,
@@ -15,7 +15,8 @@ flushed at once, wall-clock seconds:
     err TIME WHAT          an attempt or a connection failed
     conn TIME              a connection is up (logged in, ready)
 
-It stops on SIGTERM.
+TIMEOUT (default 5) is how many seconds an answer may take before the connection
+counts as lost: an application's own patience.  It stops on SIGTERM.
 """
 
 import signal
@@ -24,7 +25,7 @@ import struct
 import sys
 import time
 
-TIMEOUT = 5.0           # seconds an answer may take before the connection counts as lost
+TIMEOUT = 5.0           # default seconds an answer may take before the connection counts as lost
 
 
 class Failed(Exception):
@@ -47,9 +48,9 @@ def error_text(body):
     return "%s: %s" % (fields.get(b"C", "?"), fields.get(b"M", "?"))
 
 
-def connect(host, port, database, user):
-    sock = socket.create_connection((host, port), timeout=TIMEOUT)
-    sock.settimeout(TIMEOUT)
+def connect(host, port, database, user, timeout):
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(timeout)
     params = b"".join(k + b"\0" + v + b"\0" for k, v in (
         (b"user", user.encode()), (b"database", database.encode()),
         (b"application_name", b"stack_writer"))) + b"\0"
@@ -91,6 +92,7 @@ def insert(sock, f, n):
 
 def main():
     host, port, database, user, first, step, log_path = sys.argv[1:8]
+    timeout = float(sys.argv[8]) if len(sys.argv) > 8 else TIMEOUT
     port, n, step = int(port), int(first), int(step)
 
     def stop(signum, frame):
@@ -104,7 +106,7 @@ def main():
             if sock is None:
                 if time.time() - last_failed < 0.01:
                     time.sleep(0.01)        # a refused connection must not spin
-                sock, f = connect(host, port, database, user)
+                sock, f = connect(host, port, database, user, timeout)
                 log.write("conn %.6f\n" % time.time())
             server = insert(sock, f, n)
             log.write("ack %d %.6f %s\n" % (n, time.time(), server))

@@ -83,6 +83,13 @@ MISTAKES = [
     ("workers-zero", "[daemon]\nworkers = 0\n" + VALID_CHECKS, "", C, 2, ["workers", "'0'"]),
     ("interval-and-cron", "[local]\ninterval = 1m\ncron = */5 * * * *\ncheck_a\n", "", C, 3,
      ["interval", "cron"]),
+    ("recheck-with-cron", "[local]\ncron = */5 * * * *\nrecheck = 1s\ncheck_a\n", "", C, 3,
+     ["recheck", "cron", "checks.conf:2"]),
+    ("recheck-longer-than-interval", "[local]\ninterval = 500ms\nrecheck = 2s\ncheck_a\n", "", C, 3,
+     ["recheck 2s", "interval 500ms", "checks.conf:2"]),
+    ("daemon-recheck-longer-than-interval", "[daemon]\nrecheck = 20s\n" + VALID_CHECKS, "", C, 2,
+     ["recheck 20s", "interval 10s"]),
+    ("recheck-not-a-duration", "[local]\nrecheck = soon\ncheck_a\n", "", C, 2, ["'soon'"]),
     ("cron-out-of-range", "[local]\ncron = 61 * * * *\ncheck_a\n", "", C, 2, ["61", "minute"]),
     ("cron-field-count", "[local]\ncron = * * *\ncheck_a\n", "", C, 2, ["5 fields", "'* * *'"]),
     ("cron-never", "[local]\ncron = 0 0 31 2 *\ncheck_a\n", "", C, 2, ["0 0 31 2 *", "never"]),
@@ -247,6 +254,28 @@ def test_daemon_defaults_when_unset(tmp_path):
     assert cfg.daemon == hadaemon.config.DaemonSettings()
     assert (cfg.daemon.interval, cfg.daemon.timeout, cfg.daemon.confirm, cfg.daemon.workers) == (10, 5, 1, 2)
     assert cfg.sections == {}
+
+
+def test_recheck_default_applies_to_interval_groups_only(tmp_path):
+    """[daemon] recheck is every interval group's default (off when unset); a cron
+    group is not refused for the default, it just does without it."""
+    cfg = hadaemon.configfiles.load_config(str(make_dir(tmp_path, """
+        [daemon]
+        interval = 1s
+        recheck = 100ms
+        [local]
+        check_a
+        [local]
+        cron = */5 * * * *
+        check_b
+        [local]
+        interval = 2s
+        recheck = 1.5s
+        host = other
+        check_a
+    """)))
+    assert [g.recheck for g in cfg.groups] == [0.1, None, 1.5]
+    assert hadaemon.configfiles.load_config(str(make_dir(tmp_path, name="plain"))).groups[0].recheck is None
 
 
 def test_cron_group(tmp_path):

@@ -12,7 +12,7 @@ network; every name carries the test run's prefix):
 Writers in app commit numbered rows through pgbouncer and log every acknowledged
 one.  Then db1 fails, one way per test: its postmaster killed (SIGKILL), its cable
 pulled (eth0 down: it runs on, unreachable; the cable comes back later), the host
-dead (every process in it killed, eth0 down), or a planned switchover
+dead (every process in it killed, eth0 down), or stopped by hand
 (``pg_ctl stop -m fast``).  hadaemon pauses pgbouncer, takes the address off db1
 (when reachable), promotes db2, puts the address on it with a gratuitous ARP and
 resumes pgbouncer.  The test asserts what an operator relies on: no acknowledged
@@ -21,9 +21,17 @@ hosts at once (``ip monitor`` of both hosts), no write acknowledged by db1 once 
 address moved and, for the cable, db1 back fenced: the address taken off it, no
 neighbour sent there, a direct write to it never acknowledged.
 
-The outage and its parts (detection, pgbouncer, address, promotion, client) are
-figures, printed in pytest's summary, never asserted.  ``STACK_RUNS=5`` runs each
-scenario five times and adds a table of medians.  Needs root and ``ip netns``;
+The planned switchover (``--switchover db2``, then ``--switchover db1``) runs the
+example's ``[switchover]`` with the writers writing: no write may fail or be lost,
+and the old primary must stream from the new one afterwards; a second test makes
+db2 too late and checks that db1 is started again and the clients let go.
+
+The outage and its parts (detection, split into the first report that saw the
+fault and confirming it; pgbouncer, address, promotion, client), the
+switchover's longest write wait and its steps are figures, printed in pytest's
+summary, never asserted.  ``STACK_RUNS=5`` runs each scenario five times and adds
+a table of medians; ``STACK_BEFORE=1`` lets an example without ``recheck`` run
+(to measure an older one with this file).  Needs root and ``ip netns``;
 skips otherwise.  Stale namespaces of a killed run of this file are removed at start.
 """
 
@@ -40,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -349,16 +358,17 @@ class Pgbouncer:
 
 
 class Writers:
-    """``count`` stack_writer.py processes in app, through pgbouncer."""
+    """``count`` stack_writer.py processes in app, through pgbouncer, each giving up
+    on an answer after ``patience`` seconds."""
 
-    def __init__(self, topo, directory, count=2):
+    def __init__(self, topo, directory, count=2, patience=5.0):
         self.paths = [os.path.join(directory, "writer-%d.log" % i) for i in range(count)]
         self.procs = []
         for i, path in enumerate(self.paths):
             with open(path + ".err", "wb") as err:
                 self.procs.append(subprocess.Popen(topo.inside("app", [
                     sys.executable, str(WRITER), "127.0.0.1", str(PGBOUNCER_PORT), APPDB, "postgres",
-                    str(i + 1), str(count), path]), stdin=subprocess.DEVNULL,
+                    str(i + 1), str(count), path, str(patience)]), stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
 
     def events(self):
@@ -402,7 +412,7 @@ class Stack:
         self.dir = tempfile.mkdtemp(prefix="hadaemon-stack-")
         os.chmod(self.dir, 0o755)           # pgbouncer runs as the postgres user
         self.topo = Topology()
-        self.pair = self.sshd = self.pgbouncer = self.writers = None
+        self.pair = self.sshd = self.pgbouncer = self.writers = self.first_report = None
         self.monitors = {}
         self.bindir, self.user, self.template = bindir, user, template
 
@@ -438,15 +448,18 @@ class Stack:
         pgpass.write_text("app:%d:pgbouncer:pgbouncer:%s\n" % (PGBOUNCER_PORT, ADMIN_PASSWORD))
         pgpass.chmod(0o600)
         config = hadaemon.configfiles.load_config(str(d.dir))
-        groups = {(g.interval, g.confirm) for g in config.groups if g.scope.kind == "local"}
+        groups = {(g.interval, g.confirm, getattr(g, "recheck", None))
+                  for g in config.groups if g.scope.kind == "local"}
         # The figures are for the example as shipped: checked, not assumed.
-        assert groups == {(0.5, 2)}, groups
+        assert groups == {(0.5, 2, 0.1)} or os.environ.get("STACK_BEFORE"), groups
         d.wrap = self.topo.inside("watcher", [])
 
-    def start(self):
-        """hadaemon up, db1 master with the address, db2 slave, rows flowing through pgbouncer."""
+    def start(self, patience=5.0, **env):
+        """hadaemon up (``env``: more of its environment), db1 master with the address,
+        db2 slave, rows flowing through pgbouncer (from writers that wait ``patience``
+        seconds for an answer)."""
         d = self.d
-        env = dict(self.pair.client_env, PGPASSFILE=str(d.state / "pgpass"))
+        env = dict(self.pair.client_env, PGPASSFILE=str(d.state / "pgpass"), **env)
         d.start(env=env)
         d.wait_state("db1", "master", timeout=30)
         d.wait_state("db2", "slave", timeout=30)
@@ -456,12 +469,14 @@ class Stack:
         self.holders0 = {h: (self.topo.has_vip(h), self.topo.link_up(h)) for h in ("db1", "db2")}
         self.monitors = {h: Monitor(self.topo, h, self.dir) for h in ("db1", "db2")}
         self.monitors["app"] = Monitor(self.topo, "app", self.dir, what=("neigh",))
-        self.writers = Writers(self.topo, self.dir)
+        self.writers = Writers(self.topo, self.dir, patience=patience)
         wait_for(lambda: len(self.writers.acked_by("db1")) >= 100, timeout=30,
                  what="100 rows acknowledged through pgbouncer (writer errors: %s)"
                  % [e for e in self.writers.events() if e[0] == "err"][-5:])
 
     def teardown(self):
+        if self.first_report is not None:
+            self.first_report.stop()
         for part in [self.writers] + list(self.monitors.values()):
             if part is not None:
                 try:
@@ -525,15 +540,26 @@ RESULTS = {}
 def medians():
     """With STACK_RUNS > 1: the median of every figure per scenario, after the last run."""
     yield
+    for way, runs in SWITCHOVERS.items():
+        if len(runs) > 1:
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            figure("stack: switchover %s: median of %d runs: write outage %d ms (%d-%d), longest "
+                   "write wait %d ms (%d-%d); %s, hadaemon %d ms"
+                   % (way, len(runs), med["outage"], min(r["outage"] for r in runs),
+                      max(r["outage"] for r in runs), med["wait"], min(r["wait"] for r in runs),
+                      max(r["wait"] for r in runs),
+                      ", ".join("%s %d" % (n, med[n]) for n in SWITCHOVER_STEPS), med["hadaemon"]))
     for scenario, runs in RESULTS.items():
         if len(runs) < 2:
             continue
         keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
         med = {k: statistics.median(r[k] for r in runs) for k in keys}
-        figure("stack: %s: median of %d runs: outage %d ms = detection %d + pgbouncer %d + "
-               "address %d + promotion %d + hadaemon %d + client %d ms (outage range %d-%d ms)"
-               % (scenario, len(runs), med["outage"], med["detection"], med["pgbouncer"],
-                  med["address"], med["promotion"], med["hadaemon"], med["client"],
+        figure("stack: %s: median of %d runs: outage %d ms = detection %d (first report %d + "
+               "confirming %d) + pgbouncer %d + address %d + promotion %d + hadaemon %d + "
+               "client %d ms (outage range %d-%d ms)"
+               % (scenario, len(runs), med["outage"], med["detection"], med["first report"],
+                  med["confirming"], med["pgbouncer"], med["address"], med["promotion"],
+                  med["hadaemon"], med["client"],
                   min(r["outage"] for r in runs), max(r["outage"] for r in runs)))
 
 
@@ -560,11 +586,43 @@ def timeline(cmds, since):
         for name, arg, start, end, code, out in cmds)
 
 
+class FirstReport:
+    """The first report on db1 after the fault that no longer says master: the daemon's
+    ``hosts.db1.last_report`` (its time is when the master had the result), read over
+    the socket every 10 ms in a thread.  Only its own time is used, so the poll's
+    period bounds nothing but whether it is caught before the next report replaces it
+    (a recheck later, at the soonest)."""
+
+    def __init__(self, d, since):
+        self.d, self.since = d, since
+        self.report = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while not self.done.wait(0.01):
+            try:
+                last = ((self.d.ask("status", timeout=5).get("hosts") or {}).get("db1") or {}) \
+                    .get("last_report") or {}
+            except Exception:           # the socket busy or gone for a moment: look again
+                continue
+            if last.get("state") not in (None, "master") and (last.get("time") or 0) >= self.since:
+                self.report = last
+                return
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=10)
+        return self.report
+
+
 def failover(s, fail):
     """Fail db1 by ``fail()``; wait until db2 took over and 100 rows went through
     pgbouncer to it; return the time of the failure."""
     d, writers = s.d, s.writers
     killed = time.time()
+    s.first_report = FirstReport(d, killed)
     fail()
     d.wait_state("db1", "down", timeout=30)
     d.wait_state("db2", "master", timeout=30)
@@ -613,9 +671,14 @@ def check_and_report(s, scenario, killed, extra=""):
     last_db1 = max(t for t, srv in acked.values() if srv == "db1")
 
     outage = first_db2 - killed
+    first = s.first_report.stop()
+    assert first is not None, "no report on db1 after the fault was seen"
     parts = {
         "outage": outage * 1000,
         "detection": (down["time"] - killed) * 1000,
+        # detection = waiting for the next check (and its run) + confirming it
+        "first report": (first["time"] - killed) * 1000,
+        "confirming": (down["time"] - first["time"]) * 1000,
         "pgbouncer": sum(c[3] - c[2] for c in cmds if c[0] == "pgbouncer_ctl") * 1000,
         "address": sum(c[3] - c[2] for c in cmds if c[0] == "remote_vip") * 1000,
         "promotion": sum(c[3] - c[2] for c in cmds if c[0] in ("promote_standby", "sync_off")) * 1000,
@@ -628,9 +691,11 @@ def check_and_report(s, scenario, killed, extra=""):
     figure("stack: %s: write outage %d ms (kill -> first acknowledged write through pgbouncer), "
            "%d acknowledged, %d present, %d lost, %d promotion, address on db2"
            % (scenario, outage * 1000, len(acked), len(present), len(lost), len(promoted)))
-    figure("stack: %s: detection %d ms, pgbouncer %d, address %d, promotion %d, hadaemon %d, "
-           "client %d; last db1 ack %+d ms, address on both reachable hosts %d ms%s (load %s)"
-           % (scenario, parts["detection"], parts["pgbouncer"], parts["address"], parts["promotion"],
+    figure("stack: %s: detection %d ms (first report %d + confirming %d), pgbouncer %d, address %d, "
+           "promotion %d, hadaemon %d, client %d; last db1 ack %+d ms, address on both reachable "
+           "hosts %d ms%s (load %s)"
+           % (scenario, parts["detection"], parts["first report"], parts["confirming"],
+              parts["pgbouncer"], parts["address"], parts["promotion"],
               parts["hadaemon"], parts["client"], (last_db1 - killed) * 1000, both * 1000, extra, load))
     return both
 
@@ -660,14 +725,190 @@ def test_dead_host(stack, run):
 
 
 @pytest.mark.parametrize("run", range(RUNS))
-def test_planned_switchover(stack, run):
-    """The operator stops db1's PostgreSQL cleanly; hadaemon does the rest."""
+def test_stopped_by_hand(stack, run):
+    """The operator stops db1's PostgreSQL cleanly, without --switchover: hadaemon
+    sees a primary down and fails over (what --switchover is for instead)."""
     stack.start()
     db1 = stack.pair.primary
     killed = failover(stack, lambda: stack.pair.run(
         [stack.pair.tool("pg_ctl"), "stop", "-D", db1.datadir, "-m", "fast", "-w", "-t", "30"]))
-    both = check_and_report(stack, "planned switchover", killed)
+    both = check_and_report(stack, "stopped by hand", killed)
     assert both == 0, "the address was on db1 and db2 at once for %.3f s" % both
+
+
+SWITCHOVER_STEPS = ["checkpoint", "hold", "stop", "promote", "address off", "address on", "resume",
+                    "rejoin"]
+
+
+def switchover_steps(run):
+    """[(step, started, ended, exit, output)] of a [switchover] run's commands that ran,
+    logger left out; a step named by SWITCHOVER_STEPS (pgbouncer_guard: the command it runs)."""
+    names = {("psql",): "checkpoint", ("pgbouncer_ctl", "hold"): "hold",
+             ("pg_handover", "stop"): "stop", ("promote_standby",): "promote",
+             ("remote_vip", "del"): "address off", ("remote_vip", "add"): "address on",
+             ("pgbouncer_ctl", "resume"): "resume", ("pg_handover", "rejoin"): "rejoin"}
+    found = []
+    for cmd in run["commands"]:
+        res, argv = cmd.get("result"), [os.path.basename(cmd["argv"][0])] + cmd["argv"][1:]
+        if res is None or cmd.get("started") is None or argv[0] == "logger":
+            continue
+        if argv[0] == "pgbouncer_guard":
+            argv = argv[3:]
+        name = names.get(tuple(argv[:1])) or names.get(tuple(argv[:2]), " ".join(argv[:2]))
+        found.append((name, cmd["started"], cmd["started"] + res["duration"], res.get("exit"),
+                      res.get("output", "")))
+    return found
+
+
+def write_waits(writers, since, until):
+    """(outage, longest wait, client errors) of the writes around [since, until]: the
+    longest stretch with no acknowledged write, the longest a single write waited (a
+    writer sends the next one as soon as one is acknowledged), errors the writers saw."""
+    per_writer, every = [], []
+    for path in writers.paths:
+        with open(path) as f:
+            acks = [float(line.split()[2]) for line in f if line.startswith("ack ")]
+        every += acks
+        per_writer.append(acks)
+
+    def longest(acks):
+        return max([0.0] + [b - a for a, b in zip(acks, acks[1:]) if b >= since and a <= until])
+    errors = [e for e in writers.events() if e[0] == "err" and since <= float(e[1]) <= until + 1]
+    return longest(sorted(every)), max(longest(a) for a in per_writer), errors
+
+
+def streams_from(standby, primary):
+    """Whether ``standby`` streams from ``primary``, as both of them say."""
+    receiver = standby.sql("SELECT status, sender_host FROM pg_stat_wal_receiver")
+    senders = primary.sql("SELECT state FROM pg_stat_replication")
+    return receiver in (["streaming|%s" % primary.name], ["streaming|%s" % primary.address]) \
+        and senders == ["streaming"]
+
+
+SWITCHOVERS = {}        # "to db2" -> [{figure: ms}] of every run, for the medians
+
+
+def switchover(s, frm, to, median=True):
+    """--switchover TO with the writers writing; assert and print what the application
+    saw, and that the pair is whole again with TO the primary (its figures among the
+    medians' when ``median``)."""
+    d, topo, writers = s.d, s.topo, s.writers
+    servers = {"db1": s.pair.primary, "db2": s.pair.standby}
+    new, old = servers[to], servers[frm]
+    asked = time.time()
+    r = d.cli("--switchover", to, "--wait", timeout=200)
+    done = time.time()
+    runs = [x for x in d.runs() if x["section"].endswith("switchover") and (x["queued"] or 0) >= asked - 1]
+    assert r.returncode == 0 and len(runs) == 1 and runs[0]["state"] == "ok", \
+        "--switchover %s exited %d: %s%s\n%s\n%s" % (to, r.returncode, r.stdout, r.stderr,
+                                                     json.dumps(runs, indent=1), d.tail())
+    run = runs[0]
+    steps = switchover_steps(run)
+    said = "\n".join("%-12s %+.3f..%+.3f exit %s: %s" % (
+        n, t0 - asked, t1 - asked, code, out.strip().replace("\n", " | ")) for n, t0, t1, code, out in steps)
+    assert [x[0] for x in steps] == SWITCHOVER_STEPS, said
+    # hadaemon sees it as it is, TO master and FROM a standby again; the transitions
+    # the switchover caused ran no section.
+    d.wait_state(to, "master", timeout=30)
+    d.wait_state(frm, "slave", timeout=30)
+    history = json.loads(d.cli("--history", "50", "--json", check=True).stdout)
+    caused = [h for h in history if h["time"] >= run["started"] and (
+        (h["host"], h["from"]) == (frm, "master") or (h["host"], h["to"]) == (to, "master"))]
+    assert len(caused) == 2 and all(h["run"] is None for h in caused), json.dumps(caused, indent=1)
+    wait_for(lambda: len(writers.acked_by(to, after=done)) >= 50, timeout=30,
+             what="50 rows acknowledged by %s after the switchover" % to)
+
+    outage, wait, errors = write_waits(writers, run["started"], run["ended"])
+    acked = writers.acked()
+    present = {int(n) for n in new.sql("SELECT n FROM ha_rows")}
+    lost = sorted(set(acked) - present)
+    promoted = [x for x in steps if x[0] == "promote" and "%s promoted" % to in x[4]]
+    assert not lost, "acknowledged rows missing on %s: %s" % (to, lost[:20])
+    assert not errors, "the writers saw errors: %s\n%s" % (errors[:10], said)
+    assert len(promoted) == 1, said
+    assert new.sql("SELECT pg_is_in_recovery()") == ["f"]
+    assert old.sql("SELECT pg_is_in_recovery()") == ["t"]
+    assert streams_from(old, new), "%s does not stream from %s" % (frm, to)
+    assert topo.has_vip(to) and not topo.has_vip(frm)
+    figure("stack: switchover: write outage %d ms, %d acknowledged, %d present, %d lost, %d client "
+           "errors, %d promotion, address on %s, %s standby of %s"
+           % (outage * 1000, len(acked), len(present), len(lost), len(errors), len(promoted), to, frm, to))
+    parts = {n: 0.0 for n in SWITCHOVER_STEPS}
+    for n, t0, t1, _, _ in steps:
+        parts[n] += (t1 - t0) * 1000
+    parts["hadaemon"] = (run["ended"] - run["started"]) * 1000 - sum(parts.values())
+    parts.update(outage=outage * 1000, wait=wait * 1000)
+    if median:
+        SWITCHOVERS.setdefault("to " + to, []).append(parts)
+    figure("stack: switchover to %s: longest write wait %d ms (target <= 2000); %s, hadaemon %d ms; "
+           "--switchover --wait returned after %d ms (load %s)"
+           % (to, wait * 1000, ", ".join("%s %d" % (n, parts[n]) for n in SWITCHOVER_STEPS),
+              parts["hadaemon"], (done - asked) * 1000, open("/proc/loadavg").read().split()[0]))
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+def test_planned_switchover(stack, run):
+    """--switchover db2, then --switchover db1, with the writers writing through pgbouncer
+    the whole time: no write fails, none is lost, one promotion each way, and the old
+    primary streams from the new one afterwards, no rebuild by hand."""
+    s = stack
+    s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")    # the example's CONNINFO
+    # The writers wait for an answer as long as an application without a statement
+    # timeout would (30 s, not 5): a wait is what a switchover may cost, and it is
+    # printed; an error is what it must not cause.
+    s.start(patience=30)
+    switchover(s, "db1", "db2")
+    switchover(s, "db2", "db1")
+    s.writers.stop()
+
+
+def test_switchover_rolled_back(stack):
+    """db2 replays 30 s late (recovery_min_apply_delay), and pg_handover stop waits 1 s
+    for it to replay db1's shutdown checkpoint: it starts db1 again, pgbouncer_guard
+    lets the clients go, the run fails saying why; the clients saw a wait and no error.
+    Then --switchover db2 goes through."""
+    s = stack
+    s.pair.primary.sql("CREATE ROLE replicator LOGIN REPLICATION")
+    s.start(patience=30, CATCHUP_TIMEOUT="1")
+    db1, db2 = s.pair.primary, s.pair.standby
+
+    def apply_delay(value):
+        db2.sql("ALTER SYSTEM SET recovery_min_apply_delay = '%s'" % value)
+        db2.sql("SELECT pg_reload_conf()")
+    apply_delay("30s")
+    wait_for(lambda: db2.sql("SELECT now() - pg_last_xact_replay_timestamp() > interval '1 s'") == ["t"],
+             timeout=30, what="db2 to replay a second late")
+    asked = time.time()
+    r = s.d.cli("--switchover", "db2", "--wait", timeout=200)
+    done = time.time()
+    # Under synchronous replication db1's first commits wait for db2 to stream again,
+    # and db2 waits out its delay first (its startup process rereads the setting).
+    apply_delay("0")
+    run = [x for x in s.d.runs() if x["section"].endswith("switchover")][0]
+    steps = switchover_steps(run)
+    assert r.returncode == 1 and run["state"] == "failed", json.dumps(run, indent=1)
+    assert [x[0] for x in steps] == ["checkpoint", "hold", "stop"], steps
+    said = steps[-1][4]
+    assert "db2 has not replayed db1's shutdown checkpoint" in said and "the primary as before" in said \
+        and "appdb resumed" in said, said
+    assert db1.sql("SELECT pg_is_in_recovery()") == ["f"]
+    assert s.topo.has_vip("db1") and not s.topo.has_vip("db2")
+    wait_for(lambda: streams_from(db2, db1), timeout=30, what="db2 to stream from db1 again")
+    wait_for(lambda: len(s.writers.acked_by("db1", after=run["ended"])) >= 50, timeout=30,
+             what="50 rows acknowledged by db1 after the failed switchover")
+    outage, wait, errors = write_waits(s.writers, run["started"], run["ended"])
+    s.d.wait_state("db1", "master", timeout=30)
+    s.d.wait_state("db2", "slave", timeout=30)
+    acked = s.writers.acked()
+    present = {int(n) for n in db1.sql("SELECT n FROM ha_rows")}
+    assert not set(acked) - present
+    # db1 was accepting connections again before the clients were let go (pg_ctl start -w).
+    assert not errors, "the writers saw errors: %s" % errors[:10]
+    figure("stack: switchover rolled back: stop %d ms (db1 stopped, 1 s for db2, started again), "
+           "longest write wait %d ms, 0 client errors, 0 lost; --switchover --wait exit 1 after %d ms"
+           % ((steps[-1][2] - steps[-1][1]) * 1000, wait * 1000, (done - asked) * 1000))
+    switchover(s, "db1", "db2", median=False)
+    s.writers.stop()
 
 
 @pytest.mark.parametrize("run", range(RUNS))

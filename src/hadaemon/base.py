@@ -62,6 +62,7 @@ DAEMON_DEFAULTS = {
     "interval": 10.0,
     "timeout": 5.0,
     "confirm": 1,
+    "recheck": None,      # a pending candidate's check runs again this soon: off unless set
     "workers": 2,
     "action_timeout": 60.0,
     "log": None,          # None: stderr in the foreground, var/hadaemon.log daemonized
@@ -79,7 +80,7 @@ DAEMON_DEFAULTS = {
     "switchover_settle": 30.0,          # ... how long after its run its own transitions are expected
     "stop_timeout": None,  # what a stop may take (systemd's TimeoutStopSec): -t warns past it
 }
-GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "host"}
+GROUP_KEYS = {"interval", "cron", "timeout", "confirm", "recheck", "host"}
 SSH_KEYS = {"ssh_identity", "ssh_options", "connect_timeout"}
 DAEMON_KEYS = set(DAEMON_DEFAULTS)
 SECTION_KEYS = {"timeout"}

@@ -209,6 +209,13 @@ def _render_hosts(hosts):
     return out
 
 
+def _next_column(check):
+    """NEXT of a check: when it runs next; ``recheck`` while a candidate it reported is pending."""
+    if check.get("rechecking"):
+        return "recheck"
+    return format_ago(check.get("next_run")) if check.get("next_run") else "-"
+
+
 def _render_checks(checks):
     """The checks table, by scope; past STATUS_ROWS, a count and those in trouble."""
     out = []
@@ -232,7 +239,7 @@ def _render_checks(checks):
         took = format_duration(last["duration"]) if last.get("duration") else "-"
         rows.append((c["name"], c["host"], reported,
                      "-" if last.get("exit") is None else last["exit"], took,
-                     format_ago(last.get("time")), format_ago(c.get("next_run")) if c.get("next_run") else "-",
+                     format_ago(last.get("time")), _next_column(c),
                      "-" if c.get("skipped") is None else c["skipped"]))
     if len(rows) > 1:
         out += _table(rows, (22, 10, 9, 4, 6, 9, 8, 5)) + _more(len(checks))

@@ -56,6 +56,7 @@ class DaemonSettings:
     interval: float = DAEMON_DEFAULTS["interval"]
     timeout: float = DAEMON_DEFAULTS["timeout"]
     confirm: int = DAEMON_DEFAULTS["confirm"]
+    recheck: typing.Optional[float] = DAEMON_DEFAULTS["recheck"]
     confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
     workers: int = DAEMON_DEFAULTS["workers"]
     action_timeout: float = DAEMON_DEFAULTS["action_timeout"]
@@ -88,6 +89,7 @@ class Group:
     ssh_identity: typing.Optional[str] = None
     ssh_options: tuple = ()
     connect_timeout: float = 5.0
+    recheck: typing.Optional[float] = None      # interval groups only (configfiles)
     confirm_of: typing.Optional[int] = None     # confirm = N of M: M (None: N of N)
 
     @property

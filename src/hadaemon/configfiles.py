@@ -13,7 +13,7 @@ import shutil
 
 from .base import (
     CLUSTER_KEYS, CONFIG_STEP, ConfigError, DAEMON_KEYS, GROUP_KEYS, MAX_WINDOW, MAX_WORKERS,
-    SECTION_KEYS, SSH_KEYS, parse_duration, run_steps, valid_name,
+    SECTION_KEYS, SSH_KEYS, format_duration, parse_duration, run_steps, valid_name,
 )
 from .cron import CronSpec
 from .config import (
@@ -34,7 +34,7 @@ def _setting_value(key, words, where, errors):
             raise ValueError("%s takes one value, got %d: %r" % (key, len(words), " ".join(words)))
         value = " ".join(words)
         if key in ("interval", "timeout", "action_timeout", "connect_timeout", "notify_timeout",
-                   "switchover_settle", "stop_timeout"):
+                   "switchover_settle", "stop_timeout", "recheck"):
             return parse_duration(value)
         if key in ("confirm", "workers", "history"):
             if not value.isdigit() or int(value) < 1:
@@ -148,7 +148,8 @@ def _parse_checks(path, config_dir, errors):
     _http_settings(daemon, config_dir, errors)
     _notify_setting(daemon, config_dir, errors)
     settings = DaemonSettings(**_split_confirm({k: v for k, (_, v) in daemon.items()}))
-    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors)
+    group_list, checks = yield from _build_groups(groups, settings, config_dir, errors,
+                                                  daemon.get("recheck", ("[daemon]",))[0])
     if cluster_where is not None:
         cluster = _cluster_settings(cluster_where, cluster, errors)
     return settings, group_list, checks, cluster or None
@@ -166,7 +167,26 @@ def _notify_setting(daemon, config_dir, errors):
             daemon["notify"] = (where, (path_,) + words[1:])
 
 
-def _build_groups(groups, settings, config_dir, errors):
+def _recheck_problem(gset, values, daemon_where):
+    """Why a group's ``recheck`` cannot be (docs/configuration.md), or None.  The
+    daemon's default applies to interval groups only: a cron group refuses its own."""
+    if values["recheck"] is None:
+        return None
+    where = gset["recheck"][0] if "recheck" in gset else daemon_where
+    if "cron" in gset:
+        if "recheck" not in gset:
+            values["recheck"] = None
+            return None
+        return "%s: recheck is for interval checks; this group runs by cron (%s)" % (
+            where, gset["cron"][0])
+    if values["recheck"] > values["interval"]:
+        return "%s: recheck %s is longer than the interval %s of the group at %s" % (
+            where, format_duration(values["recheck"]), format_duration(values["interval"]),
+            gset["interval"][0] if "interval" in gset else "[daemon]")
+    return None
+
+
+def _build_groups(groups, settings, config_dir, errors, recheck_where):
     """Groups with the daemon's defaults filled in, and their checks, each command found
     (a generator, as _parse_checks: it yields every CONFIG_STEP checks)."""
     checks, seen = [], {}
@@ -175,13 +195,16 @@ def _build_groups(groups, settings, config_dir, errors):
     defaults = {"interval": settings.interval, "cron": None, "timeout": settings.timeout,
                 "confirm": (settings.confirm, settings.confirm_of), "host": None,
                 "ssh_identity": settings.ssh_identity, "ssh_options": settings.ssh_options,
-                "connect_timeout": settings.connect_timeout}
+                "connect_timeout": settings.connect_timeout, "recheck": settings.recheck}
     for i, (scope, gwhere, gset, lines) in enumerate(groups):
         groups[i] = None                # let go as read (see read_ini)
         if "interval" in gset and "cron" in gset:
             errors.append("%s: interval and cron both set; a group has one or the other"
                           % gset["cron"][0])
         values = _split_confirm(dict(defaults, **{key: value for key, (_, value) in gset.items()}))
+        problem = _recheck_problem(gset, values, recheck_where)
+        if problem:
+            errors.append(problem)
         group = Group(scope, gwhere, **values)
         group_list.append(group)
         if scope.kind == "ssh" and lines and not shutil.which("ssh"):

@@ -367,11 +367,12 @@ def _page_hosts(hosts, now):
 
 
 def _next_run(check, now):
+    recheck = "rechecking: " if check.get("rechecking") else ""
     if check.get("running"):
-        return "running"
+        return recheck + "running"
     if not check.get("next_run"):
         return None
-    return "due" if check["next_run"] <= now else format_ago(check["next_run"], now)
+    return recheck + ("due" if check["next_run"] <= now else format_ago(check["next_run"], now))
 
 
 def _page_checks(checks, now):

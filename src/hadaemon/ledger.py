@@ -162,6 +162,14 @@ def _still_counting(last, state, n, m):
     return out[::-1]
 
 
+def pending_among(ledger, reports):
+    """Whether one of ``reports`` ((host, state) pairs, applied to ``ledger``) left its
+    state the host's pending candidate (a member's own, in a cluster): what ``recheck``
+    follows."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 

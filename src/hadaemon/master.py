@@ -31,7 +31,7 @@ from .configfiles import load_config_steps
 from .records import CheckResult, DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
-from .ledger import Ledger
+from .ledger import Ledger, pending_among
 from .scheduler import Scheduler
 from .pool import Pool
 from .control import ControlServer
@@ -344,6 +344,8 @@ class Master:
             self.notify.check_ran(rt, result)
             for host, state in reports:
                 self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
 
     def reap(self):
         for child, how in self.pool.reap():

@@ -169,7 +169,16 @@ class Pool:
         """Keep ``workers`` workers and one spare action run; kill the hung; follow the ssh targets."""
         if self.stopping:
             return
-        live = self.workers("starting", "idle", "busy")
+        # One look at the children (every pass of the loop comes here): by state.
+        live, starting, idle, busy, spare = [], [], [], [], None
+        for child in self.children.values():
+            if child.kind == "worker":
+                if child.state != "exiting":
+                    live.append(child)
+                    (starting if child.state == "starting" else idle if child.state == "idle"
+                     else busy).append(child)
+            elif child.kind == "action" and child.run_id is None:
+                spare = child
         missing = config.daemon.workers - len(live)
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
@@ -182,13 +191,13 @@ class Pool:
                 child.slot = slot
         # A smaller pool (after a reload) shrinks by idle workers only: retiring a
         # busy one would cut its check short and report it unknown.
-        for child in [c for c in live if c.state == "idle"][:max(0, -missing)]:
+        for child in idle[:max(0, -missing)]:
             self.retire(child)
-        for child in self.workers("starting"):
+        for child in starting:
             if now - child.started > HELLO_WITHIN:
                 log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
                 self.retire(child, signal.SIGKILL)
-        for child in self.workers("busy"):
+        for child in busy:
             # Workers enforce their checks' timeouts; one silent long past it is hung
             # (stopped, stuck), and its check must not freeze its host's state.
             job = child.job
@@ -196,7 +205,7 @@ class Pool:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
                           child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
-        if now >= self.runner_after and self.spare_runner() is None:
+        if now >= self.runner_after and spare is None:
             # One action run forked and waiting, so a sequence starts without a fork.
             if self.fork("action", action_main, self.sock_path, config.config_dir) is None:
                 self.runner_after = now + 1.0

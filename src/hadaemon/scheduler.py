@@ -5,6 +5,13 @@ checks run at a fixed rate from their schedule (a late pass skips, it never
 bursts); cron checks at their next matching minute.  A check due while its last
 run is still queued or running is skipped and counted: it never overlaps itself.
 Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
+A pass of the master that is awake anyway (a result came in) also takes the
+checks due within EARLY: one wake-up for a result and the next job, not one
+each, for a check that runs at most that much before its time (the schedule
+itself does not move).
+A check whose report left a candidate pending (``recheck``) runs again that soon
+after, from a second heap, its scheduled runs passing unrun meanwhile; once the
+candidate is settled it is back on its schedule, which never moved.
 
 Uses: base, config, wire, records, ssh.
 """
@@ -23,6 +30,8 @@ from .wire import reports_from_result
 from .records import Job
 from .ssh import ssh_command
 
+EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
+
 
 @dataclasses.dataclass
 class CheckRuntime:
@@ -38,6 +47,8 @@ class CheckRuntime:
     last: typing.Optional[dict] = None
     trouble: typing.Optional[str] = None    # logged once when it starts, once when it ends
     hosts: tuple = ()                   # the hosts its last own report was about
+    rechecking: bool = False            # a candidate it reported is pending: recheck, not schedule
+    recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
 
 
 def percentile(ordered, q):
@@ -65,6 +76,7 @@ def check_entry(check, last, rt=None, next_run=None, schedules=None):
     return {"key": check.key, "name": check.name, "scope": group.scope.name,
             "host": reported or check.host, "where": check.where, "schedule": schedule,
             "next_run": next_run, "running": rt.busy if rt else False,
+            "rechecking": rt.rechecking if rt else False,
             "runs": rt.runs if rt else None, "skipped": rt.skipped if rt else None, "last": last}
 
 
@@ -88,6 +100,7 @@ class Scheduler:
         self.store = store              # where each last result goes (check:KEY, soft)
         self.runtimes = {}              # check key -> CheckRuntime
         self.heap = []                  # (due, seq, key, token)
+        self.rechecks = []              # the same, of the rechecks planned (recheck())
         self.stale = 0                  # heap entries of checks a reload removed or rescheduled
         self.ready = collections.deque()    # (CheckRuntime, due) waiting for a worker
         self.lags = collections.deque(maxlen=10000)
@@ -184,6 +197,8 @@ class Scheduler:
 
     def due_of(self, rt):
         """When ``rt`` runs next (monotonic)."""
+        if rt.recheck_at is not None:
+            return rt.recheck_at
         return rt.waiting[0] + rt.next_due if rt.waiting else rt.next_due
 
     def _push(self, rt):
@@ -193,23 +208,34 @@ class Scheduler:
         dues = [since[0] + queue[0][0] for since, queue in self.fresh]
         if self.heap:
             dues.append(self.heap[0][0])
+        if self.rechecks:
+            dues.append(self.rechecks[0][0])
         return min(dues) if dues else None
 
     def fire_due(self, now):
-        """Move every check due by ``now`` to ``ready`` (or count it skipped); set its next time."""
+        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
+        skipped; set its next time."""
         self._push_fresh(now)
-        while self.heap and self.heap[0][0] <= now:
+        until = now + EARLY
+        while self.rechecks and self.rechecks[0][0] <= now:
+            due, _, key, token = heapq.heappop(self.rechecks)
+            rt = self.runtimes.get(key)
+            if rt is not None and rt.token == token and rt.recheck_at == due:
+                rt.recheck_at = None
+                if not rt.busy:
+                    self._queue(rt, due)
+        while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
             if rt is None or rt.token != token:
                 continue
-            if rt.busy:
+            if rt.rechecking and not self.once:
+                pass                            # its recheck runs instead
+            elif rt.busy:
                 rt.skipped += 1
                 log.debug("check %s: still running at its next run; skipped", rt.check.name)
             else:
-                rt.busy = True
-                self.running.add(key)
-                self.ready.append((rt, due))
+                self._queue(rt, due)
             if self.once:
                 continue
             group = rt.check.group
@@ -223,14 +249,21 @@ class Scheduler:
                     rt.next_due += missed * group.interval
             self._push(rt)
 
+    def _queue(self, rt, due):
+        """``rt`` waits for a worker: queued, so it is not due again until it ran."""
+        rt.busy = True
+        self.running.add(rt.check.key)
+        self.ready.append((rt, due))
+
     def take(self, now, host_state, config_dir, state_dir):
         """The next ready check as a Job (None when none waits); its lag is sampled."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        self.lags.append(now - due)
+        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
+        self.lags.append(lag)
         self.lag_count += 1
-        self.lag_sum += now - due
+        self.lag_sum += lag
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -269,6 +302,18 @@ class Scheduler:
         if self.store is not None:
             self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
         return rt, reports
+
+    def recheck(self, rt, pending, now):
+        """After ``rt``'s reports went to the ledger: while a candidate one of them made
+        is ``pending``, its group's ``recheck`` after ``now`` (the run's end) is its next
+        run; once none is, it is back on its schedule."""
+        recheck = rt.check.group.recheck
+        if pending and recheck and not self.once and self.runtimes.get(rt.check.key) is rt:
+            rt.rechecking, rt.recheck_at = True, now + recheck
+            heapq.heappush(self.rechecks, (rt.recheck_at, next(self.heap_seq), rt.check.key, rt.token))
+        elif rt.rechecking:
+            rt.rechecking, rt.recheck_at = False, None
+            log.debug("check %s: candidate settled; back on its schedule", rt.check.name)
 
     @staticmethod
     def _note_trouble(rt, trouble):
