@@ -362,6 +362,7 @@ DAEMON_MODULES = {
     "test_smoke.py",                            # the demo on a Daemon of its own
     "test_stack.py",                            # hosts of network namespaces; the examples' -t
     "test_cluster_stack.py",                    # the same hosts as a cluster (etcd, three members)
+    "test_partition.py",                        # etcd and hadaemon members in network namespaces
 }
 
 DAEMON_TESTS = {                                # module::test (any parameters)
