@@ -148,6 +148,7 @@ import logging
 import mmap
 import operator
 import os
+import queue
 import re
 import resource
 import select
@@ -6892,46 +6893,24 @@ def _lookup(host, port):
 
 
 class EtcdEndpoint:
-    """One endpoint URL, its kept-alive connection and what it last did."""
+    """One endpoint URL and what it last did: shared by the clients of one agent (each
+    keeps its own connection to it), so that one's failure demotes it for the other."""
 
     def __init__(self, url, context):
         self.url = url
         self.scheme, self.host, self.port = parse_etcd_url(url)
         self.context = context
-        self.conn = None
         self.last_ok = None             # monotonic time of its last answer
         self.error = None               # why its last call failed, until one succeeds
-        self.down_until = 0.0           # tried last until then, after a failure
+        self.down_until = 0.0           # tried last until then, after it gave no answer
 
-    def connection(self, timeout):
-        """The kept-alive connection, or a new one, bounded by ``timeout``.  One etcd
-        closed (or a member that restarted) reads as EOF: a request sent on it would
-        be lost for nothing."""
-        import http.client
-        if self.conn is not None and self.conn.sock is not None and _select_read([self.conn.sock], 0):
-            self.close()
-        if self.conn is None or self.conn.sock is None:
-            if self.scheme == "https":
-                self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                                        context=self.context)
-            else:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            try:
-                sock = connect_bounded(self.host, self.port, timeout)    # not conn.connect(): DNS too
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.scheme == "https":
-                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
-                self.conn.sock = sock
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise _TryNext(_os_error_text(exc))
-        self.conn.sock.settimeout(timeout)
-        return self.conn
 
-    def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+def endpoint_order(endpoints, current, now):
+    """The order to try ``endpoints`` in: from ``current`` (the one that answered last) on
+    round the ring, those demoted (no answer lately) last, the longest demoted first."""
+    ring = endpoints[current:] + endpoints[:current]
+    return [ep for ep in ring if ep.down_until <= now] + \
+        sorted((ep for ep in ring if ep.down_until > now), key=lambda ep: ep.down_until)
 
 
 def _etcd_message(doc, status):
@@ -6953,31 +6932,39 @@ def _os_error_text(exc):
 class EtcdClient:
     """Calls on the JSON gateway of every endpoint given, moving on when one fails.
 
-    ``requests`` counts the calls sent (for the figures: a steady cluster should only
-    send keep-alives).  Each call is bounded by ``timeout`` seconds.
+    A call goes first to the endpoint that answered this client last, then round the
+    others; one that gave no answer (refused, timed out, reset, etcd's own timeout) is
+    demoted for ``demote`` seconds: tried last, after those that answer.  ``requests``
+    counts the calls sent (for the figures: a steady cluster should only send
+    keep-alives).  Each attempt is bounded by ``timeout`` seconds.
     """
 
-    def __init__(self, urls, timeout=1.0, context=None):
+    def __init__(self, urls, timeout=1.0, context=None, demote=None, endpoints=None):
         if any(url.startswith("https:") for url in urls) and context is None:
             import ssl
             context = ssl.create_default_context()
-        self.endpoints = [EtcdEndpoint(url, context) for url in urls]
+        self.endpoints = endpoints or [EtcdEndpoint(url, context) for url in urls]
         self.timeout = timeout
+        self.demote = 2 * timeout if demote is None else demote
+        self.conns = {}                 # url -> its kept-alive connection (this client's own)
         self.current = 0                # where the next call goes first
         self.requests = 0
         self.last = None                # the endpoint that answered the last call
 
     @classmethod
-    def for_cluster(cls, cluster, timeout):
+    def for_cluster(cls, cluster, timeout, demote=None):
         context = etcd_ssl_context(cluster) if any(u.startswith("https:") for u in cluster.etcd) else None
-        return cls(cluster.etcd, timeout, context)
+        return cls(cluster.etcd, timeout, context, demote)
+
+    def twin(self, timeout):
+        """A client of its own connections on the same endpoints, sharing what each did."""
+        return EtcdClient([ep.url for ep in self.endpoints], timeout, demote=self.demote,
+                          endpoints=self.endpoints)
 
     def _order(self, rotate):
         if rotate:
             self.current = (self.current + 1) % len(self.endpoints)
-        now = time.monotonic()
-        ring = self.endpoints[self.current:] + self.endpoints[:self.current]
-        return [ep for ep in ring if ep.down_until <= now] + [ep for ep in ring if ep.down_until > now]
+        return endpoint_order(self.endpoints, self.current, time.monotonic())
 
     def call(self, path, body, idempotent=False, rotate=False, timeout=None):
         """POST ``body`` to ``path``: the decoded answer.  A call that never left goes to
@@ -7001,15 +6988,51 @@ class EtcdClient:
             return answer
         raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
 
+    def _connection(self, ep, timeout):
+        """The kept-alive connection to ``ep``, or a new one, bounded by ``timeout``.  One
+        etcd closed (or a member that restarted) reads as EOF: a request sent on it would
+        be lost for nothing."""
+        import http.client
+        conn = self.conns.get(ep.url)
+        if conn is not None and conn.sock is not None and _select_read([conn.sock], 0):
+            self._close(ep)
+            conn = None
+        if conn is None or conn.sock is None:
+            if ep.scheme == "https":
+                conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout, context=ep.context)
+            else:
+                conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+            self.conns[ep.url] = conn
+            try:
+                sock = connect_bounded(ep.host, ep.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ep.scheme == "https":
+                    sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+                conn.sock = sock
+            except (OSError, http.client.HTTPException) as exc:
+                self._close(ep)
+                raise _TryNext(_os_error_text(exc))
+        conn.sock.settimeout(timeout)
+        return conn
+
+    def _close(self, ep):
+        conn = self.conns.pop(ep.url, None)
+        if conn is not None:
+            conn.close()
+
     def _failed(self, ep, why):
-        ep.close()
+        self._close(ep)
         ep.error = why
-        ep.down_until = time.monotonic() + 2 * self.timeout
+        ep.down_until = time.monotonic() + self.demote
 
     def _call_one(self, ep, path, payload, idempotent, timeout):
+        return self._receive(ep, self._send(ep, path, payload, timeout), path, idempotent)
+
+    def _send(self, ep, path, payload, timeout):
+        """The request sent on ``ep``'s connection (made within ``timeout``): the connection."""
         import http.client
         try:
-            conn = ep.connection(timeout)
+            conn = self._connection(ep, timeout)
             self.requests += 1
             try:
                 conn.request("POST", path, payload, {"Content-Type": "application/json"})
@@ -7018,6 +7041,11 @@ class EtcdClient:
         except _TryNext as exc:
             self._failed(ep, str(exc))
             raise
+        return conn
+
+    def _receive(self, ep, conn, path, idempotent):
+        """The answer on ``conn``, read within its socket's timeout: the decoded document."""
+        import http.client
         try:
             resp = conn.getresponse()
             data = resp.read()
@@ -7026,7 +7054,7 @@ class EtcdClient:
             self._failed(ep, why)
             raise EtcdUnknown("%s %s: no answer (%s)" % (ep.url, path, why))
         if resp.will_close:
-            ep.close()
+            self._close(ep)
         try:
             doc = json.loads(data.decode("utf-8")) if data else {}
         except (UnicodeDecodeError, ValueError):
@@ -7046,6 +7074,53 @@ class EtcdClient:
                             status=resp.status, code=doc.get("code"))
         return doc
 
+    def race(self, path, body, stagger, budget, rotate=False):
+        """An idempotent call sent to the first endpoint, and to the next each ``stagger``
+        seconds it goes unanswered, the first answer taken, for ``budget`` seconds: a
+        dead endpoint costs a stagger, and a call etcd holds (a raft election) is
+        answered as soon as etcd can, not dropped by a timeout just before."""
+        payload = json.dumps(body).encode("utf-8")
+        order = self._order(rotate)
+        started = time.monotonic()
+        deadline, next_at = started + budget, started
+        pending, failures = {}, []
+        try:
+            while True:
+                now = time.monotonic()
+                if order and now >= next_at:
+                    ep = order.pop(0)
+                    try:
+                        pending[ep] = (self._send(ep, path, payload, max(0.05, min(stagger, deadline - now))), now)
+                    except _TryNext as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        continue            # refused at once: the next one now
+                    next_at = now + stagger
+                if not pending and not order:
+                    raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+                if now >= deadline:
+                    raise EtcdError("no etcd endpoint answered in %.2fs: %s" % (budget, "; ".join(
+                        failures + ["%s: no answer (timed out)" % ep.url for ep in pending])))
+                wait = (min(next_at, deadline) if order else deadline) - now
+                ready = _select_read([conn.sock for conn, _ in pending.values()], max(0.0, wait))
+                for ep in [ep for ep, (conn, _) in pending.items() if conn.sock in ready]:
+                    conn, _ = pending.pop(ep)
+                    conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
+                    try:
+                        answer = self._receive(ep, conn, path, True)
+                    except (_TryNext, EtcdUnknown) as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        next_at = time.monotonic()      # the next one now
+                        continue
+                    self.current = self.endpoints.index(ep)
+                    self.last = ep
+                    return answer
+        finally:
+            now = time.monotonic()
+            for ep, (conn, sent) in pending.items():
+                self._close(ep)             # its answer would come on a connection we reuse
+                if now - sent >= stagger:
+                    self._failed(ep, "timed out")
+
     # -- the calls hadaemon uses ------------------------------------------------------
 
     def status(self, ep):
@@ -7061,13 +7136,15 @@ class EtcdClient:
             raise EtcdError("lease grant refused: %s" % answer["error"])
         return int(answer["ID"]), int(answer.get("TTL") or 0)
 
-    def keepalive(self, lease, timeout=None):
+    def keepalive(self, lease, stagger=None, budget=None):
         """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
 
         Sent to each endpoint in turn, so every endpoint is heard from within a few
-        renewals and a member that lost its quorum is found without an extra call."""
-        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
-                           timeout=timeout)
+        renewals and a member that lost its quorum is found without an extra call;
+        raced (``race``) when it does not answer within ``stagger``."""
+        stagger = stagger or self.timeout
+        answer = self.race("/v3/lease/keepalive", {"ID": str(lease)}, stagger,
+                           budget or len(self.endpoints) * stagger, rotate=True)
         result = answer.get("result") or {}
         return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
 
@@ -7108,7 +7185,7 @@ class EtcdClient:
 
     def close(self):
         for ep in self.endpoints:
-            ep.close()
+            self._close(ep)
 
 
 def connect_etcd_endpoints(cluster, timeout=2.0):
@@ -7234,16 +7311,29 @@ class EtcdWatch:
 # The agent holds no decisions.  The master owns the lease (its id), decides when
 # to renew it, campaigns, and sends each guarded write; it also judges, by its own
 # monotonic clock, whether its lease can still be alive: the agent renews only when
-# asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  The
-# agent answers each request in order (renewals first), and keeps a mirror of the
-# cluster's keys flowing to the master: one range of the prefix, then a watch from
-# the revision after it; again on any break.
+# asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  A
+# thread reads the master's requests; the lease's (renew, revoke) go to a thread of
+# their own with connections of their own, so a renewal never waits behind a write
+# that is being settled; the main loop answers the others in order, and keeps a
+# mirror of the cluster's keys flowing to the master: one range of the prefix, then
+# a watch from the revision after it; again on any break.
+#
+# Both ask the endpoint that answered last first, and an endpoint that gave no
+# answer goes last for a while, for both (etcd.py).  A write whose answer was lost
+# is settled, not given up: every ledger write of an epoch carries a ticket (the
+# epoch and the write's number in it) and applies only where the ticket of the
+# write before it is (the first: where no ticket of this epoch is), so it is sent
+# again through the next endpoint: applied there, or refused because it was applied
+# already (the refusal shows our ticket) or because we no longer lead.  Each write
+# applies once however often it is sent, and never after a later one.  A campaign
+# is settled the same way (the holder of the key shows our lease).
 #
 #   master -> agent   {t: renew, id, lease, ttl}      renew (a new lease when lease is null)
 #                     {t: put, id, key, value, lease}  a key on a lease (a member's view)
 #                     {t: campaign, id, lease, value}  create the leader key if absent
-#                     {t: txn, id, epoch, puts, deletes}   a ledger write guarded by the
-#                                                      leader key's create revision = epoch
+#                     {t: txn, id, epoch, seq, puts, deletes}   ledger write number seq of
+#                                                      the leader of epoch (the leader key's
+#                                                      create revision), with its ticket
 #                     {t: revoke, id, lease}           resign, or stop
 #                     {t: resync}                      range and watch again
 #   agent -> master   {t: reply, id, ...}              one per request, in order
@@ -7258,14 +7348,23 @@ class EtcdWatch:
 
 RENEWS_PER_TTL = 4              # renewals sent per ttl
 SNAPSHOT_PART = 1 << 20         # bytes of keys per snapshot message (the socket takes 4 MiB)
+TICKET_KEY = "ledger/ticket"    # the epoch and number of the last ledger write
 
 
 def etcd_timeouts(ttl):
-    """(renewal, other call) timeouts for a lease of ``ttl`` seconds.
+    """(renewal stagger, other call) timeouts for ``ttl`` seconds (docs/cluster.md: the
+    arithmetic).
 
-    A renewal that hangs must leave time for the next endpoint within the quarter
-    ttl between renewals; a write gets a little longer, as etcd syncs it to disk."""
-    return max(0.2, min(2.0, ttl / 6.0)), max(0.25, min(2.0, ttl / 4.0))
+    A renewal is due a quarter ttl after the last one, and the leader stops half a
+    ttl after that one: the renewal has a quarter ttl, and goes to the next endpoint
+    each sixteenth ttl the ones before it leave it unanswered (``EtcdClient.race``).
+    Any other call waits an eighth ttl for one endpoint."""
+    return max(0.1, min(1.0, ttl / 16.0)), max(0.25, min(2.0, ttl / 8.0))
+
+
+def ticket(epoch, seq):
+    """The ledger/ticket value of write ``seq`` of the leader of ``epoch`` (compared as text)."""
+    return json.dumps({"epoch": epoch, "seq": seq}, sort_keys=True)
 
 
 def parse_json_value(text):
@@ -7282,16 +7381,30 @@ class ClusterAgent:
         self.chan = chan
         self.cluster = cluster
         self.prefix = cluster.prefix
-        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
-        self.client = EtcdClient.for_cluster(cluster, self.timeout)
-        self.inbox = collections.deque()
+        self.stagger, self.timeout = etcd_timeouts(cluster.ttl)
+        self.renew_for = cluster.ttl / float(RENEWS_PER_TTL)
+        self.settle_for = cluster.ttl / 2.0     # a lost write is sent again for so long
+        self.client = EtcdClient.for_cluster(cluster, self.timeout, demote=2.0 * cluster.ttl)
+        self.lease_client = self.client.twin(self.timeout)
+        self.lease_requests = queue.Queue()
+        self.sending = threading.Lock()     # the threads send to the master
+        self.inbox = collections.deque()    # the reading thread's, for the main loop
         self.reader = LineReader()
+        self.wake_r, self.wake_w = os.pipe()    # the reading thread wakes the main loop
+        os.set_blocking(self.wake_w, False)
+        self.orphaned = False
         self.watch = None
         self.watch_after = 0.0          # no new mirror before (monotonic), after a failure
         self.watch_failures = 0
         self.poisoned = set()           # epochs whose writes stopped
 
+    def send(self, msg):
+        with self.sending:
+            self.chan.send(msg)
+
     def run(self):
+        threading.Thread(target=self.lease_loop, name="lease", daemon=True).start()
+        threading.Thread(target=self.read_loop, name="read", daemon=True).start()
         while True:
             if self.watch is not None and self.watch.ep.down_until > time.monotonic():
                 # A call to it failed: it may have lost its quorum and so its events.
@@ -7303,18 +7416,42 @@ class ClusterAgent:
                 wait = min(wait, max(0.0, self.watch_after - time.monotonic()))
             self.receive(wait)
             if self.inbox:
-                self.handle(self.next_request())
+                self.handle(self.inbox.popleft())
 
     # -- input ---------------------------------------------------------------------
 
-    def receive(self, wait):
-        fds = [self.chan.sock] + ([self.watch] if self.watch is not None else [])
-        for fd in _select_read(fds, wait):
-            if fd is self.chan.sock:
+    def read_loop(self):
+        """The reading thread: the master's requests, the lease's to the lease's thread at
+        once (the main loop may be settling a write), the others to the main loop."""
+        try:
+            while True:
                 data = self.chan.sock.recv(262144)
                 if not data:
-                    raise _Orphaned()   # the master is gone: its lease expires by itself
-                self.inbox.extend(self.reader.feed(data))
+                    break               # the master is gone: its lease expires by itself
+                for msg in self.reader.feed(data):
+                    if msg.get("t") in ("renew", "revoke"):
+                        self.lease_requests.put(msg)
+                    else:
+                        self.inbox.append(msg)
+                self.wake()
+        except BaseException:           # noqa: B036 - a bad message: the agent goes, as before
+            log.exception("cluster agent: reading the master's requests failed")
+        self.orphaned = True
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass                        # a wake-up is pending already
+
+    def receive(self, wait):
+        fds = [self.wake_r] + ([self.watch] if self.watch is not None else [])
+        for fd in _select_read(fds, wait):
+            if fd == self.wake_r:
+                os.read(self.wake_r, 4096)
+                if self.orphaned:
+                    raise _Orphaned()
             elif self.watch is not None:
                 try:
                     results = self.watch.read()
@@ -7324,13 +7461,16 @@ class ClusterAgent:
                 for doc in results:
                     self.watched(doc)
 
-    def next_request(self):
-        """The oldest renewal first (a late one can cost the leadership), else the oldest."""
-        for i, msg in enumerate(self.inbox):
-            if msg.get("t") == "renew":
-                del self.inbox[i]
-                return msg
-        return self.inbox.popleft()
+    def lease_loop(self):
+        """The lease's thread: renewals and revocations, on connections of their own.
+        Should it fail, the agent goes (the master forks another): a lease thread gone
+        would leave the master waiting for renewals that never come."""
+        try:
+            while True:
+                self.handle(self.lease_requests.get())
+        except BaseException:           # noqa: B036 - whatever it was, the process must go
+            log.exception("cluster agent: the lease thread failed")
+            os._exit(1)
 
     # -- requests --------------------------------------------------------------------
 
@@ -7340,6 +7480,8 @@ class ClusterAgent:
         try:
             if kind == "renew":
                 reply.update(self.renew(msg))
+            elif kind == "revoke":
+                self.lease_client.revoke(msg["lease"], self.timeout)
             elif kind == "put":
                 reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
                                                     msg.get("lease"))
@@ -7347,8 +7489,6 @@ class ClusterAgent:
                 reply.update(self.campaign(msg))
             elif kind == "txn":
                 reply.update(self.guarded(msg))
-            elif kind == "revoke":
-                self.client.revoke(msg["lease"], self.renew_timeout)
             elif kind == "resync":
                 self.drop_watch(None)
                 self.start_mirror()
@@ -7359,47 +7499,90 @@ class ClusterAgent:
         except EtcdError as exc:
             reply.update(error=str(exc), status=exc.status)
         reply["endpoints"] = self.client.health()
-        reply["requests"] = self.client.requests
-        self.chan.send(reply)
+        reply["requests"] = self.client.requests + self.lease_client.requests
+        self.send(reply)
 
     def renew(self, msg):
         lease = msg.get("lease")
         if not lease:
-            lease, ttl = self.client.grant(msg["ttl"], self.renew_timeout)
+            lease, ttl = self.lease_client.grant(msg["ttl"], self.timeout)
             return {"lease": lease, "ttl": ttl, "granted": True}
-        ttl, revision = self.client.keepalive(lease, self.renew_timeout)
+        ttl, revision = self.lease_client.keepalive(lease, self.stagger, self.renew_for)
         return {"lease": lease, "ttl": ttl, "revision": revision}
+
+    def settled(self, send, applied):
+        """``send()`` a write, again through the next endpoint while its answer is lost,
+        for ``settle_for`` seconds: (succeeded, revision, responses) of the first answer,
+        or ``applied(responses)`` -> (True, revision) when a refusal shows that an
+        earlier sending of it was applied.  EtcdUnknown when none answered in time."""
+        deadline = time.monotonic() + self.settle_for
+        lost = None
+        while True:
+            sent = time.monotonic()
+            try:
+                ok, revision, responses = send()
+            except EtcdUnknown as exc:
+                lost = exc
+            except EtcdError as exc:
+                if exc.status is not None:
+                    raise                   # etcd refused it: nothing to settle
+                lost = lost or exc          # never left: not applied (unless an earlier one was)
+            else:
+                if lost is not None:
+                    log.info("cluster agent: a write whose answer was lost (%s) was settled", lost)
+                    if not ok:
+                        ok, revision = applied(responses) or (False, revision)
+                return ok, revision, responses
+            if time.monotonic() + self.timeout > deadline:
+                raise lost if isinstance(lost, EtcdUnknown) else EtcdUnknown(str(lost))
+            time.sleep(max(0.0, sent + 0.05 - time.monotonic()))    # refused at once: not a spin
 
     def campaign(self, msg):
         """Create the leader key on our lease if nobody holds it: {won, epoch, holder}."""
         key = self.prefix + "leader"
-        ok, revision, responses = self.client.txn(
+
+        def ours(responses):
+            holder = _first_kv(responses, 0)
+            return holder is not None and holder["lease"] == msg["lease"] and (True, holder["create"])
+        ok, revision, responses = self.settled(lambda: self.client.txn(
             [etcd_compare(key, "CREATE", 0)],
-            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)])
+            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)]), ours)
         if ok:
             return {"won": True, "epoch": revision}
-        kvs = ((responses[0] if responses else {}).get("response_range") or {}).get("kvs") or []
-        holder = decode_kv(kvs[0]) if kvs else None
+        holder = _first_kv(responses, 0)
         if holder is not None:
             holder["value"] = parse_json_value(holder["value"])
         return {"won": False, "holder": holder}
 
     def guarded(self, msg):
-        """One ledger write of the leader of ``epoch``, or none if it is no longer that."""
-        epoch = msg["epoch"]
+        """Ledger write ``seq`` of the leader of ``epoch``: applied once, after write seq - 1
+        of it (the tickets), or not at all if it no longer leads."""
+        epoch, seq = msg["epoch"], msg.get("seq") or 1
         if epoch in self.poisoned:
             return {"ok": False, "error": "an earlier write of epoch %d failed" % epoch}
-        key = self.prefix + "leader"
+        leader, mark = self.prefix + "leader", self.prefix + TICKET_KEY
         ops = [etcd_put(self.prefix + k, json.dumps(v, sort_keys=True)) for k, v in msg.get("puts", {}).items()]
         ops += [etcd_delete(self.prefix + k) for k in msg.get("deletes", [])]
+        ops.append(etcd_put(mark, ticket(epoch, seq)))
+        compares = [etcd_compare(leader, "CREATE", epoch),
+                    etcd_compare(mark, "VALUE", ticket(epoch, seq - 1)) if seq > 1 else
+                    etcd_compare(mark, "MOD", epoch + 1, "LESS")]     # no write of this epoch yet
+
+        def ours(responses):
+            kv = _first_kv(responses, 1)
+            return kv is not None and kv["value"] == ticket(epoch, seq) and (True, kv["mod"])
         try:
-            ok, revision, _ = self.client.txn([etcd_compare(key, "CREATE", epoch)], ops, [etcd_get(key)])
+            ok, revision, responses = self.settled(
+                lambda: self.client.txn(compares, ops, [etcd_get(leader), etcd_get(mark)]), ours)
         except EtcdError:
             self.poisoned.add(epoch)
             raise
         if not ok:
             self.poisoned.add(epoch)
-            return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+            holder = _first_kv(responses, 0)
+            if holder is None or holder["create"] != epoch:
+                return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+            return {"ok": False, "error": "write %d of epoch %d follows none applied" % (seq, epoch)}
         return {"ok": True, "revision": revision}
 
     # -- the mirror --------------------------------------------------------------------
@@ -7424,9 +7607,9 @@ class ClusterAgent:
             part.append(kv)
             size += len(kv["key"]) + len(json.dumps(kv["value"]))
             if size > SNAPSHOT_PART:
-                self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
+                self.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
                 part, size = [], 0
-        self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
+        self.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
         self.watch = watch
 
     def drop_watch(self, why):
@@ -7452,7 +7635,15 @@ class ClusterAgent:
                            "value": parse_json_value(kv["value"]) if event.get("type") != "DELETE" else None})
         if events:
             revision = int((result.get("header") or {}).get("revision") or 0)
-            self.chan.send({"t": "events", "revision": revision, "events": events})
+            self.send({"t": "events", "revision": revision, "events": events})
+
+
+def _first_kv(responses, index):
+    """The key-value the ``index``-th range of a txn's answer found (decoded), or None."""
+    if len(responses) <= index:
+        return None
+    kvs = (responses[index].get("response_range") or {}).get("kvs") or []
+    return decode_kv(kvs[0]) if kvs else None
 
 
 def cluster_agent_main(sock_path, cluster):
@@ -7552,6 +7743,7 @@ class ClusterMember:
         self.abandoned = []                 # leases we gave up that etcd may still hold
         self.role = "none"
         self.epoch = None                   # ours, as leader
+        self.seq = 0                        # ledger writes sent in our epoch
         self.acting = False                 # leader with its own key in the mirror
         self.stepping = None                # {"why", "term_at", "kill_at"} while stepping down
         self.mirror = {}                    # key (relative) -> {value, lease, create, mod}
@@ -7787,7 +7979,7 @@ class ClusterMember:
         if self.role != "follower" or self.stepping is not None:
             return
         self._set_role("leader")
-        self.epoch, self.acting = epoch, False
+        self.epoch, self.acting, self.seq = epoch, False, 0
         log.warning("cluster %s: %s leads (epoch %d)", self.settings.name, self.node, epoch)
         self._check_acting(now)
 
@@ -7916,7 +8108,8 @@ class ClusterMember:
         recorded if etcd still takes it): its request id, None when not leading."""
         if self.role != "leader":
             return None
-        return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
+        self.seq += 1
+        return self._request("txn", epoch=self.epoch, seq=self.seq, puts=puts, deletes=list(deletes))
 
     def status(self, now, agent_pid=None):
         """daemon.cluster of --status --json (docs/cluster.md), a ClusterStatus."""
@@ -8473,7 +8666,13 @@ class ActionRuns:
             self.server.send(child.conn, self.leadership.may())
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
-            self.ledger.finish(run, state, msg.get("reason"), time.time())
+            reason = msg.get("reason")
+            stepped = self.leadership.interrupted()
+            if stepped and state == "failed":
+                # its command ended by the step-down's SIGTERM (exit 143): interrupted, as
+                # the next leader would record it
+                state, reason = "interrupted", "%s (%s)" % (stepped, reason)
+            self.ledger.finish(run, state, reason, time.time())
         else:
             raise ProtocolError("unknown action event %r" % (kind,))
 

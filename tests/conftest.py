@@ -360,6 +360,7 @@ DAEMON_MODULES = {
     "test_http_daemon.py",                      # the real clients (haproxy, promtool, chromium)
     "test_smoke.py",                            # the demo on a Daemon of its own
     "test_stack.py",                            # hosts of network namespaces; the examples' -t
+    "test_partition.py",                        # etcd and hadaemon members in network namespaces
 }
 
 DAEMON_TESTS = {                                # module::test (any parameters)

@@ -376,6 +376,118 @@ def test_watch_streams_changes(etcd_shared):
 
 
 # ============================================================================
+# Which endpoint, and a lost answer settled (issue 20: a follower's fault costs nothing)
+# ============================================================================
+
+def test_endpoint_order_the_last_that_answered_first_the_silent_last():
+    eps = [hadaemon.etcd.EtcdEndpoint("http://10.0.0.%d:2379" % i, None) for i in (1, 2, 3)]
+    order = hadaemon.etcd.endpoint_order
+    assert [ep.host for ep in order(eps, 0, 50.0)] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert [ep.host for ep in order(eps, 2, 50.0)] == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]
+    eps[2].down_until, eps[0].down_until = 60.0, 58.0        # gave no answer lately
+    assert [ep.host for ep in order(eps, 2, 50.0)] == ["10.0.0.2", "10.0.0.1", "10.0.0.3"]
+    assert [ep.host for ep in order(eps, 2, 59.0)] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert [ep.host for ep in order(eps, 2, 61.0)] == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]
+
+
+def test_a_client_keeps_to_the_endpoint_that_answered_and_demotes_a_failed_one():
+    client = hadaemon.etcd.EtcdClient(["http://10.0.0.1:2379", "http://10.0.0.2:2379"], 0.5, demote=8.0)
+    twin = client.twin(0.1)
+    assert twin.endpoints is client.endpoints and twin.conns is not client.conns
+    client._failed(client.endpoints[0], "timed out")            # seen by the twin too
+    assert [ep.host for ep in twin._order(False)] == ["10.0.0.2", "10.0.0.1"]
+    assert client.endpoints[0].down_until == pytest.approx(time.monotonic() + 8.0, abs=1.0)
+
+
+class LostAnswers:
+    """A client whose txns etcd applies (a dict of keys) and whose answers are lost while
+    ``lose`` > 0: what the settling must make of it, without etcd."""
+
+    def __init__(self, lose, apply_lost=True):
+        self.kv, self.rev, self.lose, self.apply_lost, self.sent = {}, 100, lose, apply_lost, 0
+
+    def _holds(self, cmp):
+        kv = self.kv.get(hadaemon.etcd.unb64(cmp["key"]))
+        field = {"CREATE": "create_revision", "MOD": "mod_revision", "VALUE": "value"}[cmp["target"]]
+        if cmp["target"] == "VALUE":
+            return kv is not None and kv["value"] == hadaemon.etcd.unb64(cmp["value"])
+        have = (kv or {}).get({"CREATE": "create", "MOD": "mod"}[cmp["target"]], 0)
+        want = int(cmp[field])
+        return have < want if cmp["result"] == "LESS" else have == want
+
+    def txn(self, compares, success, failure=()):
+        self.sent += 1
+        ok = all(self._holds(c) for c in compares)
+        lost = self.lose > 0
+        self.lose -= 1
+        if ok and (self.apply_lost or not lost):
+            self.rev += 1
+            for op in success:
+                put = op["request_put"] if "request_put" in op else None
+                if put:
+                    key = hadaemon.etcd.unb64(put["key"])
+                    old = self.kv.get(key)
+                    self.kv[key] = {"value": hadaemon.etcd.unb64(put["value"]), "lease": int(put.get("lease", 0)),
+                                    "create": old["create"] if old else self.rev, "mod": self.rev}
+        if lost:
+            raise hadaemon.etcd.EtcdUnknown("http://x:1 /v3/kv/txn: no answer (timed out)")
+        if ok:
+            return True, self.rev, []
+        responses = []
+        for op in failure:
+            kv = self.kv.get(hadaemon.etcd.unb64(op["request_range"]["key"]))
+            responses.append({"response_range": {"kvs": [] if kv is None else [{
+                "key": op["request_range"]["key"], "value": hadaemon.etcd.b64(kv["value"]),
+                "lease": str(kv["lease"]), "create_revision": str(kv["create"]),
+                "mod_revision": str(kv["mod"])}]}})
+        return False, self.rev, responses
+
+
+def settling_agent(client):
+    settings = hadaemon.config.ClusterSettings(etcd=("http://127.0.0.1:1",), name="c", node="a", ttl=2)
+    agent = hadaemon.cluster_agent.ClusterAgent(None, settings)
+    agent.client = client
+    return agent
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["lost-but-applied", "lost-and-not-applied"])
+def test_a_write_whose_answer_was_lost_is_sent_again_and_applies_once(applied):
+    etcd = LostAnswers(lose=0)
+    agent = settling_agent(etcd)
+    won = agent.campaign({"lease": 7, "value": {"node": "a"}})
+    epoch = won["epoch"]
+    assert agent.guarded({"epoch": epoch, "seq": 1, "puts": {"ledger/x": 1}})["ok"] is True
+    etcd.lose, etcd.apply_lost = 1, applied
+    second = agent.guarded({"epoch": epoch, "seq": 2, "puts": {"ledger/x": 2}})
+    assert second["ok"] is True, second
+    assert etcd.sent == 4                                   # campaign, 1, 2 lost, 2 again
+    assert json.loads(etcd.kv["/hadaemon/c/ledger/x"]["value"]) == 2
+    assert json.loads(etcd.kv["/hadaemon/c/ledger/ticket"]["value"]) == {"epoch": epoch, "seq": 2}
+    assert second["revision"] == etcd.kv["/hadaemon/c/ledger/ticket"]["mod"]
+    # Sent again, write 1 (a late copy of it) no longer applies: its ticket is gone.
+    replay = agent.guarded({"epoch": epoch, "seq": 1, "puts": {"ledger/x": 1}})
+    assert replay["ok"] is False and json.loads(etcd.kv["/hadaemon/c/ledger/x"]["value"]) == 2
+    assert "follows none applied" in replay["error"] and not replay.get("deposed")
+
+
+def test_a_campaign_whose_answer_was_lost_is_won_by_its_holder_lease():
+    etcd = LostAnswers(lose=1)
+    won = settling_agent(etcd).campaign({"lease": 7, "value": {"node": "a"}})
+    assert won == {"won": True, "epoch": etcd.kv["/hadaemon/c/leader"]["create"]}
+    lost = settling_agent(etcd).campaign({"lease": 8, "value": {"node": "b"}})
+    assert lost["won"] is False and lost["holder"]["lease"] == 7
+
+
+def test_a_write_no_endpoint_answers_is_unknown_once_its_time_is_up():
+    etcd = LostAnswers(lose=1000, apply_lost=False)
+    agent = settling_agent(etcd)
+    agent.settle_for = 0.2
+    with pytest.raises(hadaemon.etcd.EtcdUnknown):
+        agent.settled(lambda: etcd.txn([], []), lambda responses: False)
+    assert etcd.sent >= 1
+
+
+# ============================================================================
 # The cluster agent, driven by a fake master
 # ============================================================================
 
@@ -508,6 +620,107 @@ def test_agent_leases_campaigns_guards_writes_and_mirrors(tmp_path, etcd_shared)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if b is not None:
             b.close()
+
+
+class AnswerEater:
+    """A TCP proxy to one etcd endpoint that passes requests on and, while ``eat`` is
+    set, drops etcd's answers: a write etcd applied whose answer is lost."""
+
+    def __init__(self, url):
+        import threading
+        self.upstream = tuple(url.split("//", 1)[1].rsplit(":", 1))
+        self.eat = False
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.socks = []
+        self.threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((self.upstream[0], int(self.upstream[1])))
+            self.socks += [client, server]
+            self.threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            self.threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, answers):
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                if not (answers and self.eat):
+                    dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+
+
+def test_a_renewal_races_past_a_silent_endpoint(etcd_shared):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                    # connects, takes the request, never answers
+    silent_url = "http://127.0.0.1:%d" % silent.getsockname()[1]
+    try:
+        client = hadaemon.etcd.EtcdClient([silent_url] + list(etcd_shared.endpoints), 1.0, demote=30.0)
+        lease = int(client.call("/v3/lease/grant", {"TTL": 5}, idempotent=True)["ID"])
+        client.current = 0
+        ttl, _ = client.keepalive(lease, stagger=0.2, budget=5.0)
+        assert ttl >= 1
+        health = {h["endpoint"]: h for h in client.health()}
+        assert health[silent_url]["error"] == "timed out" and client.last.url != silent_url
+        sent = client.requests
+        for _ in range(4):                  # demoted: the renewals go round the others
+            client.keepalive(lease, stagger=0.2, budget=5.0)
+        assert client.requests == sent + 4 and client.last.url != silent_url
+        client.revoke(lease)
+    finally:
+        silent.close()
+
+
+def test_a_write_whose_answer_was_lost_is_settled_through_another_endpoint(tmp_path, etcd_shared):
+    eater = AnswerEater(etcd_shared.endpoints[0])
+    name = "settle%d" % time.monotonic_ns()
+    settings = hadaemon.config.ClusterSettings(etcd=(eater.url,) + tuple(etcd_shared.endpoints[1:]),
+                                               name=name, node="a", ttl=2)
+    a = FakeMaster(tmp_path, settings)
+    try:
+        lease = a.ask(t="renew", lease=None, ttl=2)["lease"]
+        epoch = a.ask(t="campaign", lease=lease, value={"node": "a"})["epoch"]
+        assert a.ask(t="txn", epoch=epoch, seq=1, puts={"ledger/x": 1}, deletes=[])["ok"] is True
+        eater.eat = True                    # etcd applies write 2; its answer is lost
+        written = a.ask(t="txn", epoch=epoch, seq=2, puts={"ledger/x": 2}, deletes=[])
+        assert written["ok"] is True, written
+        errors = {e["endpoint"]: e["error"] for e in written["endpoints"]}
+        assert errors[eater.url] == "timed out", errors
+        client = hadaemon.etcd.EtcdClient(etcd_shared.endpoints, 1.0)
+        _, kvs = client.range("/hadaemon/%s/ledger/" % name, prefix=True)
+        got = {kv["key"].rsplit("/", 1)[1]: (json.loads(kv["value"]), kv["mod"]) for kv in kvs}
+        assert got["x"][0] == 2 and got["ticket"][0] == {"epoch": epoch, "seq": 2}
+        assert written["revision"] == got["ticket"][1]      # the revision it was applied at
+        # A write the first endpoint never passed on: sent again, it applies there.
+        eater.eat = False
+        third = a.ask(t="txn", epoch=epoch, seq=3, puts={"ledger/x": 3}, deletes=[])
+        assert third["ok"] is True and third["revision"] > written["revision"]
+        # A late copy of write 2 applies no more: its ticket moved on.
+        compare = [hadaemon.etcd.etcd_compare("/hadaemon/%s/leader" % name, "CREATE", epoch),
+                   hadaemon.etcd.etcd_compare("/hadaemon/%s/ledger/ticket" % name, "VALUE",
+                                              hadaemon.cluster_agent.ticket(epoch, 1))]
+        assert client.txn(compare, [hadaemon.etcd.etcd_put("/hadaemon/%s/ledger/x" % name, "2")])[0] is False
+        a.ask(t="revoke", lease=lease)
+    finally:
+        a.close()
+        eater.close()
 
 
 def test_agent_without_etcd_quorum_answers_within_its_timeout(tmp_path, etcd):

@@ -395,6 +395,37 @@ def test_cluster_a_run_starts_from_this_members_config_and_is_handed_once_etcd_h
     assert msg["t"] == "run" and msg["run"]["id"] == 1 and msg["run"]["confirm"] is True
 
 
+def test_cluster_a_command_ended_by_a_step_down_is_interrupted_not_failed(tmp_path, caplog):
+    # The step-down's SIGTERM ends the command (exit 143) and the action run says
+    # "failed"; the ledger (and its log line) say interrupted, as the next leader would.
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/sleep 9\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    w.start()
+    w.written(w.txns()[-1]["id"])
+    w.start()
+    run = w.ledger.runs[1]
+    w.member.step_down("its lease could not be renewed in time", 100.0)
+    with caplog.at_level("INFO", logger="hadaemon"):
+        w.runs.event(w.pool.child, {"t": "done", "run": 1, "result": "failed",
+                                    "reason": "actions.conf:2: exit 143 (sleep)"})
+    assert run.state == "interrupted"
+    assert run.reason == "the leader stepped down: its lease could not be renewed in time " \
+                         "(actions.conf:2: exit 143 (sleep))"
+    assert any("interrupted (the leader stepped down" in r.getMessage() for r in caplog.records)
+    assert not any(": failed (" in r.getMessage() for r in caplog.records)
+    # Not stepping down, a failed command is a failed run.
+    (tmp_path / "w2").mkdir()
+    w2 = ClusterWorld(tmp_path / "w2", "[any_to_master]\n/bin/false\n", epoch=5)
+    w2.report("db2", "master")
+    w2.agree()
+    w2.start()
+    w2.written(w2.txns()[-1]["id"])
+    w2.start()
+    w2.runs.event(w2.pool.child, {"t": "done", "run": 1, "result": "failed", "reason": "exit 1"})
+    assert (w2.ledger.runs[1].state, w2.ledger.runs[1].reason) == ("failed", "exit 1")
+
+
 def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
     w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/true\n", epoch=5)
     w.report("db2", "master")

@@ -126,7 +126,13 @@ class ActionRuns:
             self.server.send(child.conn, self.leadership.may())
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
-            self.ledger.finish(run, state, msg.get("reason"), time.time())
+            reason = msg.get("reason")
+            stepped = self.leadership.interrupted()
+            if stepped and state == "failed":
+                # its command ended by the step-down's SIGTERM (exit 143): interrupted, as
+                # the next leader would record it
+                state, reason = "interrupted", "%s (%s)" % (stepped, reason)
+            self.ledger.finish(run, state, reason, time.time())
         else:
             raise ProtocolError("unknown action event %r" % (kind,))
 

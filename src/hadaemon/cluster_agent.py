@@ -9,16 +9,29 @@ for as long; here it freezes only the next etcd call.
 The agent holds no decisions.  The master owns the lease (its id), decides when
 to renew it, campaigns, and sends each guarded write; it also judges, by its own
 monotonic clock, whether its lease can still be alive: the agent renews only when
-asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  The
-agent answers each request in order (renewals first), and keeps a mirror of the
-cluster's keys flowing to the master: one range of the prefix, then a watch from
-the revision after it; again on any break.
+asked, so a master that is frozen (SIGSTOP) or dead lets its lease expire.  A
+thread reads the master's requests; the lease's (renew, revoke) go to a thread of
+their own with connections of their own, so a renewal never waits behind a write
+that is being settled; the main loop answers the others in order, and keeps a
+mirror of the cluster's keys flowing to the master: one range of the prefix, then
+a watch from the revision after it; again on any break.
+
+Both ask the endpoint that answered last first, and an endpoint that gave no
+answer goes last for a while, for both (etcd.py).  A write whose answer was lost
+is settled, not given up: every ledger write of an epoch carries a ticket (the
+epoch and the write's number in it) and applies only where the ticket of the
+write before it is (the first: where no ticket of this epoch is), so it is sent
+again through the next endpoint: applied there, or refused because it was applied
+already (the refusal shows our ticket) or because we no longer lead.  Each write
+applies once however often it is sent, and never after a later one.  A campaign
+is settled the same way (the holder of the key shows our lease).
 
   master -> agent   {t: renew, id, lease, ttl}      renew (a new lease when lease is null)
                     {t: put, id, key, value, lease}  a key on a lease (a member's view)
                     {t: campaign, id, lease, value}  create the leader key if absent
-                    {t: txn, id, epoch, puts, deletes}   a ledger write guarded by the
-                                                     leader key's create revision = epoch
+                    {t: txn, id, epoch, seq, puts, deletes}   ledger write number seq of
+                                                     the leader of epoch (the leader key's
+                                                     create revision), with its ticket
                     {t: revoke, id, lease}           resign, or stop
                     {t: resync}                      range and watch again
   agent -> master   {t: reply, id, ...}              one per request, in order
@@ -35,6 +48,8 @@ Uses: base, wire, proc, children, etcd.
 import collections
 import json
 import os
+import queue
+import threading
 import time
 
 from .base import log
@@ -49,14 +64,23 @@ from .etcd import (
 
 RENEWS_PER_TTL = 4              # renewals sent per ttl
 SNAPSHOT_PART = 1 << 20         # bytes of keys per snapshot message (the socket takes 4 MiB)
+TICKET_KEY = "ledger/ticket"    # the epoch and number of the last ledger write
 
 
 def etcd_timeouts(ttl):
-    """(renewal, other call) timeouts for a lease of ``ttl`` seconds.
+    """(renewal stagger, other call) timeouts for ``ttl`` seconds (docs/cluster.md: the
+    arithmetic).
 
-    A renewal that hangs must leave time for the next endpoint within the quarter
-    ttl between renewals; a write gets a little longer, as etcd syncs it to disk."""
-    return max(0.2, min(2.0, ttl / 6.0)), max(0.25, min(2.0, ttl / 4.0))
+    A renewal is due a quarter ttl after the last one, and the leader stops half a
+    ttl after that one: the renewal has a quarter ttl, and goes to the next endpoint
+    each sixteenth ttl the ones before it leave it unanswered (``EtcdClient.race``).
+    Any other call waits an eighth ttl for one endpoint."""
+    return max(0.1, min(1.0, ttl / 16.0)), max(0.25, min(2.0, ttl / 8.0))
+
+
+def ticket(epoch, seq):
+    """The ledger/ticket value of write ``seq`` of the leader of ``epoch`` (compared as text)."""
+    return json.dumps({"epoch": epoch, "seq": seq}, sort_keys=True)
 
 
 def parse_json_value(text):
@@ -73,16 +97,30 @@ class ClusterAgent:
         self.chan = chan
         self.cluster = cluster
         self.prefix = cluster.prefix
-        self.renew_timeout, self.timeout = etcd_timeouts(cluster.ttl)
-        self.client = EtcdClient.for_cluster(cluster, self.timeout)
-        self.inbox = collections.deque()
+        self.stagger, self.timeout = etcd_timeouts(cluster.ttl)
+        self.renew_for = cluster.ttl / float(RENEWS_PER_TTL)
+        self.settle_for = cluster.ttl / 2.0     # a lost write is sent again for so long
+        self.client = EtcdClient.for_cluster(cluster, self.timeout, demote=2.0 * cluster.ttl)
+        self.lease_client = self.client.twin(self.timeout)
+        self.lease_requests = queue.Queue()
+        self.sending = threading.Lock()     # the threads send to the master
+        self.inbox = collections.deque()    # the reading thread's, for the main loop
         self.reader = LineReader()
+        self.wake_r, self.wake_w = os.pipe()    # the reading thread wakes the main loop
+        os.set_blocking(self.wake_w, False)
+        self.orphaned = False
         self.watch = None
         self.watch_after = 0.0          # no new mirror before (monotonic), after a failure
         self.watch_failures = 0
         self.poisoned = set()           # epochs whose writes stopped
 
+    def send(self, msg):
+        with self.sending:
+            self.chan.send(msg)
+
     def run(self):
+        threading.Thread(target=self.lease_loop, name="lease", daemon=True).start()
+        threading.Thread(target=self.read_loop, name="read", daemon=True).start()
         while True:
             if self.watch is not None and self.watch.ep.down_until > time.monotonic():
                 # A call to it failed: it may have lost its quorum and so its events.
@@ -94,18 +132,42 @@ class ClusterAgent:
                 wait = min(wait, max(0.0, self.watch_after - time.monotonic()))
             self.receive(wait)
             if self.inbox:
-                self.handle(self.next_request())
+                self.handle(self.inbox.popleft())
 
     # -- input ---------------------------------------------------------------------
 
-    def receive(self, wait):
-        fds = [self.chan.sock] + ([self.watch] if self.watch is not None else [])
-        for fd in _select_read(fds, wait):
-            if fd is self.chan.sock:
+    def read_loop(self):
+        """The reading thread: the master's requests, the lease's to the lease's thread at
+        once (the main loop may be settling a write), the others to the main loop."""
+        try:
+            while True:
                 data = self.chan.sock.recv(262144)
                 if not data:
-                    raise _Orphaned()   # the master is gone: its lease expires by itself
-                self.inbox.extend(self.reader.feed(data))
+                    break               # the master is gone: its lease expires by itself
+                for msg in self.reader.feed(data):
+                    if msg.get("t") in ("renew", "revoke"):
+                        self.lease_requests.put(msg)
+                    else:
+                        self.inbox.append(msg)
+                self.wake()
+        except BaseException:           # noqa: B036 - a bad message: the agent goes, as before
+            log.exception("cluster agent: reading the master's requests failed")
+        self.orphaned = True
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass                        # a wake-up is pending already
+
+    def receive(self, wait):
+        fds = [self.wake_r] + ([self.watch] if self.watch is not None else [])
+        for fd in _select_read(fds, wait):
+            if fd == self.wake_r:
+                os.read(self.wake_r, 4096)
+                if self.orphaned:
+                    raise _Orphaned()
             elif self.watch is not None:
                 try:
                     results = self.watch.read()
@@ -115,13 +177,16 @@ class ClusterAgent:
                 for doc in results:
                     self.watched(doc)
 
-    def next_request(self):
-        """The oldest renewal first (a late one can cost the leadership), else the oldest."""
-        for i, msg in enumerate(self.inbox):
-            if msg.get("t") == "renew":
-                del self.inbox[i]
-                return msg
-        return self.inbox.popleft()
+    def lease_loop(self):
+        """The lease's thread: renewals and revocations, on connections of their own.
+        Should it fail, the agent goes (the master forks another): a lease thread gone
+        would leave the master waiting for renewals that never come."""
+        try:
+            while True:
+                self.handle(self.lease_requests.get())
+        except BaseException:           # noqa: B036 - whatever it was, the process must go
+            log.exception("cluster agent: the lease thread failed")
+            os._exit(1)
 
     # -- requests --------------------------------------------------------------------
 
@@ -131,6 +196,8 @@ class ClusterAgent:
         try:
             if kind == "renew":
                 reply.update(self.renew(msg))
+            elif kind == "revoke":
+                self.lease_client.revoke(msg["lease"], self.timeout)
             elif kind == "put":
                 reply["revision"] = self.client.put(self.prefix + msg["key"], json.dumps(msg["value"]),
                                                     msg.get("lease"))
@@ -138,8 +205,6 @@ class ClusterAgent:
                 reply.update(self.campaign(msg))
             elif kind == "txn":
                 reply.update(self.guarded(msg))
-            elif kind == "revoke":
-                self.client.revoke(msg["lease"], self.renew_timeout)
             elif kind == "resync":
                 self.drop_watch(None)
                 self.start_mirror()
@@ -150,47 +215,90 @@ class ClusterAgent:
         except EtcdError as exc:
             reply.update(error=str(exc), status=exc.status)
         reply["endpoints"] = self.client.health()
-        reply["requests"] = self.client.requests
-        self.chan.send(reply)
+        reply["requests"] = self.client.requests + self.lease_client.requests
+        self.send(reply)
 
     def renew(self, msg):
         lease = msg.get("lease")
         if not lease:
-            lease, ttl = self.client.grant(msg["ttl"], self.renew_timeout)
+            lease, ttl = self.lease_client.grant(msg["ttl"], self.timeout)
             return {"lease": lease, "ttl": ttl, "granted": True}
-        ttl, revision = self.client.keepalive(lease, self.renew_timeout)
+        ttl, revision = self.lease_client.keepalive(lease, self.stagger, self.renew_for)
         return {"lease": lease, "ttl": ttl, "revision": revision}
+
+    def settled(self, send, applied):
+        """``send()`` a write, again through the next endpoint while its answer is lost,
+        for ``settle_for`` seconds: (succeeded, revision, responses) of the first answer,
+        or ``applied(responses)`` -> (True, revision) when a refusal shows that an
+        earlier sending of it was applied.  EtcdUnknown when none answered in time."""
+        deadline = time.monotonic() + self.settle_for
+        lost = None
+        while True:
+            sent = time.monotonic()
+            try:
+                ok, revision, responses = send()
+            except EtcdUnknown as exc:
+                lost = exc
+            except EtcdError as exc:
+                if exc.status is not None:
+                    raise                   # etcd refused it: nothing to settle
+                lost = lost or exc          # never left: not applied (unless an earlier one was)
+            else:
+                if lost is not None:
+                    log.info("cluster agent: a write whose answer was lost (%s) was settled", lost)
+                    if not ok:
+                        ok, revision = applied(responses) or (False, revision)
+                return ok, revision, responses
+            if time.monotonic() + self.timeout > deadline:
+                raise lost if isinstance(lost, EtcdUnknown) else EtcdUnknown(str(lost))
+            time.sleep(max(0.0, sent + 0.05 - time.monotonic()))    # refused at once: not a spin
 
     def campaign(self, msg):
         """Create the leader key on our lease if nobody holds it: {won, epoch, holder}."""
         key = self.prefix + "leader"
-        ok, revision, responses = self.client.txn(
+
+        def ours(responses):
+            holder = _first_kv(responses, 0)
+            return holder is not None and holder["lease"] == msg["lease"] and (True, holder["create"])
+        ok, revision, responses = self.settled(lambda: self.client.txn(
             [etcd_compare(key, "CREATE", 0)],
-            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)])
+            [etcd_put(key, json.dumps(msg["value"]), msg["lease"])], [etcd_get(key)]), ours)
         if ok:
             return {"won": True, "epoch": revision}
-        kvs = ((responses[0] if responses else {}).get("response_range") or {}).get("kvs") or []
-        holder = decode_kv(kvs[0]) if kvs else None
+        holder = _first_kv(responses, 0)
         if holder is not None:
             holder["value"] = parse_json_value(holder["value"])
         return {"won": False, "holder": holder}
 
     def guarded(self, msg):
-        """One ledger write of the leader of ``epoch``, or none if it is no longer that."""
-        epoch = msg["epoch"]
+        """Ledger write ``seq`` of the leader of ``epoch``: applied once, after write seq - 1
+        of it (the tickets), or not at all if it no longer leads."""
+        epoch, seq = msg["epoch"], msg.get("seq") or 1
         if epoch in self.poisoned:
             return {"ok": False, "error": "an earlier write of epoch %d failed" % epoch}
-        key = self.prefix + "leader"
+        leader, mark = self.prefix + "leader", self.prefix + TICKET_KEY
         ops = [etcd_put(self.prefix + k, json.dumps(v, sort_keys=True)) for k, v in msg.get("puts", {}).items()]
         ops += [etcd_delete(self.prefix + k) for k in msg.get("deletes", [])]
+        ops.append(etcd_put(mark, ticket(epoch, seq)))
+        compares = [etcd_compare(leader, "CREATE", epoch),
+                    etcd_compare(mark, "VALUE", ticket(epoch, seq - 1)) if seq > 1 else
+                    etcd_compare(mark, "MOD", epoch + 1, "LESS")]     # no write of this epoch yet
+
+        def ours(responses):
+            kv = _first_kv(responses, 1)
+            return kv is not None and kv["value"] == ticket(epoch, seq) and (True, kv["mod"])
         try:
-            ok, revision, _ = self.client.txn([etcd_compare(key, "CREATE", epoch)], ops, [etcd_get(key)])
+            ok, revision, responses = self.settled(
+                lambda: self.client.txn(compares, ops, [etcd_get(leader), etcd_get(mark)]), ours)
         except EtcdError:
             self.poisoned.add(epoch)
             raise
         if not ok:
             self.poisoned.add(epoch)
-            return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+            holder = _first_kv(responses, 0)
+            if holder is None or holder["create"] != epoch:
+                return {"ok": False, "deposed": True, "error": "no longer the leader of epoch %d" % epoch}
+            return {"ok": False, "error": "write %d of epoch %d follows none applied" % (seq, epoch)}
         return {"ok": True, "revision": revision}
 
     # -- the mirror --------------------------------------------------------------------
@@ -215,9 +323,9 @@ class ClusterAgent:
             part.append(kv)
             size += len(kv["key"]) + len(json.dumps(kv["value"]))
             if size > SNAPSHOT_PART:
-                self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
+                self.send({"t": "snapshot", "revision": revision, "kvs": part, "last": False})
                 part, size = [], 0
-        self.chan.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
+        self.send({"t": "snapshot", "revision": revision, "kvs": part, "last": True})
         self.watch = watch
 
     def drop_watch(self, why):
@@ -243,7 +351,15 @@ class ClusterAgent:
                            "value": parse_json_value(kv["value"]) if event.get("type") != "DELETE" else None})
         if events:
             revision = int((result.get("header") or {}).get("revision") or 0)
-            self.chan.send({"t": "events", "revision": revision, "events": events})
+            self.send({"t": "events", "revision": revision, "events": events})
+
+
+def _first_kv(responses, index):
+    """The key-value the ``index``-th range of a txn's answer found (decoded), or None."""
+    if len(responses) <= index:
+        return None
+    kvs = (responses[index].get("response_range") or {}).get("kvs") or []
+    return decode_kv(kvs[0]) if kvs else None
 
 
 def cluster_agent_main(sock_path, cluster):

@@ -95,6 +95,7 @@ class ClusterMember:
         self.abandoned = []                 # leases we gave up that etcd may still hold
         self.role = "none"
         self.epoch = None                   # ours, as leader
+        self.seq = 0                        # ledger writes sent in our epoch
         self.acting = False                 # leader with its own key in the mirror
         self.stepping = None                # {"why", "term_at", "kill_at"} while stepping down
         self.mirror = {}                    # key (relative) -> {value, lease, create, mod}
@@ -330,7 +331,7 @@ class ClusterMember:
         if self.role != "follower" or self.stepping is not None:
             return
         self._set_role("leader")
-        self.epoch, self.acting = epoch, False
+        self.epoch, self.acting, self.seq = epoch, False, 0
         log.warning("cluster %s: %s leads (epoch %d)", self.settings.name, self.node, epoch)
         self._check_acting(now)
 
@@ -459,7 +460,8 @@ class ClusterMember:
         recorded if etcd still takes it): its request id, None when not leading."""
         if self.role != "leader":
             return None
-        return self._request("txn", epoch=self.epoch, puts=puts, deletes=list(deletes))
+        self.seq += 1
+        return self._request("txn", epoch=self.epoch, seq=self.seq, puts=puts, deletes=list(deletes))
 
     def status(self, now, agent_pid=None):
         """daemon.cluster of --status --json (docs/cluster.md), a ClusterStatus."""

@@ -132,46 +132,24 @@ def _lookup(host, port):
 
 
 class EtcdEndpoint:
-    """One endpoint URL, its kept-alive connection and what it last did."""
+    """One endpoint URL and what it last did: shared by the clients of one agent (each
+    keeps its own connection to it), so that one's failure demotes it for the other."""
 
     def __init__(self, url, context):
         self.url = url
         self.scheme, self.host, self.port = parse_etcd_url(url)
         self.context = context
-        self.conn = None
         self.last_ok = None             # monotonic time of its last answer
         self.error = None               # why its last call failed, until one succeeds
-        self.down_until = 0.0           # tried last until then, after a failure
+        self.down_until = 0.0           # tried last until then, after it gave no answer
 
-    def connection(self, timeout):
-        """The kept-alive connection, or a new one, bounded by ``timeout``.  One etcd
-        closed (or a member that restarted) reads as EOF: a request sent on it would
-        be lost for nothing."""
-        import http.client
-        if self.conn is not None and self.conn.sock is not None and _select_read([self.conn.sock], 0):
-            self.close()
-        if self.conn is None or self.conn.sock is None:
-            if self.scheme == "https":
-                self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                                        context=self.context)
-            else:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            try:
-                sock = connect_bounded(self.host, self.port, timeout)    # not conn.connect(): DNS too
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.scheme == "https":
-                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
-                self.conn.sock = sock
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise _TryNext(_os_error_text(exc))
-        self.conn.sock.settimeout(timeout)
-        return self.conn
 
-    def close(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+def endpoint_order(endpoints, current, now):
+    """The order to try ``endpoints`` in: from ``current`` (the one that answered last) on
+    round the ring, those demoted (no answer lately) last, the longest demoted first."""
+    ring = endpoints[current:] + endpoints[:current]
+    return [ep for ep in ring if ep.down_until <= now] + \
+        sorted((ep for ep in ring if ep.down_until > now), key=lambda ep: ep.down_until)
 
 
 def _etcd_message(doc, status):
@@ -193,31 +171,39 @@ def _os_error_text(exc):
 class EtcdClient:
     """Calls on the JSON gateway of every endpoint given, moving on when one fails.
 
-    ``requests`` counts the calls sent (for the figures: a steady cluster should only
-    send keep-alives).  Each call is bounded by ``timeout`` seconds.
+    A call goes first to the endpoint that answered this client last, then round the
+    others; one that gave no answer (refused, timed out, reset, etcd's own timeout) is
+    demoted for ``demote`` seconds: tried last, after those that answer.  ``requests``
+    counts the calls sent (for the figures: a steady cluster should only send
+    keep-alives).  Each attempt is bounded by ``timeout`` seconds.
     """
 
-    def __init__(self, urls, timeout=1.0, context=None):
+    def __init__(self, urls, timeout=1.0, context=None, demote=None, endpoints=None):
         if any(url.startswith("https:") for url in urls) and context is None:
             import ssl
             context = ssl.create_default_context()
-        self.endpoints = [EtcdEndpoint(url, context) for url in urls]
+        self.endpoints = endpoints or [EtcdEndpoint(url, context) for url in urls]
         self.timeout = timeout
+        self.demote = 2 * timeout if demote is None else demote
+        self.conns = {}                 # url -> its kept-alive connection (this client's own)
         self.current = 0                # where the next call goes first
         self.requests = 0
         self.last = None                # the endpoint that answered the last call
 
     @classmethod
-    def for_cluster(cls, cluster, timeout):
+    def for_cluster(cls, cluster, timeout, demote=None):
         context = etcd_ssl_context(cluster) if any(u.startswith("https:") for u in cluster.etcd) else None
-        return cls(cluster.etcd, timeout, context)
+        return cls(cluster.etcd, timeout, context, demote)
+
+    def twin(self, timeout):
+        """A client of its own connections on the same endpoints, sharing what each did."""
+        return EtcdClient([ep.url for ep in self.endpoints], timeout, demote=self.demote,
+                          endpoints=self.endpoints)
 
     def _order(self, rotate):
         if rotate:
             self.current = (self.current + 1) % len(self.endpoints)
-        now = time.monotonic()
-        ring = self.endpoints[self.current:] + self.endpoints[:self.current]
-        return [ep for ep in ring if ep.down_until <= now] + [ep for ep in ring if ep.down_until > now]
+        return endpoint_order(self.endpoints, self.current, time.monotonic())
 
     def call(self, path, body, idempotent=False, rotate=False, timeout=None):
         """POST ``body`` to ``path``: the decoded answer.  A call that never left goes to
@@ -241,15 +227,51 @@ class EtcdClient:
             return answer
         raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
 
+    def _connection(self, ep, timeout):
+        """The kept-alive connection to ``ep``, or a new one, bounded by ``timeout``.  One
+        etcd closed (or a member that restarted) reads as EOF: a request sent on it would
+        be lost for nothing."""
+        import http.client
+        conn = self.conns.get(ep.url)
+        if conn is not None and conn.sock is not None and _select_read([conn.sock], 0):
+            self._close(ep)
+            conn = None
+        if conn is None or conn.sock is None:
+            if ep.scheme == "https":
+                conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout, context=ep.context)
+            else:
+                conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+            self.conns[ep.url] = conn
+            try:
+                sock = connect_bounded(ep.host, ep.port, timeout)    # not conn.connect(): DNS too
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ep.scheme == "https":
+                    sock = ep.context.wrap_socket(sock, server_hostname=ep.host)
+                conn.sock = sock
+            except (OSError, http.client.HTTPException) as exc:
+                self._close(ep)
+                raise _TryNext(_os_error_text(exc))
+        conn.sock.settimeout(timeout)
+        return conn
+
+    def _close(self, ep):
+        conn = self.conns.pop(ep.url, None)
+        if conn is not None:
+            conn.close()
+
     def _failed(self, ep, why):
-        ep.close()
+        self._close(ep)
         ep.error = why
-        ep.down_until = time.monotonic() + 2 * self.timeout
+        ep.down_until = time.monotonic() + self.demote
 
     def _call_one(self, ep, path, payload, idempotent, timeout):
+        return self._receive(ep, self._send(ep, path, payload, timeout), path, idempotent)
+
+    def _send(self, ep, path, payload, timeout):
+        """The request sent on ``ep``'s connection (made within ``timeout``): the connection."""
         import http.client
         try:
-            conn = ep.connection(timeout)
+            conn = self._connection(ep, timeout)
             self.requests += 1
             try:
                 conn.request("POST", path, payload, {"Content-Type": "application/json"})
@@ -258,6 +280,11 @@ class EtcdClient:
         except _TryNext as exc:
             self._failed(ep, str(exc))
             raise
+        return conn
+
+    def _receive(self, ep, conn, path, idempotent):
+        """The answer on ``conn``, read within its socket's timeout: the decoded document."""
+        import http.client
         try:
             resp = conn.getresponse()
             data = resp.read()
@@ -266,7 +293,7 @@ class EtcdClient:
             self._failed(ep, why)
             raise EtcdUnknown("%s %s: no answer (%s)" % (ep.url, path, why))
         if resp.will_close:
-            ep.close()
+            self._close(ep)
         try:
             doc = json.loads(data.decode("utf-8")) if data else {}
         except (UnicodeDecodeError, ValueError):
@@ -286,6 +313,53 @@ class EtcdClient:
                             status=resp.status, code=doc.get("code"))
         return doc
 
+    def race(self, path, body, stagger, budget, rotate=False):
+        """An idempotent call sent to the first endpoint, and to the next each ``stagger``
+        seconds it goes unanswered, the first answer taken, for ``budget`` seconds: a
+        dead endpoint costs a stagger, and a call etcd holds (a raft election) is
+        answered as soon as etcd can, not dropped by a timeout just before."""
+        payload = json.dumps(body).encode("utf-8")
+        order = self._order(rotate)
+        started = time.monotonic()
+        deadline, next_at = started + budget, started
+        pending, failures = {}, []
+        try:
+            while True:
+                now = time.monotonic()
+                if order and now >= next_at:
+                    ep = order.pop(0)
+                    try:
+                        pending[ep] = (self._send(ep, path, payload, max(0.05, min(stagger, deadline - now))), now)
+                    except _TryNext as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        continue            # refused at once: the next one now
+                    next_at = now + stagger
+                if not pending and not order:
+                    raise EtcdError("no etcd endpoint answered: %s" % "; ".join(failures))
+                if now >= deadline:
+                    raise EtcdError("no etcd endpoint answered in %.2fs: %s" % (budget, "; ".join(
+                        failures + ["%s: no answer (timed out)" % ep.url for ep in pending])))
+                wait = (min(next_at, deadline) if order else deadline) - now
+                ready = _select_read([conn.sock for conn, _ in pending.values()], max(0.0, wait))
+                for ep in [ep for ep, (conn, _) in pending.items() if conn.sock in ready]:
+                    conn, _ = pending.pop(ep)
+                    conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
+                    try:
+                        answer = self._receive(ep, conn, path, True)
+                    except (_TryNext, EtcdUnknown) as exc:
+                        failures.append("%s: %s" % (ep.url, exc))
+                        next_at = time.monotonic()      # the next one now
+                        continue
+                    self.current = self.endpoints.index(ep)
+                    self.last = ep
+                    return answer
+        finally:
+            now = time.monotonic()
+            for ep, (conn, sent) in pending.items():
+                self._close(ep)             # its answer would come on a connection we reuse
+                if now - sent >= stagger:
+                    self._failed(ep, "timed out")
+
     # -- the calls hadaemon uses ------------------------------------------------------
 
     def status(self, ep):
@@ -301,13 +375,15 @@ class EtcdClient:
             raise EtcdError("lease grant refused: %s" % answer["error"])
         return int(answer["ID"]), int(answer.get("TTL") or 0)
 
-    def keepalive(self, lease, timeout=None):
+    def keepalive(self, lease, stagger=None, budget=None):
         """Renew a lease: (its TTL, or 0 when it is gone (expired or revoked), revision).
 
         Sent to each endpoint in turn, so every endpoint is heard from within a few
-        renewals and a member that lost its quorum is found without an extra call."""
-        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, idempotent=True, rotate=True,
-                           timeout=timeout)
+        renewals and a member that lost its quorum is found without an extra call;
+        raced (``race``) when it does not answer within ``stagger``."""
+        stagger = stagger or self.timeout
+        answer = self.race("/v3/lease/keepalive", {"ID": str(lease)}, stagger,
+                           budget or len(self.endpoints) * stagger, rotate=True)
         result = answer.get("result") or {}
         return int(result.get("TTL") or 0), int((result.get("header") or {}).get("revision") or 0)
 
@@ -348,7 +424,7 @@ class EtcdClient:
 
     def close(self):
         for ep in self.endpoints:
-            ep.close()
+            self._close(ep)
 
 
 def connect_etcd_endpoints(cluster, timeout=2.0):
