@@ -131,6 +131,7 @@ Exit codes
 # Made by tools/amalgamate.py from src/hadaemon/: change the modules, then run it.
 # Each part below names its source file, so a line here leads back to its module.
 
+import _signal
 import argparse
 import base64
 import collections
@@ -2525,7 +2526,7 @@ class Store:
         self.notes = []         # what recovery did, for the log
         self.torn = False       # the journal may end in part of a line
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
-        self.encoded = {}           # soft values (dirty) as JSON text, made when they came
+        self.encoded = {}           # dirty values as JSON text, made by a checkpoint for its two writes
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
         self.created = False        # open() found no db and started a new one
@@ -2733,11 +2734,12 @@ class Store:
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results).
 
-        It is encoded now, as it comes, and not changed after: the checkpoint only
-        writes what is ready.
+        It is encoded by the checkpoint, not as it comes: a check that runs ten times
+        between two checkpoints costs one encoding, not ten.  So ``value`` must not be
+        changed after (every caller passes a new one).
         """
         self.data[key] = value
-        self.encoded[key] = _ENCODE(value)
+        self.encoded.pop(key, None)
         self.dirty.add(key)
         self.unjournaled.add(key)
 
@@ -2775,6 +2777,16 @@ class Store:
             self.files.create()
         if not self.dirty and not rebuild:
             return
+        try:
+            self._write_dirty(rebuild)
+        finally:
+            self.encoded.clear()
+        if self.files.dat_end > max(1 << 20, 4 * self.files.live):
+            self.compact()
+
+    def _write_dirty(self, rebuild):
+        # Each dirty value encoded once, for the journal and the db files alike.
+        self.encoded = {key: _ENCODE(self.data[key]) for key in self.dirty}
         if self.unjournaled:
             # Values are about to change in the db files in place: each must have
             # its copy in the journal until the index is written.
@@ -2791,9 +2803,6 @@ class Store:
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
-        self.encoded.clear()
-        if self.files.dat_end > max(1 << 20, 4 * self.files.live):
-            self.compact()
 
     def compact(self):
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
@@ -2877,7 +2886,7 @@ class ChildWatch:
 
     def drain(self):
         try:
-            while os.read(self.rfd, 512):
+            while len(os.read(self.rfd, 512)) == 512:      # a short read emptied it
                 pass
         except BlockingIOError:
             pass
@@ -2894,7 +2903,8 @@ def _select_read(fds, timeout):
 def _read_pipe(fd, buf, result, to_eof):
     """Read what the pipe ``fd`` holds into ``buf`` (kept up to OUTPUT_CAP); False at EOF.
 
-    With ``to_eof`` its writers are gone, so no read can block: read it to the end.
+    With ``to_eof`` its writers are gone, so no read can block: read it to the end,
+    which a short read is (what is left of a pipe without writers comes in one read).
     """
     while True:
         data = os.read(fd, 65536)
@@ -2906,6 +2916,11 @@ def _read_pipe(fd, buf, result, to_eof):
         buf += data[:max(0, room)]
         if not to_eof:
             return True
+        if len(data) < 65536:
+            return False
+
+
+_SIGTERM_ONLY = (signal.SIGTERM,)
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
@@ -2931,12 +2946,13 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # (_signal's own: signal's wrapper makes an enum of each signal in the set it returns.)
+    old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM_ONLY)
     try:
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
     except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in {out_r, out_w, err_r, err_w} - {None}:
             os.close(fd)
         return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
@@ -2946,7 +2962,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
                        grace, watch, master, lease)
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         watched.wait()

@@ -8,6 +8,7 @@ so a dead worker's check is killed too (ChildWatch, CommandLease).
 Uses: base.
 """
 
+import _signal
 import dataclasses
 import os
 import select
@@ -66,7 +67,7 @@ class ChildWatch:
 
     def drain(self):
         try:
-            while os.read(self.rfd, 512):
+            while len(os.read(self.rfd, 512)) == 512:      # a short read emptied it
                 pass
         except BlockingIOError:
             pass
@@ -83,7 +84,8 @@ def _select_read(fds, timeout):
 def _read_pipe(fd, buf, result, to_eof):
     """Read what the pipe ``fd`` holds into ``buf`` (kept up to OUTPUT_CAP); False at EOF.
 
-    With ``to_eof`` its writers are gone, so no read can block: read it to the end.
+    With ``to_eof`` its writers are gone, so no read can block: read it to the end,
+    which a short read is (what is left of a pipe without writers comes in one read).
     """
     while True:
         data = os.read(fd, 65536)
@@ -95,6 +97,11 @@ def _read_pipe(fd, buf, result, to_eof):
         buf += data[:max(0, room)]
         if not to_eof:
             return True
+        if len(data) < 65536:
+            return False
+
+
+_SIGTERM_ONLY = (signal.SIGTERM,)
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
@@ -120,12 +127,13 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     # A SIGTERM (our _Terminate) landing between the spawn and the ``try`` below
     # would leave the new session running unwatched: hold it off until then.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # (_signal's own: signal's wrapper makes an enum of each signal in the set it returns.)
+    old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGTERM_ONLY)
     try:
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
     except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for fd in {out_r, out_w, err_r, err_w} - {None}:
             os.close(fd)
         return ProcResult(error="cannot start %s: %s" % (argv[0], exc.strerror or exc),
@@ -135,7 +143,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
                        grace, watch, master, lease)
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
             on_spawn(pid)
         watched.wait()

@@ -114,7 +114,7 @@ class Store:
         self.notes = []         # what recovery did, for the log
         self.torn = False       # the journal may end in part of a line
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
-        self.encoded = {}           # soft values (dirty) as JSON text, made when they came
+        self.encoded = {}           # dirty values as JSON text, made by a checkpoint for its two writes
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
         self.created = False        # open() found no db and started a new one
@@ -322,11 +322,12 @@ class Store:
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results).
 
-        It is encoded now, as it comes, and not changed after: the checkpoint only
-        writes what is ready.
+        It is encoded by the checkpoint, not as it comes: a check that runs ten times
+        between two checkpoints costs one encoding, not ten.  So ``value`` must not be
+        changed after (every caller passes a new one).
         """
         self.data[key] = value
-        self.encoded[key] = _ENCODE(value)
+        self.encoded.pop(key, None)
         self.dirty.add(key)
         self.unjournaled.add(key)
 
@@ -364,6 +365,16 @@ class Store:
             self.files.create()
         if not self.dirty and not rebuild:
             return
+        try:
+            self._write_dirty(rebuild)
+        finally:
+            self.encoded.clear()
+        if self.files.dat_end > max(1 << 20, 4 * self.files.live):
+            self.compact()
+
+    def _write_dirty(self, rebuild):
+        # Each dirty value encoded once, for the journal and the db files alike.
+        self.encoded = {key: _ENCODE(self.data[key]) for key in self.dirty}
         if self.unjournaled:
             # Values are about to change in the db files in place: each must have
             # its copy in the journal until the index is written.
@@ -380,9 +391,6 @@ class Store:
             raise
         os.ftruncate(self.jfd, 0)
         self.dirty.clear()
-        self.encoded.clear()
-        if self.files.dat_end > max(1 << 20, 4 * self.files.live):
-            self.compact()
 
     def compact(self):
         """Recreate the db files from memory, the journal holding a full snapshot meanwhile."""
