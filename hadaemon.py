@@ -7468,6 +7468,9 @@ class ClusterAgent:
         try:
             while True:
                 self.handle(self.lease_requests.get())
+        except (BrokenPipeError, ConnectionError):
+            self.orphaned = True        # its reply found the master gone: the main loop ends
+            self.wake()
         except BaseException:           # noqa: B036 - whatever it was, the process must go
             log.exception("cluster agent: the lease thread failed")
             os._exit(1)
@@ -7649,6 +7652,8 @@ def _first_kv(responses, index):
 def cluster_agent_main(sock_path, cluster):
     """The forked cluster agent: hello, then the agent's loop until the master goes."""
     child_setup()
+    # A master gone is an EPIPE its threads end on (run, lease_loop), not a death by signal.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     chan = Channel.connect(sock_path)
     chan.send({"t": "hello", "role": "cluster", "pid": os.getpid()})
     ClusterAgent(chan, cluster).run()
@@ -7995,7 +8000,7 @@ class ClusterMember:
         self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
-                and self.role == "follower":
+                and self.role == "follower" and not self.conflict:     # one that refuses leads no more
             self._lead(holder["create"], now)       # our campaign won, its answer was lost
         if self.role == "leader":
             # A mirror that has reached our epoch without our key: it expired, was
@@ -8664,6 +8669,11 @@ class ActionRuns:
         elif kind == "may" and self.leadership.confirms:
             _command_index(run, msg)
             self.server.send(child.conn, self.leadership.may())
+        elif kind == "done" and run.state != "running":
+            # Ended already: a leader that took over again interrupted it before its
+            # last command's SIGTERM came back (cluster_link.take_over).
+            log.info("run %d: its action run's end (%s) comes after the run was %s", run.id,
+                     msg.get("result"), run.state)
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             reason = msg.get("reason")

@@ -426,6 +426,23 @@ def test_cluster_a_command_ended_by_a_step_down_is_interrupted_not_failed(tmp_pa
     assert (w2.ledger.runs[1].state, w2.ledger.runs[1].reason) == ("failed", "exit 1")
 
 
+def test_cluster_an_action_runs_end_after_its_run_was_interrupted_is_no_crash(tmp_path):
+    # A leader that steps down and takes over again interrupts its own running run
+    # (take_over) before the SIGTERM'd action run says "done": that late word is logged,
+    # the run stays interrupted, and the master goes on.
+    w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/sleep 9\n", epoch=5)
+    w.report("db2", "master")
+    w.agree()
+    w.start()
+    w.written(w.txns()[-1]["id"])
+    w.start()
+    run = w.ledger.runs[1]
+    w.ledger.interrupt_running(lambda r: "its leader lost the lead while it ran", 100.0)
+    assert run.state == "interrupted"
+    w.runs.event(w.pool.child, {"t": "done", "run": 1, "result": "interrupted", "reason": "SIGTERM"})
+    assert (run.state, run.reason) == ("interrupted", "its leader lost the lead while it ran")
+
+
 def test_cluster_a_run_whose_section_this_member_lacks_fails(tmp_path):
     w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/true\n", epoch=5)
     w.report("db2", "master")

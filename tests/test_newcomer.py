@@ -307,7 +307,9 @@ def test_two_members_with_one_node_name_both_refuse_naming_the_other(ha):
         me.wait_log("another member uses node = a: pid %d on host %s; both refuse"
                     % (other.proc.pid, socket.gethostname()), timeout=20)
     for node in ("a", "b"):
-        cluster = cl.status(node)["daemon"]["cluster"]
+        status = cl.status(node)
+        assert status is not None, "%s does not answer: %s" % (node, cl.daemons[node].tail(80))
+        cluster = status["daemon"]["cluster"]
         assert cluster["role"] == "none" and not cluster["acting"], cluster
 
 

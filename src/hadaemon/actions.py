@@ -124,6 +124,11 @@ class ActionRuns:
         elif kind == "may" and self.leadership.confirms:
             _command_index(run, msg)
             self.server.send(child.conn, self.leadership.may())
+        elif kind == "done" and run.state != "running":
+            # Ended already: a leader that took over again interrupted it before its
+            # last command's SIGTERM came back (cluster_link.take_over).
+            log.info("run %d: its action run's end (%s) comes after the run was %s", run.id,
+                     msg.get("result"), run.state)
         elif kind == "done":
             state = msg.get("result") if msg.get("result") in ("ok", "interrupted") else "failed"
             reason = msg.get("reason")

@@ -49,6 +49,7 @@ import collections
 import json
 import os
 import queue
+import signal
 import threading
 import time
 
@@ -184,6 +185,9 @@ class ClusterAgent:
         try:
             while True:
                 self.handle(self.lease_requests.get())
+        except (BrokenPipeError, ConnectionError):
+            self.orphaned = True        # its reply found the master gone: the main loop ends
+            self.wake()
         except BaseException:           # noqa: B036 - whatever it was, the process must go
             log.exception("cluster agent: the lease thread failed")
             os._exit(1)
@@ -365,6 +369,8 @@ def _first_kv(responses, index):
 def cluster_agent_main(sock_path, cluster):
     """The forked cluster agent: hello, then the agent's loop until the master goes."""
     child_setup()
+    # A master gone is an EPIPE its threads end on (run, lease_loop), not a death by signal.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     chan = Channel.connect(sock_path)
     chan.send({"t": "hello", "role": "cluster", "pid": os.getpid()})
     ClusterAgent(chan, cluster).run()

@@ -347,7 +347,7 @@ class ClusterMember:
         self._check_same_node(keys, now)
         holder = self.mirror.get(LEADER_KEY)
         if self.lease is not None and holder is not None and holder.get("lease") == self.lease \
-                and self.role == "follower":
+                and self.role == "follower" and not self.conflict:     # one that refuses leads no more
             self._lead(holder["create"], now)       # our campaign won, its answer was lost
         if self.role == "leader":
             # A mirror that has reached our epoch without our key: it expired, was
