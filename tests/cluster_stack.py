@@ -34,6 +34,7 @@ import hadaemon.configfiles
 from conftest import ROOT, Daemon, keygen, wait_for, with_private_run
 from etcd import EtcdCluster, Member
 from pgpair import Pair
+from test_cluster import acting_leader
 import test_stack as st
 
 EXAMPLE = ROOT / "examples" / "postgresql"
@@ -260,15 +261,7 @@ class ClusterStack(st.Stack):
             docs = {n: self.cluster(n) for n in among_}
             if None in docs.values():
                 return None
-            leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
-            if len(leaders) != 1:
-                return None
-            node, epoch = leaders.pop()
-            if node not in docs or docs[node]["role"] != "leader" or not docs[node].get("acting"):
-                return None
-            if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
-                return None
-            return node, epoch
+            return acting_leader(docs)
         return wait_for(agreed, timeout=timeout, interval=0.05,
                         what="members %s to agree on a leader (%s)" % (among, self.tails()))
 

@@ -975,6 +975,20 @@ class Command:
             self.run, self.index, self.node, self.epoch, self.start, self.last, "" if self.ended else " cut")
 
 
+def acting_leader(docs):
+    """(node, epoch) when every member's cluster block in ``docs`` (node -> block) names
+    one leader, that one leads and acts, and every other one follows; else None."""
+    leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
+    if len(leaders) != 1:
+        return None
+    node, epoch = leaders.pop()
+    if node is None or node not in docs or docs[node]["role"] != "leader" or not docs[node].get("acting"):
+        return None
+    if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
+        return None
+    return node, epoch
+
+
 class HaCluster:
     """Three hadaemon daemons (nodes a, b, c) in one cluster on the ``etcd`` fixture."""
 
@@ -1062,17 +1076,8 @@ class HaCluster:
             docs = self.clusters()
             if not docs or (all_up and any(n not in docs for n in self.up())):
                 return None
-            leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
-            if len(leaders) != 1:
-                return None
-            node, epoch = leaders.pop()
-            if node is None or node in without or node not in docs:
-                return None
-            if docs[node]["role"] != "leader" or not docs[node].get("acting"):
-                return None
-            if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
-                return None
-            return node, epoch
+            agreed_on = acting_leader(docs)
+            return None if agreed_on is None or agreed_on[0] in without else agreed_on
         return wait_for(agreed, timeout=timeout or 4 * self.ttl + 10, interval=0.05,
                         what="the daemons to agree on a leader (%s)" % self.tails())
 

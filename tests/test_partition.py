@@ -57,7 +57,7 @@ import pytest
 from conftest import HADAEMON, Daemon, figure, pids_in_group, wait_for
 from etcd import ETCD
 import test_stack
-from test_cluster import ACT, HaCluster
+from test_cluster import ACT, HaCluster, acting_leader
 from test_stack import Topology, netns_problem, sh, sweep_stale
 
 HOSTS = {"n1": "192.0.2.51", "n2": "192.0.2.52", "n3": "192.0.2.53"}
@@ -216,15 +216,7 @@ class Partition:
             docs = self.clusters()
             if len(docs) != len(HOSTS):
                 return None
-            leaders = {(doc["leader"], doc["epoch"]) for doc in docs.values()}
-            if len(leaders) != 1:
-                return None
-            node, epoch = leaders.pop()
-            if node not in docs or docs[node]["role"] != "leader" or not docs[node].get("acting"):
-                return None
-            if any(doc["role"] != "follower" for n, doc in docs.items() if n != node):
-                return None
-            return node, epoch
+            return acting_leader(docs)
         return wait_for(agreed, timeout=timeout or 6 * TTL + 30, interval=0.1,
                         what="one acting leader all agree on (%s)" % self.tails())
 
