@@ -156,8 +156,12 @@ def failover_parts(down, run, cmds, fault, first_db2):
     fault (for 2 and 3 it includes the lease running out), then the sequence's parts."""
     def spent(*names):
         return sum(c[3] - c[2] for c in cmds if c[0] in names) * 1000
+
+    def spent_one(name, arg):
+        return sum(c[3] - c[2] for c in cmds if (c[0], c[1]) == (name, arg)) * 1000
     parts = {"detection": (down["time"] - fault) * 1000, "pgbouncer": spent("pgbouncer_ctl"),
              "address": spent("remote_vip"), "promotion": spent("promote_standby", "sync_off"),
+             "vip del": spent_one("remote_vip", "del"), "vip add": spent_one("remote_vip", "add"),
              "client": (first_db2 - cmds[-1][3]) * 1000}
     parts["hadaemon"] = (cmds[-1][3] - down["time"]) * 1000 - parts["pgbouncer"] - parts["address"] \
         - parts["promotion"]
