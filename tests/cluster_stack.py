@@ -32,7 +32,7 @@ import time
 import hadaemon.base
 import hadaemon.configfiles
 from conftest import ROOT, Daemon, keygen, wait_for, with_private_run
-from etcd import EtcdCluster, Member
+from etcd import LAN_TIMING, EtcdCluster, Member
 from pgpair import Pair
 from test_cluster import acting_leader
 import test_stack as st
@@ -73,7 +73,10 @@ class Hosts(st.Topology):
 
 
 class HostEtcd(Member):
-    """An etcd member on its host's etcd address, ports 2379 and 2380, in the host's namespace."""
+    """An etcd member on its host's etcd address, ports 2379 and 2380, in the host's namespace,
+    with the timing docs/cluster.md recommends (LAN_TIMING: --pre-vote among it)."""
+
+    timing = LAN_TIMING
 
     def __init__(self, cluster, index, host):
         super().__init__(cluster, index, 2379, 2380)
@@ -85,10 +88,7 @@ class HostEtcd(Member):
         self.log_path = os.path.join(cluster.root, self.name + ".log")
 
     def argv(self):
-        # --pre-vote (etcd 3.5's default): a member back from a partition must not
-        # depose etcd's leader by the terms it counted up alone, or every lease
-        # waits for another election (docs/cluster.md, the production shape).
-        return self.cluster.topo.inside(self.host, super().argv() + ["--pre-vote"])
+        return self.cluster.topo.inside(self.host, super().argv())
 
     def get(self, path, post=False, timeout=1.0):
         """curl from the member's own host (the test runs outside every namespace)."""

@@ -19,6 +19,12 @@ import subprocess
 import time
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+# etcd's timing for the production shape (members on one LAN), as docs/cluster.md
+# ("Running etcd for it") recommends: a heartbeat near the round trip, an election
+# timeout ten heartbeats; --pre-vote (etcd 3.5's default) so that a member back from
+# a partition does not depose the raft leader.  cluster_stack.py and test_partition.py
+# run it; the loopback clusters here keep Member.timing.
+LAN_TIMING = ("--heartbeat-interval", "25", "--election-timeout", "250", "--pre-vote")
 
 
 def free_ports(n):
@@ -86,6 +92,8 @@ def gateway(url, path, body=None, timeout=2.0, context=None):
 
 
 class Member:
+    timing = ("--heartbeat-interval", "50", "--election-timeout", "500")
+
     def __init__(self, cluster, index, client_port, peer_port):
         self.cluster = cluster
         self.name = "m%d" % index
@@ -105,8 +113,8 @@ class Member:
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", self.cluster.token,
                 "--initial-cluster-state", "existing" if self.started_once else "new",
-                "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"] + self.tls_args()
+                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"] + list(self.timing) \
+            + self.tls_args()
 
     def tls_args(self):
         tls = self.cluster.tls

@@ -55,7 +55,7 @@ from unittest import mock
 import pytest
 
 from conftest import HADAEMON, Daemon, figure, pids_in_group, wait_for
-from etcd import ETCD
+from etcd import ETCD, LAN_TIMING
 import test_stack
 from test_cluster import ACT, HaCluster, acting_leader
 from test_stack import Topology, netns_problem, sh, sweep_stale
@@ -102,8 +102,7 @@ class EtcdMember:
                 "--initial-advertise-peer-urls", "http://%s:2380" % HOSTS[self.host],
                 "--initial-cluster", initial, "--initial-cluster-token", "partition",
                 "--initial-cluster-state", "existing" if self.started_once else "new",
-                "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote",
-                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]
+                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"] + list(LAN_TIMING)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.topo.inside(self.host, argv), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
