@@ -537,13 +537,13 @@ class Ledger:
         return {"transitions": transitions, "runs": runs}
 
     def host_entries(self):
-        """(host, what --status --json says of it), by name, made one by one as they are read."""
-        for name in sorted(self.hosts):
-            yield name, self.host_status(name)
+        """(host, its --status entry) by name, made as read but from the records as they are
+        now, with the document's runs and queue: never a host moved with its run nowhere."""
+        return ((name, self.host_status(name, record)) for name, record in sorted(self.hosts.items()))
 
-    def host_status(self, name):
-        """One host as the document's ``hosts`` shows it; None for a host never seen."""
-        record = self.hosts.get(name)
+    def host_status(self, name, record=None):
+        """One host as --status shows it (``record``: as host_entries took it); None if never seen."""
+        record = record or self.hosts.get(name)
         if record is None:
             return None
         cand = self.seen.get(name) if self.shared else record     # a member's candidate is its own
