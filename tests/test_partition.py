@@ -30,14 +30,15 @@ failover).  It prints one line:
 and a second one: the new leaders after such faults by kind, and the members' reasons
 to step down (from their logs).
 
-The etcd members run with --pre-vote (etcd 3.5's default): without it a member cut
-off for a second comes back with a higher term and deposes etcd's raft leader, an
-election every member waits through, whatever the fault was.
+The etcd members run as docs/cluster.md recommends (etcd.LAN_TIMING): heartbeat 25 ms,
+election timeout 250 ms and --pre-vote (etcd 3.5's default): without it a member cut off
+for a second comes back with a higher term and deposes etcd's raft leader, an election
+every member waits through, whatever the fault was.
 
-HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 4),
-_PROGRAM (another hadaemon.py, to measure an older one the same way) and _LOGS (a
-directory the members' and etcd's logs are copied to at the end).  Needs root and
-``ip netns``; skips otherwise.
+HADAEMON_PARTITION_FAULTS (default 6: well under two minutes), _SEED, _TTL (default 2, as
+examples/postgresql/cluster), _PROGRAM (another hadaemon.py, to measure an older one the
+same way) and _LOGS (a directory the members' and etcd's logs are copied to at the end).
+Needs root and ``ip netns``; skips otherwise.
 """
 
 import collections
@@ -63,7 +64,7 @@ from test_stack import Topology, netns_problem, sh, sweep_stale
 HOSTS = {"n1": "192.0.2.51", "n2": "192.0.2.52", "n3": "192.0.2.53"}
 FAULTS = int(os.environ.get("HADAEMON_PARTITION_FAULTS") or 6)
 SEED = int(os.environ.get("HADAEMON_PARTITION_SEED") or time.time())
-TTL = int(os.environ.get("HADAEMON_PARTITION_TTL") or 4)
+TTL = int(os.environ.get("HADAEMON_PARTITION_TTL") or 2)
 PROGRAM = os.environ.get("HADAEMON_PARTITION_PROGRAM") or str(HADAEMON)
 LOGS = os.environ.get("HADAEMON_PARTITION_LOGS")
 KINDS = ("cable", "split", "stop", "kill", "etcd-kill", "etcd-stop")
