@@ -681,7 +681,7 @@ def summarize(values):
 def section_reaction(tmp, quick, workers, launcher=(), program=None, load_rate=0, name="reaction"):
     """``load_rate``: trivial checks at that many a second beside the flag check (every
     100 ms, so load_rate / 10 of them), for the reaction of a daemon with work to do."""
-    n = 15 if quick else 60
+    n = 15 if quick else 200      # a p99 of 60 would be their maximum: 200 give one
     load = "" if not load_rate else "\n[local]\ninterval = 100ms\n%s\n" % "\n".join(
         "check_trivial %d" % i for i in range(load_rate // 10))
     d = Hadaemon(os.path.join(tmp, name), """\
@@ -739,8 +739,13 @@ def section_versus(tmp, quick, workers, launcher=()):
         return None
     rounds = 1 if quick else 3
     window, warmup = (2.0, 0.5) if quick else (10.0, 1.0)
+    script = write_script(os.path.join(tmp, "vs-floor", "check_trivial"), TRIVIAL_CHECK)
     out = []
     for i in range(rounds):
+        # The floor of this round: the bare spawn paced at 500/s for as long as a side's
+        # window, just before the sides run (one 2 s floor for the whole run moved the
+        # ratio by 10 % from run to run).
+        floor = bench_spawn_paced(script, 500, window)["cpu_ms"]
         for side, program in (("before", BEFORE), ("after", HADAEMON)):
             rate = rate_run(tmp, 500, 100, workers, warmup, window, launcher, program,
                             "vs-%s-rate-%d" % (side, i))
@@ -750,7 +755,7 @@ def section_versus(tmp, quick, workers, launcher=()):
             except RuntimeError as exc:         # a machine too busy: the CPU figures stand
                 react = {"error": str(exc)}
             out.append({"side": side, "program": program, "round": i + 1, "rate": rate,
-                        "reaction": react, "loadavg": loadavg()})
+                        "reaction": react, "loadavg": loadavg(), "floor_ms": floor})
     return out
 
 
@@ -1581,11 +1586,15 @@ def render(result):
                 react = {"result_to_action": none, "result_to_spawn": none}
             add("   %s" % "".join(fmt(v, 9) for v in (
                 r["round"], r["side"], rate["cpu_per_check_ms"], split["master"], split["workers"],
-                split["checks"], ratio(rate["cpu_per_check_ms"], paced.get(500)), rate["lag_p99_ms"],
+                split["checks"], ratio(rate["cpu_per_check_ms"], r.get("floor_ms") or paced.get(500)),
+                rate["lag_p99_ms"],
                 react["result_to_action"]["p50_ms"], react["result_to_action"]["p99_ms"],
                 react["result_to_spawn"]["p99_ms"], r["loadavg"][0])))
-        add("   (CPU in ms per check; x paced: against the bare spawn paced at 500/s (section 1);"
-            " r->act: result at the master -> the action's clock, r->spn: -> its command about to"
+        floors = {r["round"]: r.get("floor_ms") for r in result["versus"]}
+        add("   (CPU in ms per check; x paced: against the bare spawn paced at 500/s in the same round"
+            " (%s ms; section 1's when none);" % ", ".join(
+                "%.3f" % floors[k] if floors[k] else "-" for k in sorted(floors)))
+        add("   r->act: result at the master -> the action's clock, r->spn: -> its command about to"
             " spawn, ms, with 500 checks/s beside; load: the load average after the round)")
         load("versus")
     idle = result.get("idle")
