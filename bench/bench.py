@@ -4,8 +4,10 @@
 One run measures, on this machine and under its current load:
 
 1. limit       the floor: wall and CPU of a bare posix_spawn + waitpid of the trivial
-               check (``#!/bin/sh`` printing ``state=up``), and the round trip of a
-               small JSON message over an AF_UNIX socket to another process.
+               check (``#!/bin/sh`` printing ``state=up``), the round trip of a
+               small JSON message over an AF_UNIX socket to another process, and
+               the shape's floor: a bare master and worker trading a JSON job and
+               result per check at 500/s, nothing else.
 2. overhead    hadaemon running trivial checks at a high rate (the 500/s run of 3):
                CPU of master + workers + check processes per check execution, as a
                ratio to the bare spawn.
@@ -60,6 +62,7 @@ import os
 import platform
 import random
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -430,6 +433,94 @@ def bench_spawn_paced(script, rate, seconds):
     return {"rate": rate, "n": n, "cpu_ms": ms((parent + child) / n)}
 
 
+def _shape_worker(sock, script):
+    """bench_shape_floor's worker: a job line in, its check run, a result line out."""
+    env0, buf = dict(os.environ), b""
+    while True:
+        while b"\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                return
+            buf += data
+        line, buf = buf.split(b"\n", 1)
+        job = json.loads(line)
+        env = dict(env0)
+        env.update(job["env"])
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        started = time.time()
+        pid = os.posix_spawn(script, [script], env, file_actions=actions, setsid=True)
+        os.close(out_w)
+        os.close(err_w)
+        _, status = os.waitpid(pid, 0)
+        out = os.read(out_r, 65536)
+        os.read(err_r, 65536)
+        os.close(out_r)
+        os.close(err_r)
+        key, _, value = out.decode().strip().partition("=")
+        reply = {"t": "result", "job": job["id"], "key": job["key"], "data": {key: value},
+                 "exit": os.WEXITSTATUS(status), "started": started, "duration": time.time() - started}
+        sock.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+
+
+def bench_shape_floor(script, rate, seconds):
+    """The least hadaemon's shape can cost: a master that sends a job (a JSON line) over
+    AF_UNIX at ``rate`` per second to a forked worker, which runs the check in a session
+    of its own with its output piped, waits, and sends the result back (a JSON line) --
+    and nothing else: no scheduler, no ledger, no timeout.  CPU per check of each."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            a.close()
+            _shape_worker(b, script)
+        except BaseException:           # noqa: B036 - the child must reach os._exit
+            code = 1
+        finally:
+            os._exit(code)              # this must never return
+    b.close()
+    job = {"t": "job", "id": 0, "key": "local|check_trivial|check_trivial 17", "timeout": 5.0,
+           "env": {"HA_CHECK": "check_trivial 17", "HA_SCOPE": "local", "HA_STATE": "up",
+                   "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/etc/hadaemon/var"},
+           "argv": [script]}
+    n = max(1, int(rate * seconds))
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    buf, got = b"", 0
+
+    def receive(timeout):
+        nonlocal buf, got
+        if ep.poll(timeout):
+            buf += a.recv(65536)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                json.loads(line)
+                got += 1
+    worker0, self0 = proc_cpu(pid), rusage_cpu(resource.RUSAGE_SELF)
+    start = time.monotonic()
+    for i in range(n):
+        due = start + i / float(rate)
+        while True:
+            wait = due - time.monotonic()
+            receive(max(0.0, wait))
+            if wait <= 0:
+                break
+        job["id"] = i
+        a.sendall(json.dumps(job, separators=(",", ":")).encode() + b"\n")
+    while got < n:
+        receive(5.0)
+    master = rusage_cpu(resource.RUSAGE_SELF) - self0
+    worker, checks = proc_cpu(pid) - worker0, proc_times(pid)[1]
+    a.close()
+    os.waitpid(pid, 0)
+    ep.close()
+    return {"rate": rate, "n": n, "master_ms": ms(master / n), "worker_ms": ms(worker / n),
+            "check_ms": ms(checks / n), "cpu_ms": ms((master + worker + checks) / n)}
+
+
 def _echo_server(sock):
     buf = b""
     while True:
@@ -518,6 +609,7 @@ def section_limit(tmp, quick):
             "spawn_paced": [bench_spawn_paced(script, rate, 1.0 if quick else 2.0) for rate in RATES[quick]],
             "spawn_pipe": bench_spawn(script, n, True),
             "json_rtt": bench_json_rtt(n * 2),
+            "shape_floor": bench_shape_floor(script, 500, 1.0 if quick else 4.0),
             "action_start": bench_action_start(os.path.join(tmp, "limit"), 20 if quick else 100),
             "rss_mb": interpreter_rss()}
 
@@ -681,7 +773,7 @@ def summarize(values):
 def section_reaction(tmp, quick, workers, launcher=(), program=None, load_rate=0, name="reaction"):
     """``load_rate``: trivial checks at that many a second beside the flag check (every
     100 ms, so load_rate / 10 of them), for the reaction of a daemon with work to do."""
-    n = 15 if quick else 60
+    n = 15 if quick else 200      # a p99 of 60 would be their maximum: 200 give one
     load = "" if not load_rate else "\n[local]\ninterval = 100ms\n%s\n" % "\n".join(
         "check_trivial %d" % i for i in range(load_rate // 10))
     d = Hadaemon(os.path.join(tmp, name), """\
@@ -739,8 +831,13 @@ def section_versus(tmp, quick, workers, launcher=()):
         return None
     rounds = 1 if quick else 3
     window, warmup = (2.0, 0.5) if quick else (10.0, 1.0)
+    script = write_script(os.path.join(tmp, "vs-floor", "check_trivial"), TRIVIAL_CHECK)
     out = []
     for i in range(rounds):
+        # The floor of this round: the bare spawn paced at 500/s for as long as a side's
+        # window, just before the sides run (one 2 s floor for the whole run moved the
+        # ratio by 10 % from run to run).
+        floor = bench_spawn_paced(script, 500, window)["cpu_ms"]
         for side, program in (("before", BEFORE), ("after", HADAEMON)):
             rate = rate_run(tmp, 500, 100, workers, warmup, window, launcher, program,
                             "vs-%s-rate-%d" % (side, i))
@@ -750,7 +847,7 @@ def section_versus(tmp, quick, workers, launcher=()):
             except RuntimeError as exc:         # a machine too busy: the CPU figures stand
                 react = {"error": str(exc)}
             out.append({"side": side, "program": program, "round": i + 1, "rate": rate,
-                        "reaction": react, "loadavg": loadavg()})
+                        "reaction": react, "loadavg": loadavg(), "floor_ms": floor})
     return out
 
 
@@ -1523,6 +1620,12 @@ def render(result):
             fmt(limit["json_rtt"]["wall_us"]), fmt(limit["json_rtt"]["cpu_us"]), limit["json_rtt"]["bytes"]))
         add("   same, paced at N/s (CPU only)     %s" % ", ".join(
             "%d/s %.3f ms" % (p["rate"], p["cpu_ms"]) for p in limit["spawn_paced"]))
+        f = limit.get("shape_floor")
+        if f:
+            add("   the shape's floor at %d/s: master %s + worker %s + check %s = %s ms CPU per check"
+                " (a bare master and worker, JSON over AF_UNIX, nothing else)" % (
+                    f["rate"], fmt(f["master_ms"], 0), fmt(f["worker_ms"], 0), fmt(f["check_ms"], 0),
+                    fmt(f["cpu_ms"], 0)))
         a = limit["action_start"]
         add("   spawn -> the bash action's clock  %s ms p50, %s ms p99" % (fmt(a["p50_ms"]), fmt(a["p99_ms"])))
         r = limit["rss_mb"]
@@ -1581,11 +1684,15 @@ def render(result):
                 react = {"result_to_action": none, "result_to_spawn": none}
             add("   %s" % "".join(fmt(v, 9) for v in (
                 r["round"], r["side"], rate["cpu_per_check_ms"], split["master"], split["workers"],
-                split["checks"], ratio(rate["cpu_per_check_ms"], paced.get(500)), rate["lag_p99_ms"],
+                split["checks"], ratio(rate["cpu_per_check_ms"], r.get("floor_ms") or paced.get(500)),
+                rate["lag_p99_ms"],
                 react["result_to_action"]["p50_ms"], react["result_to_action"]["p99_ms"],
                 react["result_to_spawn"]["p99_ms"], r["loadavg"][0])))
-        add("   (CPU in ms per check; x paced: against the bare spawn paced at 500/s (section 1);"
-            " r->act: result at the master -> the action's clock, r->spn: -> its command about to"
+        floors = {r["round"]: r.get("floor_ms") for r in result["versus"]}
+        add("   (CPU in ms per check; x paced: against the bare spawn paced at 500/s in the same round"
+            " (%s ms; section 1's when none);" % ", ".join(
+                "%.3f" % floors[k] if floors[k] else "-" for k in sorted(floors)))
+        add("   r->act: result at the master -> the action's clock, r->spn: -> its command about to"
             " spawn, ms, with 500 checks/s beside; load: the load average after the round)")
         load("versus")
     idle = result.get("idle")

@@ -170,15 +170,18 @@ class Pool:
         if self.stopping:
             return
         # One look at the children (every pass of the loop comes here): by state.
-        live, starting, idle, busy, spare = [], [], [], [], None
+        live, starting, idle, busy, spare, running = [], [], [], [], None, False
         for child in self.children.values():
             if child.kind == "worker":
                 if child.state != "exiting":
                     live.append(child)
                     (starting if child.state == "starting" else idle if child.state == "idle"
                      else busy).append(child)
-            elif child.kind == "action" and child.run_id is None:
-                spare = child
+            elif child.kind == "action":
+                if child.run_id is None:
+                    spare = child
+                else:
+                    running = True
         missing = config.daemon.workers - len(live)
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
@@ -205,8 +208,11 @@ class Pool:
                 log.error("worker %d: no result of check %s %s after its timeout; killing it",
                           child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
                 self.retire(child, signal.SIGKILL)
-        if now >= self.runner_after and spare is None:
+        if now >= self.runner_after and spare is None and not running:
             # One action run forked and waiting, so a sequence starts without a fork.
+            # Not while a sequence runs: the next cannot start before it ends, and a
+            # fork (a copy of the master's page tables, a millisecond of CPU) as its
+            # commands start would take the CPU they need.
             if self.fork("action", action_main, self.sock_path, config.config_dir) is None:
                 self.runner_after = now + 1.0
         if ssh:
