@@ -319,6 +319,15 @@ class ClusterStack(st.Stack):
         wait_for(lambda: len(self.writers.acked_by("db1")) >= 100, timeout=30,
                  what="100 rows acknowledged through pgbouncer (writer errors: %s)"
                  % [e for e in self.writers.events() if e[0] == "err"][-5:])
+        # Whoever leads next finds its ssh connections open (checks/keep_ssh_open).
+        wait_for(lambda: all(self.ssh_kept(n) == "db1 open, db2 open" for n in MEMBERS), timeout=30,
+                 what="every member's ssh connections kept open (%s)" % {n: self.ssh_kept(n) for n in MEMBERS})
+
+    def ssh_kept(self, node):
+        """What ``node``'s keep_ssh_open said last (None before it ran)."""
+        checks = self.members[node].ask("status", timeout=5)["checks"]
+        last = next(c["last"] for c in checks if c["name"].startswith("keep_ssh_open"))
+        return last and last.get("message")
 
     # -- faults and heals -------------------------------------------------------------
 
