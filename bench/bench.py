@@ -433,6 +433,31 @@ def bench_spawn_paced(script, rate, seconds):
     return {"rate": rate, "n": n, "cpu_ms": ms((parent + child) / n)}
 
 
+def fork_peer(target, *args):
+    """A forked child running ``target(its end of a socket pair, *args)``: (our end, its pid)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            a.close()
+            target(b, *args)
+        except BaseException:           # noqa: B036 - the child must reach os._exit
+            code = 1
+        finally:
+            os._exit(code)              # this must never return
+    b.close()
+    return a, pid
+
+
+def job_message(argv):
+    """A job message the size of hadaemon's for the trivial check."""
+    return {"t": "job", "id": 0, "key": "local|check_trivial|check_trivial 17", "timeout": 5.0,
+            "env": {"HA_CHECK": "check_trivial 17", "HA_SCOPE": "local", "HA_STATE": "up",
+                    "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/etc/hadaemon/var"},
+            "argv": argv}
+
+
 def _shape_worker(sock, script):
     """bench_shape_floor's worker: a job line in, its check run, a result line out."""
     env0, buf = dict(os.environ), b""
@@ -470,22 +495,8 @@ def bench_shape_floor(script, rate, seconds):
     AF_UNIX at ``rate`` per second to a forked worker, which runs the check in a session
     of its own with its output piped, waits, and sends the result back (a JSON line) --
     and nothing else: no scheduler, no ledger, no timeout.  CPU per check of each."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            a.close()
-            _shape_worker(b, script)
-        except BaseException:           # noqa: B036 - the child must reach os._exit
-            code = 1
-        finally:
-            os._exit(code)              # this must never return
-    b.close()
-    job = {"t": "job", "id": 0, "key": "local|check_trivial|check_trivial 17", "timeout": 5.0,
-           "env": {"HA_CHECK": "check_trivial 17", "HA_SCOPE": "local", "HA_STATE": "up",
-                   "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/etc/hadaemon/var"},
-           "argv": [script]}
+    a, pid = fork_peer(_shape_worker, script)
+    job = job_message([script])
     n = max(1, int(rate * seconds))
     ep = select.epoll()
     ep.register(a.fileno(), select.EPOLLIN)
@@ -539,22 +550,8 @@ def _echo_server(sock):
 
 def bench_json_rtt(n):
     """Round trips of a job-sized JSON message to another process and back."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            a.close()
-            _echo_server(b)
-        except BaseException:           # noqa: B036 - the child must reach os._exit
-            code = 1
-        finally:
-            os._exit(code)              # this must never return
-    b.close()
-    job = {"t": "job", "id": 0, "key": "local|check_trivial|check_trivial 17", "timeout": 5.0,
-           "env": {"HA_CHECK": "check_trivial 17", "HA_SCOPE": "local", "HA_STATE": "up",
-                   "HA_CONFIG_DIR": "/etc/hadaemon", "HA_STATE_DIR": "/etc/hadaemon/var"},
-           "argv": ["/etc/hadaemon/checks/check_trivial", "17"]}
+    a, pid = fork_peer(_echo_server)
+    job = job_message(["/etc/hadaemon/checks/check_trivial", "17"])
     self0 = rusage_cpu(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     buf = b""
