@@ -505,7 +505,10 @@ def bench_shape_floor(script, rate, seconds):
     def receive(timeout):
         nonlocal buf, got
         if ep.poll(timeout):
-            buf += a.recv(65536)
+            data = a.recv(65536)
+            if not data:
+                raise RuntimeError("the shape's worker ended before its %d checks" % n)
+            buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 json.loads(line)
