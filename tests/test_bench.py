@@ -16,7 +16,8 @@ import bench  # noqa: E402  (the benchmark module, for its /proc helpers)
 
 SECTIONS = {
     "limit": ["spawn.cpu_ms", "spawn.wall_ms", "spawn_pipe.cpu_ms", "json_rtt.cpu_us",
-              "json_rtt.wall_us", "action_start.p50_ms", "rss_mb.python3"],
+              "json_rtt.wall_us", "action_start.p50_ms", "rss_mb.python3", "shape_floor.master_ms",
+              "shape_floor.worker_ms", "shape_floor.check_ms", "shape_floor.cpu_ms"],
     "reaction": ["result_to_action.p50_ms", "result_to_action.p99_ms", "result_to_spawn.p50_ms",
                  "check_exit_to_action.p50_ms", "flip_to_action.p50_ms", "transitions"],
     "idle": ["cpu_pct.master", "cpu_pct.workers", "rss_mb.master", "rss_total_mb", "pss_total_mb"],
@@ -83,6 +84,20 @@ def test_bench_quick_writes_every_section(tmp_path):
     for heading in ("1. limit", "2. per-check overhead", "3. throughput", "4. reaction", "5. idle",
                     "6. beside Monit", "7. cluster", "8. http", "9. scale", "load average"):
         assert heading in result.stdout, heading
+
+
+def test_paired_measures_both_copies_in_the_same_window(tmp_path):
+    """bench/paired.py: one line per copy per round, each with its CPU per check."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "paired.py"), str(ROOT / "hadaemon.py"),
+                             str(ROOT / "hadaemon.py"), "--rounds", "1", "--window", "1", "--rate", "100"],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rounds = [line.split() for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2, result.stdout
+    for words in rounds:
+        figures = dict(zip(words[3::2], words[4::2]))
+        assert set(figures) == {"master", "workers", "check", "master+workers"}, words
+        assert all(float(v) > 0 for v in figures.values()), words
 
 
 def test_reload_spreads_checks_whose_interval_changed(daemon):
