@@ -324,6 +324,16 @@ class ClusterWorld(World):
         """One pass of the acting leader's start of the next run."""
         self.runs.start_next(config or self.config)
 
+    def handed(self, host, state):
+        """``host`` reported in ``state``, agreed, its run written to etcd and handed to its
+        action run (the pool's child): that run."""
+        self.report(host, state)
+        self.agree()
+        self.start()
+        self.written(self.txns()[-1]["id"])
+        self.start()
+        return self.ledger.runs[1]
+
     def mirror(self, key, value, mod=10):
         self.member.mirror[key] = {"value": value, "lease": 0, "create": mod, "mod": mod}
 
@@ -414,12 +424,7 @@ def test_cluster_a_command_ended_by_a_step_down_is_interrupted_not_failed(tmp_pa
     # The step-down's SIGTERM ends the command (exit 143) and the action run says
     # "failed"; the ledger (and its log line) say interrupted, as the next leader would.
     w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/sleep 9\n", epoch=5)
-    w.report("db2", "master")
-    w.agree()
-    w.start()
-    w.written(w.txns()[-1]["id"])
-    w.start()
-    run = w.ledger.runs[1]
+    run = w.handed("db2", "master")
     w.member.step_down("its lease could not be renewed in time", 100.0)
     with caplog.at_level("INFO", logger="hadaemon"):
         w.runs.event(w.pool.child, {"t": "done", "run": 1, "result": "failed",
@@ -432,11 +437,7 @@ def test_cluster_a_command_ended_by_a_step_down_is_interrupted_not_failed(tmp_pa
     # Not stepping down, a failed command is a failed run.
     (tmp_path / "w2").mkdir()
     w2 = ClusterWorld(tmp_path / "w2", "[any_to_master]\n/bin/false\n", epoch=5)
-    w2.report("db2", "master")
-    w2.agree()
-    w2.start()
-    w2.written(w2.txns()[-1]["id"])
-    w2.start()
+    w2.handed("db2", "master")
     w2.runs.event(w2.pool.child, {"t": "done", "run": 1, "result": "failed", "reason": "exit 1"})
     assert (w2.ledger.runs[1].state, w2.ledger.runs[1].reason) == ("failed", "exit 1")
 
@@ -446,12 +447,7 @@ def test_cluster_an_action_runs_end_after_its_run_was_interrupted_is_no_crash(tm
     # (take_over) before the SIGTERM'd action run says "done": that late word is logged,
     # the run stays interrupted, and the master goes on.
     w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/sleep 9\n", epoch=5)
-    w.report("db2", "master")
-    w.agree()
-    w.start()
-    w.written(w.txns()[-1]["id"])
-    w.start()
-    run = w.ledger.runs[1]
+    run = w.handed("db2", "master")
     w.ledger.interrupt_running(lambda r: "its leader lost the lead while it ran", 100.0)
     assert run.state == "interrupted"
     w.runs.event(w.pool.child, {"t": "done", "run": 1, "result": "interrupted", "reason": "SIGTERM"})
@@ -523,12 +519,7 @@ def test_cluster_a_section_is_found_by_name_at_start_as_a_rerun_finds_it(tmp_pat
     # B4: the start demanded that the run's section also win by precedence in this
     # member's config, so a rerun of a section a more specific one now overrides failed.
     w = ClusterWorld(tmp_path, "[any_to_master]\n/bin/echo general %HOST%\n", epoch=5)
-    w.report("db2", "master")
-    w.agree()
-    w.start()
-    w.written(w.txns()[-1]["id"])
-    w.start()                                               # handed to its action run
-    run = w.ledger.runs[1]
+    run = w.handed("db2", "master")
     w.ledger.finish(run, "failed", "it failed", T0 + 1)
     w.pool.child = None                                     # which exits
     (w.root / "actions.conf").write_text("[any_to_master]\n/bin/echo general %HOST%\n"
