@@ -139,6 +139,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import gc
 import heapq
 import ipaddress
@@ -5446,6 +5447,7 @@ class Conn:
         self.pid, self.uid = pid, uid
         self.reader = LineReader()
         self.out = bytearray()
+        self.writing = False            # registered for EVENT_WRITE too (its out waits)
         self.role = None
         self.child = None
         self.opened = time.monotonic()
@@ -5512,7 +5514,7 @@ class ControlServer:
             sock.setblocking(False)
             conn = Conn(sock, pid, uid)
             self.conns[sock.fileno()] = conn
-            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+            self.sel.register(sock, selectors.EVENT_READ, functools.partial(self.on_io, conn))
 
     def on_io(self, conn, mask):
         if mask & selectors.EVENT_WRITE:
@@ -5621,8 +5623,10 @@ class ControlServer:
         except OSError:
             self.close(conn)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-        self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+        if conn.writing != bool(conn.out):    # the usual send changes nothing: no selector call
+            conn.writing = bool(conn.out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
 
     def close(self, conn):
         fd = conn.sock.fileno()

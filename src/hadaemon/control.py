@@ -11,6 +11,7 @@ Uses: base, wire, proc.
 
 import collections
 import errno
+import functools
 import os
 import selectors
 import socket
@@ -29,6 +30,7 @@ class Conn:
         self.pid, self.uid = pid, uid
         self.reader = LineReader()
         self.out = bytearray()
+        self.writing = False            # registered for EVENT_WRITE too (its out waits)
         self.role = None
         self.child = None
         self.opened = time.monotonic()
@@ -95,7 +97,7 @@ class ControlServer:
             sock.setblocking(False)
             conn = Conn(sock, pid, uid)
             self.conns[sock.fileno()] = conn
-            self.sel.register(sock, selectors.EVENT_READ, lambda m, c=conn: self.on_io(c, m))
+            self.sel.register(sock, selectors.EVENT_READ, functools.partial(self.on_io, conn))
 
     def on_io(self, conn, mask):
         if mask & selectors.EVENT_WRITE:
@@ -204,8 +206,10 @@ class ControlServer:
         except OSError:
             self.close(conn)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-        self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+        if conn.writing != bool(conn.out):    # the usual send changes nothing: no selector call
+            conn.writing = bool(conn.out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
 
     def close(self, conn):
         fd = conn.sock.fileno()
