@@ -1786,7 +1786,8 @@ def reports_from_result(data, exit_code, default_host):
 @dataclasses.dataclass
 class Job:
     """One check handed to a worker.  ``sent`` / ``sent_wall`` are the master's own
-    (when it was handed: the hang deadline, the lost result's start) and never sent."""
+    (when it was handed: the hang deadline, the lost result's start) and never sent;
+    ``line`` too (its message encoded, see to_line)."""
     id: int
     key: str                            # the check's key
     argv: list                          # what runs (ssh: the ssh command)
@@ -1796,6 +1797,7 @@ class Job:
     ssh: bool = False
     sent: typing.Optional[float] = None         # monotonic
     sent_wall: typing.Optional[float] = None    # wall clock
+    line: typing.Optional[bytes] = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self):
         """The ``job`` message a worker reads."""
@@ -1804,6 +1806,13 @@ class Job:
         if self.ssh:
             msg["stdin"], msg["ssh"] = self.stdin, True
         return msg
+
+    def to_line(self):
+        """The ``job`` message as the line sent, ``encode_message(to_wire())``: ``line``
+        when the Scheduler made it already (from the part it keeps per check)."""
+        if self.line is None:
+            self.line = encode_message(self.to_wire())
+        return self.line
 
     @classmethod
     def from_wire(cls, msg):
@@ -4816,6 +4825,8 @@ class CheckRuntime:
     hosts: tuple = ()                   # the hosts its last own report was about
     rechecking: bool = False            # a candidate it reported is pending: recheck, not schedule
     recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
+    job_tail: typing.Optional[tuple] = None     # (HA_STATE, config dir, state dir, its job's
+                                                # line after the id): Scheduler._job_line
 
 
 def percentile(ordered, q):
@@ -4929,7 +4940,7 @@ class Scheduler:
         old, runtimes, kept, fresh, cron, since = plan
         since[0] = time.monotonic() if now is None else now
         for rt, check in kept:
-            rt.check = check
+            rt.check, rt.job_tail = check, None     # its job's line is made anew
         for rt in cron:
             self._push(rt)
         if fresh:
@@ -5040,7 +5051,23 @@ class Scheduler:
         if check.group.scope.kind == "ssh":
             argv, stdin = ssh_command(check, env, state_dir)
             return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
-        return Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+        job.line = self._job_line(rt, job, config_dir, state_dir)
+        return job
+
+    @staticmethod
+    def _job_line(rt, job, config_dir, state_dir):
+        """``job``'s line (Job.to_line) from the part after its id kept per check: its
+        message is encoded again only when HA_STATE or the directories changed (a reload
+        of the check forgets it, in swap())."""
+        head = b'{"t":"job","id":%d' % job.id
+        kept, state = rt.job_tail, job.env["HA_STATE"]
+        if kept is not None and kept[0] == state and kept[1] == config_dir and kept[2] == state_dir:
+            return head + kept[3]
+        line = job.to_line()
+        rt.job_tail = (state, config_dir, state_dir, line[len(head):]) \
+            if line.startswith(head + b",") else None
+        return line
 
     def finished(self, key, result):
         """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
@@ -5254,11 +5281,11 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its Job; returns the message to send it."""
+        """Give an idle worker its Job; returns the message to send it, encoded."""
         job.sent, job.sent_wall = now, time.time()
         child.job = job
         self.set_worker_state(child, "busy")
-        return job.to_wire()
+        return job.to_line()
 
     def job_done(self, child, msg):
         """A worker's result message: the Job it answers (the worker is idle again)."""
@@ -5608,9 +5635,10 @@ class ControlServer:
         return any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
 
     def send(self, conn, obj):
+        """Send ``obj``, a message (a dict) or its line already encoded (bytes)."""
         if conn is None or conn.sock.fileno() < 0:
             return
-        conn.out += encode_message(obj)
+        conn.out += obj if isinstance(obj, bytes) else encode_message(obj)
         self.flush(conn)
 
     def flush(self, conn):

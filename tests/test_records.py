@@ -16,8 +16,10 @@ import hadaemon.config
 import hadaemon.cluster_member
 import hadaemon.pool
 import hadaemon.records
+import hadaemon.scheduler
 import hadaemon.store
 import hadaemon.wire
+from hadaemon.base import run_steps
 from hadaemon.records import CheckResult, ClusterStatus, DaemonBlock, Job, StatusDoc
 
 enc = hadaemon.wire.encode_message
@@ -63,9 +65,51 @@ def test_pool_hands_the_job_and_keeps_its_times(tmp_path):
     pool = hadaemon.pool.Pool(str(tmp_path / "sock"), str(tmp_path))
     child = hadaemon.pool.Child(4242, "worker", "idle", 0.0)
     job = Job(3, "k", ["/bin/true"], ENV, 10.0)
-    assert pool.hand(child, job, 55.0) == job.to_wire()
+    assert pool.hand(child, job, 55.0) == enc(job.to_wire())
     assert child.job is job and job.sent == 55.0 and job.sent_wall is not None
     assert child.state == "busy"
+
+
+def _check(name, host="db1", group_host="db1"):
+    group = hadaemon.config.Group(hadaemon.config.Scope("local"), "checks.conf:1", 1.0, None, 5.0, 1, group_host)
+    return hadaemon.config.Check("local|%s|%s" % (host, name), name, ("/bin/check", "é", name), host, group,
+                                 "checks.conf:2")
+
+
+def test_the_schedulers_job_line_is_the_message_encoded():
+    # The part after the id is kept per check: the line must stay what to_wire()
+    # encodes whatever changed between runs (HA_STATE, the dirs, a reload).
+    checks = [_check("check_role db1"), _check("ünïcode \u2028 \\ \"q\"", "db2", "db2"),
+              _check("no HA_HOST", "db3", None)]
+    scheduler = hadaemon.scheduler.Scheduler()
+    scheduler.configure(checks, 100.0)
+    states = {"db1": "master", "db2": "standby"}
+    sent = []
+
+    def run_all(config_dir="/conf", state_dir="/state"):
+        for rt in scheduler.runtimes.values():
+            scheduler._queue(rt, 1000.0)
+        while scheduler.ready:
+            job = scheduler.take(1000.0, lambda host: states.get(host, "unknown"), config_dir, state_dir)
+            assert job.line is not None and job.to_line() == job.line == enc(job.to_wire())
+            sent.append(job)
+            scheduler.finished(job.key, CheckResult(job.id, job.key, {}, False, 0, None, 1.0, 0.1, None))
+
+    run_all()
+    kept = [rt.job_tail for rt in scheduler.runtimes.values()]
+    assert all(kept)
+    run_all()                                           # made from what was kept
+    assert [rt.job_tail for rt in scheduler.runtimes.values()] == kept
+    states["db1"] = "standby"                           # HA_STATE changed
+    run_all()
+    run_all(config_dir="/other")
+    run_all(state_dir="/other")
+    run_all()
+    changed = hadaemon.config.Check(**dict(checks[0].__dict__, argv=("/bin/other",)))
+    scheduler.swap(run_steps(scheduler.plan_steps([changed] + checks[1:])), 200.0)    # a reload
+    run_all()
+    assert sent[-3].argv == ["/bin/other"] and b'"argv":["/bin/other"]' in sent[-3].line
+    assert len({job.id for job in sent}) == len(sent) == 21
 
 
 # -- CheckResult -------------------------------------------------------------------------

@@ -191,9 +191,10 @@ class ControlServer:
         return any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
 
     def send(self, conn, obj):
+        """Send ``obj``, a message (a dict) or its line already encoded (bytes)."""
         if conn is None or conn.sock.fileno() < 0:
             return
-        conn.out += encode_message(obj)
+        conn.out += obj if isinstance(obj, bytes) else encode_message(obj)
         self.flush(conn)
 
     def flush(self, conn):

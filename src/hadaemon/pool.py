@@ -141,11 +141,11 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its Job; returns the message to send it."""
+        """Give an idle worker its Job; returns the message to send it, encoded."""
         job.sent, job.sent_wall = now, time.time()
         child.job = job
         self.set_worker_state(child, "busy")
-        return job.to_wire()
+        return job.to_line()
 
     def job_done(self, child, msg):
         """A worker's result message: the Job it answers (the worker is idle again)."""

@@ -37,7 +37,8 @@ from .wire import _shorten, encode_message, json_pieces
 @dataclasses.dataclass
 class Job:
     """One check handed to a worker.  ``sent`` / ``sent_wall`` are the master's own
-    (when it was handed: the hang deadline, the lost result's start) and never sent."""
+    (when it was handed: the hang deadline, the lost result's start) and never sent;
+    ``line`` too (its message encoded, see to_line)."""
     id: int
     key: str                            # the check's key
     argv: list                          # what runs (ssh: the ssh command)
@@ -47,6 +48,7 @@ class Job:
     ssh: bool = False
     sent: typing.Optional[float] = None         # monotonic
     sent_wall: typing.Optional[float] = None    # wall clock
+    line: typing.Optional[bytes] = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self):
         """The ``job`` message a worker reads."""
@@ -55,6 +57,13 @@ class Job:
         if self.ssh:
             msg["stdin"], msg["ssh"] = self.stdin, True
         return msg
+
+    def to_line(self):
+        """The ``job`` message as the line sent, ``encode_message(to_wire())``: ``line``
+        when the Scheduler made it already (from the part it keeps per check)."""
+        if self.line is None:
+            self.line = encode_message(self.to_wire())
+        return self.line
 
     @classmethod
     def from_wire(cls, msg):

@@ -49,6 +49,8 @@ class CheckRuntime:
     hosts: tuple = ()                   # the hosts its last own report was about
     rechecking: bool = False            # a candidate it reported is pending: recheck, not schedule
     recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
+    job_tail: typing.Optional[tuple] = None     # (HA_STATE, config dir, state dir, its job's
+                                                # line after the id): Scheduler._job_line
 
 
 def percentile(ordered, q):
@@ -162,7 +164,7 @@ class Scheduler:
         old, runtimes, kept, fresh, cron, since = plan
         since[0] = time.monotonic() if now is None else now
         for rt, check in kept:
-            rt.check = check
+            rt.check, rt.job_tail = check, None     # its job's line is made anew
         for rt in cron:
             self._push(rt)
         if fresh:
@@ -273,7 +275,23 @@ class Scheduler:
         if check.group.scope.kind == "ssh":
             argv, stdin = ssh_command(check, env, state_dir)
             return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
-        return Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+        job.line = self._job_line(rt, job, config_dir, state_dir)
+        return job
+
+    @staticmethod
+    def _job_line(rt, job, config_dir, state_dir):
+        """``job``'s line (Job.to_line) from the part after its id kept per check: its
+        message is encoded again only when HA_STATE or the directories changed (a reload
+        of the check forgets it, in swap())."""
+        head = b'{"t":"job","id":%d' % job.id
+        kept, state = rt.job_tail, job.env["HA_STATE"]
+        if kept is not None and kept[0] == state and kept[1] == config_dir and kept[2] == state_dir:
+            return head + kept[3]
+        line = job.to_line()
+        rt.job_tail = (state, config_dir, state_dir, line[len(head):]) \
+            if line.startswith(head + b",") else None
+        return line
 
     def finished(self, key, result):
         """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
