@@ -9505,13 +9505,14 @@ class Master:
     # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
 
     def dispatch(self, now):
-        if self.stopping or not self.scheduler.ready:
+        ready = self.scheduler.ready
+        if self.stopping or not ready:
             return
         for child in self.pool.workers("idle"):
             job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
-            if job is None:
-                break
             self.server.send(child.conn, self.pool.hand(child, job, now))
+            if not ready:               # none left: no take() to learn it
+                break
 
     def check_finished(self, job, msg):
         """A worker's result message for its Job."""
