@@ -112,6 +112,39 @@ def test_the_schedulers_job_line_is_the_message_encoded():
     assert len({job.id for job in sent}) == len(sent) == 21
 
 
+def test_a_result_that_says_the_same_again_makes_what_the_whole_way_makes(caplog):
+    # Scheduler.finished takes what a clean run said before when the next says the
+    # same: its reports, last and log must be what deriving it all again gives.
+    up = {"state": "up", "lag": "3", "message": "fine"}
+    runs = [(up, 0, False, None), (up, 0, False, None), (up, 0, False, "a warning\n"), (up, 0, False, None),
+            (up, 1, False, None), (up, 1, False, None), ({"state": "unknown"}, None, True, None), (up, 0, False, None),
+            (up, 0, False, None), (dict(up, host="db9"), 0, False, None), (dict(up, host="db9"), 0, False, None),
+            ({"host": "b a d"}, 0, False, None), ({"host": "b a d"}, 0, False, None),
+            ({"state": "up", "n": 1}, 0, False, None), ({"state": "up", "n": 1.0}, 0, False, None),
+            ({"state": "up", "n": True}, 0, False, None), ({"lag": "3", "state": "up", "message": "fine"}, 0, False, None),
+            ({}, 2, False, None), ({}, 2, False, None), (up, True, False, None), (up, 1, False, None)]
+    made = []
+    for whole_way in (False, True):
+        scheduler = hadaemon.scheduler.Scheduler()
+        scheduler.configure([_check("c")], 100.0)
+        rt = scheduler.runtimes["local|db1|c"]
+        caplog.clear()
+        out = []
+        for i, (data, code, failed, stderr) in enumerate(runs):
+            if whole_way:
+                rt.said = None
+            result = CheckResult.from_wire(json.loads(enc(dict(RESULT, job=i, data=data, exit=code,
+                                                                failed=failed, started=1000.0 + i,
+                                                                duration=0.01 * i, stderr=stderr))))
+            rt_, reports = scheduler.finished("local|db1|c", result)
+            out.append((reports, enc(rt.last), rt.hosts, rt.runs))
+        made.append((out, [(r.levelname, r.getMessage()) for r in caplog.records]))
+    assert made[0] == made[1]
+    assert len([1 for record in made[0][1] if "rejected report" in record[1]]) == 2
+    shortcuts = sum(1 for (a, _, _, _), (b, _, _, _) in zip(made[0][0], made[0][0][1:]) if a is b)
+    assert shortcuts == 8       # runs 2, 3, 4, 6, 9, 11, 19, 21: the same data and exit as a clean run
+
+
 # -- CheckResult -------------------------------------------------------------------------
 
 RESULT = {"t": "result", "job": 3, "key": "k", "data": {"state": "up", "lag": "3"}, "failed": False,

@@ -134,6 +134,17 @@ class CheckResult(typing.NamedTuple):
             last["stderr"] = self.stderr[:500]
         return last
 
+    def same_last(self, last):
+        """to_last's dict for a run whose data and exit are those of the run that made
+        ``last`` (the same reports, message, attributes, none rejected): a copy with
+        this run's time, duration, exit, signal and stderr."""
+        last = dict(last, time=self.started, duration=self.duration, exit=self.exit, signal=self.signal)
+        if self.stderr:
+            last["stderr"] = self.stderr[:500]
+        elif "stderr" in last:
+            del last["stderr"]
+        return last
+
 
 # -- The ledger's history: transitions and action runs ---------------------------------
 #

@@ -51,6 +51,8 @@ class CheckRuntime:
     recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
     job_tail: typing.Optional[tuple] = None     # (HA_STATE, config dir, state dir, its job's
                                                 # line after the id): Scheduler._job_line
+    said: typing.Optional[tuple] = None         # (data items, exit, reports) of its last clean
+                                                # run: Scheduler._derive
 
 
 def percentile(ordered, q):
@@ -164,7 +166,7 @@ class Scheduler:
         old, runtimes, kept, fresh, cron, since = plan
         since[0] = time.monotonic() if now is None else now
         for rt, check in kept:
-            rt.check, rt.job_tail = check, None     # its job's line is made anew
+            rt.check, rt.job_tail, rt.said = check, None, None  # its job's line and last made anew
         for rt in cron:
             self._push(rt)
         if fresh:
@@ -301,6 +303,27 @@ class Scheduler:
             return None                 # removed by a reload while it ran
         rt.busy = False
         rt.runs += 1
+        items, said = tuple(result.data.items()), rt.said
+        if said is not None and said[0] == items and said[1] == result.exit and not result.failed:
+            # The same as its last clean run said: the same reports and text, nothing to log.
+            reports, rt.last = said[2], result.same_last(rt.last)
+        else:
+            reports = self._derive(rt, result, items)
+        self._note_trouble(rt, result.trouble)
+        if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
+            log.debug("check %s: %s; %s in %.3fs", rt.check.name,
+                      ", ".join("%s %s" % pair for pair in reports) or "no valid report",
+                      "killed by %s" % signal_name(result.signal) if isinstance(result.signal, int)
+                      else "exit %s" % result.exit, result.duration or 0)
+        if self.store is not None:
+            self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
+        return rt, reports
+
+    @staticmethod
+    def _derive(rt, result, items):
+        """``rt``'s reports (returned) and last from ``result`` (``items``: its data's),
+        its rejected reports logged.  A clean run of text values is kept as ``rt.said``:
+        a run that says the same again needs none of it (finished)."""
         reports, problems = reports_from_result(result.data, result.exit, rt.check.host)
         if result.failed and rt.hosts:
             # It never said whom it is about this time: its unknown goes to the hosts
@@ -310,16 +333,12 @@ class Scheduler:
             rt.hosts = tuple(host for host, _ in reports)
         for problem in problems:
             log.warning("check %s: %s", rt.check.name, problem)
-        self._note_trouble(rt, result.trouble)
         rt.last = result.to_last(reports, problems)
-        if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
-            log.debug("check %s: %s; %s in %.3fs", rt.check.name,
-                      ", ".join("%s %s" % pair for pair in reports) or "no valid report",
-                      "killed by %s" % signal_name(result.signal) if isinstance(result.signal, int)
-                      else "exit %s" % result.exit, result.duration or 0)
-        if self.store is not None:
-            self.store.soft("check:" + rt.check.key, rt.last)     # a crash may lose it
-        return rt, reports
+        # Only text values: == on them is sameness (1 == 1.0 == True, and nested dicts
+        # equal in another order, would each show differently in its last).
+        clean = not result.failed and not problems and all(type(v) is str for _, v in items)
+        rt.said = (items, result.exit, reports) if clean else None
+        return reports
 
     def recheck(self, rt, pending, now):
         """After ``rt``'s reports went to the ledger: while a candidate one of them made
