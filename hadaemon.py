@@ -5339,20 +5339,30 @@ class Pool:
         """Keep ``workers`` workers and one spare action run; kill the hung; follow the ssh targets."""
         if self.stopping:
             return
-        # One look at the children (every pass of the loop comes here): by state.
-        live, starting, idle, busy, spare, running = [], [], [], [], None, False
+        # One look at the children (every pass of the loop comes here): the workers
+        # counted, the few late to say hello or hung noted, the action runs seen.
+        live, late, hung, spare, running = 0, [], [], None, False
         for child in self.children.values():
             if child.kind == "worker":
-                if child.state != "exiting":
-                    live.append(child)
-                    (starting if child.state == "starting" else idle if child.state == "idle"
-                     else busy).append(child)
+                state = child.state
+                if state == "exiting":
+                    continue
+                live += 1
+                if state == "starting":
+                    if now - child.started > HELLO_WITHIN:
+                        late.append(child)
+                elif state != "idle":
+                    # Workers enforce their checks' timeouts; one silent long past it is
+                    # hung (stopped, stuck), and its check must not freeze its host's state.
+                    job = child.job
+                    if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
+                        hung.append(child)
             elif child.kind == "action":
                 if child.run_id is None:
                     spare = child
                 else:
                     running = True
-        missing = config.daemon.workers - len(live)
+        missing = config.daemon.workers - live
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
                 slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
@@ -5362,22 +5372,18 @@ class Pool:
                     self.spawn_after = now + 1.0
                     break
                 child.slot = slot
-        # A smaller pool (after a reload) shrinks by idle workers only: retiring a
-        # busy one would cut its check short and report it unknown.
-        for child in idle[:max(0, -missing)]:
-            self.retire(child)
-        for child in starting:
-            if now - child.started > HELLO_WITHIN:
-                log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
-                self.retire(child, signal.SIGKILL)
-        for child in busy:
-            # Workers enforce their checks' timeouts; one silent long past it is hung
-            # (stopped, stuck), and its check must not freeze its host's state.
-            job = child.job
-            if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
-                log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                          child.pid, job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
-                self.retire(child, signal.SIGKILL)
+        if missing < 0:
+            # A smaller pool (after a reload) shrinks by idle workers only: retiring a
+            # busy one would cut its check short and report it unknown.
+            for child in self.workers("idle")[:-missing]:
+                self.retire(child)
+        for child in late:
+            log.error("worker %d did not connect within %ds; killing it", child.pid, HELLO_WITHIN)
+            self.retire(child, signal.SIGKILL)
+        for child in hung:
+            log.error("worker %d: no result of check %s %s after its timeout; killing it",
+                      child.pid, child.job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+            self.retire(child, signal.SIGKILL)
         if now >= self.runner_after and spare is None and not running:
             # One action run forked and waiting, so a sequence starts without a fork.
             # Not while a sequence runs: the next cannot start before it ends, and a
@@ -5395,7 +5401,7 @@ class Pool:
 
     def enforce_kills(self, now):
         """A child past its deadline gets SIGTERM, then SIGKILL on a later pass."""
-        for child in list(self.children.values()):
+        for child in self.children.values():      # signal() changes no one's membership
             if child.kill_at is not None and now >= child.kill_at:
                 sig = signal.SIGKILL if child.signalled else signal.SIGTERM
                 log.warning("%s %d did not exit in time; sending %s", child.kind, child.pid,

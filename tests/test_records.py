@@ -145,6 +145,29 @@ def test_a_result_that_says_the_same_again_makes_what_the_whole_way_makes(caplog
     assert shortcuts == 8       # runs 2, 3, 4, 6, 9, 11, 19, 21: the same data and exit as a clean run
 
 
+def test_pool_manage_retires_the_extra_idle_the_late_and_the_hung(tmp_path, monkeypatch):
+    # Its one look at the children each pass: who is counted, who is killed.
+    signalled = []
+    monkeypatch.setattr(hadaemon.pool.Child, "signal", lambda child, sig, deadline: signalled.append((child.pid, sig)))
+    pool = hadaemon.pool.Pool(str(tmp_path / "sock"), str(tmp_path))
+    pool.spawn_after = pool.runner_after = float("inf")         # nothing is forked here
+    Child = hadaemon.pool.Child
+    for child in (Child(1, "worker", "idle", 0.0), Child(2, "worker", "starting", 0.0),
+                  Child(3, "worker", "busy", 0.0, job=Job(1, "k", [], ENV, 10.0, sent=40.0)),
+                  Child(4, "worker", "busy", 0.0, job=Job(2, "k", [], ENV, 10.0, sent=80.0)),
+                  Child(5, "worker", "exiting", 0.0), Child(6, "action", "starting", 0.0),
+                  Child(7, "worker", "idle", 0.0), Child(8, "worker", "starting", 95.0)):
+        pool.children[child.pid] = child
+    config = hadaemon.config.Config(str(tmp_path), hadaemon.config.DaemonSettings(workers=5), [], [], {})
+    pool.manage(config, 100.0, ssh=False)           # 6 live workers: 1 idle too many
+    assert signalled == [(1, 15), (2, 9), (3, 9)]
+    assert [pool.children[pid].state for pid in range(1, 9)] == [
+        "exiting", "exiting", "exiting", "busy", "exiting", "starting", "idle", "starting"]
+    del signalled[:]
+    pool.manage(config, 100.0, ssh=False)           # 3 live, none late or hung
+    assert signalled == []
+
+
 # -- CheckResult -------------------------------------------------------------------------
 
 RESULT = {"t": "result", "job": 3, "key": "k", "data": {"state": "up", "lag": "3"}, "failed": False,
