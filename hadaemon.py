@@ -4996,17 +4996,19 @@ class Scheduler:
         heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
 
     def next_due(self):
-        dues = [since[0] + queue[0][0] for since, queue in self.fresh]
-        if self.heap:
-            dues.append(self.heap[0][0])
-        if self.rechecks:
-            dues.append(self.rechecks[0][0])
-        return min(dues) if dues else None
+        due = self.heap[0][0] if self.heap else None
+        if self.rechecks and (due is None or self.rechecks[0][0] < due):
+            due = self.rechecks[0][0]
+        for since, queue in self.fresh:
+            if due is None or since[0] + queue[0][0] < due:
+                due = since[0] + queue[0][0]
+        return due
 
     def fire_due(self, now):
         """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
         skipped; set its next time."""
-        self._push_fresh(now)
+        if self.fresh:
+            self._push_fresh(now)
         until = now + EARLY
         while self.rechecks and self.rechecks[0][0] <= now:
             due, _, key, token = heapq.heappop(self.rechecks)
@@ -5668,7 +5670,7 @@ class ControlServer:
 
     def busy(self):
         """Whether an answer under way can be worked on now (the loop must not sleep)."""
-        return any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
+        return bool(self.answering) and any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
 
     def send(self, conn, obj):
         """Send ``obj``, a message (a dict) or its line already encoded (bytes)."""
@@ -9438,17 +9440,18 @@ class Master:
     def timeout(self, now):
         if self.server.busy() or (self.reloads.busy() and not self.stopping):
             return 0.0                  # work in steps under way: look at the sockets, go on
-        deadlines = [self.next_checkpoint, now + 1.0]
-        due = self.scheduler.next_due()
-        if due is not None and not self.stopping:
-            deadlines.append(due)
-        if self.notifier.watchdog:
-            deadlines.append(self.next_watchdog)
+        wake = min(self.next_checkpoint, now + 1.0)     # the earliest deadline (no list made)
+        due = None if self.stopping else self.scheduler.next_due()
+        if due is not None and due < wake:
+            wake = due
+        if self.notifier.watchdog and self.next_watchdog < wake:
+            wake = self.next_watchdog
         if self.cluster is not None:
-            deadlines.append(self.cluster.next_wake(now))
-        if self.http.wakeup() is not None:
-            deadlines.append(self.http.wakeup())
-        return max(0.0, min(deadlines) - now)
+            wake = min(wake, self.cluster.next_wake(now))
+        http = self.http.wakeup()
+        if http is not None and http < wake:
+            wake = http
+        return max(0.0, wake - now)
 
     def handle_signals(self):
         while self.signals:

@@ -188,7 +188,7 @@ class ControlServer:
 
     def busy(self):
         """Whether an answer under way can be worked on now (the loop must not sleep)."""
-        return any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
+        return bool(self.answering) and any(len(c.out) <= ANSWER_BUFFER for c in self.answering)
 
     def send(self, conn, obj):
         """Send ``obj``, a message (a dict) or its line already encoded (bytes)."""

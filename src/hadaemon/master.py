@@ -222,17 +222,18 @@ class Master:
     def timeout(self, now):
         if self.server.busy() or (self.reloads.busy() and not self.stopping):
             return 0.0                  # work in steps under way: look at the sockets, go on
-        deadlines = [self.next_checkpoint, now + 1.0]
-        due = self.scheduler.next_due()
-        if due is not None and not self.stopping:
-            deadlines.append(due)
-        if self.notifier.watchdog:
-            deadlines.append(self.next_watchdog)
+        wake = min(self.next_checkpoint, now + 1.0)     # the earliest deadline (no list made)
+        due = None if self.stopping else self.scheduler.next_due()
+        if due is not None and due < wake:
+            wake = due
+        if self.notifier.watchdog and self.next_watchdog < wake:
+            wake = self.next_watchdog
         if self.cluster is not None:
-            deadlines.append(self.cluster.next_wake(now))
-        if self.http.wakeup() is not None:
-            deadlines.append(self.http.wakeup())
-        return max(0.0, min(deadlines) - now)
+            wake = min(wake, self.cluster.next_wake(now))
+        http = self.http.wakeup()
+        if http is not None and http < wake:
+            wake = http
+        return max(0.0, wake - now)
 
     def handle_signals(self):
         while self.signals:

@@ -209,17 +209,19 @@ class Scheduler:
         heapq.heappush(self.heap, (rt.next_due, next(self.heap_seq), rt.check.key, rt.token))
 
     def next_due(self):
-        dues = [since[0] + queue[0][0] for since, queue in self.fresh]
-        if self.heap:
-            dues.append(self.heap[0][0])
-        if self.rechecks:
-            dues.append(self.rechecks[0][0])
-        return min(dues) if dues else None
+        due = self.heap[0][0] if self.heap else None
+        if self.rechecks and (due is None or self.rechecks[0][0] < due):
+            due = self.rechecks[0][0]
+        for since, queue in self.fresh:
+            if due is None or since[0] + queue[0][0] < due:
+                due = since[0] + queue[0][0]
+        return due
 
     def fire_due(self, now):
         """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
         skipped; set its next time."""
-        self._push_fresh(now)
+        if self.fresh:
+            self._push_fresh(now)
         until = now + EARLY
         while self.rechecks and self.rechecks[0][0] <= now:
             due, _, key, token = heapq.heappop(self.rechecks)
