@@ -5098,7 +5098,8 @@ class Scheduler:
             reports, rt.last = said[2], result.same_last(rt.last)
         else:
             reports = self._derive(rt, result, items)
-        self._note_trouble(rt, result.trouble)
+        if result.trouble != rt.trouble:
+            self._note_trouble(rt, result.trouble)
         if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
             log.debug("check %s: %s; %s in %.3fs", rt.check.name,
                       ", ".join("%s %s" % pair for pair in reports) or "no valid report",
@@ -9399,7 +9400,8 @@ class Master:
             for key, mask in self.sel.select(self.timeout(now)):
                 key.data(mask)
             now = time.monotonic()
-            self.handle_signals()
+            if self.signals:
+                self.handle_signals()
             self.reap()
             self.pool.enforce_kills(now)
             if self.notifier.watchdog and now >= self.next_watchdog:
@@ -9410,7 +9412,8 @@ class Master:
             self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
-            self.server.answer_some(time.monotonic() + ANSWER_SLICE)
+            if self.server.answering:
+                self.server.answer_some(time.monotonic() + ANSWER_SLICE)
             if self.stopping:
                 if self.cluster is not None:
                     self.cluster.tick(now)     # step down, resign

@@ -181,7 +181,8 @@ class Master:
             for key, mask in self.sel.select(self.timeout(now)):
                 key.data(mask)
             now = time.monotonic()
-            self.handle_signals()
+            if self.signals:
+                self.handle_signals()
             self.reap()
             self.pool.enforce_kills(now)
             if self.notifier.watchdog and now >= self.next_watchdog:
@@ -192,7 +193,8 @@ class Master:
             self.notify.tick(now)       # likewise: it delivers what waits, for a while
             # Answers that touch every check or host are made a slice per pass: due
             # checks wait for a slice, never for the whole of them.
-            self.server.answer_some(time.monotonic() + ANSWER_SLICE)
+            if self.server.answering:
+                self.server.answer_some(time.monotonic() + ANSWER_SLICE)
             if self.stopping:
                 if self.cluster is not None:
                     self.cluster.tick(now)     # step down, resign

@@ -311,7 +311,8 @@ class Scheduler:
             reports, rt.last = said[2], result.same_last(rt.last)
         else:
             reports = self._derive(rt, result, items)
-        self._note_trouble(rt, result.trouble)
+        if result.trouble != rt.trouble:
+            self._note_trouble(rt, result.trouble)
         if log.isEnabledFor(logging.DEBUG):     # its arguments cost more than the record
             log.debug("check %s: %s; %s in %.3fs", rt.check.name,
                       ", ".join("%s %s" % pair for pair in reports) or "no valid report",
