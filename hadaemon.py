@@ -8826,6 +8826,11 @@ class Reload:
             gc.enable()
         return self.asked
 
+    def due(self):
+        """A reading asked for, or what one replaced left to free: step() and let_go()
+        have work (the loop asks this, one call, instead of calling both)."""
+        return self.done < self.asked or bool(self.graveyard)
+
     def busy(self):
         """Reading, or freeing: the loop should pass again at once."""
         return self.reading is not None or bool(self.graveyard)
@@ -9431,8 +9436,9 @@ class Master:
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
             self.ledger.store.flush()       # a cluster: the pass's changes as one txn
-            self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
-            self.reloads.let_go()
+            if self.reloads.due():
+                self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
+                self.reloads.let_go()
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)

@@ -212,8 +212,9 @@ class Master:
             if self.cluster is not None:                    # after the run it may have handed
                 self.cluster.extend_lease(self.runs.handoff is not None)
             self.ledger.store.flush()       # a cluster: the pass's changes as one txn
-            self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
-            self.reloads.let_go()
+            if self.reloads.due():
+                self.reloads.step(time.monotonic() + ANSWER_SLICE)     # a reload, likewise
+                self.reloads.let_go()
             self.server.tick(now)
             if now >= self.next_checkpoint:
                 self.checkpoint(now)

@@ -35,6 +35,11 @@ class Reload:
             gc.enable()
         return self.asked
 
+    def due(self):
+        """A reading asked for, or what one replaced left to free: step() and let_go()
+        have work (the loop asks this, one call, instead of calling both)."""
+        return self.done < self.asked or bool(self.graveyard)
+
     def busy(self):
         """Reading, or freeing: the loop should pass again at once."""
         return self.reading is not None or bool(self.graveyard)
