@@ -55,6 +55,7 @@ class ControlServer:
         self.listener = None
         self.resting_until = None       # out of fds: the listener rests until then
         self.answering = []             # connections with an answer being made
+        self.oldest = float("inf")      # no connection that may be a client opened before
 
     def listen(self):
         try:
@@ -97,6 +98,7 @@ class ControlServer:
             sock.setblocking(False)
             conn = Conn(sock, pid, uid)
             self.conns[sock.fileno()] = conn
+            self.oldest = min(self.oldest, conn.opened)
             self.sel.register(sock, selectors.EVENT_READ, functools.partial(self.on_io, conn))
 
     def on_io(self, conn, mask):
@@ -252,11 +254,19 @@ class ControlServer:
             self.close(child.conn)
 
     def tick(self, now):
-        """Close control clients idle too long; let the listener back after a rest."""
-        for conn in list(self.conns.values()):
-            if conn.role in (None, "control") and now - conn.opened > CLIENT_IDLE:
-                log.warning("connection from pid %d idle for %ds; closed", conn.pid, CLIENT_IDLE)
-                self.close(conn)
+        """Close control clients idle too long; let the listener back after a rest.
+        The connections are looked at only once the oldest that may be a client is
+        that old (the workers' never are)."""
+        if now - self.oldest > CLIENT_IDLE:
+            self.oldest = float("inf")
+            for conn in list(self.conns.values()):
+                if conn.role not in (None, "control"):
+                    continue
+                if now - conn.opened > CLIENT_IDLE:
+                    log.warning("connection from pid %d idle for %ds; closed", conn.pid, CLIENT_IDLE)
+                    self.close(conn)
+                else:
+                    self.oldest = min(self.oldest, conn.opened)
         if self.resting_until is not None and now >= self.resting_until:
             self.resting_until = None
             self.sel.register(self.listener, selectors.EVENT_READ, self.accept)
