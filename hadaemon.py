@@ -8694,6 +8694,8 @@ class ActionRuns:
         """docs/configuration.md: one sequence at a time, in order; docs/cluster.md: only
         the acting leader, and a run goes to its action run only once its ``running``
         is durable (at once in a daemon alone's state db; in etcd once it acknowledged)."""
+        if self.handoff is None and not self.ledger.queue:
+            return                      # nothing to hand, nothing queued: the usual pass
         if not self.leadership.acting():
             self.handoff = None         # stepping down: nothing is handed any more
             return
@@ -9170,6 +9172,8 @@ class Notifications:
 
     def tick(self, now):
         """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        if self.pid is None and self.leave_by is None and self.queue.opened and not self.queue.waiting:
+            return                      # no child, nothing waits: the usual pass
         child = self.child()
         if self.leave_by is not None and self._leave(child, now):
             return

@@ -62,6 +62,8 @@ class ActionRuns:
         """docs/configuration.md: one sequence at a time, in order; docs/cluster.md: only
         the acting leader, and a run goes to its action run only once its ``running``
         is durable (at once in a daemon alone's state db; in etcd once it acknowledged)."""
+        if self.handoff is None and not self.ledger.queue:
+            return                      # nothing to hand, nothing queued: the usual pass
         if not self.leadership.acting():
             self.handoff = None         # stepping down: nothing is handed any more
             return

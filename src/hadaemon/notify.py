@@ -168,6 +168,8 @@ class Notifications:
 
     def tick(self, now):
         """Every pass of the loop: a child while events wait (stopping: until it may go)."""
+        if self.pid is None and self.leave_by is None and self.queue.opened and not self.queue.waiting:
+            return                      # no child, nothing waits: the usual pass
         child = self.child()
         if self.leave_by is not None and self._leave(child, now):
             return
