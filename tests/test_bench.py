@@ -100,6 +100,24 @@ def test_paired_measures_both_copies_in_the_same_window(tmp_path):
         assert all(float(v) > 0 for v in figures.values()), words
 
 
+def test_shapes_measures_each_shape_against_the_paced_spawn(tmp_path):
+    """bench/shapes.py: per round, the paced spawn and the three shapes, each with its
+    CPU per check and its ratio; the worker-timer shapes end only when every result
+    reached their master."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), "--rounds", "1",
+                             "--seconds", "0.5", "--rate", "200"],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rounds = {line.split()[2]: line.split() for line in result.stdout.splitlines() if line.startswith("round ")}
+    assert sorted(rounds) == ["batched", "paced", "shape", "timer"], result.stdout
+    for name, words in rounds.items():
+        assert words[-1] == "paced" and words[-2].endswith("x"), words
+        if name != "paced":
+            figures = dict(zip(words[3:9:2], words[4:9:2]))
+            assert set(figures) == {"master", "worker", "check"}, words
+            assert float(figures["worker"]) > 0 and float(figures["check"]) > 0, words
+
+
 def test_reload_spreads_checks_whose_interval_changed(daemon):
     """A reload that changes a group's interval must not make all its checks due at once.
 
