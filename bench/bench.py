@@ -458,6 +458,31 @@ def job_message(argv):
             "argv": argv}
 
 
+def run_piped(script, env):
+    """Spawn ``script`` as hadaemon runs a check (a session of its own, stdin /dev/null,
+    stdout and stderr piped) and wait for it: (its stdout, its wait status)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    pid = os.posix_spawn(script, [script], env, file_actions=actions, setsid=True)
+    os.close(out_w)
+    os.close(err_w)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(out_r, 65536)
+    os.read(err_r, 65536)
+    os.close(out_r)
+    os.close(err_r)
+    return out, status
+
+
+def result_message(job_id, key, out, status, started):
+    """The result a worker sends for one run of the trivial check (``key=value`` output)."""
+    name, _, value = out.decode().strip().partition("=")
+    return {"t": "result", "job": job_id, "key": key, "data": {name: value},
+            "exit": os.WEXITSTATUS(status), "started": started, "duration": time.time() - started}
+
+
 def _shape_worker(sock, script):
     """bench_shape_floor's worker: a job line in, its check run, a result line out."""
     env0, buf = dict(os.environ), b""
@@ -471,22 +496,9 @@ def _shape_worker(sock, script):
         job = json.loads(line)
         env = dict(env0)
         env.update(job["env"])
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
         started = time.time()
-        pid = os.posix_spawn(script, [script], env, file_actions=actions, setsid=True)
-        os.close(out_w)
-        os.close(err_w)
-        _, status = os.waitpid(pid, 0)
-        out = os.read(out_r, 65536)
-        os.read(err_r, 65536)
-        os.close(out_r)
-        os.close(err_r)
-        key, _, value = out.decode().strip().partition("=")
-        reply = {"t": "result", "job": job["id"], "key": job["key"], "data": {key: value},
-                 "exit": os.WEXITSTATUS(status), "started": started, "duration": time.time() - started}
+        out, status = run_piped(script, env)
+        reply = result_message(job["id"], job["key"], out, status, started)
         sock.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
 
 

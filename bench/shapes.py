@@ -34,40 +34,19 @@ import bench  # noqa: E402  (bench.py beside this file)
 BATCH_EVERY = 0.1       # seconds an unchanged result may wait for the master to read it
 
 
-def _run_check(script, env):
-    """Spawn ``script`` as hadaemon does (own session, stdout and stderr piped), wait,
-    and return (its stdout, its exit status)."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-    pid = os.posix_spawn(script, [script], env, file_actions=actions, setsid=True)
-    os.close(out_w)
-    os.close(err_w)
-    _, status = os.waitpid(pid, 0)
-    out = os.read(out_r, 65536)
-    os.read(err_r, 65536)
-    os.close(out_r)
-    os.close(err_r)
-    return out, status
-
-
 def _timer_worker(sock, script, rate, n, batch):
     """A worker that keeps the schedule: the n runs at ``rate``, each result sent at once,
     or (``batch``) only a changed one at once and the rest every BATCH_EVERY."""
-    env = dict(os.environ, **bench.job_message([script])["env"])
+    job = bench.job_message([script])
+    env = dict(os.environ, **job["env"])
     start, last, waiting, sent_at = time.monotonic(), None, [], time.monotonic()
     for i in range(n):
         delay = start + i / float(rate) - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         started = time.time()
-        out, status = _run_check(script, env)
-        key, _, value = out.decode().strip().partition("=")
-        result = {"t": "result", "job": i, "key": "local|check_trivial|check_trivial 17",
-                  "data": {key: value}, "exit": os.WEXITSTATUS(status), "started": started,
-                  "duration": time.time() - started}
-        waiting.append(result)
+        out, status = bench.run_piped(script, env)
+        waiting.append(bench.result_message(i, job["key"], out, status, started))
         now = time.monotonic()
         if not batch or out != last or now - sent_at >= BATCH_EVERY or i == n - 1:
             sock.sendall(json.dumps(waiting, separators=(",", ":")).encode() + b"\n")
