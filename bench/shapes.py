@@ -3,9 +3,8 @@
 
     python3 bench/shapes.py [--rate 500] [--seconds 4] [--rounds 3]
 
-The trivial check spawned at ``rate`` per second by bare code, four ways, each round
-side by side in time order; CPU per check (ms) of each process, and the whole as a
-ratio to the first, the paced bare spawn that bench.py's 1.3x target is set against:
+The trivial check spawned at ``rate`` per second by bare code, four ways in turn each
+round; CPU per check (ms) of each process, and the whole as a ratio to the first, the paced bare spawn that bench.py's 1.3x target is set against:
 
   paced    one process spawns the check at each due time and waits for it
   shape    a master sends a job (a JSON line) at each due time, a forked worker runs
@@ -77,9 +76,8 @@ def _reader_master(sock, n):
 def shape_worker_timer(script, rate, seconds, batch):
     """``timer`` (batch False) or ``batched``: CPU per check of master, worker, check."""
     n = max(1, int(rate * seconds))
-    self0 = bench.rusage_cpu(resource.RUSAGE_SELF)
     a, pid = bench.fork_peer(_timer_worker, script, rate, n, batch)
-    worker0 = bench.proc_cpu(pid)
+    self0, worker0 = bench.rusage_cpu(resource.RUSAGE_SELF), bench.proc_cpu(pid)
     try:
         _reader_master(a, n)
         master = bench.rusage_cpu(resource.RUSAGE_SELF) - self0
