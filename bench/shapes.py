@@ -4,7 +4,8 @@
     python3 bench/shapes.py [--rate 500] [--seconds 4] [--rounds 3]
 
 The trivial check spawned at ``rate`` per second by bare code, four ways in turn each
-round; CPU per check (ms) of each process, and the whole as a ratio to the first, the paced bare spawn that bench.py's 1.3x target is set against:
+round; CPU per check (ms) of each process, and the whole as a ratio to the first, the
+paced bare spawn that bench.py's 1.3x target is set against:
 
   paced    one process spawns the check at each due time and waits for it
   shape    a master sends a job (a JSON line) at each due time, a forked worker runs
