@@ -72,6 +72,8 @@ ledger.py          Ledger: host states, transitions, action runs and their queue
 scheduler.py       Scheduler: when each check runs, and what it last said.
 pool.py            Pool: every forked child of the master.
 control.py         Control server: the daemon's UNIX socket and everyone on it.
+checkflow.py       Check flow: due checks handed to the workers, their results to the
+                   ledger.
 http_proto.py      HTTP/1.1 on the wire: requests read, answers written, the token
                    checked.
 http_views.py      The HTTP answers: pure functions of the status document (JSON, the
@@ -166,6 +168,7 @@ import threading
 import time
 import typing
 import urllib.parse
+import zlib
 
 
 # ============================================================================
@@ -1562,6 +1565,16 @@ def encode_message(obj):
     return _ENCODE(obj).encode("utf-8") + b"\n"
 
 
+def result_print(data, exit_code):
+    """A result's fingerprint, of its output read (``data``) and its exit: a worker holds
+    a result whose print is its job's ``same`` (records.Job) a while, to send it with
+    others.  Both sides make it from the same dict, the master's decoded from the
+    worker's JSON; the master makes one only of text values, whose repr() comes back
+    as it went.  Two results of one print by chance cost only that while: the master
+    reads every result whole."""
+    return zlib.crc32(repr((exit_code, data)).encode("utf-8", "backslashreplace"))
+
+
 def json_pieces(items, as_object, step=None):
     """A JSON array (or object, of (key, value) pairs) of ``items`` as pieces of text,
     ``step`` items each, made as they are read: one big answer in small bites."""
@@ -1761,7 +1774,8 @@ def reports_from_result(data, exit_code, default_host):
 # one conversion to and from the form it travels or is stored in:
 #
 #   Job          master -> worker: one check to run (``{"t": "job"}``)
-#   CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
+#   CheckResult  worker -> master: what the check said (``{"t": "result"}``, or
+#                ``{"t": "same"}`` when it said what its job expected); the
 #                master's own result for a worker that died; the check's ``last``
 #   Transition   a host moved FROM -> TO: to_json() / from_json(), the state db's
 #                ``tr:N``, etcd's, --status --json's and --history's
@@ -1785,9 +1799,12 @@ def reports_from_result(data, exit_code, default_host):
 
 @dataclasses.dataclass
 class Job:
-    """One check handed to a worker.  ``sent`` / ``sent_wall`` are the master's own
-    (when it was handed: the hang deadline, the lost result's start) and never sent;
-    ``line`` too (its message encoded, see to_line)."""
+    """One check handed to a worker, to start at ``at``.  ``same``: the fingerprint
+    (wire.result_print) of the result that would change nothing, which the worker may
+    hold a while to send with others; None: send the result at once.  ``sent`` /
+    ``sent_wall`` are the master's own (when it was handed: the lag, the lost result's
+    start) and never sent; ``line`` too (its message encoded, see to_line), and
+    ``said``: (data items, exit) of the result ``same`` stands for."""
     id: int
     key: str                            # the check's key
     argv: list                          # what runs (ssh: the ssh command)
@@ -1795,17 +1812,24 @@ class Job:
     timeout: float
     stdin: typing.Optional[str] = None  # ssh: the file the remote command reads
     ssh: bool = False
+    at: float = 0.0                     # monotonic (one clock for the whole machine)
+    same: typing.Optional[int] = None
     sent: typing.Optional[float] = None         # monotonic
     sent_wall: typing.Optional[float] = None    # wall clock
     line: typing.Optional[bytes] = dataclasses.field(default=None, compare=False, repr=False)
+    said: typing.Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self):
         """The ``job`` message a worker reads."""
-        msg = {"t": "job", "id": self.id, "key": self.key, "timeout": self.timeout,
-               "env": self.env, "argv": self.argv}
+        msg = {"t": "job", "id": self.id, "at": self.at, "same": self.same, "key": self.key,
+               "timeout": self.timeout, "env": self.env, "argv": self.argv}
         if self.ssh:
             msg["stdin"], msg["ssh"] = self.stdin, True
         return msg
+
+    def start(self):
+        """When it started at the latest, had it run (monotonic): its time, or when handed."""
+        return max(self.at, self.sent)
 
     def to_line(self):
         """The ``job`` message as the line sent, ``encode_message(to_wire())``: ``line``
@@ -1819,7 +1843,7 @@ class Job:
         """The worker's side; a message without id, key, argv, env or timeout raises
         KeyError (the worker exits with its traceback: the master gave it nonsense)."""
         return cls(msg["id"], msg["key"], msg["argv"], msg["env"], msg["timeout"],
-                   msg.get("stdin"), bool(msg.get("ssh")))
+                   msg.get("stdin"), bool(msg.get("ssh")), msg["at"], msg.get("same"))
 
 
 # -- Worker -> master: a check's result ------------------------------------------------
@@ -1861,12 +1885,22 @@ class CheckResult(typing.NamedTuple):
                           trouble if isinstance(trouble, str) else None, get("stderr") or None))
 
     @classmethod
+    def from_same(cls, job, msg):
+        """The master's side of a ``same`` message: the run of ``job`` said what ``job.said``
+        holds (its worker sends no more), clean, with no stderr.  A message whose times
+        are not numbers gives None for them, as from_wire does."""
+        started, duration = msg.get("started"), msg.get("duration")
+        return cls(job.id, job.key, dict(job.said[0]), False, job.said[1], None,
+                   started if isinstance(started, (int, float)) else None,
+                   duration if isinstance(duration, (int, float)) else None, None)
+
+    @classmethod
     def lost(cls, job, how, now_m):
         """The result of a check whose worker died while it ran: unknown, and failed
         (its unknown goes to the hosts the check last reported on)."""
         return cls(job.id, job.key, {"state": "unknown",
                                      "message": "worker died (%s) while running the check" % how},
-                   True, None, None, job.sent_wall, now_m - job.sent, None)
+                   True, None, None, job.sent_wall + (job.start() - job.sent), now_m - job.start(), None)
 
     def to_last(self, reports, problems):
         """The check's ``last``, as --status --json shows it and ``check:KEY`` keeps it."""
@@ -2945,7 +2979,7 @@ _SIGTERM_ONLY = (signal.SIGTERM,)
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None, alarm=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -2956,6 +2990,8 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
     Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
+    An ``alarm`` (a worker's: its ``at``, monotonic or None) is rung (``ring(now)``) at
+    its time while the process runs, and reads what the master sends (``hear()``).
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
@@ -2981,7 +3017,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     for fd in {out_w, err_w}:
         os.close(fd)
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
-                       grace, watch, master, lease)
+                       grace, watch, master, lease, alarm)
     try:
         _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
@@ -3051,9 +3087,9 @@ class _Watched:
     writes more than a pipe holds is never blocked for long.
     """
 
-    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None):
+    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None, alarm=None):
         self.pid, self.started, self.grace, self.watch, self.master = pid, started, grace, watch, master
-        self.lease = lease
+        self.lease, self.alarm = lease, alarm
         self.result = ProcResult()
         self.collected = {fd: bytearray() for fd in fds}
         self.reading = set(fds)
@@ -3103,6 +3139,8 @@ class _Watched:
             self.kill_at = None
         if self.lease is not None and self.status is None:
             self.lease.keep(self.pid, now)
+        if self.alarm is not None and self.alarm.at is not None and now >= self.alarm.at:
+            self.alarm.ring(now)
 
     def _wait_time(self, now):
         if self.status is not None:
@@ -3117,6 +3155,8 @@ class _Watched:
             wait = min(wait, self.quiet_until - now)
         if self.lease is not None and self.status is None:
             wait = min(wait, self.lease.next_deadline() - now)
+        if self.alarm is not None and self.alarm.at is not None:
+            wait = min(wait, self.alarm.at - now)
         return wait
 
     def _handle(self, events):
@@ -3135,6 +3175,9 @@ class _Watched:
                 if self.lease is not None:
                     self.lease.read()           # the master moves the deadlines on
                     continue
+                if self.alarm is not None:
+                    self.alarm.hear()           # a worker takes its new jobs (EOF: _Orphaned)
+                    continue
                 if not self.master.recv(1, socket.MSG_PEEK):
                     raise _Orphaned()
                 self.poller.unregister(fd)       # a message waits; it is read later
@@ -3146,8 +3189,8 @@ class _Watched:
 # run.
 # ============================================================================
 #
-# Owns child_setup (every child's first step), worker_main (hello, then one check
-# at a time as the master hands them out, each result sent back as one line),
+# Owns child_setup (every child's first step), the check Worker (the jobs it is
+# handed, each run at its time; unchanged results held a while to go together),
 # action_main (one sequence of commands, run serially, each start and end reported),
 # and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 #
@@ -3166,13 +3209,13 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None, environ=None, slot=None):
+def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
     """Run one check ``job`` (a Job) and return its CheckResult for the master.
 
     ``environ``: the environment to start from (default os.environ); a worker passes
     one copy made at its start, as os.environ decodes every entry on every copy.
     ``slot``: the worker's page shared with the master, where the pid of the running
-    check is kept (0 when none runs).
+    check is kept (0 when none runs).  ``alarm``: see run_process.
     """
     env = dict(os.environ if environ is None else environ)
     env.update(job.env)
@@ -3185,7 +3228,7 @@ def run_check(job, watch, master=None, environ=None, slot=None):
             struct.pack_into("q", slot, 0, pid)
     try:
         res = run_process(job.argv, env, job.timeout, 0, watch,
-                          stdin_path=job.stdin, master=master, on_spawn=announce)
+                          stdin_path=job.stdin, master=master, on_spawn=announce, alarm=alarm)
     finally:
         if slot is not None:
             struct.pack_into("q", slot, 0, 0)
@@ -3215,21 +3258,143 @@ def run_check(job, watch, master=None, environ=None, slot=None):
                        res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
 
 
+HOLD = 0.1          # seconds an unchanged result may wait in its worker, to go with others
+GIVE_BACK = 0.05    # a queued job that cannot start this long after its time goes back
+EARLY = 0.0005      # a job starts this much before its time rather than sleep once more
+
+
+class Worker:
+    """A check worker's jobs: each run at its time (``at``), earliest first.
+
+    A result that says what the master expects (its job's ``same``) is sent as
+    ``{"t": "same"}`` (its job, start and duration: the rest the master knows),
+    held up to HOLD and sent with others; any other goes at once, after those held
+    before it, so the master reads every result, in the order they ran.  While a check runs
+    (the alarm), held results still leave in time, and the queued jobs that could
+    not start within GIVE_BACK of their time go back to the master (``back``) for
+    another worker.  The shared page (``slot``) says which job runs: 8 bytes the
+    pid of its check, 8 its id.
+    """
+
+    def __init__(self, chan, slot=None, environ=None):
+        self.chan, self.slot = chan, slot
+        self.environ = dict(os.environ) if environ is None else environ
+        self.watch = ChildWatch()
+        self.queue = []                 # heap of (at, seq, Job)
+        self.seq = itertools.count()
+        self.held = []                  # result lines not sent yet, in the order they ran
+        self.held_until = None
+        self.at = None                  # the alarm's time, while a check runs
+        self.leaving = False            # told to exit: after the check that runs
+        # epoll where there is one: its sleep to a job's time costs less than select's.
+        epoll = getattr(select, "epoll", None)
+        self.poller, self.unit = (epoll(), 1.0) if epoll else (select.poll(), 1000.0)
+        self.poller.register(chan.sock.fileno(), select.POLLIN)
+
+    def serve(self):
+        """Run the jobs as they come, until the master says ``exit`` or goes."""
+        queue, monotonic = self.queue, time.monotonic
+        while True:
+            now = monotonic()
+            wait = None
+            if queue:
+                wait = queue[0][0] - now
+                if wait <= EARLY:
+                    self.run(heapq.heappop(queue)[2])
+                    continue
+            if self.held:
+                if wait is None or now >= self.held_until:
+                    self.flush()
+                elif self.held_until - now < wait:
+                    wait = self.held_until - now
+            if self.leaving or not self.read(wait):
+                self.flush()
+                return 0
+
+    def read(self, timeout):
+        """Take what the master sent, waiting up to ``timeout`` (None: until it sends);
+        False when it hung up (``exit`` sets ``leaving``)."""
+        chan = self.chan
+        if not chan.pending:
+            # (Its timeout is in whole milliseconds, rounded up: EARLY less, to start on time.)
+            if timeout is not None and not self.poller.poll(max(0.0, timeout - EARLY) * self.unit):
+                return True
+            data = chan.sock.recv(65536)
+            if not data:
+                return False
+            chan.pending.extend(chan.reader.feed(data))
+        while chan.pending:
+            msg = chan.pending.popleft()
+            kind = msg.get("t")
+            if kind == "exit":
+                self.leaving = True
+            elif kind == "job":
+                job = Job.from_wire(msg)
+                heapq.heappush(self.queue, (job.at, next(self.seq), job))
+        return True
+
+    def hear(self):
+        """The master sent something while a check runs: new jobs join the queue (and the
+        alarm), so one that cannot start in time is given back while the check runs."""
+        if not self.read(0.0):
+            raise _Orphaned()
+        self.at = self.alarm_at()
+
+    def run(self, job):
+        slot = self.slot
+        if slot is not None:
+            struct.pack_into("q", slot, 8, job.id)
+        self.at = self.alarm_at()
+        try:
+            result = run_check(job, self.watch, master=self.chan.sock, environ=self.environ,
+                               slot=slot, alarm=self)
+        finally:
+            self.at = None
+            if slot is not None:
+                struct.pack_into("q", slot, 8, 0)
+        if job.same is not None and not result.failed and result.trouble is None \
+                and result.stderr is None and result_print(result.data, result.exit) == job.same:
+            # What the master expected: said in a word, and held.
+            self.held.append(b'{"t":"same","job":%d,"started":%r,"duration":%r}\n'
+                             % (job.id, result.started, result.duration))
+            if self.held_until is None:
+                self.held_until = time.monotonic() + HOLD
+        else:
+            self.held.append(encode_message(result.to_wire()))
+            self.flush()
+
+    def flush(self):
+        if self.held:
+            self.chan.sock.sendall(b"".join(self.held))
+            self.held, self.held_until = [], None
+
+    def alarm_at(self):
+        """When a running check must be interrupted for the others (None: never)."""
+        at = self.held_until
+        if self.queue and (at is None or self.queue[0][0] + GIVE_BACK < at):
+            at = self.queue[0][0] + GIVE_BACK
+        return at
+
+    def ring(self, now):
+        """The alarm, while a check runs: held results sent, the late jobs given back
+        (after what is held: the master knows then which of their checks still run)."""
+        late = []
+        while self.queue and self.queue[0][0] + GIVE_BACK <= now:
+            late.append(heapq.heappop(self.queue)[2].id)
+        if late or (self.held_until is not None and now >= self.held_until):
+            self.flush()
+        if late:
+            self.chan.send({"t": "back", "jobs": late})
+        self.at = self.alarm_at()
+
+
 def worker_main(sock_path, config_dir, slot=None):
-    """A pre-forked check worker: hello, then one job at a time until told to go."""
+    """A pre-forked check worker: hello, then the jobs it is handed until told to go."""
     child_setup()
     os.chdir(config_dir)
-    watch = ChildWatch()
     chan = Channel.connect(sock_path)
     chan.send({"t": "hello", "role": "worker", "pid": os.getpid()})
-    environ = dict(os.environ)
-    while True:
-        job = chan.receive()
-        if job is None or job.get("t") == "exit":
-            return 0
-        if job.get("t") == "job":
-            chan.send(run_check(Job.from_wire(job), watch, master=chan.sock, environ=environ,
-                                slot=slot).to_wire())
+    return Worker(chan, slot).serve()
 
 
 # -- Action runner -----------------------------------------------------------------------
@@ -4392,6 +4557,15 @@ def pending_among(ledger, reports):
     return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
 
 
+def change_nothing(ledger, group, reports):
+    """Whether ``reports`` ((host, state) pairs) of a check of ``group``, applied to
+    ``ledger`` now, would each change nothing (confirm_step's "same"): a worker may then
+    hold back a run that says them again, a while (checkflow.py)."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return all(confirm_step(candidates.get(host, NEW_HOST), state, group.confirm, group.window)[1] == "same"
+               for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 
@@ -4806,18 +4980,21 @@ def _command_words(cmd):
 # checks run at a fixed rate from their schedule (a late pass skips, it never
 # bursts); cron checks at their next matching minute.  A check due while its last
 # run is still queued or running is skipped and counted: it never overlaps itself.
-# Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
-# A pass of the master that is awake anyway (a result came in) also takes the
-# checks due within EARLY: one wake-up for a result and the next job, not one
-# each, for a check that runs at most that much before its time (the schedule
-# itself does not move).
+# Due checks wait in ``ready`` for a worker.  The master's pass takes the checks
+# due within AHEAD and hands them out at once, each with its time (``at``), at
+# which its worker starts it: one wake-up of the master for a batch of checks, not
+# one each.  A check handed to a worker and not yet answered goes to that worker
+# again, behind its last run, so a check never overlaps itself and its results
+# come in the order it ran; one due while it still waits for a worker is skipped.
+# The lag we sample is a run's start after its time.
 # A check whose report left a candidate pending (``recheck``) runs again that soon
 # after, from a second heap, its scheduled runs passing unrun meanwhile; once the
 # candidate is settled it is back on its schedule, which never moved.
 #
 # Uses: base, config, wire, records, ssh.
 
-EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
+AHEAD = 0.1         # seconds ahead a pass of the master hands out the checks due
+LEAD = 0.02         # a pass comes this long before the next check is due (next_wake)
 
 
 @dataclasses.dataclass
@@ -4826,7 +5003,10 @@ class CheckRuntime:
     check: Check
     next_due: float = 0.0
     token: int = 0                      # heap entries with an older token are stale
-    busy: bool = False                  # queued or running: a check never overlaps itself
+    busy: bool = False                  # queued or handed, not answered: --status's "running"
+    queued: bool = False                # in ``ready``: a run due meanwhile is skipped
+    handed: int = 0                     # runs handed to ``worker`` and not answered yet
+    worker: typing.Any = None           # the pool's Child they were handed to
     waiting: typing.Optional[list] = None   # its first run is not in the heap yet: next_due
                                             # is an offset from waiting[0] (Scheduler.fresh)
     runs: int = 0
@@ -4838,8 +5018,8 @@ class CheckRuntime:
     recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
     job_tail: typing.Optional[tuple] = None     # (HA_STATE, config dir, state dir, its job's
                                                 # line after the id): Scheduler._job_line
-    said: typing.Optional[tuple] = None         # (data items, exit, reports) of its last clean
-                                                # run: Scheduler._derive
+    said: typing.Optional[tuple] = None         # (data items, exit, reports, print) of its last
+                                                # clean run: Scheduler._derive
 
 
 def percentile(ordered, q):
@@ -4899,7 +5079,6 @@ class Scheduler:
         self.lag_cache = None                       # (when, lag_count, percentiles of the window)
         self.heap_seq = itertools.count()
         self.tokens = itertools.count()     # never reused: a removed check that comes back is new
-        self.running = set()            # keys of the checks queued or running (busy)
         # After a (re)configuration, the checks that start afresh wait here, by the
         # offset of their first run from the swap, and go into the heap when due: the
         # swap does not push ten thousand of them at once.  One batch per swap: [its
@@ -4958,9 +5137,10 @@ class Scheduler:
             self._push(rt)
         if fresh:
             self.fresh.append((since, fresh))
-        for key in self.running:                # queued or running as they are now
-            if key in runtimes:
-                runtimes[key].busy = True
+        for key, rt in old.items():             # queued or handed as they are now
+            new = runtimes.get(key)
+            if new is not None and new is not rt:
+                new.busy, new.queued, new.handed, new.worker = rt.busy, rt.queued, rt.handed, rt.worker
         self.stale += len(old) - len(kept)
         self.runtimes = runtimes
         if self.stale > max(len(runtimes), 1000):
@@ -4969,9 +5149,6 @@ class Scheduler:
             self.heap = [e for e in self.heap if e[2] in runtimes and runtimes[e[2]].token == e[3]]
             heapq.heapify(self.heap)
             self.stale = 0
-        for rt, _ in self.ready:
-            if rt.check.key not in runtimes:    # removed before it ran: not running any more
-                self.running.discard(rt.check.key)
         self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
                                        if rt.check.key in runtimes)
         return list(old.values())
@@ -5004,18 +5181,26 @@ class Scheduler:
                 due = since[0] + queue[0][0]
         return due
 
-    def fire_due(self, now):
-        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
-        skipped; set its next time."""
+    def next_wake(self):
+        """When the master's next pass should come for the checks (None: no check)."""
+        due = self.next_due()
+        return None if due is None else due - LEAD
+
+    def fire_due(self, now, ahead=0.0):
+        """Move every check due by ``now`` + ``ahead`` to ``ready``, or count it skipped;
+        set its next time.  Ahead only when the next check is due within LEAD: a pass
+        awake for something else (a result) takes nothing early, so the workers get
+        their jobs in batches, not a few at every pass."""
+        due = self.next_due() if ahead else None
+        until = now + ahead if due is not None and due <= now + LEAD else now
         if self.fresh:
-            self._push_fresh(now)
-        until = now + EARLY
-        while self.rechecks and self.rechecks[0][0] <= now:
+            self._push_fresh(until)
+        while self.rechecks and self.rechecks[0][0] <= until:
             due, _, key, token = heapq.heappop(self.rechecks)
             rt = self.runtimes.get(key)
             if rt is not None and rt.token == token and rt.recheck_at == due:
                 rt.recheck_at = None
-                if not rt.busy:
+                if not rt.queued:
                     self._queue(rt, due)
         while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
@@ -5024,9 +5209,9 @@ class Scheduler:
                 continue
             if rt.rechecking and not self.once:
                 pass                            # its recheck runs instead
-            elif rt.busy:
+            elif rt.queued:
                 rt.skipped += 1
-                log.debug("check %s: still running at its next run; skipped", rt.check.name)
+                log.debug("check %s: still waiting for a worker at its next run; skipped", rt.check.name)
             else:
                 self._queue(rt, due)
             if self.once:
@@ -5043,20 +5228,23 @@ class Scheduler:
             self._push(rt)
 
     def _queue(self, rt, due):
-        """``rt`` waits for a worker: queued, so it is not due again until it ran."""
-        rt.busy = True
-        self.running.add(rt.check.key)
+        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped."""
+        rt.busy = rt.queued = True
         self.ready.append((rt, due))
 
-    def take(self, now, host_state, config_dir, state_dir):
-        """The next ready check as a Job (None when none waits); its lag is sampled."""
+    def take(self, now, host_state, config_dir, state_dir, quiet=None):
+        """The next ready check as a Job to start at its time (None when none waits),
+        counted as handed.  ``quiet(group, reports)``: whether those reports of a check
+        of that group would change nothing now; if so, and the check is not rechecking,
+        its worker may hold a result that says what its last clean run said (Job.same)."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
-        self.lags.append(lag)
-        self.lag_count += 1
-        self.lag_sum += lag
+        rt.queued = False
+        rt.handed += 1
+        said = rt.said
+        same = said[3] if said is not None and quiet is not None and not rt.rechecking \
+            and quiet(rt.check.group, said[2]) else None
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -5065,8 +5253,14 @@ class Scheduler:
             env["HA_HOST"] = check.group.host
         if check.group.scope.kind == "ssh":
             argv, stdin = ssh_command(check, env, state_dir)
-            return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
-        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+            job = Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True, due, same)
+            if same is not None:
+                job.said = said[:2]
+            return job
+        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout,
+                  at=due, same=same)
+        if same is not None:
+            job.said = said[:2]
         job.line = self._job_line(rt, job, config_dir, state_dir)
         return job
 
@@ -5075,7 +5269,8 @@ class Scheduler:
         """``job``'s line (Job.to_line) from the part after its id kept per check: its
         message is encoded again only when HA_STATE or the directories changed (a reload
         of the check forgets it, in swap())."""
-        head = b'{"t":"job","id":%d' % job.id
+        head = b'{"t":"job","id":%d,"at":%s,"same":%s' % (
+            job.id, repr(job.at).encode(), b"null" if job.same is None else b"%d" % job.same)
         kept, state = rt.job_tail, job.env["HA_STATE"]
         if kept is not None and kept[0] == state and kept[1] == config_dir and kept[2] == state_dir:
             return head + kept[3]
@@ -5084,13 +5279,28 @@ class Scheduler:
             if line.startswith(head + b",") else None
         return line
 
+    def released(self, key):
+        """A run of check ``key`` handed and not answered is no more (its worker died, or
+        gave it back): its runtime, or None (a reload removed it)."""
+        rt = self.runtimes.get(key)
+        if rt is not None:
+            rt.handed = max(0, rt.handed - 1)
+            rt.busy = rt.queued or rt.handed > 0
+        return rt
+
+    def sample_lag(self, job, result):
+        """How late ``job`` started after its time (by ``result``'s start, a wall clock)."""
+        lag = max(0.0, result.started - job.sent_wall - (job.at - job.sent)) \
+            if isinstance(result.started, (int, float)) else 0.0
+        self.lags.append(lag)
+        self.lag_count += 1
+        self.lag_sum += lag
+
     def finished(self, key, result):
         """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
-        self.running.discard(key)
-        rt = self.runtimes.get(key)
+        rt = self.released(key)
         if rt is None:
             return None                 # removed by a reload while it ran
-        rt.busy = False
         rt.runs += 1
         items, said = tuple(result.data.items()), rt.said
         if said is not None and said[0] == items and said[1] == result.exit and not result.failed:
@@ -5127,7 +5337,7 @@ class Scheduler:
         # Only text values: == on them is sameness (1 == 1.0 == True, and nested dicts
         # equal in another order, would each show differently in its last).
         clean = not result.failed and not problems and all(type(v) is str for _, v in items)
-        rt.said = (items, result.exit, reports) if clean else None
+        rt.said = (items, result.exit, reports, result_print(result.data, result.exit)) if clean else None
         return reports
 
     def recheck(self, rt, pending, now):
@@ -5198,9 +5408,9 @@ class Scheduler:
 # them; one reaping loop (waitpid until 0, level-triggered) collects them; one
 # deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
 #
-# Uses: base, records, proc, children, ssh.
+# Uses: base, proc, children, ssh.
 
-# A worker: starting -> idle <-> busy -> exiting.
+# A worker: starting -> idle <-> busy (jobs handed, not all answered) -> exiting.
 WORKER_EDGES = {
     "starting": {"idle", "exiting"},
     "idle": {"busy", "exiting"},
@@ -5219,18 +5429,25 @@ class Child:
     state: str
     started: float                      # monotonic
     conn: typing.Any = None
-    job: typing.Optional[Job] = None    # the check a busy worker runs
+    jobs: dict = dataclasses.field(default_factory=dict)   # a worker's: id -> Job handed, not answered
+    answered: float = 0.0                    # a worker's last result (monotonic)
+    gave_back: bool = False                  # a worker that gave jobs back: none more until it answers
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
     lost: bool = False                       # a worker that hung up or died unasked
     pgid: typing.Optional[int] = None        # group of the command an action run runs now
-    slot: typing.Any = None                  # a worker's shared page: pid of its running check
+    slot: typing.Any = None                  # a worker's shared page: pid and job of its check
 
     def check_pgid(self):
         """The group of the check this worker runs now (from its shared page), or None."""
         pid = struct.unpack_from("q", self.slot, 0)[0] if self.slot is not None else 0
         return pid if pid > 1 else None
+
+    def running_job(self):
+        """The id of the job this worker runs now (from its shared page), or None."""
+        job = struct.unpack_from("q", self.slot, 8)[0] if self.slot is not None else 0
+        return job or None
 
     def close_slot(self):
         if self.slot is not None:
@@ -5314,20 +5531,41 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its Job; returns the message to send it, encoded."""
+        """Give a worker a Job (it starts it at ``job.at``); returns the message to send
+        it, encoded."""
         job.sent, job.sent_wall = now, time.time()
-        child.job = job
-        self.set_worker_state(child, "busy")
+        child.jobs[job.id] = job
+        if child.state == "idle":
+            self.set_worker_state(child, "busy")
         return job.to_line()
 
     def job_done(self, child, msg):
-        """A worker's result message: the Job it answers (the worker is idle again)."""
-        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job.id:
+        """A worker's result message (``result`` or ``same``): the Job it answers."""
+        job = child.jobs.pop(msg.get("job"), None) if msg.get("t") in ("result", "same") else None
+        if job is None:
             raise ProtocolError("unexpected message from worker %d" % child.pid)
-        job, child.job = child.job, None
-        if child.state == "busy":
-            self.set_worker_state(child, "idle")
+        child.answered, child.gave_back = time.monotonic(), False
+        self._maybe_idle(child)
         return job
+
+    def given_back(self, child, msg):
+        """A worker's ``back``: the Jobs it could not start in time, for another worker."""
+        ids = msg.get("jobs")
+        if not isinstance(ids, list) or not all(i in child.jobs for i in ids):
+            raise ProtocolError("unexpected message from worker %d" % child.pid)
+        child.gave_back = True
+        jobs = [child.jobs.pop(i) for i in ids]
+        self._maybe_idle(child)
+        return jobs
+
+    def _maybe_idle(self, child):
+        if not child.jobs and child.state == "busy":
+            self.set_worker_state(child, "idle")
+
+    def takers(self):
+        """The workers that may be handed jobs now: said hello, not leaving, not behind."""
+        ready = [c for c in self.children.values() if c.kind == "worker" and c.state in ("idle", "busy")]
+        return [c for c in ready if not c.gave_back] or ready
 
     def runner(self, config_dir):
         """An action run for the next sequence: the spare, else one forked now (None: failed)."""
@@ -5355,11 +5593,13 @@ class Pool:
                     if now - child.started > HELLO_WITHIN:
                         late.append(child)
                 elif state != "idle":
-                    # Workers enforce their checks' timeouts; one silent long past it is
-                    # hung (stopped, stuck), and its check must not freeze its host's state.
-                    job = child.job
-                    if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
-                        hung.append(child)
+                    # Workers enforce their checks' timeouts and send a held result within
+                    # HOLD: one silent long past the first job's is hung (stopped, stuck),
+                    # and its check must not freeze its host's state.
+                    for job in child.jobs.values():
+                        if now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
+                            hung.append(child)
+                        break
             elif child.kind == "action":
                 if child.run_id is None:
                     spare = child
@@ -5368,7 +5608,7 @@ class Pool:
         missing = config.daemon.workers - live
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
-                slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
+                slot = mmap.mmap(-1, 16)        # shared with the worker: its check's pid and job
                 child = self.fork("worker", worker_main, self.sock_path, config.config_dir, slot)
                 if child is None:
                     slot.close()
@@ -5385,7 +5625,8 @@ class Pool:
             self.retire(child, signal.SIGKILL)
         for child in hung:
             log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                      child.pid, child.job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+                      child.pid, next(iter(child.jobs.values())).env["HA_CHECK"],
+                      format_duration(WORKER_HANG_GRACE))
             self.retire(child, signal.SIGKILL)
         if now >= self.runner_after and spare is None and not running:
             # One action run forked and waiting, so a sequence starts without a fork.
@@ -5524,8 +5765,8 @@ class Conn:
 class ControlServer:
     """The listener and its connections on the master's selector.
 
-    What a message means is the master's: ``on_result(job, msg)`` for a worker's
-    result, ``on_event(child, msg)`` for what an action run or the cluster agent
+    What a message means is the master's: ``on_result(child, msg)`` for what a
+    worker says, ``on_event(child, msg)`` for what an action run or the cluster agent
     says, ``answer(msg)`` for a control verb: its answer, a dict sent back at once,
     or a generator that makes it in steps (bytes of the answer's line; None: nothing
     yet, ask later), which ``answer_some`` runs a slice of time each pass of the loop.
@@ -5611,7 +5852,7 @@ class ControlServer:
         if conn.role is None:
             self.identify(conn, msg)
         elif conn.role == "worker":
-            self.on_result(self.pool.job_done(conn.child, msg), msg)
+            self.on_result(conn.child, msg)
         elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:
@@ -5763,6 +6004,132 @@ class ControlServer:
             except FileNotFoundError:
                 pass
             self.listener.close()
+
+
+# ============================================================================
+# checkflow.py: Check flow: due checks handed to the workers, their results to
+# the ledger.
+# ============================================================================
+#
+#   Scheduler.ready --dispatch--> a worker's queue --result / back--> Ledger.report
+#
+# A pass hands out every check due within AHEAD (scheduler.py), each to the worker
+# with the fewest jobs, or to the worker that has the check's last run still
+# unanswered (so its runs never overlap and answer in order).  A worker starts each
+# at its time, sends a changed result at once, and holds one that says what the
+# check's last clean run said for up to HOLD, to send it with others (children.py):
+# a job says which result that is (``same``) only while the check's reports would
+# change nothing (ledger.change_nothing: each the host's state, no candidate pending)
+# and the check is not rechecking, so a change, and every report a candidate waits
+# for, comes at once.
+#
+# A worker that could not start a job in time gives it back, and is handed nothing
+# until it answers again; a worker that dies loses only the check it was running
+# (reported unknown), and the jobs it had not answered go back to ``ready``.
+#
+# Uses: base, records, ledger.
+
+class CheckFlow:
+    """Hands the ready checks to the workers; takes their results and given-back jobs."""
+
+    def __init__(self, scheduler, pool, server, ledger, notify, dirs):
+        self.scheduler, self.pool, self.server = scheduler, pool, server
+        self.ledger, self.notify = ledger, notify
+        self.dirs = dirs                # () -> (config dir, state dir), as they are now
+
+    def quiet(self, group, reports):
+        return change_nothing(self.ledger, group, reports)
+
+    def dispatch(self, now):
+        ready = self.scheduler.ready
+        if not ready:
+            return
+        takers = self.pool.takers()
+        if not takers:
+            return
+        config_dir, state_dir = self.dirs()
+        state_of, quiet, take, hand = self.ledger.state_of, self.quiet, self.scheduler.take, self.pool.hand
+        loads = [(len(c.jobs), i, c) for i, c in enumerate(takers)]   # fewest jobs first
+        heapq.heapify(loads)
+        lines = {}                      # pid -> (worker, its lines): one write each
+        while ready:
+            rt = ready[0][0]
+            if rt.handed:
+                child = rt.worker
+                if child.state not in ("idle", "busy") or child.gave_back:
+                    # Its last run is on a worker that is leaving, or behind: still
+                    # running, or waiting, at this one's time.
+                    ready.popleft()
+                    rt.queued, rt.skipped = False, rt.skipped + 1
+                    continue
+            else:
+                n, i, child = loads[0]
+                heapq.heapreplace(loads, (n + 1, i, child))
+            job = take(now, state_of, config_dir, state_dir, quiet)
+            rt.worker = child
+            lines.setdefault(child.pid, (child, []))[1].append(hand(child, job, now))
+        for child, batch in lines.values():
+            self.server.send(child.conn, b"".join(batch))
+
+    def on_worker(self, child, msg):
+        """What a worker sent: a result, or the jobs it gives back."""
+        if msg.get("t") == "back":
+            for job in self.pool.given_back(child, msg):
+                self.give_back(job)
+            return
+        job = self.pool.job_done(child, msg)
+        if msg["t"] == "same" and job.said is not None:
+            result = CheckResult.from_same(job, msg)
+        else:
+            result = CheckResult.from_wire(msg)
+        self.scheduler.sample_lag(job, result)
+        self.result(job, result)
+
+    def give_back(self, job, skip=None):
+        """``job`` did not run: its check waits for a worker again (at the front), or is
+        skipped, as a run due while the last still runs is (``skip``; None: when another
+        run of it is still unanswered)."""
+        rt = self.scheduler.released(job.key)
+        if rt is None or rt.queued:
+            return
+        if skip or (skip is None and rt.handed):
+            rt.skipped += 1
+            return
+        rt.busy = rt.queued = True
+        self.scheduler.ready.appendleft((rt, job.at))
+
+    def result(self, job, result):
+        done = self.scheduler.finished(job.key, result)
+        if done is not None:
+            rt, reports = done
+            self.notify.check_ran(rt, result)
+            # A result that could be held (it says what the last said: the very reports)
+            # changed nothing when it ran; one that reached us after a newer report of its
+            # host would have come before that one: it is not applied after it.
+            held = job.same is not None and rt.said is not None and reports is rt.said[2]
+            ended = (result.started or 0) + (result.duration or 0)
+            last, now = self.ledger.reports, time.time()
+            for host, state in reports:
+                if held and host in last and last[host]["time"] > ended:
+                    continue
+                self.ledger.report(host, state, rt.check, now, rt.last["attributes"])
+            if rt.check.group.recheck or rt.rechecking:
+                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
+
+    def worker_exited(self, child, stopping, how):
+        """A worker is gone: the check it ran is lost, the rest of its jobs wait again."""
+        jobs, child.jobs = child.jobs, {}
+        running = child.running_job()
+        if not stopping:                # a check the stop ended is no report
+            pgid = child.check_pgid()
+            if pgid:
+                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
+            lost = jobs.pop(running, None)
+            if lost is not None:
+                self.result(lost, CheckResult.lost(lost, how, time.monotonic()))
+            for job in jobs.values():       # a later run of the lost check was due while it ran
+                self.give_back(job, skip=lost is not None and job.key == lost.key)
+        child.close_slot()
 
 
 # ============================================================================
@@ -9272,16 +9639,16 @@ def notify_test(config, state_dir):
 # The story of the daemon's life, in run(): set up (lock, state db, socket,
 # signals, schedule), say ready, loop, shut down.  Each pass of the loop is
 # level-triggered: it handles recorded signals, reaps, enforces kill deadlines,
-# keeps the pool full, fires due checks, hands them to idle workers and starts
+# keeps the pool full, fires due checks, hands them to the workers and starts
 # the next queued action run, so a lost signal or wake-up never matters.  The
 # parts do the work; the master only wires them:
 #
-#   Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
+#   Scheduler --CheckFlow--> a worker --result--> ControlServer --CheckFlow--> Ledger.report
 #   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
 #   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 #
 # Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
-#       http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
+#       checkflow, http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 
 class Notifier:
     """systemd's sd_notify protocol, when NOTIFY_SOCKET is set."""
@@ -9322,8 +9689,10 @@ class Master:
         self.scheduler = Scheduler(once, self.store)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
-        self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
-                                    self.check_finished, self.child_event, self.answer)
+        self.flow = CheckFlow(self.scheduler, self.pool, None, self.ledger, None,
+                              lambda: (self.config.config_dir, self.state_dir))
+        self.server = self.flow.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
+                                                       self.flow.on_worker, self.child_event, self.answer)
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
@@ -9332,7 +9701,8 @@ class Master:
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
-        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.notify = self.flow.notify = Notifications(self.store, self.pool, self.server,
+                                                       lambda: self.config)
         self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
@@ -9441,8 +9811,8 @@ class Master:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
-            self.scheduler.fire_due(now)
-            self.dispatch(now)
+            self.scheduler.fire_due(now, AHEAD)
+            self.flow.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
             self.switchover.tick(time.time())     # a stored request, a scheduled one come due
@@ -9464,7 +9834,7 @@ class Master:
         if self.server.busy() or (self.reloads.busy() and not self.stopping):
             return 0.0                  # work in steps under way: look at the sockets, go on
         wake = min(self.next_checkpoint, now + 1.0)     # the earliest deadline (no list made)
-        due = None if self.stopping else self.scheduler.next_due()
+        due = None if self.stopping else self.scheduler.next_wake()
         if due is not None and due < wake:
             wake = due
         if self.notifier.watchdog and self.next_watchdog < wake:
@@ -9566,30 +9936,6 @@ class Master:
 
     # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
 
-    def dispatch(self, now):
-        ready = self.scheduler.ready
-        if self.stopping or not ready:
-            return
-        for child in self.pool.workers("idle"):
-            job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
-            self.server.send(child.conn, self.pool.hand(child, job, now))
-            if not ready:               # none left: no take() to learn it
-                break
-
-    def check_finished(self, job, msg):
-        """A worker's result message for its Job."""
-        self.check_result(job, CheckResult.from_wire(msg))
-
-    def check_result(self, job, result):
-        done = self.scheduler.finished(job.key, result)
-        if done is not None:
-            rt, reports = done
-            self.notify.check_ran(rt, result)
-            for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
-            if rt.check.group.recheck or rt.rechecking:
-                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
-
     def reap(self):
         for child, how in self.pool.reap():
             self.server.drain(child)        # what it sent before it went
@@ -9607,13 +9953,7 @@ class Master:
 
     def worker_exited(self, child, how):
         self.pool.worker_gone(child, how)
-        job, child.job = child.job, None
-        if job is not None and not self.stopping:   # a check the stop ended is no report
-            pgid = child.check_pgid()
-            if pgid:
-                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_result(job, CheckResult.lost(job, how, time.monotonic()))
-        child.close_slot()
+        self.flow.worker_exited(child, self.stopping, how)
 
     def child_event(self, child, msg):
         """What the cluster agent or an action run says."""

@@ -358,6 +358,7 @@ DAEMON_FIXTURES = {
 DAEMON_MODULES = {
     "test_bench.py",                            # bench/bench.py runs daemons
     "test_crash.py",                            # kill -9 loops: forked store writers, the daemon
+    "test_flow.py",                             # forked workers; daemons
     "test_http_daemon.py",                      # the real clients (haproxy, promtool, chromium)
     "test_smoke.py",                            # the demo on a Daemon of its own
     "test_stack.py",                            # hosts of network namespaces; the examples' -t

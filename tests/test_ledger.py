@@ -18,6 +18,7 @@ import hadaemon.cluster_member
 import hadaemon.cluster_ledger
 import hadaemon.cluster_link
 import hadaemon.actions
+import hadaemon.wire
 from hadaemon.config import ClusterSettings
 
 T0 = 1_800_000_000.0        # the wall clock the tests hand in
@@ -530,3 +531,70 @@ def test_cluster_a_section_is_found_by_name_at_start_as_a_rerun_finds_it(tmp_pat
     w.start(config)
     assert again.state == "running", again.reason
     assert again.commands[0].argv[1:] == ["general", "db2"]
+
+
+# -- The check flow's part: what a worker may hold, and a held result come late --------
+
+class _Quiet:
+    """Notifications' part in the check flow, without a state db of events."""
+
+    def check_ran(self, rt, result):
+        pass
+
+
+def _flow(w):
+    import hadaemon.checkflow
+    import hadaemon.scheduler
+    scheduler = hadaemon.scheduler.Scheduler()
+    scheduler.configure(w.config.checks, 100.0)
+    flow = hadaemon.checkflow.CheckFlow(scheduler, None, None, w.ledger, _Quiet(), lambda: ("/c", "/s"))
+    return scheduler, flow
+
+
+def _run(scheduler, flow, host, state, ended):
+    """db1's or db2's check handed (as the flow hands it) and its result back; the Job."""
+    import hadaemon.records
+    rt = next(rt for rt in scheduler.runtimes.values() if rt.check.host == host)
+    scheduler._queue(rt, 100.0)
+    job = scheduler.take(100.0, flow.ledger.state_of, "/c", "/s", flow.quiet)
+    return job, hadaemon.records.CheckResult(job.id, job.key, {"state": state}, False, 0, None,
+                                             ended - 0.01, 0.01, None)
+
+
+def test_a_job_may_be_held_only_while_its_reports_would_change_nothing(tmp_path):
+    w = World(tmp_path, "[any_to_any]\n/bin/true\n", confirm=2)
+    scheduler, flow = _flow(w)
+    for i in range(2):                          # unknown -> up (confirm 2)
+        job, result = _run(scheduler, flow, "db1", "up", T0 + i)
+        assert job.same is None                 # nothing said yet, then a candidate pending
+        flow.result(job, result)
+    assert w.ledger.state_of("db1") == "up"
+    job, result = _run(scheduler, flow, "db1", "up", T0 + 2)
+    assert job.same == hadaemon.wire.result_print({"state": "up"}, 0)    # up again changes nothing
+    flow.result(job, result)
+    w.report("db1", "down", T0 + 3)             # another check: a candidate pending
+    job, _ = _run(scheduler, flow, "db1", "up", T0 + 4)
+    assert job.same is None                     # now its up drops the candidate: at once
+
+
+def test_a_held_result_that_comes_after_a_newer_report_of_its_host_is_not_applied(tmp_path):
+    w = World(tmp_path, "[any_to_any]\n/bin/true\n", confirm=2)
+    scheduler, flow = _flow(w)
+    for i in range(3):
+        job, result = _run(scheduler, flow, "db1", "up", T0 + i)
+        flow.result(job, result)
+    held, result = _run(scheduler, flow, "db1", "up", T0 + 10)      # ran, ended at T0 + 10
+    assert held.same is not None
+    w.report("db1", "down", T0 + 11)            # another check's report, made after it ended
+    flow.result(held, result)                   # the held one comes in now
+    assert w.host("db1")["pending"] == "down"   # in run order it came first: the candidate stays
+    assert scheduler.runtimes[held.key].runs == 4      # and the run is counted, its last kept
+    flow.result(*_run(scheduler, flow, "db1", "up", T0 + 12))      # up: the candidate goes
+    assert w.host("db1")["pending"] is None
+    # One handed while quiet that ended after the other's report is applied: its up,
+    # made after that down, drops the candidate.
+    job, result = _run(scheduler, flow, "db1", "up", T0 + 21)
+    assert job.same is not None
+    w.report("db1", "down", T0 + 20)
+    flow.result(job, result)
+    assert w.host("db1")["pending"] is None and w.ledger.state_of("db1") == "up"

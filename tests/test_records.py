@@ -32,17 +32,17 @@ ENV = {"HA_CHECK": "check_role db1", "HA_SCOPE": "local", "HA_STATE": "master",
 
 
 def test_job_to_wire_is_the_message_the_scheduler_built():
-    job = Job(7, "k1", ["/bin/check", "db1"], ENV, 10.0)
-    assert enc(job.to_wire()) == enc({"t": "job", "id": 7, "key": "k1", "timeout": 10.0,
-                                      "env": ENV, "argv": ["/bin/check", "db1"]})
-    ssh = Job(8, "k2", ["ssh", "-T", "db1", "sh"], ENV, 5.0, "/bin/check", True)
-    assert enc(ssh.to_wire()) == enc({"t": "job", "id": 8, "key": "k2", "timeout": 5.0, "env": ENV,
-                                      "argv": ["ssh", "-T", "db1", "sh"], "stdin": "/bin/check",
-                                      "ssh": True})
+    job = Job(7, "k1", ["/bin/check", "db1"], ENV, 10.0, at=123.5, same=42)
+    assert enc(job.to_wire()) == enc({"t": "job", "id": 7, "at": 123.5, "same": 42, "key": "k1",
+                                      "timeout": 10.0, "env": ENV, "argv": ["/bin/check", "db1"]})
+    ssh = Job(8, "k2", ["ssh", "-T", "db1", "sh"], ENV, 5.0, "/bin/check", True, 9.0)
+    assert enc(ssh.to_wire()) == enc({"t": "job", "id": 8, "at": 9.0, "same": None, "key": "k2",
+                                      "timeout": 5.0, "env": ENV, "argv": ["ssh", "-T", "db1", "sh"],
+                                      "stdin": "/bin/check", "ssh": True})
 
 
 @pytest.mark.parametrize("job", [
-    Job(7, "k1", ["/bin/check"], ENV, 10.0),
+    Job(7, "k1", ["/bin/check"], ENV, 10.0, at=5.5, same=3),
     Job(8, "k2", ["ssh", "db1"], ENV, 5.0, "/bin/check", True),
     Job(9, "k3", ["ssh", "db1"], ENV, 5.0, None, True),
 ])
@@ -53,7 +53,7 @@ def test_job_round_trip_leaves_the_masters_own_fields_behind(job):
     assert Job.from_wire(msg) == job
 
 
-@pytest.mark.parametrize("missing", ["id", "key", "argv", "env", "timeout"])
+@pytest.mark.parametrize("missing", ["id", "at", "key", "argv", "env", "timeout"])
 def test_a_job_without_a_field_is_refused(missing):
     msg = Job(7, "k1", ["/bin/check"], ENV, 10.0).to_wire()
     del msg[missing]
@@ -66,8 +66,11 @@ def test_pool_hands_the_job_and_keeps_its_times(tmp_path):
     child = hadaemon.pool.Child(4242, "worker", "idle", 0.0)
     job = Job(3, "k", ["/bin/true"], ENV, 10.0)
     assert pool.hand(child, job, 55.0) == enc(job.to_wire())
-    assert child.job is job and job.sent == 55.0 and job.sent_wall is not None
+    assert child.jobs == {3: job} and job.sent == 55.0 and job.sent_wall is not None
     assert child.state == "busy"
+    later = Job(4, "k2", ["/bin/true"], ENV, 10.0, at=56.0)
+    pool.hand(child, later, 55.0)                   # a worker is handed jobs ahead
+    assert list(child.jobs) == [3, 4] and child.state == "busy"
 
 
 def _check(name, host="db1", group_host="db1"):
@@ -153,8 +156,10 @@ def test_pool_manage_retires_the_extra_idle_the_late_and_the_hung(tmp_path, monk
     pool.spawn_after = pool.runner_after = float("inf")         # nothing is forked here
     Child = hadaemon.pool.Child
     for child in (Child(1, "worker", "idle", 0.0), Child(2, "worker", "starting", 0.0),
-                  Child(3, "worker", "busy", 0.0, job=Job(1, "k", [], ENV, 10.0, sent=40.0)),
-                  Child(4, "worker", "busy", 0.0, job=Job(2, "k", [], ENV, 10.0, sent=80.0)),
+                  Child(3, "worker", "busy", 0.0, jobs={1: Job(1, "k", [], ENV, 10.0, sent=40.0)}),
+                  # hung by its time, but it answered since: its check started no earlier
+                  Child(4, "worker", "busy", 0.0, jobs={2: Job(2, "k", [], ENV, 10.0, sent=40.0)},
+                        answered=80.0),
                   Child(5, "worker", "exiting", 0.0), Child(6, "action", "starting", 0.0),
                   Child(7, "worker", "idle", 0.0), Child(8, "worker", "starting", 95.0)):
         pool.children[child.pid] = child
@@ -231,7 +236,24 @@ def test_a_result_for_another_job_is_refused_by_the_pool(tmp_path):
     for msg in (dict(RESULT, job=4), dict(RESULT, t="hello"), {"job": 3}):
         with pytest.raises(hadaemon.base.ProtocolError):
             pool.job_done(child, msg)
-    assert pool.job_done(child, RESULT) is job and child.job is None and child.state == "idle"
+    for msg in ({"t": "back", "jobs": [4]}, {"t": "back", "jobs": 3}, {"t": "back"}):
+        with pytest.raises(hadaemon.base.ProtocolError):
+            pool.given_back(child, msg)
+    assert pool.job_done(child, RESULT) is job and child.jobs == {} and child.state == "idle"
+
+
+def test_a_same_message_is_the_result_its_job_expected(tmp_path):
+    pool = hadaemon.pool.Pool(str(tmp_path / "sock"), str(tmp_path))
+    child = hadaemon.pool.Child(4242, "worker", "idle", 0.0)
+    job = Job(3, "k", ["/bin/true"], ENV, 10.0, same=77)
+    job.said = ((("state", "up"), ("lag", "3")), 0)
+    pool.hand(child, job, 1.0)
+    msg = {"t": "same", "job": 3, "started": 1700000000.25, "duration": 0.004512}
+    assert pool.job_done(child, msg) is job
+    result = CheckResult.from_same(job, msg)
+    assert result == CheckResult(3, "k", {"state": "up", "lag": "3"}, False, 0, None, 1700000000.25,
+                                 0.004512, None, None)
+    assert CheckResult.from_same(job, {"t": "same", "job": 3, "started": "x"}).started is None
 
 
 def test_the_result_of_a_worker_that_died():
@@ -241,6 +263,9 @@ def test_the_result_of_a_worker_that_died():
     assert result.failed is True and result.exit is None and result.signal is None
     assert result.started == 1700000000.0 and result.duration == 2.5
     assert result.trouble is None and result.stderr is None
+    ahead = Job(3, "k", ["/bin/true"], ENV, 10.0, at=101.0, sent=100.0, sent_wall=1700000000.0)
+    result = CheckResult.lost(ahead, "killed by SIGKILL", 102.5)      # handed ahead: from its time
+    assert result.started == 1700000001.0 and result.duration == 1.5
 
 
 def test_to_last_is_the_checks_last_as_status_shows_it():

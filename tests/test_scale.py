@@ -297,9 +297,9 @@ def test_the_scheduler_starts_a_check_added_back_as_a_new_one(tmp_path):
             now[0] += step
             sch.fire_due(now[0])
             while sch.ready:
-                rt, _ = sch.ready.popleft()
-                fired.append((now[0], rt.check.name))
-                sch.finished(rt.check.key, hadaemon.records.CheckResult.from_wire({"data": {}, "exit": 0}))
+                job = sch.take(now[0], lambda host: "up", str(conf), str(tmp_path))
+                fired.append((now[0], job.env["HA_CHECK"]))
+                sch.finished(job.key, hadaemon.records.CheckResult.from_wire({"data": {}, "exit": 0}))
         return fired
 
     sch = hadaemon.scheduler.Scheduler()

@@ -39,6 +39,7 @@ TARGET = os.path.join(ROOT, "hadaemon.py")
 ORDER = [
     "base", "cron", "config", "netsettings", "configfiles", "wire", "records", "dumbfiles", "store",
     "proc", "children", "ssh", "ledger_store", "switchover", "ledger", "scheduler", "pool", "control",
+    "checkflow",
     "http_proto", "http_views", "http_server",
     "etcd", "cluster_agent", "cluster_member", "cluster_ledger", "cluster_link",
     "actions", "reload", "notify_queue", "notify", "master", "whatif", "client", "opsclient", "checkcmd",

@@ -1,7 +1,7 @@
 """What the forked children run: the check worker and the action run.
 
-Owns child_setup (every child's first step), worker_main (hello, then one check
-at a time as the master hands them out, each result sent back as one line),
+Owns child_setup (every child's first step), the check Worker (the jobs it is
+handed, each run at its time; unchanged results held a while to go together),
 action_main (one sequence of commands, run serially, each start and end reported),
 and the expansion of %MASTER%, %SLAVE%, %HOST% and friends in a section's commands.
 
@@ -9,8 +9,11 @@ Uses: base, wire, records, proc.
 """
 
 import collections
+import heapq
+import itertools
 import os
 import re
+import select
 import signal
 import struct
 import time
@@ -19,9 +22,9 @@ import typing
 from .base import (
     ACTION_KILL_GRACE, OUTPUT_CAP, close_inherited, reset_child_signals, restore_open_files_limit,
 )
-from .wire import Channel, parse_check_output
+from .wire import Channel, encode_message, parse_check_output, result_print
 from .records import CheckResult, Job, Run
-from .proc import ChildWatch, CommandLease, _Terminate, run_process
+from .proc import ChildWatch, CommandLease, _Orphaned, _Terminate, run_process
 
 
 def _raise_terminate(signum, frame):
@@ -37,13 +40,13 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None, environ=None, slot=None):
+def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
     """Run one check ``job`` (a Job) and return its CheckResult for the master.
 
     ``environ``: the environment to start from (default os.environ); a worker passes
     one copy made at its start, as os.environ decodes every entry on every copy.
     ``slot``: the worker's page shared with the master, where the pid of the running
-    check is kept (0 when none runs).
+    check is kept (0 when none runs).  ``alarm``: see run_process.
     """
     env = dict(os.environ if environ is None else environ)
     env.update(job.env)
@@ -56,7 +59,7 @@ def run_check(job, watch, master=None, environ=None, slot=None):
             struct.pack_into("q", slot, 0, pid)
     try:
         res = run_process(job.argv, env, job.timeout, 0, watch,
-                          stdin_path=job.stdin, master=master, on_spawn=announce)
+                          stdin_path=job.stdin, master=master, on_spawn=announce, alarm=alarm)
     finally:
         if slot is not None:
             struct.pack_into("q", slot, 0, 0)
@@ -86,21 +89,143 @@ def run_check(job, watch, master=None, environ=None, slot=None):
                        res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
 
 
+HOLD = 0.1          # seconds an unchanged result may wait in its worker, to go with others
+GIVE_BACK = 0.05    # a queued job that cannot start this long after its time goes back
+EARLY = 0.0005      # a job starts this much before its time rather than sleep once more
+
+
+class Worker:
+    """A check worker's jobs: each run at its time (``at``), earliest first.
+
+    A result that says what the master expects (its job's ``same``) is sent as
+    ``{"t": "same"}`` (its job, start and duration: the rest the master knows),
+    held up to HOLD and sent with others; any other goes at once, after those held
+    before it, so the master reads every result, in the order they ran.  While a check runs
+    (the alarm), held results still leave in time, and the queued jobs that could
+    not start within GIVE_BACK of their time go back to the master (``back``) for
+    another worker.  The shared page (``slot``) says which job runs: 8 bytes the
+    pid of its check, 8 its id.
+    """
+
+    def __init__(self, chan, slot=None, environ=None):
+        self.chan, self.slot = chan, slot
+        self.environ = dict(os.environ) if environ is None else environ
+        self.watch = ChildWatch()
+        self.queue = []                 # heap of (at, seq, Job)
+        self.seq = itertools.count()
+        self.held = []                  # result lines not sent yet, in the order they ran
+        self.held_until = None
+        self.at = None                  # the alarm's time, while a check runs
+        self.leaving = False            # told to exit: after the check that runs
+        # epoll where there is one: its sleep to a job's time costs less than select's.
+        epoll = getattr(select, "epoll", None)
+        self.poller, self.unit = (epoll(), 1.0) if epoll else (select.poll(), 1000.0)
+        self.poller.register(chan.sock.fileno(), select.POLLIN)
+
+    def serve(self):
+        """Run the jobs as they come, until the master says ``exit`` or goes."""
+        queue, monotonic = self.queue, time.monotonic
+        while True:
+            now = monotonic()
+            wait = None
+            if queue:
+                wait = queue[0][0] - now
+                if wait <= EARLY:
+                    self.run(heapq.heappop(queue)[2])
+                    continue
+            if self.held:
+                if wait is None or now >= self.held_until:
+                    self.flush()
+                elif self.held_until - now < wait:
+                    wait = self.held_until - now
+            if self.leaving or not self.read(wait):
+                self.flush()
+                return 0
+
+    def read(self, timeout):
+        """Take what the master sent, waiting up to ``timeout`` (None: until it sends);
+        False when it hung up (``exit`` sets ``leaving``)."""
+        chan = self.chan
+        if not chan.pending:
+            # (Its timeout is in whole milliseconds, rounded up: EARLY less, to start on time.)
+            if timeout is not None and not self.poller.poll(max(0.0, timeout - EARLY) * self.unit):
+                return True
+            data = chan.sock.recv(65536)
+            if not data:
+                return False
+            chan.pending.extend(chan.reader.feed(data))
+        while chan.pending:
+            msg = chan.pending.popleft()
+            kind = msg.get("t")
+            if kind == "exit":
+                self.leaving = True
+            elif kind == "job":
+                job = Job.from_wire(msg)
+                heapq.heappush(self.queue, (job.at, next(self.seq), job))
+        return True
+
+    def hear(self):
+        """The master sent something while a check runs: new jobs join the queue (and the
+        alarm), so one that cannot start in time is given back while the check runs."""
+        if not self.read(0.0):
+            raise _Orphaned()
+        self.at = self.alarm_at()
+
+    def run(self, job):
+        slot = self.slot
+        if slot is not None:
+            struct.pack_into("q", slot, 8, job.id)
+        self.at = self.alarm_at()
+        try:
+            result = run_check(job, self.watch, master=self.chan.sock, environ=self.environ,
+                               slot=slot, alarm=self)
+        finally:
+            self.at = None
+            if slot is not None:
+                struct.pack_into("q", slot, 8, 0)
+        if job.same is not None and not result.failed and result.trouble is None \
+                and result.stderr is None and result_print(result.data, result.exit) == job.same:
+            # What the master expected: said in a word, and held.
+            self.held.append(b'{"t":"same","job":%d,"started":%r,"duration":%r}\n'
+                             % (job.id, result.started, result.duration))
+            if self.held_until is None:
+                self.held_until = time.monotonic() + HOLD
+        else:
+            self.held.append(encode_message(result.to_wire()))
+            self.flush()
+
+    def flush(self):
+        if self.held:
+            self.chan.sock.sendall(b"".join(self.held))
+            self.held, self.held_until = [], None
+
+    def alarm_at(self):
+        """When a running check must be interrupted for the others (None: never)."""
+        at = self.held_until
+        if self.queue and (at is None or self.queue[0][0] + GIVE_BACK < at):
+            at = self.queue[0][0] + GIVE_BACK
+        return at
+
+    def ring(self, now):
+        """The alarm, while a check runs: held results sent, the late jobs given back
+        (after what is held: the master knows then which of their checks still run)."""
+        late = []
+        while self.queue and self.queue[0][0] + GIVE_BACK <= now:
+            late.append(heapq.heappop(self.queue)[2].id)
+        if late or (self.held_until is not None and now >= self.held_until):
+            self.flush()
+        if late:
+            self.chan.send({"t": "back", "jobs": late})
+        self.at = self.alarm_at()
+
+
 def worker_main(sock_path, config_dir, slot=None):
-    """A pre-forked check worker: hello, then one job at a time until told to go."""
+    """A pre-forked check worker: hello, then the jobs it is handed until told to go."""
     child_setup()
     os.chdir(config_dir)
-    watch = ChildWatch()
     chan = Channel.connect(sock_path)
     chan.send({"t": "hello", "role": "worker", "pid": os.getpid()})
-    environ = dict(os.environ)
-    while True:
-        job = chan.receive()
-        if job is None or job.get("t") == "exit":
-            return 0
-        if job.get("t") == "job":
-            chan.send(run_check(Job.from_wire(job), watch, master=chan.sock, environ=environ,
-                                slot=slot).to_wire())
+    return Worker(chan, slot).serve()
 
 
 # -- Action runner -----------------------------------------------------------------------

@@ -41,8 +41,8 @@ class Conn:
 class ControlServer:
     """The listener and its connections on the master's selector.
 
-    What a message means is the master's: ``on_result(job, msg)`` for a worker's
-    result, ``on_event(child, msg)`` for what an action run or the cluster agent
+    What a message means is the master's: ``on_result(child, msg)`` for what a
+    worker says, ``on_event(child, msg)`` for what an action run or the cluster agent
     says, ``answer(msg)`` for a control verb: its answer, a dict sent back at once,
     or a generator that makes it in steps (bytes of the answer's line; None: nothing
     yet, ask later), which ``answer_some`` runs a slice of time each pass of the loop.
@@ -128,7 +128,7 @@ class ControlServer:
         if conn.role is None:
             self.identify(conn, msg)
         elif conn.role == "worker":
-            self.on_result(self.pool.job_done(conn.child, msg), msg)
+            self.on_result(conn.child, msg)
         elif conn.role in ("action", "cluster", "notify"):
             self.on_event(conn.child, msg)
         else:

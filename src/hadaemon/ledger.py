@@ -170,6 +170,15 @@ def pending_among(ledger, reports):
     return any(candidates.get(host, NEW_HOST)["pending"] == state for host, state in reports)
 
 
+def change_nothing(ledger, group, reports):
+    """Whether ``reports`` ((host, state) pairs) of a check of ``group``, applied to
+    ``ledger`` now, would each change nothing (confirm_step's "same"): a worker may then
+    hold back a run that says them again, a while (checkflow.py)."""
+    candidates = ledger.seen if ledger.shared else ledger.hosts
+    return all(confirm_step(candidates.get(host, NEW_HOST), state, group.confirm, group.window)[1] == "same"
+               for host, state in reports)
+
+
 class Ledger:
     """Host states, transitions, action runs and the queue, kept in a LedgerStore."""
 

@@ -3,16 +3,16 @@
 The story of the daemon's life, in run(): set up (lock, state db, socket,
 signals, schedule), say ready, loop, shut down.  Each pass of the loop is
 level-triggered: it handles recorded signals, reaps, enforces kill deadlines,
-keeps the pool full, fires due checks, hands them to idle workers and starts
+keeps the pool full, fires due checks, hands them to the workers and starts
 the next queued action run, so a lost signal or wake-up never matters.  The
 parts do the work; the master only wires them:
 
-  Scheduler --job--> Pool (a worker) --result--> ControlServer --> Ledger.report
+  Scheduler --CheckFlow--> a worker --result--> ControlServer --CheckFlow--> Ledger.report
   Ledger.head --ActionRuns--> the action run --events--> ControlServer --> ActionRuns
   SIGHUP, --reload --> Reload (a slice per pass) --> Master.reload swaps it in
 
 Uses: base, configfiles, records, store, ledger_store, switchover, ledger, scheduler, pool, control,
-      http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
+      checkflow, http_server, cluster_member, cluster_ledger, cluster_link, actions, reload, notify.
 """
 
 import logging
@@ -24,17 +24,18 @@ import time
 
 from .base import (
     ANSWER_SLICE, CHECKPOINT_EVERY, ConfigError, EXIT_FAIL, EXIT_OK, HadaemonError, PidLock,
-    SOCK_FILE, __version__, ensure_state_dir, killpg_quietly, log, raise_open_files_limit,
+    SOCK_FILE, __version__, ensure_state_dir, log, raise_open_files_limit,
     reopen_log, settle_heap, setup_logging, signal_name,
 )
 from .configfiles import load_config_steps
-from .records import CheckResult, DaemonBlock, StatusDoc
+from .records import DaemonBlock, StatusDoc
 from .store import Store
 from .ledger_store import LocalStore
-from .ledger import Ledger, pending_among
-from .scheduler import Scheduler
+from .ledger import Ledger
+from .scheduler import AHEAD, Scheduler
 from .pool import Pool
 from .control import ControlServer
+from .checkflow import CheckFlow
 from .http_server import HttpApp, HttpServer
 from .cluster_member import ClusterMember
 from .cluster_ledger import EtcdStore, cluster_reload_problem
@@ -84,8 +85,10 @@ class Master:
         self.scheduler = Scheduler(once, self.store)
         self.pool = Pool(os.path.join(state_dir, SOCK_FILE), state_dir)
         self.sel = selectors.DefaultSelector()
-        self.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
-                                    self.check_finished, self.child_event, self.answer)
+        self.flow = CheckFlow(self.scheduler, self.pool, None, self.ledger, None,
+                              lambda: (self.config.config_dir, self.state_dir))
+        self.server = self.flow.server = ControlServer(self.sel, self.pool.sock_path, self.pool,
+                                                       self.flow.on_worker, self.child_event, self.answer)
         self.cluster = None if config.cluster is None else ClusterLink(self.ledger, self.pool, self.server)
         self.leadership = Alone() if self.cluster is None else self.cluster
         self.runs = ActionRuns(self.ledger, self.pool, self.server, self.leadership)
@@ -94,7 +97,8 @@ class Master:
                                                  self.ledger.history,
                                                  lambda flag: self.set_paused(flag, "an http request")))
         self.notifier = Notifier()
-        self.notify = Notifications(self.store, self.pool, self.server, lambda: self.config)
+        self.notify = self.flow.notify = Notifications(self.store, self.pool, self.server,
+                                                       lambda: self.config)
         self.ledger.notify = self.notify.event      # docs/HACKING.md: events
         self.signals = []
         self.stopping = False
@@ -203,8 +207,8 @@ class Master:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
-            self.scheduler.fire_due(now)
-            self.dispatch(now)
+            self.scheduler.fire_due(now, AHEAD)
+            self.flow.dispatch(now)
             if self.cluster is not None:
                 self.cluster.tick(now)         # the agent, the mirror, agreement
             self.switchover.tick(time.time())     # a stored request, a scheduled one come due
@@ -226,7 +230,7 @@ class Master:
         if self.server.busy() or (self.reloads.busy() and not self.stopping):
             return 0.0                  # work in steps under way: look at the sockets, go on
         wake = min(self.next_checkpoint, now + 1.0)     # the earliest deadline (no list made)
-        due = None if self.stopping else self.scheduler.next_due()
+        due = None if self.stopping else self.scheduler.next_wake()
         if due is not None and due < wake:
             wake = due
         if self.notifier.watchdog and self.next_watchdog < wake:
@@ -328,30 +332,6 @@ class Master:
 
     # -- checks: Scheduler -> a worker -> Ledger -------------------------------------
 
-    def dispatch(self, now):
-        ready = self.scheduler.ready
-        if self.stopping or not ready:
-            return
-        for child in self.pool.workers("idle"):
-            job = self.scheduler.take(now, self.ledger.state_of, self.config.config_dir, self.state_dir)
-            self.server.send(child.conn, self.pool.hand(child, job, now))
-            if not ready:               # none left: no take() to learn it
-                break
-
-    def check_finished(self, job, msg):
-        """A worker's result message for its Job."""
-        self.check_result(job, CheckResult.from_wire(msg))
-
-    def check_result(self, job, result):
-        done = self.scheduler.finished(job.key, result)
-        if done is not None:
-            rt, reports = done
-            self.notify.check_ran(rt, result)
-            for host, state in reports:
-                self.ledger.report(host, state, rt.check, time.time(), rt.last["attributes"])
-            if rt.check.group.recheck or rt.rechecking:
-                self.scheduler.recheck(rt, pending_among(self.ledger, reports), time.monotonic())
-
     def reap(self):
         for child, how in self.pool.reap():
             self.server.drain(child)        # what it sent before it went
@@ -369,13 +349,7 @@ class Master:
 
     def worker_exited(self, child, how):
         self.pool.worker_gone(child, how)
-        job, child.job = child.job, None
-        if job is not None and not self.stopping:   # a check the stop ended is no report
-            pgid = child.check_pgid()
-            if pgid:
-                killpg_quietly(pgid, signal.SIGKILL)            # the check it left behind
-            self.check_result(job, CheckResult.lost(job, how, time.monotonic()))
-        child.close_slot()
+        self.flow.worker_exited(child, self.stopping, how)
 
     def child_event(self, child, msg):
         """What the cluster agent or an action run says."""

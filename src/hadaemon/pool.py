@@ -6,7 +6,7 @@ handed a sequence) and the ssh master connections.  One fork shape registers
 them; one reaping loop (waitpid until 0, level-triggered) collects them; one
 deadline per child (``kill_at``) turns a polite SIGTERM into SIGKILL.
 
-Uses: base, records, proc, children, ssh.
+Uses: base, proc, children, ssh.
 """
 
 import dataclasses
@@ -21,13 +21,12 @@ import typing
 from .base import (
     ProtocolError, WORKER_HANG_GRACE, decode_wait_status, format_duration, log, signal_name,
 )
-from .records import Job
 from .proc import _Orphaned, _Terminate
-from .children import action_main, worker_main
+from .children import HOLD, action_main, worker_main
 from .ssh import SshMasters
 
 
-# A worker: starting -> idle <-> busy -> exiting.
+# A worker: starting -> idle <-> busy (jobs handed, not all answered) -> exiting.
 WORKER_EDGES = {
     "starting": {"idle", "exiting"},
     "idle": {"busy", "exiting"},
@@ -46,18 +45,25 @@ class Child:
     state: str
     started: float                      # monotonic
     conn: typing.Any = None
-    job: typing.Optional[Job] = None    # the check a busy worker runs
+    jobs: dict = dataclasses.field(default_factory=dict)   # a worker's: id -> Job handed, not answered
+    answered: float = 0.0                    # a worker's last result (monotonic)
+    gave_back: bool = False                  # a worker that gave jobs back: none more until it answers
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
     lost: bool = False                       # a worker that hung up or died unasked
     pgid: typing.Optional[int] = None        # group of the command an action run runs now
-    slot: typing.Any = None                  # a worker's shared page: pid of its running check
+    slot: typing.Any = None                  # a worker's shared page: pid and job of its check
 
     def check_pgid(self):
         """The group of the check this worker runs now (from its shared page), or None."""
         pid = struct.unpack_from("q", self.slot, 0)[0] if self.slot is not None else 0
         return pid if pid > 1 else None
+
+    def running_job(self):
+        """The id of the job this worker runs now (from its shared page), or None."""
+        job = struct.unpack_from("q", self.slot, 8)[0] if self.slot is not None else 0
+        return job or None
 
     def close_slot(self):
         if self.slot is not None:
@@ -141,20 +147,41 @@ class Pool:
             self.set_worker_state(child, "idle")
 
     def hand(self, child, job, now):
-        """Give an idle worker its Job; returns the message to send it, encoded."""
+        """Give a worker a Job (it starts it at ``job.at``); returns the message to send
+        it, encoded."""
         job.sent, job.sent_wall = now, time.time()
-        child.job = job
-        self.set_worker_state(child, "busy")
+        child.jobs[job.id] = job
+        if child.state == "idle":
+            self.set_worker_state(child, "busy")
         return job.to_line()
 
     def job_done(self, child, msg):
-        """A worker's result message: the Job it answers (the worker is idle again)."""
-        if msg.get("t") != "result" or child.job is None or msg.get("job") != child.job.id:
+        """A worker's result message (``result`` or ``same``): the Job it answers."""
+        job = child.jobs.pop(msg.get("job"), None) if msg.get("t") in ("result", "same") else None
+        if job is None:
             raise ProtocolError("unexpected message from worker %d" % child.pid)
-        job, child.job = child.job, None
-        if child.state == "busy":
-            self.set_worker_state(child, "idle")
+        child.answered, child.gave_back = time.monotonic(), False
+        self._maybe_idle(child)
         return job
+
+    def given_back(self, child, msg):
+        """A worker's ``back``: the Jobs it could not start in time, for another worker."""
+        ids = msg.get("jobs")
+        if not isinstance(ids, list) or not all(i in child.jobs for i in ids):
+            raise ProtocolError("unexpected message from worker %d" % child.pid)
+        child.gave_back = True
+        jobs = [child.jobs.pop(i) for i in ids]
+        self._maybe_idle(child)
+        return jobs
+
+    def _maybe_idle(self, child):
+        if not child.jobs and child.state == "busy":
+            self.set_worker_state(child, "idle")
+
+    def takers(self):
+        """The workers that may be handed jobs now: said hello, not leaving, not behind."""
+        ready = [c for c in self.children.values() if c.kind == "worker" and c.state in ("idle", "busy")]
+        return [c for c in ready if not c.gave_back] or ready
 
     def runner(self, config_dir):
         """An action run for the next sequence: the spare, else one forked now (None: failed)."""
@@ -182,11 +209,13 @@ class Pool:
                     if now - child.started > HELLO_WITHIN:
                         late.append(child)
                 elif state != "idle":
-                    # Workers enforce their checks' timeouts; one silent long past it is
-                    # hung (stopped, stuck), and its check must not freeze its host's state.
-                    job = child.job
-                    if job is not None and now - job.sent > job.timeout + WORKER_HANG_GRACE:
-                        hung.append(child)
+                    # Workers enforce their checks' timeouts and send a held result within
+                    # HOLD: one silent long past the first job's is hung (stopped, stuck),
+                    # and its check must not freeze its host's state.
+                    for job in child.jobs.values():
+                        if now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
+                            hung.append(child)
+                        break
             elif child.kind == "action":
                 if child.run_id is None:
                     spare = child
@@ -195,7 +224,7 @@ class Pool:
         missing = config.daemon.workers - live
         if missing > 0 and now >= self.spawn_after:
             for _ in range(missing):
-                slot = mmap.mmap(-1, 8)         # shared with the worker, pid of its check
+                slot = mmap.mmap(-1, 16)        # shared with the worker: its check's pid and job
                 child = self.fork("worker", worker_main, self.sock_path, config.config_dir, slot)
                 if child is None:
                     slot.close()
@@ -212,7 +241,8 @@ class Pool:
             self.retire(child, signal.SIGKILL)
         for child in hung:
             log.error("worker %d: no result of check %s %s after its timeout; killing it",
-                      child.pid, child.job.env["HA_CHECK"], format_duration(WORKER_HANG_GRACE))
+                      child.pid, next(iter(child.jobs.values())).env["HA_CHECK"],
+                      format_duration(WORKER_HANG_GRACE))
             self.retire(child, signal.SIGKILL)
         if now >= self.runner_after and spare is None and not running:
             # One action run forked and waiting, so a sequence starts without a fork.

@@ -105,7 +105,7 @@ _SIGTERM_ONLY = (signal.SIGTERM,)
 
 
 def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=False,
-                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None):
+                master=None, on_spawn=None, not_after=None, lease=None, stdin_fd=None, alarm=None):
     """Run ``argv`` in a session of its own and collect its output (cut at OUTPUT_CAP).
 
     At ``timeout`` the group gets SIGTERM (SIGKILL at once when ``grace`` is 0) and
@@ -116,6 +116,8 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     Past ``not_after`` (monotonic) it is not started at all: ``result.error`` says so.
     A ``lease`` (CommandLease) ends it by its own deadlines, which the master moves on.
     Its stdin is ``stdin_fd`` when given (a notify command's event), else ``stdin_path``.
+    An ``alarm`` (a worker's: its ``at``, monotonic or None) is rung (``ring(now)``) at
+    its time while the process runs, and reads what the master sends (``hear()``).
     """
     started = time.monotonic()
     if not_after is not None and started >= not_after:
@@ -141,7 +143,7 @@ def run_process(argv, env, timeout, grace, watch, stdin_path=None, merge_stderr=
     for fd in {out_w, err_w}:
         os.close(fd)
     watched = _Watched(pid, [fd for fd in (out_r, err_r) if fd is not None], started, timeout,
-                       grace, watch, master, lease)
+                       grace, watch, master, lease, alarm)
     try:
         _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if on_spawn is not None:
@@ -211,9 +213,9 @@ class _Watched:
     writes more than a pipe holds is never blocked for long.
     """
 
-    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None):
+    def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None, alarm=None):
         self.pid, self.started, self.grace, self.watch, self.master = pid, started, grace, watch, master
-        self.lease = lease
+        self.lease, self.alarm = lease, alarm
         self.result = ProcResult()
         self.collected = {fd: bytearray() for fd in fds}
         self.reading = set(fds)
@@ -263,6 +265,8 @@ class _Watched:
             self.kill_at = None
         if self.lease is not None and self.status is None:
             self.lease.keep(self.pid, now)
+        if self.alarm is not None and self.alarm.at is not None and now >= self.alarm.at:
+            self.alarm.ring(now)
 
     def _wait_time(self, now):
         if self.status is not None:
@@ -277,6 +281,8 @@ class _Watched:
             wait = min(wait, self.quiet_until - now)
         if self.lease is not None and self.status is None:
             wait = min(wait, self.lease.next_deadline() - now)
+        if self.alarm is not None and self.alarm.at is not None:
+            wait = min(wait, self.alarm.at - now)
         return wait
 
     def _handle(self, events):
@@ -294,6 +300,9 @@ class _Watched:
             elif self.master is not None and fd == self.master.fileno():
                 if self.lease is not None:
                     self.lease.read()           # the master moves the deadlines on
+                    continue
+                if self.alarm is not None:
+                    self.alarm.hear()           # a worker takes its new jobs (EOF: _Orphaned)
                     continue
                 if not self.master.recv(1, socket.MSG_PEEK):
                     raise _Orphaned()

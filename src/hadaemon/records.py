@@ -4,7 +4,8 @@ Owns the records that were dicts built by hand in several places, each with its
 one conversion to and from the form it travels or is stored in:
 
   Job          master -> worker: one check to run (``{"t": "job"}``)
-  CheckResult  worker -> master: what the check said (``{"t": "result"}``); the
+  CheckResult  worker -> master: what the check said (``{"t": "result"}``, or
+               ``{"t": "same"}`` when it said what its job expected); the
                master's own result for a worker that died; the check's ``last``
   Transition   a host moved FROM -> TO: to_json() / from_json(), the state db's
                ``tr:N``, etcd's, --status --json's and --history's
@@ -36,9 +37,12 @@ from .wire import _shorten, encode_message, json_pieces
 
 @dataclasses.dataclass
 class Job:
-    """One check handed to a worker.  ``sent`` / ``sent_wall`` are the master's own
-    (when it was handed: the hang deadline, the lost result's start) and never sent;
-    ``line`` too (its message encoded, see to_line)."""
+    """One check handed to a worker, to start at ``at``.  ``same``: the fingerprint
+    (wire.result_print) of the result that would change nothing, which the worker may
+    hold a while to send with others; None: send the result at once.  ``sent`` /
+    ``sent_wall`` are the master's own (when it was handed: the lag, the lost result's
+    start) and never sent; ``line`` too (its message encoded, see to_line), and
+    ``said``: (data items, exit) of the result ``same`` stands for."""
     id: int
     key: str                            # the check's key
     argv: list                          # what runs (ssh: the ssh command)
@@ -46,17 +50,24 @@ class Job:
     timeout: float
     stdin: typing.Optional[str] = None  # ssh: the file the remote command reads
     ssh: bool = False
+    at: float = 0.0                     # monotonic (one clock for the whole machine)
+    same: typing.Optional[int] = None
     sent: typing.Optional[float] = None         # monotonic
     sent_wall: typing.Optional[float] = None    # wall clock
     line: typing.Optional[bytes] = dataclasses.field(default=None, compare=False, repr=False)
+    said: typing.Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self):
         """The ``job`` message a worker reads."""
-        msg = {"t": "job", "id": self.id, "key": self.key, "timeout": self.timeout,
-               "env": self.env, "argv": self.argv}
+        msg = {"t": "job", "id": self.id, "at": self.at, "same": self.same, "key": self.key,
+               "timeout": self.timeout, "env": self.env, "argv": self.argv}
         if self.ssh:
             msg["stdin"], msg["ssh"] = self.stdin, True
         return msg
+
+    def start(self):
+        """When it started at the latest, had it run (monotonic): its time, or when handed."""
+        return max(self.at, self.sent)
 
     def to_line(self):
         """The ``job`` message as the line sent, ``encode_message(to_wire())``: ``line``
@@ -70,7 +81,7 @@ class Job:
         """The worker's side; a message without id, key, argv, env or timeout raises
         KeyError (the worker exits with its traceback: the master gave it nonsense)."""
         return cls(msg["id"], msg["key"], msg["argv"], msg["env"], msg["timeout"],
-                   msg.get("stdin"), bool(msg.get("ssh")))
+                   msg.get("stdin"), bool(msg.get("ssh")), msg["at"], msg.get("same"))
 
 
 # -- Worker -> master: a check's result ------------------------------------------------
@@ -112,12 +123,22 @@ class CheckResult(typing.NamedTuple):
                           trouble if isinstance(trouble, str) else None, get("stderr") or None))
 
     @classmethod
+    def from_same(cls, job, msg):
+        """The master's side of a ``same`` message: the run of ``job`` said what ``job.said``
+        holds (its worker sends no more), clean, with no stderr.  A message whose times
+        are not numbers gives None for them, as from_wire does."""
+        started, duration = msg.get("started"), msg.get("duration")
+        return cls(job.id, job.key, dict(job.said[0]), False, job.said[1], None,
+                   started if isinstance(started, (int, float)) else None,
+                   duration if isinstance(duration, (int, float)) else None, None)
+
+    @classmethod
     def lost(cls, job, how, now_m):
         """The result of a check whose worker died while it ran: unknown, and failed
         (its unknown goes to the hosts the check last reported on)."""
         return cls(job.id, job.key, {"state": "unknown",
                                      "message": "worker died (%s) while running the check" % how},
-                   True, None, None, job.sent_wall, now_m - job.sent, None)
+                   True, None, None, job.sent_wall + (job.start() - job.sent), now_m - job.start(), None)
 
     def to_last(self, reports, problems):
         """The check's ``last``, as --status --json shows it and ``check:KEY`` keeps it."""

@@ -4,11 +4,13 @@ One timer heap of (due, seq, key, token) over every configured check.  Interval
 checks run at a fixed rate from their schedule (a late pass skips, it never
 bursts); cron checks at their next matching minute.  A check due while its last
 run is still queued or running is skipped and counted: it never overlaps itself.
-Due checks wait in ``ready`` for an idle worker; the wait is the lag we sample.
-A pass of the master that is awake anyway (a result came in) also takes the
-checks due within EARLY: one wake-up for a result and the next job, not one
-each, for a check that runs at most that much before its time (the schedule
-itself does not move).
+Due checks wait in ``ready`` for a worker.  The master's pass takes the checks
+due within AHEAD and hands them out at once, each with its time (``at``), at
+which its worker starts it: one wake-up of the master for a batch of checks, not
+one each.  A check handed to a worker and not yet answered goes to that worker
+again, behind its last run, so a check never overlaps itself and its results
+come in the order it ran; one due while it still waits for a worker is skipped.
+The lag we sample is a run's start after its time.
 A check whose report left a candidate pending (``recheck``) runs again that soon
 after, from a second heap, its scheduled runs passing unrun meanwhile; once the
 candidate is settled it is back on its schedule, which never moved.
@@ -26,11 +28,12 @@ import typing
 
 from .base import CONFIG_STEP, format_duration, log, run_steps, signal_name
 from .config import Check
-from .wire import reports_from_result
+from .wire import reports_from_result, result_print
 from .records import Job
 from .ssh import ssh_command
 
-EARLY = 0.002       # seconds a due check may go ahead of its time with a pass awake anyway
+AHEAD = 0.1         # seconds ahead a pass of the master hands out the checks due
+LEAD = 0.02         # a pass comes this long before the next check is due (next_wake)
 
 
 @dataclasses.dataclass
@@ -39,7 +42,10 @@ class CheckRuntime:
     check: Check
     next_due: float = 0.0
     token: int = 0                      # heap entries with an older token are stale
-    busy: bool = False                  # queued or running: a check never overlaps itself
+    busy: bool = False                  # queued or handed, not answered: --status's "running"
+    queued: bool = False                # in ``ready``: a run due meanwhile is skipped
+    handed: int = 0                     # runs handed to ``worker`` and not answered yet
+    worker: typing.Any = None           # the pool's Child they were handed to
     waiting: typing.Optional[list] = None   # its first run is not in the heap yet: next_due
                                             # is an offset from waiting[0] (Scheduler.fresh)
     runs: int = 0
@@ -51,8 +57,8 @@ class CheckRuntime:
     recheck_at: typing.Optional[float] = None   # when it runs again, while one is planned
     job_tail: typing.Optional[tuple] = None     # (HA_STATE, config dir, state dir, its job's
                                                 # line after the id): Scheduler._job_line
-    said: typing.Optional[tuple] = None         # (data items, exit, reports) of its last clean
-                                                # run: Scheduler._derive
+    said: typing.Optional[tuple] = None         # (data items, exit, reports, print) of its last
+                                                # clean run: Scheduler._derive
 
 
 def percentile(ordered, q):
@@ -112,7 +118,6 @@ class Scheduler:
         self.lag_cache = None                       # (when, lag_count, percentiles of the window)
         self.heap_seq = itertools.count()
         self.tokens = itertools.count()     # never reused: a removed check that comes back is new
-        self.running = set()            # keys of the checks queued or running (busy)
         # After a (re)configuration, the checks that start afresh wait here, by the
         # offset of their first run from the swap, and go into the heap when due: the
         # swap does not push ten thousand of them at once.  One batch per swap: [its
@@ -171,9 +176,10 @@ class Scheduler:
             self._push(rt)
         if fresh:
             self.fresh.append((since, fresh))
-        for key in self.running:                # queued or running as they are now
-            if key in runtimes:
-                runtimes[key].busy = True
+        for key, rt in old.items():             # queued or handed as they are now
+            new = runtimes.get(key)
+            if new is not None and new is not rt:
+                new.busy, new.queued, new.handed, new.worker = rt.busy, rt.queued, rt.handed, rt.worker
         self.stale += len(old) - len(kept)
         self.runtimes = runtimes
         if self.stale > max(len(runtimes), 1000):
@@ -182,9 +188,6 @@ class Scheduler:
             self.heap = [e for e in self.heap if e[2] in runtimes and runtimes[e[2]].token == e[3]]
             heapq.heapify(self.heap)
             self.stale = 0
-        for rt, _ in self.ready:
-            if rt.check.key not in runtimes:    # removed before it ran: not running any more
-                self.running.discard(rt.check.key)
         self.ready = collections.deque((runtimes[rt.check.key], due) for rt, due in self.ready
                                        if rt.check.key in runtimes)
         return list(old.values())
@@ -217,18 +220,26 @@ class Scheduler:
                 due = since[0] + queue[0][0]
         return due
 
-    def fire_due(self, now):
-        """Move every check due by ``now`` (or within EARLY after) to ``ready``, or count it
-        skipped; set its next time."""
+    def next_wake(self):
+        """When the master's next pass should come for the checks (None: no check)."""
+        due = self.next_due()
+        return None if due is None else due - LEAD
+
+    def fire_due(self, now, ahead=0.0):
+        """Move every check due by ``now`` + ``ahead`` to ``ready``, or count it skipped;
+        set its next time.  Ahead only when the next check is due within LEAD: a pass
+        awake for something else (a result) takes nothing early, so the workers get
+        their jobs in batches, not a few at every pass."""
+        due = self.next_due() if ahead else None
+        until = now + ahead if due is not None and due <= now + LEAD else now
         if self.fresh:
-            self._push_fresh(now)
-        until = now + EARLY
-        while self.rechecks and self.rechecks[0][0] <= now:
+            self._push_fresh(until)
+        while self.rechecks and self.rechecks[0][0] <= until:
             due, _, key, token = heapq.heappop(self.rechecks)
             rt = self.runtimes.get(key)
             if rt is not None and rt.token == token and rt.recheck_at == due:
                 rt.recheck_at = None
-                if not rt.busy:
+                if not rt.queued:
                     self._queue(rt, due)
         while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
@@ -237,9 +248,9 @@ class Scheduler:
                 continue
             if rt.rechecking and not self.once:
                 pass                            # its recheck runs instead
-            elif rt.busy:
+            elif rt.queued:
                 rt.skipped += 1
-                log.debug("check %s: still running at its next run; skipped", rt.check.name)
+                log.debug("check %s: still waiting for a worker at its next run; skipped", rt.check.name)
             else:
                 self._queue(rt, due)
             if self.once:
@@ -256,20 +267,23 @@ class Scheduler:
             self._push(rt)
 
     def _queue(self, rt, due):
-        """``rt`` waits for a worker: queued, so it is not due again until it ran."""
-        rt.busy = True
-        self.running.add(rt.check.key)
+        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped."""
+        rt.busy = rt.queued = True
         self.ready.append((rt, due))
 
-    def take(self, now, host_state, config_dir, state_dir):
-        """The next ready check as a Job (None when none waits); its lag is sampled."""
+    def take(self, now, host_state, config_dir, state_dir, quiet=None):
+        """The next ready check as a Job to start at its time (None when none waits),
+        counted as handed.  ``quiet(group, reports)``: whether those reports of a check
+        of that group would change nothing now; if so, and the check is not rechecking,
+        its worker may hold a result that says what its last clean run said (Job.same)."""
         if not self.ready:
             return None
         rt, due = self.ready.popleft()
-        lag = max(0.0, now - due)           # ahead of its time (EARLY) is no lag
-        self.lags.append(lag)
-        self.lag_count += 1
-        self.lag_sum += lag
+        rt.queued = False
+        rt.handed += 1
+        said = rt.said
+        same = said[3] if said is not None and quiet is not None and not rt.rechecking \
+            and quiet(rt.check.group, said[2]) else None
         check = rt.check
         env = {"HA_CHECK": check.name, "HA_SCOPE": check.group.scope.name,
                "HA_STATE": host_state(check.host), "HA_CONFIG_DIR": config_dir,
@@ -278,8 +292,14 @@ class Scheduler:
             env["HA_HOST"] = check.group.host
         if check.group.scope.kind == "ssh":
             argv, stdin = ssh_command(check, env, state_dir)
-            return Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True)
-        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout)
+            job = Job(next(self.job_ids), check.key, argv, env, check.group.timeout, stdin, True, due, same)
+            if same is not None:
+                job.said = said[:2]
+            return job
+        job = Job(next(self.job_ids), check.key, list(check.argv), env, check.group.timeout,
+                  at=due, same=same)
+        if same is not None:
+            job.said = said[:2]
         job.line = self._job_line(rt, job, config_dir, state_dir)
         return job
 
@@ -288,7 +308,8 @@ class Scheduler:
         """``job``'s line (Job.to_line) from the part after its id kept per check: its
         message is encoded again only when HA_STATE or the directories changed (a reload
         of the check forgets it, in swap())."""
-        head = b'{"t":"job","id":%d' % job.id
+        head = b'{"t":"job","id":%d,"at":%s,"same":%s' % (
+            job.id, repr(job.at).encode(), b"null" if job.same is None else b"%d" % job.same)
         kept, state = rt.job_tail, job.env["HA_STATE"]
         if kept is not None and kept[0] == state and kept[1] == config_dir and kept[2] == state_dir:
             return head + kept[3]
@@ -297,13 +318,28 @@ class Scheduler:
             if line.startswith(head + b",") else None
         return line
 
+    def released(self, key):
+        """A run of check ``key`` handed and not answered is no more (its worker died, or
+        gave it back): its runtime, or None (a reload removed it)."""
+        rt = self.runtimes.get(key)
+        if rt is not None:
+            rt.handed = max(0, rt.handed - 1)
+            rt.busy = rt.queued or rt.handed > 0
+        return rt
+
+    def sample_lag(self, job, result):
+        """How late ``job`` started after its time (by ``result``'s start, a wall clock)."""
+        lag = max(0.0, result.started - job.sent_wall - (job.at - job.sent)) \
+            if isinstance(result.started, (int, float)) else 0.0
+        self.lags.append(lag)
+        self.lag_count += 1
+        self.lag_sum += lag
+
     def finished(self, key, result):
         """Check ``key``'s CheckResult -> (its runtime, [(host, state)] reported), None if unknown."""
-        self.running.discard(key)
-        rt = self.runtimes.get(key)
+        rt = self.released(key)
         if rt is None:
             return None                 # removed by a reload while it ran
-        rt.busy = False
         rt.runs += 1
         items, said = tuple(result.data.items()), rt.said
         if said is not None and said[0] == items and said[1] == result.exit and not result.failed:
@@ -340,7 +376,7 @@ class Scheduler:
         # Only text values: == on them is sameness (1 == 1.0 == True, and nested dicts
         # equal in another order, would each show differently in its last).
         clean = not result.failed and not problems and all(type(v) is str for _, v in items)
-        rt.said = (items, result.exit, reports) if clean else None
+        rt.said = (items, result.exit, reports, result_print(result.data, result.exit)) if clean else None
         return reports
 
     def recheck(self, rt, pending, now):

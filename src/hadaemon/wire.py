@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import zlib
 
 from .base import (
     ANSWER_MAX, ANSWER_STEP, EXIT_STATES, HadaemonError, MAX_MESSAGE, ProtocolError, SOCK_FILE,
@@ -27,6 +28,16 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 def encode_message(obj):
     return _ENCODE(obj).encode("utf-8") + b"\n"
+
+
+def result_print(data, exit_code):
+    """A result's fingerprint, of its output read (``data``) and its exit: a worker holds
+    a result whose print is its job's ``same`` (records.Job) a while, to send it with
+    others.  Both sides make it from the same dict, the master's decoded from the
+    worker's JSON; the master makes one only of text values, whose repr() comes back
+    as it went.  Two results of one print by chance cost only that while: the master
+    reads every result whole."""
+    return zlib.crc32(repr((exit_code, data)).encode("utf-8", "backslashreplace"))
 
 
 def json_pieces(items, as_object, step=None):
