@@ -807,7 +807,11 @@ def section_reaction(tmp, quick, workers, launcher=(), program=None, load_rate=0
     flip(os.path.join(d.world, "role"), "up")
     try:
         d.start()
-        wait_for(lambda: read_lines(os.path.join(d.world, "actions.log")), 20, "the first action")
+        # Every host's first transition (with load, check_trivial's too: its action must
+        # not be taken for the first flip's, which would then wait for one never made).
+        first = 2 if load_rate else 1
+        wait_for(lambda: len(read_lines(os.path.join(d.world, "actions.log"))) >= first, 20,
+                 "the first actions")
         flips = flip_until_acted(d.world, n, 0.1, 20)
         history = d.history(n + 10)
     finally:

@@ -9,14 +9,16 @@ paced bare spawn that bench.py's 1.3x target is set against:
 
   paced    one process spawns the check at each due time and waits for it
   shape    a master sends a job (a JSON line) at each due time, a forked worker runs
-           it and sends its result back: hadaemon's shape (bench.py's shape floor)
+           it and sends its result back: hadaemon's shape before the check flow
+           (bench.py's shape floor)
   timer    the worker keeps the schedule itself and sends each result as it comes;
            the master only reads results
   batched  the worker keeps the schedule and sends a result at once only when its
            output changed, the unchanged ones together every BATCH_EVERY seconds
 
-``timer`` and ``batched`` are designs hadaemon does not have: they measure what
-moving the schedule into the workers, and batching what did not change, could buy.
+``timer`` and ``batched`` keep the schedule in the worker; hadaemon's check flow
+(docs/HACKING.md) keeps it in the master and hands the jobs ahead, which the worker
+starts at their time, and batches what did not change: ``batched`` is its floor.
 """
 
 import argparse
