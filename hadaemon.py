@@ -143,6 +143,7 @@ import errno
 import fcntl
 import functools
 import gc
+import hashlib
 import heapq
 import ipaddress
 import itertools
@@ -168,7 +169,6 @@ import threading
 import time
 import typing
 import urllib.parse
-import zlib
 
 
 # ============================================================================
@@ -1566,13 +1566,15 @@ def encode_message(obj):
 
 
 def result_print(data, exit_code):
-    """A result's fingerprint, of its output read (``data``) and its exit: a worker holds
-    a result whose print is its job's ``same`` (records.Job) a while, to send it with
-    others.  Both sides make it from the same dict, the master's decoded from the
-    worker's JSON; the master makes one only of text values, whose repr() comes back
-    as it went.  Two results of one print by chance cost only that while: the master
-    reads every result whole."""
-    return zlib.crc32(repr((exit_code, data)).encode("utf-8", "backslashreplace"))
+    """A result's fingerprint, of its output read (``data``) and its exit: a worker sends
+    a result whose print is its job's ``same`` (records.Job) as ``same``, held a while.
+    Both sides make it from the same dict, the master's decoded from the worker's JSON;
+    the master makes one only of text values, whose repr() comes back as it went.
+    128 bits of BLAKE2: a changed result taken for the same by chance (which would
+    pass for it every time it came again) is not a risk a failover daemon runs."""
+    digest = hashlib.blake2b(repr((exit_code, data)).encode("utf-8", "backslashreplace"),
+                             digest_size=16).digest()
+    return int.from_bytes(digest, "big")
 
 
 def json_pieces(items, as_object, step=None):
@@ -3269,11 +3271,11 @@ class Worker:
     A result that says what the master expects (its job's ``same``) is sent as
     ``{"t": "same"}`` (its job, start and duration: the rest the master knows),
     held up to HOLD and sent with others; any other goes at once, after those held
-    before it, so the master reads every result, in the order they ran.  While a check runs
-    (the alarm), held results still leave in time, and the queued jobs that could
-    not start within GIVE_BACK of their time go back to the master (``back``) for
-    another worker.  The shared page (``slot``) says which job runs: 8 bytes the
-    pid of its check, 8 its id.
+    before it, so the master reads every result, in the order they ran.  While a
+    check runs (the alarm), held results still leave in time, and the queued jobs
+    that could not start within GIVE_BACK of their time go back to the master
+    (``back``) for another worker.  The shared page (``slot``) says which job runs:
+    8 bytes the pid of its check, 8 its id.
     """
 
     def __init__(self, chan, slot=None, environ=None):
@@ -3294,7 +3296,7 @@ class Worker:
     def serve(self):
         """Run the jobs as they come, until the master says ``exit`` or goes."""
         queue, monotonic = self.queue, time.monotonic
-        while True:
+        while not self.leaving:
             now = monotonic()
             wait = None
             if queue:
@@ -3307,9 +3309,10 @@ class Worker:
                     self.flush()
                 elif self.held_until - now < wait:
                     wait = self.held_until - now
-            if self.leaving or not self.read(wait):
-                self.flush()
-                return 0
+            if not self.read(wait):
+                break
+        self.flush()
+        return 0
 
     def read(self, timeout):
         """Take what the master sent, waiting up to ``timeout`` (None: until it sends);

@@ -100,11 +100,11 @@ class Worker:
     A result that says what the master expects (its job's ``same``) is sent as
     ``{"t": "same"}`` (its job, start and duration: the rest the master knows),
     held up to HOLD and sent with others; any other goes at once, after those held
-    before it, so the master reads every result, in the order they ran.  While a check runs
-    (the alarm), held results still leave in time, and the queued jobs that could
-    not start within GIVE_BACK of their time go back to the master (``back``) for
-    another worker.  The shared page (``slot``) says which job runs: 8 bytes the
-    pid of its check, 8 its id.
+    before it, so the master reads every result, in the order they ran.  While a
+    check runs (the alarm), held results still leave in time, and the queued jobs
+    that could not start within GIVE_BACK of their time go back to the master
+    (``back``) for another worker.  The shared page (``slot``) says which job runs:
+    8 bytes the pid of its check, 8 its id.
     """
 
     def __init__(self, chan, slot=None, environ=None):
@@ -125,7 +125,7 @@ class Worker:
     def serve(self):
         """Run the jobs as they come, until the master says ``exit`` or goes."""
         queue, monotonic = self.queue, time.monotonic
-        while True:
+        while not self.leaving:
             now = monotonic()
             wait = None
             if queue:
@@ -138,9 +138,10 @@ class Worker:
                     self.flush()
                 elif self.held_until - now < wait:
                     wait = self.held_until - now
-            if self.leaving or not self.read(wait):
-                self.flush()
-                return 0
+            if not self.read(wait):
+                break
+        self.flush()
+        return 0
 
     def read(self, timeout):
         """Take what the master sent, waiting up to ``timeout`` (None: until it sends);

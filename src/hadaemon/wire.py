@@ -9,12 +9,12 @@ Uses: base.
 """
 
 import collections
+import hashlib
 import itertools
 import json
 import os
 import re
 import socket
-import zlib
 
 from .base import (
     ANSWER_MAX, ANSWER_STEP, EXIT_STATES, HadaemonError, MAX_MESSAGE, ProtocolError, SOCK_FILE,
@@ -31,13 +31,15 @@ def encode_message(obj):
 
 
 def result_print(data, exit_code):
-    """A result's fingerprint, of its output read (``data``) and its exit: a worker holds
-    a result whose print is its job's ``same`` (records.Job) a while, to send it with
-    others.  Both sides make it from the same dict, the master's decoded from the
-    worker's JSON; the master makes one only of text values, whose repr() comes back
-    as it went.  Two results of one print by chance cost only that while: the master
-    reads every result whole."""
-    return zlib.crc32(repr((exit_code, data)).encode("utf-8", "backslashreplace"))
+    """A result's fingerprint, of its output read (``data``) and its exit: a worker sends
+    a result whose print is its job's ``same`` (records.Job) as ``same``, held a while.
+    Both sides make it from the same dict, the master's decoded from the worker's JSON;
+    the master makes one only of text values, whose repr() comes back as it went.
+    128 bits of BLAKE2: a changed result taken for the same by chance (which would
+    pass for it every time it came again) is not a risk a failover daemon runs."""
+    digest = hashlib.blake2b(repr((exit_code, data)).encode("utf-8", "backslashreplace"),
+                             digest_size=16).digest()
+    return int.from_bytes(digest, "big")
 
 
 def json_pieces(items, as_object, step=None):
