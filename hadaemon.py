@@ -3278,9 +3278,9 @@ class Worker:
     8 bytes the pid of its check, 8 its id.
     """
 
-    def __init__(self, chan, slot=None, environ=None):
+    def __init__(self, chan, slot=None):
         self.chan, self.slot = chan, slot
-        self.environ = dict(os.environ) if environ is None else environ
+        self.environ = dict(os.environ)     # one copy: os.environ decodes each entry on a copy
         self.watch = ChildWatch()
         self.queue = []                 # heap of (at, seq, Job)
         self.seq = itertools.count()
@@ -5006,7 +5006,6 @@ class CheckRuntime:
     check: Check
     next_due: float = 0.0
     token: int = 0                      # heap entries with an older token are stale
-    busy: bool = False                  # queued or handed, not answered: --status's "running"
     queued: bool = False                # in ``ready``: a run due meanwhile is skipped
     handed: int = 0                     # runs handed to ``worker`` and not answered yet
     worker: typing.Any = None           # the pool's Child they were handed to
@@ -5023,6 +5022,11 @@ class CheckRuntime:
                                                 # line after the id): Scheduler._job_line
     said: typing.Optional[tuple] = None         # (data items, exit, reports, print) of its last
                                                 # clean run: Scheduler._derive
+
+    @property
+    def busy(self):
+        """Queued or handed, not answered: --status's "running"."""
+        return self.queued or self.handed > 0
 
 
 def percentile(ordered, q):
@@ -5143,7 +5147,7 @@ class Scheduler:
         for key, rt in old.items():             # queued or handed as they are now
             new = runtimes.get(key)
             if new is not None and new is not rt:
-                new.busy, new.queued, new.handed, new.worker = rt.busy, rt.queued, rt.handed, rt.worker
+                new.queued, new.handed, new.worker = rt.queued, rt.handed, rt.worker
         self.stale += len(old) - len(kept)
         self.runtimes = runtimes
         if self.stale > max(len(runtimes), 1000):
@@ -5204,7 +5208,7 @@ class Scheduler:
             if rt is not None and rt.token == token and rt.recheck_at == due:
                 rt.recheck_at = None
                 if not rt.queued:
-                    self._queue(rt, due)
+                    self.enqueue(rt, due)
         while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
@@ -5216,7 +5220,7 @@ class Scheduler:
                 rt.skipped += 1
                 log.debug("check %s: still waiting for a worker at its next run; skipped", rt.check.name)
             else:
-                self._queue(rt, due)
+                self.enqueue(rt, due)
             if self.once:
                 continue
             group = rt.check.group
@@ -5230,10 +5234,14 @@ class Scheduler:
                     rt.next_due += missed * group.interval
             self._push(rt)
 
-    def _queue(self, rt, due):
-        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped."""
-        rt.busy = rt.queued = True
-        self.ready.append((rt, due))
+    def enqueue(self, rt, due, front=False):
+        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped (``front``:
+        first, a run that was handed and came back)."""
+        rt.queued = True
+        if front:
+            self.ready.appendleft((rt, due))
+        else:
+            self.ready.append((rt, due))
 
     def take(self, now, host_state, config_dir, state_dir, quiet=None):
         """The next ready check as a Job to start at its time (None when none waits),
@@ -5288,7 +5296,6 @@ class Scheduler:
         rt = self.runtimes.get(key)
         if rt is not None:
             rt.handed = max(0, rt.handed - 1)
-            rt.busy = rt.queued or rt.handed > 0
         return rt
 
     def sample_lag(self, job, result):
@@ -5599,10 +5606,10 @@ class Pool:
                     # Workers enforce their checks' timeouts and send a held result within
                     # HOLD: one silent long past the first job's is hung (stopped, stuck),
                     # and its check must not freeze its host's state.
-                    for job in child.jobs.values():
-                        if now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
-                            hung.append(child)
-                        break
+                    job = next(iter(child.jobs.values()), None)
+                    if job is not None and \
+                            now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
+                        hung.append(child)
             elif child.kind == "action":
                 if child.run_id is None:
                     spare = child
@@ -6039,9 +6046,7 @@ class CheckFlow:
         self.scheduler, self.pool, self.server = scheduler, pool, server
         self.ledger, self.notify = ledger, notify
         self.dirs = dirs                # () -> (config dir, state dir), as they are now
-
-    def quiet(self, group, reports):
-        return change_nothing(self.ledger, group, reports)
+        self.quiet = functools.partial(change_nothing, ledger)     # what a job may hold
 
     def dispatch(self, now):
         ready = self.scheduler.ready
@@ -6098,8 +6103,7 @@ class CheckFlow:
         if skip or (skip is None and rt.handed):
             rt.skipped += 1
             return
-        rt.busy = rt.queued = True
-        self.scheduler.ready.appendleft((rt, job.at))
+        self.scheduler.enqueue(rt, job.at, front=True)
 
     def result(self, job, result):
         done = self.scheduler.finished(job.key, result)
@@ -6110,7 +6114,7 @@ class CheckFlow:
             # changed nothing when it ran; one that reached us after a newer report of its
             # host would have come before that one: it is not applied after it.
             held = job.same is not None and rt.said is not None and reports is rt.said[2]
-            ended = (result.started or 0) + (result.duration or 0)
+            ended = (result.started or 0) + (result.duration or 0) if held else None
             last, now = self.ledger.reports, time.time()
             for host, state in reports:
                 if held and host in last and last[host]["time"] > ended:

@@ -555,7 +555,7 @@ def _run(scheduler, flow, host, state, ended):
     """db1's or db2's check handed (as the flow hands it) and its result back; the Job."""
     import hadaemon.records
     rt = next(rt for rt in scheduler.runtimes.values() if rt.check.host == host)
-    scheduler._queue(rt, 100.0)
+    scheduler.enqueue(rt, 100.0)
     job = scheduler.take(100.0, flow.ledger.state_of, "/c", "/s", flow.quiet)
     return job, hadaemon.records.CheckResult(job.id, job.key, {"state": state}, False, 0, None,
                                              ended - 0.01, 0.01, None)

@@ -91,7 +91,7 @@ def test_the_schedulers_job_line_is_the_message_encoded():
 
     def run_all(config_dir="/conf", state_dir="/state"):
         for rt in scheduler.runtimes.values():
-            scheduler._queue(rt, 1000.0)
+            scheduler.enqueue(rt, 1000.0)
         while scheduler.ready:
             job = scheduler.take(1000.0, lambda host: states.get(host, "unknown"), config_dir, state_dir)
             assert job.line is not None and job.to_line() == job.line == enc(job.to_wire())

@@ -19,6 +19,7 @@ until it answers again; a worker that dies loses only the check it was running
 Uses: base, records, ledger.
 """
 
+import functools
 import heapq
 import signal
 import time
@@ -35,9 +36,7 @@ class CheckFlow:
         self.scheduler, self.pool, self.server = scheduler, pool, server
         self.ledger, self.notify = ledger, notify
         self.dirs = dirs                # () -> (config dir, state dir), as they are now
-
-    def quiet(self, group, reports):
-        return change_nothing(self.ledger, group, reports)
+        self.quiet = functools.partial(change_nothing, ledger)     # what a job may hold
 
     def dispatch(self, now):
         ready = self.scheduler.ready
@@ -94,8 +93,7 @@ class CheckFlow:
         if skip or (skip is None and rt.handed):
             rt.skipped += 1
             return
-        rt.busy = rt.queued = True
-        self.scheduler.ready.appendleft((rt, job.at))
+        self.scheduler.enqueue(rt, job.at, front=True)
 
     def result(self, job, result):
         done = self.scheduler.finished(job.key, result)
@@ -106,7 +104,7 @@ class CheckFlow:
             # changed nothing when it ran; one that reached us after a newer report of its
             # host would have come before that one: it is not applied after it.
             held = job.same is not None and rt.said is not None and reports is rt.said[2]
-            ended = (result.started or 0) + (result.duration or 0)
+            ended = (result.started or 0) + (result.duration or 0) if held else None
             last, now = self.ledger.reports, time.time()
             for host, state in reports:
                 if held and host in last and last[host]["time"] > ended:

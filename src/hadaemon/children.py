@@ -107,9 +107,9 @@ class Worker:
     8 bytes the pid of its check, 8 its id.
     """
 
-    def __init__(self, chan, slot=None, environ=None):
+    def __init__(self, chan, slot=None):
         self.chan, self.slot = chan, slot
-        self.environ = dict(os.environ) if environ is None else environ
+        self.environ = dict(os.environ)     # one copy: os.environ decodes each entry on a copy
         self.watch = ChildWatch()
         self.queue = []                 # heap of (at, seq, Job)
         self.seq = itertools.count()

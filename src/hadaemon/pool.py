@@ -212,10 +212,10 @@ class Pool:
                     # Workers enforce their checks' timeouts and send a held result within
                     # HOLD: one silent long past the first job's is hung (stopped, stuck),
                     # and its check must not freeze its host's state.
-                    for job in child.jobs.values():
-                        if now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
-                            hung.append(child)
-                        break
+                    job = next(iter(child.jobs.values()), None)
+                    if job is not None and \
+                            now - max(job.start(), child.answered) > job.timeout + WORKER_HANG_GRACE + HOLD:
+                        hung.append(child)
             elif child.kind == "action":
                 if child.run_id is None:
                     spare = child

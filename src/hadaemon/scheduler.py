@@ -42,7 +42,6 @@ class CheckRuntime:
     check: Check
     next_due: float = 0.0
     token: int = 0                      # heap entries with an older token are stale
-    busy: bool = False                  # queued or handed, not answered: --status's "running"
     queued: bool = False                # in ``ready``: a run due meanwhile is skipped
     handed: int = 0                     # runs handed to ``worker`` and not answered yet
     worker: typing.Any = None           # the pool's Child they were handed to
@@ -59,6 +58,11 @@ class CheckRuntime:
                                                 # line after the id): Scheduler._job_line
     said: typing.Optional[tuple] = None         # (data items, exit, reports, print) of its last
                                                 # clean run: Scheduler._derive
+
+    @property
+    def busy(self):
+        """Queued or handed, not answered: --status's "running"."""
+        return self.queued or self.handed > 0
 
 
 def percentile(ordered, q):
@@ -179,7 +183,7 @@ class Scheduler:
         for key, rt in old.items():             # queued or handed as they are now
             new = runtimes.get(key)
             if new is not None and new is not rt:
-                new.busy, new.queued, new.handed, new.worker = rt.busy, rt.queued, rt.handed, rt.worker
+                new.queued, new.handed, new.worker = rt.queued, rt.handed, rt.worker
         self.stale += len(old) - len(kept)
         self.runtimes = runtimes
         if self.stale > max(len(runtimes), 1000):
@@ -240,7 +244,7 @@ class Scheduler:
             if rt is not None and rt.token == token and rt.recheck_at == due:
                 rt.recheck_at = None
                 if not rt.queued:
-                    self._queue(rt, due)
+                    self.enqueue(rt, due)
         while self.heap and self.heap[0][0] <= until:
             due, _, key, token = heapq.heappop(self.heap)
             rt = self.runtimes.get(key)
@@ -252,7 +256,7 @@ class Scheduler:
                 rt.skipped += 1
                 log.debug("check %s: still waiting for a worker at its next run; skipped", rt.check.name)
             else:
-                self._queue(rt, due)
+                self.enqueue(rt, due)
             if self.once:
                 continue
             group = rt.check.group
@@ -266,10 +270,14 @@ class Scheduler:
                     rt.next_due += missed * group.interval
             self._push(rt)
 
-    def _queue(self, rt, due):
-        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped."""
-        rt.busy = rt.queued = True
-        self.ready.append((rt, due))
+    def enqueue(self, rt, due, front=False):
+        """``rt`` waits for a worker: queued, so a run due meanwhile is skipped (``front``:
+        first, a run that was handed and came back)."""
+        rt.queued = True
+        if front:
+            self.ready.appendleft((rt, due))
+        else:
+            self.ready.append((rt, due))
 
     def take(self, now, host_state, config_dir, state_dir, quiet=None):
         """The next ready check as a Job to start at its time (None when none waits),
@@ -324,7 +332,6 @@ class Scheduler:
         rt = self.runtimes.get(key)
         if rt is not None:
             rt.handed = max(0, rt.handed - 1)
-            rt.busy = rt.queued or rt.handed > 0
         return rt
 
     def sample_lag(self, job, result):
