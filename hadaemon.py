@@ -2583,6 +2583,7 @@ class Store:
         self.notes = []         # what recovery did, for the log
         self.torn = False       # the journal may end in part of a line
         self.unjournaled = set()    # keys whose value is in ``data`` but not the journal
+        self.owed = set()           # of those, the committed ones (their write failed: disk full)
         self.encoded = {}           # dirty values as JSON text, made by a checkpoint for its two writes
         self.error = None           # the write error of an outage (disk full), logged once
         self.damage = None          # why the db files cannot be used, when they cannot
@@ -2779,14 +2780,19 @@ class Store:
         self.data.update(changes)
         self.dirty.update(changes)
         self.unjournaled.update(changes)
+        self.owed.update(changes)
         for key in changes:
             self.encoded.pop(key, None)
         try:
-            self._journal(self.unjournaled)
+            # Only what was committed: the soft values wait for the checkpoint, which
+            # journals them before it writes (a transition's commit would otherwise
+            # encode every check's last since the checkpoint, and its action wait).
+            self._journal(self.owed)
         except OSError as exc:
             self._trouble(exc)
             return
-        self.unjournaled.clear()
+        self.unjournaled.difference_update(self.owed)
+        self.owed.clear()
 
     def soft(self, key, value):
         """Keep ``value`` at the next checkpoint; a crash may lose it (last check results).
@@ -2849,6 +2855,7 @@ class Store:
             # its copy in the journal until the index is written.
             self._journal(self.unjournaled)
             self.unjournaled.clear()
+            self.owed.clear()
         try:
             self.files.write_index(self.files.put_values(sorted(self.dirty), self._text), rebuild)
             # The count of keys last: a .dir that holds fewer is one cut short.
@@ -2866,6 +2873,7 @@ class Store:
         before = self.files.dat_end
         self._append({"full": True, "s": self.data})
         self.unjournaled.clear()
+        self.owed.clear()
         # From here every key is dirty, so whatever fails below (the disk full), the
         # next checkpoint writes them all before it drops the snapshot from the journal.
         self.dirty = set(self.data)

@@ -139,6 +139,28 @@ def test_store_survives_kill9(tmp_path):
     assert not list(tmp_path.glob("state/*corrupt*")), "a plain kill -9 made the db look damaged"
 
 
+def test_a_commit_journals_only_what_was_committed(tmp_path):
+    """A transition's commit does not wait for the soft values (every check's last since
+    the checkpoint): the checkpoint journals them, before it writes them in place."""
+    store = hadaemon.store.Store(str(tmp_path))
+    store.open()
+    for i in range(100):
+        store.soft("check:%d" % i, {"i": i})
+    store.commit({"k:1": {"i": 1}})
+    with open(store.journal_path) as f:
+        journal = f.read()
+    assert '"k:1"' in journal and "check:" not in journal
+    store.soft("check:7", {"i": 70})
+    store.commit({"k:1": {"i": 2}})         # a key committed again: its newer value
+    store.checkpoint()
+    os.close(store.jfd)                             # a kill -9: nothing more written
+    os.close(store.files.dat_fd)
+    again = hadaemon.store.Store(str(tmp_path))
+    again.open()
+    assert again.data["k:1"] == {"i": 2} and again.data["check:7"] == {"i": 70}
+    assert again.data["check:99"] == {"i": 99}
+
+
 def test_store_repair_survives_kill9(tmp_path):
     """A damaged db is moved aside and rebuilt from what could be read: a kill -9 in the
     middle of that rebuild must not leave only the journal's last commits."""
