@@ -207,6 +207,12 @@ class Master:
                     return
                 continue
             self.pool.manage(self.config, now, ssh=not self.once)
+            if self.cluster is None:
+                # A run queued by this pass's results starts before the checks are handed
+                # out (up to AHEAD of them); once more below, for what the rest of the pass
+                # queues.  Not in a cluster: a member hears etcd first (cluster.tick), where
+                # the run may be another's already (test_kill_loop ran sequences twice).
+                self.runs.start_next(self.config)
             self.scheduler.fire_due(now, AHEAD)
             self.flow.dispatch(now)
             if self.cluster is not None:
