@@ -1565,16 +1565,16 @@ def encode_message(obj):
     return _ENCODE(obj).encode("utf-8") + b"\n"
 
 
-def result_print(data, exit_code):
-    """A result's fingerprint, of its output read (``data``) and its exit: a worker sends
-    a result whose print is its job's ``same`` (records.Job) as ``same``, held a while.
-    Both sides make it from the same dict, the master's decoded from the worker's JSON;
-    the master makes one only of text values, whose repr() comes back as it went.
+def output_print(exit_code, output):
+    """A check run's fingerprint, of its exit and its stdout as they came: the worker
+    makes it of a clean run and sends it with the result (``print``); the master hands
+    it back with the check's next job (records.Job's ``same``) while a result like that
+    would change nothing, and a run with that print is sent as ``same``, held a while.
+    Of the bytes, not of the output read: the same bytes read the same, so a run that
+    says what the last said is known without reading it.
     128 bits of BLAKE2: a changed result taken for the same by chance (which would
     pass for it every time it came again) is not a risk a failover daemon runs."""
-    digest = hashlib.blake2b(repr((exit_code, data)).encode("utf-8", "backslashreplace"),
-                             digest_size=16).digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(hashlib.blake2b(b"%d\n%s" % (exit_code, output), digest_size=16).digest(), "big")
 
 
 def json_pieces(items, as_object, step=None):
@@ -1802,8 +1802,9 @@ def reports_from_result(data, exit_code, default_host):
 @dataclasses.dataclass
 class Job:
     """One check handed to a worker, to start at ``at``.  ``same``: the fingerprint
-    (wire.result_print) of the result that would change nothing, which the worker may
-    hold a while to send with others; None: send the result at once.  ``sent`` /
+    (wire.output_print) of the check's last clean run, whose like would change nothing:
+    a run with that print the worker may hold a while to send with others; None: send
+    the result at once.  ``sent`` /
     ``sent_wall`` are the master's own (when it was handed: the lag, the lost result's
     start) and never sent; ``line`` too (its message encoded, see to_line), and
     ``said``: (data items, exit) of the result ``same`` stands for."""
@@ -1862,29 +1863,34 @@ class CheckResult(typing.NamedTuple):
     duration: typing.Optional[float]    # seconds
     trouble: typing.Optional[str]       # what the daemon had to do about it, for the log
     stderr: typing.Optional[str] = None     # its first 2048 characters; None when it wrote none
+    fingerprint: typing.Optional[int] = None    # wire.output_print of a clean run; else None
 
     def to_wire(self):
-        """The ``result`` message a worker sends (``stderr`` only when there was some)."""
+        """The ``result`` message a worker sends (``stderr`` and ``print`` only when there
+        are some)."""
         msg = {"t": "result", "job": self.job, "key": self.key, "data": self.data,
                "failed": self.failed, "exit": self.exit, "signal": self.signal,
                "started": self.started, "duration": self.duration, "trouble": self.trouble}
         if self.stderr:
             msg["stderr"] = self.stderr
+        if self.fingerprint is not None:
+            msg["print"] = self.fingerprint
         return msg
 
     @classmethod
     def from_wire(cls, msg, _new=tuple.__new__):
         """The master's side, lenient as the worker is its own child: ``data`` that is
-        not an object reads as {}, ``exit`` not an int and ``trouble`` not a string as
-        None, ``failed`` is True only when it is ``true``; the rest is taken as sent.
-        (Whether the message is a result for the job the worker runs is the Pool's.)"""
+        not an object reads as {}, ``exit`` and ``print`` not ints and ``trouble`` not a
+        string as None, ``failed`` is True only when it is ``true``; the rest is taken as
+        sent.  (Whether the message is a result for the job the worker runs is the Pool's.)"""
         get = msg.get
-        data, exit_code, trouble = get("data"), get("exit"), get("trouble")
+        data, exit_code, trouble, mark = get("data"), get("exit"), get("trouble"), get("print")
         # tuple.__new__: the hottest message, and the NamedTuple's __new__ is one call more.
         return _new(cls, (get("job"), get("key"), data if isinstance(data, dict) else {},
                           get("failed") is True, exit_code if isinstance(exit_code, int) else None,
                           get("signal"), get("started"), get("duration"),
-                          trouble if isinstance(trouble, str) else None, get("stderr") or None))
+                          trouble if isinstance(trouble, str) else None, get("stderr") or None,
+                          mark if type(mark) is int else None))
 
     @classmethod
     def from_same(cls, job, msg):
@@ -1894,7 +1900,7 @@ class CheckResult(typing.NamedTuple):
         started, duration = msg.get("started"), msg.get("duration")
         return cls(job.id, job.key, dict(job.said[0]), False, job.said[1], None,
                    started if isinstance(started, (int, float)) else None,
-                   duration if isinstance(duration, (int, float)) else None, None)
+                   duration if isinstance(duration, (int, float)) else None, None, None, job.same)
 
     @classmethod
     def lost(cls, job, how, now_m):
@@ -2948,6 +2954,19 @@ class ChildWatch:
         os.set_blocking(wfd, False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        self.kept = (None, None)        # (master's fd, a poll of it and of rfd): poller()
+
+    def poller(self, master):
+        """A poll of our pipe and of ``master`` (a socket, or None), kept for the next
+        process: a worker's is the same every check."""
+        fd = None if master is None else master.fileno()
+        if self.kept[0] != fd or self.kept[1] is None:
+            poller = select.poll()
+            poller.register(self.rfd, select.POLLIN)
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+            self.kept = (fd, poller)
+        return self.kept[1]
 
     def drain(self):
         try:
@@ -3093,8 +3112,9 @@ class _Watched:
 
     Until ``quiet_until`` only the process's exit (SIGCHLD) wakes us, then its pipes
     are read to the end: a quick process costs one wake-up, not one per write or
-    close.  One still running by then has its output read as it comes, so one that
-    writes more than a pipe holds is never blocked for long.
+    close (_quick, the usual check's whole wait).  One still running by then has its
+    output read as it comes, so one that writes more than a pipe holds is never
+    blocked for long.
     """
 
     def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None, alarm=None):
@@ -3107,12 +3127,15 @@ class _Watched:
         self.deadline = started + timeout
         self.kill_at = self.drain_until = None
         self.quiet_until = started + QUIET_WAIT
-        self.poller = select.poll()
-        self.poller.register(watch.rfd, select.POLLIN)
-        if master is not None:
-            self.poller.register(master, select.POLLIN)
+        self.poller = None
 
     def wait(self):
+        if self.lease is None and self._quick():
+            return
+        self.poller = select.poll()
+        self.poller.register(self.watch.rfd, select.POLLIN)
+        if self.master is not None:
+            self.poller.register(self.master, select.POLLIN)
         look = False            # call waitpid: a SIGCHLD came, a timer ran out or the pipes closed
         while True:
             if self.status is None and look:
@@ -3126,6 +3149,35 @@ class _Watched:
             except InterruptedError:
                 events = []
             look = self._handle(events) or not events
+
+    def _quick(self):
+        """The usual process, cheaply: its exit is the first thing to come, within the
+        quiet time (no message of the master, no alarm, no deadline before it), and its
+        pipes are at their end then.  One sleep, one look at the pipes; True when it is
+        all done.  False when anything else came first: wait() goes on from there, and
+        what was read stays read."""
+        until = min(self.quiet_until, self.deadline)
+        alarm = self.alarm
+        if alarm is not None and alarm.at is not None and alarm.at < until:
+            until = alarm.at
+        try:
+            events = self.watch.poller(self.master).poll(max(0.0, until - time.monotonic()) * 1000)
+        except InterruptedError:
+            return False
+        if len(events) != 1 or events[0][0] != self.watch.rfd:
+            return False        # nothing came in time, or the master spoke as well
+        self.watch.drain()
+        self._collect_exit()
+        if self.status is None:
+            return False
+        pipes = select.poll()
+        for fd in self.reading:
+            pipes.register(fd, select.POLLIN)
+        for fd, mask in pipes.poll(0):
+            if mask & select.POLLHUP:           # no writer is left: read it to its end
+                _read_pipe(fd, self.collected[fd], self.result, to_eof=True)
+                self.reading.discard(fd)
+        return not self.reading     # else a leftover of the group holds one: wait() drains it
 
     def _collect_exit(self):
         wpid, wstatus = os.waitpid(self.pid, os.WNOHANG)
@@ -3219,29 +3271,17 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
-    """Run one check ``job`` (a Job) and return its CheckResult for the master.
+def said_again(job, res):
+    """Whether run ``res`` of ``job`` is its check's last clean run again, byte for byte
+    (its job's ``same``): nothing of it need be read or sent but its times."""
+    return job.same is not None and res.exit_code is not None \
+        and not (res.stderr or res.truncated or res.timed_out) \
+        and output_print(res.exit_code, res.output) == job.same
 
-    ``environ``: the environment to start from (default os.environ); a worker passes
-    one copy made at its start, as os.environ decodes every entry on every copy.
-    ``slot``: the worker's page shared with the master, where the pid of the running
-    check is kept (0 when none runs).  ``alarm``: see run_process.
-    """
-    env = dict(os.environ if environ is None else environ)
-    env.update(job.env)
-    started = time.time()
 
-    def announce(pid):
-        # The master kills this group if we die before the check ends (SIGKILL, OOM).
-        # Shared memory, not a message: no wake-up of the master for every check.
-        if slot is not None:
-            struct.pack_into("q", slot, 0, pid)
-    try:
-        res = run_process(job.argv, env, job.timeout, 0, watch,
-                          stdin_path=job.stdin, master=master, on_spawn=announce, alarm=alarm)
-    finally:
-        if slot is not None:
-            struct.pack_into("q", slot, 0, 0)
+def check_result(job, res, started):
+    """The CheckResult of run ``res`` of ``job``, for the master; a clean one (no trouble,
+    no stderr) carries its print, for the check's next job to carry as ``same``."""
     # Why the check said nothing of its own: cut short by us or the system, or ssh failed.
     cut_short = res.failure(job.timeout) if res.error or res.timed_out or res.signal else None
     ssh_failed = cut_short is None and job.ssh and res.exit_code == 255
@@ -3263,9 +3303,12 @@ def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
             res.output.decode("utf-8")
         except UnicodeDecodeError:
             trouble.append("output is not UTF-8 text")
-    return CheckResult(job.id, job.key, data, bool(cut_short or ssh_failed), res.exit_code,
+    failed = bool(cut_short or ssh_failed)
+    clean = not (failed or trouble or res.stderr)
+    return CheckResult(job.id, job.key, data, failed, res.exit_code,
                        res.signal, started, round(res.duration, 6), "; ".join(trouble) or None,
-                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
+                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None,
+                       output_print(res.exit_code, res.output) if clean else None)
 
 
 HOLD = 0.1          # seconds an unchanged result may wait in its worker, to go with others
@@ -3288,7 +3331,9 @@ class Worker:
 
     def __init__(self, chan, slot=None):
         self.chan, self.slot = chan, slot
-        self.environ = dict(os.environ)     # one copy: os.environ decodes each entry on a copy
+        # Ours as bytes, once: posix_spawn encodes every entry of a str one on every call.
+        self.environb = dict(os.environb)
+        self.fs_encoding = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
         self.watch = ChildWatch()
         self.queue = []                 # heap of (at, seq, Job)
         self.seq = itertools.count()
@@ -3352,27 +3397,46 @@ class Worker:
         self.at = self.alarm_at()
 
     def run(self, job):
+        """Run ``job``'s check, while the master's messages and the alarm are heeded; its
+        result held or sent."""
         slot = self.slot
         if slot is not None:
             struct.pack_into("q", slot, 8, job.id)
         self.at = self.alarm_at()
+        started = time.time()
         try:
-            result = run_check(job, self.watch, master=self.chan.sock, environ=self.environ,
-                               slot=slot, alarm=self)
+            res = run_process(job.argv, self.env_of(job), job.timeout, 0, self.watch,
+                              stdin_path=job.stdin, master=self.chan.sock, on_spawn=self.announce,
+                              alarm=self)
         finally:
             self.at = None
             if slot is not None:
-                struct.pack_into("q", slot, 8, 0)
-        if job.same is not None and not result.failed and result.trouble is None \
-                and result.stderr is None and result_print(result.data, result.exit) == job.same:
-            # What the master expected: said in a word, and held.
-            self.held.append(b'{"t":"same","job":%d,"started":%r,"duration":%r}\n'
-                             % (job.id, result.started, result.duration))
+                struct.pack_into("qq", slot, 0, 0, 0)
+        if said_again(job, res):
+            # What the master expected: said in a word, and held.  (Times in whole
+            # microseconds: repr() of a float costs ten times more.)
+            self.held.append(b'{"t":"same","job":%d,"started":%d.%06d,"duration":%d.%06d}\n' % (
+                (job.id,) + divmod(int(started * 1e6), 1000000) + divmod(int(res.duration * 1e6), 1000000)))
             if self.held_until is None:
                 self.held_until = time.monotonic() + HOLD
         else:
-            self.held.append(encode_message(result.to_wire()))
+            self.held.append(encode_message(check_result(job, res, started).to_wire()))
             self.flush()
+
+    def env_of(self, job):
+        """``job``'s environment: ours and its HA_*, in bytes."""
+        env = self.environb.copy()
+        encoding, errors = self.fs_encoding
+        for name, value in job.env.items():
+            env[name.encode(encoding, errors)] = value.encode(encoding, errors)
+        return env
+
+    def announce(self, pid):
+        """The check's process exists: its pid on the shared page.  The master kills its
+        group if we die before it ends (SIGKILL, OOM); shared memory, not a message, so
+        that the master is not woken for every check."""
+        if self.slot is not None:
+            struct.pack_into("q", self.slot, 0, pid)
 
     def flush(self):
         if self.held:
@@ -5324,6 +5388,8 @@ class Scheduler:
         if said is not None and said[0] == items and said[1] == result.exit and not result.failed:
             # The same as its last clean run said: the same reports and text, nothing to log.
             reports, rt.last = said[2], result.same_last(rt.last)
+            if result.fingerprint is not None and result.fingerprint != said[3]:
+                rt.said = said[:3] + (result.fingerprint,)      # its bytes, as they are now
         else:
             reports = self._derive(rt, result, items)
         if result.trouble != rt.trouble:
@@ -5353,9 +5419,10 @@ class Scheduler:
             log.warning("check %s: %s", rt.check.name, problem)
         rt.last = result.to_last(reports, problems)
         # Only text values: == on them is sameness (1 == 1.0 == True, and nested dicts
-        # equal in another order, would each show differently in its last).
+        # equal in another order, would each show differently in its last).  Its print
+        # (None when the worker made none: it had trouble or stderr) is the next job's same.
         clean = not result.failed and not problems and all(type(v) is str for _, v in items)
-        rt.said = (items, result.exit, reports, result_print(result.data, result.exit)) if clean else None
+        rt.said = (items, result.exit, reports, result.fingerprint) if clean else None
         return reports
 
     def recheck(self, rt, pending, now):

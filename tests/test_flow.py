@@ -19,7 +19,7 @@ import hadaemon.records
 import hadaemon.wire
 
 ENV = {"HA_CHECK": "c", "HA_SCOPE": "local", "HA_STATE": "up", "HA_CONFIG_DIR": "/", "HA_STATE_DIR": "/"}
-UP = hadaemon.wire.result_print({"state": "up"}, 0)
+UP = hadaemon.wire.output_print(0, b"state=up\n")     # /bin/echo state=up, exit 0
 
 
 class WorkerUnderTest:
@@ -108,6 +108,21 @@ def test_a_result_that_says_what_was_expected_is_held_and_a_change_is_not():
         assert got[0][0] == got[1][0]
 
 
+def test_a_clean_result_carries_its_print_and_only_its_very_bytes_are_held():
+    with WorkerUnderTest() as w:
+        now = time.monotonic()
+        clean = w.send(["/bin/echo", "state=up"], now)
+        # It reads the same (a blank line is nothing), but its bytes are not those of UP.
+        blank = w.send(["/bin/sh", "-c", "echo state=up; echo"], now, same=UP)
+        noisy = w.send(["/bin/sh", "-c", "echo state=up; echo careful >&2"], now, same=UP)
+        got = [msg for _, msg in w.receive(3)]
+        assert [(msg["t"], msg["job"]) for msg in got] == [("result", clean), ("result", blank), ("result", noisy)]
+        assert got[0]["print"] == UP
+        assert got[1]["data"] == {"state": "up"} and got[1]["print"] == hadaemon.wire.output_print(0, b"state=up\n\n")
+        # A run with stderr is not clean: no print, so its like is never held.
+        assert got[2]["stderr"] == "careful\n" and "print" not in got[2]
+
+
 def test_jobs_that_cannot_start_in_time_are_given_back():
     with WorkerUnderTest() as w:
         now = time.monotonic()
@@ -132,7 +147,8 @@ def test_the_worker_says_which_job_runs_in_its_shared_page():
     try:
         with WorkerUnderTest(slot) as w:
             w.send(["/bin/sleep", "5"], time.monotonic())
-            wait_for(lambda: struct.unpack_from("qq", slot, 0)[1] == 1, what="job 1 in the shared page")
+            wait_for(lambda: struct.unpack_from("qq", slot, 0)[1] == 1 and struct.unpack_from("qq", slot, 0)[0] > 1,
+                     what="job 1 and the pid of its check in the shared page")
             check_pid = struct.unpack_from("qq", slot, 0)[0]
             assert check_pid > 1 and os.getpgid(check_pid) == check_pid
     finally:

@@ -558,7 +558,13 @@ def _run(scheduler, flow, host, state, ended):
     scheduler.enqueue(rt, 100.0)
     job = scheduler.take(100.0, flow.ledger.state_of, "/c", "/s", flow.quiet)
     return job, hadaemon.records.CheckResult(job.id, job.key, {"state": state}, False, 0, None,
-                                             ended - 0.01, 0.01, None)
+                                             ended - 0.01, 0.01, None, None, _print(state))
+
+
+def _print(state):
+    """The print a worker sends of a clean run that said ``state=STATE``."""
+    import hadaemon.wire
+    return hadaemon.wire.output_print(0, b"state=%s\n" % state.encode())
 
 
 def test_a_job_may_be_held_only_while_its_reports_would_change_nothing(tmp_path):
@@ -570,11 +576,25 @@ def test_a_job_may_be_held_only_while_its_reports_would_change_nothing(tmp_path)
         flow.result(job, result)
     assert w.ledger.state_of("db1") == "up"
     job, result = _run(scheduler, flow, "db1", "up", T0 + 2)
-    assert job.same == hadaemon.wire.result_print({"state": "up"}, 0)    # up again changes nothing
+    assert job.same == _print("up")             # up again changes nothing
     flow.result(job, result)
     w.report("db1", "down", T0 + 3)             # another check: a candidate pending
     job, _ = _run(scheduler, flow, "db1", "up", T0 + 4)
     assert job.same is None                     # now its up drops the candidate: at once
+
+
+def test_a_check_whose_clean_run_had_no_print_takes_the_next_one_s(tmp_path):
+    """Its worker sends no print of a run with stderr; the next run that says the same,
+    clean, gives the print its later jobs carry (the master makes none itself)."""
+    w = World(tmp_path, "[any_to_any]\n/bin/true\n", confirm=1)
+    scheduler, flow = _flow(w)
+    job, result = _run(scheduler, flow, "db1", "up", T0)
+    flow.result(job, result._replace(stderr="careful", fingerprint=None))
+    job, result = _run(scheduler, flow, "db1", "up", T0 + 1)
+    assert job.same is None                     # nothing to hold it against yet
+    flow.result(job, result)
+    job, _ = _run(scheduler, flow, "db1", "up", T0 + 2)
+    assert job.same == _print("up")
 
 
 def test_a_held_result_that_comes_after_a_newer_report_of_its_host_is_not_applied(tmp_path):

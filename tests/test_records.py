@@ -252,7 +252,7 @@ def test_a_same_message_is_the_result_its_job_expected(tmp_path):
     assert pool.job_done(child, msg) is job
     result = CheckResult.from_same(job, msg)
     assert result == CheckResult(3, "k", {"state": "up", "lag": "3"}, False, 0, None, 1700000000.25,
-                                 0.004512, None, None)
+                                 0.004512, None, None, 77)      # its print: the one it was handed
     assert CheckResult.from_same(job, {"t": "same", "job": 3, "started": "x"}).started is None
 
 

@@ -16,13 +16,14 @@ import re
 import select
 import signal
 import struct
+import sys
 import time
 import typing
 
 from .base import (
     ACTION_KILL_GRACE, OUTPUT_CAP, close_inherited, reset_child_signals, restore_open_files_limit,
 )
-from .wire import Channel, encode_message, parse_check_output, result_print
+from .wire import Channel, encode_message, output_print, parse_check_output
 from .records import CheckResult, Job, Run
 from .proc import ChildWatch, CommandLease, _Orphaned, _Terminate, run_process
 
@@ -40,29 +41,17 @@ def child_setup():
     close_inherited()
 
 
-def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
-    """Run one check ``job`` (a Job) and return its CheckResult for the master.
+def said_again(job, res):
+    """Whether run ``res`` of ``job`` is its check's last clean run again, byte for byte
+    (its job's ``same``): nothing of it need be read or sent but its times."""
+    return job.same is not None and res.exit_code is not None \
+        and not (res.stderr or res.truncated or res.timed_out) \
+        and output_print(res.exit_code, res.output) == job.same
 
-    ``environ``: the environment to start from (default os.environ); a worker passes
-    one copy made at its start, as os.environ decodes every entry on every copy.
-    ``slot``: the worker's page shared with the master, where the pid of the running
-    check is kept (0 when none runs).  ``alarm``: see run_process.
-    """
-    env = dict(os.environ if environ is None else environ)
-    env.update(job.env)
-    started = time.time()
 
-    def announce(pid):
-        # The master kills this group if we die before the check ends (SIGKILL, OOM).
-        # Shared memory, not a message: no wake-up of the master for every check.
-        if slot is not None:
-            struct.pack_into("q", slot, 0, pid)
-    try:
-        res = run_process(job.argv, env, job.timeout, 0, watch,
-                          stdin_path=job.stdin, master=master, on_spawn=announce, alarm=alarm)
-    finally:
-        if slot is not None:
-            struct.pack_into("q", slot, 0, 0)
+def check_result(job, res, started):
+    """The CheckResult of run ``res`` of ``job``, for the master; a clean one (no trouble,
+    no stderr) carries its print, for the check's next job to carry as ``same``."""
     # Why the check said nothing of its own: cut short by us or the system, or ssh failed.
     cut_short = res.failure(job.timeout) if res.error or res.timed_out or res.signal else None
     ssh_failed = cut_short is None and job.ssh and res.exit_code == 255
@@ -84,9 +73,12 @@ def run_check(job, watch, master=None, environ=None, slot=None, alarm=None):
             res.output.decode("utf-8")
         except UnicodeDecodeError:
             trouble.append("output is not UTF-8 text")
-    return CheckResult(job.id, job.key, data, bool(cut_short or ssh_failed), res.exit_code,
+    failed = bool(cut_short or ssh_failed)
+    clean = not (failed or trouble or res.stderr)
+    return CheckResult(job.id, job.key, data, failed, res.exit_code,
                        res.signal, started, round(res.duration, 6), "; ".join(trouble) or None,
-                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None)
+                       res.stderr[:2048].decode("utf-8", "replace") if res.stderr else None,
+                       output_print(res.exit_code, res.output) if clean else None)
 
 
 HOLD = 0.1          # seconds an unchanged result may wait in its worker, to go with others
@@ -109,7 +101,9 @@ class Worker:
 
     def __init__(self, chan, slot=None):
         self.chan, self.slot = chan, slot
-        self.environ = dict(os.environ)     # one copy: os.environ decodes each entry on a copy
+        # Ours as bytes, once: posix_spawn encodes every entry of a str one on every call.
+        self.environb = dict(os.environb)
+        self.fs_encoding = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
         self.watch = ChildWatch()
         self.queue = []                 # heap of (at, seq, Job)
         self.seq = itertools.count()
@@ -173,27 +167,46 @@ class Worker:
         self.at = self.alarm_at()
 
     def run(self, job):
+        """Run ``job``'s check, while the master's messages and the alarm are heeded; its
+        result held or sent."""
         slot = self.slot
         if slot is not None:
             struct.pack_into("q", slot, 8, job.id)
         self.at = self.alarm_at()
+        started = time.time()
         try:
-            result = run_check(job, self.watch, master=self.chan.sock, environ=self.environ,
-                               slot=slot, alarm=self)
+            res = run_process(job.argv, self.env_of(job), job.timeout, 0, self.watch,
+                              stdin_path=job.stdin, master=self.chan.sock, on_spawn=self.announce,
+                              alarm=self)
         finally:
             self.at = None
             if slot is not None:
-                struct.pack_into("q", slot, 8, 0)
-        if job.same is not None and not result.failed and result.trouble is None \
-                and result.stderr is None and result_print(result.data, result.exit) == job.same:
-            # What the master expected: said in a word, and held.
-            self.held.append(b'{"t":"same","job":%d,"started":%r,"duration":%r}\n'
-                             % (job.id, result.started, result.duration))
+                struct.pack_into("qq", slot, 0, 0, 0)
+        if said_again(job, res):
+            # What the master expected: said in a word, and held.  (Times in whole
+            # microseconds: repr() of a float costs ten times more.)
+            self.held.append(b'{"t":"same","job":%d,"started":%d.%06d,"duration":%d.%06d}\n' % (
+                (job.id,) + divmod(int(started * 1e6), 1000000) + divmod(int(res.duration * 1e6), 1000000)))
             if self.held_until is None:
                 self.held_until = time.monotonic() + HOLD
         else:
-            self.held.append(encode_message(result.to_wire()))
+            self.held.append(encode_message(check_result(job, res, started).to_wire()))
             self.flush()
+
+    def env_of(self, job):
+        """``job``'s environment: ours and its HA_*, in bytes."""
+        env = self.environb.copy()
+        encoding, errors = self.fs_encoding
+        for name, value in job.env.items():
+            env[name.encode(encoding, errors)] = value.encode(encoding, errors)
+        return env
+
+    def announce(self, pid):
+        """The check's process exists: its pid on the shared page.  The master kills its
+        group if we die before it ends (SIGKILL, OOM); shared memory, not a message, so
+        that the master is not woken for every check."""
+        if self.slot is not None:
+            struct.pack_into("q", self.slot, 0, pid)
 
     def flush(self):
         if self.held:

@@ -64,6 +64,19 @@ class ChildWatch:
         os.set_blocking(wfd, False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        self.kept = (None, None)        # (master's fd, a poll of it and of rfd): poller()
+
+    def poller(self, master):
+        """A poll of our pipe and of ``master`` (a socket, or None), kept for the next
+        process: a worker's is the same every check."""
+        fd = None if master is None else master.fileno()
+        if self.kept[0] != fd or self.kept[1] is None:
+            poller = select.poll()
+            poller.register(self.rfd, select.POLLIN)
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+            self.kept = (fd, poller)
+        return self.kept[1]
 
     def drain(self):
         try:
@@ -209,8 +222,9 @@ class _Watched:
 
     Until ``quiet_until`` only the process's exit (SIGCHLD) wakes us, then its pipes
     are read to the end: a quick process costs one wake-up, not one per write or
-    close.  One still running by then has its output read as it comes, so one that
-    writes more than a pipe holds is never blocked for long.
+    close (_quick, the usual check's whole wait).  One still running by then has its
+    output read as it comes, so one that writes more than a pipe holds is never
+    blocked for long.
     """
 
     def __init__(self, pid, fds, started, timeout, grace, watch, master, lease=None, alarm=None):
@@ -223,12 +237,15 @@ class _Watched:
         self.deadline = started + timeout
         self.kill_at = self.drain_until = None
         self.quiet_until = started + QUIET_WAIT
-        self.poller = select.poll()
-        self.poller.register(watch.rfd, select.POLLIN)
-        if master is not None:
-            self.poller.register(master, select.POLLIN)
+        self.poller = None
 
     def wait(self):
+        if self.lease is None and self._quick():
+            return
+        self.poller = select.poll()
+        self.poller.register(self.watch.rfd, select.POLLIN)
+        if self.master is not None:
+            self.poller.register(self.master, select.POLLIN)
         look = False            # call waitpid: a SIGCHLD came, a timer ran out or the pipes closed
         while True:
             if self.status is None and look:
@@ -242,6 +259,35 @@ class _Watched:
             except InterruptedError:
                 events = []
             look = self._handle(events) or not events
+
+    def _quick(self):
+        """The usual process, cheaply: its exit is the first thing to come, within the
+        quiet time (no message of the master, no alarm, no deadline before it), and its
+        pipes are at their end then.  One sleep, one look at the pipes; True when it is
+        all done.  False when anything else came first: wait() goes on from there, and
+        what was read stays read."""
+        until = min(self.quiet_until, self.deadline)
+        alarm = self.alarm
+        if alarm is not None and alarm.at is not None and alarm.at < until:
+            until = alarm.at
+        try:
+            events = self.watch.poller(self.master).poll(max(0.0, until - time.monotonic()) * 1000)
+        except InterruptedError:
+            return False
+        if len(events) != 1 or events[0][0] != self.watch.rfd:
+            return False        # nothing came in time, or the master spoke as well
+        self.watch.drain()
+        self._collect_exit()
+        if self.status is None:
+            return False
+        pipes = select.poll()
+        for fd in self.reading:
+            pipes.register(fd, select.POLLIN)
+        for fd, mask in pipes.poll(0):
+            if mask & select.POLLHUP:           # no writer is left: read it to its end
+                _read_pipe(fd, self.collected[fd], self.result, to_eof=True)
+                self.reading.discard(fd)
+        return not self.reading     # else a leftover of the group holds one: wait() drains it
 
     def _collect_exit(self):
         wpid, wstatus = os.waitpid(self.pid, os.WNOHANG)

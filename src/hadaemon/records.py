@@ -38,8 +38,9 @@ from .wire import _shorten, encode_message, json_pieces
 @dataclasses.dataclass
 class Job:
     """One check handed to a worker, to start at ``at``.  ``same``: the fingerprint
-    (wire.result_print) of the result that would change nothing, which the worker may
-    hold a while to send with others; None: send the result at once.  ``sent`` /
+    (wire.output_print) of the check's last clean run, whose like would change nothing:
+    a run with that print the worker may hold a while to send with others; None: send
+    the result at once.  ``sent`` /
     ``sent_wall`` are the master's own (when it was handed: the lag, the lost result's
     start) and never sent; ``line`` too (its message encoded, see to_line), and
     ``said``: (data items, exit) of the result ``same`` stands for."""
@@ -98,29 +99,34 @@ class CheckResult(typing.NamedTuple):
     duration: typing.Optional[float]    # seconds
     trouble: typing.Optional[str]       # what the daemon had to do about it, for the log
     stderr: typing.Optional[str] = None     # its first 2048 characters; None when it wrote none
+    fingerprint: typing.Optional[int] = None    # wire.output_print of a clean run; else None
 
     def to_wire(self):
-        """The ``result`` message a worker sends (``stderr`` only when there was some)."""
+        """The ``result`` message a worker sends (``stderr`` and ``print`` only when there
+        are some)."""
         msg = {"t": "result", "job": self.job, "key": self.key, "data": self.data,
                "failed": self.failed, "exit": self.exit, "signal": self.signal,
                "started": self.started, "duration": self.duration, "trouble": self.trouble}
         if self.stderr:
             msg["stderr"] = self.stderr
+        if self.fingerprint is not None:
+            msg["print"] = self.fingerprint
         return msg
 
     @classmethod
     def from_wire(cls, msg, _new=tuple.__new__):
         """The master's side, lenient as the worker is its own child: ``data`` that is
-        not an object reads as {}, ``exit`` not an int and ``trouble`` not a string as
-        None, ``failed`` is True only when it is ``true``; the rest is taken as sent.
-        (Whether the message is a result for the job the worker runs is the Pool's.)"""
+        not an object reads as {}, ``exit`` and ``print`` not ints and ``trouble`` not a
+        string as None, ``failed`` is True only when it is ``true``; the rest is taken as
+        sent.  (Whether the message is a result for the job the worker runs is the Pool's.)"""
         get = msg.get
-        data, exit_code, trouble = get("data"), get("exit"), get("trouble")
+        data, exit_code, trouble, mark = get("data"), get("exit"), get("trouble"), get("print")
         # tuple.__new__: the hottest message, and the NamedTuple's __new__ is one call more.
         return _new(cls, (get("job"), get("key"), data if isinstance(data, dict) else {},
                           get("failed") is True, exit_code if isinstance(exit_code, int) else None,
                           get("signal"), get("started"), get("duration"),
-                          trouble if isinstance(trouble, str) else None, get("stderr") or None))
+                          trouble if isinstance(trouble, str) else None, get("stderr") or None,
+                          mark if type(mark) is int else None))
 
     @classmethod
     def from_same(cls, job, msg):
@@ -130,7 +136,7 @@ class CheckResult(typing.NamedTuple):
         started, duration = msg.get("started"), msg.get("duration")
         return cls(job.id, job.key, dict(job.said[0]), False, job.said[1], None,
                    started if isinstance(started, (int, float)) else None,
-                   duration if isinstance(duration, (int, float)) else None, None)
+                   duration if isinstance(duration, (int, float)) else None, None, None, job.same)
 
     @classmethod
     def lost(cls, job, how, now_m):

@@ -28,7 +28,7 @@ import typing
 
 from .base import CONFIG_STEP, format_duration, log, run_steps, signal_name
 from .config import Check
-from .wire import reports_from_result, result_print
+from .wire import reports_from_result
 from .records import Job
 from .ssh import ssh_command
 
@@ -352,6 +352,8 @@ class Scheduler:
         if said is not None and said[0] == items and said[1] == result.exit and not result.failed:
             # The same as its last clean run said: the same reports and text, nothing to log.
             reports, rt.last = said[2], result.same_last(rt.last)
+            if result.fingerprint is not None and result.fingerprint != said[3]:
+                rt.said = said[:3] + (result.fingerprint,)      # its bytes, as they are now
         else:
             reports = self._derive(rt, result, items)
         if result.trouble != rt.trouble:
@@ -381,9 +383,10 @@ class Scheduler:
             log.warning("check %s: %s", rt.check.name, problem)
         rt.last = result.to_last(reports, problems)
         # Only text values: == on them is sameness (1 == 1.0 == True, and nested dicts
-        # equal in another order, would each show differently in its last).
+        # equal in another order, would each show differently in its last).  Its print
+        # (None when the worker made none: it had trouble or stderr) is the next job's same.
         clean = not result.failed and not problems and all(type(v) is str for _, v in items)
-        rt.said = (items, result.exit, reports, result_print(result.data, result.exit)) if clean else None
+        rt.said = (items, result.exit, reports, result.fingerprint) if clean else None
         return reports
 
     def recheck(self, rt, pending, now):

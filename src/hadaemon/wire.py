@@ -30,16 +30,16 @@ def encode_message(obj):
     return _ENCODE(obj).encode("utf-8") + b"\n"
 
 
-def result_print(data, exit_code):
-    """A result's fingerprint, of its output read (``data``) and its exit: a worker sends
-    a result whose print is its job's ``same`` (records.Job) as ``same``, held a while.
-    Both sides make it from the same dict, the master's decoded from the worker's JSON;
-    the master makes one only of text values, whose repr() comes back as it went.
+def output_print(exit_code, output):
+    """A check run's fingerprint, of its exit and its stdout as they came: the worker
+    makes it of a clean run and sends it with the result (``print``); the master hands
+    it back with the check's next job (records.Job's ``same``) while a result like that
+    would change nothing, and a run with that print is sent as ``same``, held a while.
+    Of the bytes, not of the output read: the same bytes read the same, so a run that
+    says what the last said is known without reading it.
     128 bits of BLAKE2: a changed result taken for the same by chance (which would
     pass for it every time it came again) is not a risk a failover daemon runs."""
-    digest = hashlib.blake2b(repr((exit_code, data)).encode("utf-8", "backslashreplace"),
-                             digest_size=16).digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(hashlib.blake2b(b"%d\n%s" % (exit_code, output), digest_size=16).digest(), "big")
 
 
 def json_pieces(items, as_object, step=None):
