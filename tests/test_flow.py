@@ -123,6 +123,18 @@ def test_a_clean_result_carries_its_print_and_only_its_very_bytes_are_held():
         assert got[2]["stderr"] == "careful\n" and "print" not in got[2]
 
 
+def test_a_job_goes_to_the_first_worker_free_at_its_time():
+    from hadaemon.checkflow import first_free
+    from hadaemon.pool import Child
+    a, b, c = (Child(pid, "worker", "idle", 0.0) for pid in (11, 12, 13))
+    assert first_free([a, b, c], 10.0) is a         # all free: the first, always
+    a.free_at = 10.5
+    assert first_free([a, b, c], 10.0) is b         # the first still runs then
+    assert first_free([a, b, c], 10.5) is a         # and is free again by then
+    b.free_at, c.free_at = 11.0, 10.7
+    assert first_free([a, b, c], 10.2) is a         # none free: the one free soonest
+
+
 def test_jobs_that_cannot_start_in_time_are_given_back():
     with WorkerUnderTest() as w:
         now = time.monotonic()
@@ -189,6 +201,24 @@ def test_a_slow_check_does_not_hold_up_the_others(daemon):
     print(figure("quick checks: %d skipped of %d runs, %d runs of the slow one"
                  % (skipped, runs, check_runs(d, "slow"))))
     assert skipped <= runs * 0.05
+
+
+def test_a_light_load_runs_on_one_worker(daemon):
+    """Four workers, four quick checks 50 ms apart: one worker runs them, which stays
+    warm (dealt in turn, each worker woke for every fourth; bench/worker.py)."""
+    d = daemon
+    d.script("checks/quick", 'echo "$PPID" >> "%s/ran"\necho "host=$1"\necho state=up\n' % d.world)
+    d.write("checks.conf", "[daemon]\nworkers = 4\n\n[local]\ninterval = 200ms\n"
+            + "".join("quick q%d\n" % i for i in range(4)))
+    d.write("actions.conf", "")
+    d.start()
+    ran = d.world / "ran"
+    wait_for(lambda: ran.exists() and len(ran.read_text().split()) >= 40, timeout=20, what="40 runs")
+    workers = ran.read_text().split()
+    most = max(workers.count(pid) for pid in set(workers))
+    print(figure("a light load: %d of %d runs on one worker, %d workers ran any"
+                 % (most, len(workers), len(set(workers)))))
+    assert most >= len(workers) * 0.75, workers
 
 
 def check_runs(d, name):

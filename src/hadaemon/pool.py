@@ -48,6 +48,7 @@ class Child:
     jobs: dict = dataclasses.field(default_factory=dict)   # a worker's: id -> Job handed, not answered
     answered: float = 0.0                    # a worker's last result (monotonic)
     gave_back: bool = False                  # a worker that gave jobs back: none more until it answers
+    free_at: float = 0.0                     # a worker's: when the runs handed to it should be done
     run_id: typing.Optional[int] = None
     kill_at: typing.Optional[float] = None   # monotonic deadline to be gone by
     signalled: bool = False                  # SIGTERM sent: the next signal is SIGKILL
