@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import select
-import socket
 import sys
 import tempfile
 import time
@@ -30,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (bench.py beside this file)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICKS = os.sysconf("SC_CLK_TCK")
 STEP = 0.1              # seconds: the master's pass, and how far ahead it hands jobs
 CHECKS = 100
 
@@ -42,27 +40,9 @@ def load(path, name):
     return module
 
 
-def cpu_of(pid):
-    """(its own CPU, its reaped children's) in seconds, from /proc."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / TICKS, (cutime + cstime) / TICKS
-
-
-def fork_worker(module):
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            ours.close()
-            module.Worker(module.Channel(theirs)).serve()
-            code = 0
-        finally:
-            os._exit(code)
-    theirs.close()
-    return ours, pid
+def serve(sock, module):
+    """The forked worker: ``module``'s Worker on its end of the socket pair."""
+    module.Worker(module.Channel(sock)).serve()
 
 
 def result_print(module, msg):
@@ -76,7 +56,7 @@ def result_print(module, msg):
 def one_round(module, script, rate, seconds, workers=1):
     """``workers`` Workers of ``module`` fed at ``rate`` in all for ``seconds``, the jobs
     dealt in turn (as the fewest-jobs rule deals them at a steady rate): CPU per check."""
-    forked = [fork_worker(module) for _ in range(workers)]
+    forked = [bench.fork_peer(serve, module) for _ in range(workers)]
     socks = [sock for sock, _ in forked]
     pids = [pid for _, pid in forked]
     readers = {sock: module.LineReader() for sock in socks}
@@ -89,7 +69,7 @@ def one_round(module, script, rate, seconds, workers=1):
     c0 = None
 
     def cpu():
-        pairs = [cpu_of(pid) for pid in pids]
+        pairs = [bench.proc_times(pid) for pid in pids]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     try:
         next_pass = start - STEP
